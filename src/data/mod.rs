@@ -1,0 +1,14 @@
+//! Data: reading data sets (Parquet, JSONL, CSV), turning rows into documents, tokenising
+//! them with loss masks, storing them as a Parquet table, and batching them under a token
+//! budget for the stages that run the model.
+
+pub mod batch;
+pub mod docs;
+pub mod read;
+pub mod table;
+pub mod tokenize;
+
+pub use batch::{plan_batches, plan_stats, Batch, BatchOrder, BatchPlanStats};
+pub use docs::{load_docs, Content, RawDoc};
+pub use table::{read_prepared, write_prepared};
+pub use tokenize::{tokenize_docs, Prepared, PreparedDoc, TokenizeStats};

@@ -1,0 +1,105 @@
+//! The library's error type. Every variant names the file, key, line, stage or tensor that is
+//! wrong and, where there is one, the fix; the CLI prints them as they are.
+
+use std::path::{Path, PathBuf};
+
+/// Result with the library's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, phrased as advice for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A config or pipeline file is malformed or has an invalid value.
+    #[error("{file}: {message}")]
+    Config {
+        /// The TOML file.
+        file: PathBuf,
+        /// What is wrong with which key, and what is allowed.
+        message: String,
+    },
+
+    /// A file could not be read or written.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What the tool was doing ("reading", "writing", "creating directory", ...).
+        action: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A model or dataset could not be resolved through the hub, its cache, or a local path.
+    #[error("{0}")]
+    Fetch(String),
+
+    /// Input data is malformed: the message names the file and the line, row or document.
+    #[error("{0}")]
+    Data(String),
+
+    /// The run directory or the pipeline cannot proceed as asked.
+    #[error("{0}")]
+    Pipeline(String),
+
+    /// A tokenizer could not be loaded or failed to encode.
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer {
+        /// The tokenizer.json file.
+        path: PathBuf,
+        /// The tokenizers crate's message.
+        message: String,
+    },
+
+    /// Writing or reading Parquet failed.
+    #[error("parquet {path}: {message}")]
+    Parquet {
+        /// The Parquet file.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+
+    /// A failure injected on purpose by a test (`SOURCE_TDA_FAIL_IN_STAGE`).
+    #[error("injected failure in stage `{0}` (SOURCE_TDA_FAIL_IN_STAGE is set)")]
+    Injected(String),
+}
+
+impl Error {
+    /// An I/O error with the path and the action that failed.
+    pub fn io(action: &'static str, path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            action,
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    /// A config error for `file`.
+    pub fn config(file: impl AsRef<Path>, message: impl Into<String>) -> Self {
+        Error::Config {
+            file: file.as_ref().to_path_buf(),
+            message: message.into(),
+        }
+    }
+
+    /// A Parquet error for `path`.
+    pub fn parquet(path: impl AsRef<Path>, message: impl ToString) -> Self {
+        Error::Parquet {
+            path: path.as_ref().to_path_buf(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Adds the path and action to `std::io::Result`s.
+pub trait IoContext<T> {
+    /// Wraps the error as [`Error::Io`].
+    fn ctx(self, action: &'static str, path: impl AsRef<Path>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn ctx(self, action: &'static str, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|e| Error::io(action, path, e))
+    }
+}

@@ -1,0 +1,262 @@
+//! Which files of a repo or folder a model or a dataset needs.
+
+use std::path::Path;
+
+use crate::config::{DataFormat, DatasetConfig};
+use crate::error::{Error, Result};
+
+/// File extensions read as data, by format.
+pub const DATA_EXTENSIONS: [(&str, DataFormat); 5] = [
+    ("jsonl", DataFormat::Jsonl),
+    ("ndjson", DataFormat::Jsonl),
+    ("json", DataFormat::Jsonl),
+    ("csv", DataFormat::Csv),
+    ("parquet", DataFormat::Parquet),
+];
+
+/// Optional model files taken when present.
+const MODEL_EXTRAS: [&str; 4] = [
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
+
+/// The files of a model among `names`: `config.json`, `tokenizer.json`, the safetensors
+/// weights (a sharded checkpoint's index and every shard it names, else `model.safetensors`,
+/// else every top-level `*.safetensors`), and the optional extras present. `root` is where
+/// the index can be read (for sharded checkpoints).
+pub fn model_files(names: &[String], root: &Path, id: &str) -> Result<Vec<String>> {
+    let has = |n: &str| names.iter().any(|x| x == n);
+    let listing = || {
+        let mut shown: Vec<&str> = names.iter().map(String::as_str).take(30).collect();
+        if names.len() > 30 {
+            shown.push("…");
+        }
+        shown.join(", ")
+    };
+    let mut out = Vec::new();
+    for required in ["config.json", "tokenizer.json"] {
+        if !has(required) {
+            return Err(Error::Fetch(format!(
+                "model `{id}` has no `{required}` (files: {}); a model needs config.json, \
+                 tokenizer.json and safetensors weights",
+                listing()
+            )));
+        }
+        out.push(required.to_string());
+    }
+    let index = "model.safetensors.index.json";
+    if has(index) {
+        out.push(index.to_string());
+        let index_path = root.join(index);
+        // Online, the index may not be downloaded yet; the caller downloads it first.
+        let shards = if index_path.exists() {
+            shards_of_index(&index_path)?
+        } else {
+            return Err(Error::Fetch(format!(
+                "model `{id}`: `{index}` is listed but not present at {}; download it first",
+                index_path.display()
+            )));
+        };
+        for shard in shards {
+            if !has(&shard) {
+                return Err(Error::Fetch(format!(
+                    "model `{id}`: `{index}` names shard `{shard}`, which the repo does not have \
+                     (files: {}); the checkpoint is incomplete",
+                    listing()
+                )));
+            }
+            out.push(shard);
+        }
+    } else if has("model.safetensors") {
+        out.push("model.safetensors".to_string());
+    } else {
+        let top: Vec<String> = names
+            .iter()
+            .filter(|n| n.ends_with(".safetensors") && !n.contains('/'))
+            .cloned()
+            .collect();
+        if top.is_empty() {
+            let bin = names.iter().any(|n| n.ends_with(".bin") || n.ends_with(".pt"));
+            return Err(Error::Fetch(format!(
+                "model `{id}` has no safetensors weights (files: {}){}",
+                listing(),
+                if bin {
+                    "; it has PyTorch .bin weights: convert them once with \
+                     `transformers`' `model.save_pretrained(dir, safe_serialization=True)` and \
+                     point [model] id at that folder"
+                } else {
+                    ""
+                }
+            )));
+        }
+        out.extend(top);
+    }
+    for extra in MODEL_EXTRAS {
+        if has(extra) {
+            out.push(extra.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// The shard file names a `model.safetensors.index.json` maps tensors to, sorted, unique.
+pub fn shards_of_index(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Fetch(format!("{}: not valid JSON: {e}", path.display())))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+        Error::Fetch(format!(
+            "{}: no `weight_map` object; a sharded safetensors index maps tensor names to shard \
+             files",
+            path.display()
+        ))
+    })?;
+    let mut shards: Vec<String> = map
+        .values()
+        .map(|v| {
+            v.as_str().map(str::to_string).ok_or_else(|| {
+                Error::Fetch(format!(
+                    "{}: `weight_map` values must be file names",
+                    path.display()
+                ))
+            })
+        })
+        .collect::<Result<_>>()?;
+    shards.sort();
+    shards.dedup();
+    Ok(shards)
+}
+
+/// The format a data file is read as.
+pub fn format_of(name: &str, configured: DataFormat) -> Option<DataFormat> {
+    if configured != DataFormat::Auto {
+        return Some(configured);
+    }
+    let ext = Path::new(name)
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())?;
+    DATA_EXTENSIONS
+        .iter()
+        .find(|(e, _)| *e == ext)
+        .map(|(_, f)| *f)
+}
+
+/// The data files among `names` for the dataset's explicit `files` or its `split`.
+///
+/// A file belongs to split S when a folder in its path is named S (`default/train/0000.parquet`,
+/// the hub's Parquet conversion) or its name starts with S followed by `-`, `_` or `.`
+/// (`train-00000-of-00001.parquet`, `train.jsonl`).
+pub fn dataset_files(names: &[String], ds: &DatasetConfig, id: &str) -> Result<Vec<String>> {
+    let is_data = |n: &String| {
+        let ext_ok = format_of(n, DataFormat::Auto).is_some();
+        ext_ok && (ds.format == DataFormat::Auto || format_of(n, DataFormat::Auto) == Some(ds.format))
+    };
+    let shown = || {
+        let data: Vec<&str> = names
+            .iter()
+            .filter(|n| format_of(n, DataFormat::Auto).is_some())
+            .map(String::as_str)
+            .take(30)
+            .collect();
+        if data.is_empty() {
+            "none".to_string()
+        } else {
+            data.join(", ")
+        }
+    };
+    if let Some(files) = &ds.files {
+        for f in files {
+            if !names.iter().any(|n| n == f) {
+                return Err(Error::Fetch(format!(
+                    "dataset `{id}`: file `{f}` from `files` is not there; data files present: {}",
+                    shown()
+                )));
+            }
+        }
+        return Ok(files.clone());
+    }
+    let split = ds.split.as_str();
+    let mut out: Vec<String> = names
+        .iter()
+        .filter(|n| is_data(n))
+        .filter(|n| {
+            let p = Path::new(n.as_str());
+            let in_folder = p
+                .parent()
+                .is_some_and(|d| d.components().any(|c| c.as_os_str() == split));
+            let file = p.file_name().map(|f| f.to_string_lossy()).unwrap_or_default();
+            let by_name = file.len() > split.len()
+                && file.starts_with(split)
+                && matches!(file.as_bytes()[split.len()], b'-' | b'_' | b'.');
+            in_folder || by_name
+        })
+        .cloned()
+        .collect();
+    out.sort();
+    if out.is_empty() {
+        return Err(Error::Fetch(format!(
+            "dataset `{id}`: no data file for split `{split}` (a file in a folder named \
+             `{split}`, or named `{split}.*`, `{split}-*`, `{split}_*`); data files present: {}. \
+             Set `split` to one of them, or list them in `files`.",
+            shown()
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ds(split: &str) -> DatasetConfig {
+        let text = format!("id = \"x/y\"\nsplit = \"{split}\"\n");
+        toml::from_str(&text).unwrap()
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn split_by_folder_and_by_name() {
+        let n = names(&[
+            "README.md",
+            "data/train-00000-of-00002.parquet",
+            "data/train-00001-of-00002.parquet",
+            "data/test-00000-of-00001.parquet",
+            "default/train/0000.parquet",
+            "trainer.jsonl",
+            "train.jsonl",
+        ]);
+        let got = dataset_files(&n, &ds("train"), "x/y").unwrap();
+        assert_eq!(
+            got,
+            names(&[
+                "data/train-00000-of-00002.parquet",
+                "data/train-00001-of-00002.parquet",
+                "default/train/0000.parquet",
+                "train.jsonl",
+            ])
+        );
+        let got = dataset_files(&n, &ds("test"), "x/y").unwrap();
+        assert_eq!(got, names(&["data/test-00000-of-00001.parquet"]));
+    }
+
+    #[test]
+    fn missing_split_lists_files() {
+        let n = names(&["train.jsonl"]);
+        let e = dataset_files(&n, &ds("validation"), "x/y").unwrap_err().to_string();
+        assert!(e.contains("no data file for split `validation`"), "{e}");
+        assert!(e.contains("train.jsonl"), "{e}");
+    }
+
+    #[test]
+    fn model_without_weights_explains_bin() {
+        let n = names(&["config.json", "tokenizer.json", "pytorch_model.bin"]);
+        let e = model_files(&n, Path::new("/nonexistent"), "a/b").unwrap_err().to_string();
+        assert!(e.contains("no safetensors weights"), "{e}");
+        assert!(e.contains("safe_serialization"), "{e}");
+    }
+}

@@ -1,0 +1,200 @@
+//! `source-tda`: the command line over the library. Parses arguments, sets up logging and
+//! progress, and calls [`source_tda`]; errors are printed as the library phrases them.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use source_tda::config::{Config, Pipeline};
+use source_tda::pipeline::{run_stages, status_rows, Outcome, RunDir, RunOptions, STAGE_ORDER};
+use source_tda::util::mem::human_bytes;
+
+/// Which fine-tuning documents, and which tokens in them, made my model generate this?
+///
+/// source-tda attributes a fine-tuned language model's generations to its training documents
+/// and tokens with Source (approximate unrolled differentiation) and EK-FAC curvature, as a
+/// declared pipeline of stages that writes Parquet:
+///
+///   fetch → prepare → finetune → fit → query → score → report
+///
+/// A run is declared by a config (configs/*.toml: model, data, training, attribution) and a
+/// pipeline (pipelines/*.toml: a config and the stages to run). Every stage writes into the
+/// run directory, records itself in manifest.json, and is skipped on a rerun when its inputs
+/// and config are unchanged.
+#[derive(Parser, Debug)]
+#[command(name = "source-tda", version, about, long_about, verbatim_doc_comment)]
+struct Cli {
+    /// No progress bars; only warnings and errors.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// More log detail (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a pipeline: its config's stages in order, resuming what is complete.
+    Run {
+        /// The pipeline file (pipelines/NAME.toml).
+        pipeline: PathBuf,
+        /// Run directory. Default: the pipeline's `run_dir`, else runs/NAME.
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        #[command(flatten)]
+        opts: StageOpts,
+    },
+    /// Resolve the model and data sets (hub, hub cache or local paths) and hash every file.
+    Fetch(OneStage),
+    /// Tokenise the data sets into Parquet tables with loss masks.
+    Prepare(OneStage),
+    /// Show what is done in a run directory, with timings and peak memory.
+    Status {
+        /// The run directory.
+        #[arg(long)]
+        run_dir: PathBuf,
+    },
+    /// Check a config file and print it resolved (defaults filled in, paths absolute).
+    Validate {
+        /// The config file (configs/NAME.toml).
+        config: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct OneStage {
+    /// The config file (configs/NAME.toml).
+    #[arg(long)]
+    config: PathBuf,
+    /// The run directory.
+    #[arg(long)]
+    run_dir: PathBuf,
+    #[command(flatten)]
+    opts: StageOpts,
+}
+
+#[derive(Args, Debug)]
+struct StageOpts {
+    /// Rerun this stage and every later one, even if complete.
+    #[arg(long, value_name = "STAGE")]
+    force: Option<String>,
+    /// Accept a run directory made with a different config: rerun the stages the changed
+    /// keys affect (without it, such a directory is refused with the list of keys).
+    #[arg(long)]
+    allow_config_change: bool,
+}
+
+impl StageOpts {
+    fn into_options(self) -> RunOptions {
+        RunOptions {
+            force: self.force,
+            allow_config_change: self.allow_config_change,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.quiet, cli.verbose);
+    source_tda::util::progress::set_quiet(cli.quiet);
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(quiet: bool, verbose: u8) {
+    let default = match (quiet, verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Run {
+            pipeline,
+            run_dir,
+            opts,
+        } => {
+            let p = Pipeline::load(&pipeline)?;
+            let run_dir = run_dir
+                .or_else(|| p.run_dir.clone())
+                .unwrap_or_else(|| PathBuf::from("runs").join(p.name()));
+            run(&p.config, &run_dir, &p.stages, opts.into_options())
+        }
+        Command::Fetch(s) => run(&s.config, &s.run_dir, &["fetch".into()], s.opts.into_options()),
+        Command::Prepare(s) => {
+            run(&s.config, &s.run_dir, &["prepare".into()], s.opts.into_options())
+        }
+        Command::Status { run_dir } => status(&run_dir),
+        Command::Validate { config } => {
+            let c = Config::load(&config)?;
+            print!("{}", c.to_toml());
+            eprintln!("{}: valid", config.display());
+            Ok(())
+        }
+    }
+}
+
+fn run(config_path: &Path, run_dir: &Path, stages: &[String], opts: RunOptions) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let run = RunDir::at(run_dir)?;
+    let outcomes = run_stages(&config, config_path, &run, stages, &opts)
+        .with_context(|| format!("run directory {}", run.path().display()))?;
+    if source_tda::util::progress::is_quiet() {
+        return Ok(());
+    }
+    for (stage, outcome) in outcomes {
+        let word = match outcome {
+            Outcome::Ran => "done",
+            Outcome::Skipped => "up to date (skipped)",
+        };
+        eprintln!("{stage:>9}: {word}");
+    }
+    eprintln!("run directory: {}", run.path().display());
+    Ok(())
+}
+
+fn status(run_dir: &Path) -> Result<()> {
+    let run = RunDir::at(run_dir)?;
+    let rows = status_rows(&run)?;
+    println!("run directory: {}", run.path().display());
+    println!(
+        "{:<9} {:>9} {:>10}  {:<19}  state",
+        "stage", "wall", "peak RSS", "finished"
+    );
+    for name in STAGE_ORDER {
+        match rows.iter().find(|r| r.stage == name) {
+            Some(r) => println!(
+                "{:<9} {:>9} {:>10}  {:<19}  {}",
+                r.stage,
+                r.wall_s.map(|s| format!("{s:.2} s")).unwrap_or_default(),
+                r.peak_rss_bytes.map(human_bytes).unwrap_or_default(),
+                r.finished_at
+                    .as_deref()
+                    .map(|t| t.get(..19).unwrap_or(t).replace('T', " "))
+                    .unwrap_or_default(),
+                r.state
+            ),
+            None => println!("{name:<9} {:>9} {:>10}  {:<19}  not run", "", "", ""),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! Declared pipelines: the stage contract, run directories, the manifest, and the runner that
+//! skips what is complete and reruns what changed.
+
+mod manifest;
+mod runner;
+mod rundir;
+mod stage;
+mod status;
+
+pub use manifest::{Manifest, OutputFile, StageRecord, StageStatus};
+pub use runner::{
+    find_stage, registry, run_stages, stage_key, staleness, Outcome, RunOptions, StageKey,
+};
+pub use rundir::{RunDir, RunLock};
+pub use stage::{stage_order, Stage, StageContext, STAGE_ORDER};
+pub use status::{status_rows, StatusRow};

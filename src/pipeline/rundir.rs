@@ -1,0 +1,204 @@
+//! The run directory: one folder per run holding the resolved config, the manifest and one
+//! folder per completed stage.
+//!
+//! ```text
+//! RUN_DIR/
+//!   config.toml        the resolved config the run was made with
+//!   manifest.json      stage records (status, timings, memory, hashes)
+//!   fetch/  prepare/   one folder per completed stage
+//!   .staging/          stages being written (never trusted; cleared on the next run)
+//!   .lock              pid of the process using the directory
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{diff_values, Config};
+use crate::error::{Error, IoContext, Result};
+use crate::util::fsx::{remove_dir_if_exists, write_atomic};
+use crate::util::hash::sha256_json;
+
+use super::manifest::Manifest;
+
+/// An opened run directory.
+#[derive(Debug)]
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    /// A handle on `path` (nothing is created).
+    pub fn at(path: &Path) -> Result<RunDir> {
+        let path = std::path::absolute(path).ctx("resolving", path)?;
+        Ok(RunDir { path })
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `RUN_DIR/manifest.json`.
+    pub fn manifest_path(&self) -> PathBuf {
+        self.path.join("manifest.json")
+    }
+
+    /// `RUN_DIR/config.toml`, the resolved config.
+    pub fn config_path(&self) -> PathBuf {
+        self.path.join("config.toml")
+    }
+
+    /// `RUN_DIR/STAGE/`, the completed outputs of a stage.
+    pub fn stage_dir(&self, stage: &str) -> PathBuf {
+        self.path.join(stage)
+    }
+
+    /// `RUN_DIR/.staging/`, where stages write before their folder is renamed into place.
+    pub fn staging_dir(&self) -> PathBuf {
+        self.path.join(".staging")
+    }
+
+    /// Whether a manifest exists.
+    pub fn exists(&self) -> bool {
+        self.manifest_path().exists()
+    }
+
+    /// Reads the manifest.
+    pub fn manifest(&self) -> Result<Manifest> {
+        if !self.exists() {
+            return Err(Error::Pipeline(format!(
+                "{} is not a source-tda run directory (no manifest.json); run a pipeline into \
+                 it first, e.g. `source-tda run pipelines/demo.toml --run-dir {}`",
+                self.path.display(),
+                self.path.display()
+            )));
+        }
+        Manifest::load(&self.manifest_path())
+    }
+
+    /// Opens the directory for `config`, creating it if new. An existing directory made with
+    /// a different config is refused, listing the keys that differ, unless
+    /// `allow_config_change` (then the new config replaces the old, and the runner reruns the
+    /// stages whose part of the config changed).
+    pub fn open_for(
+        &self,
+        config: &Config,
+        config_file: &Path,
+        allow_config_change: bool,
+    ) -> Result<Manifest> {
+        let new_json = config.to_json();
+        let hash = sha256_json(&new_json);
+        std::fs::create_dir_all(&self.path).ctx("creating run directory", &self.path)?;
+        if !self.exists() {
+            let manifest = Manifest::new(config_file, hash);
+            write_atomic(&self.config_path(), config.to_toml().as_bytes())?;
+            manifest.save(&self.manifest_path())?;
+            return Ok(manifest);
+        }
+        let mut manifest = self.manifest()?;
+        if manifest.config_hash == hash {
+            return Ok(manifest);
+        }
+        let old = self.stored_config_json()?;
+        let changes = diff_values(&old, &new_json);
+        if !allow_config_change {
+            let list: Vec<String> = changes.iter().map(|c| format!("  {c}")).collect();
+            return Err(Error::Pipeline(format!(
+                "{} was made with a different config; these keys differ (old → new):\n{}\n\
+                 Use another --run-dir for a separate run, or pass --allow-config-change to \
+                 rerun the stages these keys affect here.",
+                self.path.display(),
+                if list.is_empty() {
+                    "  (the stored config could not be compared key by key)".to_string()
+                } else {
+                    list.join("\n")
+                }
+            )));
+        }
+        tracing::warn!(
+            "config changed ({} keys: {}); stages that depend on them will rerun",
+            changes.len(),
+            changes
+                .iter()
+                .map(|c| c.key.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        write_atomic(&self.config_path(), config.to_toml().as_bytes())?;
+        manifest.config_hash = hash;
+        manifest.config_path = config_file.display().to_string();
+        manifest.save(&self.manifest_path())?;
+        Ok(manifest)
+    }
+
+    /// The stored resolved config, as JSON.
+    pub fn stored_config_json(&self) -> Result<serde_json::Value> {
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path).ctx("reading", &path)?;
+        let value: toml::Value = toml::from_str(&text)
+            .map_err(|e| Error::config(&path, format!("stored config is not valid TOML: {e}")))?;
+        Ok(serde_json::to_value(value).expect("TOML values convert to JSON"))
+    }
+
+    /// Takes the directory's lock (`RUN_DIR/.lock` with this process's pid). A lock left by
+    /// a process that no longer exists is taken over.
+    pub fn lock(&self) -> Result<RunLock> {
+        let path = self.path.join(".lock");
+        for _ in 0..3 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    write!(f, "{}", std::process::id()).ctx("writing", &path)?;
+                    return Ok(RunLock { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u32>().ok());
+                    match holder {
+                        Some(pid) if pid != std::process::id() && process_alive(pid) => {
+                            return Err(Error::Pipeline(format!(
+                                "{} is in use by another source-tda process (pid {pid}); wait \
+                                 for it to finish or stop it",
+                                self.path.display()
+                            )));
+                        }
+                        _ => {
+                            tracing::debug!("taking over a stale lock {}", path.display());
+                            let _ = std::fs::remove_file(&path);
+                        }
+                    }
+                }
+                Err(e) => return Err(Error::io("creating", &path, e)),
+            }
+        }
+        Err(Error::Pipeline(format!(
+            "could not take the lock {}",
+            path.display()
+        )))
+    }
+
+    /// Removes half-written stage folders left by interrupted runs.
+    pub fn clear_staging(&self) -> Result<()> {
+        remove_dir_if_exists(&self.staging_dir())
+    }
+}
+
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Holds a run directory's lock; released on drop.
+#[derive(Debug)]
+pub struct RunLock {
+    path: PathBuf,
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -1,0 +1,280 @@
+//! Runs stages in order, skipping completed ones whose inputs and config are unchanged.
+//!
+//! A stage is reused when its record is `complete`, its config hash and inputs hash equal
+//! what they would be now, its output files are present with their recorded sizes, and
+//! [`Stage::still_valid`] agrees. Otherwise it reruns: into `.staging/STAGE-PID/`, renamed to
+//! `STAGE/` only after it returned successfully and its outputs were hashed. The manifest
+//! marks the stage `running` before it starts and `complete` only after the rename, so a
+//! process killed at any moment leaves nothing a later run trusts.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::error::{Error, IoContext, Result};
+use crate::util::fsx::{list_files, remove_dir_if_exists};
+use crate::util::hash::{sha256_file, sha256_json};
+use crate::util::{mem, now_rfc3339};
+
+use super::manifest::{Manifest, OutputFile, StageRecord, StageStatus};
+use super::rundir::RunDir;
+use super::stage::{Stage, StageContext, STAGE_ORDER};
+
+/// What the runner did with one stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Reused: complete with unchanged inputs and config.
+    Skipped,
+    /// Ran and completed.
+    Ran,
+}
+
+/// Options of one runner invocation.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Rerun this stage and every later one, even if complete.
+    pub force: Option<String>,
+    /// Accept a run directory made with a different config (rerun what the change affects).
+    pub allow_config_change: bool,
+}
+
+/// The registry of implemented stages, in canonical order.
+pub fn registry() -> Vec<Box<dyn Stage>> {
+    crate::stages::all()
+}
+
+/// Finds an implemented stage by name, or explains why there is none.
+pub fn find_stage(name: &str) -> Result<Box<dyn Stage>> {
+    if let Some(stage) = registry().into_iter().find(|s| s.name() == name) {
+        return Ok(stage);
+    }
+    if STAGE_ORDER.contains(&name) {
+        Err(Error::Pipeline(format!(
+            "stage `{name}` is part of the pipeline design but not implemented in source-tda {} \
+             yet; implemented stages: {}",
+            crate::VERSION,
+            registry()
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    } else {
+        Err(Error::Pipeline(format!(
+            "unknown stage `{name}`; stages are {}",
+            STAGE_ORDER.join(", ")
+        )))
+    }
+}
+
+/// The hashes that decide whether a stage's record is current.
+#[derive(Debug, Clone)]
+pub struct StageKey {
+    /// SHA-256 of the stage's config view.
+    pub config_hash: String,
+    /// What it reads, by name, with hashes.
+    pub inputs: BTreeMap<String, String>,
+    /// SHA-256 over `inputs`.
+    pub inputs_hash: String,
+}
+
+/// Computes a stage's key from the config and its upstream records. Errors when an
+/// upstream stage is missing or incomplete.
+pub fn stage_key(stage: &dyn Stage, config: &Config, manifest: &Manifest) -> Result<StageKey> {
+    let config_hash = sha256_json(&stage.config_view(config));
+    let mut inputs = BTreeMap::new();
+    for up in stage.inputs() {
+        match manifest.stages.get(*up) {
+            Some(r) if r.status == StageStatus::Complete => {
+                inputs.insert(format!("stage:{up}"), r.outputs_hash());
+            }
+            _ => {
+                return Err(Error::Pipeline(format!(
+                    "stage `{}` reads the outputs of `{up}`, which has not completed in this run \
+                     directory; run `{up}` first (or use `source-tda run` with a pipeline that \
+                     lists both)",
+                    stage.name()
+                )))
+            }
+        }
+    }
+    let inputs_hash = sha256_json(&serde_json::to_value(&inputs).expect("map serialises"));
+    Ok(StageKey {
+        config_hash,
+        inputs,
+        inputs_hash,
+    })
+}
+
+/// Why a completed record cannot be reused, or `None` when it can.
+pub fn staleness(
+    stage: &dyn Stage,
+    run: &RunDir,
+    record: &StageRecord,
+    key: &StageKey,
+) -> Result<Option<String>> {
+    if record.status != StageStatus::Complete {
+        return Ok(Some(format!("status is {:?}", record.status).to_lowercase()));
+    }
+    if record.config_hash != key.config_hash {
+        return Ok(Some("its part of the config changed".into()));
+    }
+    if record.inputs_hash != key.inputs_hash {
+        return Ok(Some("its inputs changed".into()));
+    }
+    for out in &record.outputs {
+        let p = run.path().join(&out.path);
+        match std::fs::metadata(&p) {
+            Ok(m) if m.len() == out.bytes => {}
+            _ => return Ok(Some(format!("output {} is missing or changed", out.path))),
+        }
+    }
+    if !stage.still_valid(run, record)? {
+        return Ok(Some("files it resolved outside the run directory changed".into()));
+    }
+    Ok(None)
+}
+
+/// Runs `stages` (names, in order) of `config` in `run`.
+pub fn run_stages(
+    config: &Config,
+    config_file: &Path,
+    run: &RunDir,
+    stages: &[String],
+    opts: &RunOptions,
+) -> Result<Vec<(String, Outcome)>> {
+    let stage_objs: Vec<Box<dyn Stage>> = stages
+        .iter()
+        .map(|s| find_stage(s))
+        .collect::<Result<_>>()?;
+    if let Some(f) = &opts.force {
+        if !stages.iter().any(|s| s == f) {
+            return Err(Error::Pipeline(format!(
+                "--force {f}: `{f}` is not among the stages being run ({})",
+                stages.join(", ")
+            )));
+        }
+    }
+    std::fs::create_dir_all(run.path()).ctx("creating run directory", run.path())?;
+    let _lock = run.lock()?;
+    let mut manifest = run.open_for(config, config_file, opts.allow_config_change)?;
+    run.clear_staging()?;
+
+    let mut forcing = false;
+    let mut outcomes = Vec::new();
+    for stage in &stage_objs {
+        let name = stage.name();
+        forcing |= opts.force.as_deref() == Some(name);
+        let key = stage_key(stage.as_ref(), config, &manifest)?;
+        if !forcing {
+            if let Some(record) = manifest.stages.get(name) {
+                match staleness(stage.as_ref(), run, record, &key)? {
+                    None => {
+                        tracing::info!("{name}: complete, inputs and config unchanged; skipping");
+                        outcomes.push((name.to_string(), Outcome::Skipped));
+                        continue;
+                    }
+                    Some(why) => tracing::info!("{name}: rerunning because {why}"),
+                }
+            }
+        }
+        run_one(stage.as_ref(), config, run, &mut manifest, key)?;
+        outcomes.push((name.to_string(), Outcome::Ran));
+    }
+    Ok(outcomes)
+}
+
+fn run_one(
+    stage: &dyn Stage,
+    config: &Config,
+    run: &RunDir,
+    manifest: &mut Manifest,
+    key: StageKey,
+) -> Result<()> {
+    let name = stage.name();
+    tracing::info!("{name}: {}", stage.describe());
+    let staging = run.staging_dir().join(format!("{name}-{}", std::process::id()));
+    remove_dir_if_exists(&staging)?;
+    std::fs::create_dir_all(&staging).ctx("creating", &staging)?;
+
+    let mut record = StageRecord {
+        status: StageStatus::Running,
+        started_at: now_rfc3339(),
+        finished_at: None,
+        wall_s: None,
+        peak_rss_bytes: None,
+        tool_version: crate::VERSION.to_string(),
+        git_commit: crate::GIT_COMMIT.map(str::to_string),
+        config_hash: key.config_hash,
+        inputs_hash: key.inputs_hash,
+        inputs: key.inputs,
+        outputs: Vec::new(),
+        summary: serde_json::Value::Null,
+        error: None,
+    };
+    manifest.stages.insert(name.to_string(), record.clone());
+    manifest.save(&run.manifest_path())?;
+
+    mem::reset_peak_rss();
+    let t0 = Instant::now();
+    let ctx = StageContext {
+        config,
+        run,
+        out_dir: staging.clone(),
+        stage: name,
+    };
+    let result = stage.run(&ctx).and_then(|summary| {
+        ctx.failpoint("before-commit")?;
+        Ok(summary)
+    });
+    record.wall_s = Some(t0.elapsed().as_secs_f64());
+    record.peak_rss_bytes = mem::peak_rss_bytes();
+    record.finished_at = Some(now_rfc3339());
+
+    let summary = match result {
+        Ok(s) => s,
+        Err(e) => {
+            record.status = StageStatus::Failed;
+            record.error = Some(e.to_string());
+            manifest.stages.insert(name.to_string(), record);
+            manifest.save(&run.manifest_path())?;
+            let _ = remove_dir_if_exists(&staging);
+            return Err(e);
+        }
+    };
+
+    // Hash what the stage wrote, then swap the folder into place.
+    let mut outputs = Vec::new();
+    for rel in list_files(&staging)? {
+        let p = staging.join(&rel);
+        let bytes = std::fs::metadata(&p).ctx("reading metadata of", &p)?.len();
+        outputs.push(OutputFile {
+            path: Path::new(name).join(&rel).to_string_lossy().into_owned(),
+            bytes,
+            sha256: sha256_file(&p)?,
+        });
+    }
+    let final_dir = run.stage_dir(name);
+    if final_dir.exists() {
+        let trash = run.staging_dir().join(format!("{name}-old-{}", std::process::id()));
+        std::fs::rename(&final_dir, &trash).ctx("moving aside", &final_dir)?;
+    }
+    std::fs::rename(&staging, &final_dir).ctx("renaming into place", &final_dir)?;
+
+    record.status = StageStatus::Complete;
+    record.outputs = outputs;
+    record.summary = summary;
+    tracing::info!(
+        "{name}: done in {:.1} s, peak RSS {}",
+        record.wall_s.unwrap_or(0.0),
+        record
+            .peak_rss_bytes
+            .map(mem::human_bytes)
+            .unwrap_or_else(|| "unknown".into())
+    );
+    manifest.stages.insert(name.to_string(), record);
+    manifest.save(&run.manifest_path())?;
+    run.clear_staging()?;
+    Ok(())
+}

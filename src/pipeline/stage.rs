@@ -1,0 +1,92 @@
+//! The contract between the runner and a stage.
+//!
+//! A stage declares which upstream stages it reads ([`Stage::inputs`]) and which part of the
+//! config it depends on ([`Stage::config_view`]). The runner hashes both; a completed stage is
+//! reused only while both hashes are unchanged. A stage writes only into
+//! [`StageContext::out_dir`], a temporary folder the runner renames to `RUN_DIR/STAGE/` once
+//! the stage returns successfully.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+use super::manifest::StageRecord;
+use super::rundir::RunDir;
+
+/// The canonical order of every stage the pipeline knows, implemented or not.
+pub const STAGE_ORDER: [&str; 7] = [
+    "fetch", "prepare", "finetune", "fit", "query", "score", "report",
+];
+
+/// [`STAGE_ORDER`] as owned strings (for messages).
+pub fn stage_order() -> Vec<String> {
+    STAGE_ORDER.iter().map(|s| s.to_string()).collect()
+}
+
+/// One stage of the pipeline.
+pub trait Stage {
+    /// The stage's name (one of [`STAGE_ORDER`]); also its folder in the run directory.
+    fn name(&self) -> &'static str;
+
+    /// One line for `--help` and `status`.
+    fn describe(&self) -> &'static str;
+
+    /// Upstream stages whose outputs this stage reads. They must be complete first.
+    fn inputs(&self) -> &'static [&'static str];
+
+    /// The part of the config this stage's result depends on. A change to it reruns the
+    /// stage (and, through the output hashes, every stage that reads its outputs).
+    fn config_view(&self, config: &Config) -> serde_json::Value;
+
+    /// Whether a completed record is still valid with respect to things outside the run
+    /// directory (e.g. the files `fetch` resolved still exist unchanged). Default: yes.
+    fn still_valid(&self, _run: &RunDir, _record: &StageRecord) -> Result<bool> {
+        Ok(true)
+    }
+
+    /// Does the work, writing every artifact under `ctx.out_dir`. Returns a summary that the
+    /// manifest keeps (counts, resolved revisions, warnings).
+    fn run(&self, ctx: &StageContext) -> Result<serde_json::Value>;
+}
+
+/// What a running stage may use.
+pub struct StageContext<'a> {
+    /// The resolved config.
+    pub config: &'a Config,
+    /// The run directory (read upstream outputs with [`RunDir::stage_dir`]).
+    pub run: &'a RunDir,
+    /// The temporary folder to write into; becomes `RUN_DIR/STAGE/` on success.
+    pub out_dir: PathBuf,
+    /// The stage's name.
+    pub stage: &'static str,
+}
+
+impl StageContext<'_> {
+    /// A path inside the stage's output folder.
+    pub fn out(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.out_dir.join(rel)
+    }
+
+    /// A test hook: when `SOURCE_TDA_FAIL_IN_STAGE` names this stage (and `point`, if given
+    /// as `STAGE:POINT`), returns an injected error; when `SOURCE_TDA_PAUSE_IN_STAGE` does,
+    /// writes `RUN_DIR/.paused` and sleeps so that a test can kill the process mid-write.
+    /// Stages call it between writes. Costs one environment lookup.
+    pub fn failpoint(&self, point: &str) -> Result<()> {
+        let hits = |var: &str| {
+            std::env::var(var).ok().is_some_and(|v| {
+                v == self.stage || v == format!("{}:{point}", self.stage)
+            })
+        };
+        if hits("SOURCE_TDA_FAIL_IN_STAGE") {
+            return Err(Error::Injected(format!("{}:{point}", self.stage)));
+        }
+        if hits("SOURCE_TDA_PAUSE_IN_STAGE") {
+            let _ = std::fs::write(self.run.path().join(".paused"), point);
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,64 @@
+//! SHA-256 of files and of canonical JSON values.
+
+use std::io::Read;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{IoContext, Result};
+
+/// Hex SHA-256 of a byte slice.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Hex SHA-256 of a file's content, streamed; `on_bytes` is called with each chunk's size
+/// (for a progress bar).
+pub fn sha256_file_with(path: &Path, mut on_bytes: impl FnMut(u64)) -> Result<String> {
+    let mut file = std::fs::File::open(path).ctx("opening", path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).ctx("reading", path)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        on_bytes(n as u64);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Hex SHA-256 of a file's content.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    sha256_file_with(path, |_| {})
+}
+
+/// Hex SHA-256 of a JSON value in canonical form (object keys sorted, no whitespace), so that
+/// equal values hash equally whatever order they were built in.
+pub fn sha256_json(value: &serde_json::Value) -> String {
+    // serde_json's Map is a BTreeMap (no `preserve_order` feature), so keys are sorted.
+    sha256_bytes(value.to_string().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_digest() {
+        assert_eq!(
+            sha256_bytes(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn json_hash_ignores_key_order() {
+        let a: serde_json::Value = serde_json::from_str(r#"{"a":1,"b":{"c":2,"d":3}}"#).unwrap();
+        let b: serde_json::Value = serde_json::from_str(r#"{"b":{"d":3,"c":2},"a":1}"#).unwrap();
+        assert_eq!(sha256_json(&a), sha256_json(&b));
+        let c: serde_json::Value = serde_json::from_str(r#"{"a":1,"b":{"c":2,"d":4}}"#).unwrap();
+        assert_ne!(sha256_json(&a), sha256_json(&c));
+    }
+}
