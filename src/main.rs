@@ -139,10 +139,18 @@ fn dispatch(command: Command) -> Result<()> {
                 .unwrap_or_else(|| PathBuf::from("runs").join(p.name()));
             run(&p.config, &run_dir, &p.stages, opts.into_options())
         }
-        Command::Fetch(s) => run(&s.config, &s.run_dir, &["fetch".into()], s.opts.into_options()),
-        Command::Prepare(s) => {
-            run(&s.config, &s.run_dir, &["prepare".into()], s.opts.into_options())
-        }
+        Command::Fetch(s) => run(
+            &s.config,
+            &s.run_dir,
+            &["fetch".into()],
+            s.opts.into_options(),
+        ),
+        Command::Prepare(s) => run(
+            &s.config,
+            &s.run_dir,
+            &["prepare".into()],
+            s.opts.into_options(),
+        ),
         Command::Status { run_dir } => status(&run_dir),
         Command::Validate { config } => {
             let c = Config::load(&config)?;
