@@ -101,6 +101,7 @@ fn serve(stream: TcpStream, repos: &[MockRepo], log: &Mutex<Vec<String>>) -> std
                     "200 OK",
                     &[("Content-Type", "application/json")],
                     body.as_bytes(),
+                    None,
                 );
             }
         }
@@ -116,15 +117,24 @@ fn serve(stream: TcpStream, repos: &[MockRepo], log: &Mutex<Vec<String>>) -> std
             let base = format!("{prefix}/resolve/{rev}/");
             if let Some(file) = path.strip_prefix(&base) {
                 let Some(bytes) = r.files.get(file) else {
-                    return respond(&mut out, "404 Not Found", &[], b"Entry not found");
+                    return respond(&mut out, "404 Not Found", &[], b"Entry not found", None);
                 };
                 let etag = format!("\"etag-{}-{}\"", bytes.len(), file.replace('/', "_"));
                 let size = bytes.len() as u64;
+                let headers = [
+                    ("x-repo-commit", r.commit.as_str()),
+                    ("etag", etag.as_str()),
+                ];
+                // HEAD (huggingface_hub's metadata probe): headers and the full length only.
+                if method == "HEAD" {
+                    return respond(&mut out, "200 OK", &headers, b"", Some(size));
+                }
                 let last = size.saturating_sub(1);
                 let (start, end) = match range {
                     Some((s, Some(e))) => (s, e.min(last)),
                     Some((s, None)) => (s, last),
-                    None => (0, last),
+                    // No range: the whole file.
+                    None => return respond(&mut out, "200 OK", &headers, bytes, None),
                 };
                 let body = if size == 0 {
                     &[][..]
@@ -132,32 +142,31 @@ fn serve(stream: TcpStream, repos: &[MockRepo], log: &Mutex<Vec<String>>) -> std
                     &bytes[start as usize..=end as usize]
                 };
                 let cr = format!("bytes {start}-{end}/{size}");
-                return respond(
-                    &mut out,
-                    "206 Partial Content",
-                    &[
-                        ("x-repo-commit", &r.commit),
-                        ("etag", &etag),
-                        ("content-range", &cr),
-                    ],
-                    body,
-                );
+                let mut headers = headers.to_vec();
+                headers.push(("content-range", &cr));
+                return respond(&mut out, "206 Partial Content", &headers, body, None);
             }
         }
     }
-    respond(&mut out, "404 Not Found", &[], b"Repository not found")
+    respond(
+        &mut out,
+        "404 Not Found",
+        &[],
+        b"Repository not found",
+        None,
+    )
 }
 
+/// Writes a response; `length` overrides Content-Length (for HEAD: the length a GET sends).
 fn respond(
     out: &mut TcpStream,
     status: &str,
     headers: &[(&str, &str)],
     body: &[u8],
+    length: Option<u64>,
 ) -> std::io::Result<()> {
-    let mut head = format!(
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
+    let len = length.unwrap_or(body.len() as u64);
+    let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {len}\r\nConnection: close\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
