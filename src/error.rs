@@ -60,6 +60,14 @@ pub enum Error {
         message: String,
     },
 
+    /// A numerical problem (non-finite values, a failed decomposition), naming the layer.
+    #[error("{0}")]
+    Numeric(String),
+
+    /// A tensor operation failed (shapes, dtypes, devices).
+    #[error("tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
+
     /// A failure injected on purpose by a test (`SOURCE_TDA_FAIL_IN_STAGE`).
     #[error("injected failure in stage `{0}` (SOURCE_TDA_FAIL_IN_STAGE is set)")]
     Injected(String),

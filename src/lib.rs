@@ -19,9 +19,13 @@
 //! * [`data`]: dataset readers (Parquet, JSONL, CSV), tokenisation into documents with
 //!   loss masks, and deterministic token-budget batching.
 //! * [`stages`]: the stage implementations the runner knows.
+//! * [`curvature`]: EK-FAC factors per layer (covariances, eigenbasis, eigenvalue correction).
+//! * [`attribution`]: F_S, F_r, the eigenbasis primitive and the token-level contraction.
 //! * [`util`]: hashing, atomic writes, memory measurement, progress bars.
 
+pub mod attribution;
 pub mod config;
+pub mod curvature;
 pub mod data;
 pub mod error;
 pub mod hub;
