@@ -31,6 +31,7 @@ pub mod error;
 pub mod hub;
 pub mod pipeline;
 pub mod stages;
+pub mod train;
 pub mod util;
 
 pub use error::{Error, Result};
