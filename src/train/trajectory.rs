@@ -266,10 +266,10 @@ mod tests {
         t.validate().unwrap();
         let json = serde_json::to_string(&t).unwrap();
         assert_eq!(serde_json::from_str::<Trajectory>(&json).unwrap(), t);
-        assert_eq!(
-            t.segments[0].effective_mass(),
-            LrMass::Finite(0.30000000000000004 / 0.1)
-        );
+        let LrMass::Finite(m) = t.segments[0].effective_mass() else {
+            panic!("finite")
+        };
+        assert!((m - 0.3 / (1.0 - 0.9)).abs() < 1e-12, "s / (1 − β): {m}");
         assert_eq!(t.final_checkpoint().step, 3);
 
         let mut bad = t.clone();
