@@ -60,6 +60,11 @@ pub enum Error {
         message: String,
     },
 
+    /// A model could not be configured, loaded or run: the message names the config key,
+    /// the tensor and its expected shape, or the operation that failed.
+    #[error("{0}")]
+    Model(String),
+
     /// A failure injected on purpose by a test (`SOURCE_TDA_FAIL_IN_STAGE`).
     #[error("injected failure in stage `{0}` (SOURCE_TDA_FAIL_IN_STAGE is set)")]
     Injected(String),
@@ -89,6 +94,12 @@ impl Error {
             path: path.as_ref().to_path_buf(),
             message: message.to_string(),
         }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Model(format!("tensor operation failed: {e}"))
     }
 }
 

@@ -18,6 +18,8 @@
 //!   cache, or local paths).
 //! * [`data`]: dataset readers (Parquet, JSONL, CSV), tokenisation into documents with
 //!   loss masks, and deterministic token-budget batching.
+//! * [`model`]: transformer families (Llama, GPT-2) on candle with tracked linear layers:
+//!   the layer inputs `a` and output gradients `δ` that all attribution is computed from.
 //! * [`stages`]: the stage implementations the runner knows.
 //! * [`util`]: hashing, atomic writes, memory measurement, progress bars.
 
@@ -25,6 +27,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod hub;
+pub mod model;
 pub mod pipeline;
 pub mod stages;
 pub mod util;
