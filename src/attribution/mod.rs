@@ -5,7 +5,9 @@
 pub mod contract;
 pub mod functions;
 pub mod precondition;
+pub mod score;
 
 pub use contract::token_scores;
 pub use functions::{inject, SpectralFn};
 pub use precondition::{apply_in_basis, spectral_weights};
+pub use score::{query_gradients, score_pass, QueryGradients, TrainScores};
