@@ -41,11 +41,30 @@ impl Damping {
     }
 }
 
+/// A segment's curvature H̄_ℓ: anything that applies F(H̄) to a per-layer gradient
+/// (EK-FAC factors, or a dense Hessian for tiny problems and tests).
+pub trait Curvature {
+    /// F(H̄) v for v per layer [Q, d_out, d_in].
+    fn apply(&self, v: &[Tensor], f: SpectralFn) -> Result<Vec<Tensor>>;
+
+    /// The damped inverse (H̄ + λ)⁻¹ v.
+    fn inverse(&self, v: &[Tensor], damping: Damping) -> Result<Vec<Tensor>>;
+}
+
+impl Curvature for Vec<LayerFactors> {
+    fn apply(&self, v: &[Tensor], f: SpectralFn) -> Result<Vec<Tensor>> {
+        apply(self, v, f)
+    }
+
+    fn inverse(&self, v: &[Tensor], damping: Damping) -> Result<Vec<Tensor>> {
+        precondition_inverse(self, v, damping)
+    }
+}
+
 /// One segment's curvature and learning-rate mass, as the walk needs them.
-#[derive(Debug, Clone)]
 pub struct SegmentCurvature<'a> {
-    /// EK-FAC factors of every tracked layer, fitted on the segment's data.
-    pub factors: &'a [LayerFactors],
+    /// H̄_ℓ: EK-FAC factors of every tracked layer fitted on the segment's data (or dense).
+    pub factors: &'a dyn Curvature,
     /// Effective learning-rate mass (momentum already folded in).
     pub mass: LrMass,
 }
@@ -97,12 +116,12 @@ pub fn source_walk(
                          may be: exp(−∞·σ) would erase what earlier segments receive"
                     )));
                 }
-                out[l] = precondition_inverse(seg.factors, &v, damping)?;
+                out[l] = seg.factors.inverse(&v, damping)?;
             }
             LrMass::Finite(s) => {
-                out[l] = apply(seg.factors, &v, SpectralFn::Inject { s })?;
+                out[l] = seg.factors.apply(&v, SpectralFn::Inject { s })?;
                 if l > 0 {
-                    v = apply(seg.factors, &v, SpectralFn::Propagate { s })?;
+                    v = seg.factors.apply(&v, SpectralFn::Propagate { s })?;
                 }
             }
         }
