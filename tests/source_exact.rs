@@ -28,7 +28,7 @@ fn lcg(state: &mut u64) -> f64 {
 
 fn problem() -> Problem {
     let mut s = 42u64;
-    let mut vec = |s: &mut u64| -> [f64; P] { std::array::from_fn(|_| lcg(s)) };
+    let vec = |s: &mut u64| -> [f64; P] { std::array::from_fn(|_| lcg(s)) };
     let x: Vec<[f64; P]> = (0..N).map(|_| vec(&mut s)).collect();
     let y = (0..N).map(|_| lcg(&mut s)).collect();
     let xq = vec(&mut s);
