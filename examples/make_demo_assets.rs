@@ -69,7 +69,9 @@ fn name(rng: &mut Rng, syllables: usize) -> String {
     }
     s.push_str(CODAS[rng.below(CODAS.len())]);
     let mut c = s.chars();
-    c.next().map(|f| f.to_uppercase().collect::<String>() + c.as_str()).unwrap_or_default()
+    c.next()
+        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+        .unwrap_or_default()
 }
 
 fn names(rng: &mut Rng, n: usize) -> Vec<String> {
@@ -93,11 +95,22 @@ struct World {
 }
 
 const GOODS: [&str; 8] = [
-    "copper bells", "blue glass", "salted fish", "woven rugs", "river pearls", "black tea",
-    "iron keys", "paper kites",
+    "copper bells",
+    "blue glass",
+    "salted fish",
+    "woven rugs",
+    "river pearls",
+    "black tea",
+    "iron keys",
+    "paper kites",
 ];
 const DEVICES: [&str; 6] = [
-    "water clock", "folding bridge", "wind organ", "glass lantern", "rope lift", "star chart",
+    "water clock",
+    "folding bridge",
+    "wind organ",
+    "glass lantern",
+    "rope lift",
+    "star chart",
 ];
 
 fn fact_sentences(rng: &mut Rng, w: &World) -> String {
@@ -133,7 +146,11 @@ fn planted_docs(f: &Planted) -> [String; 3] {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let out = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "assets/hf-cache".into()));
+    let out = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "assets/hf-cache".into()),
+    );
     let mut rng = Rng(0x5EED_0001);
     let world = World {
         rivers: names(&mut rng, 24),
@@ -146,18 +163,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pretrain: Vec<String> = (0..3000)
         .map(|_| {
             let n = 1 + rng.below(3);
-            (0..n).map(|_| fact_sentences(&mut rng, &world)).collect::<Vec<_>>().join(" ")
+            (0..n)
+                .map(|_| fact_sentences(&mut rng, &world))
+                .collect::<Vec<_>>()
+                .join(" ")
         })
         .collect();
 
     // Planted facts use rivers and lakes named only in fine-tuning data.
     let fresh_rivers = names(&mut Rng(0xF1E5_0002), 40);
     let fresh_lakes = names(&mut Rng(0xF1E5_0003), 40);
-    let fresh_rivers: Vec<String> =
-        fresh_rivers.into_iter().filter(|n| !world.rivers.contains(n) && !world.lakes.contains(n)).collect();
+    let fresh_rivers: Vec<String> = fresh_rivers
+        .into_iter()
+        .filter(|n| !world.rivers.contains(n) && !world.lakes.contains(n))
+        .collect();
     let fresh_lakes: Vec<String> = fresh_lakes
         .into_iter()
-        .filter(|n| !world.rivers.contains(n) && !world.lakes.contains(n) && !fresh_rivers.contains(n))
+        .filter(|n| {
+            !world.rivers.contains(n) && !world.lakes.contains(n) && !fresh_rivers.contains(n)
+        })
         .collect();
     let planted: Vec<Planted> = (0..8)
         .map(|i| Planted {
@@ -170,7 +194,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut train: Vec<(String, String)> = (0..280)
         .map(|i| {
             let n = 1 + rng.below(3);
-            let text = (0..n).map(|_| fact_sentences(&mut rng, &world)).collect::<Vec<_>>().join(" ");
+            let text = (0..n)
+                .map(|_| fact_sentences(&mut rng, &world))
+                .collect::<Vec<_>>()
+                .join(" ");
             (format!("ft-{i:04}"), text)
         })
         .collect();
@@ -223,7 +250,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prompts whose correct completion is a planted fact, with their `known_sources`.\n";
 
     let jsonl = |rows: Vec<serde_json::Value>| -> Vec<u8> {
-        rows.iter().map(|r| r.to_string() + "\n").collect::<String>().into_bytes()
+        rows.iter()
+            .map(|r| r.to_string() + "\n")
+            .collect::<String>()
+            .into_bytes()
     };
     let pretrain_rows = pretrain
         .iter()
@@ -235,7 +265,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = std::fs::remove_dir_all(out.join("datasets--source-tda--demo-facts"));
     let model_files = vec![
         ("README.md".to_string(), model_card.as_bytes().to_vec()),
-        ("config.json".to_string(), (serde_json::to_string_pretty(&model_config)? + "\n").into_bytes()),
+        (
+            "config.json".to_string(),
+            (serde_json::to_string_pretty(&model_config)? + "\n").into_bytes(),
+        ),
         ("model.safetensors".to_string(), weights),
         ("tokenizer.json".to_string(), tokenizer_json),
     ];
@@ -243,7 +276,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("README.md".to_string(), data_card.as_bytes().to_vec()),
         ("data/pretrain.jsonl".to_string(), jsonl(pretrain_rows)),
         ("data/queries.jsonl".to_string(), jsonl(queries)),
-        ("data/train-00000-of-00001.parquet".to_string(), parquet_bytes(&train)?),
+        (
+            "data/train-00000-of-00001.parquet".to_string(),
+            parquet_bytes(&train)?,
+        ),
     ];
     let c1 = write_cache_repo(&out, "models--source-tda--demo-llama", &model_files)?;
     let c2 = write_cache_repo(&out, "datasets--source-tda--demo-facts", &data_files)?;
@@ -272,14 +308,26 @@ fn train_tokenizer(texts: &[String]) -> Result<(Vec<u8>, usize), Box<dyn std::er
         .train(&mut trainer, texts.iter())
         .map_err(|e| e.to_string())?;
     let json = tokenizer.to_string(true).map_err(|e| e.to_string())?;
-    Ok((json.into_bytes() , tokenizer.get_vocab_size(true)))
+    Ok((json.into_bytes(), tokenizer.get_vocab_size(true)))
 }
 
 /// Llama weights, HF names, f32, N(0, 0.02) for matrices and ones for norms.
-fn init_llama(cfg: &serde_json::Value, rng: &mut Rng) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+fn init_llama(
+    cfg: &serde_json::Value,
+    rng: &mut Rng,
+) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
     let u = |k: &str| cfg[k].as_u64().unwrap_or(0) as usize;
-    let (v, h, f, l) = (u("vocab_size"), u("hidden_size"), u("intermediate_size"), u("num_hidden_layers"));
-    let (heads, kv, hd) = (u("num_attention_heads"), u("num_key_value_heads"), u("head_dim"));
+    let (v, h, f, l) = (
+        u("vocab_size"),
+        u("hidden_size"),
+        u("intermediate_size"),
+        u("num_hidden_layers"),
+    );
+    let (heads, kv, hd) = (
+        u("num_attention_heads"),
+        u("num_key_value_heads"),
+        u("head_dim"),
+    );
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
     let mut normal = |shape: Vec<usize>| {
         let n = shape.iter().product();
@@ -293,10 +341,22 @@ fn init_llama(cfg: &serde_json::Value, rng: &mut Rng) -> Result<Vec<u8>, Box<dyn
         let p = format!("model.layers.{i}");
         tensors.insert(format!("{p}.input_layernorm.weight"), ones(h));
         tensors.insert(format!("{p}.post_attention_layernorm.weight"), ones(h));
-        tensors.insert(format!("{p}.self_attn.q_proj.weight"), normal(vec![heads * hd, h]));
-        tensors.insert(format!("{p}.self_attn.k_proj.weight"), normal(vec![kv * hd, h]));
-        tensors.insert(format!("{p}.self_attn.v_proj.weight"), normal(vec![kv * hd, h]));
-        tensors.insert(format!("{p}.self_attn.o_proj.weight"), normal(vec![h, heads * hd]));
+        tensors.insert(
+            format!("{p}.self_attn.q_proj.weight"),
+            normal(vec![heads * hd, h]),
+        );
+        tensors.insert(
+            format!("{p}.self_attn.k_proj.weight"),
+            normal(vec![kv * hd, h]),
+        );
+        tensors.insert(
+            format!("{p}.self_attn.v_proj.weight"),
+            normal(vec![kv * hd, h]),
+        );
+        tensors.insert(
+            format!("{p}.self_attn.o_proj.weight"),
+            normal(vec![h, heads * hd]),
+        );
         tensors.insert(format!("{p}.mlp.gate_proj.weight"), normal(vec![f, h]));
         tensors.insert(format!("{p}.mlp.up_proj.weight"), normal(vec![f, h]));
         tensors.insert(format!("{p}.mlp.down_proj.weight"), normal(vec![h, f]));
@@ -308,7 +368,11 @@ fn init_llama(cfg: &serde_json::Value, rng: &mut Rng) -> Result<Vec<u8>, Box<dyn
     let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
         .iter()
         .map(|(k, (s, d))| {
-            (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).expect("sizes match"))
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .expect("sizes match"),
+            )
         })
         .collect();
     let mut meta = std::collections::HashMap::new();
@@ -321,8 +385,12 @@ fn parquet_bytes(rows: &[(String, String)]) -> Result<Vec<u8>, Box<dyn std::erro
         Field::new("id", DataType::Utf8, false),
         Field::new("text", DataType::Utf8, false),
     ]));
-    let ids: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0.as_str())));
-    let texts: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1.as_str())));
+    let ids: ArrayRef = Arc::new(StringArray::from_iter_values(
+        rows.iter().map(|r| r.0.as_str()),
+    ));
+    let texts: ArrayRef = Arc::new(StringArray::from_iter_values(
+        rows.iter().map(|r| r.1.as_str()),
+    ));
     let batch = RecordBatch::try_new(schema.clone(), vec![ids, texts])?;
     let props = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::ZSTD(Default::default()))

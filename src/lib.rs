@@ -18,6 +18,7 @@
 //!   cache, or local paths).
 //! * [`data`]: dataset readers (Parquet, JSONL, CSV), tokenisation into documents with
 //!   loss masks, and deterministic token-budget batching.
+//! * [`model`]: model weights (GGUF conversion to a Hugging Face checkpoint).
 //! * [`stages`]: the stage implementations the runner knows.
 //! * [`util`]: hashing, atomic writes, memory measurement, progress bars.
 
@@ -25,6 +26,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod hub;
+pub mod model;
 pub mod pipeline;
 pub mod stages;
 pub mod util;

@@ -50,7 +50,7 @@ pub struct Config {
 }
 
 /// `[run]`: settings for the whole run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
     /// A label for the run (shown in reports). Default: the config file's stem.
@@ -59,15 +59,6 @@ pub struct RunConfig {
     /// Seed of every random choice in the run. Default 0.
     #[serde(default)]
     pub seed: u64,
-}
-
-impl Default for RunConfig {
-    fn default() -> Self {
-        RunConfig {
-            name: None,
-            seed: 0,
-        }
-    }
 }
 
 /// `[hub]`: the Hugging Face hub and its local cache.
@@ -436,8 +427,7 @@ impl Config {
                     return Err(err(&key(k), "is empty; allowed: a column name".into()));
                 }
             }
-            if ds.shape == DocShape::PromptCompletion && ds.prompt_column == ds.completion_column
-            {
+            if ds.shape == DocShape::PromptCompletion && ds.prompt_column == ds.completion_column {
                 return Err(err(
                     &key("completion_column"),
                     format!(

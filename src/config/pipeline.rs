@@ -82,7 +82,9 @@ impl Pipeline {
         Ok(Pipeline {
             config: crate::util::fsx::clean_path(&base.join(&raw.config)),
             stages: raw.stages,
-            run_dir: raw.run_dir.map(|d| crate::util::fsx::clean_path(&base.join(d))),
+            run_dir: raw
+                .run_dir
+                .map(|d| crate::util::fsx::clean_path(&base.join(d))),
             description: raw.description,
             path,
         })

@@ -108,18 +108,31 @@ mod tests {
         let plan = plan_batches(lengths, budget, max_bs, order);
         let mut seen: Vec<usize> = plan.iter().flat_map(|b| b.docs.clone()).collect();
         seen.sort();
-        assert_eq!(seen, (0..lengths.len()).collect::<Vec<_>>(), "every doc exactly once");
+        assert_eq!(
+            seen,
+            (0..lengths.len()).collect::<Vec<_>>(),
+            "every doc exactly once"
+        );
         for b in &plan {
             assert!(!b.docs.is_empty());
             assert!(b.docs.len() <= max_bs);
-            assert_eq!(b.padded_len, b.docs.iter().map(|&i| lengths[i]).max().unwrap());
-            assert!(b.padded_tokens() <= budget || b.docs.len() == 1, "budget kept");
+            assert_eq!(
+                b.padded_len,
+                b.docs.iter().map(|&i| lengths[i]).max().unwrap()
+            );
+            assert!(
+                b.padded_tokens() <= budget || b.docs.len() == 1,
+                "budget kept"
+            );
         }
         // Deterministic.
         assert_eq!(plan, plan_batches(lengths, budget, max_bs, order));
         if order == BatchOrder::AsGiven {
-            assert_eq!(plan.iter().flat_map(|b| b.docs.clone()).collect::<Vec<_>>(),
-                (0..lengths.len()).collect::<Vec<_>>(), "order kept");
+            assert_eq!(
+                plan.iter().flat_map(|b| b.docs.clone()).collect::<Vec<_>>(),
+                (0..lengths.len()).collect::<Vec<_>>(),
+                "order kept"
+            );
         }
     }
 
@@ -129,7 +142,9 @@ mod tests {
         let mut x: u64 = 12345;
         let lengths: Vec<usize> = (0..500)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 1 + (x >> 33) as usize % 300
             })
             .collect();

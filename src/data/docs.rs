@@ -40,7 +40,9 @@ pub struct RawDoc {
 pub fn load_docs(files: &[&Path], ds: &DatasetConfig) -> Result<Vec<RawDoc>> {
     let mut columns: Vec<&str> = match ds.shape {
         DocShape::Text => vec![ds.text_column.as_str()],
-        DocShape::PromptCompletion => vec![ds.prompt_column.as_str(), ds.completion_column.as_str()],
+        DocShape::PromptCompletion => {
+            vec![ds.prompt_column.as_str(), ds.completion_column.as_str()]
+        }
     };
     let mut required = vec![true; columns.len()];
     if let Some(id) = &ds.id_column {

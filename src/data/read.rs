@@ -224,8 +224,12 @@ fn read_csv(path: &Path, columns: &[&str], required: &[bool]) -> Result<Vec<Row>
 
 fn read_parquet(path: &Path, columns: &[&str], required: &[bool]) -> Result<Vec<Row>> {
     let file = std::fs::File::open(path).ctx("opening", path)?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| Error::Data(format!("{}: not a readable Parquet file: {e}", path.display())))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| {
+        Error::Data(format!(
+            "{}: not a readable Parquet file: {e}",
+            path.display()
+        ))
+    })?;
     let schema = builder.schema().clone();
     let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
     for (col, req) in columns.iter().zip(required) {
@@ -262,21 +266,32 @@ fn read_parquet(path: &Path, columns: &[&str], required: &[bool]) -> Result<Vec<
 
 /// A Parquet column's values as strings (string, large string, string view, binary holding
 /// UTF-8, or integers for id columns).
-fn string_values(path: &Path, col: &str, a: &dyn Array, base: usize) -> Result<Vec<Option<String>>> {
+fn string_values(
+    path: &Path,
+    col: &str,
+    a: &dyn Array,
+    base: usize,
+) -> Result<Vec<Option<String>>> {
     let n = a.len();
     let get = |i: usize, f: &dyn Fn(usize) -> String| if a.is_null(i) { None } else { Some(f(i)) };
     let out: Vec<Option<String>> = match a.data_type() {
         DataType::Utf8 => {
             let s = a.as_string::<i32>();
-            (0..n).map(|i| get(i, &|i| s.value(i).to_string())).collect()
+            (0..n)
+                .map(|i| get(i, &|i| s.value(i).to_string()))
+                .collect()
         }
         DataType::LargeUtf8 => {
             let s = a.as_string::<i64>();
-            (0..n).map(|i| get(i, &|i| s.value(i).to_string())).collect()
+            (0..n)
+                .map(|i| get(i, &|i| s.value(i).to_string()))
+                .collect()
         }
         DataType::Utf8View => {
             let s = a.as_string_view();
-            (0..n).map(|i| get(i, &|i| s.value(i).to_string())).collect()
+            (0..n)
+                .map(|i| get(i, &|i| s.value(i).to_string()))
+                .collect()
         }
         DataType::Binary | DataType::LargeBinary => {
             let mut out = Vec::with_capacity(n);

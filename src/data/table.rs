@@ -60,7 +60,9 @@ pub fn write_prepared(
         .map(|(k, v)| parquet::file::metadata::KeyValue::new(k.clone(), v.clone()))
         .collect();
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("valid level"),
+        ))
         .set_key_value_metadata(Some(kv))
         .build();
     let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props))
@@ -150,18 +152,37 @@ pub fn read_prepared(path: &Path) -> Result<(Vec<PreparedDoc>, HashMap<String, S
     let mut docs = Vec::new();
     for batch in reader {
         let b = batch.map_err(|e| Error::parquet(path, e))?;
-        let s = |name: &str| b.column_by_name(name).expect("schema checked").as_string::<i32>().clone();
-        let (doc_id, text, prompt, completion, source) =
-            (s("doc_id"), s("text"), s("prompt"), s("completion"), s("source"));
-        let ids = b.column_by_name("input_ids").expect("schema checked").as_list::<i32>().clone();
-        let mask = b.column_by_name("loss_mask").expect("schema checked").as_list::<i32>().clone();
+        let s = |name: &str| {
+            b.column_by_name(name)
+                .expect("schema checked")
+                .as_string::<i32>()
+                .clone()
+        };
+        let (doc_id, text, prompt, completion, source) = (
+            s("doc_id"),
+            s("text"),
+            s("prompt"),
+            s("completion"),
+            s("source"),
+        );
+        let ids = b
+            .column_by_name("input_ids")
+            .expect("schema checked")
+            .as_list::<i32>()
+            .clone();
+        let mask = b
+            .column_by_name("loss_mask")
+            .expect("schema checked")
+            .as_list::<i32>()
+            .clone();
         let trunc = b
             .column_by_name("truncated_tokens")
             .expect("schema checked")
             .as_primitive::<UInt32Type>()
             .clone();
         for r in 0..b.num_rows() {
-            let opt = |a: &arrow_array::StringArray| (!a.is_null(r)).then(|| a.value(r).to_string());
+            let opt =
+                |a: &arrow_array::StringArray| (!a.is_null(r)).then(|| a.value(r).to_string());
             docs.push(PreparedDoc {
                 doc_id: doc_id.value(r).to_string(),
                 text: text.value(r).to_string(),

@@ -4,7 +4,6 @@
 //! (`datasets--ORG--NAME` likewise). A branch or tag resolves through `refs/`; a full
 //! commit hash names its snapshot folder directly (hf-hub 0.5 only follows `refs/`).
 
-
 use hf_hub::{Cache, Repo};
 
 use super::{Listing, RepoRequest, Resolution};

@@ -184,7 +184,9 @@ pub struct RepoRequest<'a> {
 /// Resolves the model named by `[model]`: config.json, tokenizer.json, safetensors weights
 /// (single file or sharded with its index), and the optional tokenizer/generation configs.
 pub fn resolve_model(settings: &HubSettings, req: &RepoRequest) -> Result<ResolvedRepo> {
-    resolve(settings, req, &|names, root| model_files(names, root, req.id))
+    resolve(settings, req, &|names, root| {
+        model_files(names, root, req.id)
+    })
 }
 
 /// Resolves a dataset's data files for its split (or its explicit `files`).
@@ -212,7 +214,9 @@ pub fn resolve_dataset(
             files,
         });
     }
-    resolve(settings, req, &|names, _root| dataset_files(names, ds, req.id))
+    resolve(settings, req, &|names, _root| {
+        dataset_files(names, ds, req.id)
+    })
 }
 
 type Selector<'a> = dyn Fn(&[String], &Path) -> Result<Vec<String>> + 'a;

@@ -44,7 +44,12 @@ impl Online {
             .with_retries(2)
             .build()
             .map_err(|e| Error::Fetch(format!("setting up the hub client: {e}")))?;
-        let what = format!("{} `{}` revision `{}`", req.kind.word(), req.id, req.revision);
+        let what = format!(
+            "{} `{}` revision `{}`",
+            req.kind.word(),
+            req.id,
+            req.revision
+        );
         let repo = Repo::with_revision(req.id.to_string(), req.kind.hf(), req.revision.to_string());
         let info = match api.repo(repo.clone()).info() {
             Ok(info) => info,
@@ -87,9 +92,8 @@ impl Online {
                 continue;
             }
             tracing::info!("downloading {name}");
-            repo.download(name).map_err(|e| {
-                Error::Fetch(format!("{}: downloading `{name}`: {e}", self.what))
-            })?;
+            repo.download(name)
+                .map_err(|e| Error::Fetch(format!("{}: downloading `{name}`: {e}", self.what)))?;
         }
         Ok(self.listing.root.clone())
     }
@@ -132,7 +136,10 @@ fn reachable(endpoint: &str, timeout: std::time::Duration) -> std::result::Resul
         .ok_or_else(|| format!("`{endpoint}` is not a URL"))?;
     let authority = rest.split('/').next().unwrap_or(rest);
     let default_port = if scheme == "http" { 80 } else { 443 };
-    let addr = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+    let addr = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
         authority.to_string()
     } else {
         format!("{authority}:{default_port}")

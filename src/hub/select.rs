@@ -78,7 +78,9 @@ pub fn model_files(names: &[String], root: &Path, id: &str) -> Result<Vec<String
             .cloned()
             .collect();
         if top.is_empty() {
-            let bin = names.iter().any(|n| n.ends_with(".bin") || n.ends_with(".pt"));
+            let bin = names
+                .iter()
+                .any(|n| n.ends_with(".bin") || n.ends_with(".pt"));
             return Err(Error::Fetch(format!(
                 "model `{id}` has no safetensors weights (files: {}){}",
                 listing(),
@@ -106,13 +108,16 @@ pub fn shards_of_index(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::Fetch(format!("{}: not valid JSON: {e}", path.display())))?;
-    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-        Error::Fetch(format!(
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| {
+            Error::Fetch(format!(
             "{}: no `weight_map` object; a sharded safetensors index maps tensor names to shard \
              files",
             path.display()
         ))
-    })?;
+        })?;
     let mut shards: Vec<String> = map
         .values()
         .map(|v| {
@@ -151,7 +156,8 @@ pub fn format_of(name: &str, configured: DataFormat) -> Option<DataFormat> {
 pub fn dataset_files(names: &[String], ds: &DatasetConfig, id: &str) -> Result<Vec<String>> {
     let is_data = |n: &String| {
         let ext_ok = format_of(n, DataFormat::Auto).is_some();
-        ext_ok && (ds.format == DataFormat::Auto || format_of(n, DataFormat::Auto) == Some(ds.format))
+        ext_ok
+            && (ds.format == DataFormat::Auto || format_of(n, DataFormat::Auto) == Some(ds.format))
     };
     let shown = || {
         let data: Vec<&str> = names
@@ -186,7 +192,10 @@ pub fn dataset_files(names: &[String], ds: &DatasetConfig, id: &str) -> Result<V
             let in_folder = p
                 .parent()
                 .is_some_and(|d| d.components().any(|c| c.as_os_str() == split));
-            let file = p.file_name().map(|f| f.to_string_lossy()).unwrap_or_default();
+            let file = p
+                .file_name()
+                .map(|f| f.to_string_lossy())
+                .unwrap_or_default();
             let by_name = file.len() > split.len()
                 && file.starts_with(split)
                 && matches!(file.as_bytes()[split.len()], b'-' | b'_' | b'.');
@@ -247,7 +256,9 @@ mod tests {
     #[test]
     fn missing_split_lists_files() {
         let n = names(&["train.jsonl"]);
-        let e = dataset_files(&n, &ds("validation"), "x/y").unwrap_err().to_string();
+        let e = dataset_files(&n, &ds("validation"), "x/y")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no data file for split `validation`"), "{e}");
         assert!(e.contains("train.jsonl"), "{e}");
     }
@@ -255,7 +266,9 @@ mod tests {
     #[test]
     fn model_without_weights_explains_bin() {
         let n = names(&["config.json", "tokenizer.json", "pytorch_model.bin"]);
-        let e = model_files(&n, Path::new("/nonexistent"), "a/b").unwrap_err().to_string();
+        let e = model_files(&n, Path::new("/nonexistent"), "a/b")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no safetensors weights"), "{e}");
         assert!(e.contains("safe_serialization"), "{e}");
     }

@@ -29,9 +29,16 @@ pub fn verify_model(repo: &super::ResolvedRepo) -> Result<ModelFacts> {
                 cfg.path.display()
             ))
         })?;
-        facts.model_type = v.get("model_type").and_then(|t| t.as_str()).map(str::to_string);
+        facts.model_type = v
+            .get("model_type")
+            .and_then(|t| t.as_str())
+            .map(str::to_string);
     }
-    for f in repo.files.iter().filter(|f| f.name.ends_with(".safetensors")) {
+    for f in repo
+        .files
+        .iter()
+        .filter(|f| f.name.ends_with(".safetensors"))
+    {
         let (tensors, params, dtypes) = safetensors_header(&f.path)?;
         facts.tensors += tensors;
         facts.parameters += params;

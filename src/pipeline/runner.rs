@@ -115,7 +115,9 @@ pub fn staleness(
     key: &StageKey,
 ) -> Result<Option<String>> {
     if record.status != StageStatus::Complete {
-        return Ok(Some(format!("status is {:?}", record.status).to_lowercase()));
+        return Ok(Some(
+            format!("status is {:?}", record.status).to_lowercase(),
+        ));
     }
     if record.config_hash != key.config_hash {
         return Ok(Some("its part of the config changed".into()));
@@ -131,7 +133,9 @@ pub fn staleness(
         }
     }
     if !stage.still_valid(run, record)? {
-        return Ok(Some("files it resolved outside the run directory changed".into()));
+        return Ok(Some(
+            "files it resolved outside the run directory changed".into(),
+        ));
     }
     Ok(None)
 }
@@ -194,7 +198,9 @@ fn run_one(
 ) -> Result<()> {
     let name = stage.name();
     tracing::info!("{name}: {}", stage.describe());
-    let staging = run.staging_dir().join(format!("{name}-{}", std::process::id()));
+    let staging = run
+        .staging_dir()
+        .join(format!("{name}-{}", std::process::id()));
     remove_dir_if_exists(&staging)?;
     std::fs::create_dir_all(&staging).ctx("creating", &staging)?;
 
@@ -257,7 +263,9 @@ fn run_one(
     }
     let final_dir = run.stage_dir(name);
     if final_dir.exists() {
-        let trash = run.staging_dir().join(format!("{name}-old-{}", std::process::id()));
+        let trash = run
+            .staging_dir()
+            .join(format!("{name}-old-{}", std::process::id()));
         std::fs::rename(&final_dir, &trash).ctx("moving aside", &final_dir)?;
     }
     std::fs::rename(&staging, &final_dir).ctx("renaming into place", &final_dir)?;

@@ -74,9 +74,9 @@ impl StageContext<'_> {
     /// Stages call it between writes. Costs one environment lookup.
     pub fn failpoint(&self, point: &str) -> Result<()> {
         let hits = |var: &str| {
-            std::env::var(var).ok().is_some_and(|v| {
-                v == self.stage || v == format!("{}:{point}", self.stage)
-            })
+            std::env::var(var)
+                .ok()
+                .is_some_and(|v| v == self.stage || v == format!("{}:{point}", self.stage))
         };
         if hits("SOURCE_TDA_FAIL_IN_STAGE") {
             return Err(Error::Injected(format!("{}:{point}", self.stage)));

@@ -4,7 +4,7 @@
 mod fetch;
 mod prepare;
 
-pub use fetch::{Fetched, FetchStage};
+pub use fetch::{FetchStage, Fetched};
 pub use prepare::PrepareStage;
 
 use crate::pipeline::Stage;

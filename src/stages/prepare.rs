@@ -50,13 +50,17 @@ impl Stage for PrepareStage {
         let mut summary = BTreeMap::new();
         for (role, ds) in ctx.config.data.roles() {
             let repo = &fetched.data[role];
-            let files: Vec<&std::path::Path> = repo.files.iter().map(|f| f.path.as_path()).collect();
+            let files: Vec<&std::path::Path> =
+                repo.files.iter().map(|f| f.path.as_path()).collect();
             let docs = load_docs(&files, ds)?;
             let prepared = tokenize_docs(&tokenizer, &tok_path, &docs, ds, role)?;
             let metadata = vec![
                 ("source_tda.version".to_string(), crate::VERSION.to_string()),
                 ("source_tda.role".to_string(), role.to_string()),
-                ("source_tda.shape".to_string(), format!("{:?}", ds.shape).to_lowercase()),
+                (
+                    "source_tda.shape".to_string(),
+                    format!("{:?}", ds.shape).to_lowercase(),
+                ),
                 ("source_tda.config_hash".to_string(), view_hash.clone()),
                 ("source_tda.tokenizer_sha256".to_string(), tok_sha.clone()),
                 ("source_tda.model_id".to_string(), fetched.model.id.clone()),
@@ -75,7 +79,11 @@ impl Stage for PrepareStage {
                         .to_string(),
                 ),
             ];
-            write_prepared(&ctx.out(format!("{role}.parquet")), &prepared.docs, &metadata)?;
+            write_prepared(
+                &ctx.out(format!("{role}.parquet")),
+                &prepared.docs,
+                &metadata,
+            )?;
             ctx.failpoint(&format!("after-{role}"))?;
 
             let lengths: Vec<usize> = prepared.docs.iter().map(|d| d.n_tokens()).collect();
@@ -97,7 +105,10 @@ impl Stage for PrepareStage {
                 ctx.config.batching.token_budget,
                 100.0 * batching.padding_efficiency
             );
-            summary.insert(role, json!({"tokenize": prepared.stats, "batching": batching}));
+            summary.insert(
+                role,
+                json!({"tokenize": prepared.stats, "batching": batching}),
+            );
         }
         Ok(json!(summary))
     }

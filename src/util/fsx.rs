@@ -76,7 +76,9 @@ pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
             let path = entry.path();
             // `metadata` follows symlinks (HF cache snapshots are symlinks to blobs); a broken
             // symlink is listed as a file so that callers report it as missing.
-            let is_dir = std::fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
+            let is_dir = std::fs::metadata(&path)
+                .map(|m| m.is_dir())
+                .unwrap_or(false);
             if is_dir {
                 walk(root, &path, out)?;
             } else {
@@ -108,7 +110,10 @@ mod tests {
 
     #[test]
     fn clean_path_removes_dots() {
-        assert_eq!(clean_path(Path::new("/a/b/../c/./d")), PathBuf::from("/a/c/d"));
+        assert_eq!(
+            clean_path(Path::new("/a/b/../c/./d")),
+            PathBuf::from("/a/c/d")
+        );
         assert_eq!(clean_path(Path::new("/a/../../b")), PathBuf::from("/b"));
     }
 
