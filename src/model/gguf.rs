@@ -24,6 +24,8 @@
 //! `tokenizer.json`, so other tools load exactly the same weights.
 
 mod names;
+#[cfg(test)]
+mod tests;
 mod write;
 
 use std::collections::BTreeMap;
