@@ -137,7 +137,7 @@ impl GgufLlama {
         };
         let file = File::open(path).map_err(|e| {
             read_err(format!(
-                "cannot open: {e} (fetch the test model with scripts/fetch-test-assets.sh)"
+                "cannot open: {e} (for the SmolLM2 test model, run scripts/fetch-test-assets.sh)"
             ))
         })?;
         let mut reader = BufReader::with_capacity(1 << 20, file);
