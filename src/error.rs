@@ -60,6 +60,19 @@ pub enum Error {
         message: String,
     },
 
+    /// A numerical problem (non-finite values, a failed decomposition), naming the layer.
+    #[error("{0}")]
+    Numeric(String),
+
+    /// A tensor operation failed (shapes, dtypes, devices).
+    #[error("tensor: {0}")]
+    Tensor(#[from] candle_core::Error),
+
+    /// A model could not be configured, loaded or run: the message names the config key,
+    /// the tensor and its expected shape, or the operation that failed.
+    #[error("{0}")]
+    Model(String),
+
     /// A GGUF file could not be converted (names the file and the tensor or key).
     #[error(transparent)]
     Gguf(#[from] crate::model::gguf::GgufError),

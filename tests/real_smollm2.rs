@@ -522,3 +522,77 @@ fn full_model_answers_paris_and_scores_english_plausibly() {
     // the range separates a working 30-layer model from a broken or truncated one.
     assert!((1.5..3.5).contains(&mean), "mean loss {mean:.3} nats/token");
 }
+
+/// The project's own Llama ([`source_tda::model::Model`]) on the converted checkpoint: the
+/// reference losses again, and `max_layers` on the full checkpoint equals the 2-layer
+/// conversion.
+#[test]
+fn project_model_on_converted_checkpoint_matches_the_reference_losses() {
+    use source_tda::model::{LoadOptions, Model, TokenBatch};
+    let (Some(gguf), Some(reference)) = (gguf_path(), reference_dir()) else {
+        return;
+    };
+    let tok = reference.join("tokenizer.json");
+    let two = tempfile::tempdir().unwrap();
+    GgufLlama::read(&gguf, &ReadOptions { layers: Some(2) })
+        .unwrap()
+        .write_hf_dir(two.path(), Some(&tok))
+        .unwrap();
+    let full = tempfile::tempdir().unwrap();
+    GgufLlama::read(&gguf, &ReadOptions::default())
+        .unwrap()
+        .write_hf_dir(full.path(), Some(&tok))
+        .unwrap();
+
+    let inputs_bytes = std::fs::read(reference.join("inputs.safetensors")).unwrap();
+    let inputs = safetensors::SafeTensors::deserialize(&inputs_bytes).unwrap();
+    let scores_bytes = std::fs::read(reference.join("scores.safetensors")).unwrap();
+    let scores = safetensors::SafeTensors::deserialize(&scores_bytes).unwrap();
+
+    let cpu = Device::Cpu;
+    let from_two = Model::load(two.path(), &LoadOptions::default(), &cpu).unwrap();
+    let cut = LoadOptions {
+        max_layers: Some(2),
+        ..LoadOptions::default()
+    };
+    let from_full = Model::load(full.path(), &cut, &cpu).unwrap();
+    for split in ["train", "query"] {
+        let (shape, ids) = i64_tensor(&inputs, &format!("{split}_input_ids"));
+        let (_, mask) = i64_tensor(&inputs, &format!("{split}_attention_mask"));
+        let (_, labels) = i64_tensor(&inputs, &format!("{split}_labels"));
+        let len = shape[1];
+        let docs: Vec<(Vec<u32>, Vec<u8>)> = (0..shape[0])
+            .map(|r| {
+                let row = r * len..(r + 1) * len;
+                let n = mask[row.clone()].iter().filter(|&&m| m == 1).count();
+                let ids = ids[row.clone()][..n].iter().map(|&t| t as u32).collect();
+                let lm = labels[row][..n]
+                    .iter()
+                    .enumerate()
+                    .map(|(t, &l)| u8::from(t > 0 && l != -100))
+                    .collect();
+                (ids, lm)
+            })
+            .collect();
+        let refs: Vec<(&[u32], &[u8])> = docs.iter().map(|(i, m)| (&i[..], &m[..])).collect();
+        let batch = TokenBatch::new(&refs, 2, None, &cpu).unwrap();
+        let want = f32_tensor(&scores, &format!("{split}_loss_sum"));
+        for (what, model) in [
+            ("2-layer checkpoint", &from_two),
+            ("full, max_layers 2", &from_full),
+        ] {
+            let got: Vec<f64> = model
+                .doc_losses(&batch)
+                .unwrap()
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            let err = max_rel_err(&got, &want);
+            eprintln!("project Llama, {what}: {split}_loss_sum max rel err {err:.3e}");
+            assert!(
+                err <= 1e-5,
+                "{what}: {split}_loss_sum max rel err {err:.3e}"
+            );
+        }
+    }
+}

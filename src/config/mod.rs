@@ -50,7 +50,7 @@ pub struct Config {
 }
 
 /// `[run]`: settings for the whole run.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
     /// A label for the run (shown in reports). Default: the config file's stem.

@@ -48,9 +48,8 @@ pub fn clean_path(path: &Path) -> PathBuf {
         match c {
             Component::CurDir => {}
             Component::ParentDir => {
-                if !out.pop() {
-                    out.push(c);
-                }
+                // `/..` is `/`; a relative path cannot occur (absolute above).
+                out.pop();
             }
             other => out.push(other),
         }

@@ -57,7 +57,9 @@ mod tests {
             return;
         };
         assert!(before >= current_rss_bytes().unwrap_or(0) / 2);
-        let big = vec![1u8; 64 << 20];
+        let big = std::hint::black_box(vec![1u8; 64 << 20]);
+        let touched: u64 = big.iter().step_by(4096).map(|&b| b as u64).sum();
+        assert_eq!(touched, (64 << 20) / 4096);
         let after = peak_rss_bytes().unwrap();
         assert!(after >= 64 << 20, "peak {after} after touching 64 MiB");
         drop(big);

@@ -1,0 +1,200 @@
+//! The eigenbasis and the EK-FAC eigenvalue correction of one layer (DESIGN.md §3.2–3.3):
+//! Q_A, Q_S from the averaged covariances, then
+//! Λ[i,j] = E_documents[((Q_Sᵀ G_m Q_A)[i,j])²] with G_m = Σ_t δ_t a_tᵀ, normalised per
+//! document.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::error::{Error, Result};
+
+use super::blocks::BlockDiag;
+use super::covariance::Covariances;
+use super::eigen::eigh;
+
+/// A layer's Kronecker eigenbasis: Q_A [d_in, d_in], Q_S [d_out, d_out] (block-diagonal,
+/// f32) and their eigenvalues (f64, ascending within each block).
+#[derive(Debug, Clone)]
+pub struct EigenBasis {
+    /// Eigenvectors of A.
+    pub q_a: BlockDiag,
+    /// Eigenvectors of S.
+    pub q_s: BlockDiag,
+    /// Eigenvalues of A, block after block.
+    pub eig_a: Vec<f64>,
+    /// Eigenvalues of S, block after block.
+    pub eig_s: Vec<f64>,
+}
+
+impl EigenBasis {
+    /// Eigendecomposes every block of A and S in f64; `what` names the layer in errors.
+    pub fn from_covariances(c: &Covariances, what: &str, device: &Device) -> Result<EigenBasis> {
+        let decompose = |blocks: &[Tensor], which: &str| -> Result<(Vec<Tensor>, Vec<f64>)> {
+            let mut qs = Vec::new();
+            let mut vals = Vec::new();
+            for (k, b) in blocks.iter().enumerate() {
+                let name = if blocks.len() == 1 {
+                    format!("{what} {which}")
+                } else {
+                    format!("{what} {which} block {k}")
+                };
+                let e = eigh(b, &name)?;
+                qs.push(e.vectors_tensor(device)?);
+                vals.extend(e.values);
+            }
+            Ok((qs, vals))
+        };
+        let (qa, eig_a) = decompose(&c.a, "activation covariance")?;
+        let (qs, eig_s) = decompose(&c.s, "gradient covariance")?;
+        Ok(EigenBasis {
+            q_a: BlockDiag {
+                layout: c.a_layout.clone(),
+                blocks: qa,
+            },
+            q_s: BlockDiag {
+                layout: c.s_layout.clone(),
+                blocks: qs,
+            },
+            eig_a,
+            eig_s,
+        })
+    }
+
+    /// Q_Sᵀ V Q_A for V [..., d_out, d_in].
+    pub fn rotate(&self, v: &Tensor) -> Result<Tensor> {
+        let r = v.rank();
+        let vq = self.q_a.right_mul(v)?; // V Q_A
+        let t = self.q_s.right_mul(&vq.transpose(r - 2, r - 1)?)?; // (V Q_A)ᵀ Q_S
+        Ok(t.transpose(r - 2, r - 1)?)
+    }
+
+    /// Q_S W Q_Aᵀ for W [..., d_out, d_in] (the inverse of [`rotate`](Self::rotate)).
+    pub fn unrotate(&self, w: &Tensor) -> Result<Tensor> {
+        let r = w.rank();
+        let wq = self.q_a.right_mul_t(w)?; // W Q_Aᵀ
+        let t = self.q_s.right_mul_t(&wq.transpose(r - 2, r - 1)?)?; // (W Q_Aᵀ)ᵀ Q_Sᵀ
+        Ok(t.transpose(r - 2, r - 1)?)
+    }
+}
+
+/// Running sum of squared rotated per-document gradients.
+#[derive(Debug, Clone)]
+pub struct LambdaSums {
+    sum: Tensor,
+    /// Documents added.
+    pub docs: u64,
+}
+
+impl LambdaSums {
+    /// Zeros [d_out, d_in].
+    pub fn new(d_out: usize, d_in: usize, device: &Device) -> Result<LambdaSums> {
+        Ok(LambdaSums {
+            sum: Tensor::zeros((d_out, d_in), DType::F64, device)?,
+            docs: 0,
+        })
+    }
+
+    /// Adds the documents of a batch: `a` [B, T, d_in], `delta` [B, T, d_out], `mask` [B, T]
+    /// (1 on positions that belong to the document). Each document's gradient is
+    /// G_m = Σ_t δ_t a_tᵀ; it is rotated without forming G_m in the original basis:
+    /// Q_Sᵀ G_m Q_A = (δ Q_S)ᵀ (a Q_A).
+    pub fn add_batch(
+        &mut self,
+        basis: &EigenBasis,
+        a: &Tensor,
+        delta: &Tensor,
+        mask: &Tensor,
+    ) -> Result<()> {
+        let (b, _, _) = a.dims3()?;
+        let m = mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+        let a_rot = basis.q_a.right_mul(&a.broadcast_mul(&m)?)?;
+        let d_rot = basis.q_s.right_mul(&delta.broadcast_mul(&m)?)?;
+        let g = d_rot
+            .transpose(1, 2)?
+            .contiguous()?
+            .matmul(&a_rot.contiguous()?)?; // [B, d_out, d_in]
+        let sq = g.sqr()?.sum(0)?.to_dtype(DType::F64)?;
+        self.sum = (&self.sum + sq)?;
+        self.docs += b as u64;
+        Ok(())
+    }
+
+    /// Λ = sum / documents, f64 [d_out, d_in].
+    pub fn normalized(&self) -> Result<Tensor> {
+        if self.docs == 0 {
+            return Err(Error::Numeric(
+                "eigenvalue correction saw no documents".into(),
+            ));
+        }
+        Ok((&self.sum / self.docs as f64)?)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::needless_range_loop)] // brute-force references index like the math
+mod tests {
+    use super::*;
+    use crate::curvature::covariance::{masked_rows, CovarianceSums};
+
+    #[test]
+    fn lambda_matches_explicit_per_document_gradients() {
+        let dev = Device::Cpu;
+        let (b, t, din, dout) = (4, 6, 5, 3);
+        let a = Tensor::randn(0f32, 1.0, (b, t, din), &dev).unwrap();
+        let d = Tensor::randn(0f32, 1.0, (b, t, dout), &dev).unwrap();
+        let mask_v: Vec<f32> = (0..b * t)
+            .map(|i| (i % t < 4 + i / t % 2) as u8 as f32)
+            .collect();
+        let mask = Tensor::from_vec(mask_v.clone(), (b, t), &dev).unwrap();
+        for block in [None, Some(2)] {
+            let mut cov = CovarianceSums::new(din, dout, block, &dev).unwrap();
+            cov.add(
+                &masked_rows(&a, &mask).unwrap(),
+                &masked_rows(&d, &mask).unwrap(),
+            )
+            .unwrap();
+            let basis =
+                EigenBasis::from_covariances(&cov.normalized().unwrap(), "test", &dev).unwrap();
+            let mut lam = LambdaSums::new(dout, din, &dev).unwrap();
+            lam.add_batch(&basis, &a, &d, &mask).unwrap();
+            let got: Vec<Vec<f64>> = lam.normalized().unwrap().to_vec2().unwrap();
+
+            // Brute force: G_m explicitly, rotated with the dense Q matrices.
+            let qa = basis.q_a.to_dense().unwrap();
+            let qs = basis.q_s.to_dense().unwrap();
+            let mut want = vec![vec![0.0f64; din]; dout];
+            for m in 0..b {
+                let am = a
+                    .get(m)
+                    .unwrap()
+                    .broadcast_mul(&mask.get(m).unwrap().unsqueeze(1).unwrap())
+                    .unwrap();
+                let gm = d.get(m).unwrap().t().unwrap().matmul(&am).unwrap();
+                let r = qs.t().unwrap().matmul(&gm).unwrap().matmul(&qa).unwrap();
+                let r: Vec<Vec<f32>> = r.to_vec2().unwrap();
+                for i in 0..dout {
+                    for j in 0..din {
+                        want[i][j] += (r[i][j] as f64).powi(2) / b as f64;
+                    }
+                }
+            }
+            for i in 0..dout {
+                for j in 0..din {
+                    let tol = 1e-4 * (1.0 + want[i][j].abs());
+                    assert!((got[i][j] - want[i][j]).abs() < tol, "{block:?} {i} {j}");
+                }
+            }
+            // rotate / unrotate are inverse.
+            let v = Tensor::randn(0f32, 1.0, (2, dout, din), &dev).unwrap();
+            let back = basis.unrotate(&basis.rotate(&v).unwrap()).unwrap();
+            let e: f32 = (back - v)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(e < 1e-5);
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! EK-FAC curvature per layer (DESIGN.md §3): Kronecker factors A = E[a aᵀ] and S = E[δ δᵀ]
+//! normalised per token, their f64 eigendecomposition (optionally per diagonal block), and
+//! the eigenvalue correction Λ normalised per document. The attribution stage applies matrix
+//! functions of H̄ through this basis ([`crate::attribution`]).
+
+pub mod blocks;
+pub mod covariance;
+pub mod eigen;
+pub mod lambda;
+
+pub use blocks::{BlockDiag, BlockLayout};
+pub use covariance::{masked_rows, CovarianceSums, Covariances};
+pub use eigen::{eigh, Eigen};
+pub use lambda::{EigenBasis, LambdaSums};

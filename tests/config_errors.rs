@@ -1,0 +1,191 @@
+//! Config and pipeline files: typed, validated on load, and every error names the file, the
+//! key and what is allowed.
+
+mod common;
+
+use std::path::Path;
+
+use source_tda::config::{Config, DocShape, Pipeline, SourceKind};
+
+const GOOD: &str = r#"
+[model]
+id = "org/model"
+
+[data.train]
+id = "org/data"
+"#;
+
+fn load(text: &str) -> Result<Config, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cfg.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load(&path).map_err(|e| e.to_string())
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = load(GOOD).unwrap();
+    assert_eq!(c.model.revision, "main");
+    assert_eq!(c.model.source, SourceKind::Hub);
+    assert_eq!(c.data.train.split, "train");
+    assert_eq!(c.data.train.shape, DocShape::Text);
+    assert_eq!(c.data.train.max_length, 512);
+    assert_eq!(c.batching.token_budget, 4096);
+    assert_eq!(c.run.name.as_deref(), Some("cfg"));
+    assert!(c.data.query.is_none());
+}
+
+#[test]
+fn unknown_key_names_file_line_key_and_allowed_keys() {
+    let e = load(&format!("{GOOD}max_lenght = 3\n")).unwrap_err();
+    assert!(e.contains("cfg.toml"), "{e}");
+    assert!(e.contains("line 7"), "{e}");
+    assert!(e.contains("key `data.train.max_lenght`"), "{e}");
+    assert!(e.contains("unknown field `max_lenght`"), "{e}");
+    assert!(e.contains("`max_length`"), "lists what is allowed: {e}");
+
+    let e = load(&format!("[trainingg]\nlr = 1\n{GOOD}")).unwrap_err();
+    assert!(e.contains("unknown field `trainingg`"), "{e}");
+    assert!(e.contains("`model`") && e.contains("`data`"), "{e}");
+}
+
+#[test]
+fn wrong_type_names_key_and_expected_type() {
+    let e = load(&format!("{GOOD}max_length = \"long\"\n")).unwrap_err();
+    assert!(e.contains("key `data.train.max_length`"), "{e}");
+    assert!(e.contains("invalid type: string \"long\""), "{e}");
+    assert!(e.contains("line 7"), "{e}");
+
+    let e = load(&format!("{GOOD}shape = \"poem\"\n")).unwrap_err();
+    assert!(e.contains("key `data.train.shape`"), "{e}");
+    assert!(
+        e.contains("`text`") && e.contains("`prompt_completion`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn out_of_range_values_say_what_is_allowed() {
+    let e = load(&format!("{GOOD}max_length = 1\n")).unwrap_err();
+    assert!(e.contains("cfg.toml"), "{e}");
+    assert!(e.contains("key `data.train.max_length`"), "{e}");
+    assert!(e.contains("allowed: 2 ..= 1048576"), "{e}");
+
+    let e = load(&format!("{GOOD}max_length = 9000\n")).unwrap_err();
+    assert!(e.contains("exceeds `batching.token_budget` = 4096"), "{e}");
+
+    let e = load(&format!("{GOOD}\n[batching]\nmax_batch_size = 0\n")).unwrap_err();
+    assert!(e.contains("key `batching.max_batch_size`: is 0"), "{e}");
+
+    let e = load(&format!("{GOOD}\n[hub]\nconnect_timeout_s = -1.0\n")).unwrap_err();
+    assert!(e.contains("key `hub.connect_timeout_s`"), "{e}");
+
+    let e = load(&format!("{GOOD}chat_template = \"chatml\"\n")).unwrap_err();
+    assert!(e.contains("key `data.train.chat_template`"), "{e}");
+    assert!(e.contains("shape = \"prompt_completion\""), "{e}");
+
+    let e = load(&format!(
+        "{GOOD}shape = \"prompt_completion\"\nchat_template = \"<s>{{question}}\"\n"
+    ))
+    .unwrap_err();
+    assert!(e.contains("`{prompt}`"), "{e}");
+
+    let e =
+        load("[model]\nid = \"not a repo id!\"\n[data.train]\nid = \"org/data\"\n").unwrap_err();
+    assert!(e.contains("key `model.id`"), "{e}");
+    assert!(e.contains("not a hub repo id"), "{e}");
+}
+
+#[test]
+fn missing_required_key_is_named() {
+    let e = load("[data.train]\nid = \"org/data\"\n").unwrap_err();
+    assert!(e.contains("missing field `model`"), "{e}");
+}
+
+#[test]
+fn local_paths_resolve_against_the_config_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("models/m")).unwrap();
+    std::fs::create_dir_all(dir.path().join("cfg")).unwrap();
+    let path = dir.path().join("cfg/c.toml");
+    std::fs::write(
+        &path,
+        "[hub]\ncache_dir = \"../cache\"\n[model]\nid = \"../models/m\"\n[data.train]\nid = \"./d.jsonl\"\n",
+    )
+    .unwrap();
+    let c = Config::load(&path).unwrap();
+    assert_eq!(c.model.source, SourceKind::Local);
+    assert_eq!(Path::new(&c.model.id), dir.path().join("models/m"));
+    assert_eq!(c.data.train.source, SourceKind::Local);
+    assert_eq!(Path::new(&c.data.train.id), dir.path().join("cfg/d.jsonl"));
+    assert_eq!(
+        c.hub.cache_dir.as_deref(),
+        Some(dir.path().join("cache").as_path())
+    );
+}
+
+#[test]
+fn resolved_config_round_trips_through_toml() {
+    let c = load(GOOD).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let again = Config::from_str_at(&c.to_toml(), &dir.path().join("x.toml"), dir.path()).unwrap();
+    assert_eq!(c, again);
+}
+
+#[test]
+fn pipeline_errors_name_the_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p.toml");
+    std::fs::write(
+        &p,
+        "config = \"c.toml\"\nstages = [\"fetch\", \"tokenise\"]\n",
+    )
+    .unwrap();
+    let e = Pipeline::load(&p).unwrap_err().to_string();
+    assert!(e.contains("unknown stage `tokenise`"), "{e}");
+    assert!(e.contains("fetch, prepare, finetune"), "{e}");
+
+    std::fs::write(
+        &p,
+        "config = \"c.toml\"\nstages = [\"prepare\", \"fetch\"]\n",
+    )
+    .unwrap();
+    let e = Pipeline::load(&p).unwrap_err().to_string();
+    assert!(e.contains("out of order"), "{e}");
+
+    std::fs::write(
+        &p,
+        "config = \"c.toml\"\nstages = [\"fetch\"]\nrundir = \"x\"\n",
+    )
+    .unwrap();
+    let e = Pipeline::load(&p).unwrap_err().to_string();
+    assert!(e.contains("unknown field `rundir`"), "{e}");
+    assert!(e.contains("`run_dir`"), "{e}");
+
+    std::fs::write(
+        &p,
+        "config = \"../c.toml\"\nstages = [\"fetch\", \"prepare\"]\n",
+    )
+    .unwrap();
+    let pl = Pipeline::load(&p).unwrap();
+    assert_eq!(pl.config, dir.path().parent().unwrap().join("c.toml"));
+    assert_eq!(pl.stages, ["fetch", "prepare"]);
+}
+
+#[test]
+fn shipped_configs_and_pipelines_are_valid() {
+    let root = common::repo_root();
+    for dir in ["configs", "pipelines"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                if dir == "configs" {
+                    Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                } else {
+                    let p = Pipeline::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                    Config::load(&p.config).unwrap_or_else(|e| panic!("{e}"));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The README's first command: the embedded demo pipeline runs offline from the shipped
+//! Hugging Face cache.
+
+mod common;
+
+use source_tda::data::read_prepared;
+
+#[test]
+fn demo_pipeline_runs_offline_from_the_shipped_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let root = common::repo_root();
+    let out = common::cli(
+        &root,
+        &[
+            "run",
+            "pipelines/demo.toml",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ],
+        // Make sure nothing reaches a network: a dead endpoint, and the user's cache hidden.
+        &[
+            ("HF_ENDPOINT", "http://127.0.0.1:1"),
+            ("HOME", dir.path().to_str().unwrap()),
+        ],
+    );
+    assert!(out.status.success(), "{}", common::stderr(&out));
+
+    let resolved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("fetch/resolved.json")).unwrap())
+            .unwrap();
+    assert_eq!(resolved["model"]["resolution"], "cache");
+    assert_eq!(resolved["model"]["id"], "source-tda/demo-llama");
+    assert_eq!(resolved["model_facts"]["model_type"], "llama");
+    assert_eq!(
+        resolved["data"]["train"]["files"][0]["name"],
+        "data/train-00000-of-00001.parquet"
+    );
+
+    let (train, meta) = read_prepared(&run.join("prepare/train.parquet")).unwrap();
+    assert!(train.len() >= 300, "{}", train.len());
+    assert_eq!(meta["source_tda.role"], "train");
+    assert_eq!(meta["source_tda.model_id"], "source-tda/demo-llama");
+    let planted = train
+        .iter()
+        .filter(|d| d.doc_id.starts_with("planted-"))
+        .count();
+    assert_eq!(planted, 24, "8 planted facts × 3 documents");
+    let (queries, _) = read_prepared(&run.join("prepare/query.parquet")).unwrap();
+    assert_eq!(queries.len(), 8);
+    for q in &queries {
+        assert!(q.prompt.as_deref().unwrap().starts_with("The river "));
+        assert!(q.n_loss_tokens() >= 2, "{q:?}");
+    }
+    let (pretrain, _) = read_prepared(&run.join("prepare/pretrain.parquet")).unwrap();
+    assert_eq!(pretrain.len(), 500, "max_documents = 500");
+}
+
+#[test]
+fn demo_assets_are_reproducible_from_the_script() {
+    // The generator is deterministic: regenerating into a temp folder gives the same bytes
+    // as the committed assets.
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_source-tda"))
+        .parent()
+        .unwrap()
+        .join("examples/make_demo_assets");
+    if !exe.exists() {
+        panic!(
+            "{} is missing: `cargo test` builds examples, run the tests with `cargo test --release`",
+            exe.display()
+        );
+    }
+    let out = std::process::Command::new(&exe)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let committed = common::repo_root().join("assets/hf-cache");
+    let mine = source_tda::util::fsx::list_files(dir.path()).unwrap();
+    let theirs = source_tda::util::fsx::list_files(&committed).unwrap();
+    assert_eq!(mine, theirs);
+    for rel in mine {
+        let a = std::fs::read(dir.path().join(&rel)).unwrap();
+        let b = std::fs::read(committed.join(&rel)).unwrap();
+        assert!(
+            a == b,
+            "{} differs: rerun scripts/make-demo-assets and commit",
+            rel.display()
+        );
+    }
+}
