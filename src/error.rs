@@ -73,6 +73,10 @@ pub enum Error {
     #[error("{0}")]
     Model(String),
 
+    /// A GGUF file could not be converted (names the file and the tensor or key).
+    #[error(transparent)]
+    Gguf(#[from] crate::model::gguf::GgufError),
+
     /// A failure injected on purpose by a test (`SOURCE_TDA_FAIL_IN_STAGE`).
     #[error("injected failure in stage `{0}` (SOURCE_TDA_FAIL_IN_STAGE is set)")]
     Injected(String),

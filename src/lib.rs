@@ -19,7 +19,8 @@
 //! * [`data`]: dataset readers (Parquet, JSONL, CSV), tokenisation into documents with
 //!   loss masks, and deterministic token-budget batching.
 //! * [`model`]: transformer families (Llama, GPT-2) on candle with tracked linear layers:
-//!   the layer inputs `a` and output gradients `δ` that all attribution is computed from.
+//!   the layer inputs `a` and output gradients `δ` that all attribution is computed from. GGUF files
+//!   convert to Hugging Face checkpoints ([`model::gguf`]).
 //! * [`stages`]: the stage implementations the runner knows.
 //! * [`curvature`]: EK-FAC factors per layer (covariances, eigenbasis, eigenvalue correction).
 //! * [`attribution`]: F_S, F_r, the eigenbasis primitive and the token-level contraction.

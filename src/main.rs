@@ -63,6 +63,35 @@ enum Command {
         /// The config file (configs/NAME.toml).
         config: PathBuf,
     },
+    /// Convert a Llama-family GGUF file (llama.cpp's format) into a Hugging Face checkpoint.
+    ///
+    /// Dequantises every tensor to f32 (F32, F16, Q4_1 and Q8_0 are supported), renames the
+    /// tensors to Hugging Face names, undoes llama.cpp's q/k row permutation, and writes
+    /// OUT_DIR/config.json (LlamaForCausalLM), OUT_DIR/model.safetensors, OUT_DIR/conversion.json
+    /// and, with --tokenizer, OUT_DIR/tokenizer.json. Point a config's `[model] id` at OUT_DIR
+    /// to use it.
+    ///
+    /// Example (SmolLM2-135M-Instruct, offline; see docs/real-models.md):
+    ///
+    ///   scripts/fetch-test-assets.sh
+    ///   source-tda convert-gguf .cache/test-assets/SmolLM2-135M-Instruct.Q4_1.gguf \
+    ///       models/smollm2-135m --tokenizer ../shared/reference/kronfluence-smollm2-2l/tokenizer.json
+    #[command(verbatim_doc_comment)]
+    ConvertGguf {
+        /// The GGUF file.
+        gguf: PathBuf,
+        /// The checkpoint directory to write (created; files in it are replaced).
+        out_dir: PathBuf,
+        /// A tokenizer.json for this model, copied into OUT_DIR after checking that it loads
+        /// and that its tokens match the GGUF's token list. Without it, no tokenizer.json is
+        /// written.
+        #[arg(long, value_name = "PATH")]
+        tokenizer: Option<PathBuf>,
+        /// Keep only the first N decoder layers (embeddings, final norm and head are kept):
+        /// a small, fast model for tests.
+        #[arg(long, value_name = "N")]
+        layers: Option<usize>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -152,6 +181,12 @@ fn dispatch(command: Command) -> Result<()> {
             s.opts.into_options(),
         ),
         Command::Status { run_dir } => status(&run_dir),
+        Command::ConvertGguf {
+            gguf,
+            out_dir,
+            tokenizer,
+            layers,
+        } => convert_gguf(&gguf, &out_dir, tokenizer.as_deref(), layers),
         Command::Validate { config } => {
             let c = Config::load(&config)?;
             print!("{}", c.to_toml());
@@ -177,6 +212,32 @@ fn run(config_path: &Path, run_dir: &Path, stages: &[String], opts: RunOptions) 
         eprintln!("{stage:>9}: {word}");
     }
     eprintln!("run directory: {}", run.path().display());
+    Ok(())
+}
+
+fn convert_gguf(
+    gguf: &Path,
+    out_dir: &Path,
+    tokenizer: Option<&Path>,
+    layers: Option<usize>,
+) -> Result<()> {
+    use source_tda::model::gguf::{GgufLlama, ReadOptions};
+    let model = GgufLlama::read(gguf, &ReadOptions { layers })?;
+    let written = model.write_hf_dir(out_dir, tokenizer)?;
+    if tokenizer.is_none() {
+        eprintln!(
+            "note: no --tokenizer given, so {} has no tokenizer.json; copy this model's \
+             tokenizer.json there before using it",
+            out_dir.display()
+        );
+    }
+    eprintln!(
+        "wrote {} ({} tensors, {} parameters, {} decoder layers)",
+        written.dir.display(),
+        written.n_tensors,
+        written.n_params,
+        model.config.num_hidden_layers,
+    );
     Ok(())
 }
 

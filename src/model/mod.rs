@@ -11,10 +11,13 @@
 //! * [`weights`]: safetensors directories (single file or sharded), in-memory tensor maps.
 //! * [`tracking`]: which linear layers record (a, δ).
 //! * [`batch`], [`loss`], [`capture`]: batches, losses (data, sampled, query), capture.
+//! * [`gguf`]: Llama-family weights from a local GGUF file (llama.cpp's format), converted
+//!   to a Hugging Face checkpoint directory.
 
 pub mod batch;
 pub mod capture;
 pub mod config;
+pub mod gguf;
 mod gpt2;
 pub mod linear;
 mod llama;
