@@ -11,10 +11,12 @@
 //! * [`weights`]: safetensors directories (single file or sharded), in-memory tensor maps.
 //! * [`tracking`]: which linear layers record (a, δ).
 //! * [`batch`], [`loss`], [`capture`]: batches, losses (data, sampled, query), capture.
+//! * [`generate`]: greedy / seeded sampling with a KV cache and stop tokens.
 
 pub mod batch;
 pub mod capture;
 pub mod config;
+pub mod generate;
 mod gpt2;
 pub mod linear;
 mod llama;
@@ -27,6 +29,7 @@ pub mod weights;
 pub use batch::TokenBatch;
 pub use capture::{Capture, Labels, LayerCapture};
 pub use config::{Gpt2Spec, LlamaSpec, ModelSpec, RopeScaling};
+pub use generate::{GenerateOptions, Generation, Sampling};
 pub use linear::Param;
 pub use lm::{LayerInfo, LoadOptions, Model};
 pub use tracking::Tracking;
