@@ -81,6 +81,9 @@ impl Model {
         };
         let losses = loss::doc_losses(&logits, &targets, &batch.prediction_mask)?;
         let grads = losses.sum_all()?.backward()?;
+        // δ is exactly zero on padding already (right padding: no target depends on it);
+        // a is zeroed there only when the batch has padding, to avoid a copy per layer.
+        let padded = batch.lengths.iter().any(|&n| n != batch.padded_len());
         let mask = batch.attention_mask.unsqueeze(D::Minus1)?;
         let mut layers = Vec::with_capacity(rec.slots.len());
         for (info, slot) in self.tracked_layers().iter().zip(rec.slots) {
@@ -100,8 +103,8 @@ impl Model {
             };
             layers.push(LayerCapture {
                 name: info.name.clone(),
-                a: a.broadcast_mul(&mask)?,
-                delta: delta.broadcast_mul(&mask)?,
+                a: if padded { a.broadcast_mul(&mask)? } else { a },
+                delta,
                 has_bias: info.has_bias,
             });
         }

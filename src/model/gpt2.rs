@@ -10,6 +10,7 @@ use candle_core::{Tensor, Var};
 use crate::error::{Error, Result};
 
 use super::config::{Gpt2Activation, Gpt2Spec};
+use super::generate::KvCache;
 use super::linear::{ParamLoader, Recorder, TrackedLinear};
 use super::ops;
 
@@ -119,27 +120,35 @@ impl Gpt2 {
         out
     }
 
-    /// ids: [B, T] u32 → logits [B, T, V].
-    pub fn forward(&self, ids: &Tensor, mut rec: Option<&mut Recorder>) -> Result<Tensor> {
+    /// ids: [B, T] u32 → logits [B, T, V]. With a cache, the T tokens continue the cached
+    /// sequence (positions offset..offset+T) and their keys/values are appended.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mut rec: Option<&mut Recorder>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let s = &self.spec;
         let (b, t) = ids.dims2()?;
-        if t > s.n_positions {
+        let offset = cache.as_ref().map_or(0, |c| c.offset);
+        if offset + t > s.n_positions {
             return Err(Error::Model(format!(
-                "sequence length {t} exceeds GPT-2's n_positions = {}",
+                "sequence length {} exceeds GPT-2's n_positions = {}",
+                offset + t,
                 s.n_positions
             )));
         }
         let (d, nh) = (s.n_embd, s.n_head);
         let hd = d / nh;
-        let mask = ops::causal_mask(t, None, ids.device())?;
+        let mask = ops::causal_mask(t, offset, None, ids.device())?;
         let tok = self
             .wte
             .as_tensor()
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, d))?;
-        let pos = self.wpe.as_tensor().narrow(0, 0, t)?;
+        let pos = self.wpe.as_tensor().narrow(0, offset, t)?;
         let mut h = tok.broadcast_add(&pos)?;
-        for blk in &self.blocks {
+        for (li, blk) in self.blocks.iter().enumerate() {
             let x = blk.ln_1.forward(&h, s.layer_norm_epsilon)?;
             let qkv = blk.c_attn.forward(&x, rec.as_deref_mut())?;
             let heads = |i: usize| -> Result<Tensor> {
@@ -149,7 +158,11 @@ impl Gpt2 {
                     .transpose(1, 2)?
                     .contiguous()?)
             };
-            let y = ops::attention(&heads(0)?, &heads(1)?, &heads(2)?, &mask)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(li, heads(1)?, heads(2)?)?,
+                None => (heads(1)?, heads(2)?),
+            };
+            let y = ops::attention(&heads(0)?, &k, &v, &mask)?;
             h = (h + blk.attn_proj.forward(&y, rec.as_deref_mut())?)?;
             let x = blk.ln_2.forward(&h, s.layer_norm_epsilon)?;
             let z = blk.c_fc.forward(&x, rec.as_deref_mut())?;
@@ -158,6 +171,9 @@ impl Gpt2 {
                 Gpt2Activation::GeluErf => z.gelu_erf()?,
             };
             h = (h + blk.mlp_proj.forward(&z, rec.as_deref_mut())?)?;
+        }
+        if let Some(c) = cache {
+            c.offset += t;
         }
         let x = self.ln_f.forward(&h, s.layer_norm_epsilon)?;
         self.lm_head.forward(&x, rec)

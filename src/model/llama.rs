@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor, Var};
 use crate::error::Result;
 
 use super::config::LlamaSpec;
+use super::generate::KvCache;
 use super::linear::{ParamLoader, Recorder, TrackedLinear};
 use super::ops;
 
@@ -110,19 +111,28 @@ impl Llama {
         out
     }
 
-    /// ids: [B, T] u32 → logits [B, T, V].
-    pub fn forward(&self, ids: &Tensor, mut rec: Option<&mut Recorder>) -> Result<Tensor> {
+    /// ids: [B, T] u32 → logits [B, T, V]. With a cache, the T tokens continue the cached
+    /// sequence (positions offset..offset+T) and their keys/values are appended.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mut rec: Option<&mut Recorder>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let s = &self.spec;
         let (b, t) = ids.dims2()?;
         let dev: &Device = ids.device();
-        let (cos, sin) = ops::rope_tables(t, s.head_dim, s.rope_theta, &s.rope_scaling, dev)?;
-        let mask = ops::causal_mask(t, s.sliding_window, dev)?;
+        let offset = cache.as_ref().map_or(0, |c| c.offset);
+        let (cos, sin) =
+            ops::rope_tables(offset + t, s.head_dim, s.rope_theta, &s.rope_scaling, dev)?;
+        let (cos, sin) = (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?);
+        let mask = ops::causal_mask(t, offset, s.sliding_window, dev)?;
         let mut h = self
             .embed
             .as_tensor()
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, s.hidden_size))?;
-        for blk in &self.blocks {
+        for (li, blk) in self.blocks.iter().enumerate() {
             let x = ops::rms_norm(&h, blk.input_norm.as_tensor(), s.rms_norm_eps)?;
             let heads = |y: Tensor, n: usize| -> Result<Tensor> {
                 Ok(y.reshape((b, t, n, s.head_dim))?
@@ -134,12 +144,19 @@ impl Llama {
             let v = heads(blk.v.forward(&x, rec.as_deref_mut())?, s.num_kv_heads)?;
             let q = ops::apply_rope(&q, &cos, &sin)?;
             let k = ops::apply_rope(&k, &cos, &sin)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(li, k, v)?,
+                None => (k, v),
+            };
             let y = ops::attention(&q, &k, &v, &mask)?;
             h = (h + blk.o.forward(&y, rec.as_deref_mut())?)?;
             let x = ops::rms_norm(&h, blk.post_norm.as_tensor(), s.rms_norm_eps)?;
             let g = blk.gate.forward(&x, rec.as_deref_mut())?.silu()?;
             let u = blk.up.forward(&x, rec.as_deref_mut())?;
             h = (h + blk.down.forward(&(g * u)?, rec.as_deref_mut())?)?;
+        }
+        if let Some(c) = cache {
+            c.offset += t;
         }
         let x = ops::rms_norm(&h, self.norm.as_tensor(), s.rms_norm_eps)?;
         self.lm_head.forward(&x, rec)

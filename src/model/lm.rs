@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 
 use super::batch::TokenBatch;
 use super::config::ModelSpec;
+use super::generate::KvCache;
 use super::gpt2::Gpt2;
 use super::linear::{Param, ParamLoader, Recorder, TrackedLinear};
 use super::llama::Llama;
@@ -137,6 +138,15 @@ impl Model {
     }
 
     pub(crate) fn forward_rec(&self, ids: &Tensor, rec: Option<&mut Recorder>) -> Result<Tensor> {
+        self.forward_inner(ids, rec, None)
+    }
+
+    pub(crate) fn forward_inner(
+        &self,
+        ids: &Tensor,
+        rec: Option<&mut Recorder>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let v = self.spec.vocab_size() as u32;
         let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
         if max_id >= v {
@@ -145,8 +155,8 @@ impl Model {
             )));
         }
         match &self.net {
-            Net::Llama(m) => m.forward(ids, rec),
-            Net::Gpt2(m) => m.forward(ids, rec),
+            Net::Llama(m) => m.forward(ids, rec, cache),
+            Net::Gpt2(m) => m.forward(ids, rec, cache),
         }
     }
 

@@ -13,11 +13,13 @@
 //! * [`batch`], [`loss`], [`capture`]: batches, losses (data, sampled, query), capture.
 //! * [`gguf`]: Llama-family weights from a local GGUF file (llama.cpp's format), converted
 //!   to a Hugging Face checkpoint directory.
+//! * [`generate`]: greedy / seeded sampling with a KV cache and stop tokens.
 
 pub mod batch;
 pub mod capture;
 pub mod config;
 pub mod gguf;
+pub mod generate;
 mod gpt2;
 pub mod linear;
 mod llama;
@@ -30,6 +32,7 @@ pub mod weights;
 pub use batch::TokenBatch;
 pub use capture::{Capture, Labels, LayerCapture};
 pub use config::{Gpt2Spec, LlamaSpec, ModelSpec, RopeScaling};
+pub use generate::{GenerateOptions, Generation, Sampling};
 pub use linear::Param;
 pub use lm::{LayerInfo, LoadOptions, Model};
 pub use tracking::Tracking;

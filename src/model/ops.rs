@@ -105,36 +105,44 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
 }
 
-/// Additive causal mask [T, T]: 0 where key j ≤ query i (and i − j < window, when given),
-/// −∞ elsewhere.
-pub fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
-    let mut m = vec![0f32; t * t];
+/// Additive causal mask [T, offset + T] for T queries at absolute positions offset..offset+T
+/// over all keys so far: 0 where key j ≤ query position p (and p − j < window, when
+/// given), −∞ elsewhere.
+pub fn causal_mask(
+    t: usize,
+    offset: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let s = offset + t;
+    let mut m = vec![0f32; t * s];
     for i in 0..t {
-        for j in 0..t {
-            let visible = j <= i && window.is_none_or(|w| i - j < w);
+        let p = offset + i;
+        for j in 0..s {
+            let visible = j <= p && window.is_none_or(|w| p - j < w);
             if !visible {
-                m[i * t + j] = f32::NEG_INFINITY;
+                m[i * s + j] = f32::NEG_INFINITY;
             }
         }
     }
-    Ok(Tensor::from_vec(m, (t, t), device)?)
+    Ok(Tensor::from_vec(m, (t, s), device)?)
 }
 
 /// Scaled dot-product attention with an additive mask.
-/// q: [B, H, T, D]; k, v: [B, H_kv, T, D] (H_kv divides H, grouped-query heads repeat);
-/// mask: [T, T]. Returns [B, T, H·D].
+/// q: [B, H, T, D]; k, v: [B, H_kv, S, D] (H_kv divides H, grouped-query heads repeat;
+/// S ≥ T keys, earlier ones from a KV cache); mask: [T, S]. Returns [B, T, H·D].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
-    let h_kv = k.dim(1)?;
+    let (h_kv, s) = (k.dim(1)?, k.dim(2)?);
     let (k, v) = if h_kv == h {
         (k.clone(), v.clone())
     } else {
         let rep = h / h_kv;
         let expand = |x: &Tensor| -> Result<Tensor> {
             Ok(x.unsqueeze(2)?
-                .broadcast_as((b, h_kv, rep, t, d))?
+                .broadcast_as((b, h_kv, rep, s, d))?
                 .contiguous()?
-                .reshape((b, h, t, d))?)
+                .reshape((b, h, s, d))?)
         };
         (expand(k)?, expand(v)?)
     };
