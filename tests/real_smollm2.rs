@@ -135,6 +135,50 @@ fn hf_to_gguf_name(hf: &str) -> String {
     format!("blk.{l}.{g}.weight")
 }
 
+/// Checks every tensor of `model` against the README's block formula applied to the raw GGUF
+/// bytes, with q/k rows moved by the README's rule (GGUF row 2i → HF row i, 2i+1 → HF row
+/// 32+i, per head of 64). Returns the GGUF types seen.
+fn assert_equals_raw_gguf(gguf: &Path, model: &GgufLlama) -> Vec<String> {
+    let mut file = File::open(gguf).unwrap();
+    let content = Content::read(&mut file).unwrap();
+    let mut types = std::collections::BTreeSet::new();
+    for (hf, t) in &model.tensors {
+        let g = hf_to_gguf_name(hf);
+        types.insert(format!("{:?}", content.tensor_infos[&g].ggml_dtype));
+        let raw = raw_dequant(&mut file, &content, &g);
+        let cols = *t.shape.last().unwrap();
+        let permuted = hf.contains("q_proj") || hf.contains("k_proj");
+        let mut mismatches = 0usize;
+        for (r, row) in t.data.chunks_exact(cols).enumerate() {
+            let src = if permuted {
+                let (h, within) = (r / 64, r % 64);
+                h * 64
+                    + if within < 32 {
+                        2 * within
+                    } else {
+                        2 * (within - 32) + 1
+                    }
+            } else {
+                r
+            };
+            let want = &raw[src * cols..(src + 1) * cols];
+            mismatches += row
+                .iter()
+                .zip(want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+        }
+        assert_eq!(
+            mismatches, 0,
+            "{hf} ({g}): values differ from the raw-byte formula"
+        );
+        if permuted {
+            assert_ne!(t.data, raw, "{hf}: q/k rows should have been moved");
+        }
+    }
+    types.into_iter().collect()
+}
+
 #[test]
 fn two_layer_cut_has_reference_shapes_exact_dequantisation_and_hf_qk_rows() {
     let Some(gguf) = gguf_path() else { return };
@@ -182,46 +226,7 @@ fn two_layer_cut_has_reference_shapes_exact_dequantisation_and_hf_qk_rows() {
         .collect();
     assert_eq!(got, expected, "the 20 tensors of the 2-layer cut");
 
-    // Every value equals the README's block formula applied to the raw bytes, with q/k rows
-    // moved by the README's rule (GGUF row 2i → HF row i, 2i+1 → HF row 32+i, per head).
-    let mut file = File::open(&gguf).unwrap();
-    let content = Content::read(&mut file).unwrap();
-    let mut types = std::collections::BTreeSet::new();
-    for (hf, t) in &model.tensors {
-        let g = hf_to_gguf_name(hf);
-        types.insert(format!("{:?}", content.tensor_infos[&g].ggml_dtype));
-        let raw = raw_dequant(&mut file, &content, &g);
-        let cols = *t.shape.last().unwrap();
-        let permuted = hf.contains("q_proj") || hf.contains("k_proj");
-        let mut mismatches = 0usize;
-        for (r, row) in t.data.chunks_exact(cols).enumerate() {
-            let src = if permuted {
-                let (h, within) = (r / 64, r % 64);
-                h * 64
-                    + if within < 32 {
-                        2 * within
-                    } else {
-                        2 * (within - 32) + 1
-                    }
-            } else {
-                r
-            };
-            let want = &raw[src * cols..(src + 1) * cols];
-            mismatches += row
-                .iter()
-                .zip(want)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
-        }
-        assert_eq!(
-            mismatches, 0,
-            "{hf} ({g}): values differ from the raw-byte formula"
-        );
-        if permuted {
-            assert_ne!(t.data, raw, "{hf}: q/k rows should have been moved");
-        }
-    }
-    let types: Vec<_> = types.into_iter().collect();
+    let types = assert_equals_raw_gguf(&gguf, &model);
     assert_eq!(
         types,
         ["F32", "Q4_1", "Q8_0"],
@@ -457,6 +462,8 @@ fn full_model_answers_paris_and_scores_english_plausibly() {
     let model = GgufLlama::read(&gguf, &ReadOptions::default()).unwrap();
     assert_eq!(model.config.num_hidden_layers, 30);
     assert_eq!(model.tensors.len(), 1 + 30 * 9 + 1);
+    let types = assert_equals_raw_gguf(&gguf, &model);
+    assert_eq!(types, ["F32", "Q4_1", "Q8_0"]);
     let dir = tempfile::tempdir().unwrap();
     model
         .write_hf_dir(dir.path(), Some(&reference.join("tokenizer.json")))
@@ -595,4 +602,72 @@ fn project_model_on_converted_checkpoint_matches_the_reference_losses() {
             );
         }
     }
+}
+
+#[test]
+fn cli_convert_gguf_writes_a_checkpoint_and_explains_bad_requests() {
+    let (Some(gguf), Some(reference)) = (gguf_path(), reference_dir()) else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("smollm2-1l");
+    let run = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_source-tda"))
+            .arg("convert-gguf")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let tok = reference.join("tokenizer.json");
+    let o = run(&[
+        gguf.as_os_str(),
+        dir.as_os_str(),
+        "--tokenizer".as_ref(),
+        tok.as_os_str(),
+        "--layers".as_ref(),
+        "1".as_ref(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("11 tensors") && stderr.contains("1 decoder layers"),
+        "{stderr}"
+    );
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "conversion.json",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+
+    let o = run(&[
+        gguf.as_os_str(),
+        dir.as_os_str(),
+        "--layers".as_ref(),
+        "31".as_ref(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("has 30 decoder layers; ask for 1 to 30"),
+        "{stderr}"
+    );
+
+    let wrong_tok = Path::new(env!("CARGO_MANIFEST_DIR")).join(
+        "assets/hf-cache/models--source-tda--demo-llama/snapshots/\
+         caa52d72a1815249997b756dab3ffba7fa1adfaa/tokenizer.json",
+    );
+    let o = run(&[
+        gguf.as_os_str(),
+        dir.as_os_str(),
+        "--layers".as_ref(),
+        "1".as_ref(),
+        "--tokenizer".as_ref(),
+        wrong_tok.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(stderr.contains("not this model's tokenizer"), "{stderr}");
 }
