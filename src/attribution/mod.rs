@@ -3,9 +3,15 @@
 //! contraction.
 
 pub mod contract;
+pub mod dense;
 pub mod functions;
 pub mod precondition;
+pub mod score;
+pub mod source;
 
 pub use contract::token_scores;
+pub use dense::DenseCurvature;
 pub use functions::{inject, SpectralFn};
 pub use precondition::{apply_in_basis, spectral_weights};
+pub use score::{query_gradients, score_pass, QueryGradients, TrainScores};
+pub use source::{precondition_inverse, source_walk, Curvature, Damping, SegmentCurvature};

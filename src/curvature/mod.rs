@@ -6,9 +6,11 @@
 pub mod blocks;
 pub mod covariance;
 pub mod eigen;
+pub mod fit;
 pub mod lambda;
 
 pub use blocks::{BlockDiag, BlockLayout};
 pub use covariance::{masked_rows, CovarianceSums, Covariances};
 pub use eigen::{eigh, Eigen};
+pub use fit::{fit_factors, Fisher, FitOptions, LayerFactors};
 pub use lambda::{EigenBasis, LambdaSums};

@@ -1,0 +1,132 @@
+//! Query gradients and the training pass that scores documents against preconditioned
+//! queries, per document, per layer and per token, in one pass (DESIGN.md §2).
+
+use candle_core::{Tensor, D};
+
+use crate::curvature::fit::{for_each_batch, FitOptions};
+use crate::data::PreparedDoc;
+use crate::error::Result;
+use crate::model::{Labels, Model};
+
+use super::contract::token_scores;
+
+/// Per-layer query gradients ∇_W f(q) = Σ_t δ_t a_tᵀ, each [Q, d_out, d_in] in query order,
+/// and the measurements f(q) = −log p(completion | prompt).
+#[derive(Debug, Clone)]
+pub struct QueryGradients {
+    /// One tensor per tracked layer: [Q, d_out, d_in(+1)].
+    pub layers: Vec<Tensor>,
+    /// f(q) per query.
+    pub measurements: Vec<f32>,
+}
+
+/// Computes the query gradients at `model` (the data labels: the query measurement).
+pub fn query_gradients(
+    model: &Model,
+    queries: &[PreparedDoc],
+    opts: &FitOptions,
+) -> Result<QueryGradients> {
+    let q = queries.len();
+    let mut parts: Vec<Vec<(usize, Tensor)>> = vec![Vec::new(); model.tracked_layers().len()];
+    let mut measurements = vec![0f32; q];
+    for_each_batch(model, queries, opts, "queries", |batch, idx| {
+        let cap = model.capture(batch, Labels::Data)?;
+        for (k, &i) in idx.iter().enumerate() {
+            measurements[i] = cap.losses[k];
+        }
+        for (l, layer) in cap.layers.iter().enumerate() {
+            // [B, d_out, T] × [B, T, d_in] → [B, d_out, d_in]
+            let g = layer
+                .delta
+                .transpose(1, 2)?
+                .contiguous()?
+                .matmul(&layer.a.contiguous()?)?;
+            for (k, &i) in idx.iter().enumerate() {
+                parts[l].push((i, g.get(k)?));
+            }
+        }
+        Ok(())
+    })?;
+    let layers = parts
+        .into_iter()
+        .map(|mut p| {
+            p.sort_by_key(|(i, _)| *i);
+            let ts: Vec<Tensor> = p.into_iter().map(|(_, t)| t).collect();
+            Ok(Tensor::stack(&ts, 0)?)
+        })
+        .collect::<Result<_>>()?;
+    Ok(QueryGradients {
+        layers,
+        measurements,
+    })
+}
+
+/// Scores of every training document against every query.
+#[derive(Debug, Clone)]
+pub struct TrainScores {
+    /// ⟨U_q, G_m⟩ summed over layers: [Q][N] (f64 sums of f32 terms).
+    pub docs: Vec<Vec<f64>>,
+    /// The same per layer: [L][Q][N].
+    pub per_layer: Vec<Vec<Vec<f64>>>,
+    /// Per-token scores δ_tᵀ U_q a_t summed over layers, when asked: [N][Q][T_m], where
+    /// T_m is document m's length.
+    pub tokens: Option<Vec<Vec<Vec<f32>>>>,
+}
+
+/// Runs `model` over `train` and contracts each batch's (a, δ) with the preconditioned
+/// queries `u` (per layer [Q, d_out, d_in]); per-token gradients are never formed.
+pub fn score_pass(
+    model: &Model,
+    train: &[PreparedDoc],
+    u: &[Tensor],
+    opts: &FitOptions,
+    keep_tokens: bool,
+) -> Result<TrainScores> {
+    let n = train.len();
+    let q = u.first().map(|t| t.dim(0)).transpose()?.unwrap_or(0);
+    let mut docs = vec![vec![0f64; n]; q];
+    let mut per_layer = vec![vec![vec![0f64; n]; q]; u.len()];
+    let mut tokens: Option<Vec<Vec<Vec<f32>>>> = keep_tokens.then(|| vec![Vec::new(); n]);
+    for_each_batch(model, train, opts, "scoring", |batch, idx| {
+        let cap = model.capture(batch, Labels::Data)?;
+        let mut total: Option<Tensor> = None;
+        for (l, (layer, ul)) in cap.layers.iter().zip(u).enumerate() {
+            let s = token_scores(ul, &layer.a, &layer.delta, &cap.attention_mask)?; // [Q, B, T]
+            let per_doc: Vec<Vec<f32>> = s.sum(D::Minus1)?.to_vec2()?;
+            for (qi, row) in per_doc.iter().enumerate() {
+                for (k, &i) in idx.iter().enumerate() {
+                    per_layer[l][qi][i] += row[k] as f64;
+                }
+            }
+            if keep_tokens {
+                total = Some(match total {
+                    None => s,
+                    Some(t) => (t + s)?,
+                });
+            }
+        }
+        if let Some(tok) = tokens.as_mut() {
+            if let Some(total) = total {
+                let all: Vec<Vec<Vec<f32>>> = total.to_vec3()?; // [Q][B][T]
+                for (k, &i) in idx.iter().enumerate() {
+                    let len = batch.lengths[k];
+                    tok[i] = all.iter().map(|qrow| qrow[k][..len].to_vec()).collect();
+                }
+            }
+        }
+        Ok(())
+    })?;
+    // Document scores are the f64 sum of the layers' terms.
+    for layer in &per_layer {
+        for (qi, row) in layer.iter().enumerate() {
+            for (i, v) in row.iter().enumerate() {
+                docs[qi][i] += v;
+            }
+        }
+    }
+    Ok(TrainScores {
+        docs,
+        per_layer,
+        tokens,
+    })
+}
