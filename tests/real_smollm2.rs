@@ -12,6 +12,8 @@
 //! beside the repository. When one is missing, the tests fail under CI (`CI` set) and print
 //! `SKIPPED` otherwise.
 
+#[path = "common/real_assets.rs"]
+mod real_assets;
 mod real_smollm2_support;
 
 use std::path::Path;

@@ -91,7 +91,12 @@ fn argmax(v: &[f64]) -> usize {
 }
 
 fn tensor_f64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 /// Checks a [Q][N] score matrix against a flat [Q, N] reference.
@@ -106,7 +111,11 @@ fn check_pairwise(label: &str, got: &[Vec<f64>], want: &[f32], tol: f64) {
     for (q, row) in got.iter().enumerate() {
         let wrow = &want[q * n..(q + 1) * n];
         let w64: Vec<f64> = wrow.iter().map(|&x| x as f64).collect();
-        assert_eq!(argmax(row), argmax(&w64), "{label}: query {q} top-1 differs");
+        assert_eq!(
+            argmax(row),
+            argmax(&w64),
+            "{label}: query {q} top-1 differs"
+        );
         let s = spearman(row, wrow);
         assert!(s >= 0.999, "{label}: query {q} Spearman {s}");
     }
@@ -124,15 +133,29 @@ fn influence_method_reproduces_kronfluence_ekfac_on_smollm2_two_layers() {
         .write_hf_dir(dir.path(), Some(&reference.join("tokenizer.json")))
         .unwrap();
     let model = Model::load(dir.path(), &LoadOptions::default(), &Device::Cpu).unwrap();
-    let names: Vec<String> = model.tracked_layers().iter().map(|l| l.name.clone()).collect();
+    let names: Vec<String> = model
+        .tracked_layers()
+        .iter()
+        .map(|l| l.name.clone())
+        .collect();
     let want_names: Vec<String> = (0..2)
         .flat_map(|l| {
-            ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-                .map(move |m| format!("model.layers.{l}.{m}"))
+            [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            ]
+            .map(move |m| format!("model.layers.{l}.{m}"))
         })
         .collect();
-    assert_eq!(names, want_names, "the 14 modules, in the reference's order");
+    assert_eq!(
+        names, want_names,
+        "the 14 modules, in the reference's order"
+    );
 
     let inputs_bytes = std::fs::read(reference.join("inputs.safetensors")).unwrap();
     let inputs = safetensors::SafeTensors::deserialize(&inputs_bytes).unwrap();
@@ -167,7 +190,10 @@ fn influence_method_reproduces_kronfluence_ekfac_on_smollm2_two_layers() {
             (f.basis.eig_a.clone(), "activation_eigenvalues", 1e-5),
             (f.basis.eig_s.clone(), "gradient_eigenvalues", 1e-5),
         ] {
-            let err = rel_to_max(&ours, &real_assets::f32_tensor(&ref_factors, &format!("{m}.{key}")));
+            let err = rel_to_max(
+                &ours,
+                &real_assets::f32_tensor(&ref_factors, &format!("{m}.{key}")),
+            );
             assert!(err < tol, "{m}.{key}: {err:e}");
         }
         if m.ends_with("k_proj") || m.ends_with("v_proj") {
@@ -180,20 +206,29 @@ fn influence_method_reproduces_kronfluence_ekfac_on_smollm2_two_layers() {
             assert!(err < 1e-4, "{m}.lambda_matrix: {err:e}");
         }
         if m.ends_with("k_proj") {
-            let a_ref = real_assets::f32_tensor(&ref_factors, &format!("{m}.activation_covariance"));
+            let a_ref =
+                real_assets::f32_tensor(&ref_factors, &format!("{m}.activation_covariance"));
             let err = rel_to_max(&tensor_f64(&f.covariances.a[0]), &a_ref);
             assert!(err < 1e-5, "{m}.activation_covariance: {err:e}");
         }
         // Damping heuristic 0.1 × mean Λ per module, as the reference stores it.
         let want = real_assets::f64_scalar(&ref_factors, &format!("{m}.damping_heuristic_ekfac"));
         let got = Damping::MeanLambda(0.1).for_layer(&f.lambda).unwrap();
-        assert!((got - want).abs() <= 1e-4 * want.abs(), "{m} damping {got} vs {want} (layer {l})");
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs(),
+            "{m} damping {got} vs {want} (layer {l})"
+        );
     }
 
     // EK-FAC pairwise, per module and per token (heuristic damping).
     let u = precondition_inverse(&factors, &qg.layers, Damping::MeanLambda(0.1)).unwrap();
     let s = score_pass(&model, &train, &u, &opts, true).unwrap();
-    check_pairwise("ekfac_pairwise", &s.docs, &real_assets::f32_tensor(&scores, "ekfac_pairwise"), 1e-3);
+    check_pairwise(
+        "ekfac_pairwise",
+        &s.docs,
+        &real_assets::f32_tensor(&scores, "ekfac_pairwise"),
+        1e-3,
+    );
     let per_module = real_assets::f32_tensor(&scores, "ekfac_pairwise_per_module");
     let block = 8 * 32;
     for (k, layer) in s.per_layer.iter().enumerate() {
@@ -227,7 +262,12 @@ fn influence_method_reproduces_kronfluence_ekfac_on_smollm2_two_layers() {
 
     // Identity (gradient dot product).
     let s = score_pass(&model, &train, &qg.layers, &opts, false).unwrap();
-    check_pairwise("identity_pairwise", &s.docs, &real_assets::f32_tensor(&scores, "identity_pairwise"), 1e-5);
+    check_pairwise(
+        "identity_pairwise",
+        &s.docs,
+        &real_assets::f32_tensor(&scores, "identity_pairwise"),
+        1e-5,
+    );
 
     // KFAC: Λ replaced by eigS ⊗ eigA, damping 0.1 × its mean.
     let kfac: Vec<LayerFactors> = factors
@@ -248,5 +288,10 @@ fn influence_method_reproduces_kronfluence_ekfac_on_smollm2_two_layers() {
         .collect();
     let u = precondition_inverse(&kfac, &qg.layers, Damping::MeanLambda(0.1)).unwrap();
     let s = score_pass(&model, &train, &u, &opts, false).unwrap();
-    check_pairwise("kfac_pairwise", &s.docs, &real_assets::f32_tensor(&scores, "kfac_pairwise"), 1e-3);
+    check_pairwise(
+        "kfac_pairwise",
+        &s.docs,
+        &real_assets::f32_tensor(&scores, "kfac_pairwise"),
+        1e-3,
+    );
 }

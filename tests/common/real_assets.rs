@@ -26,7 +26,10 @@ pub fn require(path: PathBuf, how: &str) -> Option<PathBuf> {
     }
     // Straight to the stderr handle: libtest captures `eprintln!` of passing tests.
     use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "\n=== SKIPPED (real-model test): {msg} ===\n");
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n=== SKIPPED (real-model test): {msg} ===\n"
+    );
     None
 }
 

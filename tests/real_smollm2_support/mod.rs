@@ -1,11 +1,11 @@
-//! Shared by `tests/real_smollm2.rs`: locating the real-model assets (or skipping), an
+//! Shared by `tests/real_smollm2.rs` (asset paths come from `tests/common/real_assets.rs`): an
 //! independent raw-byte GGUF dequantiser, candle-transformers' Llama on a written checkpoint,
 //! and the reference pack's loss convention.
 #![allow(dead_code)]
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::GgmlDType;
@@ -14,43 +14,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Cache, Config, Llama, LlamaConfig};
 use source_tda::model::gguf::GgufLlama;
 
-pub const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// `Some(path)` if it exists; otherwise fails under CI and returns `None` (with a loud
-/// `SKIPPED` line) elsewhere.
-pub fn require(path: PathBuf, how: &str) -> Option<PathBuf> {
-    if path.exists() {
-        return Some(path);
-    }
-    let msg = format!("{} is missing: {how}", path.display());
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}");
-    }
-    // Straight to the stderr handle: libtest captures `eprintln!` of passing tests.
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n=== SKIPPED (real-model test): {msg} ===\n"
-    );
-    None
-}
-
-pub fn gguf_path() -> Option<PathBuf> {
-    let dir = std::env::var_os("SOURCE_TDA_TEST_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/test-assets"));
-    require(dir.join(GGUF_NAME), "run scripts/fetch-test-assets.sh")
-}
-
-pub fn reference_dir() -> Option<PathBuf> {
-    let shared = std::env::var_os("SOURCE_TDA_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    require(
-        shared.join("reference/kronfluence-smollm2-2l"),
-        "set SOURCE_TDA_SHARED to the shared folder holding reference/kronfluence-smollm2-2l",
-    )
-}
+pub use crate::real_assets::{f32_tensor, gguf_path, i64_tensor, reference_dir};
 
 // ---------------------------------------------------------------------------------------
 // Independent dequantisation from the raw bytes (reference README, "Getting the weights").
@@ -208,25 +172,6 @@ pub fn nll(logits: &[f32], target: usize) -> f64 {
             .sum::<f64>()
             .ln();
     lse - logits[target] as f64
-}
-
-pub fn i64_tensor(st: &safetensors::SafeTensors, name: &str) -> (Vec<usize>, Vec<i64>) {
-    let t = st.tensor(name).unwrap();
-    let v = t
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (t.shape().to_vec(), v)
-}
-
-pub fn f32_tensor(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
-    st.tensor(name)
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
 }
 
 /// The README's loss: Σ_t CE(logits[t], labels[t+1]) over labels ≠ −100, per row. All rows
