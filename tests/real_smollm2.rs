@@ -12,128 +12,17 @@
 //! beside the repository. When one is missing, the tests fail under CI (`CI` set) and print
 //! `SKIPPED` otherwise.
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+#[path = "common/real_assets.rs"]
+mod real_assets;
+mod real_smollm2_support;
 
-use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::GgmlDType;
+use std::path::Path;
+
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::llama::{Cache, Llama, LlamaConfig};
+use candle_transformers::models::llama::{Cache, Llama};
 use source_tda::model::gguf::{GgufLlama, ReadOptions};
 
-const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// `Some(path)` if it exists; otherwise fails under CI and returns `None` (with a loud
-/// `SKIPPED` line) elsewhere.
-fn require(path: PathBuf, how: &str) -> Option<PathBuf> {
-    if path.exists() {
-        return Some(path);
-    }
-    let msg = format!("{} is missing: {how}", path.display());
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}");
-    }
-    // Straight to the stderr handle: libtest captures `eprintln!` of passing tests.
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n=== SKIPPED (real-model test): {msg} ===\n"
-    );
-    None
-}
-
-fn gguf_path() -> Option<PathBuf> {
-    let dir = std::env::var_os("SOURCE_TDA_TEST_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/test-assets"));
-    require(dir.join(GGUF_NAME), "run scripts/fetch-test-assets.sh")
-}
-
-fn reference_dir() -> Option<PathBuf> {
-    let shared = std::env::var_os("SOURCE_TDA_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    require(
-        shared.join("reference/kronfluence-smollm2-2l"),
-        "set SOURCE_TDA_SHARED to the shared folder holding reference/kronfluence-smollm2-2l",
-    )
-}
-
-// ---------------------------------------------------------------------------------------
-// Independent dequantisation from the raw bytes (reference README, "Getting the weights").
-
-fn f16_to_f32(bits: u16) -> f32 {
-    let sign = if bits & 0x8000 != 0 { -1.0f32 } else { 1.0 };
-    let exp = ((bits >> 10) & 0x1f) as i32;
-    let man = (bits & 0x3ff) as f32;
-    match exp {
-        0 => sign * man * 2f32.powi(-24),
-        31 => panic!("inf/nan scale in a test tensor"),
-        e => sign * (1.0 + man / 1024.0) * 2f32.powi(e - 15),
-    }
-}
-
-/// The tensor's values in GGUF storage order (row-major `[out, in]`), from the raw bytes.
-fn raw_dequant(file: &mut File, content: &Content, name: &str) -> Vec<f32> {
-    let info = &content.tensor_infos[name];
-    let n = info.shape.elem_count();
-    let bytes_len = n / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-    let mut raw = vec![0u8; bytes_len];
-    file.seek(SeekFrom::Start(content.tensor_data_offset + info.offset))
-        .unwrap();
-    file.read_exact(&mut raw).unwrap();
-    let f16_at = |b: &[u8], i: usize| f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]));
-    let mut out = Vec::with_capacity(n);
-    match info.ggml_dtype {
-        GgmlDType::F32 => out.extend(
-            raw.chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap())),
-        ),
-        GgmlDType::Q8_0 => {
-            for blk in raw.chunks_exact(34) {
-                let d = f16_at(blk, 0);
-                out.extend(blk[2..].iter().map(|&q| d * (q as i8) as f32));
-            }
-        }
-        GgmlDType::Q4_1 => {
-            for blk in raw.chunks_exact(20) {
-                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
-                let qs = &blk[4..];
-                out.extend(qs.iter().map(|&q| d * (q & 0xf) as f32 + m));
-                out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
-            }
-        }
-        t => panic!("{name}: unexpected type {t:?} in the SmolLM2 GGUF"),
-    }
-    out
-}
-
-fn hf_to_gguf_name(hf: &str) -> String {
-    let table = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-    ];
-    if let Some((_, g)) = table.iter().find(|(h, _)| *h == hf) {
-        return g.to_string();
-    }
-    let rest = hf.strip_prefix("model.layers.").unwrap();
-    let (l, module) = rest.split_once('.').unwrap();
-    let g = match module {
-        "input_layernorm.weight" => "attn_norm",
-        "self_attn.q_proj.weight" => "attn_q",
-        "self_attn.k_proj.weight" => "attn_k",
-        "self_attn.v_proj.weight" => "attn_v",
-        "self_attn.o_proj.weight" => "attn_output",
-        "post_attention_layernorm.weight" => "ffn_norm",
-        "mlp.gate_proj.weight" => "ffn_gate",
-        "mlp.up_proj.weight" => "ffn_up",
-        "mlp.down_proj.weight" => "ffn_down",
-        m => panic!("unexpected HF tensor {m}"),
-    };
-    format!("blk.{l}.{g}.weight")
-}
+use real_smollm2_support::*;
 
 #[test]
 fn two_layer_cut_has_reference_shapes_exact_dequantisation_and_hf_qk_rows() {
@@ -182,153 +71,12 @@ fn two_layer_cut_has_reference_shapes_exact_dequantisation_and_hf_qk_rows() {
         .collect();
     assert_eq!(got, expected, "the 20 tensors of the 2-layer cut");
 
-    // Every value equals the README's block formula applied to the raw bytes, with q/k rows
-    // moved by the README's rule (GGUF row 2i → HF row i, 2i+1 → HF row 32+i, per head).
-    let mut file = File::open(&gguf).unwrap();
-    let content = Content::read(&mut file).unwrap();
-    let mut types = std::collections::BTreeSet::new();
-    for (hf, t) in &model.tensors {
-        let g = hf_to_gguf_name(hf);
-        types.insert(format!("{:?}", content.tensor_infos[&g].ggml_dtype));
-        let raw = raw_dequant(&mut file, &content, &g);
-        let cols = *t.shape.last().unwrap();
-        let permuted = hf.contains("q_proj") || hf.contains("k_proj");
-        let mut mismatches = 0usize;
-        for (r, row) in t.data.chunks_exact(cols).enumerate() {
-            let src = if permuted {
-                let (h, within) = (r / 64, r % 64);
-                h * 64
-                    + if within < 32 {
-                        2 * within
-                    } else {
-                        2 * (within - 32) + 1
-                    }
-            } else {
-                r
-            };
-            let want = &raw[src * cols..(src + 1) * cols];
-            mismatches += row
-                .iter()
-                .zip(want)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
-        }
-        assert_eq!(
-            mismatches, 0,
-            "{hf} ({g}): values differ from the raw-byte formula"
-        );
-        if permuted {
-            assert_ne!(t.data, raw, "{hf}: q/k rows should have been moved");
-        }
-    }
-    let types: Vec<_> = types.into_iter().collect();
+    let types = assert_equals_raw_gguf(&gguf, &model);
     assert_eq!(
         types,
         ["F32", "Q4_1", "Q8_0"],
         "tensor types covered by the check"
     );
-}
-
-// ---------------------------------------------------------------------------------------
-// Forward pass through candle-transformers' Llama on a written checkpoint.
-
-fn load_llama(dir: &Path) -> (Llama, candle_transformers::models::llama::Config) {
-    let cfg: LlamaConfig =
-        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-    let cfg = cfg.into_config(false);
-    let st = dir.join("model.safetensors");
-    // SAFETY: the file was just written by this test and is not modified while mapped.
-    let vb =
-        unsafe { VarBuilder::from_mmaped_safetensors(&[st], DType::F32, &Device::Cpu) }.unwrap();
-    (Llama::load(vb, &cfg).unwrap(), cfg)
-}
-
-/// Logits (f32) after each token of `ids`, fed one at a time through the KV cache (candle's
-/// Llama returns only the last position's logits).
-fn logits_per_position(
-    model: &Llama,
-    cfg: &candle_transformers::models::llama::Config,
-    ids: &[u32],
-) -> Vec<Vec<f32>> {
-    let mut cache = Cache::new(true, DType::F32, cfg, &Device::Cpu).unwrap();
-    ids.iter()
-        .enumerate()
-        .map(|(pos, &id)| {
-            let x = Tensor::new(&[[id]], &Device::Cpu).unwrap();
-            let logits = model.forward(&x, pos, &mut cache).unwrap();
-            logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        })
-        .collect()
-}
-
-/// −log softmax(logits)[target], in f64.
-fn nll(logits: &[f32], target: usize) -> f64 {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let lse = max
-        + logits
-            .iter()
-            .map(|&l| (l as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
-    lse - logits[target] as f64
-}
-
-fn i64_tensor(st: &safetensors::SafeTensors, name: &str) -> (Vec<usize>, Vec<i64>) {
-    let t = st.tensor(name).unwrap();
-    let v = t
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (t.shape().to_vec(), v)
-}
-
-fn f32_tensor(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
-    st.tensor(name)
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
-/// The README's loss: Σ_t CE(logits[t], labels[t+1]) over labels ≠ −100, per row. All rows
-/// go through together, one position at a time through the KV cache (padding is on the right
-/// and attention causal, so real positions never see the padding).
-fn loss_sums(
-    model: &Llama,
-    cfg: &candle_transformers::models::llama::Config,
-    inputs: &safetensors::SafeTensors,
-    split: &str,
-) -> Vec<f64> {
-    let (shape, ids) = i64_tensor(inputs, &format!("{split}_input_ids"));
-    let (_, labels) = i64_tensor(inputs, &format!("{split}_labels"));
-    let (rows, len) = (shape[0], shape[1]);
-    let mut cache = Cache::new(true, DType::F32, cfg, &Device::Cpu).unwrap();
-    let mut sums = vec![0f64; rows];
-    for t in 0..len - 1 {
-        let col: Vec<u32> = (0..rows).map(|r| ids[r * len + t] as u32).collect();
-        let x = Tensor::new(col.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(1)
-            .unwrap();
-        let logits: Vec<Vec<f32>> = model.forward(&x, t, &mut cache).unwrap().to_vec2().unwrap();
-        for (r, sum) in sums.iter_mut().enumerate() {
-            let label = labels[r * len + t + 1];
-            if label != -100 {
-                *sum += nll(&logits[r], label as usize);
-            }
-        }
-    }
-    sums
-}
-
-fn max_rel_err(got: &[f64], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    got.iter()
-        .zip(want)
-        .map(|(g, &w)| (g - w as f64).abs() / (w as f64).abs())
-        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -457,6 +205,8 @@ fn full_model_answers_paris_and_scores_english_plausibly() {
     let model = GgufLlama::read(&gguf, &ReadOptions::default()).unwrap();
     assert_eq!(model.config.num_hidden_layers, 30);
     assert_eq!(model.tensors.len(), 1 + 30 * 9 + 1);
+    let types = assert_equals_raw_gguf(&gguf, &model);
+    assert_eq!(types, ["F32", "Q4_1", "Q8_0"]);
     let dir = tempfile::tempdir().unwrap();
     model
         .write_hf_dir(dir.path(), Some(&reference.join("tokenizer.json")))
@@ -595,4 +345,72 @@ fn project_model_on_converted_checkpoint_matches_the_reference_losses() {
             );
         }
     }
+}
+
+#[test]
+fn cli_convert_gguf_writes_a_checkpoint_and_explains_bad_requests() {
+    let (Some(gguf), Some(reference)) = (gguf_path(), reference_dir()) else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("smollm2-1l");
+    let run = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_source-tda"))
+            .arg("convert-gguf")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let tok = reference.join("tokenizer.json");
+    let o = run(&[
+        gguf.as_os_str(),
+        dir.as_os_str(),
+        "--tokenizer".as_ref(),
+        tok.as_os_str(),
+        "--layers".as_ref(),
+        "1".as_ref(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("11 tensors") && stderr.contains("1 decoder layers"),
+        "{stderr}"
+    );
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "conversion.json",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+
+    let o = run(&[
+        gguf.as_os_str(),
+        dir.as_os_str(),
+        "--layers".as_ref(),
+        "31".as_ref(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("has 30 decoder layers; ask for 1 to 30"),
+        "{stderr}"
+    );
+
+    let wrong_tok = Path::new(env!("CARGO_MANIFEST_DIR")).join(
+        "assets/hf-cache/models--source-tda--demo-llama/snapshots/\
+         caa52d72a1815249997b756dab3ffba7fa1adfaa/tokenizer.json",
+    );
+    let o = run(&[
+        gguf.as_os_str(),
+        dir.as_os_str(),
+        "--layers".as_ref(),
+        "1".as_ref(),
+        "--tokenizer".as_ref(),
+        wrong_tok.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(stderr.contains("not this model's tokenizer"), "{stderr}");
 }

@@ -18,8 +18,8 @@
 pub mod batch;
 pub mod capture;
 pub mod config;
-pub mod gguf;
 pub mod generate;
+pub mod gguf;
 mod gpt2;
 pub mod linear;
 mod llama;
