@@ -8,9 +8,11 @@ pub mod covariance;
 pub mod eigen;
 pub mod fit;
 pub mod lambda;
+pub mod store;
 
 pub use blocks::{BlockDiag, BlockLayout};
 pub use covariance::{masked_rows, CovarianceSums, Covariances};
 pub use eigen::{eigh, Eigen};
 pub use fit::{fit_factors, Fisher, FitOptions, LayerFactors};
 pub use lambda::{EigenBasis, LambdaSums};
+pub use store::{load_factors, save_factors};

@@ -1,0 +1,215 @@
+//! Factor sets on disk: one safetensors file per segment holding, for every layer, the
+//! eigenvectors Q_A, Q_S (per block), the eigenvalues and Λ, with JSON metadata (layer names,
+//! block layouts, what they were fitted on) so a later run can reuse them.
+//!
+//! Keys: `LAYER.q_a.K`, `LAYER.q_s.K` (block K, f32), `LAYER.eig_a`, `LAYER.eig_s`,
+//! `LAYER.lambda` (f64).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+
+use super::blocks::{BlockDiag, BlockLayout};
+use super::covariance::Covariances;
+use super::fit::LayerFactors;
+use super::lambda::EigenBasis;
+
+/// What the metadata records about one layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct LayerMeta {
+    name: String,
+    a_blocks: Vec<(usize, usize)>,
+    s_blocks: Vec<(usize, usize)>,
+}
+
+/// Saves `factors` to `path` (atomically) with free-form `info` in the metadata.
+pub fn save_factors(path: &Path, factors: &[LayerFactors], info: &serde_json::Value) -> Result<()> {
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut layers = Vec::new();
+    for f in factors {
+        for (k, q) in f.basis.q_a.blocks.iter().enumerate() {
+            tensors.insert(format!("{}.q_a.{k}", f.name), q.clone());
+        }
+        for (k, q) in f.basis.q_s.blocks.iter().enumerate() {
+            tensors.insert(format!("{}.q_s.{k}", f.name), q.clone());
+        }
+        let dev = f.lambda.device();
+        let vec_t = |v: &[f64]| Tensor::from_vec(v.to_vec(), v.len(), dev);
+        tensors.insert(format!("{}.eig_a", f.name), vec_t(&f.basis.eig_a)?);
+        tensors.insert(format!("{}.eig_s", f.name), vec_t(&f.basis.eig_s)?);
+        tensors.insert(format!("{}.lambda", f.name), f.lambda.to_dtype(DType::F64)?);
+        layers.push(LayerMeta {
+            name: f.name.clone(),
+            a_blocks: f.basis.q_a.layout.ranges.clone(),
+            s_blocks: f.basis.q_s.layout.ranges.clone(),
+        });
+    }
+    let meta = serde_json::json!({"layers": layers, "info": info, "tool_version": crate::VERSION});
+    let metadata: HashMap<String, String> = [("source_tda".to_string(), meta.to_string())].into();
+    // Raw little-endian bytes per tensor, then one safetensors file with the metadata.
+    let mut raw: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        let (dtype, bytes): (safetensors::Dtype, Vec<u8>) = match t.dtype() {
+            DType::F64 => (
+                safetensors::Dtype::F64,
+                t.flatten_all()?
+                    .to_vec1::<f64>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            _ => (
+                safetensors::Dtype::F32,
+                t.to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+        };
+        raw.push((name.clone(), dtype, t.dims().to_vec(), bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = raw
+        .iter()
+        .map(|(n, d, s, b)| {
+            let v = safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                .map_err(|e| Error::Numeric(format!("{n}: {e:?}")))?;
+            Ok((n.clone(), v))
+        })
+        .collect::<Result<_>>()?;
+    let out = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| Error::Numeric(format!("{}: {e:?}", path.display())))?;
+    crate::util::fsx::write_atomic(path, &out)
+}
+
+/// Loads a factor set saved by [`save_factors`]: the layers and the `info` metadata.
+pub fn load_factors(
+    path: &Path,
+    device: &Device,
+) -> Result<(Vec<LayerFactors>, serde_json::Value)> {
+    let bytes = std::fs::read(path).ctx("reading", path)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+        Error::Numeric(format!(
+            "{}: not a factor file ({e:?}); rerun the fit stage",
+            path.display()
+        ))
+    })?;
+    let meta: serde_json::Value = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("source_tda"))
+        .and_then(|s| serde_json::from_str(s).ok())
+        .ok_or_else(|| {
+            Error::Numeric(format!(
+                "{}: no source-tda metadata; not a factor file written by the fit stage",
+                path.display()
+            ))
+        })?;
+    let layers: Vec<LayerMeta> = serde_json::from_value(meta["layers"].clone())
+        .map_err(|e| Error::Numeric(format!("{}: bad layer metadata: {e}", path.display())))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
+    let get = |k: &str| -> Result<Tensor> {
+        tensors
+            .get(k)
+            .cloned()
+            .ok_or_else(|| Error::Numeric(format!("{}: tensor `{k}` is missing", path.display())))
+    };
+    let mut out = Vec::new();
+    for l in layers {
+        let blocks = |which: &str, ranges: &[(usize, usize)]| -> Result<Vec<Tensor>> {
+            (0..ranges.len())
+                .map(|k| get(&format!("{}.{which}.{k}", l.name)))
+                .collect()
+        };
+        let layout = |ranges: &[(usize, usize)]| BlockLayout {
+            dim: ranges.iter().map(|(_, n)| n).sum(),
+            ranges: ranges.to_vec(),
+        };
+        let a_layout = layout(&l.a_blocks);
+        let s_layout = layout(&l.s_blocks);
+        let basis = EigenBasis {
+            q_a: BlockDiag {
+                layout: a_layout.clone(),
+                blocks: blocks("q_a", &l.a_blocks)?,
+            },
+            q_s: BlockDiag {
+                layout: s_layout.clone(),
+                blocks: blocks("q_s", &l.s_blocks)?,
+            },
+            eig_a: get(&format!("{}.eig_a", l.name))?.to_vec1()?,
+            eig_s: get(&format!("{}.eig_s", l.name))?.to_vec1()?,
+        };
+        out.push(LayerFactors {
+            lambda: get(&format!("{}.lambda", l.name))?,
+            covariances: Covariances {
+                a_layout,
+                s_layout,
+                a: Vec::new(),
+                s: Vec::new(),
+            },
+            basis,
+            name: l.name,
+        });
+    }
+    Ok((out, meta["info"].clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::curvature::{masked_rows, CovarianceSums, LambdaSums};
+
+    #[test]
+    fn round_trip_is_bit_exact() {
+        let dev = Device::Cpu;
+        let (b, t, din, dout) = (3, 4, 5, 3);
+        let a = Tensor::randn(0f32, 1.0, (b, t, din), &dev).unwrap();
+        let d = Tensor::randn(0f32, 1.0, (b, t, dout), &dev).unwrap();
+        let mask = Tensor::ones((b, t), DType::U8, &dev).unwrap();
+        let mut cov = CovarianceSums::new(din, dout, Some(2), &dev).unwrap();
+        cov.add(
+            &masked_rows(&a, &mask).unwrap(),
+            &masked_rows(&d, &mask).unwrap(),
+        )
+        .unwrap();
+        let covariances = cov.normalized().unwrap();
+        let basis = EigenBasis::from_covariances(&covariances, "t", &dev).unwrap();
+        let mut lam = LambdaSums::new(dout, din, &dev).unwrap();
+        lam.add_batch(&basis, &a, &d, &mask).unwrap();
+        let f = LayerFactors {
+            name: "model.layers.0.mlp.up_proj".into(),
+            covariances,
+            basis,
+            lambda: lam.normalized().unwrap(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.safetensors");
+        save_factors(
+            &p,
+            std::slice::from_ref(&f),
+            &serde_json::json!({"segment": 1}),
+        )
+        .unwrap();
+        let (back, info) = load_factors(&p, &dev).unwrap();
+        assert_eq!(info["segment"], 1);
+        assert_eq!(back[0].name, f.name);
+        assert_eq!(back[0].basis.eig_a, f.basis.eig_a);
+        assert_eq!(back[0].basis.q_a.layout, f.basis.q_a.layout);
+        let l1: Vec<f64> = back[0].lambda.flatten_all().unwrap().to_vec1().unwrap();
+        let l0: Vec<f64> = f.lambda.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(l0, l1);
+        for (x, y) in back[0].basis.q_s.blocks.iter().zip(&f.basis.q_s.blocks) {
+            let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(x, y);
+        }
+    }
+}
