@@ -68,6 +68,11 @@ pub enum Error {
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),
 
+    /// A model could not be configured, loaded or run: the message names the config key,
+    /// the tensor and its expected shape, or the operation that failed.
+    #[error("{0}")]
+    Model(String),
+
     /// A failure injected on purpose by a test (`SOURCE_TDA_FAIL_IN_STAGE`).
     #[error("injected failure in stage `{0}` (SOURCE_TDA_FAIL_IN_STAGE is set)")]
     Injected(String),

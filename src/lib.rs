@@ -18,6 +18,8 @@
 //!   cache, or local paths).
 //! * [`data`]: dataset readers (Parquet, JSONL, CSV), tokenisation into documents with
 //!   loss masks, and deterministic token-budget batching.
+//! * [`model`]: transformer families (Llama, GPT-2) on candle with tracked linear layers:
+//!   the layer inputs `a` and output gradients `δ` that all attribution is computed from.
 //! * [`stages`]: the stage implementations the runner knows.
 //! * [`curvature`]: EK-FAC factors per layer (covariances, eigenbasis, eigenvalue correction).
 //! * [`attribution`]: F_S, F_r, the eigenbasis primitive and the token-level contraction.
@@ -29,6 +31,7 @@ pub mod curvature;
 pub mod data;
 pub mod error;
 pub mod hub;
+pub mod model;
 pub mod pipeline;
 pub mod stages;
 pub mod train;

@@ -1,0 +1,116 @@
+//! One forward + backward that returns, for every tracked layer, its inputs a and the
+//! gradients δ = ∂L/∂(layer output), plus per-document losses.
+//!
+//! The batch objective is Σ_b L(z_b): documents do not interact in the forward pass, so
+//! document b's δ rows are the gradient of its own loss, and its weight gradient for a
+//! layer is G_b = Σ_t δ_{b,t} a_{b,t}ᵀ over [W | b] (DESIGN.md §2–3).
+
+use candle_core::{Tensor, D};
+
+use crate::error::{Error, Result};
+
+use super::batch::TokenBatch;
+use super::linear::Recorder;
+use super::lm::Model;
+use super::loss;
+
+/// Which labels the loss uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Labels {
+    /// The batch's own next tokens (training loss; on prompt/completion batches the query
+    /// measurement). Gives the empirical Fisher.
+    Data,
+    /// Labels drawn from the model's own softmax with this seed (true-Fisher
+    /// pseudo-gradients); see [`loss::sample_targets`] for the stream per document.
+    Sampled {
+        /// Seed.
+        seed: u64,
+    },
+}
+
+/// (a, δ) of one tracked layer for one batch.
+#[derive(Debug, Clone)]
+pub struct LayerCapture {
+    /// The layer's Hugging Face module name.
+    pub name: String,
+    /// Inputs a: [B, T, d_in] (+1 trailing column of ones when the layer has a bias), zero
+    /// on padding.
+    pub a: Tensor,
+    /// Output gradients δ: [B, T, d_out] (zero on padding and wherever the output does not
+    /// reach a target).
+    pub delta: Tensor,
+    /// Whether `a` carries the bias column.
+    pub has_bias: bool,
+}
+
+impl LayerCapture {
+    /// Document `b`'s gradient Σ_t δ_t a_tᵀ: [d_out, d_in(+1)] (bias as the last column).
+    /// Meant for checks and small layers; the attribution stages never form it per token.
+    pub fn doc_gradient(&self, b: usize) -> Result<Tensor> {
+        let a = self.a.get(b)?;
+        let d = self.delta.get(b)?;
+        Ok(d.t()?.matmul(&a)?)
+    }
+}
+
+/// Result of [`Model::capture`].
+#[derive(Debug, Clone)]
+pub struct Capture {
+    /// Per tracked layer, in [`Model::tracked_layers`] order.
+    pub layers: Vec<LayerCapture>,
+    /// Per-document loss L(z_b) under the chosen labels.
+    pub losses: Vec<f32>,
+    /// The labels used: [B, T] u32, target of position t (0 where none).
+    pub targets: Tensor,
+    /// 1 on real tokens: [B, T] f32.
+    pub attention_mask: Tensor,
+    /// 1 where position t predicts a loss target: [B, T] f32.
+    pub prediction_mask: Tensor,
+}
+
+impl Model {
+    /// Forward + backward on `batch` with the loss under `labels`; returns (a, δ) for every
+    /// tracked layer. The model's numerics are unchanged: each tracked output gets a zero
+    /// `Var` added, whose gradient is δ.
+    pub fn capture(&self, batch: &TokenBatch, labels: Labels) -> Result<Capture> {
+        let mut rec = Recorder::new(self.n_tracked());
+        let logits = self.forward_rec(&batch.input_ids, Some(&mut rec))?;
+        let targets = match labels {
+            Labels::Data => batch.target_ids.clone(),
+            Labels::Sampled { seed } => loss::sample_targets(&logits, batch, seed)?,
+        };
+        let losses = loss::doc_losses(&logits, &targets, &batch.prediction_mask)?;
+        let grads = losses.sum_all()?.backward()?;
+        let mask = batch.attention_mask.unsqueeze(D::Minus1)?;
+        let mut layers = Vec::with_capacity(rec.slots.len());
+        for (info, slot) in self.tracked_layers().iter().zip(rec.slots) {
+            let (a, eps) = slot.ok_or_else(|| {
+                Error::Model(format!("tracked layer `{}` was not run", info.name))
+            })?;
+            let delta = match grads.get(eps.as_tensor()) {
+                Some(g) => g.clone(),
+                None => eps.as_tensor().zeros_like()?,
+            };
+            let a = if info.has_bias {
+                let (b, t, _) = a.dims3()?;
+                let ones = Tensor::ones((b, t, 1), a.dtype(), a.device())?;
+                Tensor::cat(&[&a, &ones], D::Minus1)?
+            } else {
+                a
+            };
+            layers.push(LayerCapture {
+                name: info.name.clone(),
+                a: a.broadcast_mul(&mask)?,
+                delta: delta.broadcast_mul(&mask)?,
+                has_bias: info.has_bias,
+            });
+        }
+        Ok(Capture {
+            layers,
+            losses: losses.detach().to_vec1::<f32>()?,
+            targets,
+            attention_mask: batch.attention_mask.clone(),
+            prediction_mask: batch.prediction_mask.clone(),
+        })
+    }
+}

@@ -1,0 +1,449 @@
+//! Hugging Face `config.json` → a typed architecture spec.
+//!
+//! Supported `model_type`s: the Llama family (`llama`, `mistral`, `qwen2`) and `gpt2`.
+//! Every error names the key that is missing or wrong.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, IoContext, Result};
+
+/// The `model_type`s this crate can build.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "gpt2"];
+
+/// A parsed architecture.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSpec {
+    /// Llama, Mistral, Qwen2: RMSNorm, RoPE, GQA attention, SwiGLU MLP.
+    Llama(LlamaSpec),
+    /// GPT-2: LayerNorm, learned positions, Conv1D layers with biases, GELU MLP.
+    Gpt2(Gpt2Spec),
+}
+
+/// RoPE frequency scaling (`rope_scaling` in config.json).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE: inv_freq_i = θ^(−2i/d).
+    None,
+    /// `linear`: positions divided by `factor`.
+    Linear {
+        /// Position divisor.
+        factor: f64,
+    },
+    /// `llama3`: low frequencies divided by `factor`, high kept, smooth blend between.
+    Llama3 {
+        /// Divisor for low frequencies.
+        factor: f64,
+        /// Wavelengths above original_max / low_freq_factor are scaled fully.
+        low_freq_factor: f64,
+        /// Wavelengths below original_max / high_freq_factor are kept.
+        high_freq_factor: f64,
+        /// Context length of the original model.
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// Llama-family hyper-parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaSpec {
+    /// `model_type` as written (llama, mistral, qwen2).
+    pub model_type: String,
+    /// Residual width d.
+    pub hidden_size: usize,
+    /// MLP width d_ff.
+    pub intermediate_size: usize,
+    /// Vocabulary size V.
+    pub vocab_size: usize,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Query heads H.
+    pub num_heads: usize,
+    /// Key/value heads H_kv (H_kv divides H).
+    pub num_kv_heads: usize,
+    /// Per-head width D (`head_dim`, else d / H).
+    pub head_dim: usize,
+    /// RoPE base θ.
+    pub rope_theta: f64,
+    /// RoPE scaling.
+    pub rope_scaling: RopeScaling,
+    /// RMSNorm ε.
+    pub rms_norm_eps: f64,
+    /// lm_head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections have biases (qwen2, or `attention_bias`).
+    pub qkv_bias: bool,
+    /// o projection has a bias (`attention_bias`).
+    pub o_bias: bool,
+    /// gate/up/down projections have biases (`mlp_bias`).
+    pub mlp_bias: bool,
+    /// Longest context.
+    pub max_position_embeddings: usize,
+    /// Sliding attention window (mistral; qwen2 with `use_sliding_window`).
+    pub sliding_window: Option<usize>,
+}
+
+/// MLP activation of GPT-2 (`activation_function`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gpt2Activation {
+    /// `gelu_new` / `gelu_pytorch_tanh`: 0.5x(1 + tanh(√(2/π)(x + 0.044715x³))).
+    GeluTanh,
+    /// `gelu`: x Φ(x) with the exact erf.
+    GeluErf,
+}
+
+/// GPT-2 hyper-parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gpt2Spec {
+    /// Residual width d (`n_embd`).
+    pub n_embd: usize,
+    /// Blocks (`n_layer`).
+    pub n_layer: usize,
+    /// Heads (`n_head`).
+    pub n_head: usize,
+    /// Learned positions (`n_positions`).
+    pub n_positions: usize,
+    /// Vocabulary size V.
+    pub vocab_size: usize,
+    /// MLP width (`n_inner`, else 4d).
+    pub n_inner: usize,
+    /// LayerNorm ε (`layer_norm_epsilon`).
+    pub layer_norm_epsilon: f64,
+    /// MLP activation.
+    pub activation: Gpt2Activation,
+}
+
+impl ModelSpec {
+    /// Reads and parses `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).ctx("reading", path)?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Model(format!("{}: not valid JSON: {e}", path.display())))?;
+        Self::from_json(&value).map_err(|e| Error::Model(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses a config.json value.
+    pub fn from_json(value: &Value) -> Result<Self> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| Error::Model("config.json must be a JSON object".into()))?;
+        let model_type = req_str(obj, "model_type")?;
+        match model_type {
+            "llama" | "mistral" | "qwen2" => Ok(ModelSpec::Llama(parse_llama(obj, model_type)?)),
+            "gpt2" => Ok(ModelSpec::Gpt2(parse_gpt2(obj)?)),
+            other => Err(Error::Model(format!(
+                "key `model_type`: unsupported model type `{other}`; supported: {}",
+                SUPPORTED_MODEL_TYPES.join(", ")
+            ))),
+        }
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            ModelSpec::Llama(s) => s.num_layers,
+            ModelSpec::Gpt2(s) => s.n_layer,
+        }
+    }
+
+    /// Vocabulary size V.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelSpec::Llama(s) => s.vocab_size,
+            ModelSpec::Gpt2(s) => s.vocab_size,
+        }
+    }
+
+    /// The same spec with only the first `n` decoder layers (n ≥ 1, n ≤ num_layers).
+    pub fn truncated(&self, n: usize) -> Result<Self> {
+        if n == 0 || n > self.num_layers() {
+            return Err(Error::Model(format!(
+                "cannot truncate to {n} layers: the model has {} (allowed 1..={})",
+                self.num_layers(),
+                self.num_layers()
+            )));
+        }
+        let mut s = self.clone();
+        match &mut s {
+            ModelSpec::Llama(l) => l.num_layers = n,
+            ModelSpec::Gpt2(g) => g.n_layer = n,
+        }
+        Ok(s)
+    }
+}
+
+fn parse_llama(obj: &Map<String, Value>, model_type: &str) -> Result<LlamaSpec> {
+    let hidden_size = req_usize(obj, "hidden_size")?;
+    let num_heads = req_usize(obj, "num_attention_heads")?;
+    let num_kv_heads = opt_usize(obj, "num_key_value_heads")?.unwrap_or(num_heads);
+    if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        return Err(Error::Model(format!(
+            "key `num_key_value_heads`: {num_kv_heads} must be ≥ 1 and divide \
+             num_attention_heads = {num_heads}"
+        )));
+    }
+    let head_dim = match opt_usize(obj, "head_dim")? {
+        Some(d) => d,
+        None => {
+            if hidden_size % num_heads != 0 {
+                return Err(Error::Model(format!(
+                    "key `hidden_size`: {hidden_size} is not divisible by num_attention_heads \
+                     = {num_heads} and `head_dim` is not given"
+                )));
+            }
+            hidden_size / num_heads
+        }
+    };
+    if head_dim % 2 != 0 {
+        return Err(Error::Model(format!(
+            "key `head_dim`: {head_dim} must be even for RoPE"
+        )));
+    }
+    let attention_bias = opt_bool(obj, "attention_bias")?.unwrap_or(false);
+    let is_qwen2 = model_type == "qwen2";
+    let sliding_window = match model_type {
+        "mistral" => opt_usize(obj, "sliding_window")?,
+        "qwen2" if opt_bool(obj, "use_sliding_window")?.unwrap_or(false) => {
+            opt_usize(obj, "sliding_window")?
+        }
+        _ => None,
+    };
+    Ok(LlamaSpec {
+        model_type: model_type.to_string(),
+        hidden_size,
+        intermediate_size: req_usize(obj, "intermediate_size")?,
+        vocab_size: req_usize(obj, "vocab_size")?,
+        num_layers: req_usize(obj, "num_hidden_layers")?,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rope_theta: opt_f64(obj, "rope_theta")?.unwrap_or(10000.0),
+        rope_scaling: parse_rope_scaling(obj)?,
+        rms_norm_eps: opt_f64(obj, "rms_norm_eps")?.unwrap_or(1e-6),
+        tie_word_embeddings: opt_bool(obj, "tie_word_embeddings")?.unwrap_or(false),
+        qkv_bias: attention_bias || is_qwen2,
+        o_bias: attention_bias,
+        mlp_bias: opt_bool(obj, "mlp_bias")?.unwrap_or(false),
+        max_position_embeddings: opt_usize(obj, "max_position_embeddings")?.unwrap_or(2048),
+        sliding_window,
+    })
+}
+
+fn parse_rope_scaling(obj: &Map<String, Value>) -> Result<RopeScaling> {
+    let rs = match obj.get("rope_scaling") {
+        None | Some(Value::Null) => return Ok(RopeScaling::None),
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            return Err(Error::Model(
+                "key `rope_scaling`: must be an object or null".into(),
+            ))
+        }
+    };
+    // Newer configs write `rope_type`, older ones `type`.
+    let (key, kind) = match (rs.get("rope_type"), rs.get("type")) {
+        (Some(Value::String(s)), _) => ("rope_scaling.rope_type", s.as_str()),
+        (None, Some(Value::String(s))) => ("rope_scaling.type", s.as_str()),
+        _ => {
+            return Err(Error::Model(
+                "key `rope_scaling.rope_type`: missing (expected a string)".into(),
+            ))
+        }
+    };
+    let factor = |m: &Map<String, Value>| -> Result<f64> {
+        m.get("factor").and_then(Value::as_f64).ok_or_else(|| {
+            Error::Model("key `rope_scaling.factor`: missing or not a number".into())
+        })
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: factor(rs)?,
+        }),
+        "llama3" => {
+            let num = |k: &str| -> Result<f64> {
+                rs.get(k).and_then(Value::as_f64).ok_or_else(|| {
+                    Error::Model(format!("key `rope_scaling.{k}`: missing or not a number"))
+                })
+            };
+            Ok(RopeScaling::Llama3 {
+                factor: factor(rs)?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+            })
+        }
+        other => Err(Error::Model(format!(
+            "key `{key}`: unsupported RoPE scaling `{other}`; supported: default, linear, llama3"
+        ))),
+    }
+}
+
+fn parse_gpt2(obj: &Map<String, Value>) -> Result<Gpt2Spec> {
+    let n_embd = req_usize(obj, "n_embd")?;
+    let n_head = req_usize(obj, "n_head")?;
+    if n_head == 0 || n_embd % n_head != 0 {
+        return Err(Error::Model(format!(
+            "key `n_head`: {n_head} must be ≥ 1 and divide n_embd = {n_embd}"
+        )));
+    }
+    let activation = match obj.get("activation_function").and_then(Value::as_str) {
+        None | Some("gelu_new") | Some("gelu_pytorch_tanh") => Gpt2Activation::GeluTanh,
+        Some("gelu") => Gpt2Activation::GeluErf,
+        Some(other) => {
+            return Err(Error::Model(format!(
+                "key `activation_function`: unsupported `{other}`; supported: gelu_new, \
+                 gelu_pytorch_tanh, gelu"
+            )))
+        }
+    };
+    Ok(Gpt2Spec {
+        n_embd,
+        n_layer: req_usize(obj, "n_layer")?,
+        n_head,
+        n_positions: req_usize(obj, "n_positions")?,
+        vocab_size: req_usize(obj, "vocab_size")?,
+        n_inner: opt_usize(obj, "n_inner")?.unwrap_or(4 * n_embd),
+        layer_norm_epsilon: opt_f64(obj, "layer_norm_epsilon")?.unwrap_or(1e-5),
+        activation,
+    })
+}
+
+fn req_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a str> {
+    obj.get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::Model(format!("key `{key}`: missing or not a string")))
+}
+
+fn req_usize(obj: &Map<String, Value>, key: &str) -> Result<usize> {
+    opt_usize(obj, key)?
+        .ok_or_else(|| Error::Model(format!("key `{key}`: missing (expected an integer)")))
+}
+
+fn opt_usize(obj: &Map<String, Value>, key: &str) -> Result<Option<usize>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+            Error::Model(format!(
+                "key `{key}`: expected a non-negative integer, got {v}"
+            ))
+        }),
+    }
+}
+
+fn opt_f64(obj: &Map<String, Value>, key: &str) -> Result<Option<f64>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| Error::Model(format!("key `{key}`: expected a number, got {v}"))),
+    }
+}
+
+fn opt_bool(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| Error::Model(format!("key `{key}`: expected true or false, got {v}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn smollm() -> Value {
+        json!({"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+               "vocab_size": 49152, "num_hidden_layers": 30, "num_attention_heads": 9,
+               "num_key_value_heads": 3, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+               "tie_word_embeddings": true, "max_position_embeddings": 8192})
+    }
+
+    #[test]
+    fn parses_smollm2_shape() {
+        let ModelSpec::Llama(s) = ModelSpec::from_json(&smollm()).unwrap() else {
+            panic!("not llama")
+        };
+        assert_eq!((s.num_heads, s.num_kv_heads, s.head_dim), (9, 3, 64));
+        assert!(s.tie_word_embeddings && !s.qkv_bias && !s.mlp_bias);
+        assert_eq!(s.rope_theta, 100000.0);
+        assert_eq!(s.rope_scaling, RopeScaling::None);
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_explicit_head_dim_wins() {
+        let mut v = smollm();
+        v["model_type"] = json!("qwen2");
+        v["head_dim"] = json!(32);
+        let ModelSpec::Llama(s) = ModelSpec::from_json(&v).unwrap() else {
+            panic!()
+        };
+        assert!(s.qkv_bias && !s.o_bias);
+        assert_eq!(s.head_dim, 32);
+    }
+
+    #[test]
+    fn rope_scaling_types() {
+        let mut v = smollm();
+        v["rope_scaling"] = json!({"type": "linear", "factor": 2.0});
+        let ModelSpec::Llama(s) = ModelSpec::from_json(&v).unwrap() else {
+            panic!()
+        };
+        assert_eq!(s.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        assert!(ModelSpec::from_json(&v).is_ok());
+        v["rope_scaling"] = json!({"rope_type": "yarn", "factor": 8.0});
+        let e = ModelSpec::from_json(&v).unwrap_err().to_string();
+        assert!(
+            e.contains("rope_scaling.rope_type") && e.contains("yarn"),
+            "{e}"
+        );
+        v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0});
+        let e = ModelSpec::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("rope_scaling.low_freq_factor"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let mut v = smollm();
+        v.as_object_mut().unwrap().remove("hidden_size");
+        let e = ModelSpec::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("`hidden_size`"), "{e}");
+        let mut v = smollm();
+        v["num_key_value_heads"] = json!(4);
+        let e = ModelSpec::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("num_key_value_heads"), "{e}");
+        let mut v = smollm();
+        v["rms_norm_eps"] = json!("small");
+        let e = ModelSpec::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("rms_norm_eps"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_model_type_lists_supported() {
+        let e = ModelSpec::from_json(&json!({"model_type": "bert"}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bert") && e.contains("llama") && e.contains("gpt2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn gpt2_defaults_and_truncation() {
+        let v = json!({"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12,
+                       "n_positions": 1024, "vocab_size": 50257, "n_inner": null});
+        let spec = ModelSpec::from_json(&v).unwrap();
+        let ModelSpec::Gpt2(g) = &spec else { panic!() };
+        assert_eq!(g.n_inner, 3072);
+        assert_eq!(g.activation, Gpt2Activation::GeluTanh);
+        assert_eq!(spec.truncated(2).unwrap().num_layers(), 2);
+        assert!(spec.truncated(13).is_err());
+        assert!(spec.truncated(0).is_err());
+    }
+}

@@ -1,0 +1,161 @@
+//! Trainable parameters and the tracked linear layer.
+//!
+//! A [`TrackedLinear`] computes y = a Wᵀ + b (W: [d_out, d_in]). When a [`Recorder`] is
+//! passed and the layer is tracked, it also keeps its input `a` and adds a zero `Var` ε of
+//! y's shape to the output: y + ε has the same value, and after backward ∂L/∂ε = ∂L/∂y = δ
+//! (candle's backward keeps gradients only for `Var`s, see NOTES-rust-stack.md).
+
+use candle_core::{Device, Tensor, Var};
+
+use crate::error::Result;
+
+use super::weights::TensorSource;
+
+/// One trainable tensor with its Hugging Face name.
+#[derive(Debug, Clone)]
+pub struct Param {
+    /// The tensor's name in the Hugging Face checkpoint.
+    pub name: String,
+    /// The trainable value (f32).
+    pub var: Var,
+    /// True for GPT-2 Conv1D weights: the checkpoint stores [d_in, d_out] and `var` holds
+    /// the transpose [d_out, d_in]; a checkpoint writer must transpose back.
+    pub transposed_from_checkpoint: bool,
+}
+
+/// Loads named tensors from a source into `Var`s, in order.
+pub(crate) struct ParamLoader<'a> {
+    pub source: &'a dyn TensorSource,
+    pub device: &'a Device,
+    pub params: Vec<Param>,
+}
+
+impl<'a> ParamLoader<'a> {
+    pub fn new(source: &'a dyn TensorSource, device: &'a Device) -> Self {
+        Self {
+            source,
+            device,
+            params: Vec::new(),
+        }
+    }
+
+    /// The tensor `name` of shape `shape` as a new trainable `Var`.
+    pub fn var(&mut self, name: &str, shape: &[usize]) -> Result<Var> {
+        let t = self.source.get(name, shape, self.device)?;
+        let var = Var::from_tensor(&t)?;
+        self.params.push(Param {
+            name: name.to_string(),
+            var: var.clone(),
+            transposed_from_checkpoint: false,
+        });
+        Ok(var)
+    }
+
+    /// A Conv1D weight stored as [d_in, d_out]: loaded and transposed to [d_out, d_in].
+    pub fn var_transposed(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Var> {
+        let t = self.source.get(name, &[d_in, d_out], self.device)?;
+        let var = Var::from_tensor(&t.t()?.contiguous()?)?;
+        self.params.push(Param {
+            name: name.to_string(),
+            var: var.clone(),
+            transposed_from_checkpoint: true,
+        });
+        Ok(var)
+    }
+}
+
+/// Per-forward record of tracked layers' inputs and zero output perturbations.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    /// Indexed by tracked-layer slot: (a [B, T, d_in] detached, ε [B, T, d_out]).
+    pub slots: Vec<Option<(Tensor, Var)>>,
+}
+
+impl Recorder {
+    /// A recorder for `n` tracked layers.
+    pub fn new(n: usize) -> Self {
+        Self {
+            slots: (0..n).map(|_| None).collect(),
+        }
+    }
+}
+
+/// A linear layer y = a Wᵀ + b that can record (a, δ).
+#[derive(Debug, Clone)]
+pub struct TrackedLinear {
+    /// Hugging Face module name (weight name without `.weight`).
+    pub name: String,
+    /// W: [d_out, d_in].
+    pub weight: Var,
+    /// b: [d_out].
+    pub bias: Option<Var>,
+    /// Recorder slot when tracked.
+    pub slot: Option<usize>,
+    /// Whether the layer sits inside a transformer block (default tracking).
+    pub in_block: bool,
+}
+
+impl TrackedLinear {
+    /// Loads `{name}.weight` ([d_out, d_in], or [d_in, d_out] when `conv1d`) and, when
+    /// `bias`, `{name}.bias` ([d_out]).
+    pub(crate) fn load(
+        p: &mut ParamLoader<'_>,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        conv1d: bool,
+        in_block: bool,
+    ) -> Result<Self> {
+        let wname = format!("{name}.weight");
+        let weight = if conv1d {
+            p.var_transposed(&wname, d_in, d_out)?
+        } else {
+            p.var(&wname, &[d_out, d_in])?
+        };
+        let bias = if bias {
+            Some(p.var(&format!("{name}.bias"), &[d_out])?)
+        } else {
+            None
+        };
+        Ok(Self {
+            name: name.to_string(),
+            weight,
+            bias,
+            slot: None,
+            in_block,
+        })
+    }
+
+    /// d_in.
+    pub fn d_in(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// d_out.
+    pub fn d_out(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// x: [B, T, d_in] → y: [B, T, d_out]. Records (x, ε) when tracked and `rec` is given.
+    pub fn forward(&self, x: &Tensor, rec: Option<&mut Recorder>) -> Result<Tensor> {
+        let (b, t, d_in) = x.dims3()?;
+        let y = x
+            .reshape((b * t, d_in))?
+            .matmul(&self.weight.as_tensor().t()?)?
+            .reshape((b, t, self.d_out()))?;
+        let y = match &self.bias {
+            Some(bias) => y.broadcast_add(bias.as_tensor())?,
+            None => y,
+        };
+        match (rec, self.slot) {
+            (Some(rec), Some(slot)) => {
+                let eps = Var::zeros(y.shape(), y.dtype(), y.device())?;
+                let y = (y + eps.as_tensor())?;
+                rec.slots[slot] = Some((x.detach(), eps));
+                Ok(y)
+            }
+            _ => Ok(y),
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! Transformer families on candle with tracked linear layers.
+//!
+//! A [`Model`] is loaded from a Hugging Face checkpoint directory (`config.json` +
+//! safetensors) or any [`TensorSource`]; its weights are trainable f32 `Var`s listed by
+//! [`Model::params`]. [`Model::capture`] runs one forward + backward on a right-padded
+//! [`TokenBatch`] and returns, for every tracked linear layer, the inputs a: [B, T, d_in(+1)]
+//! and output gradients δ: [B, T, d_out] from which every attribution quantity is computed
+//! (DESIGN.md §2–3).
+//!
+//! * [`config`]: `config.json` → [`ModelSpec`] (Llama family, GPT-2).
+//! * [`weights`]: safetensors directories (single file or sharded), in-memory tensor maps.
+//! * [`tracking`]: which linear layers record (a, δ).
+//! * [`batch`], [`loss`], [`capture`]: batches, losses (data, sampled, query), capture.
+
+pub mod batch;
+pub mod capture;
+pub mod config;
+mod gpt2;
+pub mod linear;
+mod llama;
+pub mod lm;
+pub mod loss;
+pub mod ops;
+pub mod tracking;
+pub mod weights;
+
+pub use batch::TokenBatch;
+pub use capture::{Capture, Labels, LayerCapture};
+pub use config::{Gpt2Spec, LlamaSpec, ModelSpec, RopeScaling};
+pub use linear::Param;
+pub use lm::{LayerInfo, LoadOptions, Model};
+pub use tracking::Tracking;
+pub use weights::{SafetensorsDir, TensorMap, TensorSource};

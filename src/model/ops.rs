@@ -1,0 +1,146 @@
+//! Differentiable building blocks written from plain candle tensor ops.
+//!
+//! candle-nn's fused `rms_norm`, `layer_norm` and `softmax_last_dim` pass no gradient
+//! (NOTES-rust-stack.md), so norms, softmax and log-softmax here are composed from ops whose
+//! backward candle implements.
+
+use candle_core::{Device, Tensor, D};
+
+use crate::error::Result;
+
+use super::config::RopeScaling;
+
+/// RMSNorm: x / √(mean(x²) + ε) ⊙ w. x: [.., d], w: [d].
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (ms + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
+}
+
+/// LayerNorm: (x − mean) / √(var + ε) ⊙ w + b, with the biased variance. x: [.., d].
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let c = x.broadcast_sub(&mean)?;
+    let var = c.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (var + eps)?.sqrt()?.recip()?;
+    Ok(c.broadcast_mul(&inv)?.broadcast_mul(w)?.broadcast_add(b)?)
+}
+
+/// Softmax over the last dimension (differentiable).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+}
+
+/// log softmax over the last dimension: x − m − log Σ exp(x − m), with m = max x detached
+/// (a constant shift, so the gradient is exact).
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&m)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// RoPE tables cos, sin: [T, D] for positions 0..T, Hugging Face layout (the D/2
+/// frequencies repeated twice), computed in f64.
+pub fn rope_tables(
+    t: usize,
+    head_dim: usize,
+    theta: f64,
+    scaling: &RopeScaling,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let mut inv_freq: Vec<f64> = (0..half)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
+        .collect();
+    let mut pos_scale = 1.0;
+    match scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => pos_scale = 1.0 / factor,
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let old = *original_max_position_embeddings as f64;
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            for f in inv_freq.iter_mut() {
+                let wavelen = 2.0 * std::f64::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                }
+            }
+        }
+    }
+    let mut cos = Vec::with_capacity(t * head_dim);
+    let mut sin = Vec::with_capacity(t * head_dim);
+    for p in 0..t {
+        for _ in 0..2 {
+            for f in &inv_freq {
+                let angle = p as f64 * pos_scale * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (t, head_dim), device)?,
+        Tensor::from_vec(sin, (t, head_dim), device)?,
+    ))
+}
+
+/// Applies RoPE (rotate-half form): x ⊙ cos + rot(x) ⊙ sin, rot(x) = [−x₂, x₁].
+/// x: [B, H, T, D], cos/sin: [T, D].
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+}
+
+/// Additive causal mask [T, T]: 0 where key j ≤ query i (and i − j < window, when given),
+/// −∞ elsewhere.
+pub fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let mut m = vec![0f32; t * t];
+    for i in 0..t {
+        for j in 0..t {
+            let visible = j <= i && window.is_none_or(|w| i - j < w);
+            if !visible {
+                m[i * t + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (t, t), device)?)
+}
+
+/// Scaled dot-product attention with an additive mask.
+/// q: [B, H, T, D]; k, v: [B, H_kv, T, D] (H_kv divides H, grouped-query heads repeat);
+/// mask: [T, T]. Returns [B, T, H·D].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let h_kv = k.dim(1)?;
+    let (k, v) = if h_kv == h {
+        (k.clone(), v.clone())
+    } else {
+        let rep = h / h_kv;
+        let expand = |x: &Tensor| -> Result<Tensor> {
+            Ok(x.unsqueeze(2)?
+                .broadcast_as((b, h_kv, rep, t, d))?
+                .contiguous()?
+                .reshape((b, h, t, d))?)
+        };
+        (expand(k)?, expand(v)?)
+    };
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    let scores = scores.broadcast_add(mask)?;
+    let p = softmax_last(&scores)?;
+    let y = p.matmul(&v.contiguous()?)?;
+    Ok(y.transpose(1, 2)?.reshape((b, t, h * d))?)
+}

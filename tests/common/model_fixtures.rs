@@ -1,0 +1,291 @@
+//! Model test fixtures: deterministic random checkpoints written as Hugging Face
+//! directories (config.json + model.safetensors).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+
+/// Deterministic normal samples (SplitMix64 + Box–Muller).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    pub fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    pub fn tokens(&mut self, n: usize, vocab: usize) -> Vec<u32> {
+        (0..n)
+            .map(|_| (self.next_u64() % vocab as u64) as u32)
+            .collect()
+    }
+}
+
+/// mean + std · N(0, 1) values of `shape`.
+pub fn randn(rng: &mut Rng, shape: &[usize], mean: f64, std: f64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| (mean + std * rng.normal()) as f32).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// A small Llama-family test model.
+#[derive(Debug, Clone)]
+pub struct LlamaCfg {
+    pub model_type: &'static str,
+    pub hidden: usize,
+    pub inter: usize,
+    pub vocab: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub tied: bool,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub rope_scaling: Value,
+}
+
+impl Default for LlamaCfg {
+    fn default() -> Self {
+        Self {
+            model_type: "llama",
+            hidden: 32,
+            inter: 48,
+            vocab: 61,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            tied: false,
+            attention_bias: false,
+            mlp_bias: false,
+            rope_scaling: Value::Null,
+        }
+    }
+}
+
+impl LlamaCfg {
+    pub fn config_json(&self) -> Value {
+        json!({
+            "model_type": self.model_type, "hidden_size": self.hidden,
+            "intermediate_size": self.inter, "vocab_size": self.vocab,
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "tie_word_embeddings": self.tied,
+            "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
+            "max_position_embeddings": 256, "rope_scaling": self.rope_scaling,
+        })
+    }
+
+    /// Random weights named as in Hugging Face checkpoints.
+    pub fn tensors(&self, seed: u64) -> HashMap<String, Tensor> {
+        let mut rng = Rng::new(seed);
+        let (d, f, v) = (self.hidden, self.inter, self.vocab);
+        let hd = d / self.heads;
+        let (dq, dkv) = (self.heads * hd, self.kv_heads * hd);
+        let qkv_bias = self.attention_bias || self.model_type == "qwen2";
+        let mut m = HashMap::new();
+        let mut put = |m: &mut HashMap<String, Tensor>, n: String, s: &[usize], mean, std| {
+            m.insert(n, randn(&mut rng, s, mean, std));
+        };
+        put(
+            &mut m,
+            "model.embed_tokens.weight".into(),
+            &[v, d],
+            0.0,
+            0.5,
+        );
+        for i in 0..self.layers {
+            let p = format!("model.layers.{i}");
+            put(
+                &mut m,
+                format!("{p}.input_layernorm.weight"),
+                &[d],
+                1.0,
+                0.1,
+            );
+            put(
+                &mut m,
+                format!("{p}.post_attention_layernorm.weight"),
+                &[d],
+                1.0,
+                0.1,
+            );
+            let lin = [
+                ("self_attn.q_proj", d, dq, qkv_bias),
+                ("self_attn.k_proj", d, dkv, qkv_bias),
+                ("self_attn.v_proj", d, dkv, qkv_bias),
+                ("self_attn.o_proj", dq, d, self.attention_bias),
+                ("mlp.gate_proj", d, f, self.mlp_bias),
+                ("mlp.up_proj", d, f, self.mlp_bias),
+                ("mlp.down_proj", f, d, self.mlp_bias),
+            ];
+            for (n, din, dout, bias) in lin {
+                let std = 1.0 / (din as f64).sqrt();
+                put(&mut m, format!("{p}.{n}.weight"), &[dout, din], 0.0, std);
+                if bias {
+                    put(&mut m, format!("{p}.{n}.bias"), &[dout], 0.0, 0.1);
+                }
+            }
+        }
+        put(&mut m, "model.norm.weight".into(), &[d], 1.0, 0.1);
+        if !self.tied {
+            put(&mut m, "lm_head.weight".into(), &[v, d], 0.0, 0.3);
+        }
+        m
+    }
+}
+
+/// A small GPT-2 test model.
+#[derive(Debug, Clone)]
+pub struct Gpt2Cfg {
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_positions: usize,
+    pub vocab: usize,
+    /// Name tensors `transformer.h.0...` (GPT2LMHeadModel) instead of `h.0...`.
+    pub prefixed: bool,
+}
+
+impl Default for Gpt2Cfg {
+    fn default() -> Self {
+        Self {
+            n_embd: 32,
+            n_layer: 2,
+            n_head: 4,
+            n_positions: 64,
+            vocab: 53,
+            prefixed: false,
+        }
+    }
+}
+
+impl Gpt2Cfg {
+    pub fn config_json(&self) -> Value {
+        json!({"model_type": "gpt2", "n_embd": self.n_embd, "n_layer": self.n_layer,
+               "n_head": self.n_head, "n_positions": self.n_positions,
+               "vocab_size": self.vocab, "layer_norm_epsilon": 1e-5,
+               "activation_function": "gelu_new", "n_inner": null})
+    }
+
+    /// Random weights named and shaped as in HF GPT-2 checkpoints (Conv1D: [in, out]).
+    pub fn tensors(&self, seed: u64) -> HashMap<String, Tensor> {
+        let mut rng = Rng::new(seed);
+        let d = self.n_embd;
+        let pre = if self.prefixed { "transformer." } else { "" };
+        let mut m = HashMap::new();
+        let mut put = |m: &mut HashMap<String, Tensor>, n: String, s: &[usize], mean, std| {
+            m.insert(n, randn(&mut rng, s, mean, std));
+        };
+        put(
+            &mut m,
+            format!("{pre}wte.weight"),
+            &[self.vocab, d],
+            0.0,
+            0.5,
+        );
+        put(
+            &mut m,
+            format!("{pre}wpe.weight"),
+            &[self.n_positions, d],
+            0.0,
+            0.2,
+        );
+        for i in 0..self.n_layer {
+            let p = format!("{pre}h.{i}");
+            for ln in ["ln_1", "ln_2"] {
+                put(&mut m, format!("{p}.{ln}.weight"), &[d], 1.0, 0.1);
+                put(&mut m, format!("{p}.{ln}.bias"), &[d], 0.0, 0.1);
+            }
+            let conv = [
+                ("attn.c_attn", d, 3 * d),
+                ("attn.c_proj", d, d),
+                ("mlp.c_fc", d, 4 * d),
+                ("mlp.c_proj", 4 * d, d),
+            ];
+            for (n, din, dout) in conv {
+                let std = 1.0 / (din as f64).sqrt();
+                put(&mut m, format!("{p}.{n}.weight"), &[din, dout], 0.0, std);
+                put(&mut m, format!("{p}.{n}.bias"), &[dout], 0.0, 0.1);
+            }
+        }
+        put(&mut m, format!("{pre}ln_f.weight"), &[d], 1.0, 0.1);
+        put(&mut m, format!("{pre}ln_f.bias"), &[d], 0.0, 0.1);
+        m
+    }
+}
+
+/// Writes `config.json` and `model.safetensors` into `dir`.
+pub fn write_checkpoint(dir: &Path, config: &Value, tensors: &HashMap<String, Tensor>) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(config).unwrap(),
+    )
+    .unwrap();
+    candle_core::safetensors::save(tensors, dir.join("model.safetensors")).unwrap();
+}
+
+/// Max |a − b| over all entries.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Max |a| over all entries.
+pub fn max_abs(a: &Tensor) -> f32 {
+    a.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Random documents of the given lengths, every token after the first a target.
+pub fn random_docs(rng: &mut Rng, lengths: &[usize], vocab: usize) -> Vec<(Vec<u32>, Vec<u8>)> {
+    lengths
+        .iter()
+        .map(|&n| {
+            let ids = rng.tokens(n, vocab);
+            let mut mask = vec![1u8; n];
+            mask[0] = 0;
+            (ids, mask)
+        })
+        .collect()
+}
+
+/// Borrowed view of documents for `TokenBatch::new`.
+pub fn doc_refs(docs: &[(Vec<u32>, Vec<u8>)]) -> Vec<(&[u32], &[u8])> {
+    docs.iter()
+        .map(|(i, m)| (i.as_slice(), m.as_slice()))
+        .collect()
+}
