@@ -35,16 +35,20 @@ const COPIED: [&str; 5] = [
     "generation_config.json",
 ];
 
-/// One optimizer step's record in the training log.
+/// One optimizer step's record in the training log. In `state.json` the floats are stored
+/// as their IEEE-754 bit patterns, so a resumed run's log is bitwise the uninterrupted one's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepLog {
     /// Global step (1-based: the state after this many steps).
     pub step: u64,
     /// η of the step.
+    #[serde(with = "f64_bits")]
     pub lr: f64,
     /// The objective J the step descended, summed over its micro-batches.
+    #[serde(with = "f64_bits")]
     pub loss: f64,
     /// Global gradient norm before clipping.
+    #[serde(with = "f64_bits")]
     pub grad_norm: f64,
     /// Documents in the step.
     pub n_docs: u32,
@@ -52,6 +56,19 @@ pub struct StepLog {
     pub n_tokens: u64,
     /// Micro-batches the step was split into.
     pub micro_batches: u32,
+}
+
+/// f64 ⇄ its bit pattern as u64 (JSON numbers do not round-trip every f64 exactly).
+mod f64_bits {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(x.to_bits())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(f64::from_bits(u64::deserialize(d)?))
+    }
 }
 
 /// `state.json` of a checkpoint.
