@@ -336,6 +336,9 @@ impl Config {
             }
         }
         self.train.resolve(self.run.seed);
+        if let Some(p) = &self.train.import_from {
+            self.train.import_from = Some(absolute_against(base, p));
+        }
         if let Some(p) = &mut self.pretrain {
             if p.dataset.is_none() && self.data.pretrain.is_some() {
                 p.dataset = Some("pretrain".into());

@@ -112,6 +112,11 @@ pub struct TrainConfig {
     /// Explicit interior segment boundaries in steps (strictly increasing, inside (0, T)).
     #[serde(default)]
     pub segment_boundaries: Option<Vec<u64>>,
+    /// A Hugging Face Trainer output folder (with `checkpoint-N/`) to import instead of
+    /// training; see docs/import-trainer.md. The keys above then declare what the Trainer
+    /// used (lr, schedule, warmup_steps, optimizer, …).
+    #[serde(default)]
+    pub import_from: Option<std::path::PathBuf>,
 }
 
 fn default_dataset() -> String {
@@ -155,6 +160,7 @@ impl Default for TrainConfig {
             segments: None,
             checkpoints_per_segment: default_checkpoints(),
             segment_boundaries: None,
+            import_from: None,
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::config::{Config, MassSpec};
 use crate::data::{read_prepared, PreparedDoc};
 use crate::error::{Error, IoContext, Result};
 use crate::pipeline::{Stage, StageContext};
+use crate::train::import::import_trainer;
 use crate::train::log::{write_loss_parquet, write_visits_parquet};
 use crate::train::{
     train, CheckpointRef, LrMass, OptimizerInfo, Segment, TrainJob, TrainOutcome, Trajectory,
@@ -93,6 +94,36 @@ impl Stage for FinetuneStage {
         let fetched = Fetched::load(ctx.run)?;
         let base_dir = base_model_dir(&fetched)?;
         let docs = prepared(ctx, &c.train.dataset)?;
+        if let Some(from) = &c.train.import_from {
+            let imported = import_trainer(
+                from,
+                &c.train,
+                &c.train.dataset,
+                docs.len() as u64,
+                &ctx.out_dir,
+                Path::new("finetune"),
+            )?;
+            let mut segments = pretrain_segment(ctx, &base_dir)?;
+            segments.extend(imported.segments);
+            let traj = Trajectory {
+                version: TRAJECTORY_VERSION,
+                base_model: fetched.model.id.clone(),
+                base_commit: fetched.model.commit.clone(),
+                loss_normalization: c.train.loss_normalization,
+                segments,
+            };
+            traj.save(&ctx.out("trajectory.json"))?;
+            tracing::info!(
+                "imported {} checkpoints from {} into {} segments",
+                imported.checkpoint_steps.len(),
+                from.display(),
+                traj.segments.len()
+            );
+            return Ok(
+                json!({"imported_from": from, "checkpoints": imported.checkpoint_steps,
+                             "segments": traj.segments.len()}),
+            );
+        }
         let work = ctx.resume_dir()?.join("checkpoints");
         let hook = |p: &str| ctx.failpoint(p);
         let device = candle_core::Device::Cpu;
@@ -156,6 +187,50 @@ fn trajectory(
     n_docs: usize,
 ) -> Result<Trajectory> {
     let c = ctx.config;
+    let mut segments = pretrain_segment(ctx, base_dir)?;
+    let stage_rel = |rel: PathBuf| Path::new("finetune").join(rel).display().to_string();
+    for plan in &out.segments {
+        let rates = out.rates[plan.start as usize..plan.end as usize].to_vec();
+        let mass: f64 = rates.iter().sum();
+        let checkpoints = plan
+            .checkpoints
+            .iter()
+            .map(|&s| CheckpointRef {
+                step: s,
+                path: stage_rel(checkpoint_rel(s)),
+                optimizer_state: ctx
+                    .out(checkpoint_rel(s))
+                    .join("optimizer.safetensors")
+                    .exists()
+                    .then(|| stage_rel(checkpoint_rel(s).join("optimizer.safetensors"))),
+            })
+            .collect();
+        segments.push(Segment {
+            stage: "finetune".into(),
+            step_start: plan.start,
+            step_end: plan.end,
+            learning_rates: rates,
+            lr_mass: LrMass::Finite(mass),
+            optimizer: out.optimizer.clone(),
+            dataset: c.train.dataset.clone(),
+            n_docs: n_docs as u64,
+            checkpoints,
+            visit_order: Some("finetune/visit_order.parquet".into()),
+        });
+    }
+    Ok(Trajectory {
+        version: TRAJECTORY_VERSION,
+        base_model: fetched.model.id.clone(),
+        base_commit: fetched.model.commit.clone(),
+        loss_normalization: c.train.loss_normalization,
+        segments,
+    })
+}
+
+/// The declared `pretrain` segment (the base model as its only checkpoint), when it has a
+/// data set to attribute to: `[pretrain]`, or `[data.pretrain]` alone (then s = converged).
+fn pretrain_segment(ctx: &StageContext, base_dir: &Path) -> Result<Vec<Segment>> {
+    let c = ctx.config;
     let mut segments = Vec::new();
     let pretrain = c.pretrain.clone().or_else(|| {
         c.data
@@ -196,41 +271,5 @@ fn trajectory(
             ),
         }
     }
-    let stage_rel = |rel: PathBuf| Path::new("finetune").join(rel).display().to_string();
-    for plan in &out.segments {
-        let rates = out.rates[plan.start as usize..plan.end as usize].to_vec();
-        let mass: f64 = rates.iter().sum();
-        let checkpoints = plan
-            .checkpoints
-            .iter()
-            .map(|&s| CheckpointRef {
-                step: s,
-                path: stage_rel(checkpoint_rel(s)),
-                optimizer_state: ctx
-                    .out(checkpoint_rel(s))
-                    .join("optimizer.safetensors")
-                    .exists()
-                    .then(|| stage_rel(checkpoint_rel(s).join("optimizer.safetensors"))),
-            })
-            .collect();
-        segments.push(Segment {
-            stage: "finetune".into(),
-            step_start: plan.start,
-            step_end: plan.end,
-            learning_rates: rates,
-            lr_mass: LrMass::Finite(mass),
-            optimizer: out.optimizer.clone(),
-            dataset: c.train.dataset.clone(),
-            n_docs: n_docs as u64,
-            checkpoints,
-            visit_order: Some("finetune/visit_order.parquet".into()),
-        });
-    }
-    Ok(Trajectory {
-        version: TRAJECTORY_VERSION,
-        base_model: fetched.model.id.clone(),
-        base_commit: fetched.model.commit.clone(),
-        loss_normalization: c.train.loss_normalization,
-        segments,
-    })
+    Ok(segments)
 }

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod finetune;
+pub mod import;
 pub mod log;
 pub mod optim;
 pub mod plan;
