@@ -52,6 +52,9 @@ enum Command {
     Fetch(OneStage),
     /// Tokenise the data sets into Parquet tables with loss masks.
     Prepare(OneStage),
+    /// Fine-tune the model ([train]), saving checkpoints and trajectory.json; resumes an
+    /// interrupted fine-tune from its last checkpoint.
+    Finetune(OneStage),
     /// Show what is done in a run directory, with timings and peak memory.
     Status {
         /// The run directory.
@@ -178,6 +181,12 @@ fn dispatch(command: Command) -> Result<()> {
             &s.config,
             &s.run_dir,
             &["prepare".into()],
+            s.opts.into_options(),
+        ),
+        Command::Finetune(s) => run(
+            &s.config,
+            &s.run_dir,
+            &["finetune".into()],
             s.opts.into_options(),
         ),
         Command::Status { run_dir } => status(&run_dir),

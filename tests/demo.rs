@@ -54,6 +54,42 @@ fn demo_pipeline_runs_offline_from_the_shipped_cache() {
     }
     let (pretrain, _) = read_prepared(&run.join("prepare/pretrain.parquet")).unwrap();
     assert_eq!(pretrain.len(), 500, "max_documents = 500");
+
+    // The fine-tune wrote a complete trajectory: the declared pretrain segment, then
+    // L = 3 fine-tuning segments of C = 2 checkpoints each, with AdamW's v̂.
+    let traj = source_tda::train::Trajectory::load(&run.join("finetune/trajectory.json")).unwrap();
+    assert_eq!(traj.segments.len(), 4);
+    assert_eq!(traj.segments[0].stage, "pretrain");
+    assert_eq!(
+        traj.segments[0].lr_mass,
+        source_tda::train::LrMass::Converged
+    );
+    assert_eq!(traj.segments[0].n_docs, 500);
+    let steps: u64 = traj.segments[1..].iter().map(|s| s.steps()).sum();
+    assert_eq!(steps, 57, "3 epochs × ⌈304 / 16⌉ steps");
+    for seg in &traj.segments[1..] {
+        assert_eq!(seg.n_docs, train.len() as u64);
+        assert_eq!(seg.checkpoints.len(), 2);
+        for c in &seg.checkpoints {
+            let dir = run.join(&c.path);
+            for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+                assert!(dir.join(f).exists(), "{}/{f}", c.path);
+            }
+            let opt = run.join(c.optimizer_state.as_ref().unwrap());
+            let st =
+                source_tda::train::checkpoint::read_safetensors(&opt, &candle_core::Device::Cpu)
+                    .unwrap();
+            assert!(st.keys().all(|k| k.starts_with("exp_avg_sq.")));
+            assert_eq!(st.len(), 38, "one v̂ per parameter tensor");
+        }
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
+    let summary = &manifest["stages"]["finetune"]["summary"];
+    assert!(
+        summary["last_loss"].as_f64().unwrap() < 0.7 * summary["first_loss"].as_f64().unwrap(),
+        "{summary}"
+    );
 }
 
 #[test]

@@ -288,13 +288,11 @@ fn single_stages_need_their_inputs_and_unknown_stages_are_explained() {
 
     write(
         &s.path("p2.toml"),
-        "config = \"c.toml\"\nstages = [\"fetch\", \"finetune\"]\n",
+        "config = \"c.toml\"\nstages = [\"fetch\", \"fit\"]\n",
     );
     let o = cli(s.dir.path(), &["run", "p2.toml", "--run-dir", "r3"], &[]);
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("stage `finetune` is part of the pipeline design but not implemented")
-    );
+    assert!(stderr(&o).contains("stage `fit` is part of the pipeline design but not implemented"));
 }
 
 #[test]

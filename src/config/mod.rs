@@ -19,6 +19,7 @@
 mod diff;
 mod load;
 mod pipeline;
+mod train;
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 pub use diff::{diff_values, KeyChange};
 pub use load::{parse_toml, read_toml};
 pub use pipeline::Pipeline;
+pub use train::{MassSpec, OptimizerKind, PretrainConfig, ScheduleKind, TrainConfig};
 
 use crate::error::{Error, Result};
 
@@ -47,6 +49,12 @@ pub struct Config {
     /// How documents are grouped into batches by the stages that run the model.
     #[serde(default)]
     pub batching: BatchingConfig,
+    /// Fine-tuning by the `finetune` stage: optimizer, schedule, batches, segments.
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// The pretrained model as the trajectory's first segment.
+    #[serde(default)]
+    pub pretrain: Option<PretrainConfig>,
 }
 
 /// `[run]`: settings for the whole run.
@@ -327,6 +335,15 @@ impl Config {
                 ds.id = id;
             }
         }
+        self.train.resolve(self.run.seed);
+        if let Some(p) = &self.train.import_from {
+            self.train.import_from = Some(absolute_against(base, p));
+        }
+        if let Some(p) = &mut self.pretrain {
+            if p.dataset.is_none() && self.data.pretrain.is_some() {
+                p.dataset = Some("pretrain".into());
+            }
+        }
         Ok(())
     }
 
@@ -367,6 +384,11 @@ impl Config {
                 "batching.max_batch_size",
                 "is 0; allowed: 1 or more".into(),
             ));
+        }
+        let roles: Vec<&str> = self.data.roles().iter().map(|(r, _)| *r).collect();
+        self.train.check(&roles).map_err(|(k, m)| err(&k, m))?;
+        if let Some(p) = &self.pretrain {
+            p.check(&roles).map_err(|(k, m)| err(&k, m))?;
         }
         for (role, ds) in self.data.roles() {
             let key = |k: &str| format!("data.{role}.{k}");

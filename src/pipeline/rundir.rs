@@ -7,6 +7,8 @@
 //!   manifest.json      stage records (status, timings, memory, hashes)
 //!   fetch/  prepare/   one folder per completed stage
 //!   .staging/          stages being written (never trusted; cleared on the next run)
+//!   .resume/STAGE-KEY/ a stage's resume state across interrupted runs (see
+//!                      `StageContext::resume_dir`); deleted when the stage completes
 //!   .lock              pid of the process using the directory
 //! ```
 
@@ -55,6 +57,35 @@ impl RunDir {
     /// `RUN_DIR/.staging/`, where stages write before their folder is renamed into place.
     pub fn staging_dir(&self) -> PathBuf {
         self.path.join(".staging")
+    }
+
+    /// `RUN_DIR/.resume/STAGE-KEY/`: resume state of `stage` for inputs+config key `key`.
+    pub fn resume_dir(&self, stage: &str, key: &str) -> PathBuf {
+        self.path.join(".resume").join(format!("{stage}-{key}"))
+    }
+
+    /// Deletes `stage`'s resume folders except the one of key `keep` (all when `None`).
+    pub fn clear_resume(&self, stage: &str, keep: Option<&str>) -> Result<()> {
+        let root = self.path.join(".resume");
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return Ok(());
+        };
+        let keep = keep.map(|k| format!("{stage}-{k}"));
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = name
+                .strip_prefix(stage)
+                .and_then(|r| r.strip_prefix('-'))
+                .is_some_and(|k| !k.contains('-'));
+            if ours && keep.as_deref() != Some(name.as_str()) {
+                tracing::debug!("removing resume state {}", entry.path().display());
+                remove_dir_if_exists(&entry.path())?;
+            }
+        }
+        if std::fs::read_dir(&root).is_ok_and(|mut d| d.next().is_none()) {
+            let _ = std::fs::remove_dir(&root);
+        }
+        Ok(())
     }
 
     /// Whether a manifest exists.

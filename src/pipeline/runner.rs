@@ -198,6 +198,11 @@ fn run_one(
 ) -> Result<()> {
     let name = stage.name();
     tracing::info!("{name}: {}", stage.describe());
+    let resume_key = crate::util::hash::sha256_bytes(
+        format!("{}\n{}", key.inputs_hash, key.config_hash).as_bytes(),
+    )[..16]
+        .to_string();
+    run.clear_resume(name, Some(&resume_key))?;
     let staging = run
         .staging_dir()
         .join(format!("{name}-{}", std::process::id()));
@@ -229,6 +234,7 @@ fn run_one(
         run,
         out_dir: staging.clone(),
         stage: name,
+        resume_key,
     };
     let result = stage.run(&ctx).and_then(|summary| {
         ctx.failpoint("before-commit")?;
@@ -284,5 +290,6 @@ fn run_one(
     manifest.stages.insert(name.to_string(), record);
     manifest.save(&run.manifest_path())?;
     run.clear_staging()?;
+    run.clear_resume(name, None)?;
     Ok(())
 }

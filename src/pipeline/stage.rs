@@ -60,12 +60,26 @@ pub struct StageContext<'a> {
     pub out_dir: PathBuf,
     /// The stage's name.
     pub stage: &'static str,
+    /// The first 16 hex digits of SHA-256(inputs hash, config hash): names the stage's
+    /// resume folder, so state saved under another config or other inputs is never reused.
+    pub resume_key: String,
 }
 
 impl StageContext<'_> {
     /// A path inside the stage's output folder.
     pub fn out(&self, rel: impl AsRef<Path>) -> PathBuf {
         self.out_dir.join(rel)
+    }
+
+    /// `RUN_DIR/.resume/STAGE-KEY/`: a scratch folder (created on first use) that survives an
+    /// interrupted run, unlike `out_dir`. A long stage keeps its resume state (e.g. training
+    /// checkpoints) here and picks it up when rerun with the same inputs and config. The
+    /// runner deletes the stage's resume folders once the stage completes, and those of other
+    /// keys when it starts.
+    pub fn resume_dir(&self) -> Result<PathBuf> {
+        let dir = self.run.resume_dir(self.stage, &self.resume_key);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+        Ok(dir)
     }
 
     /// A test hook: when `SOURCE_TDA_FAIL_IN_STAGE` names this stage (and `point`, if given

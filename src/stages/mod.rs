@@ -2,14 +2,20 @@
 //! library modules to the [`Stage`](crate::pipeline::Stage) contract.
 
 mod fetch;
+mod finetune;
 mod prepare;
 
 pub use fetch::{FetchStage, Fetched};
+pub use finetune::{base_model_dir, FinetuneStage};
 pub use prepare::PrepareStage;
 
 use crate::pipeline::Stage;
 
 /// Every implemented stage, in pipeline order.
 pub fn all() -> Vec<Box<dyn Stage>> {
-    vec![Box::new(FetchStage), Box::new(PrepareStage)]
+    vec![
+        Box::new(FetchStage),
+        Box::new(PrepareStage),
+        Box::new(FinetuneStage),
+    ]
 }

@@ -1,8 +1,19 @@
-//! Training: the trajectory format Source attributes through (and, with the fine-tuning
-//! issue, the fine-tuning loop, optimizers, schedules and trajectory import).
+//! Training: the fine-tuning loop, optimizers, learning-rate schedules, the run plan
+//! (segments, checkpoints, visit order), checkpoints, the trajectory format Source
+//! attributes through, and importing a trajectory from a Hugging Face Trainer folder.
 
+pub mod checkpoint;
+pub mod finetune;
+pub mod import;
+pub mod log;
+pub mod optim;
+pub mod plan;
+pub mod schedule;
 pub mod trajectory;
 
+pub use finetune::{optimizer_info, train, TrainJob, TrainOutcome};
+pub use optim::Optimizer;
+pub use schedule::Schedule;
 pub use trajectory::{
     CheckpointRef, LossNormalization, LrMass, OptimizerInfo, Segment, Trajectory,
     TRAJECTORY_VERSION,

@@ -4,6 +4,7 @@ pub mod fsx;
 pub mod hash;
 pub mod mem;
 pub mod progress;
+pub mod rng;
 
 /// The current UTC time as RFC 3339 with milliseconds (`2026-11-29T09:00:00.123Z`).
 pub fn now_rfc3339() -> String {

@@ -1,0 +1,381 @@
+//! `[train]` and `[pretrain]`: how the `finetune` stage trains (optimizer, learning-rate
+//! schedule, batches, segments and checkpoints) and how the pretrained model enters the
+//! trajectory as a `pretrain` segment (DESIGN.md §2).
+//!
+//! ```toml
+//! [train]
+//! optimizer = "adamw"          # sgd | momentum | adamw
+//! lr = 1e-3
+//! schedule = "cosine"          # constant | linear | cosine
+//! warmup_steps = 10
+//! batch_size = 16              # documents per optimizer step
+//! epochs = 2
+//! segments = 3                 # L
+//! checkpoints_per_segment = 2  # C
+//!
+//! [pretrain]
+//! lr_mass = "converged"        # or a number: s of the pretraining segment
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::train::trajectory::LossNormalization;
+
+/// The optimizer the `finetune` stage steps with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// θ ← θ − η g (with decoupled weight decay θ ← (1 − ηλ) θ first).
+    Sgd,
+    /// Heavy-ball momentum (PyTorch form): b ← β b + g, θ ← θ − η b.
+    Momentum,
+    /// AdamW with bias correction (PyTorch semantics).
+    #[default]
+    #[serde(rename = "adamw")]
+    AdamW,
+}
+
+/// The learning-rate schedule after warm-up (Hugging Face Trainer's `lr_lambda`s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    /// η_k = η.
+    Constant,
+    /// η_k = η (T − k) / (T − W) after W warm-up steps.
+    #[default]
+    Linear,
+    /// η_k = η · ½ (1 + cos(π (k − W) / (T − W))) after W warm-up steps.
+    Cosine,
+}
+
+/// `[train]`: full fine-tuning by the `finetune` stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The data role trained on: `train` (default) or `pretrain`.
+    #[serde(default = "default_dataset")]
+    pub dataset: String,
+    /// `sgd`, `momentum` or `adamw`. Default `adamw`.
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
+    /// Peak learning rate η. Default 5e-5.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// β of heavy-ball momentum (`optimizer = "momentum"` only). Default 0.9.
+    #[serde(default)]
+    pub momentum: Option<f64>,
+    /// Adam's β₁ (`adamw` only). Default 0.9.
+    #[serde(default)]
+    pub beta1: Option<f64>,
+    /// Adam's β₂ (`adamw` only). Default 0.999.
+    #[serde(default)]
+    pub beta2: Option<f64>,
+    /// Adam's ε (`adamw` only). Default 1e-8.
+    #[serde(default)]
+    pub eps: Option<f64>,
+    /// Decoupled weight decay λ: θ ← (1 − ηλ) θ each step. Default 0.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// `constant`, `linear` or `cosine` (decay to 0 at the last step). Default `linear`.
+    #[serde(default)]
+    pub schedule: ScheduleKind,
+    /// W: steps of linear warm-up from 0 to η. Default 0.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Documents per optimizer step. A step's documents are split into micro-batches under
+    /// `[batching]`'s token budget and their gradients accumulated. Default 8.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Passes over the data set (each reshuffled). Default 1. Ignored with `max_steps`.
+    #[serde(default = "default_epochs")]
+    pub epochs: u32,
+    /// Total optimizer steps T, overriding `epochs` (epochs repeat as needed).
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    /// Clip the gradient to this global L2 norm (‖g‖ = sqrt Σ_p ‖g_p‖²). Default: no clipping.
+    #[serde(default)]
+    pub max_grad_norm: Option<f64>,
+    /// Seed of the shuffle. Default: `run.seed`.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// `sum_per_document`: J = (1/n) Σ_m L(z_m) over a step's n documents (DESIGN.md);
+    /// `mean_per_token`: the loss averaged over the step's loss tokens (HF Trainer).
+    #[serde(default = "default_normalization")]
+    pub loss_normalization: LossNormalization,
+    /// L: segments the fine-tuning steps are cut into, evenly. Default 3 (or one more than
+    /// the number of `segment_boundaries`).
+    #[serde(default)]
+    pub segments: Option<usize>,
+    /// C: checkpoints per segment, evenly spaced, the last at the segment's end. Default 2.
+    #[serde(default = "default_checkpoints")]
+    pub checkpoints_per_segment: usize,
+    /// Explicit interior segment boundaries in steps (strictly increasing, inside (0, T)).
+    #[serde(default)]
+    pub segment_boundaries: Option<Vec<u64>>,
+    /// A Hugging Face Trainer output folder (with `checkpoint-N/`) to import instead of
+    /// training; see docs/import-trainer.md. The keys above then declare what the Trainer
+    /// used (lr, schedule, warmup_steps, optimizer, …).
+    #[serde(default)]
+    pub import_from: Option<std::path::PathBuf>,
+}
+
+fn default_dataset() -> String {
+    "train".into()
+}
+fn default_lr() -> f64 {
+    5e-5
+}
+fn default_batch_size() -> usize {
+    8
+}
+fn default_epochs() -> u32 {
+    1
+}
+fn default_normalization() -> LossNormalization {
+    LossNormalization::SumPerDocument
+}
+fn default_checkpoints() -> usize {
+    2
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            dataset: default_dataset(),
+            optimizer: OptimizerKind::default(),
+            lr: default_lr(),
+            momentum: None,
+            beta1: None,
+            beta2: None,
+            eps: None,
+            weight_decay: 0.0,
+            schedule: ScheduleKind::default(),
+            warmup_steps: 0,
+            batch_size: default_batch_size(),
+            epochs: default_epochs(),
+            max_steps: None,
+            max_grad_norm: None,
+            seed: None,
+            loss_normalization: default_normalization(),
+            segments: None,
+            checkpoints_per_segment: default_checkpoints(),
+            segment_boundaries: None,
+            import_from: None,
+        }
+    }
+}
+
+/// The declared learning-rate mass of the pretraining segment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MassSpec {
+    /// s: a non-negative number.
+    Value(f64),
+    /// `"converged"`: s → ∞.
+    Word(String),
+}
+
+/// `[pretrain]`: the pretrained model as the first segment of the trajectory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainConfig {
+    /// s of the pretraining segment: a number, or `"converged"` (s → ∞). Default
+    /// `"converged"`.
+    #[serde(default = "default_mass")]
+    pub lr_mass: MassSpec,
+    /// The data role holding a sample of pretraining documents, so that they can be
+    /// attributed to. Default `pretrain` when `[data.pretrain]` exists. Without one the
+    /// segment has nothing to attribute to and is left out of the trajectory.
+    #[serde(default)]
+    pub dataset: Option<String>,
+}
+
+fn default_mass() -> MassSpec {
+    MassSpec::Word("converged".into())
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        PretrainConfig {
+            lr_mass: default_mass(),
+            dataset: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Fills in the defaults that depend on other keys (optimizer hyper-parameters, the
+    /// seed, the number of segments), so the resolved config states every value used.
+    pub(crate) fn resolve(&mut self, run_seed: u64) {
+        match self.optimizer {
+            OptimizerKind::Momentum => {
+                self.momentum.get_or_insert(0.9);
+            }
+            OptimizerKind::AdamW => {
+                self.beta1.get_or_insert(0.9);
+                self.beta2.get_or_insert(0.999);
+                self.eps.get_or_insert(1e-8);
+            }
+            OptimizerKind::Sgd => {}
+        }
+        self.seed.get_or_insert(run_seed);
+        if self.segments.is_none() {
+            self.segments = Some(self.segment_boundaries.as_ref().map_or(3, |b| b.len() + 1));
+        }
+    }
+
+    /// Checks every value; `roles` are the data roles present. Errors are
+    /// `(key under train., message saying what is allowed)`.
+    pub(crate) fn check(&self, roles: &[&str]) -> std::result::Result<(), (String, String)> {
+        let e = |k: &str, m: String| Err((format!("train.{k}"), m));
+        if !roles.contains(&self.dataset.as_str()) || self.dataset == "query" {
+            return e(
+                "dataset",
+                format!(
+                    "`{}` is not a data set of this config; allowed: `train`, or `pretrain` when \
+                     [data.pretrain] exists",
+                    self.dataset
+                ),
+            );
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return e(
+                "lr",
+                format!("{} is invalid; allowed: a number > 0", self.lr),
+            );
+        }
+        let in_unit = |x: f64| (0.0..1.0).contains(&x);
+        let wrong_opt = |k: &str, for_: &str| {
+            e(
+                k,
+                format!(
+                    "applies to `optimizer = \"{for_}\"`, but the optimizer is `{}`; remove it",
+                    serde_json::to_value(self.optimizer)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                ),
+            )
+        };
+        if self.optimizer != OptimizerKind::Momentum && self.momentum.is_some() {
+            return wrong_opt("momentum", "momentum");
+        }
+        if self.optimizer != OptimizerKind::AdamW {
+            for (k, v) in [
+                ("beta1", self.beta1),
+                ("beta2", self.beta2),
+                ("eps", self.eps),
+            ] {
+                if v.is_some() {
+                    return wrong_opt(k, "adamw");
+                }
+            }
+        }
+        for (k, v) in [
+            ("momentum", self.momentum),
+            ("beta1", self.beta1),
+            ("beta2", self.beta2),
+        ] {
+            if let Some(v) = v {
+                if !in_unit(v) {
+                    return e(k, format!("{v} is out of range; allowed: 0 ≤ β < 1"));
+                }
+            }
+        }
+        if let Some(eps) = self.eps {
+            if !(eps.is_finite() && eps > 0.0) {
+                return e("eps", format!("{eps} is invalid; allowed: a number > 0"));
+            }
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return e(
+                "weight_decay",
+                format!("{} is invalid; allowed: a number ≥ 0", self.weight_decay),
+            );
+        }
+        if self.batch_size == 0 {
+            return e("batch_size", "is 0; allowed: 1 or more documents".into());
+        }
+        if self.epochs == 0 {
+            return e("epochs", "is 0; allowed: 1 or more".into());
+        }
+        if self.max_steps == Some(0) {
+            return e(
+                "max_steps",
+                "is 0; allowed: 1 or more (remove it to train for `epochs`)".into(),
+            );
+        }
+        if let Some(m) = self.max_grad_norm {
+            if !(m.is_finite() && m > 0.0) {
+                return e(
+                    "max_grad_norm",
+                    format!("{m} is invalid; allowed: a number > 0 (remove it to not clip)"),
+                );
+            }
+        }
+        if self.segments == Some(0) {
+            return e("segments", "is 0; allowed: 1 or more".into());
+        }
+        if self.checkpoints_per_segment == 0 {
+            return e("checkpoints_per_segment", "is 0; allowed: 1 or more".into());
+        }
+        if let Some(b) = &self.segment_boundaries {
+            if b.first() == Some(&0) || b.windows(2).any(|w| w[0] >= w[1]) {
+                return e(
+                    "segment_boundaries",
+                    format!(
+                        "{b:?} is not strictly increasing above 0; allowed: steps \
+                         0 < b₁ < b₂ < … < T"
+                    ),
+                );
+            }
+            if let Some(l) = self.segments {
+                if l != b.len() + 1 {
+                    return e(
+                        "segments",
+                        format!(
+                            "{l} disagrees with the {} segment_boundaries (which make {} \
+                             segments); remove `segments` or make them agree",
+                            b.len(),
+                            b.len() + 1
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PretrainConfig {
+    /// Checks the values; `roles` are the data roles present.
+    pub(crate) fn check(&self, roles: &[&str]) -> std::result::Result<(), (String, String)> {
+        match &self.lr_mass {
+            MassSpec::Value(v) if !(v.is_finite() && *v >= 0.0) => {
+                return Err((
+                    "pretrain.lr_mass".into(),
+                    format!("{v} is invalid; allowed: a number ≥ 0, or \"converged\""),
+                ))
+            }
+            MassSpec::Word(w) if w != "converged" => {
+                return Err((
+                    "pretrain.lr_mass".into(),
+                    format!("`{w}` is not allowed; allowed: a number ≥ 0, or \"converged\""),
+                ))
+            }
+            _ => {}
+        }
+        if let Some(d) = &self.dataset {
+            if !roles.contains(&d.as_str()) || d == "query" {
+                return Err((
+                    "pretrain.dataset".into(),
+                    format!(
+                        "`{d}` is not a data set of this config; allowed: `pretrain` (add \
+                         [data.pretrain]) or `train`"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,275 @@
+//! `finetune`: full fine-tuning of the fetched model on a prepared data set, recording the
+//! trajectory Source attributes through.
+//!
+//! ```text
+//! finetune/
+//!   trajectory.json            segments (pretrain first when declared), rates, s, checkpoints
+//!   loss.parquet               step, lr, loss, grad_norm, n_docs, n_tokens, micro_batches
+//!   visit_order.parquet        step, doc_index, doc_id: the documents each step saw
+//!   checkpoints/step-N/        Hugging Face folders + optimizer.safetensors + state.json
+//! ```
+//!
+//! Checkpoints are written into the stage's resume folder (`RUN_DIR/.resume/finetune-KEY/`)
+//! as training goes, so that a killed run resumes from its last checkpoint; on success they
+//! are hard-linked (or copied) into the stage's output without the resume-only state.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::config::{Config, MassSpec};
+use crate::data::{read_prepared, PreparedDoc};
+use crate::error::{Error, IoContext, Result};
+use crate::pipeline::{Stage, StageContext};
+use crate::train::import::import_trainer;
+use crate::train::log::{write_loss_parquet, write_visits_parquet};
+use crate::train::{
+    train, CheckpointRef, LrMass, OptimizerInfo, Segment, TrainJob, TrainOutcome, Trajectory,
+    TRAJECTORY_VERSION,
+};
+
+use super::fetch::Fetched;
+
+/// The `finetune` stage.
+pub struct FinetuneStage;
+
+/// The prepared documents of `role` in the run.
+fn prepared(ctx: &StageContext, role: &str) -> Result<Vec<PreparedDoc>> {
+    let path = ctx.run.stage_dir("prepare").join(format!("{role}.parquet"));
+    if !path.exists() {
+        return Err(Error::Pipeline(format!(
+            "{} is missing: data role `{role}` was not prepared; add [data.{role}] to the \
+             config and rerun prepare",
+            path.display()
+        )));
+    }
+    Ok(read_prepared(&path)?.0)
+}
+
+/// The folder holding the fetched model's config.json.
+pub fn base_model_dir(fetched: &Fetched) -> Result<PathBuf> {
+    fetched
+        .model
+        .file("config.json")
+        .and_then(|f| f.path.parent().map(Path::to_path_buf))
+        .ok_or_else(|| Error::Pipeline("fetch/resolved.json lists no config.json".into()))
+}
+
+/// Links (or copies) `src/*` except `resume.safetensors` into `dst/`.
+fn publish_checkpoint(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir_all(dst).ctx("creating", dst)?;
+    for entry in std::fs::read_dir(src).ctx("listing", src)? {
+        let entry = entry.ctx("listing", src)?;
+        let name = entry.file_name();
+        if name == "resume.safetensors" {
+            continue;
+        }
+        let to = dst.join(&name);
+        if std::fs::hard_link(entry.path(), &to).is_err() {
+            std::fs::copy(entry.path(), &to).ctx("copying", entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+impl Stage for FinetuneStage {
+    fn name(&self) -> &'static str {
+        "finetune"
+    }
+
+    fn describe(&self) -> &'static str {
+        "fine-tune the model, saving checkpoints and the trajectory (segments, learning rates)"
+    }
+
+    fn inputs(&self) -> &'static [&'static str] {
+        &["fetch", "prepare"]
+    }
+
+    fn config_view(&self, c: &Config) -> serde_json::Value {
+        json!({"train": c.train, "pretrain": c.pretrain, "batching": c.batching})
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<serde_json::Value> {
+        let c = ctx.config;
+        let fetched = Fetched::load(ctx.run)?;
+        let base_dir = base_model_dir(&fetched)?;
+        let docs = prepared(ctx, &c.train.dataset)?;
+        if let Some(from) = &c.train.import_from {
+            let imported = import_trainer(
+                from,
+                &c.train,
+                &c.train.dataset,
+                docs.len() as u64,
+                &ctx.out_dir,
+                Path::new("finetune"),
+            )?;
+            let mut segments = pretrain_segment(ctx, &base_dir)?;
+            segments.extend(imported.segments);
+            let traj = Trajectory {
+                version: TRAJECTORY_VERSION,
+                base_model: fetched.model.id.clone(),
+                base_commit: fetched.model.commit.clone(),
+                loss_normalization: c.train.loss_normalization,
+                segments,
+            };
+            traj.save(&ctx.out("trajectory.json"))?;
+            tracing::info!(
+                "imported {} checkpoints from {} into {} segments",
+                imported.checkpoint_steps.len(),
+                from.display(),
+                traj.segments.len()
+            );
+            return Ok(
+                json!({"imported_from": from, "checkpoints": imported.checkpoint_steps,
+                             "segments": traj.segments.len()}),
+            );
+        }
+        let work = ctx.resume_dir()?.join("checkpoints");
+        let hook = |p: &str| ctx.failpoint(p);
+        let device = candle_core::Device::Cpu;
+        let t0 = std::time::Instant::now();
+        let out = train(&TrainJob {
+            base_dir: &base_dir,
+            docs: &docs,
+            train: &c.train,
+            batching: &c.batching,
+            work_dir: &work,
+            device: &device,
+            hook: &hook,
+        })?;
+        let secs = t0.elapsed().as_secs_f64();
+
+        for (step, dir) in &out.checkpoints {
+            publish_checkpoint(dir, &ctx.out(checkpoint_rel(*step)))?;
+        }
+        write_loss_parquet(&ctx.out("loss.parquet"), &out.log)?;
+        let ids: Vec<String> = docs.iter().map(|d| d.doc_id.clone()).collect();
+        write_visits_parquet(&ctx.out("visit_order.parquet"), &out.visits, &ids)?;
+        let traj = trajectory(ctx, &fetched, &base_dir, &out, docs.len())?;
+        traj.save(&ctx.out("trajectory.json"))?;
+
+        let trained = out.log.len() as u64 - out.resumed_from;
+        let tokens: u64 = out.log[out.resumed_from as usize..]
+            .iter()
+            .map(|r| r.n_tokens)
+            .sum();
+        let first = out.log.first().map(|r| r.loss).unwrap_or(f64::NAN);
+        let last = out.log.last().map(|r| r.loss).unwrap_or(f64::NAN);
+        tracing::info!(
+            "fine-tuned {} steps ({trained} in this run, {:.2} steps/s, {:.0} tokens/s): loss \
+             {first:.4} → {last:.4}",
+            out.log.len(),
+            trained as f64 / secs.max(1e-9),
+            tokens as f64 / secs.max(1e-9)
+        );
+        Ok(json!({
+            "steps": out.log.len(),
+            "resumed_from_step": out.resumed_from,
+            "segments": traj.segments.len(),
+            "first_loss": first,
+            "last_loss": last,
+            "steps_per_s": trained as f64 / secs.max(1e-9),
+            "tokens_per_s": tokens as f64 / secs.max(1e-9),
+        }))
+    }
+}
+
+/// `checkpoints/step-N` inside the stage folder.
+fn checkpoint_rel(step: u64) -> PathBuf {
+    Path::new("checkpoints").join(crate::train::checkpoint::checkpoint_name(step))
+}
+
+fn trajectory(
+    ctx: &StageContext,
+    fetched: &Fetched,
+    base_dir: &Path,
+    out: &TrainOutcome,
+    n_docs: usize,
+) -> Result<Trajectory> {
+    let c = ctx.config;
+    let mut segments = pretrain_segment(ctx, base_dir)?;
+    let stage_rel = |rel: PathBuf| Path::new("finetune").join(rel).display().to_string();
+    for plan in &out.segments {
+        let rates = out.rates[plan.start as usize..plan.end as usize].to_vec();
+        let mass: f64 = rates.iter().sum();
+        let checkpoints = plan
+            .checkpoints
+            .iter()
+            .map(|&s| CheckpointRef {
+                step: s,
+                path: stage_rel(checkpoint_rel(s)),
+                optimizer_state: ctx
+                    .out(checkpoint_rel(s))
+                    .join("optimizer.safetensors")
+                    .exists()
+                    .then(|| stage_rel(checkpoint_rel(s).join("optimizer.safetensors"))),
+            })
+            .collect();
+        segments.push(Segment {
+            stage: "finetune".into(),
+            step_start: plan.start,
+            step_end: plan.end,
+            learning_rates: rates,
+            lr_mass: LrMass::Finite(mass),
+            optimizer: out.optimizer.clone(),
+            dataset: c.train.dataset.clone(),
+            n_docs: n_docs as u64,
+            checkpoints,
+            visit_order: Some("finetune/visit_order.parquet".into()),
+        });
+    }
+    Ok(Trajectory {
+        version: TRAJECTORY_VERSION,
+        base_model: fetched.model.id.clone(),
+        base_commit: fetched.model.commit.clone(),
+        loss_normalization: c.train.loss_normalization,
+        segments,
+    })
+}
+
+/// The declared `pretrain` segment (the base model as its only checkpoint), when it has a
+/// data set to attribute to: `[pretrain]`, or `[data.pretrain]` alone (then s = converged).
+fn pretrain_segment(ctx: &StageContext, base_dir: &Path) -> Result<Vec<Segment>> {
+    let c = ctx.config;
+    let mut segments = Vec::new();
+    let pretrain = c.pretrain.clone().or_else(|| {
+        c.data
+            .pretrain
+            .as_ref()
+            .map(|_| crate::config::PretrainConfig {
+                dataset: Some("pretrain".into()),
+                ..Default::default()
+            })
+    });
+    if let Some(p) = pretrain {
+        match &p.dataset {
+            Some(role) => {
+                let n = prepared(ctx, role)?.len() as u64;
+                segments.push(Segment {
+                    stage: "pretrain".into(),
+                    step_start: 0,
+                    step_end: 0,
+                    learning_rates: Vec::new(),
+                    lr_mass: match p.lr_mass {
+                        MassSpec::Value(v) => LrMass::Finite(v),
+                        MassSpec::Word(_) => LrMass::Converged,
+                    },
+                    optimizer: OptimizerInfo::Unknown,
+                    dataset: role.clone(),
+                    n_docs: n,
+                    checkpoints: vec![CheckpointRef {
+                        step: 0,
+                        path: base_dir.display().to_string(),
+                        optimizer_state: None,
+                    }],
+                    visit_order: None,
+                });
+            }
+            None => tracing::info!(
+                "[pretrain] names no data set of pretraining documents: the pretrain segment \
+                 has nothing to attribute to and is left out of the trajectory"
+            ),
+        }
+    }
+    Ok(segments)
+}

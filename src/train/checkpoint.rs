@@ -1,0 +1,258 @@
+//! Checkpoints: Hugging Face folders that this tool and `transformers` both load, plus the
+//! optimizer state, written so that a crash never leaves one that looks complete.
+//!
+//! ```text
+//! step-000040/
+//!   config.json  tokenizer.json  (and tokenizer_config.json, … when the base model has them)
+//!   model.safetensors        the weights, named and shaped as in the base checkpoint
+//!   optimizer.safetensors    what the attribution reads: exp_avg_sq.NAME (Adam's v̂,
+//!                            bias-corrected) or momentum.NAME; absent for SGD
+//!   resume.safetensors       the rest of the optimizer state (exp_avg, raw exp_avg_sq)
+//!   state.json               step t and the log of steps 1 … t
+//! ```
+//!
+//! A checkpoint is written into `.tmp-step-N-PID/` and renamed to `step-N/` when every file
+//! is on disk: the rename is the completion marker. Folders named otherwise are ignored by
+//! [`latest_checkpoint`] and removed by [`remove_incomplete`].
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::model::Model;
+use crate::util::fsx::remove_dir_if_exists;
+
+/// Files copied from the base model folder into every checkpoint, when present.
+const COPIED: [&str; 5] = [
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
+
+/// One optimizer step's record in the training log. In `state.json` the floats are stored
+/// as their IEEE-754 bit patterns, so a resumed run's log is bitwise the uninterrupted one's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepLog {
+    /// Global step (1-based: the state after this many steps).
+    pub step: u64,
+    /// η of the step.
+    #[serde(with = "f64_bits")]
+    pub lr: f64,
+    /// The objective J the step descended, summed over its micro-batches.
+    #[serde(with = "f64_bits")]
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    #[serde(with = "f64_bits")]
+    pub grad_norm: f64,
+    /// Documents in the step.
+    pub n_docs: u32,
+    /// Real (unpadded) tokens in the step.
+    pub n_tokens: u64,
+    /// Micro-batches the step was split into.
+    pub micro_batches: u32,
+}
+
+/// f64 ⇄ its bit pattern as u64 (JSON numbers do not round-trip every f64 exactly).
+mod f64_bits {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(x.to_bits())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(f64::from_bits(u64::deserialize(d)?))
+    }
+}
+
+/// `state.json` of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    /// t: optimizer steps taken.
+    pub step: u64,
+    /// Steps 1 … t.
+    pub log: Vec<StepLog>,
+}
+
+/// The folder name of the checkpoint after `step` steps.
+pub fn checkpoint_name(step: u64) -> String {
+    format!("step-{step:06}")
+}
+
+/// Writes `tensors` as a safetensors file (f32, little-endian) with `metadata`, synced.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let mut bufs = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let data: Vec<u8> = t
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        bufs.push((name.clone(), t.dims().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bufs
+        .iter()
+        .map(|(n, shape, data)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Model(format!("{}: tensor `{n}`: {e}", path.display())))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+    let mut f = std::fs::File::create(path).ctx("creating", path)?;
+    f.write_all(&bytes).ctx("writing", path)?;
+    f.sync_all().ctx("syncing", path)?;
+    Ok(())
+}
+
+/// Reads every tensor of a safetensors file onto `device`.
+pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device).map_err(|e| {
+        Error::Model(format!(
+            "{}: not a readable safetensors file: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// The model's weights named and shaped as in its Hugging Face checkpoint (GPT-2 Conv1D
+/// weights transposed back to [d_in, d_out]).
+pub fn hf_weights(model: &Model) -> Result<Vec<(String, Tensor)>> {
+    model
+        .params()
+        .iter()
+        .map(|p| {
+            let t = p.var.as_tensor();
+            let t = if p.transposed_from_checkpoint {
+                t.t()?.contiguous()?
+            } else {
+                t.clone()
+            };
+            Ok((p.name.clone(), t))
+        })
+        .collect()
+}
+
+/// Everything one checkpoint holds besides the base model's files.
+pub struct CheckpointContent<'a> {
+    /// The model after `state.step` steps.
+    pub model: &'a Model,
+    /// The attribution state (`exp_avg_sq.*` or `momentum.*`); empty for SGD.
+    pub optimizer: Vec<(String, Tensor)>,
+    /// The rest of the optimizer state for resuming.
+    pub resume: Vec<(String, Tensor)>,
+    /// Metadata recorded in optimizer.safetensors (optimizer kind, hyper-parameters).
+    pub optimizer_metadata: HashMap<String, String>,
+    /// Step and log.
+    pub state: &'a CheckpointState,
+}
+
+/// Writes checkpoint `c` into `root/step-N/` atomically (temp folder + rename), copying
+/// config and tokenizer files from `base_dir`. `before_commit` runs after every file is
+/// written and before the rename (a test hook). Returns the final folder.
+pub fn save_checkpoint(
+    root: &Path,
+    base_dir: &Path,
+    c: &CheckpointContent<'_>,
+    before_commit: &dyn Fn() -> Result<()>,
+) -> Result<PathBuf> {
+    let name = checkpoint_name(c.state.step);
+    let fin = root.join(&name);
+    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+    remove_dir_if_exists(&tmp)?;
+    std::fs::create_dir_all(&tmp).ctx("creating", &tmp)?;
+    for f in COPIED {
+        let src = base_dir.join(f);
+        if src.exists() {
+            std::fs::copy(&src, tmp.join(f)).ctx("copying", &src)?;
+        }
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_safetensors(&tmp.join("model.safetensors"), &hf_weights(c.model)?, meta)?;
+    let mut ometa = c.optimizer_metadata.clone();
+    ometa.insert("step".into(), c.state.step.to_string());
+    if !c.optimizer.is_empty() {
+        write_safetensors(
+            &tmp.join("optimizer.safetensors"),
+            &c.optimizer,
+            ometa.clone(),
+        )?;
+    }
+    if !c.resume.is_empty() {
+        write_safetensors(&tmp.join("resume.safetensors"), &c.resume, ometa)?;
+    }
+    let state = serde_json::to_vec(c.state).expect("plain data serialises");
+    let sp = tmp.join("state.json");
+    let mut f = std::fs::File::create(&sp).ctx("creating", &sp)?;
+    f.write_all(&state).ctx("writing", &sp)?;
+    f.sync_all().ctx("syncing", &sp)?;
+    before_commit()?;
+    remove_dir_if_exists(&fin)?;
+    std::fs::rename(&tmp, &fin).ctx("renaming into place", &fin)?;
+    if let Ok(d) = std::fs::File::open(root) {
+        let _ = d.sync_all();
+    }
+    Ok(fin)
+}
+
+/// The complete checkpoint with the most steps under `root` (folders `step-N` with a
+/// `state.json`), if any.
+pub fn latest_checkpoint(root: &Path) -> Result<Option<(u64, PathBuf)>> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(None);
+    };
+    let mut best: Option<(u64, PathBuf)> = None;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if e.path().join("state.json").is_file() && best.as_ref().is_none_or(|b| step > b.0) {
+            best = Some((step, e.path()));
+        }
+    }
+    Ok(best)
+}
+
+/// Removes half-written checkpoint folders (`.tmp-*`) under `root`.
+pub fn remove_incomplete(root: &Path) -> Result<usize> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(0);
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(".tmp-") {
+            remove_dir_if_exists(&e.path())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Reads a checkpoint's `state.json`.
+pub fn read_state(dir: &Path) -> Result<CheckpointState> {
+    let p = dir.join("state.json");
+    let text = std::fs::read_to_string(&p).ctx("reading", &p)?;
+    serde_json::from_str(&text).map_err(|e| {
+        Error::Pipeline(format!(
+            "{}: unreadable ({e}); delete the checkpoint folder to resume from the one before",
+            p.display()
+        ))
+    })
+}

@@ -1,0 +1,325 @@
+//! The fine-tuning loop: deterministic, resumable, with gradient accumulation.
+//!
+//! Step k (1-based) visits the documents [`VisitOrder`] assigns it, splits them into
+//! micro-batches under the token budget (in visit order), and accumulates the gradient of
+//! J_k = (1/n_k) Σ_m L(z_m) (`sum_per_document`) or Σ_m L(z_m) / (loss tokens of the step)
+//! (`mean_per_token`). The gradient is optionally clipped to a global norm, then the
+//! optimizer steps with η_{k−1} of the schedule. Checkpoints are saved at the planned steps
+//! into a work folder; a rerun resumes from the newest complete one and, because the visit
+//! order, schedule and arithmetic are fixed functions of the config, ends bitwise where an
+//! uninterrupted run would.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::config::{BatchingConfig, OptimizerKind, TrainConfig};
+use crate::data::{plan_batches, BatchOrder, PreparedDoc};
+use crate::error::{Error, Result};
+use crate::model::{LoadOptions, Model, TokenBatch};
+use crate::util::progress;
+
+use super::checkpoint::{
+    latest_checkpoint, read_safetensors, read_state, remove_incomplete, save_checkpoint,
+    CheckpointContent, CheckpointState, StepLog,
+};
+use super::optim::{clip_global_norm, global_norm, Optimizer};
+use super::plan::{plan_segments, total_steps, SegmentPlan, VisitOrder};
+use super::schedule::Schedule;
+use super::trajectory::{LossNormalization, OptimizerInfo};
+
+/// What a training run needs.
+pub struct TrainJob<'a> {
+    /// The base model folder (config.json, safetensors, tokenizer.json).
+    pub base_dir: &'a Path,
+    /// The documents trained on (N = `docs.len()`).
+    pub docs: &'a [PreparedDoc],
+    /// `[train]`, resolved.
+    pub train: &'a TrainConfig,
+    /// `[batching]`: the token budget of a micro-batch.
+    pub batching: &'a BatchingConfig,
+    /// Where checkpoints are written and resumed from (it must survive a crash).
+    pub work_dir: &'a Path,
+    /// The device to train on.
+    pub device: &'a Device,
+    /// Test hook called with `step-K` after every step, `in-checkpoint-K` before a
+    /// checkpoint's rename and `after-checkpoint-K` after it.
+    pub hook: &'a dyn Fn(&str) -> Result<()>,
+}
+
+/// What a finished run produced.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// The segments with their checkpoint steps.
+    pub segments: Vec<SegmentPlan>,
+    /// η_k of every step, k = 0 … T − 1.
+    pub rates: Vec<f64>,
+    /// Per-step log, steps 1 … T.
+    pub log: Vec<StepLog>,
+    /// Checkpoint folders by step, under the work folder.
+    pub checkpoints: Vec<(u64, PathBuf)>,
+    /// The optimizer and its hyper-parameters.
+    pub optimizer: OptimizerInfo,
+    /// The step training resumed from (0 for a fresh start).
+    pub resumed_from: u64,
+    /// (step, document index) of every visit, in order.
+    pub visits: Vec<(u64, u32)>,
+    /// The trained model.
+    pub model: Model,
+}
+
+/// The optimizer a resolved `[train]` describes.
+pub fn optimizer_info(t: &TrainConfig) -> OptimizerInfo {
+    match t.optimizer {
+        OptimizerKind::Sgd => OptimizerInfo::Sgd {
+            weight_decay: t.weight_decay,
+        },
+        OptimizerKind::Momentum => OptimizerInfo::Momentum {
+            beta: t.momentum.unwrap_or(0.9),
+            weight_decay: t.weight_decay,
+        },
+        OptimizerKind::AdamW => OptimizerInfo::AdamW {
+            beta1: t.beta1.unwrap_or(0.9),
+            beta2: t.beta2.unwrap_or(0.999),
+            eps: t.eps.unwrap_or(1e-8),
+            weight_decay: t.weight_decay,
+        },
+    }
+}
+
+/// T, the schedule and the segment plan of `train` over N documents.
+pub fn plan(train: &TrainConfig, n_docs: usize) -> Result<(Schedule, Vec<SegmentPlan>)> {
+    let total = total_steps(n_docs, train.batch_size, train.epochs, train.max_steps);
+    let schedule = Schedule {
+        kind: train.schedule,
+        peak: train.lr,
+        warmup: train.warmup_steps,
+        total,
+    };
+    let segments = plan_segments(
+        total,
+        train.segments.unwrap_or(3),
+        train.segment_boundaries.as_deref(),
+        train.checkpoints_per_segment,
+    )
+    .map_err(Error::Pipeline)?;
+    Ok((schedule, segments))
+}
+
+/// Gradients of one step's objective, accumulated over micro-batches, and its value.
+pub fn step_gradients(
+    model: &Model,
+    docs: &[&PreparedDoc],
+    norm: LossNormalization,
+    batching: &BatchingConfig,
+) -> Result<(Vec<Tensor>, f64, u32)> {
+    let lengths: Vec<usize> = docs.iter().map(|d| d.n_tokens()).collect();
+    let denom = match norm {
+        LossNormalization::SumPerDocument => docs.len() as f64,
+        LossNormalization::MeanPerToken => {
+            docs.iter().map(|d| d.n_loss_tokens()).sum::<usize>() as f64
+        }
+    };
+    let params = model.params();
+    let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
+    let mut value = 0f64;
+    let micro = plan_batches(
+        &lengths,
+        batching.token_budget,
+        batching.max_batch_size,
+        BatchOrder::AsGiven,
+    );
+    if denom == 0.0 {
+        // No loss token in the whole step: the objective is 0 and so is its gradient.
+        let zeros = params
+            .iter()
+            .map(|p| p.var.zeros_like())
+            .collect::<candle_core::Result<_>>()?;
+        return Ok((zeros, 0.0, micro.len() as u32));
+    }
+    for mb in &micro {
+        let rows: Vec<(&[u32], &[u8])> = mb
+            .docs
+            .iter()
+            .map(|&i| (docs[i].input_ids.as_slice(), docs[i].loss_mask.as_slice()))
+            .collect();
+        let batch = TokenBatch::new(&rows, 0, None, model.device())?;
+        let obj = model
+            .loss_tensor(&batch)?
+            .sum_all()?
+            .affine(1.0 / denom, 0.0)?;
+        value += obj.to_scalar::<f32>()? as f64;
+        let grads = obj.backward()?;
+        for (slot, p) in acc.iter_mut().zip(params) {
+            let g = match grads.get(p.var.as_tensor()) {
+                Some(g) => g.clone(),
+                None => p.var.zeros_like()?,
+            };
+            *slot = Some(match slot.take() {
+                None => g,
+                Some(a) => (a + g)?,
+            });
+        }
+    }
+    Ok((
+        acc.into_iter()
+            .map(|g| g.expect("≥ 1 micro-batch"))
+            .collect(),
+        value,
+        micro.len() as u32,
+    ))
+}
+
+/// Runs (or resumes) the training job.
+pub fn train(job: &TrainJob<'_>) -> Result<TrainOutcome> {
+    let t = job.train;
+    let n = job.docs.len();
+    if n == 0 {
+        return Err(Error::Pipeline(format!(
+            "data set `{}` has no documents to fine-tune on",
+            t.dataset
+        )));
+    }
+    let (schedule, segments) = plan(t, n)?;
+    let total = schedule.total;
+    let rates = schedule.rates();
+    let ckpt_steps: Vec<u64> = segments
+        .iter()
+        .flat_map(|s| s.checkpoints.clone())
+        .collect();
+    let info = optimizer_info(t);
+    let mut ometa = HashMap::from([(
+        "optimizer".to_string(),
+        serde_json::to_string(&info).expect("serialises"),
+    )]);
+    ometa.insert(
+        "exp_avg_sq".into(),
+        "bias-corrected second moment v̂ = v / (1 − β₂ᵗ)".into(),
+    );
+
+    std::fs::create_dir_all(job.work_dir).map_err(|e| Error::io("creating", job.work_dir, e))?;
+    let dropped = remove_incomplete(job.work_dir)?;
+    if dropped > 0 {
+        tracing::warn!("removed {dropped} half-written checkpoint(s) of an interrupted run");
+    }
+    let (model, mut opt, mut log, start) = match latest_checkpoint(job.work_dir)? {
+        Some((step, dir)) if step <= total => {
+            let model = Model::load(&dir, &LoadOptions::default(), job.device)?;
+            let state = read_state(&dir)?;
+            let mut opt = Optimizer::new(info.clone(), model.params().len())?;
+            let resume = dir.join("resume.safetensors");
+            let tensors = if resume.is_file() {
+                read_safetensors(&resume, job.device)?
+            } else {
+                HashMap::new()
+            };
+            opt.restore(model.params(), step, tensors)?;
+            tracing::info!(
+                "resuming from checkpoint {} (step {step} of {total})",
+                dir.display()
+            );
+            (model, opt, state.log, step)
+        }
+        _ => {
+            let model = Model::load(job.base_dir, &LoadOptions::default(), job.device)?;
+            let opt = Optimizer::new(info.clone(), model.params().len())?;
+            (model, opt, Vec::new(), 0)
+        }
+    };
+    if log.len() as u64 != start {
+        return Err(Error::Pipeline(format!(
+            "checkpoint at step {start} logs {} steps; delete {} to restart",
+            log.len(),
+            job.work_dir.display()
+        )));
+    }
+    tracing::info!(
+        "fine-tuning: N = {n} documents, {} per step, T = {total} steps, {} segments, \
+         {:?} schedule peak η = {}",
+        t.batch_size,
+        segments.len(),
+        schedule.kind,
+        schedule.peak
+    );
+
+    let mut order = VisitOrder::new(t.seed.unwrap_or(0), n, t.batch_size);
+    let pb = progress::bar(total, "finetune");
+    pb.set_position(start);
+    for k in start..total {
+        let idx = order.step_docs(k);
+        let docs: Vec<&PreparedDoc> = idx.iter().map(|&i| &job.docs[i]).collect();
+        let (mut grads, loss, micro) =
+            step_gradients(&model, &docs, t.loss_normalization, job.batching)?;
+        if !loss.is_finite() {
+            return Err(Error::Numeric(format!(
+                "step {}: the loss is {loss}; lower `train.lr` or set `train.max_grad_norm`",
+                k + 1
+            )));
+        }
+        let grad_norm = match t.max_grad_norm {
+            Some(m) => clip_global_norm(&mut grads, m)?,
+            None => global_norm(&grads)?,
+        };
+        let lr = rates[k as usize];
+        opt.step(model.params(), &grads, lr)?;
+        let step = k + 1;
+        log.push(StepLog {
+            step,
+            lr,
+            loss,
+            grad_norm,
+            n_docs: docs.len() as u32,
+            n_tokens: docs.iter().map(|d| d.n_tokens() as u64).sum(),
+            micro_batches: micro,
+        });
+        pb.set_message(format!("loss {loss:.4}"));
+        pb.inc(1);
+        if ckpt_steps.contains(&step) {
+            let state = CheckpointState {
+                step,
+                log: log.clone(),
+            };
+            let content = CheckpointContent {
+                model: &model,
+                optimizer: opt.attribution_state(model.params())?,
+                resume: opt.resume_state(model.params()),
+                optimizer_metadata: ometa.clone(),
+                state: &state,
+            };
+            let hook = || (job.hook)(&format!("in-checkpoint-{step}"));
+            save_checkpoint(job.work_dir, job.base_dir, &content, &hook)?;
+            (job.hook)(&format!("after-checkpoint-{step}"))?;
+        }
+        (job.hook)(&format!("step-{step}"))?;
+    }
+    pb.finish_and_clear();
+
+    let checkpoints = ckpt_steps
+        .iter()
+        .map(|&s| (s, job.work_dir.join(super::checkpoint::checkpoint_name(s))))
+        .collect::<Vec<_>>();
+    for (s, dir) in &checkpoints {
+        if !dir.join("state.json").is_file() {
+            return Err(Error::Pipeline(format!(
+                "checkpoint of step {s} is missing from {}; delete that folder to retrain",
+                job.work_dir.display()
+            )));
+        }
+    }
+    let mut visits = Vec::new();
+    let mut order = VisitOrder::new(t.seed.unwrap_or(0), n, t.batch_size);
+    for k in 0..total {
+        visits.extend(order.step_docs(k).into_iter().map(|i| (k + 1, i as u32)));
+    }
+    Ok(TrainOutcome {
+        segments,
+        rates,
+        log,
+        checkpoints,
+        optimizer: info,
+        resumed_from: start,
+        visits,
+        model,
+    })
+}

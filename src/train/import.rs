@@ -1,0 +1,306 @@
+//! Importing a trajectory from a Hugging Face Trainer output folder (`[train] import_from`).
+//!
+//! The Trainer saves `checkpoint-N/` folders (config.json, model.safetensors, tokenizer
+//! files, `trainer_state.json`, and `optimizer.pt`, a PyTorch pickle this tool does not
+//! read). `trainer_state.json` gives the steps (`global_step`, `max_steps`) and the logged
+//! learning rates (`log_history`), but not the schedule, the optimizer or its
+//! hyper-parameters: those come from `[train]` (`lr`, `schedule`, `warmup_steps`,
+//! `optimizer`, `beta1`, …), and every logged rate is checked against them. The Trainer
+//! logs, at global step s, the rate after its scheduler stepped: λ(s), the rate of step
+//! s + 1; step k (1-based) trains with η λ(k − 1).
+//!
+//! Adam's second moments come from `checkpoint-N/exp_avg_sq.safetensors`, a safetensors
+//! export of `optimizer.pt` (tensors named by parameter, raw PyTorch `exp_avg_sq`; see
+//! docs/import-trainer.md); they are bias-corrected here (v̂ = v / (1 − β₂ᴺ)) and written to
+//! `OUT/optimizer/checkpoint-N.safetensors` as `exp_avg_sq.NAME`. Momentum SGD reads
+//! `momentum.safetensors` (`momentum_buffer`) the same way.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+
+use crate::config::TrainConfig;
+use crate::error::{Error, IoContext, Result};
+
+use super::checkpoint::{read_safetensors, write_safetensors};
+use super::finetune::optimizer_info;
+use super::schedule::Schedule;
+use super::trajectory::{CheckpointRef, LossNormalization, LrMass, OptimizerInfo, Segment};
+
+/// The fine-tuning segments built from a Trainer folder.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    /// Segments in step order (paths absolute; optimizer states under the output folder).
+    pub segments: Vec<Segment>,
+    /// Steps of the checkpoints found.
+    pub checkpoint_steps: Vec<u64>,
+}
+
+fn bad(dir: &Path, msg: impl std::fmt::Display) -> Error {
+    Error::Pipeline(format!("import from {}: {msg}", dir.display()))
+}
+
+fn checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).ctx("listing", dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.parse().ok())
+        {
+            out.push((n, e.path()));
+        }
+    }
+    out.sort();
+    if out.is_empty() {
+        return Err(bad(
+            dir,
+            "no checkpoint-N folders; point `train.import_from` at the Trainer's output_dir \
+             (trained with save_strategy = \"steps\" or \"epoch\")",
+        ));
+    }
+    Ok(out)
+}
+
+/// Builds the fine-tuning segments of a Trainer run in `dir`; `t` declares what
+/// `trainer_state.json` does not record; `dataset`/`n_docs` name the data trained on;
+/// optimizer states are written under `out`, whose path inside the run directory is
+/// `out_rel`.
+pub fn import_trainer(
+    dir: &Path,
+    t: &TrainConfig,
+    dataset: &str,
+    n_docs: u64,
+    out: &Path,
+    out_rel: &Path,
+) -> Result<Imported> {
+    if t.loss_normalization != LossNormalization::MeanPerToken {
+        return Err(bad(
+            dir,
+            "the Hugging Face Trainer averages the loss over tokens; set \
+             `train.loss_normalization = \"mean_per_token\"` (or keep it only if your Trainer \
+             subclass summed per document and averaged over documents, which this import \
+             cannot check)",
+        ));
+    }
+    let ckpts = checkpoints(dir)?;
+    let (last_step, last_dir) = ckpts.last().cloned().expect("non-empty");
+    let state_path = [
+        last_dir.join("trainer_state.json"),
+        dir.join("trainer_state.json"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .ok_or_else(|| {
+        bad(
+            dir,
+            format!("{} has no trainer_state.json", last_dir.display()),
+        )
+    })?;
+    let text = std::fs::read_to_string(&state_path).ctx("reading", &state_path)?;
+    let state: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| bad(dir, format!("{}: not JSON ({e})", state_path.display())))?;
+    let global = state["global_step"].as_u64().ok_or_else(|| {
+        bad(
+            dir,
+            format!("{}: no integer `global_step`", state_path.display()),
+        )
+    })?;
+    if global != last_step {
+        return Err(bad(
+            dir,
+            format!(
+                "{}: global_step = {global}, but the folder is checkpoint-{last_step}; the \
+                 folder was renamed or copied from another run",
+                state_path.display()
+            ),
+        ));
+    }
+    let total = match (state["max_steps"].as_u64(), t.max_steps) {
+        (_, Some(m)) => m,
+        (Some(m), None) if m > 0 => m,
+        _ => {
+            return Err(bad(
+                dir,
+                "trainer_state.json has no `max_steps` (the schedule's length); set \
+                 `train.max_steps` to the Trainer's total number of optimizer steps",
+            ))
+        }
+    };
+    if total < last_step {
+        return Err(bad(
+            dir,
+            format!("max_steps = {total} is less than the last checkpoint's step {last_step}"),
+        ));
+    }
+    let sched = Schedule {
+        kind: t.schedule,
+        peak: t.lr,
+        warmup: t.warmup_steps,
+        total,
+    };
+    let logs = state["log_history"].as_array().cloned().unwrap_or_default();
+    let mut checked = 0;
+    for entry in &logs {
+        let (Some(s), Some(lr)) = (entry["step"].as_u64(), entry["learning_rate"].as_f64()) else {
+            continue;
+        };
+        let want = sched.lr(s);
+        if (lr - want).abs() > 1e-6 * want.abs().max(lr.abs()) + 1e-15 {
+            return Err(bad(
+                dir,
+                format!(
+                    "trainer_state.json logs learning_rate {lr} at step {s}, but [train] \
+                     (lr = {}, schedule = {:?}, warmup_steps = {}, T = {total}) gives {want}; \
+                     set them to the Trainer's learning_rate, lr_scheduler_type and warmup_steps",
+                    t.lr, t.schedule, t.warmup_steps
+                ),
+            ));
+        }
+        checked += 1;
+    }
+    if checked == 0 {
+        tracing::warn!(
+            "{}: no learning rate logged; trusting the declared schedule unchecked",
+            state_path.display()
+        );
+    }
+
+    // Segment ends: explicit boundaries (each must be a checkpoint), else the checkpoints
+    // split evenly by count into L groups.
+    let steps: Vec<u64> = ckpts.iter().map(|c| c.0).collect();
+    let ends: Vec<u64> = match &t.segment_boundaries {
+        Some(b) => {
+            for s in b {
+                if !steps.contains(s) {
+                    return Err(bad(
+                        dir,
+                        format!(
+                            "train.segment_boundaries has step {s}, but there is no \
+                             checkpoint-{s}; boundaries must be checkpoint steps ({steps:?})"
+                        ),
+                    ));
+                }
+            }
+            b.iter().copied().chain([last_step]).collect()
+        }
+        None => {
+            let l = t.segments.unwrap_or(3);
+            if l > steps.len() {
+                return Err(bad(
+                    dir,
+                    format!(
+                        "{} checkpoint folders cannot end {l} segments; set train.segments ≤ \
+                         {} or save more checkpoints (save_steps)",
+                        steps.len(),
+                        steps.len()
+                    ),
+                ));
+            }
+            (1..=l)
+                .map(|i| steps[(i * steps.len()).div_ceil(l) - 1])
+                .collect()
+        }
+    };
+    let info = optimizer_info(t);
+    let opt_dir = out.join("optimizer");
+    let mut segments = Vec::new();
+    let mut start = 0u64;
+    for end in ends {
+        let mut refs = Vec::new();
+        for (s, cdir) in ckpts.iter().filter(|c| c.0 > start && c.0 <= end) {
+            if !(cdir.join("model.safetensors").is_file()
+                || cdir.join("model.safetensors.index.json").is_file())
+            {
+                return Err(bad(
+                    dir,
+                    format!(
+                        "{} has no model.safetensors; save with save_safetensors = True (the \
+                         default since transformers 4.35)",
+                        cdir.display()
+                    ),
+                ));
+            }
+            let opt_file = convert_state(dir, cdir, *s, &info, &opt_dir)?;
+            refs.push(CheckpointRef {
+                step: *s,
+                path: cdir.display().to_string(),
+                optimizer_state: opt_file
+                    .map(|f| out_rel.join("optimizer").join(f).display().to_string()),
+            });
+        }
+        let rates: Vec<f64> = (start..end).map(|k| sched.lr(k)).collect();
+        segments.push(Segment {
+            stage: "finetune".into(),
+            step_start: start,
+            step_end: end,
+            lr_mass: LrMass::Finite(rates.iter().sum()),
+            learning_rates: rates,
+            optimizer: info.clone(),
+            dataset: dataset.to_string(),
+            n_docs,
+            checkpoints: refs,
+            visit_order: None,
+        });
+        start = end;
+    }
+    Ok(Imported {
+        segments,
+        checkpoint_steps: steps,
+    })
+}
+
+/// Converts a checkpoint's exported optimizer state into the attribution's format; returns
+/// the file name written under `opt_dir`, or None for SGD.
+fn convert_state(
+    dir: &Path,
+    cdir: &Path,
+    step: u64,
+    info: &OptimizerInfo,
+    opt_dir: &Path,
+) -> Result<Option<String>> {
+    let (file, prefix, beta2) = match info {
+        OptimizerInfo::AdamW { beta2, .. } => ("exp_avg_sq.safetensors", "exp_avg_sq", *beta2),
+        OptimizerInfo::Momentum { .. } => ("momentum.safetensors", "momentum", 0.0),
+        _ => return Ok(None),
+    };
+    let src = cdir.join(file);
+    if !src.is_file() {
+        return Err(bad(
+            dir,
+            format!(
+                "{} is missing: export the optimizer's `{prefix}` from optimizer.pt with the \
+                 command in docs/import-trainer.md, or set train.optimizer = \"sgd\" to \
+                 attribute without optimizer state",
+                src.display()
+            ),
+        ));
+    }
+    let tensors = read_safetensors(&src, &Device::Cpu)?;
+    if tensors.is_empty() {
+        return Err(bad(dir, format!("{} holds no tensors", src.display())));
+    }
+    let correction = if beta2 > 0.0 {
+        1.0 / (1.0 - beta2.powi(step as i32))
+    } else {
+        1.0
+    };
+    let mut named: Vec<(String, candle_core::Tensor)> = Vec::new();
+    for (name, t) in tensors {
+        let name = name
+            .strip_prefix(&format!("{prefix}."))
+            .unwrap_or(&name)
+            .to_string();
+        named.push((format!("{prefix}.{name}"), t.affine(correction, 0.0)?));
+    }
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    std::fs::create_dir_all(opt_dir).ctx("creating", opt_dir)?;
+    let out_name = format!("checkpoint-{step}.safetensors");
+    let meta = HashMap::from([
+        ("step".to_string(), step.to_string()),
+        ("source".to_string(), src.display().to_string()),
+    ]);
+    write_safetensors(&opt_dir.join(&out_name), &named, meta)?;
+    Ok(Some(out_name))
+}

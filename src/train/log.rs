@@ -1,0 +1,80 @@
+//! The fine-tuning logs as Parquet (zstd): `loss.parquet`, one row per optimizer step
+//! (step, lr, loss, grad_norm, n_docs, n_tokens, micro_batches), and `visit_order.parquet`,
+//! one row per document visit (step, doc_index, doc_id) in the order training saw them.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow_schema::{DataType, Field, Schema};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use crate::error::{Error, IoContext, Result};
+
+use super::checkpoint::StepLog;
+
+fn write(path: &Path, schema: Arc<Schema>, columns: Vec<ArrayRef>) -> Result<()> {
+    let file = std::fs::File::create(path).ctx("creating", path)?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid")))
+        .set_key_value_metadata(Some(vec![parquet::file::metadata::KeyValue::new(
+            "source_tda.version".into(),
+            crate::VERSION.to_string(),
+        )]))
+        .build();
+    let batch =
+        RecordBatch::try_new(schema.clone(), columns).map_err(|e| Error::parquet(path, e))?;
+    let mut w =
+        ArrowWriter::try_new(file, schema, Some(props)).map_err(|e| Error::parquet(path, e))?;
+    w.write(&batch).map_err(|e| Error::parquet(path, e))?;
+    w.close().map_err(|e| Error::parquet(path, e))?;
+    Ok(())
+}
+
+/// Writes the per-step log.
+pub fn write_loss_parquet(path: &Path, log: &[StepLog]) -> Result<()> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("step", DataType::UInt64, false),
+        Field::new("lr", DataType::Float64, false),
+        Field::new("loss", DataType::Float64, false),
+        Field::new("grad_norm", DataType::Float64, false),
+        Field::new("n_docs", DataType::UInt32, false),
+        Field::new("n_tokens", DataType::UInt64, false),
+        Field::new("micro_batches", DataType::UInt32, false),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from_iter_values(log.iter().map(|r| r.step))),
+        Arc::new(Float64Array::from_iter_values(log.iter().map(|r| r.lr))),
+        Arc::new(Float64Array::from_iter_values(log.iter().map(|r| r.loss))),
+        Arc::new(Float64Array::from_iter_values(
+            log.iter().map(|r| r.grad_norm),
+        )),
+        Arc::new(UInt32Array::from_iter_values(log.iter().map(|r| r.n_docs))),
+        Arc::new(UInt64Array::from_iter_values(
+            log.iter().map(|r| r.n_tokens),
+        )),
+        Arc::new(UInt32Array::from_iter_values(
+            log.iter().map(|r| r.micro_batches),
+        )),
+    ];
+    write(path, schema, columns)
+}
+
+/// Writes the visit order: (step, doc_index) pairs with the document ids.
+pub fn write_visits_parquet(path: &Path, visits: &[(u64, u32)], doc_ids: &[String]) -> Result<()> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("step", DataType::UInt64, false),
+        Field::new("doc_index", DataType::UInt32, false),
+        Field::new("doc_id", DataType::Utf8, false),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from_iter_values(visits.iter().map(|v| v.0))),
+        Arc::new(UInt32Array::from_iter_values(visits.iter().map(|v| v.1))),
+        Arc::new(StringArray::from_iter_values(
+            visits.iter().map(|v| doc_ids[v.1 as usize].as_str()),
+        )),
+    ];
+    write(path, schema, columns)
+}

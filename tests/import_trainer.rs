@@ -1,0 +1,182 @@
+//! Importing a trajectory from a hand-made Hugging Face Trainer output folder, and the
+//! documented errors for incomplete or inconsistent ones.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use common::write;
+use source_tda::config::{OptimizerKind, ScheduleKind, TrainConfig};
+use source_tda::train::checkpoint::{read_safetensors, write_safetensors};
+use source_tda::train::import::import_trainer;
+use source_tda::train::{LossNormalization, LrMass, OptimizerInfo};
+
+const LR: f64 = 1e-3;
+const T: u64 = 6;
+
+/// λ(s) of a linear schedule without warm-up: what the Trainer logs at step s.
+fn logged(s: u64) -> f64 {
+    LR * (T - s) as f64 / T as f64
+}
+
+/// output_dir with checkpoint-2, -4, -6: weights, trainer_state.json, exp_avg_sq export.
+fn trainer_dir(dir: &Path) {
+    for step in [2u64, 4, 6] {
+        let c = dir.join(format!("checkpoint-{step}"));
+        write(&c.join("config.json"), br#"{"model_type": "llama"}"#);
+        write(
+            &c.join("model.safetensors"),
+            common::tiny_safetensors("w", 4),
+        );
+        let v = Tensor::new(&[0.1f32 * step as f32, 0.2, 0.3, 0.4], &Device::Cpu).unwrap();
+        write_safetensors(
+            &c.join("exp_avg_sq.safetensors"),
+            &[("model.w".to_string(), v)],
+            HashMap::new(),
+        )
+        .unwrap();
+        let logs: Vec<serde_json::Value> = (1..=step)
+            .filter(|s| s % 2 == 0)
+            .map(|s| serde_json::json!({"step": s, "learning_rate": logged(s), "loss": 2.0, "epoch": 0.1}))
+            .collect();
+        let state = serde_json::json!({
+            "global_step": step, "max_steps": T, "log_history": logs, "epoch": 1.0,
+        });
+        write(&c.join("trainer_state.json"), state.to_string());
+    }
+}
+
+fn declared() -> TrainConfig {
+    TrainConfig {
+        optimizer: OptimizerKind::AdamW,
+        lr: LR,
+        schedule: ScheduleKind::Linear,
+        beta1: Some(0.9),
+        beta2: Some(0.99),
+        eps: Some(1e-8),
+        segments: Some(3),
+        loss_normalization: LossNormalization::MeanPerToken,
+        ..Default::default()
+    }
+}
+
+fn import(dir: &Path, t: &TrainConfig) -> source_tda::Result<source_tda::train::import::Imported> {
+    import_trainer(dir, t, "train", 50, &dir.join("out"), Path::new("finetune"))
+}
+
+#[test]
+fn a_trainer_folder_becomes_segments_with_exact_rates_and_corrected_moments() {
+    let tmp = tempfile::tempdir().unwrap();
+    trainer_dir(tmp.path());
+    let imp = import(tmp.path(), &declared()).unwrap();
+    assert_eq!(imp.checkpoint_steps, vec![2, 4, 6]);
+    assert_eq!(imp.segments.len(), 3);
+    for (i, seg) in imp.segments.iter().enumerate() {
+        let (a, b) = (2 * i as u64, 2 * i as u64 + 2);
+        assert_eq!((seg.step_start, seg.step_end), (a, b));
+        // Step k (1-based) trains with λ(k − 1).
+        let want: Vec<f64> = (a..b).map(|k| LR * (T - k) as f64 / T as f64).collect();
+        assert_eq!(seg.learning_rates.len(), 2);
+        for (g, w) in seg.learning_rates.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-15, "{g} vs {w}");
+        }
+        let LrMass::Finite(m) = seg.lr_mass else {
+            panic!("finite")
+        };
+        assert!((m - want.iter().sum::<f64>()).abs() < 1e-15);
+        assert_eq!(seg.n_docs, 50);
+        assert!(matches!(seg.optimizer, OptimizerInfo::AdamW { beta2, .. } if beta2 == 0.99));
+        let c = &seg.checkpoints[0];
+        assert_eq!(c.step, b);
+        assert!(c.path.ends_with(&format!("checkpoint-{b}")));
+        // v̂ = v / (1 − β₂ᵗ), named exp_avg_sq.<parameter>.
+        let rel = c.optimizer_state.as_ref().unwrap();
+        assert_eq!(
+            rel,
+            &format!("finetune/optimizer/checkpoint-{b}.safetensors")
+        );
+        let st = read_safetensors(
+            &tmp.path()
+                .join("out/optimizer")
+                .join(format!("checkpoint-{b}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let v = st["exp_avg_sq.model.w"].to_vec1::<f32>().unwrap();
+        let want0 = 0.1 * b as f64 / (1.0 - 0.99f64.powi(b as i32));
+        assert!(
+            (v[0] as f64 - want0).abs() < 1e-5 * want0,
+            "{} vs {want0}",
+            v[0]
+        );
+    }
+    // Fewer segments group the checkpoints evenly by count.
+    let mut t = declared();
+    t.segments = Some(2);
+    let imp = import(tmp.path(), &t).unwrap();
+    let ends: Vec<u64> = imp.segments.iter().map(|s| s.step_end).collect();
+    assert_eq!(ends, vec![4, 6]);
+    assert_eq!(imp.segments[0].checkpoints.len(), 2);
+}
+
+fn err(dir: &Path, t: &TrainConfig) -> String {
+    import(dir, t).unwrap_err().to_string()
+}
+
+#[test]
+fn incomplete_or_inconsistent_folders_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::create_dir_all(d).unwrap();
+    assert!(err(d, &declared()).contains("no checkpoint-N folders"));
+
+    trainer_dir(d);
+    // A schedule that disagrees with the logged rates.
+    let mut t = declared();
+    t.lr = 2e-3;
+    let e = err(d, &t);
+    assert!(
+        e.contains("logs learning_rate") && e.contains("lr_scheduler_type"),
+        "{e}"
+    );
+    let mut t = declared();
+    t.schedule = ScheduleKind::Cosine;
+    assert!(err(d, &t).contains("logs learning_rate"));
+    // The Trainer's loss is a per-token mean.
+    let mut t = declared();
+    t.loss_normalization = LossNormalization::SumPerDocument;
+    assert!(err(d, &t).contains("mean_per_token"));
+    // More segments than checkpoints.
+    let mut t = declared();
+    t.segments = Some(4);
+    assert!(err(d, &t).contains("set train.segments ≤ 3"));
+    // A boundary that is not a checkpoint.
+    let mut t = declared();
+    t.segment_boundaries = Some(vec![3]);
+    assert!(err(d, &t).contains("no checkpoint-3"));
+    // Adam without the exported second moments.
+    std::fs::remove_file(d.join("checkpoint-4/exp_avg_sq.safetensors")).unwrap();
+    let e = err(d, &declared());
+    assert!(
+        e.contains("docs/import-trainer.md") && e.contains("checkpoint-4"),
+        "{e}"
+    );
+    // …which SGD does not need.
+    let mut t = declared();
+    t.optimizer = OptimizerKind::Sgd;
+    (t.beta1, t.beta2, t.eps) = (None, None, None);
+    assert!(import(d, &t).unwrap().segments[1].checkpoints[0]
+        .optimizer_state
+        .is_none());
+    // Missing weights.
+    std::fs::remove_file(d.join("checkpoint-2/model.safetensors")).unwrap();
+    assert!(err(d, &t).contains("save_safetensors"));
+    // A renamed folder: global_step disagrees with its name.
+    std::fs::rename(d.join("checkpoint-6"), d.join("checkpoint-8")).unwrap();
+    assert!(err(d, &t).contains("global_step = 6"));
+    // No trainer_state.json.
+    std::fs::remove_file(d.join("checkpoint-8/trainer_state.json")).unwrap();
+    assert!(err(d, &t).contains("no trainer_state.json"));
+}
