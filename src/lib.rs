@@ -33,6 +33,7 @@ pub mod data;
 pub mod error;
 pub mod hub;
 pub mod model;
+pub mod output;
 pub mod pipeline;
 pub mod stages;
 pub mod train;

@@ -90,6 +90,41 @@ fn demo_pipeline_runs_offline_from_the_shipped_cache() {
         summary["last_loss"].as_f64().unwrap() < 0.7 * summary["first_loss"].as_f64().unwrap(),
         "{summary}"
     );
+
+    // Attribution: among the fine-tuning documents, each query's top proponent is one of the
+    // documents that state a planted fact (the demo's known answers).
+    let scores = std::fs::File::open(run.join("score/scores.parquet")).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(scores)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut best: std::collections::BTreeMap<String, (f64, String)> = Default::default();
+    for b in reader {
+        use arrow_array::cast::AsArray;
+        let b = b.unwrap();
+        let col = |c: &str| b.column_by_name(c).unwrap().clone();
+        let (q, d, ds) = (col("query_id"), col("train_id"), col("dataset"));
+        let tau = col("tau");
+        let tau = tau.as_primitive::<arrow_array::types::Float64Type>();
+        for i in 0..b.num_rows() {
+            if ds.as_string::<i32>().value(i) != "train" {
+                continue;
+            }
+            let e = best
+                .entry(q.as_string::<i32>().value(i).to_string())
+                .or_insert((f64::MIN, String::new()));
+            if tau.value(i) > e.0 {
+                *e = (tau.value(i), d.as_string::<i32>().value(i).to_string());
+            }
+        }
+    }
+    assert_eq!(best.len(), 8);
+    for (q, (tau, doc)) in &best {
+        assert!(
+            doc.starts_with("planted-") && *tau > 0.0,
+            "{q}: top fine-tuning document {doc} ({tau})"
+        );
+    }
 }
 
 #[test]

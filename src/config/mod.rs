@@ -16,6 +16,7 @@
 //! Every key, its default and its allowed values are documented on the fields below and in
 //! `configs/README.md`.
 
+mod attribution;
 mod diff;
 mod load;
 mod pipeline;
@@ -25,6 +26,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use attribution::{AttributionConfig, FisherKind, MethodKind};
 pub use diff::{diff_values, KeyChange};
 pub use load::{parse_toml, read_toml};
 pub use pipeline::Pipeline;
@@ -55,6 +57,9 @@ pub struct Config {
     /// The pretrained model as the trajectory's first segment.
     #[serde(default)]
     pub pretrain: Option<PretrainConfig>,
+    /// How the fit, query and score stages attribute.
+    #[serde(default)]
+    pub attribution: AttributionConfig,
 }
 
 /// `[run]`: settings for the whole run.
@@ -387,6 +392,7 @@ impl Config {
         }
         let roles: Vec<&str> = self.data.roles().iter().map(|(r, _)| *r).collect();
         self.train.check(&roles).map_err(|(k, m)| err(&k, m))?;
+        self.attribution.check().map_err(|(k, m)| err(&k, m))?;
         if let Some(p) = &self.pretrain {
             p.check(&roles).map_err(|(k, m)| err(&k, m))?;
         }

@@ -50,44 +50,9 @@ pub fn save_factors(path: &Path, factors: &[LayerFactors], info: &serde_json::Va
     }
     let meta = serde_json::json!({"layers": layers, "info": info, "tool_version": crate::VERSION});
     let metadata: HashMap<String, String> = [("source_tda".to_string(), meta.to_string())].into();
-    // Raw little-endian bytes per tensor, then one safetensors file with the metadata.
-    let mut raw: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    for name in names {
-        let t = &tensors[name];
-        let (dtype, bytes): (safetensors::Dtype, Vec<u8>) = match t.dtype() {
-            DType::F64 => (
-                safetensors::Dtype::F64,
-                t.flatten_all()?
-                    .to_vec1::<f64>()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
-            ),
-            _ => (
-                safetensors::Dtype::F32,
-                t.to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
-            ),
-        };
-        raw.push((name.clone(), dtype, t.dims().to_vec(), bytes));
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = raw
-        .iter()
-        .map(|(n, d, s, b)| {
-            let v = safetensors::tensor::TensorView::new(*d, s.clone(), b)
-                .map_err(|e| Error::Numeric(format!("{n}: {e:?}")))?;
-            Ok((n.clone(), v))
-        })
-        .collect::<Result<_>>()?;
-    let out = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| Error::Numeric(format!("{}: {e:?}", path.display())))?;
-    crate::util::fsx::write_atomic(path, &out)
+    let mut entries: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    entries.sort_by(|x, y| x.0.cmp(&y.0));
+    crate::util::tensors::save_tensors(path, &entries, metadata)
 }
 
 /// Loads a factor set saved by [`save_factors`]: the layers and the `info` metadata.

@@ -1,13 +1,20 @@
 //! The stages the runner knows, in pipeline order. Each file is one stage: it glues the
 //! library modules to the [`Stage`](crate::pipeline::Stage) contract.
 
+pub mod attribute;
 mod fetch;
 mod finetune;
+mod fit;
 mod prepare;
+mod query;
+mod score;
 
 pub use fetch::{FetchStage, Fetched};
 pub use finetune::{base_model_dir, FinetuneStage};
+pub use fit::FitStage;
 pub use prepare::PrepareStage;
+pub use query::QueryStage;
+pub use score::{ScoreStage, SIGN_CONVENTION};
 
 use crate::pipeline::Stage;
 
@@ -17,5 +24,8 @@ pub fn all() -> Vec<Box<dyn Stage>> {
         Box::new(FetchStage),
         Box::new(PrepareStage),
         Box::new(FinetuneStage),
+        Box::new(FitStage),
+        Box::new(QueryStage),
+        Box::new(ScoreStage),
     ]
 }

@@ -1,0 +1,124 @@
+//! `[attribution]`: how the `fit`, `query` and `score` stages attribute (DESIGN.md §2–3).
+//!
+//! ```toml
+//! [attribution]
+//! method = "source"        # source | influence | gradient_dot
+//! fisher = "true"          # true (sampled labels) | empirical (the data's labels)
+//! # damping = 1e-3         # absolute λ; default: damping_factor × mean(Λ) per layer
+//! top_k = 10               # documents per query kept with per-token scores
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+/// The attribution method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MethodKind {
+    /// Source: the trajectory's segments, F_r and F_S per segment.
+    #[default]
+    Source,
+    /// The EK-FAC influence function at the final model (one segment, s → ∞, damped).
+    Influence,
+    /// The gradient dot product at the final model.
+    GradientDot,
+}
+
+/// Which Fisher the EK-FAC factors estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FisherKind {
+    /// Labels sampled from the model's predictive distribution (seeded by `run.seed`).
+    #[default]
+    True,
+    /// The data's own labels (deterministic; what kronfluence's reference pack uses).
+    Empirical,
+}
+
+/// `[attribution]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttributionConfig {
+    /// `source`, `influence` or `gradient_dot`. Default `source`.
+    #[serde(default)]
+    pub method: MethodKind,
+    /// `true` or `empirical`. Default `true`.
+    #[serde(default)]
+    pub fisher: FisherKind,
+    /// Absolute damping λ of the inverse (influence, converged segments). Default: none,
+    /// use `damping_factor` × mean(Λ) per layer.
+    #[serde(default)]
+    pub damping: Option<f64>,
+    /// The factor of the per-layer damping heuristic. Default 0.1.
+    #[serde(default = "default_damping_factor")]
+    pub damping_factor: f64,
+    /// Split factors into diagonal blocks of this size (for very wide layers). Default: whole.
+    #[serde(default)]
+    pub block_size: Option<usize>,
+    /// Documents per query whose per-token scores are written. Default 10.
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    /// Write per-token scores for every document (large). Default false.
+    #[serde(default)]
+    pub all_token_scores: bool,
+    /// Refuse to start a stage whose estimated peak memory exceeds this many GiB.
+    #[serde(default)]
+    pub memory_limit_gib: Option<f64>,
+}
+
+fn default_damping_factor() -> f64 {
+    0.1
+}
+fn default_top_k() -> usize {
+    10
+}
+
+impl Default for AttributionConfig {
+    fn default() -> Self {
+        AttributionConfig {
+            method: MethodKind::default(),
+            fisher: FisherKind::default(),
+            damping: None,
+            damping_factor: default_damping_factor(),
+            block_size: None,
+            top_k: default_top_k(),
+            all_token_scores: false,
+            memory_limit_gib: None,
+        }
+    }
+}
+
+impl AttributionConfig {
+    /// Range checks: (key, message) of the first problem.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        let k = |s: &str| format!("attribution.{s}");
+        if let Some(d) = self.damping {
+            if !(d.is_finite() && d >= 0.0) {
+                return Err((
+                    k("damping"),
+                    format!("{d} is invalid; allowed: a number ≥ 0"),
+                ));
+            }
+        }
+        if !(self.damping_factor.is_finite() && self.damping_factor > 0.0) {
+            return Err((
+                k("damping_factor"),
+                format!("{} is invalid; allowed: a number > 0", self.damping_factor),
+            ));
+        }
+        if self.block_size == Some(0) {
+            return Err((
+                k("block_size"),
+                "is 0; allowed: 1 or more (remove it for whole factors)".into(),
+            ));
+        }
+        if let Some(m) = self.memory_limit_gib {
+            if !(m.is_finite() && m > 0.0) {
+                return Err((
+                    k("memory_limit_gib"),
+                    format!("{m} is invalid; allowed: > 0"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,5 @@
+//! Output tables (DESIGN.md §5): Parquet, zstd, with key-value metadata on every file.
+
+pub mod parquet;
+
+pub use parquet::{write_table, Column};

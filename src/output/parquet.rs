@@ -1,0 +1,111 @@
+//! A small column-oriented Parquet writer (zstd, key-value metadata, row groups) for the
+//! tool's output tables.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, Float32Array, Float64Array, RecordBatch, StringArray, UInt32Array};
+use arrow_schema::{DataType, Field, Schema};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+
+use crate::error::{Error, IoContext, Result};
+
+/// One column's values.
+#[derive(Debug, Clone)]
+pub enum Column {
+    /// UTF-8 strings.
+    Str(Vec<String>),
+    /// Unsigned 32-bit integers.
+    U32(Vec<u32>),
+    /// 32-bit floats.
+    F32(Vec<f32>),
+    /// 64-bit floats.
+    F64(Vec<f64>),
+}
+
+impl Column {
+    fn len(&self) -> usize {
+        match self {
+            Column::Str(v) => v.len(),
+            Column::U32(v) => v.len(),
+            Column::F32(v) => v.len(),
+            Column::F64(v) => v.len(),
+        }
+    }
+
+    fn data_type(&self) -> DataType {
+        match self {
+            Column::Str(_) => DataType::Utf8,
+            Column::U32(_) => DataType::UInt32,
+            Column::F32(_) => DataType::Float32,
+            Column::F64(_) => DataType::Float64,
+        }
+    }
+
+    fn slice(&self, from: usize, to: usize) -> ArrayRef {
+        match self {
+            Column::Str(v) => Arc::new(StringArray::from_iter_values(&v[from..to])),
+            Column::U32(v) => Arc::new(UInt32Array::from(v[from..to].to_vec())),
+            Column::F32(v) => Arc::new(Float32Array::from(v[from..to].to_vec())),
+            Column::F64(v) => Arc::new(Float64Array::from(v[from..to].to_vec())),
+        }
+    }
+}
+
+/// Rows per row group.
+pub const ROW_GROUP: usize = 65_536;
+
+/// Writes named columns (equal lengths) to `path` atomically, zstd-compressed, in row groups
+/// of [`ROW_GROUP`], with key-value `metadata`.
+pub fn write_table(
+    path: &Path,
+    columns: &[(&str, Column)],
+    metadata: &[(String, String)],
+) -> Result<()> {
+    let n = columns.first().map(|(_, c)| c.len()).unwrap_or(0);
+    if let Some((name, c)) = columns.iter().find(|(_, c)| c.len() != n) {
+        return Err(Error::parquet(
+            path,
+            format!("column `{name}` has {} rows, expected {n}", c.len()),
+        ));
+    }
+    let schema = Arc::new(Schema::new(
+        columns
+            .iter()
+            .map(|(name, c)| Field::new(*name, c.data_type(), false))
+            .collect::<Vec<_>>(),
+    ));
+    let kv = metadata
+        .iter()
+        .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+        .collect();
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("valid level"),
+        ))
+        .set_key_value_metadata(Some(kv))
+        .build();
+    let tmp = crate::util::fsx::temp_sibling(path);
+    let file = std::fs::File::create(&tmp).ctx("creating", &tmp)?;
+    let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props))
+        .map_err(|e| Error::parquet(path, e))?;
+    let mut from = 0;
+    while from < n || (n == 0 && from == 0) {
+        let to = (from + ROW_GROUP).min(n);
+        let arrays: Vec<ArrayRef> = columns.iter().map(|(_, c)| c.slice(from, to)).collect();
+        let batch =
+            RecordBatch::try_new(schema.clone(), arrays).map_err(|e| Error::parquet(path, e))?;
+        w.write(&batch).map_err(|e| Error::parquet(path, e))?;
+        w.flush().map_err(|e| Error::parquet(path, e))?;
+        if n == 0 {
+            break;
+        }
+        from = to;
+    }
+    w.close().map_err(|e| Error::parquet(path, e))?;
+    std::fs::rename(&tmp, path).ctx("renaming into place", path)?;
+    Ok(())
+}
