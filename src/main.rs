@@ -55,6 +55,15 @@ enum Command {
     /// Fine-tune the model ([train]), saving checkpoints and trajectory.json; resumes an
     /// interrupted fine-tune from its last checkpoint.
     Finetune(OneStage),
+    /// Fit EK-FAC curvature per segment of the trajectory ([attribution]).
+    Fit(OneStage),
+    /// Compute the query measurements −log p(completion | prompt) and their gradients at the
+    /// final checkpoint.
+    Query(OneStage),
+    /// Walk the queries back through the segments and write scores.parquet (per document),
+    /// token_scores.parquet (per token of the top-k documents), queries.parquet and
+    /// train_docs.parquet. τ = score / n_train > 0: the document helped (a proponent).
+    Score(OneStage),
     /// Show what is done in a run directory, with timings and peak memory.
     Status {
         /// The run directory.
@@ -187,6 +196,24 @@ fn dispatch(command: Command) -> Result<()> {
             &s.config,
             &s.run_dir,
             &["finetune".into()],
+            s.opts.into_options(),
+        ),
+        Command::Fit(s) => run(
+            &s.config,
+            &s.run_dir,
+            &["fit".into()],
+            s.opts.into_options(),
+        ),
+        Command::Query(s) => run(
+            &s.config,
+            &s.run_dir,
+            &["query".into()],
+            s.opts.into_options(),
+        ),
+        Command::Score(s) => run(
+            &s.config,
+            &s.run_dir,
+            &["score".into()],
             s.opts.into_options(),
         ),
         Command::Status { run_dir } => status(&run_dir),
