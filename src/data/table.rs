@@ -21,8 +21,6 @@ use arrow_array::{Array, ArrayRef, RecordBatch, UInt32Array};
 use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 
 use crate::error::{Error, IoContext, Result};
 
@@ -55,16 +53,7 @@ pub fn write_prepared(
 ) -> Result<()> {
     let schema = schema();
     let file = std::fs::File::create(path).ctx("creating", path)?;
-    let kv = metadata
-        .iter()
-        .map(|(k, v)| parquet::file::metadata::KeyValue::new(k.clone(), v.clone()))
-        .collect();
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(3).expect("valid level"),
-        ))
-        .set_key_value_metadata(Some(kv))
-        .build();
+    let props = crate::output::parquet::writer_properties(metadata);
     let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props))
         .map_err(|e| Error::parquet(path, e))?;
     for chunk in docs.chunks(ROW_GROUP) {

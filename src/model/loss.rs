@@ -7,6 +7,7 @@
 use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
+use crate::util::rng::SplitMix64;
 
 use super::batch::TokenBatch;
 use super::ops;
@@ -58,28 +59,6 @@ fn sample_index(p: &[f32], u: f64) -> u32 {
     }
     // Rounding left the target above the last partial sum: the last non-zero entry.
     p.iter().rposition(|&x| x > 0.0).unwrap_or(0) as u32
-}
-
-/// SplitMix64 (Steele, Lea, Flood 2014): a tiny, well-mixed, reproducible generator.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 #[cfg(test)]

@@ -55,6 +55,20 @@ impl Column {
     }
 }
 
+/// The project's Parquet writer settings: zstd level 3 and key-value `metadata`.
+pub fn writer_properties(metadata: &[(String, String)]) -> WriterProperties {
+    let kv = metadata
+        .iter()
+        .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+        .collect();
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("valid level"),
+        ))
+        .set_key_value_metadata(Some(kv))
+        .build()
+}
+
 /// Rows per row group.
 pub const ROW_GROUP: usize = 65_536;
 
@@ -78,16 +92,7 @@ pub fn write_table(
             .map(|(name, c)| Field::new(*name, c.data_type(), false))
             .collect::<Vec<_>>(),
     ));
-    let kv = metadata
-        .iter()
-        .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
-        .collect();
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(3).expect("valid level"),
-        ))
-        .set_key_value_metadata(Some(kv))
-        .build();
+    let props = writer_properties(metadata);
     let tmp = crate::util::fsx::temp_sibling(path);
     let file = std::fs::File::create(&tmp).ctx("creating", &tmp)?;
     let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props))

@@ -8,20 +8,18 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
-/// Deterministic normal samples (SplitMix64 + Box–Muller).
-pub struct Rng(u64);
+/// Deterministic normal samples (the library's SplitMix64 + Box–Muller).
+pub struct Rng(source_tda::util::rng::SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
+        Self(source_tda::util::rng::SplitMix64::new(
+            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03,
+        ))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     pub fn uniform(&mut self) -> f64 {
