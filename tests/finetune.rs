@@ -99,6 +99,8 @@ fn run(
         batching: &batching(64),
         work_dir: work,
         device: &Device::Cpu,
+        step_offset: 0,
+        optimizer_from: None,
         hook,
     })
 }

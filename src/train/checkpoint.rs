@@ -8,7 +8,7 @@
 //!   optimizer.safetensors    what the attribution reads: exp_avg_sq.NAME (Adam's v̂,
 //!                            bias-corrected) or momentum.NAME; absent for SGD
 //!   resume.safetensors       the rest of the optimizer state (exp_avg, raw exp_avg_sq)
-//!   state.json               step t and the log of steps 1 … t
+//!   state.json               the global step, the optimizer's step count and the step log
 //! ```
 //!
 //! A checkpoint is written into `.tmp-step-N-PID/` and renamed to `step-N/` when every file
@@ -74,10 +74,14 @@ mod f64_bits {
 /// `state.json` of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointState {
-    /// t: optimizer steps taken.
+    /// Global optimizer steps taken (counting earlier fine-tuning stages).
     pub step: u64,
-    /// Steps 1 … t.
+    /// This stage's steps, in order.
     pub log: Vec<StepLog>,
+    /// The optimizer's own step count t (Adam's bias correction), when it differs from
+    /// `step` (a stage that started with a fresh optimizer after earlier stages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer_steps: Option<u64>,
 }
 
 /// The folder name of the checkpoint after `step` steps.
