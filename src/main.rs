@@ -64,6 +64,25 @@ enum Command {
     /// token_scores.parquet (per token of the top-k documents), queries.parquet and
     /// train_docs.parquet. τ = score / n_train > 0: the document helped (a proponent).
     Score(OneStage),
+    /// Import a Hugging Face Trainer run as the trajectory instead of fine-tuning here.
+    ///
+    /// Runs fetch, prepare and finetune (the ones not yet done) with `train.import_from` set
+    /// to TRAINER_DIR: reads its checkpoint-N/ folders and trainer_state.json, checks every
+    /// logged learning rate against the schedule [train] declares, bias-corrects Adam's
+    /// exported second moments, and writes RUN_DIR/finetune/trajectory.json. The config's
+    /// [train] declares what the Trainer used (lr, schedule, warmup_steps, optimizer, betas,
+    /// loss_normalization = "mean_per_token"). See docs/import-trainer.md.
+    ///
+    /// Example:
+    ///
+    ///   source-tda import-trainer out/checkpoints --config configs/my.toml --run-dir runs/my
+    #[command(verbatim_doc_comment)]
+    ImportTrainer {
+        /// The Trainer's output_dir (holding checkpoint-N/ folders).
+        trainer_dir: PathBuf,
+        #[command(flatten)]
+        stage: OneStage,
+    },
     /// Show what is done in a run directory, with timings and peak memory.
     Status {
         /// The run directory.
@@ -216,6 +235,7 @@ fn dispatch(command: Command) -> Result<()> {
             &["score".into()],
             s.opts.into_options(),
         ),
+        Command::ImportTrainer { trainer_dir, stage } => import_trainer(&trainer_dir, stage),
         Command::Status { run_dir } => status(&run_dir),
         Command::ConvertGguf {
             gguf,
@@ -248,6 +268,44 @@ fn run(config_path: &Path, run_dir: &Path, stages: &[String], opts: RunOptions) 
         eprintln!("{stage:>9}: {word}");
     }
     eprintln!("run directory: {}", run.path().display());
+    Ok(())
+}
+
+fn import_trainer(trainer_dir: &Path, s: OneStage) -> Result<()> {
+    let mut config = Config::load(&s.config)?;
+    if !trainer_dir.is_dir() {
+        anyhow::bail!(
+            "{}: no such folder; give the Trainer's output_dir (holding checkpoint-N/)",
+            trainer_dir.display()
+        );
+    }
+    config.train.import_from = Some(std::path::absolute(trainer_dir)?);
+    // Re-check the config with import_from set (e.g. it excludes [[train.stages]]).
+    let base = s.config.parent().unwrap_or(Path::new("."));
+    let config = Config::from_str_at(&config.to_toml(), &s.config, base)?;
+    let run_dir = RunDir::at(&s.run_dir)?;
+    let stages: Vec<String> = ["fetch", "prepare", "finetune"].map(String::from).into();
+    let outcomes = run_stages(
+        &config,
+        &s.config,
+        &run_dir,
+        &stages,
+        &s.opts.into_options(),
+    )
+    .with_context(|| format!("run directory {}", run_dir.path().display()))?;
+    if !source_tda::util::progress::is_quiet() {
+        for (stage, outcome) in outcomes {
+            let word = match outcome {
+                Outcome::Ran => "done",
+                Outcome::Skipped => "up to date (skipped)",
+            };
+            eprintln!("{stage:>9}: {word}");
+        }
+        eprintln!(
+            "trajectory: {}",
+            run_dir.path().join("finetune/trajectory.json").display()
+        );
+    }
     Ok(())
 }
 

@@ -99,6 +99,8 @@ fn run(
         batching: &batching(64),
         work_dir: work,
         device: &Device::Cpu,
+        step_offset: 0,
+        optimizer_from: None,
         hook,
     })
 }
@@ -355,4 +357,54 @@ fn segment_masses_are_exact_sums_for_every_schedule() {
             }
         }
     }
+}
+
+#[test]
+fn a_second_stage_continues_from_the_first_with_a_fresh_or_continued_optimizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_model(tmp.path());
+    let (d1, d2) = (docs(20), docs(31)[20..].to_vec());
+    let mut t = config(OptimizerKind::AdamW, 4);
+    t.segments = Some(1);
+    let a = run(&base, &tmp.path().join("a"), &t, &d1, &no_hook).unwrap();
+    let a_final = a.checkpoints.last().unwrap().1.clone();
+    let stage_b = |work: &str, cont: bool, hook: &dyn Fn(&str) -> source_tda::Result<()>| {
+        train(&TrainJob {
+            base_dir: &a_final,
+            docs: &d2,
+            train: &t,
+            batching: &batching(64),
+            work_dir: &tmp.path().join(work),
+            device: &Device::Cpu,
+            step_offset: 4,
+            optimizer_from: cont.then_some(a_final.as_path()),
+            hook,
+        })
+    };
+    let fresh = stage_b("fresh", false, &no_hook).unwrap();
+    let cont = stage_b("cont", true, &no_hook).unwrap();
+    let steps: Vec<u64> = fresh.checkpoints.iter().map(|c| c.0).collect();
+    assert_eq!(steps, vec![6, 8], "global step numbers");
+    assert_eq!(fresh.log.first().unwrap().step, 5);
+    assert_eq!((fresh.segments[0].start, fresh.segments[0].end), (4, 8));
+    let state = |o: &TrainOutcome| -> serde_json::Value {
+        let p = o.checkpoints[1].1.join("state.json");
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    assert_eq!(state(&fresh)["optimizer_steps"], 4, "Adam's t restarts");
+    assert!(
+        state(&cont).get("optimizer_steps").is_none(),
+        "t = 8 = step"
+    );
+    assert!(weights_bytes(&fresh.checkpoints[1].1) != weights_bytes(&cont.checkpoints[1].1));
+    // Killed after step 7 of the continued stage: resumes from 6 with t = 6, bitwise.
+    let crash = |p: &str| match p {
+        "step-7" => Err(Error::Injected(p.into())),
+        _ => Ok(()),
+    };
+    assert!(stage_b("cont2", true, &crash).is_err());
+    let resumed = stage_b("cont2", true, &no_hook).unwrap();
+    assert_eq!(resumed.resumed_from, 2);
+    assert_eq!(resumed.log, cont.log);
+    assert!(weights_bytes(&resumed.checkpoints[1].1) == weights_bytes(&cont.checkpoints[1].1));
 }

@@ -180,3 +180,90 @@ fn incomplete_or_inconsistent_folders_are_clear_errors() {
     std::fs::remove_file(d.join("checkpoint-8/trainer_state.json")).unwrap();
     assert!(err(d, &t).contains("no trainer_state.json"));
 }
+
+#[test]
+fn the_import_trainer_command_writes_the_trajectory_of_a_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    trainer_dir(&d.join("trainer"));
+    let snap = common::demo_tokenizer().parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(d.join("model")).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(snap.join(f), d.join("model").join(f)).unwrap();
+    }
+    let docs: String = (0..7)
+        .map(|i| format!("{{\"text\": \"document {i}\"}}\n"))
+        .collect();
+    write(&d.join("train.jsonl"), docs);
+    write(
+        &d.join("c.toml"),
+        format!(
+            "[model]\nid = \"./model\"\n[data.train]\nid = \"./train.jsonl\"\n[train]\n\
+             lr = {LR}\nschedule = \"linear\"\nbeta2 = 0.99\nsegments = 3\n\
+             loss_normalization = \"mean_per_token\"\n"
+        ),
+    );
+    let help = common::cli(d, &["import-trainer", "--help"], &[]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.status.success() && text.contains("TRAINER_DIR"),
+        "{text}"
+    );
+
+    let args = [
+        "import-trainer",
+        "trainer",
+        "--config",
+        "c.toml",
+        "--run-dir",
+        "run",
+    ];
+    let o = common::cli(d, &args, &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let traj =
+        source_tda::train::Trajectory::load(&d.join("run/finetune/trajectory.json")).unwrap();
+    assert_eq!(traj.segments.len(), 3);
+    assert_eq!(traj.segments[2].n_docs, 7, "N of the prepared data set");
+    assert!(traj
+        .final_checkpoint()
+        .path
+        .ends_with("trainer/checkpoint-6"));
+    assert!(d
+        .join("run/finetune/optimizer/checkpoint-6.safetensors")
+        .exists());
+
+    // A wrong declared schedule is the documented error, naming the keys to fix.
+    write(
+        &d.join("c2.toml"),
+        std::fs::read_to_string(d.join("c.toml"))
+            .unwrap()
+            .replace("\"linear\"", "\"cosine\""),
+    );
+    let args = [
+        "import-trainer",
+        "trainer",
+        "--config",
+        "c2.toml",
+        "--run-dir",
+        "run2",
+    ];
+    let o = common::cli(d, &args, &[]);
+    let e = common::stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("logs learning_rate"),
+        "{e}"
+    );
+    let o = common::cli(
+        d,
+        &[
+            "import-trainer",
+            "nowhere",
+            "--config",
+            "c.toml",
+            "--run-dir",
+            "r3",
+        ],
+        &[],
+    );
+    assert!(common::stderr(&o).contains("no such folder"));
+}

@@ -17,9 +17,11 @@
 //! `configs/README.md`.
 
 mod attribution;
+mod data;
 mod diff;
 mod load;
 mod pipeline;
+mod stages;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -27,9 +29,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use attribution::{AttributionConfig, FisherKind, MethodKind};
+pub use data::{is_role_name, DataConfig, DataFormat, DatasetConfig, DocShape, FIXED_ROLES};
 pub use diff::{diff_values, KeyChange};
 pub use load::{parse_toml, read_toml};
 pub use pipeline::Pipeline;
+pub use stages::{StageConfig, TrainStage};
 pub use train::{MassSpec, OptimizerKind, PretrainConfig, ScheduleKind, TrainConfig};
 
 use crate::error::{Error, Result};
@@ -137,134 +141,8 @@ pub struct ModelConfig {
     pub source: SourceKind,
 }
 
-fn default_revision() -> String {
+pub(crate) fn default_revision() -> String {
     "main".to_string()
-}
-
-/// `[data]`: the data sets of the run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataConfig {
-    /// The fine-tuning documents (the ones attributed to).
-    pub train: DatasetConfig,
-    /// Queries: prompts (and completions) whose generation is explained.
-    #[serde(default)]
-    pub query: Option<DatasetConfig>,
-    /// A sample of pretraining documents, to attribute to pretraining as a separate segment.
-    #[serde(default)]
-    pub pretrain: Option<DatasetConfig>,
-}
-
-impl DataConfig {
-    /// The data sets present, with their role names (`train`, `query`, `pretrain`).
-    pub fn roles(&self) -> Vec<(&'static str, &DatasetConfig)> {
-        let mut out = vec![("train", &self.train)];
-        if let Some(q) = &self.query {
-            out.push(("query", q));
-        }
-        if let Some(p) = &self.pretrain {
-            out.push(("pretrain", p));
-        }
-        out
-    }
-}
-
-/// File format of a data set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum DataFormat {
-    /// From the file extension: `.jsonl`/`.json`/`.ndjson`, `.csv`, `.parquet`.
-    #[default]
-    Auto,
-    /// One JSON object per line.
-    Jsonl,
-    /// Comma-separated values with a header row.
-    Csv,
-    /// Apache Parquet.
-    Parquet,
-}
-
-/// What a document is made of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum DocShape {
-    /// One text column; the loss counts every token.
-    #[default]
-    Text,
-    /// A prompt and a completion; the loss counts completion tokens only.
-    PromptCompletion,
-}
-
-/// `[data.train]`, `[data.query]`, `[data.pretrain]`: one data set.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DatasetConfig {
-    /// Hub dataset id (`ORG/NAME`), or a local file or folder.
-    pub id: String,
-    /// Branch, tag or commit of the hub repo (`refs/convert/parquet` for the hub's Parquet
-    /// conversion). Default `main`.
-    #[serde(default = "default_revision")]
-    pub revision: String,
-    /// `auto`, `hub` or `local`. Default `auto`.
-    #[serde(default)]
-    pub source: SourceKind,
-    /// Which split to read: files whose path has a folder named SPLIT, or whose name starts
-    /// with SPLIT followed by `-`, `_` or `.`. Default `train`.
-    #[serde(default = "default_split")]
-    pub split: String,
-    /// Explicit files (relative to the repo or folder); overrides `split`.
-    #[serde(default)]
-    pub files: Option<Vec<String>>,
-    /// `auto`, `jsonl`, `csv` or `parquet`. Default `auto` (from the extension).
-    #[serde(default)]
-    pub format: DataFormat,
-    /// `text` or `prompt_completion`. Default `text`.
-    #[serde(default)]
-    pub shape: DocShape,
-    /// Column with the document text (shape `text`). Default `text`.
-    #[serde(default = "default_text_column")]
-    pub text_column: String,
-    /// Column with the prompt (shape `prompt_completion`). Default `prompt`.
-    #[serde(default = "default_prompt_column")]
-    pub prompt_column: String,
-    /// Column with the completion (shape `prompt_completion`). Default `completion`.
-    #[serde(default = "default_completion_column")]
-    pub completion_column: String,
-    /// Column with a document id; default: none, ids are `SPLIT-ROW`.
-    #[serde(default)]
-    pub id_column: Option<String>,
-    /// Wraps the prompt before tokenisation: `chatml`, or a string containing `{prompt}`.
-    /// Default: none (the prompt as it is).
-    #[serde(default)]
-    pub chat_template: Option<String>,
-    /// Let the tokenizer add its special tokens (e.g. BOS). Default true.
-    #[serde(default = "default_true")]
-    pub add_special_tokens: bool,
-    /// Longest document in tokens; longer ones are truncated (and counted). Default 512.
-    #[serde(default = "default_max_length")]
-    pub max_length: usize,
-    /// Use only the first N documents. Default: all.
-    #[serde(default)]
-    pub max_documents: Option<usize>,
-}
-
-fn default_split() -> String {
-    "train".to_string()
-}
-fn default_text_column() -> String {
-    "text".to_string()
-}
-fn default_prompt_column() -> String {
-    "prompt".to_string()
-}
-fn default_completion_column() -> String {
-    "completion".to_string()
-}
-fn default_true() -> bool {
-    true
-}
-fn default_max_length() -> usize {
-    512
 }
 
 /// `[batching]`: token-budget batching used by the stages that run the model.
@@ -329,16 +207,11 @@ impl Config {
         let (source, id) = resolve_source(self.model.source, &self.model.id, base, file, "model")?;
         self.model.source = source;
         self.model.id = id;
-        for (role, ds) in [
-            ("data.train", Some(&mut self.data.train)),
-            ("data.query", self.data.query.as_mut()),
-            ("data.pretrain", self.data.pretrain.as_mut()),
-        ] {
-            if let Some(ds) = ds {
-                let (source, id) = resolve_source(ds.source, &ds.id, base, file, role)?;
-                ds.source = source;
-                ds.id = id;
-            }
+        for (role, ds) in self.data.roles_mut() {
+            let (source, id) =
+                resolve_source(ds.source, &ds.id, base, file, &format!("data.{role}"))?;
+            ds.source = source;
+            ds.id = id;
         }
         self.train.resolve(self.run.seed);
         if let Some(p) = &self.train.import_from {
@@ -393,97 +266,29 @@ impl Config {
         let roles: Vec<&str> = self.data.roles().iter().map(|(r, _)| *r).collect();
         self.train.check(&roles).map_err(|(k, m)| err(&k, m))?;
         self.attribution.check().map_err(|(k, m)| err(&k, m))?;
+        self.train
+            .check_stages(&roles)
+            .map_err(|(k, m)| err(&k, m))?;
+        let used: Vec<String> = self
+            .train
+            .stage_list()
+            .into_iter()
+            .map(|s| s.train.dataset)
+            .chain(self.pretrain.iter().filter_map(|p| p.dataset.clone()))
+            .collect();
+        if let Some(unused) = self.data.extra.keys().find(|k| !used.contains(k)) {
+            return Err(err(
+                &format!("data.{unused}"),
+                "is not used: a data set other than train, query and pretrain must be the \
+                 `dataset` of a [[train.stages]] entry, of [train] or of [pretrain]; name it \
+                 there or remove it"
+                    .into(),
+            ));
+        }
         if let Some(p) = &self.pretrain {
             p.check(&roles).map_err(|(k, m)| err(&k, m))?;
         }
-        for (role, ds) in self.data.roles() {
-            let key = |k: &str| format!("data.{role}.{k}");
-            if ds.revision.trim().is_empty() {
-                return Err(err(
-                    &key("revision"),
-                    "is empty; allowed: a branch, tag or commit hash".into(),
-                ));
-            }
-            if ds.split.trim().is_empty() {
-                return Err(err(
-                    &key("split"),
-                    "is empty; allowed: a split name such as `train`".into(),
-                ));
-            }
-            if let Some(files) = &ds.files {
-                if files.is_empty() {
-                    return Err(err(
-                        &key("files"),
-                        "is an empty list; remove it to select files by `split`".into(),
-                    ));
-                }
-            }
-            if !(2..=1_048_576).contains(&ds.max_length) {
-                return Err(err(
-                    &key("max_length"),
-                    format!(
-                        "{} is out of range; allowed: 2 ..= 1048576 tokens",
-                        ds.max_length
-                    ),
-                ));
-            }
-            if ds.max_length > self.batching.token_budget {
-                return Err(err(
-                    &key("max_length"),
-                    format!(
-                        "{} exceeds `batching.token_budget` = {}: one document must fit in a \
-                         batch; raise the budget or lower max_length",
-                        ds.max_length, self.batching.token_budget
-                    ),
-                ));
-            }
-            if ds.max_documents == Some(0) {
-                return Err(err(
-                    &key("max_documents"),
-                    "is 0; allowed: 1 or more (remove the key to use every document)".into(),
-                ));
-            }
-            let mut columns = vec![("text_column", &ds.text_column)];
-            if ds.shape == DocShape::PromptCompletion {
-                columns = vec![
-                    ("prompt_column", &ds.prompt_column),
-                    ("completion_column", &ds.completion_column),
-                ];
-            }
-            for (k, v) in &columns {
-                if v.trim().is_empty() {
-                    return Err(err(&key(k), "is empty; allowed: a column name".into()));
-                }
-            }
-            if ds.shape == DocShape::PromptCompletion && ds.prompt_column == ds.completion_column {
-                return Err(err(
-                    &key("completion_column"),
-                    format!(
-                        "is the same column as prompt_column (`{}`); they must differ",
-                        ds.prompt_column
-                    ),
-                ));
-            }
-            if let Some(t) = &ds.chat_template {
-                if t != "chatml" && !t.contains("{prompt}") {
-                    return Err(err(
-                        &key("chat_template"),
-                        format!(
-                            "`{t}` is neither a preset nor a template; allowed: `chatml`, or a \
-                             string containing `{{prompt}}`"
-                        ),
-                    ));
-                }
-                if ds.shape == DocShape::Text {
-                    return Err(err(
-                        &key("chat_template"),
-                        "applies to prompts, but `shape` is `text`; set shape = \
-                         \"prompt_completion\" or remove chat_template"
-                            .into(),
-                    ));
-                }
-            }
-        }
+        self.data.check(self.batching.token_budget, &err)?;
         Ok(())
     }
 
@@ -495,16 +300,6 @@ impl Config {
     /// The resolved config as a JSON value (for hashing and diffs).
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).expect("config serialises to JSON")
-    }
-}
-
-impl DatasetConfig {
-    /// The prompt template, if any, with presets expanded (contains `{prompt}`).
-    pub fn template(&self) -> Option<&str> {
-        match self.chat_template.as_deref() {
-            Some("chatml") => Some(CHATML_TEMPLATE),
-            other => other,
-        }
     }
 }
 

@@ -19,6 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::stages::StageConfig;
 use crate::train::trajectory::LossNormalization;
 
 /// The optimizer the `finetune` stage steps with.
@@ -117,6 +118,11 @@ pub struct TrainConfig {
     /// used (lr, schedule, warmup_steps, optimizer, …).
     #[serde(default)]
     pub import_from: Option<std::path::PathBuf>,
+    /// `[[train.stages]]`: a sequence of fine-tuning stages, each with its own data role and
+    /// any of the keys above overridden; see [`StageConfig`]. Default: `[train]` alone is the
+    /// one stage, `finetune`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Vec<StageConfig>>,
 }
 
 fn default_dataset() -> String {
@@ -161,6 +167,7 @@ impl Default for TrainConfig {
             checkpoints_per_segment: default_checkpoints(),
             segment_boundaries: None,
             import_from: None,
+            stages: None,
         }
     }
 }
@@ -232,9 +239,15 @@ impl TrainConfig {
             return e(
                 "dataset",
                 format!(
-                    "`{}` is not a data set of this config; allowed: `train`, or `pretrain` when \
-                     [data.pretrain] exists",
-                    self.dataset
+                    "`{}` is not a data set of this config; allowed: {} (a [data.NAME] other \
+                     than query)",
+                    self.dataset,
+                    roles
+                        .iter()
+                        .filter(|r| **r != "query")
+                        .map(|r| format!("`{r}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             );
         }

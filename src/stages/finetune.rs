@@ -1,4 +1,4 @@
-//! `finetune`: full fine-tuning of the fetched model on a prepared data set, recording the
+//! `finetune`: full fine-tuning of the fetched model on prepared data sets, recording the
 //! trajectory Source attributes through.
 //!
 //! ```text
@@ -6,12 +6,18 @@
 //!   trajectory.json            segments (pretrain first when declared), rates, s, checkpoints
 //!   loss.parquet               step, lr, loss, grad_norm, n_docs, n_tokens, micro_batches
 //!   visit_order.parquet        step, doc_index, doc_id: the documents each step saw
+//!                              (visit_order-STAGE.parquet per stage with [[train.stages]])
 //!   checkpoints/step-N/        Hugging Face folders + optimizer.safetensors + state.json
 //! ```
 //!
-//! Checkpoints are written into the stage's resume folder (`RUN_DIR/.resume/finetune-KEY/`)
-//! as training goes, so that a killed run resumes from its last checkpoint; on success they
-//! are hard-linked (or copied) into the stage's output without the resume-only state.
+//! With `[[train.stages]]` the stages train one after another, each from the previous one's
+//! final checkpoint, on its own data set; steps are numbered globally across stages, so
+//! checkpoint folders stay unique and each segment's step range says where it lies.
+//!
+//! Checkpoints are written into the stage's resume folder (`RUN_DIR/.resume/finetune-KEY/`,
+//! one sub-folder per training stage) as training goes, so that a killed run resumes from its
+//! last checkpoint; on success they are hard-linked (or copied) into the stage's output
+//! without the resume-only state.
 
 use std::path::{Path, PathBuf};
 
@@ -93,8 +99,8 @@ impl Stage for FinetuneStage {
         let c = ctx.config;
         let fetched = Fetched::load(ctx.run)?;
         let base_dir = base_model_dir(&fetched)?;
-        let docs = prepared(ctx, &c.train.dataset)?;
         if let Some(from) = &c.train.import_from {
+            let docs = prepared(ctx, &c.train.dataset)?;
             let imported = import_trainer(
                 from,
                 &c.train,
@@ -124,48 +130,96 @@ impl Stage for FinetuneStage {
                              "segments": traj.segments.len()}),
             );
         }
-        let work = ctx.resume_dir()?.join("checkpoints");
+        let stages = c.train.stage_list();
+        let single = c.train.stages.is_none();
+        let resume = ctx.resume_dir()?;
         let hook = |p: &str| ctx.failpoint(p);
         let device = candle_core::Device::Cpu;
         let t0 = std::time::Instant::now();
-        let out = train(&TrainJob {
-            base_dir: &base_dir,
-            docs: &docs,
-            train: &c.train,
-            batching: &c.batching,
-            work_dir: &work,
-            device: &device,
-            hook: &hook,
-        })?;
-        let secs = t0.elapsed().as_secs_f64();
-
-        for (step, dir) in &out.checkpoints {
-            publish_checkpoint(dir, &ctx.out(checkpoint_rel(*step)))?;
+        let mut segments = pretrain_segment(ctx, &base_dir)?;
+        let mut log = Vec::new();
+        let (mut offset, mut resumed_from) = (0u64, 0u64);
+        let mut prev_final: Option<PathBuf> = None;
+        let mut summary = Vec::new();
+        for stage in &stages {
+            let t = &stage.train;
+            let docs = prepared(ctx, &t.dataset)?;
+            // One resume folder per stage: a stage resumes only from its own checkpoints.
+            let work = match single {
+                true => resume.join("checkpoints"),
+                false => resume.join(format!("checkpoints-{}", stage.name)),
+            };
+            let start_dir = prev_final.clone().unwrap_or_else(|| base_dir.clone());
+            let out = train(&TrainJob {
+                base_dir: &start_dir,
+                docs: &docs,
+                train: t,
+                batching: &c.batching,
+                work_dir: &work,
+                device: &device,
+                step_offset: offset,
+                optimizer_from: prev_final.as_deref().filter(|_| stage.continue_optimizer),
+                hook: &hook,
+            })?;
+            for (step, dir) in &out.checkpoints {
+                publish_checkpoint(dir, &ctx.out(checkpoint_rel(*step)))?;
+            }
+            let visits_rel = match single {
+                true => "visit_order.parquet".to_string(),
+                false => format!("visit_order-{}.parquet", stage.name),
+            };
+            let ids: Vec<String> = docs.iter().map(|d| d.doc_id.clone()).collect();
+            write_visits_parquet(&ctx.out(&visits_rel), &out.visits, &ids)?;
+            segments.extend(stage_segments(
+                ctx,
+                &stage.name,
+                t,
+                &out,
+                docs.len(),
+                &visits_rel,
+            ));
+            summary.push(
+                json!({"stage": stage.name, "dataset": t.dataset, "n_docs": docs.len(),
+                "steps": out.log.len(), "first_step": offset + 1,
+                "resumed_from_step": offset + out.resumed_from}),
+            );
+            resumed_from += out.resumed_from;
+            offset += out.log.len() as u64;
+            log.extend(out.log);
+            prev_final = out.checkpoints.last().map(|(_, d)| d.clone());
         }
-        write_loss_parquet(&ctx.out("loss.parquet"), &out.log)?;
-        let ids: Vec<String> = docs.iter().map(|d| d.doc_id.clone()).collect();
-        write_visits_parquet(&ctx.out("visit_order.parquet"), &out.visits, &ids)?;
-        let traj = trajectory(ctx, &fetched, &base_dir, &out, docs.len())?;
+        let secs = t0.elapsed().as_secs_f64();
+        write_loss_parquet(&ctx.out("loss.parquet"), &log)?;
+        let traj = Trajectory {
+            version: TRAJECTORY_VERSION,
+            base_model: fetched.model.id.clone(),
+            base_commit: fetched.model.commit.clone(),
+            loss_normalization: c.train.loss_normalization,
+            segments,
+        };
         traj.save(&ctx.out("trajectory.json"))?;
 
-        let trained = out.log.len() as u64 - out.resumed_from;
-        let tokens: u64 = out.log[out.resumed_from as usize..]
+        let trained = log.len() as u64 - resumed_from;
+        let tokens: u64 = log
             .iter()
+            .filter(|r| r.step > resumed_from)
             .map(|r| r.n_tokens)
             .sum();
-        let first = out.log.first().map(|r| r.loss).unwrap_or(f64::NAN);
-        let last = out.log.last().map(|r| r.loss).unwrap_or(f64::NAN);
+        let first = log.first().map(|r| r.loss).unwrap_or(f64::NAN);
+        let last = log.last().map(|r| r.loss).unwrap_or(f64::NAN);
         tracing::info!(
-            "fine-tuned {} steps ({trained} in this run, {:.2} steps/s, {:.0} tokens/s): loss \
-             {first:.4} → {last:.4}",
-            out.log.len(),
+            "fine-tuned {} steps in {} stage(s) ({trained} in this run, {:.2} steps/s, {:.0} \
+             tokens/s): loss {first:.4} → {last:.4}",
+            log.len(),
+            stages.len(),
             trained as f64 / secs.max(1e-9),
             tokens as f64 / secs.max(1e-9)
         );
         Ok(json!({
-            "steps": out.log.len(),
-            "resumed_from_step": out.resumed_from,
+            "steps": log.len(),
+            "resumed_from_step": resumed_from,
             "segments": traj.segments.len(),
+            "stages": summary,
             "first_loss": first,
             "last_loss": last,
             "steps_per_s": trained as f64 / secs.max(1e-9),
@@ -174,23 +228,25 @@ impl Stage for FinetuneStage {
     }
 }
 
-/// `checkpoints/step-N` inside the stage folder.
+/// `checkpoints/step-N` inside the stage folder (N global, so unique across stages).
 fn checkpoint_rel(step: u64) -> PathBuf {
     Path::new("checkpoints").join(crate::train::checkpoint::checkpoint_name(step))
 }
 
-fn trajectory(
+/// The trajectory segments of one trained fine-tuning stage.
+fn stage_segments(
     ctx: &StageContext,
-    fetched: &Fetched,
-    base_dir: &Path,
+    name: &str,
+    t: &crate::config::TrainConfig,
     out: &TrainOutcome,
     n_docs: usize,
-) -> Result<Trajectory> {
-    let c = ctx.config;
-    let mut segments = pretrain_segment(ctx, base_dir)?;
+    visits_rel: &str,
+) -> Vec<Segment> {
     let stage_rel = |rel: PathBuf| Path::new("finetune").join(rel).display().to_string();
+    let mut segments = Vec::new();
     for plan in &out.segments {
-        let rates = out.rates[plan.start as usize..plan.end as usize].to_vec();
+        let (a, b) = (plan.start - out.step_offset, plan.end - out.step_offset);
+        let rates = out.rates[a as usize..b as usize].to_vec();
         let mass: f64 = rates.iter().sum();
         let checkpoints = plan
             .checkpoints
@@ -206,25 +262,19 @@ fn trajectory(
             })
             .collect();
         segments.push(Segment {
-            stage: "finetune".into(),
+            stage: name.to_string(),
             step_start: plan.start,
             step_end: plan.end,
             learning_rates: rates,
             lr_mass: LrMass::Finite(mass),
             optimizer: out.optimizer.clone(),
-            dataset: c.train.dataset.clone(),
+            dataset: t.dataset.clone(),
             n_docs: n_docs as u64,
             checkpoints,
-            visit_order: Some("finetune/visit_order.parquet".into()),
+            visit_order: Some(format!("finetune/{visits_rel}")),
         });
     }
-    Ok(Trajectory {
-        version: TRAJECTORY_VERSION,
-        base_model: fetched.model.id.clone(),
-        base_commit: fetched.model.commit.clone(),
-        loss_normalization: c.train.loss_normalization,
-        segments,
-    })
+    segments
 }
 
 /// The declared `pretrain` segment (the base model as its only checkpoint), when it has a

@@ -8,7 +8,7 @@
 //!   optimizer.safetensors    what the attribution reads: exp_avg_sq.NAME (Adam's v̂,
 //!                            bias-corrected) or momentum.NAME; absent for SGD
 //!   resume.safetensors       the rest of the optimizer state (exp_avg, raw exp_avg_sq)
-//!   state.json               step t and the log of steps 1 … t
+//!   state.json               the global step, the optimizer's step count and the step log
 //! ```
 //!
 //! A checkpoint is written into `.tmp-step-N-PID/` and renamed to `step-N/` when every file
@@ -74,10 +74,14 @@ mod f64_bits {
 /// `state.json` of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointState {
-    /// t: optimizer steps taken.
+    /// Global optimizer steps taken (counting earlier fine-tuning stages).
     pub step: u64,
-    /// Steps 1 … t.
+    /// This stage's steps, in order.
     pub log: Vec<StepLog>,
+    /// The optimizer's own step count t (Adam's bias correction), when it differs from
+    /// `step` (a stage that started with a fresh optimizer after earlier stages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer_steps: Option<u64>,
 }
 
 /// The folder name of the checkpoint after `step` steps.
@@ -110,12 +114,43 @@ pub fn write_safetensors(
                 .map_err(|e| Error::Model(format!("{}: tensor `{n}`: {e}", path.display())))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, Some(metadata))
+    let mut bytes = safetensors::serialize(views, Some(metadata))
         .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+    sort_metadata(&mut bytes);
     let mut f = std::fs::File::create(path).ctx("creating", path)?;
     f.write_all(&bytes).ctx("writing", path)?;
     f.sync_all().ctx("syncing", path)?;
     Ok(())
+}
+
+/// Rewrites the header of serialised safetensors `bytes` with its `__metadata__` keys in
+/// sorted order: the crate writes them in `HashMap` order, which differs between runs, and a
+/// checkpoint must be bitwise reproducible. The header keeps its length (same JSON, reordered;
+/// padded with spaces), so the data offsets stay valid.
+fn sort_metadata(bytes: &mut [u8]) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header = &bytes[8..8 + n];
+    let Ok(serde_json::Value::Object(mut top)) = serde_json::from_slice(header) else {
+        return;
+    };
+    let Some(serde_json::Value::Object(meta)) = top.remove("__metadata__") else {
+        return;
+    };
+    let mut sorted: Vec<(String, serde_json::Value)> = meta.into_iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = serde_json::Map::new();
+    out.insert(
+        "__metadata__".into(),
+        serde_json::Value::Object(sorted.into_iter().collect()),
+    );
+    let mut tensors: Vec<(String, serde_json::Value)> = top.into_iter().collect();
+    tensors.sort_by_key(|(_, v)| v["data_offsets"][0].as_u64());
+    out.extend(tensors);
+    let text = serde_json::to_vec(&out).expect("JSON value serialises");
+    if text.len() <= n {
+        bytes[8..8 + text.len()].copy_from_slice(&text);
+        bytes[8 + text.len()..8 + n].fill(b' ');
+    }
 }
 
 /// Reads every tensor of a safetensors file onto `device`.

@@ -43,6 +43,12 @@ pub struct TrainJob<'a> {
     pub work_dir: &'a Path,
     /// The device to train on.
     pub device: &'a Device,
+    /// Global optimizer steps taken before this job (by earlier fine-tuning stages): its
+    /// steps, checkpoints and hook points are numbered from here. 0 for a single stage.
+    pub step_offset: u64,
+    /// Continue the optimizer state saved in this checkpoint folder (`resume.safetensors`,
+    /// step count from `state.json`) instead of starting a fresh one.
+    pub optimizer_from: Option<&'a Path>,
     /// Test hook called with `step-K` after every step, `in-checkpoint-K` before a
     /// checkpoint's rename and `after-checkpoint-K` after it.
     pub hook: &'a dyn Fn(&str) -> Result<()>,
@@ -51,19 +57,21 @@ pub struct TrainJob<'a> {
 /// What a finished run produced.
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {
-    /// The segments with their checkpoint steps.
+    /// The segments with their checkpoint steps, in global steps.
     pub segments: Vec<SegmentPlan>,
-    /// η_k of every step, k = 0 … T − 1.
+    /// The job's `step_offset`: global step = offset + the job's own step.
+    pub step_offset: u64,
+    /// η_k of every step of the job, k = 0 … T − 1 (its own steps).
     pub rates: Vec<f64>,
-    /// Per-step log, steps 1 … T.
+    /// Per-step log of the job's steps (numbered globally).
     pub log: Vec<StepLog>,
     /// Checkpoint folders by step, under the work folder.
     pub checkpoints: Vec<(u64, PathBuf)>,
     /// The optimizer and its hyper-parameters.
     pub optimizer: OptimizerInfo,
-    /// The step training resumed from (0 for a fresh start).
+    /// The job's own step training resumed from (0 for a fresh start, T if complete).
     pub resumed_from: u64,
-    /// (step, document index) of every visit, in order.
+    /// (global step, document index) of every visit, in order.
     pub visits: Vec<(u64, u32)>,
     /// The trained model.
     pub model: Model,
@@ -203,27 +211,37 @@ pub fn train(job: &TrainJob<'_>) -> Result<TrainOutcome> {
     if dropped > 0 {
         tracing::warn!("removed {dropped} half-written checkpoint(s) of an interrupted run");
     }
+    let off = job.step_offset;
+    // Restores the optimizer saved in checkpoint `dir` (whose state is `state`).
+    let restore = |opt: &mut Optimizer, model: &Model, dir: &Path, state: &CheckpointState| {
+        let resume = dir.join("resume.safetensors");
+        let tensors = if resume.is_file() {
+            read_safetensors(&resume, job.device)?
+        } else {
+            HashMap::new()
+        };
+        let t = state.optimizer_steps.unwrap_or(state.step);
+        opt.restore(model.params(), t, tensors)
+    };
     let (model, mut opt, mut log, start) = match latest_checkpoint(job.work_dir)? {
-        Some((step, dir)) if step <= total => {
+        Some((step, dir)) if step > off && step <= off + total => {
             let model = Model::load(&dir, &LoadOptions::default(), job.device)?;
             let state = read_state(&dir)?;
             let mut opt = Optimizer::new(info.clone(), model.params().len())?;
-            let resume = dir.join("resume.safetensors");
-            let tensors = if resume.is_file() {
-                read_safetensors(&resume, job.device)?
-            } else {
-                HashMap::new()
-            };
-            opt.restore(model.params(), step, tensors)?;
+            restore(&mut opt, &model, &dir, &state)?;
             tracing::info!(
-                "resuming from checkpoint {} (step {step} of {total})",
-                dir.display()
+                "resuming from checkpoint {} (step {step} of {})",
+                dir.display(),
+                off + total
             );
-            (model, opt, state.log, step)
+            (model, opt, state.log, step - off)
         }
         _ => {
             let model = Model::load(job.base_dir, &LoadOptions::default(), job.device)?;
-            let opt = Optimizer::new(info.clone(), model.params().len())?;
+            let mut opt = Optimizer::new(info.clone(), model.params().len())?;
+            if let Some(from) = job.optimizer_from {
+                restore(&mut opt, &model, from, &read_state(from)?)?;
+            }
             (model, opt, Vec::new(), 0)
         }
     };
@@ -263,7 +281,7 @@ pub fn train(job: &TrainJob<'_>) -> Result<TrainOutcome> {
         };
         let lr = rates[k as usize];
         opt.step(model.params(), &grads, lr)?;
-        let step = k + 1;
+        let step = off + k + 1;
         log.push(StepLog {
             step,
             lr,
@@ -275,10 +293,11 @@ pub fn train(job: &TrainJob<'_>) -> Result<TrainOutcome> {
         });
         pb.set_message(format!("loss {loss:.4}"));
         pb.inc(1);
-        if ckpt_steps.contains(&step) {
+        if ckpt_steps.contains(&(k + 1)) {
             let state = CheckpointState {
                 step,
                 log: log.clone(),
+                optimizer_steps: (opt.steps() != step).then_some(opt.steps()),
             };
             let content = CheckpointContent {
                 model: &model,
@@ -297,7 +316,10 @@ pub fn train(job: &TrainJob<'_>) -> Result<TrainOutcome> {
 
     let checkpoints = ckpt_steps
         .iter()
-        .map(|&s| (s, job.work_dir.join(super::checkpoint::checkpoint_name(s))))
+        .map(|&s| {
+            let g = off + s;
+            (g, job.work_dir.join(super::checkpoint::checkpoint_name(g)))
+        })
         .collect::<Vec<_>>();
     for (s, dir) in &checkpoints {
         if !dir.join("state.json").is_file() {
@@ -310,10 +332,24 @@ pub fn train(job: &TrainJob<'_>) -> Result<TrainOutcome> {
     let mut visits = Vec::new();
     let mut order = VisitOrder::new(t.seed.unwrap_or(0), n, t.batch_size);
     for k in 0..total {
-        visits.extend(order.step_docs(k).into_iter().map(|i| (k + 1, i as u32)));
+        visits.extend(
+            order
+                .step_docs(k)
+                .into_iter()
+                .map(|i| (off + k + 1, i as u32)),
+        );
     }
+    let segments = segments
+        .into_iter()
+        .map(|s| SegmentPlan {
+            start: off + s.start,
+            end: off + s.end,
+            checkpoints: s.checkpoints.iter().map(|c| off + c).collect(),
+        })
+        .collect();
     Ok(TrainOutcome {
         segments,
+        step_offset: off,
         rates,
         log,
         checkpoints,
