@@ -29,7 +29,6 @@ pub fn apply_in_basis(basis: &EigenBasis, weights: &Tensor, v: &Tensor) -> Resul
 #[allow(clippy::needless_range_loop)] // brute-force references index like the math
 mod tests {
     use super::*;
-    use crate::curvature::{masked_rows, CovarianceSums, EigenBasis, LambdaSums};
     use candle_core::Device;
 
     /// Builds EK-FAC factors from random data and the dense curvature they stand for,
@@ -38,20 +37,9 @@ mod tests {
     #[test]
     fn primitive_equals_dense_matrix_function() {
         let dev = Device::Cpu;
-        let (b, t, din, dout) = (6, 5, 4, 3);
-        let a = Tensor::randn(0f32, 1.0, (b, t, din), &dev).unwrap();
-        let d = Tensor::randn(0f32, 1.0, (b, t, dout), &dev).unwrap();
-        let mask = Tensor::ones((b, t), DType::U8, &dev).unwrap();
-        let mut cov = CovarianceSums::new(din, dout, None, &dev).unwrap();
-        cov.add(
-            &masked_rows(&a, &mask).unwrap(),
-            &masked_rows(&d, &mask).unwrap(),
-        )
-        .unwrap();
-        let basis = EigenBasis::from_covariances(&cov.normalized().unwrap(), "t", &dev).unwrap();
-        let mut lam = LambdaSums::new(dout, din, &dev).unwrap();
-        lam.add_batch(&basis, &a, &d, &mask).unwrap();
-        let lambda = lam.normalized().unwrap();
+        let (din, dout) = (4, 3);
+        let f = crate::curvature::test_support::random_factors("t", (6, 5, din, dout), None);
+        let (basis, lambda) = (f.basis, f.lambda);
 
         // Dense H in f64: columns of K = Q_S ⊗ Q_A are the Kronecker eigenvectors.
         let qs: Vec<Vec<f32>> = basis.q_s.to_dense().unwrap().to_vec2().unwrap();

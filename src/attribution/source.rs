@@ -132,48 +132,21 @@ pub fn source_walk(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::curvature::{masked_rows, CovarianceSums, EigenBasis, LambdaSums};
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
-    fn factors(seed: u64) -> Vec<LayerFactors> {
-        let dev = Device::Cpu;
-        dev.set_seed(seed).ok();
-        let (b, t, din, dout) = (5, 4, 3, 2);
-        let a = Tensor::randn(0f32, 1.0, (b, t, din), &dev).unwrap();
-        let d = Tensor::randn(0f32, 1.0, (b, t, dout), &dev).unwrap();
-        let mask = Tensor::ones((b, t), DType::U8, &dev).unwrap();
-        let mut cov = CovarianceSums::new(din, dout, None, &dev).unwrap();
-        cov.add(
-            &masked_rows(&a, &mask).unwrap(),
-            &masked_rows(&d, &mask).unwrap(),
-        )
-        .unwrap();
-        let covariances = cov.normalized().unwrap();
-        let basis = EigenBasis::from_covariances(&covariances, "t", &dev).unwrap();
-        let mut lam = LambdaSums::new(dout, din, &dev).unwrap();
-        lam.add_batch(&basis, &a, &d, &mask).unwrap();
-        vec![LayerFactors {
-            name: "l".into(),
-            covariances,
-            basis,
-            lambda: lam.normalized().unwrap(),
-        }]
+    fn factors() -> Vec<LayerFactors> {
+        vec![crate::curvature::test_support::random_factors(
+            "l",
+            (5, 4, 3, 2),
+            None,
+        )]
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::curvature::test_support::max_abs_diff as max_diff;
 
     #[test]
     fn one_converged_segment_is_the_influence_function() {
-        let f = factors(1);
+        let f = factors();
         let v = vec![Tensor::randn(0f32, 1.0, (2, 2, 3), &Device::Cpu).unwrap()];
         let seg = [SegmentCurvature {
             factors: &f,
@@ -201,8 +174,8 @@ mod tests {
 
     #[test]
     fn a_short_segment_is_the_scaled_gradient_and_segments_chain() {
-        let f1 = factors(2);
-        let f2 = factors(3);
+        let f1 = factors();
+        let f2 = factors();
         let v = vec![Tensor::randn(0f32, 1.0, (2, 2, 3), &Device::Cpu).unwrap()];
         // s σ ≪ 1: u = s v.
         let s = 1e-7;

@@ -9,6 +9,8 @@ pub mod eigen;
 pub mod fit;
 pub mod lambda;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 pub use blocks::{BlockDiag, BlockLayout};
 pub use covariance::{masked_rows, CovarianceSums, Covariances};

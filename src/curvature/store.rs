@@ -130,31 +130,15 @@ pub fn load_factors(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::curvature::{masked_rows, CovarianceSums, LambdaSums};
 
     #[test]
     fn round_trip_is_bit_exact() {
         let dev = Device::Cpu;
-        let (b, t, din, dout) = (3, 4, 5, 3);
-        let a = Tensor::randn(0f32, 1.0, (b, t, din), &dev).unwrap();
-        let d = Tensor::randn(0f32, 1.0, (b, t, dout), &dev).unwrap();
-        let mask = Tensor::ones((b, t), DType::U8, &dev).unwrap();
-        let mut cov = CovarianceSums::new(din, dout, Some(2), &dev).unwrap();
-        cov.add(
-            &masked_rows(&a, &mask).unwrap(),
-            &masked_rows(&d, &mask).unwrap(),
-        )
-        .unwrap();
-        let covariances = cov.normalized().unwrap();
-        let basis = EigenBasis::from_covariances(&covariances, "t", &dev).unwrap();
-        let mut lam = LambdaSums::new(dout, din, &dev).unwrap();
-        lam.add_batch(&basis, &a, &d, &mask).unwrap();
-        let f = LayerFactors {
-            name: "model.layers.0.mlp.up_proj".into(),
-            covariances,
-            basis,
-            lambda: lam.normalized().unwrap(),
-        };
+        let f = crate::curvature::test_support::random_factors(
+            "model.layers.0.mlp.up_proj",
+            (3, 4, 5, 3),
+            Some(2),
+        );
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f.safetensors");
         save_factors(
