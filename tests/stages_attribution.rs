@@ -203,6 +203,36 @@ fn output_tables_keep_their_contracts_and_batching_changes_nothing() {
 }
 
 #[test]
+fn thread_count_changes_nothing() {
+    // One thread against the default pool: the same scores within float tolerance.
+    let dirs: Vec<tempfile::TempDir> = ["1", "2"]
+        .iter()
+        .map(|threads| {
+            let dir = setup("source", "");
+            let o = cli(
+                dir.path(),
+                &["-q", "run", "p.toml"],
+                &[("RAYON_NUM_THREADS", threads)],
+            );
+            assert!(o.status.success(), "{}", stderr(&o));
+            dir
+        })
+        .collect();
+    let a = scores(&dirs[0].path().join("run"));
+    let b = scores(&dirs[1].path().join("run"));
+    let scale = a.values().fold(0f64, |m, v| m.max(v.0.abs()));
+    assert_eq!(a.len(), b.len());
+    for (k, v) in &a {
+        assert!(
+            (v.0 - b[k].0).abs() <= 1e-3 * scale,
+            "{k:?}: {} vs {}",
+            v.0,
+            b[k].0
+        );
+    }
+}
+
+#[test]
 fn duckdb_and_pyarrow_read_the_outputs() {
     let py = std::env::var_os("SOURCE_TDA_PYTHON")
         .map(PathBuf::from)
