@@ -183,3 +183,179 @@ fn heavy_ball_momentum_matches_brute_force() {
     eprintln!("momentum β = 0.5, 40 segments: relative error {err}");
     assert!(err < 1e-2, "{err}");
 }
+
+/// Adam on the same problem: returns θ_k (k = 0..=K) and, per step, the preconditioner
+/// 1/(√v̂ + ε) it applied.
+#[allow(clippy::type_complexity)]
+fn train_adam(
+    p: &Problem,
+    lrs: &[f64],
+    target: usize,
+    eps_w: f64,
+) -> (Vec<[f64; P]>, Vec<[f64; P]>) {
+    let (b1, b2, eps) = (0.9, 0.999, 1e-8);
+    let mut th = p.theta0;
+    let (mut m, mut v) = ([0f64; P], [0f64; P]);
+    let mut thetas = vec![th];
+    let mut precs = Vec::new();
+    for (k, &lr) in lrs.iter().enumerate() {
+        let t = (k + 1) as i32;
+        let mut g = [0f64; P];
+        for d in 0..N {
+            let w = if d == target { 1.0 + eps_w } else { 1.0 };
+            let gd = grad_doc(p, d, &th);
+            for i in 0..P {
+                g[i] += w * gd[i] / N as f64;
+            }
+        }
+        let mut prec = [0f64; P];
+        for i in 0..P {
+            m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+            v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+            let mh = m[i] / (1.0 - b1.powi(t));
+            let vh = v[i] / (1.0 - b2.powi(t));
+            prec[i] = 1.0 / (vh.sqrt() + eps);
+            th[i] -= lr * mh * prec[i];
+        }
+        precs.push(prec);
+        thetas.push(th);
+    }
+    (thetas, precs)
+}
+
+fn spearman(a: &[f64], b: &[f64]) -> f64 {
+    let rank = |v: &[f64]| -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
+        let mut r = vec![0.0; v.len()];
+        for (k, &i) in idx.iter().enumerate() {
+            r[i] = k as f64;
+        }
+        r
+    };
+    let (ra, rb) = (rank(a), rank(b));
+    let n = a.len() as f64;
+    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
+    let cov: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = ra.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = rb.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
+}
+
+/// Source's Adam variant (σ_p = p̄ ⊙ diag(H), elementwise propagation and injection, then
+/// H⁻¹) on an Adam trajectory, against brute-force retraining with Adam: the diagonal
+/// approximation is not exact, so the check is the ranking (Spearman ≥ 0.9), and that it
+/// ranks better than the plain SGD form on the same trajectory.
+#[test]
+fn adam_variant_ranks_documents_like_brute_force() {
+    use source_tda::attribution::{AdamCurvature, Curvature};
+    let p = problem();
+    // η = 0.02 for 300 steps: Adam well past its first, sign-like steps. (Measured: at
+    // η = 0.01 both the Adam variant and the SGD form reach only Spearman ≈ 0.8; at
+    // η = 0.03–0.05 the Adam variant gives 1.0 and the SGD form 0.89.)
+    let lrs = vec![0.02; 300];
+    let segments = 30;
+    let per = lrs.len() / segments;
+    // Brute force: −df/dε by central differences of the whole Adam run.
+    let h = 1e-5;
+    let truth: Vec<f64> = (0..N)
+        .map(|m| {
+            let up = *train_adam(&p, &lrs, m, h).0.last().unwrap();
+            let down = *train_adam(&p, &lrs, m, -h).0.last().unwrap();
+            -(f_query(&p, &up) - f_query(&p, &down)) / (2.0 * h)
+        })
+        .collect();
+
+    let (traj, precs) = train_adam(&p, &lrs, usize::MAX, 0.0);
+    let mut hm = vec![0f64; P * P];
+    for x in &p.x {
+        for i in 0..P {
+            for j in 0..P {
+                hm[i * P + j] += x[i] * x[j] / N as f64;
+            }
+        }
+    }
+    let diag: Vec<f64> = (0..P).map(|i| hm[i * P + i]).collect();
+    let dense = DenseCurvature::new(&Tensor::from_vec(hm, (P, P), &Device::Cpu).unwrap()).unwrap();
+    let adams: Vec<AdamCurvature> = (0..segments)
+        .map(|s| {
+            let pbar: Vec<f64> = (0..P)
+                .map(|i| {
+                    precs[s * per..(s + 1) * per]
+                        .iter()
+                        .map(|pr| pr[i])
+                        .sum::<f64>()
+                        / per as f64
+                })
+                .collect();
+            let sigma: Vec<f64> = pbar.iter().zip(&diag).map(|(a, b)| a * b).collect();
+            AdamCurvature {
+                inner: &dense,
+                sigma: vec![Tensor::from_vec(sigma, (1, P), &Device::Cpu).unwrap()],
+                damping: Damping::Absolute(0.0),
+            }
+        })
+        .collect();
+    let segs: Vec<SegmentCurvature> = adams
+        .iter()
+        .enumerate()
+        .map(|(s, a)| SegmentCurvature {
+            factors: a as &dyn Curvature,
+            mass: LrMass::Finite(lrs[s * per..(s + 1) * per].iter().sum()),
+        })
+        .collect();
+    let th_final = traj[lrs.len()];
+    let r = dot(&p.xq, &th_final) - p.yq;
+    let v: [f64; P] = std::array::from_fn(|i| r * p.xq[i]);
+    let u = source_walk(&[to_tensor(&v)], &segs, Damping::Absolute(0.0)).unwrap();
+    let tau: Vec<f64> = (0..N)
+        .map(|m| {
+            (0..segments)
+                .map(|s| {
+                    let mut g = [0f64; P];
+                    for th in &traj[s * per..(s + 1) * per] {
+                        let gm = grad_doc(&p, m, th);
+                        for i in 0..P {
+                            g[i] += gm[i] / per as f64;
+                        }
+                    }
+                    let ul: Vec<f64> = u[s][0].flatten_all().unwrap().to_vec1().unwrap();
+                    ul.iter().zip(&g).map(|(a, b)| a * b).sum::<f64>() / N as f64
+                })
+                .sum()
+        })
+        .collect();
+    let rho = spearman(&tau, &truth);
+    // The plain SGD form on the same trajectory, for comparison.
+    let sgd_segs: Vec<SegmentCurvature> = (0..segments)
+        .map(|s| SegmentCurvature {
+            factors: &dense as &dyn Curvature,
+            mass: LrMass::Finite(lrs[s * per..(s + 1) * per].iter().sum()),
+        })
+        .collect();
+    let u_sgd = source_walk(&[to_tensor(&v)], &sgd_segs, Damping::Absolute(0.0)).unwrap();
+    let tau_sgd: Vec<f64> = (0..N)
+        .map(|m| {
+            (0..segments)
+                .map(|s| {
+                    let mut g = [0f64; P];
+                    for th in &traj[s * per..(s + 1) * per] {
+                        let gm = grad_doc(&p, m, th);
+                        for i in 0..P {
+                            g[i] += gm[i] / per as f64;
+                        }
+                    }
+                    let ul: Vec<f64> = u_sgd[s][0].flatten_all().unwrap().to_vec1().unwrap();
+                    ul.iter().zip(&g).map(|(a, b)| a * b).sum::<f64>() / N as f64
+                })
+                .sum()
+        })
+        .collect();
+    let rho_sgd = spearman(&tau_sgd, &truth);
+    eprintln!("Adam variant vs brute force: Spearman {rho:.4} (SGD form: {rho_sgd:.4})");
+    assert!(rho >= 0.9, "Spearman {rho}");
+    assert!(
+        rho > rho_sgd,
+        "the Adam variant must beat the SGD form on an Adam trajectory"
+    );
+}

@@ -2,6 +2,7 @@
 //! the influence function, the eigenbasis primitive they share, and the token-level scoring
 //! contraction.
 
+pub mod adam;
 pub mod contract;
 pub mod dense;
 pub mod functions;
@@ -9,6 +10,7 @@ pub mod precondition;
 pub mod score;
 pub mod source;
 
+pub use adam::{adam_sigma, ekfac_diagonal, AdamCurvature};
 pub use contract::token_scores;
 pub use dense::DenseCurvature;
 pub use functions::{inject, SpectralFn};
