@@ -30,6 +30,10 @@ pub struct PlannedSegment {
     pub mass: LrMass,
     /// Checkpoint folders (absolute), in step order.
     pub checkpoints: Vec<PathBuf>,
+    /// AdamW's ε when the segment was trained with AdamW (its checkpoints then carry the
+    /// bias-corrected second moments in `optimizer.safetensors`).
+    #[serde(default)]
+    pub adam_eps: Option<f64>,
 }
 
 /// The plan of an attribution run.
@@ -110,6 +114,10 @@ pub fn plan(config: &Config, run: &RunDir) -> Result<AttributionPlan> {
                         .iter()
                         .map(|c| resolve_path(run, &c.path))
                         .collect(),
+                    adam_eps: match &s.optimizer {
+                        crate::train::OptimizerInfo::AdamW { eps, .. } => Some(*eps),
+                        _ => None,
+                    },
                 });
             }
             out
@@ -123,6 +131,7 @@ pub fn plan(config: &Config, run: &RunDir) -> Result<AttributionPlan> {
                 n_docs: n,
                 mass: LrMass::Converged,
                 checkpoints: vec![final_checkpoint.clone()],
+                adam_eps: None,
             }]
         }
     };

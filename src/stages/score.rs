@@ -14,7 +14,8 @@ use candle_core::{Device, Tensor};
 use serde_json::json;
 
 use crate::attribution::{
-    precondition_inverse, score_pass, source_walk, Curvature, Damping, SegmentCurvature,
+    adam_sigma, ekfac_diagonal, precondition_inverse, score_pass, source_walk, AdamCurvature,
+    Curvature, Damping, SegmentCurvature,
 };
 use crate::config::{Config, MethodKind};
 use crate::curvature::{load_factors, LayerFactors};
@@ -120,17 +121,86 @@ fn preconditioned(
         MethodKind::Influence => vec![precondition_inverse(&factors()?[0], v, damping)?],
         MethodKind::Source => {
             let f = factors()?;
-            let segs: Vec<SegmentCurvature> = f
+            // Segments trained with AdamW see H̄ through Adam's preconditioner.
+            let adam: Vec<Option<AdamCurvature>> = f
                 .iter()
                 .zip(&p.segments)
-                .map(|(f, s)| SegmentCurvature {
-                    factors: f as &dyn Curvature,
+                .map(|(f, s)| -> Result<Option<AdamCurvature>> {
+                    let Some(eps) = s.adam_eps else {
+                        return Ok(None);
+                    };
+                    let p_bar = adam_p_bar(s, f, eps)?;
+                    let diag: Vec<Tensor> = f.iter().map(ekfac_diagonal).collect::<Result<_>>()?;
+                    Ok(Some(AdamCurvature {
+                        inner: f as &dyn Curvature,
+                        sigma: adam_sigma(&p_bar, &diag)?,
+                        damping,
+                    }))
+                })
+                .collect::<Result<_>>()?;
+            let segs: Vec<SegmentCurvature> = f
+                .iter()
+                .zip(&adam)
+                .zip(&p.segments)
+                .map(|((f, a), s)| SegmentCurvature {
+                    factors: match a {
+                        Some(a) => a as &dyn Curvature,
+                        None => f as &dyn Curvature,
+                    },
                     mass: s.mass,
                 })
                 .collect();
             source_walk(v, &segs, damping)?
         }
     })
+}
+
+/// p̄ = the segment's average of 1/(√v̂ + ε) over its checkpoints, per layer, shaped like the
+/// layer's gradient [d_out, d_in(+1)] (the bias's entries as the last column).
+fn adam_p_bar(
+    seg: &super::attribute::PlannedSegment,
+    factors: &[LayerFactors],
+    eps: f64,
+) -> Result<Vec<Tensor>> {
+    let mut sums: Vec<Option<Tensor>> = vec![None; factors.len()];
+    for ckpt in &seg.checkpoints {
+        let path = ckpt.join("optimizer.safetensors");
+        if !path.exists() {
+            return Err(Error::Pipeline(format!(
+                "segment {} was trained with AdamW but {} is missing: the Adam variant needs \
+                 the saved second moments (rerun the finetune stage)",
+                seg.index,
+                path.display()
+            )));
+        }
+        let map = candle_core::safetensors::load(&path, &Device::Cpu)?;
+        let get = |k: &str| -> Result<Tensor> {
+            map.get(k).cloned().ok_or_else(|| {
+                Error::Pipeline(format!("{}: tensor `{k}` is missing", path.display()))
+            })
+        };
+        for (l, f) in factors.iter().enumerate() {
+            let (d_out, d_total) = f.lambda.dims2()?;
+            let mut w = get(&format!("exp_avg_sq.{}.weight", f.name))?;
+            if w.dims()[0] != d_out {
+                w = w.t()?.contiguous()?; // stored [in, out] (GPT-2 Conv1D)
+            }
+            let recip = |t: &Tensor| -> Result<Tensor> { Ok((t.sqrt()? + eps)?.recip()?) };
+            let mut pl = recip(&w)?;
+            if d_total == w.dim(1)? + 1 {
+                let b = get(&format!("exp_avg_sq.{}.bias", f.name))?.reshape((d_out, 1))?;
+                pl = Tensor::cat(&[&pl, &recip(&b)?], 1)?;
+            }
+            sums[l] = Some(match sums[l].take() {
+                None => pl,
+                Some(s) => (s + pl)?,
+            });
+        }
+    }
+    let c = seg.checkpoints.len().max(1) as f64;
+    sums.into_iter()
+        .map(|s| Ok((s.expect("one checkpoint at least") / c)?))
+        .collect()
 }
 
 /// Scores of one data role: per segment [Q][N] and per-token sums [N][Q][T].
@@ -166,9 +236,8 @@ impl Stage for ScoreStage {
             .iter()
             .any(|s| matches!(s.optimizer, OptimizerInfo::AdamW { .. }));
         if adam && p.method == MethodKind::Source {
-            tracing::warn!(
-                "the trajectory was trained with AdamW; this version applies Source's SGD form \
-                 (the Adam variant with the saved second moments is not implemented yet)"
+            tracing::info!(
+                "score: AdamW segments use Source's Adam variant (saved second moments)"
             );
         }
         let final_model = load_model(&p.final_checkpoint)?;
