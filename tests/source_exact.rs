@@ -97,10 +97,8 @@ fn brute_force(p: &Problem, lrs: &[f64], beta: f64) -> Vec<f64> {
         .collect()
 }
 
-/// Source with the exact Hessian H = (1/N) Σ x xᵀ, `segments` equal segments, the
-/// document gradient averaged over the points where the segment's steps evaluated it.
-fn source(p: &Problem, lrs: &[f64], beta: f64, segments: usize) -> Vec<f64> {
-    let traj = train(p, lrs, beta, usize::MAX, 0.0);
+/// H = (1/N) Σ x xᵀ, row-major.
+fn hessian(p: &Problem) -> Vec<f64> {
     let mut h = vec![0f64; P * P];
     for x in &p.x {
         for i in 0..P {
@@ -109,6 +107,37 @@ fn source(p: &Problem, lrs: &[f64], beta: f64, segments: usize) -> Vec<f64> {
             }
         }
     }
+    h
+}
+
+/// τ(q, m) = Σ_ℓ (1/N) ⟨u_ℓ, ḡ_ℓ(m)⟩ with ḡ_ℓ the document gradient averaged over the points
+/// where segment ℓ's `per` steps evaluated it.
+fn taus(p: &Problem, traj: &[[f64; P]], u: &[Vec<Tensor>], per: usize) -> Vec<f64> {
+    (0..N)
+        .map(|m| {
+            u.iter()
+                .enumerate()
+                .map(|(s, us)| {
+                    let mut g = [0f64; P];
+                    for th in &traj[s * per..(s + 1) * per] {
+                        let gm = grad_doc(p, m, th);
+                        for i in 0..P {
+                            g[i] += gm[i] / per as f64;
+                        }
+                    }
+                    let ul: Vec<f64> = us[0].flatten_all().unwrap().to_vec1().unwrap();
+                    ul.iter().zip(&g).map(|(a, b)| a * b).sum::<f64>() / N as f64
+                })
+                .sum()
+        })
+        .collect()
+}
+
+/// Source with the exact Hessian H = (1/N) Σ x xᵀ, `segments` equal segments, the
+/// document gradient averaged over the points where the segment's steps evaluated it.
+fn source(p: &Problem, lrs: &[f64], beta: f64, segments: usize) -> Vec<f64> {
+    let traj = train(p, lrs, beta, usize::MAX, 0.0);
+    let h = hessian(p);
     let curv = DenseCurvature::new(&Tensor::from_vec(h, (P, P), &Device::Cpu).unwrap()).unwrap();
     let k = lrs.len();
     let per = k / segments;
@@ -122,23 +151,7 @@ fn source(p: &Problem, lrs: &[f64], beta: f64, segments: usize) -> Vec<f64> {
     let r = dot(&p.xq, &th_final) - p.yq;
     let v: [f64; P] = std::array::from_fn(|i| r * p.xq[i]);
     let u = source_walk(&[to_tensor(&v)], &segs, Damping::Absolute(0.0)).unwrap();
-    (0..N)
-        .map(|m| {
-            (0..segments)
-                .map(|s| {
-                    let mut g = [0f64; P];
-                    for th in &traj[s * per..(s + 1) * per] {
-                        let gm = grad_doc(p, m, th);
-                        for i in 0..P {
-                            g[i] += gm[i] / per as f64;
-                        }
-                    }
-                    let ul: Vec<f64> = u[s][0].flatten_all().unwrap().to_vec1().unwrap();
-                    ul.iter().zip(&g).map(|(a, b)| a * b).sum::<f64>() / N as f64
-                })
-                .sum()
-        })
-        .collect()
+    taus(p, &traj, &u, per)
 }
 
 fn rel_err(got: &[f64], want: &[f64]) -> f64 {
@@ -267,14 +280,7 @@ fn adam_variant_ranks_documents_like_brute_force() {
         .collect();
 
     let (traj, precs) = train_adam(&p, &lrs, usize::MAX, 0.0);
-    let mut hm = vec![0f64; P * P];
-    for x in &p.x {
-        for i in 0..P {
-            for j in 0..P {
-                hm[i * P + j] += x[i] * x[j] / N as f64;
-            }
-        }
-    }
+    let hm = hessian(&p);
     let diag: Vec<f64> = (0..P).map(|i| hm[i * P + i]).collect();
     let dense = DenseCurvature::new(&Tensor::from_vec(hm, (P, P), &Device::Cpu).unwrap()).unwrap();
     let adams: Vec<AdamCurvature> = (0..segments)
@@ -308,23 +314,7 @@ fn adam_variant_ranks_documents_like_brute_force() {
     let r = dot(&p.xq, &th_final) - p.yq;
     let v: [f64; P] = std::array::from_fn(|i| r * p.xq[i]);
     let u = source_walk(&[to_tensor(&v)], &segs, Damping::Absolute(0.0)).unwrap();
-    let tau: Vec<f64> = (0..N)
-        .map(|m| {
-            (0..segments)
-                .map(|s| {
-                    let mut g = [0f64; P];
-                    for th in &traj[s * per..(s + 1) * per] {
-                        let gm = grad_doc(&p, m, th);
-                        for i in 0..P {
-                            g[i] += gm[i] / per as f64;
-                        }
-                    }
-                    let ul: Vec<f64> = u[s][0].flatten_all().unwrap().to_vec1().unwrap();
-                    ul.iter().zip(&g).map(|(a, b)| a * b).sum::<f64>() / N as f64
-                })
-                .sum()
-        })
-        .collect();
+    let tau = taus(&p, &traj, &u, per);
     let rho = spearman(&tau, &truth);
     // The plain SGD form on the same trajectory, for comparison.
     let sgd_segs: Vec<SegmentCurvature> = (0..segments)
@@ -334,23 +324,7 @@ fn adam_variant_ranks_documents_like_brute_force() {
         })
         .collect();
     let u_sgd = source_walk(&[to_tensor(&v)], &sgd_segs, Damping::Absolute(0.0)).unwrap();
-    let tau_sgd: Vec<f64> = (0..N)
-        .map(|m| {
-            (0..segments)
-                .map(|s| {
-                    let mut g = [0f64; P];
-                    for th in &traj[s * per..(s + 1) * per] {
-                        let gm = grad_doc(&p, m, th);
-                        for i in 0..P {
-                            g[i] += gm[i] / per as f64;
-                        }
-                    }
-                    let ul: Vec<f64> = u_sgd[s][0].flatten_all().unwrap().to_vec1().unwrap();
-                    ul.iter().zip(&g).map(|(a, b)| a * b).sum::<f64>() / N as f64
-                })
-                .sum()
-        })
-        .collect();
+    let tau_sgd = taus(&p, &traj, &u_sgd, per);
     let rho_sgd = spearman(&tau_sgd, &truth);
     eprintln!("Adam variant vs brute force: Spearman {rho:.4} (SGD form: {rho_sgd:.4})");
     assert!(rho >= 0.9, "Spearman {rho}");
