@@ -31,6 +31,7 @@ pub mod config;
 pub mod curvature;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod hub;
 pub mod model;
 pub mod output;

@@ -64,6 +64,11 @@ enum Command {
     /// token_scores.parquet (per token of the top-k documents), queries.parquet and
     /// train_docs.parquet. τ = score / n_train > 0: the document helped (a proponent).
     Score(OneStage),
+    /// Evaluate attribution quality, comparing [eval] methods side by side: `eval recall`
+    /// (recall@k and MRR of the queries' known source documents) or `eval lds` (linear
+    /// datamodeling score from retraining on random subsets; resumable, `--shard i/n`).
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// Import a Hugging Face Trainer run as the trajectory instead of fine-tuning here.
     ///
     /// Runs fetch, prepare and finetune (the ones not yet done) with `train.import_from` set
@@ -122,6 +127,29 @@ enum Command {
         /// a small, fast model for tests.
         #[arg(long, value_name = "N")]
         layers: Option<usize>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum EvalCommand {
+    /// recall@k and MRR of each query's known source documents among the fine-tuning set,
+    /// per method; writes RUN_DIR/eval-recall/{summary.json,recall.parquet}.
+    Recall(OneStage),
+    /// The linear datamodeling score per method: fine-tunes on [eval] subsets random subsets
+    /// (fraction alpha, seeds each) with the run's [train], measures each query's loss and
+    /// correlates it with −Σ τ over the subset; writes RUN_DIR/eval-lds/{summary.json,
+    /// points.parquet}. Finished retraining jobs are kept and skipped on a rerun.
+    ///
+    /// With --shard i/n only every n-th job (starting at job i − 1) is trained, without
+    /// locking the run directory, so shards may run at the same time; the last shard (or a
+    /// later run without --shard) merges once every job is done.
+    #[command(verbatim_doc_comment)]
+    Lds {
+        #[command(flatten)]
+        stage: OneStage,
+        /// Run only shard i of n (1 ≤ i ≤ n), e.g. --shard 2/4.
+        #[arg(long, value_name = "i/n")]
+        shard: Option<String>,
     },
 }
 
@@ -235,6 +263,27 @@ fn dispatch(command: Command) -> Result<()> {
             &["score".into()],
             s.opts.into_options(),
         ),
+        Command::Eval(EvalCommand::Recall(s)) => {
+            run(
+                &s.config,
+                &s.run_dir,
+                &["eval-recall".into()],
+                s.opts.into_options(),
+            )?;
+            print_summary(&s.run_dir, "eval-recall")
+        }
+        Command::Eval(EvalCommand::Lds { stage: s, shard }) => match shard {
+            None => {
+                run(
+                    &s.config,
+                    &s.run_dir,
+                    &["eval-lds".into()],
+                    s.opts.into_options(),
+                )?;
+                print_summary(&s.run_dir, "eval-lds")
+            }
+            Some(shard) => eval_lds_shard(&s, &shard),
+        },
         Command::ImportTrainer { trainer_dir, stage } => import_trainer(&trainer_dir, stage),
         Command::Status { run_dir } => status(&run_dir),
         Command::ConvertGguf {
@@ -269,6 +318,47 @@ fn run(config_path: &Path, run_dir: &Path, stages: &[String], opts: RunOptions) 
     }
     eprintln!("run directory: {}", run.path().display());
     Ok(())
+}
+
+/// Prints the terminal table of an eval stage's summary.json.
+fn print_summary(run_dir: &Path, stage: &str) -> Result<()> {
+    let path = run_dir.join(stage).join("summary.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let table = match stage {
+        "eval-recall" => source_tda::eval::table::recall_table(&v),
+        _ => source_tda::eval::table::lds_table(&v),
+    };
+    print!("{table}");
+    Ok(())
+}
+
+fn eval_lds_shard(s: &OneStage, shard: &str) -> Result<()> {
+    use source_tda::stages::{run_shard, ShardOutcome};
+    let shard = source_tda::eval::Shard::parse(shard)?;
+    let config = Config::load(&s.config)?;
+    let run = RunDir::at(&s.run_dir)?;
+    match run_shard(&config, &s.config, &run, shard)
+        .with_context(|| format!("run directory {}", run.path().display()))?
+    {
+        ShardOutcome::Merged { ran } => {
+            eprintln!(
+                "shard {}/{}: trained {ran} job(s); all done, merged",
+                shard.index, shard.count
+            );
+            print_summary(&s.run_dir, "eval-lds")
+        }
+        ShardOutcome::Partial { ran, missing } => {
+            eprintln!(
+                "shard {}/{}: trained {ran} job(s); {missing} job(s) of the evaluation are not \
+                 finished yet. When every shard is done, run `source-tda eval lds` without \
+                 --shard (or rerun the last shard) to merge.",
+                shard.index, shard.count
+            );
+            Ok(())
+        }
+    }
 }
 
 fn import_trainer(trainer_dir: &Path, s: OneStage) -> Result<()> {
@@ -340,13 +430,13 @@ fn status(run_dir: &Path) -> Result<()> {
     let rows = status_rows(&run)?;
     println!("run directory: {}", run.path().display());
     println!(
-        "{:<9} {:>9} {:>10}  {:<19}  state",
+        "{:<11} {:>9} {:>10}  {:<19}  state",
         "stage", "wall", "peak RSS", "finished"
     );
     for name in STAGE_ORDER {
         match rows.iter().find(|r| r.stage == name) {
             Some(r) => println!(
-                "{:<9} {:>9} {:>10}  {:<19}  {}",
+                "{:<11} {:>9} {:>10}  {:<19}  {}",
                 r.stage,
                 r.wall_s.map(|s| format!("{s:.2} s")).unwrap_or_default(),
                 r.peak_rss_bytes.map(human_bytes).unwrap_or_default(),
@@ -356,7 +446,7 @@ fn status(run_dir: &Path) -> Result<()> {
                     .unwrap_or_default(),
                 r.state
             ),
-            None => println!("{name:<9} {:>9} {:>10}  {:<19}  not run", "", "", ""),
+            None => println!("{name:<11} {:>9} {:>10}  {:<19}  not run", "", "", ""),
         }
     }
     Ok(())

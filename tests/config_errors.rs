@@ -189,3 +189,46 @@ fn shipped_configs_and_pipelines_are_valid() {
         }
     }
 }
+
+#[test]
+fn eval_section_has_defaults_and_bad_values_name_the_key() {
+    let c = load(GOOD).unwrap();
+    assert_eq!(c.eval.subsets, 64);
+    assert_eq!(c.eval.alpha, 0.5);
+    assert_eq!(c.eval.seeds, 1);
+    assert_eq!(c.eval.k, vec![1, 5, 10]);
+    assert_eq!(c.eval.methods.len(), 3);
+    assert_eq!(c.eval.known_sources_column, "known_sources");
+
+    let cases = [
+        ("alpha = 1.0", "key `eval.alpha`", "a fraction in (0, 1)"),
+        ("alpha = 0.0", "key `eval.alpha`", "a fraction in (0, 1)"),
+        ("subsets = 2", "key `eval.subsets`", "3 or more"),
+        ("seeds = 0", "key `eval.seeds`", "1 or more"),
+        ("k = []", "key `eval.k`", "integers ≥ 1"),
+        ("k = [1, 0]", "key `eval.k`", "integers ≥ 1"),
+        ("methods = []", "key `eval.methods`", "\"gradient_dot\""),
+        (
+            "methods = [\"source\", \"source\"]",
+            "key `eval.methods`",
+            "twice",
+        ),
+        ("bootstrap = 5", "key `eval.bootstrap`", "10 or more"),
+        (
+            "known_sources_column = \" \"",
+            "key `eval.known_sources_column`",
+            "is empty",
+        ),
+    ];
+    for (line, key, allowed) in cases {
+        let e = load(&format!("{GOOD}\n[eval]\n{line}\n")).unwrap_err();
+        assert!(e.contains("cfg.toml"), "{line}: {e}");
+        assert!(e.contains(key), "{line}: {e}");
+        assert!(e.contains(allowed), "{line}: {e}");
+    }
+    let e = load(&format!("{GOOD}\n[eval]\nmethods = [\"tracin\"]\n")).unwrap_err();
+    assert!(e.contains("eval.methods"), "{e}");
+    assert!(e.contains("`gradient_dot`"), "lists what is allowed: {e}");
+    let e = load(&format!("{GOOD}\n[eval]\nsubset = 3\n")).unwrap_err();
+    assert!(e.contains("unknown field `subset`"), "{e}");
+}

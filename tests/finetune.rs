@@ -15,7 +15,7 @@ use source_tda::data::PreparedDoc;
 use source_tda::error::Error;
 use source_tda::model::{LoadOptions, Model, TokenBatch};
 use source_tda::train::finetune::{plan, step_gradients};
-use source_tda::train::{train, LossNormalization, TrainJob, TrainOutcome};
+use source_tda::train::{train, train_in_memory, LossNormalization, TrainJob, TrainOutcome};
 
 const VOCAB: usize = 61;
 
@@ -184,6 +184,58 @@ fn runs_are_bitwise_deterministic_and_checkpoints_reload_to_identical_logits() {
     t2.seed = Some(4);
     let c = run(&base, &tmp.path().join("c"), &t2, &d, &no_hook).unwrap();
     assert!(weights_bytes(&c.checkpoints[3].1) != weights_bytes(&a.checkpoints[3].1));
+}
+
+/// The in-memory entry point the LDS retrains with takes exactly the finetune stage's
+/// steps: same log, bitwise the same final weights, for every optimizer.
+#[test]
+fn training_in_memory_equals_the_checkpointed_run_bitwise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_model(tmp.path());
+    let d = docs(20);
+    for opt in [
+        OptimizerKind::AdamW,
+        OptimizerKind::Momentum,
+        OptimizerKind::Sgd,
+    ] {
+        let t = config(opt, 7);
+        let a = run(
+            &base,
+            &tmp.path().join(format!("{opt:?}")),
+            &t,
+            &d,
+            &no_hook,
+        )
+        .unwrap();
+        let (model, log) = train_in_memory(&base, &d, &t, &batching(64), &Device::Cpu).unwrap();
+        assert_eq!(log, a.log, "{opt:?}");
+        for (pa, pb) in a.model.params().iter().zip(model.params()) {
+            let bits = |t: &candle_core::Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert!(
+                bits(pa.var.as_tensor()) == bits(pb.var.as_tensor()),
+                "{opt:?}: parameter {} differs",
+                pa.name
+            );
+        }
+    }
+    let e = train_in_memory(
+        &base,
+        &[],
+        &config(OptimizerKind::Sgd, 3),
+        &batching(64),
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("no documents"), "{e}");
 }
 
 #[test]

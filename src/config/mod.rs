@@ -19,6 +19,7 @@
 mod attribution;
 mod data;
 mod diff;
+mod eval;
 mod load;
 mod pipeline;
 mod stages;
@@ -31,6 +32,7 @@ use serde::{Deserialize, Serialize};
 pub use attribution::{AttributionConfig, FisherKind, MethodKind};
 pub use data::{is_role_name, DataConfig, DataFormat, DatasetConfig, DocShape, FIXED_ROLES};
 pub use diff::{diff_values, KeyChange};
+pub use eval::EvalConfig;
 pub use load::{parse_toml, read_toml};
 pub use pipeline::Pipeline;
 pub use stages::{StageConfig, TrainStage};
@@ -64,6 +66,9 @@ pub struct Config {
     /// How the fit, query and score stages attribute.
     #[serde(default)]
     pub attribution: AttributionConfig,
+    /// The evaluation stages `eval-recall` and `eval-lds`.
+    #[serde(default)]
+    pub eval: EvalConfig,
 }
 
 /// `[run]`: settings for the whole run.
@@ -266,6 +271,7 @@ impl Config {
         let roles: Vec<&str> = self.data.roles().iter().map(|(r, _)| *r).collect();
         self.train.check(&roles).map_err(|(k, m)| err(&k, m))?;
         self.attribution.check().map_err(|(k, m)| err(&k, m))?;
+        self.eval.check().map_err(|(k, m)| err(&k, m))?;
         self.train
             .check_stages(&roles)
             .map_err(|(k, m)| err(&k, m))?;

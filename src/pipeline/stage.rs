@@ -15,8 +15,16 @@ use super::manifest::StageRecord;
 use super::rundir::RunDir;
 
 /// The canonical order of every stage the pipeline knows, implemented or not.
-pub const STAGE_ORDER: [&str; 7] = [
-    "fetch", "prepare", "finetune", "fit", "query", "score", "report",
+pub const STAGE_ORDER: [&str; 9] = [
+    "fetch",
+    "prepare",
+    "finetune",
+    "fit",
+    "query",
+    "score",
+    "eval-recall",
+    "eval-lds",
+    "report",
 ];
 
 /// [`STAGE_ORDER`] as owned strings (for messages).

@@ -2,6 +2,8 @@
 //! library modules to the [`Stage`](crate::pipeline::Stage) contract.
 
 pub mod attribute;
+mod eval_lds;
+mod eval_recall;
 mod fetch;
 mod finetune;
 mod fit;
@@ -9,6 +11,8 @@ mod prepare;
 mod query;
 mod score;
 
+pub use eval_lds::{run_shard, EvalLdsStage, ShardOutcome};
+pub use eval_recall::EvalRecallStage;
 pub use fetch::{FetchStage, Fetched};
 pub use finetune::{base_model_dir, FinetuneStage};
 pub use fit::FitStage;
@@ -27,5 +31,7 @@ pub fn all() -> Vec<Box<dyn Stage>> {
         Box::new(FitStage),
         Box::new(QueryStage),
         Box::new(ScoreStage),
+        Box::new(EvalRecallStage),
+        Box::new(EvalLdsStage),
     ]
 }

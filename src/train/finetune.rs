@@ -179,6 +179,77 @@ pub fn step_gradients(
     ))
 }
 
+/// Optimizer step k (0-based): the documents the visit order gives it, the accumulated
+/// gradient of J_k, clipping, and the update with η_k. The one step both [`train`] and
+/// [`train_in_memory`] take. Its log entry numbers the step k + 1.
+#[allow(clippy::too_many_arguments)]
+fn take_step(
+    model: &Model,
+    opt: &mut Optimizer,
+    order: &mut VisitOrder,
+    k: u64,
+    all_docs: &[PreparedDoc],
+    t: &TrainConfig,
+    batching: &BatchingConfig,
+    rates: &[f64],
+) -> Result<StepLog> {
+    let idx = order.step_docs(k);
+    let docs: Vec<&PreparedDoc> = idx.iter().map(|&i| &all_docs[i]).collect();
+    let (mut grads, loss, micro) = step_gradients(model, &docs, t.loss_normalization, batching)?;
+    if !loss.is_finite() {
+        return Err(Error::Numeric(format!(
+            "step {}: the loss is {loss}; lower `train.lr` or set `train.max_grad_norm`",
+            k + 1
+        )));
+    }
+    let grad_norm = match t.max_grad_norm {
+        Some(m) => clip_global_norm(&mut grads, m)?,
+        None => global_norm(&grads)?,
+    };
+    let lr = rates[k as usize];
+    opt.step(model.params(), &grads, lr)?;
+    Ok(StepLog {
+        step: k + 1,
+        lr,
+        loss,
+        grad_norm,
+        n_docs: docs.len() as u32,
+        n_tokens: docs.iter().map(|d| d.n_tokens() as u64).sum(),
+        micro_batches: micro,
+    })
+}
+
+/// Fine-tunes the model in `base_dir` on `docs` with `train` in memory — no checkpoints,
+/// no resume — and returns the final model θ_T and the step log. The same steps, visit
+/// order, schedule and arithmetic as [`train`] (a full run of both ends on bitwise equal
+/// weights); used to retrain on data subsets for the linear datamodeling score.
+pub fn train_in_memory(
+    base_dir: &Path,
+    docs: &[PreparedDoc],
+    t: &TrainConfig,
+    batching: &BatchingConfig,
+    device: &Device,
+) -> Result<(Model, Vec<StepLog>)> {
+    if docs.is_empty() {
+        return Err(Error::Pipeline(format!(
+            "data set `{}` has no documents to fine-tune on",
+            t.dataset
+        )));
+    }
+    let (schedule, _) = plan(t, docs.len())?;
+    let rates = schedule.rates();
+    let model = Model::load(base_dir, &LoadOptions::default(), device)?;
+    let mut opt = Optimizer::new(optimizer_info(t), model.params().len())?;
+    let mut order = VisitOrder::new(t.seed.unwrap_or(0), docs.len(), t.batch_size);
+    let mut log = Vec::with_capacity(schedule.total as usize);
+    for k in 0..schedule.total {
+        log.push(take_step(
+            &model, &mut opt, &mut order, k, docs, t, batching, &rates,
+        )?);
+    }
+    Ok((model, log))
+}
+
 /// Runs (or resumes) the training job.
 pub fn train(job: &TrainJob<'_>) -> Result<TrainOutcome> {
     let t = job.train;
@@ -265,32 +336,18 @@ pub fn train(job: &TrainJob<'_>) -> Result<TrainOutcome> {
     let pb = progress::bar(total, "finetune");
     pb.set_position(start);
     for k in start..total {
-        let idx = order.step_docs(k);
-        let docs: Vec<&PreparedDoc> = idx.iter().map(|&i| &job.docs[i]).collect();
-        let (mut grads, loss, micro) =
-            step_gradients(&model, &docs, t.loss_normalization, job.batching)?;
-        if !loss.is_finite() {
-            return Err(Error::Numeric(format!(
-                "step {}: the loss is {loss}; lower `train.lr` or set `train.max_grad_norm`",
-                k + 1
-            )));
-        }
-        let grad_norm = match t.max_grad_norm {
-            Some(m) => clip_global_norm(&mut grads, m)?,
-            None => global_norm(&grads)?,
-        };
-        let lr = rates[k as usize];
-        opt.step(model.params(), &grads, lr)?;
-        let step = off + k + 1;
-        log.push(StepLog {
-            step,
-            lr,
-            loss,
-            grad_norm,
-            n_docs: docs.len() as u32,
-            n_tokens: docs.iter().map(|d| d.n_tokens() as u64).sum(),
-            micro_batches: micro,
-        });
+        let entry = take_step(
+            &model,
+            &mut opt,
+            &mut order,
+            k,
+            job.docs,
+            t,
+            job.batching,
+            &rates,
+        )?;
+        let (step, loss) = (off + entry.step, entry.loss);
+        log.push(StepLog { step, ..entry });
         pb.set_message(format!("loss {loss:.4}"));
         pb.inc(1);
         if ckpt_steps.contains(&(k + 1)) {

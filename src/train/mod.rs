@@ -11,7 +11,7 @@ pub mod plan;
 pub mod schedule;
 pub mod trajectory;
 
-pub use finetune::{optimizer_info, train, TrainJob, TrainOutcome};
+pub use finetune::{optimizer_info, train, train_in_memory, TrainJob, TrainOutcome};
 pub use optim::Optimizer;
 pub use schedule::Schedule;
 pub use trajectory::{

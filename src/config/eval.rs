@@ -1,0 +1,151 @@
+//! `[eval]`: the attribution-quality evaluation stages `eval-recall` and `eval-lds`.
+//!
+//! ```toml
+//! [eval]
+//! methods = ["source", "influence", "gradient_dot"]   # compared side by side
+//! k = [1, 5, 10]                 # recall@k
+//! known_sources_column = "known_sources"   # query column listing each query's source documents
+//! subsets = 64                   # M: random fine-tuning subsets retrained for the LDS
+//! alpha = 0.5                    # α: fraction of the fine-tuning set in each subset
+//! seeds = 1                      # R: training seeds per subset
+//! bootstrap = 1000               # bootstrap resamples of the subsets for the 95% interval
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use super::MethodKind;
+
+/// `[eval]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Methods compared side by side. Default: source, influence, gradient_dot.
+    #[serde(default = "default_methods")]
+    pub methods: Vec<MethodKind>,
+    /// The k of recall@k. Default [1, 5, 10].
+    #[serde(default = "default_k")]
+    pub k: Vec<usize>,
+    /// The query data set's column listing each query's known source document ids (a JSON
+    /// array of strings, or one string with ids separated by commas). Default
+    /// `known_sources`.
+    #[serde(default = "default_known_sources_column")]
+    pub known_sources_column: String,
+    /// M, the number of random subsets of the fine-tuning set. Default 64.
+    #[serde(default = "default_subsets")]
+    pub subsets: usize,
+    /// α, the fraction of the fine-tuning set in each subset, in (0, 1). Default 0.5.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// R, the training seeds per subset. Default 1.
+    #[serde(default = "default_seeds")]
+    pub seeds: usize,
+    /// Bootstrap resamples (of the subsets) for the LDS 95% interval. Default 1000.
+    #[serde(default = "default_bootstrap")]
+    pub bootstrap: usize,
+}
+
+fn default_methods() -> Vec<MethodKind> {
+    vec![
+        MethodKind::Source,
+        MethodKind::Influence,
+        MethodKind::GradientDot,
+    ]
+}
+fn default_k() -> Vec<usize> {
+    vec![1, 5, 10]
+}
+fn default_known_sources_column() -> String {
+    "known_sources".into()
+}
+fn default_subsets() -> usize {
+    64
+}
+fn default_alpha() -> f64 {
+    0.5
+}
+fn default_seeds() -> usize {
+    1
+}
+fn default_bootstrap() -> usize {
+    1000
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            methods: default_methods(),
+            k: default_k(),
+            known_sources_column: default_known_sources_column(),
+            subsets: default_subsets(),
+            alpha: default_alpha(),
+            seeds: default_seeds(),
+            bootstrap: default_bootstrap(),
+        }
+    }
+}
+
+impl EvalConfig {
+    /// Range checks: (key, message) of the first problem.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        let k = |s: &str| format!("eval.{s}");
+        if self.methods.is_empty() {
+            return Err((
+                k("methods"),
+                "is empty; allowed: one or more of \"source\", \"influence\", \"gradient_dot\""
+                    .into(),
+            ));
+        }
+        for (i, m) in self.methods.iter().enumerate() {
+            if self.methods[..i].contains(m) {
+                return Err((
+                    k("methods"),
+                    format!(
+                        "lists {:?} twice; name each method once",
+                        format!("{m:?}").to_lowercase()
+                    ),
+                ));
+            }
+        }
+        if self.k.is_empty() || self.k.contains(&0) {
+            return Err((
+                k("k"),
+                format!(
+                    "{:?} is invalid; allowed: a non-empty list of integers ≥ 1",
+                    self.k
+                ),
+            ));
+        }
+        if self.known_sources_column.trim().is_empty() {
+            return Err((
+                k("known_sources_column"),
+                "is empty; allowed: the name of the query column listing source ids".into(),
+            ));
+        }
+        if self.subsets < 3 {
+            return Err((
+                k("subsets"),
+                format!(
+                    "{} is too few; allowed: 3 or more (a rank correlation needs several \
+                     subsets; 64 is typical)",
+                    self.subsets
+                ),
+            ));
+        }
+        if !(self.alpha > 0.0 && self.alpha < 1.0) {
+            return Err((
+                k("alpha"),
+                format!("{} is invalid; allowed: a fraction in (0, 1)", self.alpha),
+            ));
+        }
+        if self.seeds == 0 {
+            return Err((k("seeds"), "is 0; allowed: 1 or more".into()));
+        }
+        if self.bootstrap < 10 {
+            return Err((
+                k("bootstrap"),
+                format!("{} is too few; allowed: 10 or more", self.bootstrap),
+            ));
+        }
+        Ok(())
+    }
+}

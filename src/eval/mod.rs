@@ -1,0 +1,19 @@
+//! Attribution-quality evaluation (DESIGN.md §6): fact recall (recall@k and MRR of known
+//! source documents) and the linear datamodeling score (LDS) from retraining on random
+//! subsets, comparing methods side by side. The stages `eval-recall` and `eval-lds`
+//! (src/stages/) glue these to the pipeline.
+
+pub mod known;
+pub mod lds;
+pub mod methods;
+pub mod retrain;
+pub mod stats;
+pub mod table;
+
+pub use known::read_known_sources;
+pub use lds::{draw_subset, lds, predicted_losses, subset_size, Lds};
+pub use methods::{method_name, method_scores, scored_run, MethodScores};
+pub use retrain::{all_jobs, measure_queries, Job, JobResult, Retrain, Shard};
+pub use stats::{
+    average_ranks, bootstrap_ci95, pearson, recall_at, reciprocal_rank, source_ranks, spearman,
+};

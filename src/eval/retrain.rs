@@ -1,0 +1,265 @@
+//! The expensive part of the LDS: fine-tuning once per (subset j, seed r) with the run's
+//! `[train]` and measuring every query's loss f(q) = −log p(completion | prompt) on the
+//! result. Each job's result is written atomically to its own file as it finishes
+//! (`JOBS_DIR/subset-JJJJ-seed-RR.json`), so a rerun skips finished jobs and concurrent
+//! shards (`--shard i/n`: job index ≡ i − 1 mod n) never write the same file.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{BatchingConfig, TrainConfig};
+use crate::curvature::fit::for_each_batch;
+use crate::curvature::FitOptions;
+use crate::data::PreparedDoc;
+use crate::error::{Error, IoContext, Result};
+use crate::model::Model;
+use crate::train::train_in_memory;
+use crate::util::fsx::write_json_atomic;
+use crate::util::progress;
+
+use super::lds::draw_subset;
+
+/// One retraining job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Job {
+    /// Subset index j (0-based).
+    pub subset: usize,
+    /// Seed index r (0-based); r = 0 trains with the run's own `train.seed`.
+    pub seed: usize,
+}
+
+/// Every job of M subsets × R seeds, in (subset, seed) order; job index = j R + r.
+pub fn all_jobs(subsets: usize, seeds: usize) -> Vec<Job> {
+    (0..subsets)
+        .flat_map(|j| (0..seeds).map(move |r| Job { subset: j, seed: r }))
+        .collect()
+}
+
+/// A shard `i/n` (1-based i) of the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This shard, 1 ..= n.
+    pub index: usize,
+    /// The number of shards.
+    pub count: usize,
+}
+
+impl Shard {
+    /// Parses `i/n` with 1 ≤ i ≤ n.
+    pub fn parse(s: &str) -> Result<Shard> {
+        let bad = || {
+            Error::Pipeline(format!(
+                "--shard `{s}`: expected i/n with 1 ≤ i ≤ n, e.g. --shard 2/4"
+            ))
+        };
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse::<usize>().map_err(|_| bad())?,
+            n.trim().parse::<usize>().map_err(|_| bad())?,
+        );
+        if index == 0 || index > count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+
+    /// Whether job number `k` (its index in [`all_jobs`]) belongs to this shard.
+    pub fn owns(&self, k: usize) -> bool {
+        k % self.count == self.index - 1
+    }
+
+    /// Whether this is the last shard (the one that merges when everything is done).
+    pub fn is_last(&self) -> bool {
+        self.index == self.count
+    }
+}
+
+/// What retraining needs.
+pub struct Retrain<'a> {
+    /// The base model folder (what `finetune` started from).
+    pub base_dir: &'a Path,
+    /// The fine-tuning documents (N).
+    pub train_docs: &'a [PreparedDoc],
+    /// The queries.
+    pub queries: &'a [PreparedDoc],
+    /// The run's `[train]`.
+    pub train: &'a TrainConfig,
+    /// The run's `[batching]`.
+    pub batching: &'a BatchingConfig,
+    /// α.
+    pub alpha: f64,
+    /// Seed of the subset draws (`run.seed`).
+    pub subset_seed: u64,
+    /// Where job results are written.
+    pub jobs_dir: PathBuf,
+}
+
+/// One finished job, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// j.
+    pub subset: u32,
+    /// r.
+    pub seed: u32,
+    /// The `train.seed` it trained with.
+    pub train_seed: u64,
+    /// The documents it trained on.
+    pub doc_ids: Vec<String>,
+    /// The queries measured, in order.
+    pub query_ids: Vec<String>,
+    /// f(q) per query (readable).
+    pub measured: Vec<f32>,
+    /// f(q) per query as IEEE-754 bits (what is read back: exact).
+    pub measured_bits: Vec<u32>,
+    /// Optimizer steps taken.
+    pub steps: u64,
+    /// The last step's training loss.
+    pub final_loss: f64,
+    /// Seconds the job took.
+    pub wall_s: f64,
+}
+
+impl JobResult {
+    /// f(q) per query, exactly as measured.
+    pub fn measured(&self) -> Vec<f32> {
+        self.measured_bits
+            .iter()
+            .map(|&b| f32::from_bits(b))
+            .collect()
+    }
+}
+
+/// The query measurements f(q) = −log p(completion | prompt) of `model`: the same batching
+/// and loss as the `query` stage, without gradients.
+pub fn measure_queries(
+    model: &Model,
+    queries: &[PreparedDoc],
+    opts: &FitOptions,
+) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; queries.len()];
+    for_each_batch(model, queries, opts, "measure", |batch, idx| {
+        let losses = model.doc_losses(batch)?;
+        for (k, &i) in idx.iter().enumerate() {
+            out[i] = losses[k];
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+impl Retrain<'_> {
+    /// The result file of `job`.
+    pub fn path(&self, job: Job) -> PathBuf {
+        self.jobs_dir.join(format!(
+            "subset-{:04}-seed-{:02}.json",
+            job.subset, job.seed
+        ))
+    }
+
+    /// The document indices of subset j.
+    pub fn subset(&self, j: usize) -> Vec<usize> {
+        draw_subset(self.train_docs.len(), self.alpha, self.subset_seed, j)
+    }
+
+    /// The stored result of `job`, if it finished and matches this retraining (its
+    /// documents and queries); a result that does not match is an error naming the file.
+    pub fn load(&self, job: Job) -> Result<Option<JobResult>> {
+        let path = self.path(job);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).ctx("reading", &path)?;
+        let r: JobResult = serde_json::from_str(&text).map_err(|e| {
+            Error::Pipeline(format!(
+                "{}: unreadable LDS job result ({e}); delete it to retrain that job",
+                path.display()
+            ))
+        })?;
+        let ids: Vec<&str> = self
+            .subset(job.subset)
+            .iter()
+            .map(|&i| self.train_docs[i].doc_id.as_str())
+            .collect();
+        let qids: Vec<&str> = self.queries.iter().map(|q| q.doc_id.as_str()).collect();
+        if r.doc_ids != ids || r.query_ids != qids || r.measured_bits.len() != qids.len() {
+            return Err(Error::Pipeline(format!(
+                "{}: this LDS job result was made for other documents or queries; delete it \
+                 to retrain that job",
+                path.display()
+            )));
+        }
+        Ok(Some(r))
+    }
+
+    /// Trains and measures one job, writing its result atomically.
+    pub fn run(&self, job: Job, opts: &FitOptions) -> Result<JobResult> {
+        let t0 = std::time::Instant::now();
+        let idx = self.subset(job.subset);
+        let docs: Vec<PreparedDoc> = idx.iter().map(|&i| self.train_docs[i].clone()).collect();
+        let mut train = self.train.clone();
+        let train_seed = train.seed.unwrap_or(0).wrapping_add(job.seed as u64);
+        train.seed = Some(train_seed);
+        let (model, log) =
+            train_in_memory(self.base_dir, &docs, &train, self.batching, &Device::Cpu)?;
+        let measured = measure_queries(&model, self.queries, opts)?;
+        let r = JobResult {
+            subset: job.subset as u32,
+            seed: job.seed as u32,
+            train_seed,
+            doc_ids: docs.iter().map(|d| d.doc_id.clone()).collect(),
+            query_ids: self.queries.iter().map(|q| q.doc_id.clone()).collect(),
+            measured_bits: measured.iter().map(|m| m.to_bits()).collect(),
+            measured,
+            steps: log.len() as u64,
+            final_loss: log.last().map_or(f64::NAN, |l| l.loss),
+            wall_s: t0.elapsed().as_secs_f64(),
+        };
+        std::fs::create_dir_all(&self.jobs_dir).ctx("creating", &self.jobs_dir)?;
+        write_json_atomic(&self.path(job), &r)?;
+        Ok(r)
+    }
+
+    /// Runs every job of `jobs` that has no result yet (skipping finished ones), with a
+    /// progress bar and ETA. `hook` is called after each job (tests use it to interrupt).
+    /// Returns how many jobs ran.
+    pub fn run_missing(
+        &self,
+        jobs: &[Job],
+        opts: &FitOptions,
+        hook: &dyn Fn(Job) -> Result<()>,
+    ) -> Result<usize> {
+        let mut todo = Vec::new();
+        for &job in jobs {
+            if self.load(job)?.is_none() {
+                todo.push(job);
+            }
+        }
+        if todo.len() < jobs.len() {
+            tracing::info!(
+                "eval-lds: {} of {} retraining jobs already finished; {} to run",
+                jobs.len() - todo.len(),
+                jobs.len(),
+                todo.len()
+            );
+        }
+        let pb = progress::bar(todo.len() as u64, "retrain");
+        for &job in &todo {
+            pb.set_message(format!("subset {} seed {}", job.subset, job.seed));
+            let r = self.run(job, opts)?;
+            tracing::debug!(
+                "eval-lds: subset {} seed {}: {} steps, final loss {:.4}, {:.1} s",
+                r.subset,
+                r.seed,
+                r.steps,
+                r.final_loss,
+                r.wall_s
+            );
+            pb.inc(1);
+            hook(job)?;
+        }
+        pb.finish_and_clear();
+        Ok(todo.len())
+    }
+}

@@ -1,0 +1,78 @@
+//! Terminal tables of the evaluation summaries (`eval-recall/summary.json`,
+//! `eval-lds/summary.json`), one row per method.
+
+use serde_json::Value;
+
+fn num(v: &Value) -> String {
+    v.as_f64().map_or("—".into(), |x| format!("{x:.3}"))
+}
+
+/// The recall table: method, queries, recall@k for each k, MRR.
+pub fn recall_table(summary: &Value) -> String {
+    let ks: Vec<String> = summary["k"]
+        .as_array()
+        .map(|a| a.iter().map(|k| k.to_string()).collect())
+        .unwrap_or_default();
+    let mut out = format!("{:<14} {:>7}", "method", "queries");
+    for k in &ks {
+        out += &format!(" {:>9}", format!("recall@{k}"));
+    }
+    out += &format!(" {:>7}\n", "MRR");
+    for m in summary["methods"].as_array().into_iter().flatten() {
+        out += &format!(
+            "{:<14} {:>7}",
+            m["method"].as_str().unwrap_or("?"),
+            m["n_queries"]
+        );
+        for k in &ks {
+            out += &format!(" {:>9}", num(&m["recall"][k]));
+        }
+        out += &format!(" {:>7}\n", num(&m["mrr"]));
+    }
+    out
+}
+
+/// The LDS table: method, LDS and its bootstrap 95% interval.
+pub fn lds_table(summary: &Value) -> String {
+    let mut out = format!(
+        "LDS over {} subsets (α = {}, {} seed(s))\n{:<14} {:>7}  {:<17}\n",
+        summary["subsets"], summary["alpha"], summary["seeds"], "method", "LDS", "95% CI"
+    );
+    for m in summary["methods"].as_array().into_iter().flatten() {
+        let ci = &m["ci95"];
+        out += &format!(
+            "{:<14} {:>7}  [{}, {}]\n",
+            m["method"].as_str().unwrap_or("?"),
+            num(&m["lds"]),
+            num(&ci[0]),
+            num(&ci[1])
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_show_every_method_and_column() {
+        let r = serde_json::json!({"k": [1, 5], "methods": [
+            {"method": "source", "n_queries": 8, "recall": {"1": 1.0, "5": 0.5}, "mrr": 1.0},
+            {"method": "influence", "n_queries": 8, "recall": {"1": 0.25, "5": null}, "mrr": 0.5}]});
+        let t = recall_table(&r);
+        assert!(
+            t.contains("recall@1") && t.contains("recall@5") && t.contains("MRR"),
+            "{t}"
+        );
+        assert!(
+            t.contains("source") && t.contains("1.000") && t.contains("0.250"),
+            "{t}"
+        );
+        assert!(t.contains("—"), "{t}");
+        let l = serde_json::json!({"subsets": 64, "alpha": 0.5, "seeds": 1, "methods": [
+            {"method": "source", "lds": 0.41, "ci95": [0.3, 0.52]}]});
+        let t = lds_table(&l);
+        assert!(t.contains("64 subsets") && t.contains("0.410") && t.contains("[0.300, 0.520]"));
+    }
+}

@@ -1,0 +1,306 @@
+//! `eval-lds`: the linear datamodeling score of each compared method (see
+//! [`crate::eval::lds`]). Retrains on `[eval] subsets` random subsets of fraction `alpha` of
+//! the fine-tuning set, `seeds` times each, with the run's `[train]` (the finetune stage's
+//! training code, in memory), measures every query's f(q) = −log p(completion | prompt), and
+//! correlates those losses with g_S(q) = −Σ_{m ∈ S} τ(q, m).
+//!
+//! Retraining results are cached per job in `RUN_DIR/eval-work/lds-KEY/` (KEY: a hash of
+//! everything training depends on), written atomically as each job finishes, so a rerun or a
+//! change of `methods`, `bootstrap` or `subsets` redoes no finished training. `--shard i/n`
+//! ([`run_shard`]) runs only job indices ≡ i − 1 (mod n) without taking the run's lock, so
+//! shards can run at the same time; the stage itself (a run without `--shard`, or the last
+//! shard once every job is done) merges.
+//!
+//! Writes `eval-lds/summary.json` and `eval-lds/points.parquet` (method, query_id, subset,
+//! seed, predicted, measured).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::config::Config;
+use crate::data::PreparedDoc;
+use crate::error::{Error, Result};
+use crate::eval::{
+    all_jobs, lds, method_name, method_scores, predicted_losses, subset_size, table::lds_table,
+    Job, Retrain, Shard,
+};
+use crate::output::{write_table, Column};
+use crate::pipeline::{run_stages, RunDir, RunOptions, Stage, StageContext, StageStatus};
+use crate::util::fsx::write_json_atomic;
+use crate::util::hash::sha256_json;
+
+use super::attribute::{fit_options, role_docs};
+use super::fetch::Fetched;
+use super::finetune::base_model_dir;
+
+/// The `eval-lds` stage.
+pub struct EvalLdsStage;
+
+/// The columns of `points.parquet`.
+#[derive(Default)]
+struct PointColumns {
+    method: Vec<String>,
+    query_id: Vec<String>,
+    subset: Vec<u32>,
+    seed: Vec<u32>,
+    predicted: Vec<f64>,
+    measured: Vec<f64>,
+}
+
+/// What retraining reads, owned.
+struct Inputs {
+    base_dir: PathBuf,
+    train_docs: Vec<PreparedDoc>,
+    queries: Vec<PreparedDoc>,
+    jobs_dir: PathBuf,
+}
+
+impl Inputs {
+    fn load(c: &Config, run: &RunDir) -> Result<Inputs> {
+        if c.train.import_from.is_some() || c.train.stages.is_some() {
+            return Err(Error::Pipeline(
+                "eval-lds retrains with the run's [train]; it supports one fine-tuning stage \
+                 trained by the finetune stage (not `train.import_from` or [[train.stages]])"
+                    .into(),
+            ));
+        }
+        let manifest = run.manifest()?;
+        let mut key = json!({"train": c.train, "batching": c.batching,
+                             "alpha": c.eval.alpha, "seed": c.run.seed});
+        for stage in ["fetch", "prepare"] {
+            let r = manifest
+                .stages
+                .get(stage)
+                .filter(|r| r.status == StageStatus::Complete)
+                .ok_or_else(|| {
+                    Error::Pipeline(format!(
+                        "eval-lds needs the `{stage}` stage complete in {}; run the pipeline \
+                         first",
+                        run.path().display()
+                    ))
+                })?;
+            key[stage] = json!(r.outputs_hash());
+        }
+        let fetched = Fetched::load(run)?;
+        let queries = role_docs(run, "query")?;
+        let train_docs = role_docs(run, &c.train.dataset)?;
+        if train_docs.len() < 2 {
+            return Err(Error::Pipeline(format!(
+                "eval-lds needs at least 2 fine-tuning documents; `{}` has {}",
+                c.train.dataset,
+                train_docs.len()
+            )));
+        }
+        Ok(Inputs {
+            base_dir: base_model_dir(&fetched)?,
+            train_docs,
+            queries,
+            jobs_dir: run
+                .path()
+                .join("eval-work")
+                .join(format!("lds-{}", &sha256_json(&key)[..16])),
+        })
+    }
+
+    fn retrain<'a>(&'a self, c: &'a Config) -> Retrain<'a> {
+        Retrain {
+            base_dir: &self.base_dir,
+            train_docs: &self.train_docs,
+            queries: &self.queries,
+            train: &c.train,
+            batching: &c.batching,
+            alpha: c.eval.alpha,
+            subset_seed: c.run.seed,
+            jobs_dir: self.jobs_dir.clone(),
+        }
+    }
+}
+
+/// What a `--shard` run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardOutcome {
+    /// Ran `ran` of its jobs; `missing` jobs of other shards are not finished yet.
+    Partial {
+        /// Jobs this invocation trained.
+        ran: usize,
+        /// Jobs of the whole evaluation without a result.
+        missing: usize,
+    },
+    /// Every job is done and this (last) shard merged them into `eval-lds/`.
+    Merged {
+        /// Jobs this invocation trained.
+        ran: usize,
+    },
+}
+
+/// `source-tda eval lds --shard i/n`: trains this shard's jobs (skipping finished ones)
+/// without locking the run directory; the last shard then merges (runs the `eval-lds` stage)
+/// if every job is done. `config` must be the run's config.
+pub fn run_shard(
+    config: &Config,
+    config_file: &Path,
+    run: &RunDir,
+    shard: Shard,
+) -> Result<ShardOutcome> {
+    if run.manifest()?.config_hash != sha256_json(&config.to_json()) {
+        return Err(Error::Pipeline(format!(
+            "{} was made with a different config than {}; a shard must use the run's config",
+            run.path().display(),
+            config_file.display()
+        )));
+    }
+    let inputs = Inputs::load(config, run)?;
+    let retrain = inputs.retrain(config);
+    let jobs = all_jobs(config.eval.subsets, config.eval.seeds);
+    let mine: Vec<Job> = jobs
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| shard.owns(*k))
+        .map(|(_, j)| *j)
+        .collect();
+    tracing::info!(
+        "eval-lds: shard {}/{}: {} of {} retraining jobs",
+        shard.index,
+        shard.count,
+        mine.len(),
+        jobs.len()
+    );
+    let ran = retrain.run_missing(&mine, &fit_options(config), &|_| Ok(()))?;
+    let mut missing = 0;
+    for &j in &jobs {
+        if retrain.load(j)?.is_none() {
+            missing += 1;
+        }
+    }
+    if !shard.is_last() || missing > 0 {
+        return Ok(ShardOutcome::Partial { ran, missing });
+    }
+    run_stages(
+        config,
+        config_file,
+        run,
+        &["eval-lds".to_string()],
+        &RunOptions::default(),
+    )?;
+    Ok(ShardOutcome::Merged { ran })
+}
+
+impl Stage for EvalLdsStage {
+    fn name(&self) -> &'static str {
+        "eval-lds"
+    }
+
+    fn describe(&self) -> &'static str {
+        "linear datamodeling score: retrain on random subsets, correlate predicted and measured \
+         query losses, per method"
+    }
+
+    fn inputs(&self) -> &'static [&'static str] {
+        &["fetch", "prepare", "finetune", "score"]
+    }
+
+    fn config_view(&self, c: &Config) -> serde_json::Value {
+        json!({"eval": {"methods": c.eval.methods, "subsets": c.eval.subsets,
+                        "alpha": c.eval.alpha, "seeds": c.eval.seeds,
+                        "bootstrap": c.eval.bootstrap},
+               "train": c.train, "batching": c.batching, "attribution": c.attribution,
+               "seed": c.run.seed})
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<serde_json::Value> {
+        let c = ctx.config;
+        let inputs = Inputs::load(c, ctx.run)?;
+        let retrain = inputs.retrain(c);
+        let jobs = all_jobs(c.eval.subsets, c.eval.seeds);
+        let hook =
+            |j: Job| ctx.failpoint(&format!("after-job-{}", j.subset * c.eval.seeds + j.seed));
+        retrain.run_missing(&jobs, &fit_options(c), &hook)?;
+
+        let (q, m, r) = (inputs.queries.len(), c.eval.subsets, c.eval.seeds);
+        // measured[q][j]: f(q) averaged over seeds; raw[j][r][q] kept for the points table.
+        let mut raw = vec![vec![Vec::new(); r]; m];
+        let mut measured = vec![vec![0f64; m]; q];
+        for &job in &jobs {
+            let res = retrain.load(job)?.ok_or_else(|| {
+                Error::Pipeline(format!(
+                    "eval-lds: the result of subset {} seed {} is missing from {}",
+                    job.subset,
+                    job.seed,
+                    inputs.jobs_dir.display()
+                ))
+            })?;
+            let vals = res.measured();
+            for (qi, &v) in vals.iter().enumerate() {
+                measured[qi][job.subset] += v as f64 / r as f64;
+            }
+            raw[job.subset][job.seed] = vals;
+        }
+        let subsets: Vec<Vec<usize>> = (0..m).map(|j| retrain.subset(j)).collect();
+        let query_ids: Vec<String> = inputs.queries.iter().map(|d| d.doc_id.clone()).collect();
+        let train_ids: Vec<String> = inputs.train_docs.iter().map(|d| d.doc_id.clone()).collect();
+
+        let mut cols = PointColumns::default();
+        let mut methods = Vec::new();
+        for &method in &c.eval.methods {
+            let name = method_name(method);
+            let scores =
+                method_scores(c, ctx.run, method, &c.train.dataset, &query_ids, &train_ids)?;
+            let predicted = predicted_losses(&scores.tau, &subsets);
+            let res = lds(&predicted, &measured, c.eval.bootstrap, c.run.seed);
+            for qi in 0..q {
+                for j in 0..m {
+                    for (s, vals) in raw[j].iter().enumerate() {
+                        cols.method.push(name.to_string());
+                        cols.query_id.push(query_ids[qi].clone());
+                        cols.subset.push(j as u32);
+                        cols.seed.push(s as u32);
+                        cols.predicted.push(predicted[qi][j]);
+                        cols.measured.push(vals[qi] as f64);
+                    }
+                }
+            }
+            let per_query: serde_json::Map<String, serde_json::Value> = query_ids
+                .iter()
+                .zip(&res.per_query)
+                .map(|(id, v)| (id.clone(), json!(v)))
+                .collect();
+            methods.push(json!({"method": name, "lds": res.lds, "ci95": res.ci95,
+                                "per_query": per_query}));
+        }
+        write_table(
+            &ctx.out("points.parquet"),
+            &[
+                ("method", Column::Str(cols.method)),
+                ("query_id", Column::Str(cols.query_id)),
+                ("subset", Column::U32(cols.subset)),
+                ("seed", Column::U32(cols.seed)),
+                ("predicted", Column::F64(cols.predicted)),
+                ("measured", Column::F64(cols.measured)),
+            ],
+            &[
+                ("source_tda.version".into(), crate::VERSION.into()),
+                ("source_tda.table".into(), "lds_points".into()),
+                (
+                    "source_tda.predicted".into(),
+                    "-sum over the subset's documents of tau(q, m) (up to a constant)".into(),
+                ),
+                (
+                    "source_tda.measured".into(),
+                    "-log p(completion | prompt) after fine-tuning on the subset".into(),
+                ),
+            ],
+        )?;
+        let summary = json!({
+            "subsets": m, "alpha": c.eval.alpha, "seeds": r, "methods": methods,
+            "subset_size": subset_size(train_ids.len(), c.eval.alpha),
+            "n_train": train_ids.len(), "bootstrap": c.eval.bootstrap,
+            "jobs_dir": inputs.jobs_dir.strip_prefix(ctx.run.path()).unwrap_or(&inputs.jobs_dir),
+        });
+        write_json_atomic(&ctx.out("summary.json"), &summary)?;
+        for line in lds_table(&summary).lines() {
+            tracing::info!("eval-lds: {line}");
+        }
+        Ok(summary)
+    }
+}

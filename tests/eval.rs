@@ -1,0 +1,347 @@
+//! The evaluation stages end to end through the CLI: `eval recall` and `eval lds` compare
+//! the three methods side by side in their output formats; a document identical to a query
+//! is found at rank 1; retraining is resumable (an interrupted run redoes only unfinished
+//! jobs) and shardable (two shards + merge = one run, bitwise); and the demo meets the
+//! recall target with a small M.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, UInt32Type};
+use arrow_array::RecordBatch;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use common::{cli, stderr, write};
+
+fn demo_model_dir() -> PathBuf {
+    common::demo_tokenizer().parent().unwrap().to_path_buf()
+}
+
+/// A small run: 24 short documents (one identical to query q0's text, the known source of
+/// q0; q1's known sources are two ordinary documents) on the demo model, SGD for 6 steps.
+fn setup(subsets: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut docs = String::new();
+    for i in 0..23 {
+        docs += &format!(
+            "{{\"id\": \"d{i:02}\", \"text\": \"The city of Pokas{i} lies on the river Braen. Its markets sell blue glass.\"}}\n"
+        );
+    }
+    docs += "{\"id\": \"twin\", \"text\": \"The river Navo flows into Lake Tarsk.\"}\n";
+    write(&dir.path().join("train.jsonl"), docs);
+    write(
+        &dir.path().join("queries.jsonl"),
+        "{\"id\": \"q0\", \"prompt\": \"The river Navo flows into\", \"completion\": \" Lake Tarsk.\", \"known_sources\": [\"twin\"]}\n\
+         {\"id\": \"q1\", \"prompt\": \"Boats from Pokas3 carry\", \"completion\": \" blue glass.\", \"known_sources\": \"d03, d13\"}\n\
+         {\"id\": \"q2\", \"prompt\": \"The markets of Pokas7 sell\", \"completion\": \" blue glass.\"}\n",
+    );
+    write(
+        &dir.path().join("c.toml"),
+        format!(
+            "[model]\nid = \"{}\"\n\
+             [data.train]\nid = \"./train.jsonl\"\nid_column = \"id\"\nmax_length = 64\n\
+             [data.query]\nid = \"./queries.jsonl\"\nid_column = \"id\"\nshape = \"prompt_completion\"\nmax_length = 64\n\
+             [train]\noptimizer = \"sgd\"\nlr = 0.05\nbatch_size = 8\nepochs = 2\nsegments = 2\ncheckpoints_per_segment = 1\n\
+             [attribution]\nmethod = \"source\"\nfisher = \"empirical\"\ntop_k = 3\n\
+             [eval]\nsubsets = {subsets}\nk = [1, 3]\nbootstrap = 200\n",
+            demo_model_dir().display()
+        ),
+    );
+    write(
+        &dir.path().join("p.toml"),
+        "config = \"c.toml\"\nstages = [\"fetch\", \"prepare\", \"finetune\", \"fit\", \"query\", \"score\"]\nrun_dir = \"run\"\n",
+    );
+    let o = cli(dir.path(), &["-q", "run", "p.toml"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    dir
+}
+
+fn eval(dir: &Path, run: &str, what: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut args = vec!["eval"];
+    args.extend_from_slice(what);
+    args.extend_from_slice(&["--config", "c.toml", "--run-dir", run]);
+    cli(dir, &args, env)
+}
+
+fn batches(path: &Path) -> Vec<RecordBatch> {
+    let f = std::fs::File::open(path).unwrap();
+    ParquetRecordBatchReaderBuilder::try_new(f)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// (method, query_id, subset, seed, predicted, measured) rows of points.parquet.
+type Point = (String, String, u32, u32, f64, f64);
+
+fn points(path: &Path) -> Vec<Point> {
+    let mut out = Vec::new();
+    for b in batches(path) {
+        let s = |c: &str| b.column_by_name(c).unwrap().as_string::<i32>().clone();
+        let u = |c: &str| {
+            b.column_by_name(c)
+                .unwrap()
+                .as_primitive::<UInt32Type>()
+                .clone()
+        };
+        let f = |c: &str| {
+            b.column_by_name(c)
+                .unwrap()
+                .as_primitive::<Float64Type>()
+                .clone()
+        };
+        let (m, q, j, r, p, y) = (
+            s("method"),
+            s("query_id"),
+            u("subset"),
+            u("seed"),
+            f("predicted"),
+            f("measured"),
+        );
+        for i in 0..b.num_rows() {
+            out.push((
+                m.value(i).to_string(),
+                q.value(i).to_string(),
+                j.value(i),
+                r.value(i),
+                p.value(i),
+                y.value(i),
+            ));
+        }
+    }
+    out
+}
+
+fn job_files(run: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for d in std::fs::read_dir(run.join("eval-work")).unwrap() {
+        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+            v.push(f.unwrap().path());
+        }
+    }
+    v.sort();
+    v
+}
+
+#[test]
+fn recall_and_lds_compare_three_methods_and_resume() {
+    let dir = setup(4);
+    let o = eval(dir.path(), "run", &["recall"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    for m in ["source", "influence", "gradient_dot"] {
+        assert!(table.contains(m), "{table}");
+    }
+    let run = dir.path().join("run");
+    let s = json(&run.join("eval-recall/summary.json"));
+    assert_eq!(s["k"], serde_json::json!([1, 3]));
+    assert_eq!(s["candidates"], "train");
+    assert_eq!(s["queries_without_known_sources"], 1);
+    let methods = s["methods"].as_array().unwrap();
+    assert_eq!(methods.len(), 3);
+    assert_eq!(methods[0]["method"], "source");
+    for m in methods {
+        assert_eq!(m["n_queries"], 2, "{m}");
+        for k in ["1", "3"] {
+            let r = m["recall"][k].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&r), "{m}");
+        }
+    }
+    // The twin of q0 is every method's top document (the sign convention), so recall@1
+    // has q0's hit: ≥ 0.5 over two queries, and the recall table says rank 1 for it.
+    let b = &batches(&run.join("eval-recall/recall.parquet"))[0];
+    let method = b.column_by_name("method").unwrap().as_string::<i32>();
+    let query = b.column_by_name("query_id").unwrap().as_string::<i32>();
+    let src = b.column_by_name("known_source").unwrap().as_string::<i32>();
+    let rank = b
+        .column_by_name("rank")
+        .unwrap()
+        .as_primitive::<UInt32Type>();
+    assert_eq!(b.num_rows(), 3 * 3, "3 methods × (1 + 2) known sources");
+    for i in 0..b.num_rows() {
+        if query.value(i) == "q0" {
+            assert_eq!(src.value(i), "twin");
+            assert_eq!(rank.value(i), 1, "method {}", method.value(i));
+        }
+    }
+    for m in methods {
+        assert!(m["recall"]["1"].as_f64().unwrap() >= 0.5, "{m}");
+        assert!(m["mrr"].as_f64().unwrap() >= 0.5, "{m}");
+    }
+    // The other methods ran in sub-runs that reuse the run's upstream stages.
+    for m in ["influence", "gradient_dot"] {
+        let sub = run.join("eval-methods").join(m);
+        assert!(sub.join("score/scores.parquet").is_file());
+        assert!(std::fs::read_link(sub.join("finetune")).is_ok());
+    }
+    assert!(
+        !run.join("eval-methods/source").exists(),
+        "source is the run's own score"
+    );
+
+    // LDS, interrupted after its second job: the rerun trains only the rest.
+    let o = eval(
+        dir.path(),
+        "run",
+        &["lds"],
+        &[("SOURCE_TDA_FAIL_IN_STAGE", "eval-lds:after-job-1")],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("after-job-1"), "{}", stderr(&o));
+    let done = job_files(&run);
+    assert_eq!(done.len(), 2, "{done:?}");
+    let before: Vec<_> = done
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().modified().unwrap())
+        .collect();
+    let o = eval(dir.path(), "run", &["lds"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("2 of 4 retraining jobs already finished"),
+        "{}",
+        stderr(&o)
+    );
+    for (p, t) in done.iter().zip(before) {
+        assert_eq!(
+            std::fs::metadata(p).unwrap().modified().unwrap(),
+            t,
+            "{p:?} redone"
+        );
+    }
+    assert_eq!(job_files(&run).len(), 4);
+    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(table.contains("LDS over 4 subsets"), "{table}");
+
+    let s = json(&run.join("eval-lds/summary.json"));
+    assert_eq!(s["subsets"], 4);
+    assert_eq!(s["alpha"], 0.5);
+    assert_eq!(s["seeds"], 1);
+    assert_eq!(s["subset_size"], 12);
+    let methods = s["methods"].as_array().unwrap();
+    assert_eq!(methods.len(), 3);
+    for m in methods {
+        let pq = m["per_query"].as_object().unwrap();
+        assert_eq!(pq.len(), 3, "{m}");
+        if let Some(l) = m["lds"].as_f64() {
+            assert!((-1.0..=1.0).contains(&l), "{m}");
+            let ci = m["ci95"].as_array().unwrap();
+            assert!(ci[0].as_f64().unwrap() <= ci[1].as_f64().unwrap(), "{m}");
+        }
+    }
+    let pts = points(&run.join("eval-lds/points.parquet"));
+    assert_eq!(pts.len(), 3 * 3 * 4, "methods × queries × subsets × seeds");
+    // The measured losses do not depend on the method; they differ between subsets.
+    let measured = |m: &str| -> Vec<f64> { pts.iter().filter(|p| p.0 == m).map(|p| p.5).collect() };
+    assert_eq!(measured("source"), measured("influence"));
+    let q0: Vec<f64> = pts
+        .iter()
+        .filter(|p| p.0 == "source" && p.1 == "q0")
+        .map(|p| p.5)
+        .collect();
+    assert!(q0.iter().any(|&x| x != q0[0]), "{q0:?}");
+
+    // A rerun with nothing changed is skipped; more bootstrap resamples merge again
+    // without retraining.
+    let o = eval(dir.path(), "run", &["lds"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("up to date"), "{}", stderr(&o));
+}
+
+#[test]
+fn two_shards_and_a_merge_equal_one_run_bitwise() {
+    let dir = setup(3);
+    let copy = |to: &str| {
+        let st = std::process::Command::new("cp")
+            .args(["-a", "run", to])
+            .current_dir(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    copy("sharded");
+    let o = eval(dir.path(), "run", &["lds"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let o = eval(dir.path(), "sharded", &["lds", "--shard", "2/2"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not finished yet"), "{}", stderr(&o));
+    assert!(!dir.path().join("sharded/eval-lds").exists());
+    let o = eval(dir.path(), "sharded", &["lds", "--shard", "1/2"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        !dir.path().join("sharded/eval-lds").exists(),
+        "only the last shard merges"
+    );
+    // The last shard again: its jobs are done, so it only merges.
+    let o = eval(dir.path(), "sharded", &["lds", "--shard", "2/2"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("trained 0 job(s); all done, merged"),
+        "{}",
+        stderr(&o)
+    );
+
+    let a = points(&dir.path().join("run/eval-lds/points.parquet"));
+    let b = points(&dir.path().join("sharded/eval-lds/points.parquet"));
+    assert_eq!(a.len(), 3 * 3 * 3);
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((&x.0, &x.1, x.2, x.3), (&y.0, &y.1, y.2, y.3));
+        assert_eq!(x.4.to_bits(), y.4.to_bits(), "{x:?} vs {y:?}");
+        assert_eq!(x.5.to_bits(), y.5.to_bits(), "{x:?} vs {y:?}");
+    }
+    let sa = json(&dir.path().join("run/eval-lds/summary.json"));
+    let sb = json(&dir.path().join("sharded/eval-lds/summary.json"));
+    assert_eq!(sa["methods"], sb["methods"]);
+
+    // Bad shard specs are errors that say what is allowed.
+    for bad in ["0/2", "3/2", "1-2", "a/b"] {
+        let o = eval(dir.path(), "sharded", &["lds", "--shard", bad], &[]);
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains("expected i/n with 1 ≤ i ≤ n"),
+            "{}",
+            stderr(&o)
+        );
+    }
+}
+
+/// The demo with a small M: Source finds every planted fact's documents (recall@1 ≥ 0.9,
+/// the issue's target), and `eval lds` runs on the demo's real fine-tuning config.
+#[test]
+fn demo_meets_the_recall_target_and_runs_lds() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = common::repo_root();
+    let text = std::fs::read_to_string(root.join("configs/demo.toml"))
+        .unwrap()
+        .replace(
+            "cache_dir = \"../assets/hf-cache\"",
+            &format!("cache_dir = \"{}\"", root.join("assets/hf-cache").display()),
+        );
+    write(
+        &dir.path().join("c.toml"),
+        format!("{text}\n[eval]\nsubsets = 3\nbootstrap = 100\n"),
+    );
+    write(
+        &dir.path().join("p.toml"),
+        "config = \"c.toml\"\nstages = [\"fetch\", \"prepare\", \"finetune\", \"fit\", \"query\", \"score\", \"eval-recall\", \"eval-lds\"]\nrun_dir = \"run\"\n",
+    );
+    let o = cli(dir.path(), &["-q", "run", "p.toml"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = json(&dir.path().join("run/eval-recall/summary.json"));
+    let source = &s["methods"][0];
+    assert_eq!(source["method"], "source");
+    assert_eq!(source["n_queries"], 8);
+    assert!(source["recall"]["1"].as_f64().unwrap() >= 0.9, "{s}");
+    let l = json(&dir.path().join("run/eval-lds/summary.json"));
+    assert_eq!(l["subset_size"], 152);
+    assert_eq!(l["methods"].as_array().unwrap().len(), 3);
+}
