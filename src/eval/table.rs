@@ -22,7 +22,7 @@ pub fn recall_table(summary: &Value) -> String {
         out += &format!(
             "{:<14} {:>7}",
             m["method"].as_str().unwrap_or("?"),
-            m["n_queries"]
+            m["n_queries"].to_string()
         );
         for k in &ks {
             out += &format!(" {:>9}", num(&m["recall"][k]));
@@ -70,6 +70,10 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("—"), "{t}");
+        assert!(
+            t.contains("source               8"),
+            "counts right-aligned: {t}"
+        );
         let l = serde_json::json!({"subsets": 64, "alpha": 0.5, "seeds": 1, "methods": [
             {"method": "source", "lds": 0.41, "ci95": [0.3, 0.52]}]});
         let t = lds_table(&l);
