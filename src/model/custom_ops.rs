@@ -16,9 +16,18 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use crate::error::Result;
+
+/// Worker threads for the row loops: the cores available (RAYON_NUM_THREADS if set, as
+/// candle's and faer's pools use).
+fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
 
 fn poisoned() -> candle_core::Error {
     candle_core::Error::Msg("custom op state lock poisoned".into())
@@ -102,12 +111,11 @@ impl CustomOp1 for CrossEntropyRows {
         };
         let mut grad = vec![0f32; n * v];
         let mut loss = vec![0f32; n];
-        grad.par_chunks_mut(v)
-            .zip(loss.par_iter_mut())
-            .enumerate()
-            .try_for_each(|(r, (g, l))| -> candle_core::Result<()> {
+        let rows = |first: usize, g: &mut [f32], l: &mut [f32]| -> candle_core::Result<()> {
+            for (k, (g, l)) in g.chunks_mut(v).zip(l.iter_mut()).enumerate() {
+                let r = first + k;
                 if self.mask[r] == 0.0 {
-                    return Ok(());
+                    continue;
                 }
                 let zr = &z[r * v..(r + 1) * v];
                 let y = self.targets[r] as usize;
@@ -127,8 +135,21 @@ impl CustomOp1 for CrossEntropyRows {
                 g.iter_mut().for_each(|gi| *gi *= inv);
                 g[y] -= 1.0;
                 *l = self.mask[r] * (sum.ln() - (zr[y] - m));
-                Ok(())
-            })?;
+            }
+            Ok(())
+        };
+        let per = n.div_ceil(threads()).max(1);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = grad
+                .chunks_mut(per * v)
+                .zip(loss.chunks_mut(per))
+                .enumerate()
+                .map(|(i, (g, l))| s.spawn(move || rows(i * per, g, l)))
+                .collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().unwrap_or_else(|_| Err(poisoned())))
+        })?;
         *self.grad.lock().map_err(|_| poisoned())? = Some(grad);
         Ok((CpuStorage::F32(loss), Shape::from(n)))
     }
@@ -142,10 +163,10 @@ impl CustomOp1 for CrossEntropyRows {
             .take()
             .ok_or_else(|| candle_core::Error::Msg("cross-entropy-rows: no forward".into()))?;
         let up: Vec<f32> = g.to_dtype(DType::F32)?.to_vec1()?;
-        grad.par_chunks_mut(v).enumerate().for_each(|(r, row)| {
+        for (r, row) in grad.chunks_mut(v).enumerate() {
             let s = up[r] * self.mask[r];
             row.iter_mut().for_each(|x| *x *= s);
-        });
+        }
         Ok(Some(Tensor::from_vec(grad, (n, v), z.device())?))
     }
 }
