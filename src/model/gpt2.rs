@@ -141,12 +141,16 @@ impl Gpt2 {
         let (d, nh) = (s.n_embd, s.n_head);
         let hd = d / nh;
         let mask = ops::causal_mask(t, offset, None, ids.device())?;
-        let tok = self
-            .wte
-            .as_tensor()
+        // A capture (`rec` given) needs no embedding gradients: the lookups are detached.
+        let (wte, wpe) = if rec.is_some() {
+            (self.wte.as_tensor().detach(), self.wpe.as_tensor().detach())
+        } else {
+            (self.wte.as_tensor().clone(), self.wpe.as_tensor().clone())
+        };
+        let tok = wte
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, d))?;
-        let pos = self.wpe.as_tensor().narrow(0, offset, t)?;
+        let pos = wpe.narrow(0, offset, t)?;
         let mut h = tok.broadcast_add(&pos)?;
         for (li, blk) in self.blocks.iter().enumerate() {
             let x = blk.ln_1.forward(&h, s.layer_norm_epsilon)?;

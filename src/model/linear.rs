@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor, Var};
 
 use crate::error::Result;
 
+use super::custom_ops::linear_input_grad_only;
 use super::weights::TensorSource;
 
 /// One trainable tensor with its Hugging Face name.
@@ -80,7 +81,8 @@ impl Recorder {
     }
 }
 
-/// A linear layer y = a Wᵀ + b that can record (a, δ).
+/// A linear layer y = a Wᵀ + b that can record (a, δ). While recording, its backward
+/// forms ∂L/∂a but not ∂L/∂W (see [`linear_input_grad_only`]).
 #[derive(Debug, Clone)]
 pub struct TrackedLinear {
     /// Hugging Face module name (weight name without `.weight`).
@@ -140,10 +142,14 @@ impl TrackedLinear {
     /// x: [B, T, d_in] → y: [B, T, d_out]. Records (x, ε) when tracked and `rec` is given.
     pub fn forward(&self, x: &Tensor, rec: Option<&mut Recorder>) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
-        let y = x
-            .reshape((b * t, d_in))?
-            .matmul(&self.weight.as_tensor().t()?)?
-            .reshape((b, t, self.d_out()))?;
+        // In a capture (`rec` given) only ∂L/∂(layer outputs) are wanted: skip ∂L/∂W.
+        let y = if rec.is_some() {
+            linear_input_grad_only(x, self.weight.as_tensor())?
+        } else {
+            x.reshape((b * t, d_in))?
+                .matmul(&self.weight.as_tensor().t()?)?
+                .reshape((b, t, self.d_out()))?
+        };
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(bias.as_tensor())?,
             None => y,

@@ -127,9 +127,13 @@ impl Llama {
             ops::rope_tables(offset + t, s.head_dim, s.rope_theta, &s.rope_scaling, dev)?;
         let (cos, sin) = (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?);
         let mask = ops::causal_mask(t, offset, s.sliding_window, dev)?;
-        let mut h = self
-            .embed
-            .as_tensor()
+        // A capture (`rec` given) needs no embedding gradient: the lookup is detached.
+        let embed = if rec.is_some() {
+            self.embed.as_tensor().detach()
+        } else {
+            self.embed.as_tensor().clone()
+        };
+        let mut h = embed
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, s.hidden_size))?;
         for (li, blk) in self.blocks.iter().enumerate() {

@@ -10,11 +10,19 @@ use crate::error::Result;
 use crate::util::rng::SplitMix64;
 
 use super::batch::TokenBatch;
+use super::custom_ops::cross_entropy_rows;
 use super::ops;
 
-/// Per-document summed cross-entropy, differentiable.
+/// Per-document summed cross-entropy, differentiable. On the CPU through the fused
+/// [`cross_entropy_rows`] (no log-softmax intermediates kept), elsewhere composed.
 /// logits: [B, T, V]; targets: [B, T] u32; mask: [B, T] f32 → [B].
 pub fn doc_losses(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let tv: Vec<u32> = targets.flatten_all()?.to_vec1()?;
+    let mv: Vec<f32> = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    if let Some(rows) = cross_entropy_rows(&logits.reshape((b * t, v))?, &tv, &mv)? {
+        return Ok(rows.reshape((b, t))?.sum(1)?);
+    }
     let lp = ops::log_softmax_last(logits)?;
     let picked = lp
         .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?

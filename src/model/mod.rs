@@ -18,6 +18,7 @@
 pub mod batch;
 pub mod capture;
 pub mod config;
+pub mod custom_ops;
 pub mod generate;
 pub mod gguf;
 mod gpt2;
@@ -25,6 +26,7 @@ pub mod linear;
 mod llama;
 pub mod lm;
 pub mod loss;
+pub mod memory;
 pub mod ops;
 pub mod tracking;
 pub mod weights;

@@ -168,25 +168,14 @@ pub fn load_model(dir: &Path) -> Result<Model> {
     Model::load(dir, &LoadOptions::default(), &Device::Cpu)
 }
 
-/// A rough peak-memory estimate (bytes) of fitting or scoring: model weights and their
-/// gradients, activations of one batch, the head's logits, and one layer group's factors.
+/// Predicted peak memory (bytes) of fitting or scoring: one batch's forward + backward,
+/// the weights and every layer's factors ([`crate::model::memory`] states the model).
 pub fn memory_estimate(model: &Model, config: &Config) -> u64 {
-    let params: u64 = model
-        .params()
-        .iter()
-        .map(|p| p.var.as_tensor().elem_count() as u64)
-        .sum();
-    let tokens = config.batching.token_budget as u64;
-    let vocab = model.spec().vocab_size() as u64;
-    let (mut factors, mut act) = (0u64, 0u64);
-    for l in model.tracked_layers() {
-        let (i, o) = ((l.d_in + 1) as u64, l.d_out as u64);
-        // f64 covariances + f32 eigenvectors + f64 Λ
-        factors += 12 * (i * i + o * o) + 8 * i * o;
-        // a and δ kept for the batch, f32
-        act += 4 * tokens * (i + o);
-    }
-    4 * 3 * params + 4 * 3 * tokens * vocab + 2 * act + factors
+    crate::model::memory::fit_peak_bytes(
+        model,
+        config.batching.token_budget,
+        config.attribution.block_size,
+    )
 }
 
 /// Prints the estimate and refuses when it exceeds `[attribution] memory_limit_gib`.

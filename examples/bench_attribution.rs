@@ -1,0 +1,206 @@
+//! Our side of `scripts/bench-vs-kronfluence.sh`: the influence method (EK-FAC, empirical
+//! Fisher, damping 0.1 × mean Λ per layer) on the exact token ids of a workload file, stage
+//! by stage, with wall time and peak RSS of each (the peak is reset between stages through
+//! `/proc/self/clear_refs`).
+//!
+//! ```text
+//! cargo run --release --example bench_attribution -- MODEL_DIR INPUTS.safetensors OUT_DIR [BATCH]
+//! ```
+//!
+//! INPUTS holds `{train,query}_{input_ids,attention_mask,labels}` (int64, right-padded rows,
+//! labels −100 where a token is not a target: the kronfluence reference pack's layout).
+//! OUT_DIR receives `scores.safetensors` (`pairwise` [Q, N], `per_token` [Q, N, T], f32)
+//! and `report.json` (seconds, peak RSS and predicted peak per stage).
+//!
+//! Stages, as kronfluence runs them: `fit` (covariances, eigendecomposition, Λ), `pairwise`
+//! (query gradients + one scoring pass), `per_token` (the same with per-token scores), and
+//! `pairwise_and_per_token` (both from one pass: what the `score` stage does).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use source_tda::attribution::{precondition_inverse, query_gradients, score_pass, Damping};
+use source_tda::curvature::{fit_factors, Fisher, FitOptions};
+use source_tda::data::PreparedDoc;
+use source_tda::model::{memory, LoadOptions, Model};
+use source_tda::util::mem;
+
+fn i64_tensor(st: &safetensors::SafeTensors, name: &str) -> (Vec<usize>, Vec<i64>) {
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|e| panic!("inputs: tensor `{name}`: {e:?}"));
+    let v = t
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (t.shape().to_vec(), v)
+}
+
+/// Rows of `{split}_input_ids` as documents: real tokens only, loss targets from the labels.
+fn docs(st: &safetensors::SafeTensors, split: &str) -> (Vec<PreparedDoc>, usize) {
+    let (shape, ids) = i64_tensor(st, &format!("{split}_input_ids"));
+    let (_, attn) = i64_tensor(st, &format!("{split}_attention_mask"));
+    let (_, labels) = i64_tensor(st, &format!("{split}_labels"));
+    let (rows, len) = (shape[0], shape[1]);
+    let docs = (0..rows)
+        .map(|r| {
+            let n = (0..len).filter(|&t| attn[r * len + t] == 1).count();
+            PreparedDoc {
+                doc_id: format!("{split}-{r}"),
+                text: String::new(),
+                prompt: None,
+                completion: None,
+                input_ids: (0..n).map(|t| ids[r * len + t] as u32).collect(),
+                loss_mask: (0..n)
+                    .map(|t| (t > 0 && labels[r * len + t] != -100) as u8)
+                    .collect(),
+                truncated_tokens: 0,
+                source: format!("{split}:{r}"),
+            }
+        })
+        .collect();
+    (docs, len)
+}
+
+struct Stage {
+    name: &'static str,
+    seconds: f64,
+    cpu_seconds: f64,
+    peak: u64,
+}
+
+/// User + system CPU seconds of this process (all threads), from /proc/self/stat (fields 14
+/// and 15, in clock ticks of 1/100 s). Robust to other processes competing for the cores,
+/// unlike wall time.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // After the command name: state is field 3, utime field 14, stime field 15.
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
+}
+
+fn timed<T>(name: &'static str, out: &mut Vec<Stage>, f: impl FnOnce() -> T) -> T {
+    mem::reset_peak_rss();
+    let (t0, c0) = (Instant::now(), cpu_seconds());
+    let v = f();
+    let seconds = t0.elapsed().as_secs_f64();
+    let cpu_seconds = cpu_seconds() - c0;
+    let peak = mem::peak_rss_bytes().unwrap_or(0);
+    eprintln!(
+        "bench_attribution: {name}: {seconds:.2} s ({cpu_seconds:.2} CPU s), peak RSS {}",
+        mem::human_bytes(peak)
+    );
+    out.push(Stage {
+        name,
+        seconds,
+        cpu_seconds,
+        peak,
+    });
+    v
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() < 3 {
+        eprintln!("usage: bench_attribution MODEL_DIR INPUTS.safetensors OUT_DIR [BATCH]");
+        std::process::exit(2);
+    }
+    let (model_dir, inputs, out) = (
+        PathBuf::from(&args[0]),
+        PathBuf::from(&args[1]),
+        PathBuf::from(&args[2]),
+    );
+    let batch: usize = args.get(3).map_or(8, |b| b.parse().expect("BATCH"));
+    std::fs::create_dir_all(&out).expect("OUT_DIR");
+    let bytes = std::fs::read(&inputs).expect("inputs file");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("inputs: safetensors");
+    let (train, max_len) = docs(&st, "train");
+    let (queries, _) = docs(&st, "query");
+    let opts = FitOptions {
+        fisher: Fisher::Empirical,
+        block_size: None,
+        token_budget: batch * max_len,
+        max_batch_size: batch,
+        pad_id: 2,
+    };
+    let dev = Device::Cpu;
+    let mut stages = Vec::new();
+    let model = timed("load", &mut stages, || {
+        Model::load(&model_dir, &LoadOptions::default(), &dev).expect("model")
+    });
+    let predicted_fit = memory::fit_peak_bytes(&model, opts.token_budget, opts.block_size);
+    let predicted_score = memory::score_peak_bytes(&model, opts.token_budget, queries.len(), true);
+    eprintln!(
+        "bench_attribution: predicted peak memory: fit {}, score {}",
+        mem::human_bytes(predicted_fit),
+        mem::human_bytes(predicted_score)
+    );
+    let factors = timed("fit", &mut stages, || {
+        fit_factors(&[&model], &train, &opts, "bench").expect("fit")
+    });
+    let score = |keep_tokens: bool| {
+        let qg = query_gradients(&model, &queries, &opts).expect("queries");
+        let u = precondition_inverse(&factors, &qg.layers, Damping::MeanLambda(0.1))
+            .expect("precondition");
+        score_pass(&model, &train, &u, &opts, keep_tokens).expect("score")
+    };
+    let pairwise = timed("pairwise", &mut stages, || score(false));
+    let per_token = timed("per_token", &mut stages, || score(true));
+    let both = timed("pairwise_and_per_token", &mut stages, || score(true));
+
+    let (q, n) = (queries.len(), train.len());
+    let flat_pairs: Vec<f32> = pairwise.docs.iter().flatten().map(|&v| v as f32).collect();
+    let both_pairs: Vec<f32> = both.docs.iter().flatten().map(|&v| v as f32).collect();
+    let mut tok = vec![0f32; q * n * max_len];
+    let per_doc = per_token.tokens.as_ref().expect("tokens");
+    for (m, per_q) in per_doc.iter().enumerate() {
+        for (qi, row) in per_q.iter().enumerate() {
+            tok[(qi * n + m) * max_len..][..row.len()].copy_from_slice(row);
+        }
+    }
+    let tensors: HashMap<String, Tensor> = [
+        ("pairwise", Tensor::from_vec(flat_pairs, (q, n), &dev)),
+        (
+            "pairwise_from_token_pass",
+            Tensor::from_vec(both_pairs, (q, n), &dev),
+        ),
+        ("per_token", Tensor::from_vec(tok, (q, n, max_len), &dev)),
+    ]
+    .into_iter()
+    .map(|(k, t)| (k.to_string(), t.expect("tensor")))
+    .collect();
+    candle_core::safetensors::save(&tensors, out.join("scores.safetensors")).expect("save");
+    let mut report = serde_json::Map::new();
+    for s in &stages {
+        report.insert(
+            s.name.into(),
+            serde_json::json!({"seconds": s.seconds, "cpu_seconds": s.cpu_seconds,
+                "peak_rss_bytes": s.peak}),
+        );
+    }
+    report.insert(
+        "predicted_peak_bytes".into(),
+        serde_json::json!({"fit": predicted_fit, "score": predicted_score}),
+    );
+    report.insert(
+        "workload".into(),
+        serde_json::json!({
+            "train_docs": n, "queries": q,
+            "train_tokens": train.iter().map(|d| d.n_tokens()).sum::<usize>(),
+            "tracked_layers": model.tracked_layers().len(), "batch": batch,
+            "rayon_threads": std::env::var("RAYON_NUM_THREADS").ok(),
+        }),
+    );
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .expect("report");
+}

@@ -1,0 +1,278 @@
+//! Two candle custom ops with hand-written backward passes that make a capture (one forward +
+//! backward that only needs ∂L/∂(layer outputs)) cheaper in time and memory on the CPU:
+//!
+//! * [`linear_input_grad_only`]: y = x Wᵀ whose backward returns ∂L/∂x = (∂L/∂y) W and
+//!   nothing for W. candle's own matmul backward always forms ∂L/∂W as well (2·n·d_in·d_out
+//!   FLOPs and a [d_out, d_in] gradient per layer, for the tied head a [V, d] one), which a
+//!   capture never reads.
+//! * [`cross_entropy_rows`]: ℓ_n = m_n (logsumexp(z_n) − z_n[y_n]) per row of logits z [N, V],
+//!   fused: one pass forms the losses and softmax(z_n) − e_{y_n}, which the backward scales
+//!   in place by m_n ∂L/∂ℓ_n. The composed log-softmax keeps about ten [N, V] tensors alive
+//!   (shifted, exp, log-softmax and each of their gradients); this keeps two (z and ∂L/∂z).
+//!
+//! Both give the same values and gradients as the composed ops (tests below, and the
+//! finite-difference and kronfluence tests of the whole model).
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+
+use crate::error::Result;
+
+/// Worker threads for the row loops: the cores available (RAYON_NUM_THREADS if set, as
+/// candle's and faer's pools use).
+fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("custom op state lock poisoned".into())
+}
+
+struct InputGradLinear {
+    /// The precomputed output y = x Wᵀ (taken by the forward).
+    y: Mutex<Option<Vec<f32>>>,
+    shape: Shape,
+    /// W [d_out, d_in], detached.
+    w: Tensor,
+}
+
+impl CustomOp1 for InputGradLinear {
+    fn name(&self) -> &'static str {
+        "linear-input-grad-only"
+    }
+
+    fn cpu_fwd(&self, _x: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self
+            .y
+            .lock()
+            .map_err(|_| poisoned())?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("linear-input-grad-only ran twice".into()))?;
+        Ok((CpuStorage::F32(y), self.shape.clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let d_out = self.w.dim(0)?;
+        let n = g.elem_count() / d_out;
+        let gx = g.reshape((n, d_out))?.matmul(&self.w)?;
+        Ok(Some(gx.reshape(x.shape())?))
+    }
+}
+
+/// y = x Wᵀ for x [..., d_in] (f32, CPU) and W [d_out, d_in], differentiable in x only: the
+/// backward computes ∂L/∂x = (∂L/∂y) W and no gradient for W. Other devices and dtypes use
+/// candle's matmul (which also forms ∂L/∂W).
+pub fn linear_input_grad_only(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let d_in = *dims.last().unwrap_or(&0);
+    let n = x.elem_count() / d_in.max(1);
+    if let Some(last) = dims.last_mut() {
+        *last = w.dim(0)?;
+    }
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return Ok(x.reshape((n, d_in))?.matmul(&w.t()?)?.reshape(dims)?);
+    }
+    let w = w.detach();
+    let y = x.detach().reshape((n, d_in))?.matmul(&w.t()?)?;
+    let op = InputGradLinear {
+        y: Mutex::new(Some(y.flatten_all()?.to_vec1::<f32>()?)),
+        shape: Shape::from(dims),
+        w,
+    };
+    Ok(x.apply_op1(op)?)
+}
+
+struct CrossEntropyRows {
+    targets: Vec<u32>,
+    mask: Vec<f32>,
+    /// softmax(z_n) − e_{y_n} for masked rows (zeros elsewhere), formed by the forward.
+    grad: Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp1 for CrossEntropyRows {
+    fn name(&self) -> &'static str {
+        "cross-entropy-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, v) = l.shape().dims2()?;
+        let z = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(z), Some((a, b))) => &z[a..b],
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "cross-entropy-rows: logits must be contiguous f32".into(),
+                ))
+            }
+        };
+        let mut grad = vec![0f32; n * v];
+        let mut loss = vec![0f32; n];
+        let rows = |first: usize, g: &mut [f32], l: &mut [f32]| -> candle_core::Result<()> {
+            for (k, (g, l)) in g.chunks_mut(v).zip(l.iter_mut()).enumerate() {
+                let r = first + k;
+                if self.mask[r] == 0.0 {
+                    continue;
+                }
+                let zr = &z[r * v..(r + 1) * v];
+                let y = self.targets[r] as usize;
+                if y >= v {
+                    return Err(candle_core::Error::Msg(format!(
+                        "cross-entropy-rows: target {y} is out of range for {v} classes"
+                    )));
+                }
+                let m = zr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (gi, &zi) in g.iter_mut().zip(zr) {
+                    let e = (zi - m).exp();
+                    *gi = e;
+                    sum += e;
+                }
+                let inv = 1.0 / sum;
+                g.iter_mut().for_each(|gi| *gi *= inv);
+                g[y] -= 1.0;
+                *l = self.mask[r] * (sum.ln() - (zr[y] - m));
+            }
+            Ok(())
+        };
+        let per = n.div_ceil(threads()).max(1);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = grad
+                .chunks_mut(per * v)
+                .zip(loss.chunks_mut(per))
+                .enumerate()
+                .map(|(i, (g, l))| s.spawn(move || rows(i * per, g, l)))
+                .collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().unwrap_or_else(|_| Err(poisoned())))
+        })?;
+        *self.grad.lock().map_err(|_| poisoned())? = Some(grad);
+        Ok((CpuStorage::F32(loss), Shape::from(n)))
+    }
+
+    fn bwd(&self, z: &Tensor, _l: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, v) = z.dims2()?;
+        let mut grad = self
+            .grad
+            .lock()
+            .map_err(|_| poisoned())?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("cross-entropy-rows: no forward".into()))?;
+        let up: Vec<f32> = g.to_dtype(DType::F32)?.to_vec1()?;
+        for (r, row) in grad.chunks_mut(v).enumerate() {
+            let s = up[r] * self.mask[r];
+            row.iter_mut().for_each(|x| *x *= s);
+        }
+        Ok(Some(Tensor::from_vec(grad, (n, v), z.device())?))
+    }
+}
+
+/// Per-row masked cross-entropy ℓ_n = m_n (log Σ_v exp z_{n,v} − z_{n,y_n}) for logits
+/// z [N, V] (f32, CPU), targets y [N] and mask m [N] (0 rows contribute nothing and get no
+/// gradient); differentiable in z, without keeping the log-softmax intermediates. `None`
+/// where the fused op does not apply (another device or dtype): use the composed ops.
+pub fn cross_entropy_rows(z: &Tensor, targets: &[u32], mask: &[f32]) -> Result<Option<Tensor>> {
+    if !z.device().is_cpu() || z.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let op = CrossEntropyRows {
+        targets: targets.to_vec(),
+        mask: mask.to_vec(),
+        grad: Mutex::new(None),
+    };
+    Ok(Some(z.contiguous()?.apply_op1(op)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::log_softmax_last;
+    use candle_core::{Device, Var, D};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn linear_matches_matmul_in_value_and_input_gradient_and_skips_the_weight() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (2, 3, 5), &dev).unwrap();
+        let w = Var::randn(0f32, 1.0, (4, 5), &dev).unwrap();
+        let c = Tensor::randn(0f32, 1.0, (2, 3, 4), &dev).unwrap();
+        let y = linear_input_grad_only(x.as_tensor(), w.as_tensor()).unwrap();
+        let want = x
+            .as_tensor()
+            .broadcast_matmul(&w.as_tensor().t().unwrap())
+            .unwrap();
+        assert!(max_abs_diff(&y, &want) < 1e-5);
+        let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = (want * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gx, gx_want) = (
+            g.get(x.as_tensor()).unwrap(),
+            gw.get(x.as_tensor()).unwrap(),
+        );
+        assert!(max_abs_diff(gx, gx_want) < 1e-5);
+        assert!(g.get(w.as_tensor()).is_none(), "no weight gradient");
+        assert!(gw.get(w.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn cross_entropy_matches_composed_log_softmax_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let (n, v) = (6, 11);
+        let z = Var::randn(0f32, 3.0, (n, v), &dev).unwrap();
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7) % v as u32).collect();
+        let mask: Vec<f32> = (0..n).map(|i| (i % 3 != 1) as u8 as f32).collect();
+        let up = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+        let got = cross_entropy_rows(z.as_tensor(), &targets, &mask)
+            .unwrap()
+            .unwrap();
+        let t = Tensor::from_vec(targets.clone(), (n, 1), &dev).unwrap();
+        let m = Tensor::from_vec(mask.clone(), n, &dev).unwrap();
+        let want = (log_softmax_last(z.as_tensor())
+            .unwrap()
+            .gather(&t, D::Minus1)
+            .unwrap()
+            .squeeze(D::Minus1)
+            .unwrap()
+            .neg()
+            .unwrap()
+            * &m)
+            .unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+        let g = (got * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (
+            g.get(z.as_tensor()).unwrap(),
+            gw.get(z.as_tensor()).unwrap(),
+        );
+        assert!(max_abs_diff(a, b) < 1e-5);
+        // Masked rows: no gradient at all.
+        let row: Vec<f32> = a.get(1).unwrap().to_vec1().unwrap();
+        assert!(row.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn cross_entropy_rejects_out_of_range_targets() {
+        let dev = Device::Cpu;
+        let z = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+        let err = cross_entropy_rows(&z, &[0, 3], &[1.0, 1.0]).unwrap_err();
+        assert!(
+            err.to_string().contains("target 3 is out of range"),
+            "{err}"
+        );
+    }
+}
