@@ -64,6 +64,10 @@ enum Command {
     /// token_scores.parquet (per token of the top-k documents), queries.parquet and
     /// train_docs.parquet. τ = score / n_train > 0: the document helped (a proponent).
     Score(OneStage),
+    /// Write RUN_DIR/report/report.html (one self-contained page: each query's top
+    /// proponents and opponents with segment contributions and token shading, timings and,
+    /// when eval stages ran, LDS / recall), summary.json, and print the top documents.
+    Report(OneStage),
     /// Import a Hugging Face Trainer run as the trajectory instead of fine-tuning here.
     ///
     /// Runs fetch, prepare and finetune (the ones not yet done) with `train.import_from` set
@@ -233,6 +237,12 @@ fn dispatch(command: Command) -> Result<()> {
             &s.config,
             &s.run_dir,
             &["score".into()],
+            s.opts.into_options(),
+        ),
+        Command::Report(s) => run(
+            &s.config,
+            &s.run_dir,
+            &["report".into()],
             s.opts.into_options(),
         ),
         Command::ImportTrainer { trainer_dir, stage } => import_trainer(&trainer_dir, stage),

@@ -7,6 +7,7 @@ mod finetune;
 mod fit;
 mod prepare;
 mod query;
+mod report;
 mod score;
 
 pub use fetch::{FetchStage, Fetched};
@@ -14,6 +15,7 @@ pub use finetune::{base_model_dir, FinetuneStage};
 pub use fit::FitStage;
 pub use prepare::PrepareStage;
 pub use query::QueryStage;
+pub use report::{gather as gather_report, ReportStage};
 pub use score::{ScoreStage, SIGN_CONVENTION};
 
 use crate::pipeline::Stage;
@@ -27,5 +29,6 @@ pub fn all() -> Vec<Box<dyn Stage>> {
         Box::new(FitStage),
         Box::new(QueryStage),
         Box::new(ScoreStage),
+        Box::new(ReportStage),
     ]
 }
