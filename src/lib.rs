@@ -24,6 +24,7 @@
 //! * [`stages`]: the stage implementations the runner knows.
 //! * [`curvature`]: EK-FAC factors per layer (covariances, eigenbasis, eigenvalue correction).
 //! * [`attribution`]: F_S, F_r, the eigenbasis primitive and the token-level contraction.
+//! * [`report`]: the HTML report, terminal summary and summary.json of a run.
 //! * [`util`]: hashing, atomic writes, memory measurement, progress bars.
 
 pub mod attribution;
@@ -36,6 +37,7 @@ pub mod hub;
 pub mod model;
 pub mod output;
 pub mod pipeline;
+pub mod report;
 pub mod stages;
 pub mod train;
 pub mod util;

@@ -69,6 +69,10 @@ enum Command {
     /// datamodeling score from retraining on random subsets; resumable, `--shard i/n`).
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Write RUN_DIR/report/report.html (one self-contained page: each query's top
+    /// proponents and opponents with segment contributions and token shading, timings and,
+    /// when eval stages ran, LDS / recall), summary.json, and print the top documents.
+    Report(OneStage),
     /// Import a Hugging Face Trainer run as the trajectory instead of fine-tuning here.
     ///
     /// Runs fetch, prepare and finetune (the ones not yet done) with `train.import_from` set
@@ -284,6 +288,12 @@ fn dispatch(command: Command) -> Result<()> {
             }
             Some(shard) => eval_lds_shard(&s, &shard),
         },
+        Command::Report(s) => run(
+            &s.config,
+            &s.run_dir,
+            &["report".into()],
+            s.opts.into_options(),
+        ),
         Command::ImportTrainer { trainer_dir, stage } => import_trainer(&trainer_dir, stage),
         Command::Status { run_dir } => status(&run_dir),
         Command::ConvertGguf {

@@ -80,7 +80,7 @@ pub struct StageKey {
 }
 
 /// Computes a stage's key from the config and its upstream records. Errors when an
-/// upstream stage is missing or incomplete.
+/// upstream stage is missing or incomplete; optional inputs count only when complete.
 pub fn stage_key(stage: &dyn Stage, config: &Config, manifest: &Manifest) -> Result<StageKey> {
     let config_hash = sha256_json(&stage.config_view(config));
     let mut inputs = BTreeMap::new();
@@ -96,6 +96,13 @@ pub fn stage_key(stage: &dyn Stage, config: &Config, manifest: &Manifest) -> Res
                      lists both)",
                     stage.name()
                 )))
+            }
+        }
+    }
+    for up in stage.optional_inputs() {
+        if let Some(r) = manifest.stages.get(*up) {
+            if r.status == StageStatus::Complete {
+                inputs.insert(format!("optional:{up}"), r.outputs_hash());
             }
         }
     }
@@ -292,4 +299,87 @@ fn run_one(
     run.clear_staging()?;
     run.clear_resume(name, None)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::StageContext;
+
+    struct Reader;
+    impl Stage for Reader {
+        fn name(&self) -> &'static str {
+            "report"
+        }
+        fn describe(&self) -> &'static str {
+            "test"
+        }
+        fn inputs(&self) -> &'static [&'static str] {
+            &["score"]
+        }
+        fn optional_inputs(&self) -> &'static [&'static str] {
+            &["eval-lds"]
+        }
+        fn config_view(&self, _: &Config) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+        fn run(&self, _: &StageContext) -> Result<serde_json::Value> {
+            Ok(serde_json::Value::Null)
+        }
+    }
+
+    fn record(status: StageStatus, sha: &str) -> StageRecord {
+        StageRecord {
+            status,
+            started_at: String::new(),
+            finished_at: None,
+            wall_s: None,
+            peak_rss_bytes: None,
+            tool_version: String::new(),
+            git_commit: None,
+            config_hash: String::new(),
+            inputs_hash: String::new(),
+            inputs: BTreeMap::new(),
+            outputs: vec![OutputFile {
+                path: "x".into(),
+                bytes: 1,
+                sha256: sha.into(),
+            }],
+            summary: serde_json::Value::Null,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn optional_inputs_count_only_when_complete_and_change_the_key() {
+        let config = Config::from_str_at(
+            "[model]\nid = \"./m\"\n[data.train]\nid = \"./d.jsonl\"\n",
+            Path::new("c.toml"),
+            Path::new("/tmp"),
+        )
+        .unwrap();
+        let mut m = Manifest::new(Path::new("c.toml"), String::new());
+        let e = stage_key(&Reader, &config, &m).unwrap_err().to_string();
+        assert!(e.contains("reads the outputs of `score`"), "{e}");
+        m.stages
+            .insert("score".into(), record(StageStatus::Complete, "a"));
+        let without = stage_key(&Reader, &config, &m).unwrap();
+        assert_eq!(without.inputs.len(), 1);
+
+        m.stages
+            .insert("eval-lds".into(), record(StageStatus::Failed, "b"));
+        let failed = stage_key(&Reader, &config, &m).unwrap();
+        assert_eq!(failed.inputs_hash, without.inputs_hash, "failed: ignored");
+
+        m.stages
+            .insert("eval-lds".into(), record(StageStatus::Complete, "b"));
+        let with = stage_key(&Reader, &config, &m).unwrap();
+        assert_ne!(with.inputs_hash, without.inputs_hash);
+        assert!(with.inputs.contains_key("optional:eval-lds"));
+
+        m.stages
+            .insert("eval-lds".into(), record(StageStatus::Complete, "c"));
+        let changed = stage_key(&Reader, &config, &m).unwrap();
+        assert_ne!(changed.inputs_hash, with.inputs_hash);
+    }
 }

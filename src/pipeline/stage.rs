@@ -43,6 +43,13 @@ pub trait Stage {
     /// Upstream stages whose outputs this stage reads. They must be complete first.
     fn inputs(&self) -> &'static [&'static str];
 
+    /// Stages whose outputs this stage reads when they exist (e.g. evaluation results shown
+    /// in the report). Not required; but when one has completed, its outputs hash is part of
+    /// this stage's inputs, so the stage reruns when it appears, changes or goes away.
+    fn optional_inputs(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// The part of the config this stage's result depends on. A change to it reruns the
     /// stage (and, through the output hashes, every stage that reads its outputs).
     fn config_view(&self, config: &Config) -> serde_json::Value;

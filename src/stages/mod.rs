@@ -9,6 +9,7 @@ mod finetune;
 mod fit;
 mod prepare;
 mod query;
+mod report;
 mod score;
 
 pub use eval_lds::{run_shard, EvalLdsStage, ShardOutcome};
@@ -18,6 +19,7 @@ pub use finetune::{base_model_dir, FinetuneStage};
 pub use fit::FitStage;
 pub use prepare::PrepareStage;
 pub use query::QueryStage;
+pub use report::{gather as gather_report, ReportStage};
 pub use score::{ScoreStage, SIGN_CONVENTION};
 
 use crate::pipeline::Stage;
@@ -33,5 +35,6 @@ pub fn all() -> Vec<Box<dyn Stage>> {
         Box::new(ScoreStage),
         Box::new(EvalRecallStage),
         Box::new(EvalLdsStage),
+        Box::new(ReportStage),
     ]
 }

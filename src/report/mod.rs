@@ -1,0 +1,22 @@
+//! The `report` stage's library: reading a run's results back (the score tables, the
+//! manifest, known sources, evaluation results) and rendering them as one self-contained
+//! HTML page, a terminal summary and `summary.json`.
+//!
+//! τ = score / n_train with τ > 0 for proponents (DESIGN.md §2); token scores add up to the
+//! document's score and are shown on a diverging colour scale centred at 0.
+
+pub mod colour;
+pub mod data;
+pub mod eval;
+pub mod eval_html;
+pub mod html;
+pub mod known;
+pub mod summary;
+pub mod svg;
+pub mod table;
+
+pub use data::{load_eval, load_scores, load_timings, QueryReport, ReportData};
+pub use eval::{EvalResults, LDS_STAGE, RECALL_STAGE};
+pub use html::render;
+pub use known::read_known_sources;
+pub use summary::{summary_json, terminal_lines};

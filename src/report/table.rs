@@ -1,0 +1,210 @@
+//! Reading the tool's Parquet tables back by column name, with errors that name the file and
+//! the column (and say which stage to rerun).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, Float64Type, UInt32Type};
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::DataType;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use crate::error::{Error, IoContext, Result};
+
+/// A Parquet file read into memory: its record batches and key-value metadata.
+pub struct Table {
+    path: std::path::PathBuf,
+    batches: Vec<RecordBatch>,
+    /// The file's key-value metadata (`source_tda.*`).
+    pub metadata: HashMap<String, String>,
+}
+
+impl Table {
+    /// Reads every row of `path`.
+    pub fn read(path: &Path) -> Result<Table> {
+        let file = std::fs::File::open(path).ctx("opening", path)?;
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
+        let metadata = builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .map(|kv| {
+                kv.iter()
+                    .map(|k| (k.key.clone(), k.value.clone().unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let reader = builder.build().map_err(|e| Error::parquet(path, e))?;
+        let batches = reader
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::parquet(path, e))?;
+        Ok(Table {
+            path: path.to_path_buf(),
+            batches,
+            metadata,
+        })
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.batches.iter().map(|b| b.num_rows()).sum()
+    }
+
+    /// Whether the table has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Names of the columns, in file order.
+    pub fn column_names(&self) -> Vec<String> {
+        self.batches
+            .first()
+            .map(|b| {
+                b.schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn arrays(&self, name: &str) -> Result<Vec<&dyn Array>> {
+        self.batches
+            .iter()
+            .map(|b| {
+                b.column_by_name(name).map(|a| a.as_ref()).ok_or_else(|| {
+                    Error::parquet(
+                        &self.path,
+                        format!(
+                            "no column `{name}` (columns: {}); the file was written by another \
+                             version of the tool: rerun the stage that wrote it",
+                            self.column_names().join(", ")
+                        ),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn wrong_type(&self, name: &str, want: &str, got: &DataType) -> Error {
+        Error::parquet(
+            &self.path,
+            format!("column `{name}` has type {got}, expected {want}"),
+        )
+    }
+
+    /// A UTF-8 column (nulls read as "").
+    pub fn strings(&self, name: &str) -> Result<Vec<String>> {
+        let mut out = Vec::with_capacity(self.len());
+        for a in self.arrays(name)? {
+            match a.data_type() {
+                DataType::Utf8 => out.extend(
+                    a.as_string::<i32>()
+                        .iter()
+                        .map(|s| s.unwrap_or_default().to_string()),
+                ),
+                DataType::LargeUtf8 => out.extend(
+                    a.as_string::<i64>()
+                        .iter()
+                        .map(|s| s.unwrap_or_default().to_string()),
+                ),
+                other => return Err(self.wrong_type(name, "a string", other)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// A numeric column (f64, f32 or u32) as f64 (nulls read as NaN).
+    pub fn floats(&self, name: &str) -> Result<Vec<f64>> {
+        let mut out = Vec::with_capacity(self.len());
+        for a in self.arrays(name)? {
+            let at = |i: usize| a.is_valid(i);
+            match a.data_type() {
+                DataType::Float64 => {
+                    let p = a.as_primitive::<Float64Type>();
+                    out.extend((0..p.len()).map(|i| if at(i) { p.value(i) } else { f64::NAN }));
+                }
+                DataType::Float32 => {
+                    let p = a.as_primitive::<Float32Type>();
+                    out.extend((0..p.len()).map(
+                        |i| {
+                            if at(i) {
+                                p.value(i) as f64
+                            } else {
+                                f64::NAN
+                            }
+                        },
+                    ));
+                }
+                DataType::UInt32 => {
+                    let p = a.as_primitive::<UInt32Type>();
+                    out.extend((0..p.len()).map(
+                        |i| {
+                            if at(i) {
+                                p.value(i) as f64
+                            } else {
+                                f64::NAN
+                            }
+                        },
+                    ));
+                }
+                other => return Err(self.wrong_type(name, "a number", other)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// An unsigned integer column (u32; nulls read as 0).
+    pub fn u32s(&self, name: &str) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(self.len());
+        for a in self.arrays(name)? {
+            match a.data_type() {
+                DataType::UInt32 => {
+                    let p = a.as_primitive::<UInt32Type>();
+                    out.extend((0..p.len()).map(|i| if p.is_valid(i) { p.value(i) } else { 0 }));
+                }
+                other => return Err(self.wrong_type(name, "u32", other)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::{write_table, Column};
+
+    #[test]
+    fn reads_back_what_the_writer_wrote_and_names_missing_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.parquet");
+        write_table(
+            &p,
+            &[
+                ("id", Column::Str(vec!["a".into(), "b".into()])),
+                ("x", Column::F32(vec![1.5, -2.0])),
+                ("n", Column::U32(vec![3, 4])),
+            ],
+            &[("k".into(), "v".into())],
+        )
+        .unwrap();
+        let t = Table::read(&p).unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.strings("id").unwrap(), ["a", "b"]);
+        assert_eq!(t.floats("x").unwrap(), [1.5, -2.0]);
+        assert_eq!(t.floats("n").unwrap(), [3.0, 4.0]);
+        assert_eq!(t.u32s("n").unwrap(), [3, 4]);
+        assert_eq!(t.metadata["k"], "v");
+        let e = t.floats("y").unwrap_err().to_string();
+        assert!(
+            e.contains("t.parquet") && e.contains("no column `y`"),
+            "{e}"
+        );
+        let e = t.floats("id").unwrap_err().to_string();
+        assert!(e.contains("column `id` has type Utf8"), "{e}");
+    }
+}
