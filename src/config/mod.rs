@@ -21,6 +21,7 @@ mod data;
 mod diff;
 mod load;
 mod pipeline;
+mod query;
 mod stages;
 mod train;
 
@@ -33,6 +34,7 @@ pub use data::{is_role_name, DataConfig, DataFormat, DatasetConfig, DocShape, FI
 pub use diff::{diff_values, KeyChange};
 pub use load::{parse_toml, read_toml};
 pub use pipeline::Pipeline;
+pub use query::QueryConfig;
 pub use stages::{StageConfig, TrainStage};
 pub use train::{MassSpec, OptimizerKind, PretrainConfig, ScheduleKind, TrainConfig};
 
@@ -64,6 +66,9 @@ pub struct Config {
     /// How the fit, query and score stages attribute.
     #[serde(default)]
     pub attribution: AttributionConfig,
+    /// How the query stage completes prompt-only queries.
+    #[serde(default)]
+    pub query: QueryConfig,
 }
 
 /// `[run]`: settings for the whole run.
@@ -217,6 +222,9 @@ impl Config {
         if let Some(p) = &self.train.import_from {
             self.train.import_from = Some(absolute_against(base, p));
         }
+        if let Some(p) = &self.attribution.factor_cache {
+            self.attribution.factor_cache = Some(absolute_against(base, p));
+        }
         if let Some(p) = &mut self.pretrain {
             if p.dataset.is_none() && self.data.pretrain.is_some() {
                 p.dataset = Some("pretrain".into());
@@ -266,6 +274,7 @@ impl Config {
         let roles: Vec<&str> = self.data.roles().iter().map(|(r, _)| *r).collect();
         self.train.check(&roles).map_err(|(k, m)| err(&k, m))?;
         self.attribution.check().map_err(|(k, m)| err(&k, m))?;
+        self.query.check().map_err(|(k, m)| err(&k, m))?;
         self.train
             .check_stages(&roles)
             .map_err(|(k, m)| err(&k, m))?;

@@ -7,7 +7,9 @@ mod finetune;
 mod fit;
 mod prepare;
 mod query;
+pub mod query_generate;
 mod score;
+mod score_precondition;
 
 pub use fetch::{FetchStage, Fetched};
 pub use finetune::{base_model_dir, FinetuneStage};
