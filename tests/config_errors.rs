@@ -232,3 +232,56 @@ fn eval_section_has_defaults_and_bad_values_name_the_key() {
     let e = load(&format!("{GOOD}\n[eval]\nsubset = 3\n")).unwrap_err();
     assert!(e.contains("unknown field `subset`"), "{e}");
 }
+
+#[test]
+fn attribution_query_rank_and_factor_cache_are_checked_and_resolved() {
+    let e = load(&format!("{GOOD}\n[attribution]\nquery_rank = 0\n")).unwrap_err();
+    assert!(e.contains("key `attribution.query_rank`: is 0"), "{e}");
+    assert!(e.contains("allowed: 1 or more"), "{e}");
+    let e = load(&format!("{GOOD}\n[attribution]\nquery_rank = -2\n")).unwrap_err();
+    assert!(e.contains("attribution.query_rank"), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cfg/c.toml");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(
+        &path,
+        "[model]\nid = \"org/m\"\n[data.train]\nid = \"org/d\"\n\
+         [attribution]\nquery_rank = 4\nfactor_cache = \"../factor-cache\"\n",
+    )
+    .unwrap();
+    let c = Config::load(&path).unwrap();
+    assert_eq!(c.attribution.query_rank, Some(4));
+    assert_eq!(
+        c.attribution.factor_cache.as_deref(),
+        Some(dir.path().join("factor-cache").as_path())
+    );
+}
+
+#[test]
+fn query_generation_keys_and_the_prompt_shape_are_checked() {
+    let e = load(&format!("{GOOD}shape = \"prompt\"\n")).unwrap_err();
+    assert!(e.contains("key `data.train.shape`"), "{e}");
+    assert!(e.contains("`[data.query]` only"), "{e}");
+
+    let q = "[data.query]\nid = \"org/q\"\nshape = \"prompt\"\n";
+    let c = load(&format!("{GOOD}{q}")).unwrap();
+    assert_eq!(c.data.query.unwrap().shape, DocShape::Prompt);
+    assert_eq!(c.query.max_new_tokens, 32);
+    assert_eq!(c.query.temperature, 0.0);
+
+    let e = load(&format!("{GOOD}{q}[query]\nmax_new_tokens = 0\n")).unwrap_err();
+    assert!(e.contains("key `query.max_new_tokens`"), "{e}");
+    assert!(e.contains("allowed: 1 ..= 4096"), "{e}");
+    let e = load(&format!("{GOOD}{q}[query]\ntemperature = -1.0\n")).unwrap_err();
+    assert!(e.contains("key `query.temperature`"), "{e}");
+    let e = load(&format!("{GOOD}{q}[query]\ntop_p = 0.9\n")).unwrap_err();
+    assert!(
+        e.contains("key `query.top_p`") && e.contains("temperature is 0"),
+        "{e}"
+    );
+    let e = load(&format!("{GOOD}{q}[query]\nstop_at_eos = 1\n")).unwrap_err();
+    assert!(e.contains("query.stop_at_eos"), "{e}");
+    let e = load(&format!("{GOOD}{q}[query]\nmax_tokens = 3\n")).unwrap_err();
+    assert!(e.contains("max_tokens"), "{e}");
+}

@@ -8,7 +8,7 @@ use crate::data::PreparedDoc;
 use crate::error::Result;
 use crate::model::{Labels, Model};
 
-use super::contract::token_scores;
+use super::lowrank::LayerQuery;
 
 /// Per-layer query gradients ∇_W f(q) = Σ_t δ_t a_tᵀ, each [Q, d_out, d_in] in query order,
 /// and the measurements f(q) = −log p(completion | prompt).
@@ -82,8 +82,20 @@ pub fn score_pass(
     opts: &FitOptions,
     keep_tokens: bool,
 ) -> Result<TrainScores> {
+    let forms: Vec<LayerQuery> = u.iter().cloned().map(LayerQuery::Dense).collect();
+    score_pass_queries(model, train, &forms, opts, keep_tokens)
+}
+
+/// [`score_pass`] with each layer's query in either form (dense U, or its truncated SVD).
+pub fn score_pass_queries(
+    model: &Model,
+    train: &[PreparedDoc],
+    u: &[LayerQuery],
+    opts: &FitOptions,
+    keep_tokens: bool,
+) -> Result<TrainScores> {
     let n = train.len();
-    let q = u.first().map(|t| t.dim(0)).transpose()?.unwrap_or(0);
+    let q = u.first().map(|t| t.queries()).transpose()?.unwrap_or(0);
     let mut docs = vec![vec![0f64; n]; q];
     let mut per_layer = vec![vec![vec![0f64; n]; q]; u.len()];
     let mut tokens: Option<Vec<Vec<Vec<f32>>>> = keep_tokens.then(|| vec![Vec::new(); n]);
@@ -91,7 +103,7 @@ pub fn score_pass(
         let cap = model.capture(batch, Labels::Data)?;
         let mut total: Option<Tensor> = None;
         for (l, (layer, ul)) in cap.layers.iter().zip(u).enumerate() {
-            let s = token_scores(ul, &layer.a, &layer.delta, &cap.attention_mask)?; // [Q, B, T]
+            let s = ul.token_scores(&layer.a, &layer.delta, &cap.attention_mask)?; // [Q, B, T]
             let per_doc: Vec<Vec<f32>> = s.sum(D::Minus1)?.to_vec2()?;
             for (qi, row) in per_doc.iter().enumerate() {
                 for (k, &i) in idx.iter().enumerate() {

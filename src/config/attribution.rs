@@ -6,6 +6,8 @@
 //! fisher = "true"          # true (sampled labels) | empirical (the data's labels)
 //! # damping = 1e-3         # absolute λ; default: damping_factor × mean(Λ) per layer
 //! top_k = 10               # documents per query kept with per-token scores
+//! # query_rank = 8          # low-rank preconditioned query (default: exact)
+//! # factor_cache = "cache"  # reuse fitted factors across runs (default: none)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -60,9 +62,19 @@ pub struct AttributionConfig {
     /// Write per-token scores for every document (large). Default false.
     #[serde(default)]
     pub all_token_scores: bool,
-    /// Refuse to start a stage whose estimated peak memory exceeds this many GiB.
+    /// Refuse to start a stage whose estimated peak memory exceeds this many GiB; `score`
+    /// also sizes its factor layer groups to fit under it. Default: no limit (groups sized
+    /// to half the available memory).
     #[serde(default)]
     pub memory_limit_gib: Option<f64>,
+    /// Rank r of the low-rank form of the preconditioned query u_ℓ (truncated SVD per query
+    /// and layer, U ≈ Σ_k σ_k p_k r_kᵀ). Default: none, the exact dense query.
+    #[serde(default)]
+    pub query_rank: Option<usize>,
+    /// Folder of a content-addressed cache of fitted factors shared between runs (relative to
+    /// the config file). Default: none, always fit.
+    #[serde(default)]
+    pub factor_cache: Option<std::path::PathBuf>,
 }
 
 fn default_damping_factor() -> f64 {
@@ -83,6 +95,8 @@ impl Default for AttributionConfig {
             top_k: default_top_k(),
             all_token_scores: false,
             memory_limit_gib: None,
+            query_rank: None,
+            factor_cache: None,
         }
     }
 }
@@ -109,6 +123,12 @@ impl AttributionConfig {
             return Err((
                 k("block_size"),
                 "is 0; allowed: 1 or more (remove it for whole factors)".into(),
+            ));
+        }
+        if self.query_rank == Some(0) {
+            return Err((
+                k("query_rank"),
+                "is 0; allowed: 1 or more (remove it for the exact query)".into(),
             ));
         }
         if let Some(m) = self.memory_limit_gib {

@@ -22,6 +22,7 @@ mod diff;
 mod eval;
 mod load;
 mod pipeline;
+mod query;
 mod stages;
 mod train;
 
@@ -35,6 +36,7 @@ pub use diff::{diff_values, KeyChange};
 pub use eval::EvalConfig;
 pub use load::{parse_toml, read_toml};
 pub use pipeline::Pipeline;
+pub use query::QueryConfig;
 pub use stages::{StageConfig, TrainStage};
 pub use train::{MassSpec, OptimizerKind, PretrainConfig, ScheduleKind, TrainConfig};
 
@@ -69,6 +71,9 @@ pub struct Config {
     /// The evaluation stages `eval-recall` and `eval-lds`.
     #[serde(default)]
     pub eval: EvalConfig,
+    /// How the query stage completes prompt-only queries.
+    #[serde(default)]
+    pub query: QueryConfig,
 }
 
 /// `[run]`: settings for the whole run.
@@ -222,6 +227,9 @@ impl Config {
         if let Some(p) = &self.train.import_from {
             self.train.import_from = Some(absolute_against(base, p));
         }
+        if let Some(p) = &self.attribution.factor_cache {
+            self.attribution.factor_cache = Some(absolute_against(base, p));
+        }
         if let Some(p) = &mut self.pretrain {
             if p.dataset.is_none() && self.data.pretrain.is_some() {
                 p.dataset = Some("pretrain".into());
@@ -272,6 +280,7 @@ impl Config {
         self.train.check(&roles).map_err(|(k, m)| err(&k, m))?;
         self.attribution.check().map_err(|(k, m)| err(&k, m))?;
         self.eval.check().map_err(|(k, m)| err(&k, m))?;
+        self.query.check().map_err(|(k, m)| err(&k, m))?;
         self.train
             .check_stages(&roles)
             .map_err(|(k, m)| err(&k, m))?;

@@ -4,6 +4,7 @@
 //! functions of H̄ through this basis ([`crate::attribution`]).
 
 pub mod blocks;
+pub mod cache;
 pub mod covariance;
 pub mod eigen;
 pub mod fit;
@@ -13,8 +14,9 @@ pub mod store;
 pub(crate) mod test_support;
 
 pub use blocks::{BlockDiag, BlockLayout};
+pub use cache::{checkpoint_hash, docs_hash, factor_key, FactorCache, Lookup};
 pub use covariance::{masked_rows, CovarianceSums, Covariances};
 pub use eigen::{eigh, Eigen};
 pub use fit::{fit_factors, Fisher, FitOptions, LayerFactors};
 pub use lambda::{EigenBasis, LambdaSums};
-pub use store::{load_factors, save_factors};
+pub use store::{load_factors, save_factors, FactorFile};

@@ -6,7 +6,7 @@
 //! `LAYER.lambda` (f64).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -55,76 +55,169 @@ pub fn save_factors(path: &Path, factors: &[LayerFactors], info: &serde_json::Va
     crate::util::tensors::save_tensors(path, &entries, metadata)
 }
 
-/// Loads a factor set saved by [`save_factors`]: the layers and the `info` metadata.
+/// Loads a factor set saved by [`save_factors`]: every layer and the `info` metadata.
 pub fn load_factors(
     path: &Path,
     device: &Device,
 ) -> Result<(Vec<LayerFactors>, serde_json::Value)> {
-    let bytes = std::fs::read(path).ctx("reading", path)?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
-        Error::Numeric(format!(
-            "{}: not a factor file ({e:?}); rerun the fit stage",
-            path.display()
-        ))
-    })?;
-    let meta: serde_json::Value = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("source_tda"))
-        .and_then(|s| serde_json::from_str(s).ok())
-        .ok_or_else(|| {
+    let file = FactorFile::open(path)?;
+    let names: Vec<String> = file.layer_names().map(str::to_string).collect();
+    Ok((file.load_layers(&names, device)?, file.info().clone()))
+}
+
+/// A factor file opened for reading layer by layer: the file is memory-mapped and only the
+/// tensors of the layers asked for are read, so a layer group's factors can be loaded
+/// without the rest (issue 5 §5).
+pub struct FactorFile {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    layers: Vec<LayerMeta>,
+    info: serde_json::Value,
+}
+
+impl FactorFile {
+    /// Opens `path` and reads its header and metadata (no tensor data).
+    pub fn open(path: &Path) -> Result<FactorFile> {
+        let file = std::fs::File::open(path).ctx("opening", path)?;
+        // SAFETY: factor files are written atomically (temp file + rename) and never modified
+        // in place; a concurrent writer would be a user error caught by the header checks.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.ctx("memory-mapping", path)?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
             Error::Numeric(format!(
-                "{}: no source-tda metadata; not a factor file written by the fit stage",
+                "{}: not a factor file ({e:?}); rerun the fit stage",
                 path.display()
             ))
         })?;
-    let layers: Vec<LayerMeta> = serde_json::from_value(meta["layers"].clone())
-        .map_err(|e| Error::Numeric(format!("{}: bad layer metadata: {e}", path.display())))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
-    let get = |k: &str| -> Result<Tensor> {
-        tensors
-            .get(k)
-            .cloned()
-            .ok_or_else(|| Error::Numeric(format!("{}: tensor `{k}` is missing", path.display())))
-    };
-    let mut out = Vec::new();
-    for l in layers {
-        let blocks = |which: &str, ranges: &[(usize, usize)]| -> Result<Vec<Tensor>> {
-            (0..ranges.len())
-                .map(|k| get(&format!("{}.{which}.{k}", l.name)))
-                .collect()
-        };
-        let layout = |ranges: &[(usize, usize)]| BlockLayout {
-            dim: ranges.iter().map(|(_, n)| n).sum(),
-            ranges: ranges.to_vec(),
-        };
-        let a_layout = layout(&l.a_blocks);
-        let s_layout = layout(&l.s_blocks);
-        let basis = EigenBasis {
-            q_a: BlockDiag {
-                layout: a_layout.clone(),
-                blocks: blocks("q_a", &l.a_blocks)?,
-            },
-            q_s: BlockDiag {
-                layout: s_layout.clone(),
-                blocks: blocks("q_s", &l.s_blocks)?,
-            },
-            eig_a: get(&format!("{}.eig_a", l.name))?.to_vec1()?,
-            eig_s: get(&format!("{}.eig_s", l.name))?.to_vec1()?,
-        };
-        out.push(LayerFactors {
-            lambda: get(&format!("{}.lambda", l.name))?,
-            covariances: Covariances {
-                a_layout,
-                s_layout,
-                a: Vec::new(),
-                s: Vec::new(),
-            },
-            basis,
-            name: l.name,
-        });
+        let meta: serde_json::Value = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("source_tda"))
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or_else(|| {
+                Error::Numeric(format!(
+                    "{}: no source-tda metadata; not a factor file written by the fit stage",
+                    path.display()
+                ))
+            })?;
+        let layers: Vec<LayerMeta> = serde_json::from_value(meta["layers"].clone())
+            .map_err(|e| Error::Numeric(format!("{}: bad layer metadata: {e}", path.display())))?;
+        Ok(FactorFile {
+            path: path.to_path_buf(),
+            mmap,
+            layers,
+            info: meta["info"].clone(),
+        })
     }
-    Ok((out, meta["info"].clone()))
+
+    /// The layers in the file, in stored order.
+    pub fn layer_names(&self) -> impl Iterator<Item = &str> {
+        self.layers.iter().map(|l| l.name.as_str())
+    }
+
+    /// The free-form `info` the fit stage stored.
+    pub fn info(&self) -> &serde_json::Value {
+        &self.info
+    }
+
+    fn layer(&self, name: &str) -> Result<&LayerMeta> {
+        self.layers.iter().find(|l| l.name == name).ok_or_else(|| {
+            Error::Numeric(format!(
+                "{}: no factors for layer `{name}`; the factors were fitted for other layers \
+                 (rerun the fit stage)",
+                self.path.display()
+            ))
+        })
+    }
+
+    fn keys(l: &LayerMeta) -> Vec<String> {
+        let mut k: Vec<String> = (0..l.a_blocks.len())
+            .map(|i| format!("{}.q_a.{i}", l.name))
+            .chain((0..l.s_blocks.len()).map(|i| format!("{}.q_s.{i}", l.name)))
+            .collect();
+        for t in ["eig_a", "eig_s", "lambda"] {
+            k.push(format!("{}.{t}", l.name));
+        }
+        k
+    }
+
+    fn tensors(&self) -> Result<safetensors::SafeTensors<'_>> {
+        safetensors::SafeTensors::deserialize(&self.mmap).map_err(|e| {
+            Error::Numeric(format!(
+                "{}: not a factor file ({e:?}); rerun the fit stage",
+                self.path.display()
+            ))
+        })
+    }
+
+    /// Bytes of layer `name`'s stored tensors (what loading it takes in memory).
+    pub fn layer_bytes(&self, name: &str) -> Result<u64> {
+        let l = self.layer(name)?;
+        let st = self.tensors()?;
+        let mut total = 0u64;
+        for k in Self::keys(l) {
+            total += self.view(&st, &k)?.data().len() as u64;
+        }
+        Ok(total)
+    }
+
+    fn view<'a>(
+        &self,
+        st: &'a safetensors::SafeTensors<'a>,
+        k: &str,
+    ) -> Result<safetensors::tensor::TensorView<'a>> {
+        st.tensor(k).map_err(|_| {
+            Error::Numeric(format!(
+                "{}: tensor `{k}` is missing (rerun the fit stage)",
+                self.path.display()
+            ))
+        })
+    }
+
+    /// Reads the factors of the layers `names` (in that order) onto `device`.
+    pub fn load_layers(&self, names: &[String], device: &Device) -> Result<Vec<LayerFactors>> {
+        use candle_core::safetensors::Load;
+        let st = self.tensors()?;
+        let get = |k: &str| -> Result<Tensor> { Ok(self.view(&st, k)?.load(device)?) };
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let l = self.layer(name)?;
+            let blocks = |which: &str, ranges: &[(usize, usize)]| -> Result<Vec<Tensor>> {
+                (0..ranges.len())
+                    .map(|k| get(&format!("{}.{which}.{k}", l.name)))
+                    .collect()
+            };
+            let layout = |ranges: &[(usize, usize)]| BlockLayout {
+                dim: ranges.iter().map(|(_, n)| n).sum(),
+                ranges: ranges.to_vec(),
+            };
+            let a_layout = layout(&l.a_blocks);
+            let s_layout = layout(&l.s_blocks);
+            let basis = EigenBasis {
+                q_a: BlockDiag {
+                    layout: a_layout.clone(),
+                    blocks: blocks("q_a", &l.a_blocks)?,
+                },
+                q_s: BlockDiag {
+                    layout: s_layout.clone(),
+                    blocks: blocks("q_s", &l.s_blocks)?,
+                },
+                eig_a: get(&format!("{}.eig_a", l.name))?.to_vec1()?,
+                eig_s: get(&format!("{}.eig_s", l.name))?.to_vec1()?,
+            };
+            out.push(LayerFactors {
+                lambda: get(&format!("{}.lambda", l.name))?,
+                covariances: Covariances {
+                    a_layout,
+                    s_layout,
+                    a: Vec::new(),
+                    s: Vec::new(),
+                },
+                basis,
+                name: l.name.clone(),
+            });
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -155,6 +248,34 @@ mod tests {
         let l1: Vec<f64> = back[0].lambda.flatten_all().unwrap().to_vec1().unwrap();
         let l0: Vec<f64> = f.lambda.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(l0, l1);
+        // One layer alone, by name, from the memory-mapped file.
+        let file = FactorFile::open(&p).unwrap();
+        assert_eq!(
+            file.layer_names().collect::<Vec<_>>(),
+            vec![f.name.as_str()]
+        );
+        let one = file
+            .load_layers(std::slice::from_ref(&f.name), &dev)
+            .unwrap();
+        let l2: Vec<f64> = one[0].lambda.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(l0, l2);
+        // The stored bytes: f32 eigenvector blocks, f64 eigenvalues and Λ.
+        let want: u64 = f
+            .basis
+            .q_a
+            .blocks
+            .iter()
+            .chain(&f.basis.q_s.blocks)
+            .map(|q| 4 * q.elem_count() as u64)
+            .sum::<u64>()
+            + 8 * (f.basis.eig_a.len() + f.basis.eig_s.len() + f.lambda.elem_count()) as u64;
+        assert_eq!(file.layer_bytes(&f.name).unwrap(), want);
+        let e = file
+            .load_layers(&["nope".to_string()], &dev)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("no factors for layer `nope`"), "{e}");
         for (x, y) in back[0].basis.q_s.blocks.iter().zip(&f.basis.q_s.blocks) {
             let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
             let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();

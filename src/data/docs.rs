@@ -43,6 +43,7 @@ pub fn load_docs(files: &[&Path], ds: &DatasetConfig) -> Result<Vec<RawDoc>> {
         DocShape::PromptCompletion => {
             vec![ds.prompt_column.as_str(), ds.completion_column.as_str()]
         }
+        DocShape::Prompt => vec![ds.prompt_column.as_str()],
     };
     let mut required = vec![true; columns.len()];
     if let Some(id) = &ds.id_column {
@@ -93,6 +94,21 @@ pub fn load_docs(files: &[&Path], ds: &DatasetConfig) -> Result<Vec<RawDoc>> {
                         )));
                     }
                     Content::PromptCompletion { prompt, completion }
+                }
+                DocShape::Prompt => {
+                    let prompt = value(0)?;
+                    if prompt.trim().is_empty() {
+                        return Err(Error::Data(format!(
+                            "{}: query `{id}` has an empty prompt (column `{}`); the model needs \
+                             something to complete",
+                            row.location, columns[0]
+                        )));
+                    }
+                    // The query stage generates the completion.
+                    Content::PromptCompletion {
+                        prompt,
+                        completion: String::new(),
+                    }
                 }
             };
             if !seen.insert(id.clone()) {

@@ -175,7 +175,8 @@ pub fn tokenize_docs(
                 truncated_tokens: truncated as u32,
                 source: doc.location.clone(),
             };
-            if prepared.n_loss_tokens() == 0 {
+            // A prompt-only query has no completion yet (the query stage generates it).
+            if prepared.n_loss_tokens() == 0 && ds.shape != crate::config::DocShape::Prompt {
                 return Err(Error::Data(format!(
                     "{}: document `{}` has no loss tokens after tokenisation{} (it has {} tokens); \
                      raise max_length (now {}) or shorten the prompt",

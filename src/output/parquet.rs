@@ -24,6 +24,8 @@ pub enum Column {
     F32(Vec<f32>),
     /// 64-bit floats.
     F64(Vec<f64>),
+    /// Booleans.
+    Bool(Vec<bool>),
 }
 
 impl Column {
@@ -33,6 +35,7 @@ impl Column {
             Column::U32(v) => v.len(),
             Column::F32(v) => v.len(),
             Column::F64(v) => v.len(),
+            Column::Bool(v) => v.len(),
         }
     }
 
@@ -42,6 +45,7 @@ impl Column {
             Column::U32(_) => DataType::UInt32,
             Column::F32(_) => DataType::Float32,
             Column::F64(_) => DataType::Float64,
+            Column::Bool(_) => DataType::Boolean,
         }
     }
 
@@ -51,6 +55,7 @@ impl Column {
             Column::U32(v) => Arc::new(UInt32Array::from(v[from..to].to_vec())),
             Column::F32(v) => Arc::new(Float32Array::from(v[from..to].to_vec())),
             Column::F64(v) => Arc::new(Float64Array::from(v[from..to].to_vec())),
+            Column::Bool(v) => Arc::new(arrow_array::BooleanArray::from(v[from..to].to_vec())),
         }
     }
 }

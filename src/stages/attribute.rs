@@ -178,6 +178,143 @@ pub fn memory_estimate(model: &Model, config: &Config) -> u64 {
     )
 }
 
+/// Bytes of a pass over one batch (weights, the autograd graph, the head's logits), from the
+/// memory model in [`crate::model::memory`].
+pub fn model_and_batch_bytes(model: &Model, config: &Config) -> u64 {
+    crate::model::memory::capture_peak_bytes(model, config.batching.token_budget)
+}
+
+/// How `score` loads factors (issue 5 §5): the Source walk is block-diagonal per layer, so
+/// u_ℓ is computed one group of consecutive layers at a time, with only that group's factors
+/// of every segment in memory.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FactorGroups {
+    /// Layer index ranges [start, end), in layer order, covering every layer.
+    pub groups: Vec<(usize, usize)>,
+    /// Factor bytes of each group (all segments).
+    pub group_bytes: Vec<u64>,
+    /// The bytes a group may take.
+    pub budget: u64,
+}
+
+impl FactorGroups {
+    /// The largest group's layer count and bytes.
+    pub fn largest(&self) -> (usize, u64) {
+        let n = self.groups.iter().map(|(a, b)| b - a).max().unwrap_or(0);
+        (n, self.group_bytes.iter().copied().max().unwrap_or(0))
+    }
+
+    /// A one-line description: `factors: 3 groups of ≤ 10 layers, ≤ 1.2 GiB each`.
+    pub fn describe(&self) -> String {
+        let (n, b) = self.largest();
+        let h = crate::util::mem::human_bytes;
+        if self.groups.len() == 1 {
+            format!("factors: all {n} layers at once, {}", h(b))
+        } else {
+            format!(
+                "factors: {} groups of ≤ {n} layers, ≤ {} each (budget {})",
+                self.groups.len(),
+                h(b),
+                h(self.budget)
+            )
+        }
+    }
+}
+
+/// Cuts `layers` (names, with the factor bytes each needs over all segments) into
+/// consecutive groups of at most `budget` bytes. `limit` says where the budget came from, for
+/// the refusal when one layer alone does not fit.
+pub fn plan_factor_groups(
+    layers: &[String],
+    layer_bytes: &[u64],
+    budget: u64,
+    limit: &str,
+) -> Result<FactorGroups> {
+    let h = crate::util::mem::human_bytes;
+    let (mut groups, mut group_bytes) = (Vec::new(), Vec::new());
+    let (mut start, mut acc) = (0usize, 0u64);
+    for (i, (name, &b)) in layers.iter().zip(layer_bytes).enumerate() {
+        if b > budget {
+            return Err(Error::Pipeline(format!(
+                "score: the factors of layer `{name}` alone need {} (all segments), more than \
+                 the {} left for factors under {limit}; raise the limit, lower \
+                 batching.token_budget, or set attribution.block_size to store smaller \
+                 eigenvector blocks",
+                h(b),
+                h(budget)
+            )));
+        }
+        if i > start && acc + b > budget {
+            groups.push((start, i));
+            group_bytes.push(acc);
+            (start, acc) = (i, 0);
+        }
+        acc += b;
+    }
+    if start < layers.len() {
+        groups.push((start, layers.len()));
+        group_bytes.push(acc);
+    }
+    Ok(FactorGroups {
+        groups,
+        group_bytes,
+        budget,
+    })
+}
+
+/// The `score` stage's memory plan: prints the estimate and the layer groups, and refuses
+/// when the model pass and the queries alone exceed `[attribution] memory_limit_gib`, or when
+/// one layer's factors do not fit in what is left. Without a limit, groups are sized to half
+/// the available memory. `layer_bytes`: factor bytes per layer over all segments;
+/// `query_bytes`: the query gradients and the preconditioned queries.
+pub fn plan_score_memory(
+    model: &Model,
+    config: &Config,
+    layers: &[String],
+    layer_bytes: &[u64],
+    query_bytes: u64,
+) -> Result<(u64, FactorGroups)> {
+    let h = crate::util::mem::human_bytes;
+    let base = model_and_batch_bytes(model, config) + query_bytes;
+    let (total, limit) = match config.attribution.memory_limit_gib {
+        Some(l) => (
+            (l * (1u64 << 30) as f64) as u64,
+            format!("attribution.memory_limit_gib = {l}"),
+        ),
+        None => {
+            let avail = crate::util::mem::available_memory_bytes().unwrap_or(8 << 30);
+            (
+                avail / 2,
+                format!("half the available memory ({})", h(avail)),
+            )
+        }
+    };
+    if base > total && config.attribution.memory_limit_gib.is_some() {
+        return Err(Error::Pipeline(format!(
+            "score: the model pass and the queries alone are estimated at {} (before any \
+             factors), more than {limit}; lower batching.token_budget, use fewer queries or \
+             attribution.query_rank, or raise the limit",
+            h(base)
+        )));
+    }
+    // Without a configured limit, never plan below one layer per group.
+    let max_layer = layer_bytes.iter().copied().max().unwrap_or(0);
+    let budget = match config.attribution.memory_limit_gib {
+        Some(_) => total - base,
+        None => total.saturating_sub(base).max(max_layer),
+    };
+    let groups = plan_factor_groups(layers, layer_bytes, budget, &limit)?;
+    let est = base + groups.largest().1;
+    tracing::info!(
+        "score: estimated peak memory {} (model pass {}, queries {}, {})",
+        h(est),
+        h(model_and_batch_bytes(model, config)),
+        h(query_bytes),
+        groups.describe()
+    );
+    Ok((est, groups))
+}
+
 /// Prints the estimate and refuses when it exceeds `[attribution] memory_limit_gib`.
 pub fn check_memory(stage: &str, model: &Model, config: &Config) -> Result<u64> {
     let est = memory_estimate(model, config);
@@ -197,4 +334,31 @@ pub fn check_memory(stage: &str, model: &Model, config: &Config) -> Result<u64> 
         }
     }
     Ok(est)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_groups_fill_the_budget_in_order_and_refuse_a_layer_that_cannot_fit() {
+        let names: Vec<String> = (0..5).map(|i| format!("l{i}")).collect();
+        let g = plan_factor_groups(&names, &[3, 3, 3, 1, 5], 6, "the test limit").unwrap();
+        assert_eq!(g.groups, vec![(0, 2), (2, 4), (4, 5)]);
+        assert_eq!(g.group_bytes, vec![6, 4, 5]);
+        assert!(
+            g.describe().starts_with("factors: 3 groups of ≤ 2 layers"),
+            "{}",
+            g.describe()
+        );
+        let one = plan_factor_groups(&names, &[1; 5], 100, "x").unwrap();
+        assert_eq!(one.groups, vec![(0, 5)]);
+        let e = plan_factor_groups(&names, &[3, 3, 9, 1, 5], 6, "the test limit")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("layer `l2`") && e.contains("the test limit"),
+            "{e}"
+        );
+    }
 }

@@ -1,17 +1,22 @@
 //! `fit`: EK-FAC factors per segment (DESIGN.md §3): for each segment of the attribution plan,
 //! covariances over its data at each of its checkpoints (averaged), one f64
 //! eigendecomposition, and the eigenvalue correction Λ per checkpoint in that basis
-//! (averaged). Writes `fit/segment-K.safetensors` and `fit/plan.json`.
+//! (averaged). Writes `fit/segment-K.safetensors` and `fit/plan.json`. With
+//! `[attribution] factor_cache`, a segment whose inputs were fitted before (by any run) is
+//! copied from the cache instead of fitted again.
 
 use serde_json::json;
 
 use crate::config::Config;
-use crate::curvature::{fit_factors, save_factors};
-use crate::error::Result;
+use crate::curvature::{
+    checkpoint_hash, docs_hash, factor_key, fit_factors, save_factors, FactorCache, Lookup,
+};
+use crate::data::PreparedDoc;
+use crate::error::{IoContext, Result};
 use crate::pipeline::{Stage, StageContext};
 use crate::util::fsx::write_json_atomic;
 
-use super::attribute::{check_memory, fit_options, load_model, plan, role_docs};
+use super::attribute::{check_memory, fit_options, load_model, plan, role_docs, PlannedSegment};
 
 /// The `fit` stage.
 pub struct FitStage;
@@ -45,9 +50,41 @@ impl Stage for FitStage {
             return Ok(json!({"segments": 0}));
         }
         let opts = fit_options(ctx.config);
+        let cache = ctx
+            .config
+            .attribution
+            .factor_cache
+            .as_deref()
+            .map(FactorCache::new);
         let mut summary = Vec::new();
         for seg in &p.segments {
             let docs = role_docs(ctx.run, &seg.role)?;
+            let out = ctx.out(format!("segment-{}.safetensors", seg.index));
+            let inputs = key_inputs(ctx.config, seg, &docs)?;
+            let key = factor_key(&inputs);
+            let what = format!("segment {} (`{}`)", seg.index, seg.stage);
+            if let Some(cache) = &cache {
+                match cache.lookup(&key)? {
+                    Lookup::Hit(file) => {
+                        std::fs::copy(&file, &out).ctx("copying cached factors", &file)?;
+                        tracing::info!(
+                            "fit: {what}: factors reused from the cache ({}), no fit pass",
+                            cache.entry_dir(&key).display()
+                        );
+                        summary.push(json!({
+                            "segment": seg.index, "stage": seg.stage, "role": seg.role,
+                            "documents": docs.len(), "checkpoints": seg.checkpoints.len(),
+                            "cache_key": key, "reused": true,
+                        }));
+                        continue;
+                    }
+                    Lookup::Corrupt(why) => tracing::warn!(
+                        "fit: {what}: the cache entry {} is corrupt ({why}); removed, fitting again",
+                        cache.entry_dir(&key).display()
+                    ),
+                    Lookup::Miss => {}
+                }
+            }
             let models = seg
                 .checkpoints
                 .iter()
@@ -55,33 +92,58 @@ impl Stage for FitStage {
                 .collect::<Result<Vec<_>>>()?;
             let estimate = check_memory("fit", &models[0], ctx.config)?;
             tracing::info!(
-                "fit: segment {} (`{}`): {} documents of `{}`, {} checkpoint(s)",
-                seg.index,
-                seg.stage,
+                "fit: {what}: {} documents of `{}`, {} checkpoint(s)",
                 docs.len(),
                 seg.role,
                 models.len()
             );
             let refs: Vec<&_> = models.iter().collect();
-            let what = format!("segment {} (`{}`)", seg.index, seg.stage);
             let factors = fit_factors(&refs, &docs, &opts, &what)?;
-            let info = json!({
-                "segment": seg.index, "stage": seg.stage, "role": seg.role,
-                "n_docs": seg.n_docs, "checkpoints": seg.checkpoints,
-                "fisher": ctx.config.attribution.fisher,
-            });
-            save_factors(
-                &ctx.out(format!("segment-{}.safetensors", seg.index)),
-                &factors,
-                &info,
-            )?;
+            // Only what determines the factors (no segment index or run-directory paths),
+            // so that the same inputs give the same bytes in every run and cache entry.
+            let info = json!({"cache_key": key, "inputs": inputs});
+            save_factors(&out, &factors, &info)?;
+            if let Some(cache) = &cache {
+                let stored = cache.store(&key, &out, &inputs)?;
+                tracing::info!(
+                    "fit: {what}: factors stored in the cache ({})",
+                    stored.display()
+                );
+            }
             ctx.failpoint(&format!("after-segment-{}", seg.index))?;
             summary.push(json!({
                 "segment": seg.index, "stage": seg.stage, "role": seg.role,
                 "documents": docs.len(), "checkpoints": seg.checkpoints.len(),
                 "layers": factors.len(), "estimated_peak_bytes": estimate,
+                "cache_key": key, "reused": false,
             }));
         }
         Ok(json!({ "segments": summary }))
     }
+}
+
+/// Everything that determines a segment's factors: the checkpoints' weights, the documents
+/// (token ids and masks, in order), the Fisher (and the seed of its sampled labels), the
+/// block size, the batching (it changes the summation order), the padding token and the tool
+/// version. Its sha256 is the factor cache's key.
+fn key_inputs(
+    config: &Config,
+    seg: &PlannedSegment,
+    docs: &[PreparedDoc],
+) -> Result<serde_json::Value> {
+    let a = &config.attribution;
+    let opts = fit_options(config);
+    Ok(json!({
+        "format": "source-tda factors 1",
+        "tool_version": crate::VERSION,
+        "checkpoints": seg.checkpoints.iter().map(|c| checkpoint_hash(c)).collect::<Result<Vec<_>>>()?,
+        "documents": docs_hash(docs),
+        "n_documents": docs.len(),
+        "fisher": a.fisher,
+        "seed": matches!(a.fisher, crate::config::FisherKind::True).then_some(config.run.seed),
+        "block_size": a.block_size,
+        "token_budget": opts.token_budget,
+        "max_batch_size": opts.max_batch_size,
+        "pad_id": opts.pad_id,
+    }))
 }

@@ -10,7 +10,9 @@ mod fit;
 mod prepare;
 mod query;
 mod report;
+pub mod query_generate;
 mod score;
+mod score_precondition;
 
 pub use eval_lds::{run_shard, EvalLdsStage, ShardOutcome};
 pub use eval_recall::EvalRecallStage;

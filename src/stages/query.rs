@@ -1,19 +1,24 @@
 //! `query`: the query gradients v_L = ∇_θ f(q, θ_final) of every tracked layer at the final
 //! checkpoint, with the measurement f(q) = −log p(completion | prompt) (DESIGN.md §2).
 //! Writes `query/gradients.safetensors` (one tensor [Q, d_out, d_in] per layer, in query
-//! order) and `query/queries.parquet`.
+//! order) and `query/queries.parquet`. Prompt-only queries (`[data.query] shape = "prompt"`)
+//! are first completed by the final model ([`super::query_generate`]); `queries.parquet`'s
+//! `generated` column says so.
 
 use std::collections::HashMap;
 
 use serde_json::json;
 
 use crate::attribution::query_gradients;
-use crate::config::Config;
+use crate::config::{Config, DocShape};
+use crate::data::tokenize::load_tokenizer;
 use crate::error::{Error, Result};
 use crate::output::{write_table, Column};
 use crate::pipeline::{Stage, StageContext};
 
 use super::attribute::{check_memory, fit_options, load_model, plan, role_docs};
+use super::fetch::Fetched;
+use super::query_generate::{complete_queries, eos_tokens, generate_options};
 
 /// The `query` stage.
 pub struct QueryStage;
@@ -28,11 +33,16 @@ impl Stage for QueryStage {
     }
 
     fn inputs(&self) -> &'static [&'static str] {
-        &["prepare", "finetune"]
+        &["fetch", "prepare", "finetune"]
     }
 
     fn config_view(&self, c: &Config) -> serde_json::Value {
-        json!({"batching": c.batching, "method": c.attribution.method})
+        let mut v = json!({"batching": c.batching, "method": c.attribution.method});
+        if c.data.query.as_ref().map(|d| d.shape) == Some(DocShape::Prompt) {
+            v["generate"] = json!(c.query);
+            v["seed"] = json!(c.run.seed);
+        }
+        v
     }
 
     fn run(&self, ctx: &StageContext) -> Result<serde_json::Value> {
@@ -40,12 +50,44 @@ impl Stage for QueryStage {
         let queries = role_docs(ctx.run, "query").map_err(|_| {
             Error::Pipeline(
                 "the query stage needs queries: add `[data.query]` (prompt + completion pairs, \
-                 shape = \"prompt_completion\") to the config"
+                 shape = \"prompt_completion\", or prompts to complete, shape = \"prompt\") \
+                 to the config"
                     .into(),
             )
         })?;
         let model = load_model(&p.final_checkpoint)?;
         check_memory("query", &model, ctx.config)?;
+        let generated = ctx.config.data.query.as_ref().map(|d| d.shape) == Some(DocShape::Prompt);
+        let queries = if generated {
+            let eos = eos_tokens(&p.final_checkpoint)?;
+            if ctx.config.query.stop_at_eos && eos.is_empty() {
+                tracing::warn!(
+                    "query: the final checkpoint names no eos_token_id; completions run to \
+                     query.max_new_tokens = {}",
+                    ctx.config.query.max_new_tokens
+                );
+            }
+            let opts = generate_options(&ctx.config.query, ctx.config.run.seed, &eos);
+            let tokenizer = load_tokenizer(Fetched::load(ctx.run)?.tokenizer_path())?;
+            let done = complete_queries(
+                &model,
+                &tokenizer,
+                &queries,
+                &opts,
+                ctx.config.batching.token_budget,
+            )?;
+            for q in &done {
+                tracing::info!(
+                    "query: {} completed {:?} → {:?}",
+                    q.doc_id,
+                    q.prompt.as_deref().unwrap_or_default(),
+                    q.completion.as_deref().unwrap_or_default()
+                );
+            }
+            done
+        } else {
+            queries
+        };
         let qg = query_gradients(&model, &queries, &fit_options(ctx.config))?;
         let entries: Vec<(String, candle_core::Tensor)> = model
             .tracked_layers()
@@ -102,6 +144,7 @@ impl Stage for QueryStage {
                     "measurement",
                     Column::F64(qg.measurements.iter().map(|&m| m as f64).collect()),
                 ),
+                ("generated", Column::Bool(vec![generated; queries.len()])),
             ],
             &super::score::table_metadata(ctx, "queries")?,
         )?;
@@ -110,6 +153,9 @@ impl Stage for QueryStage {
             queries.len(),
             qg.measurements.iter().sum::<f32>() / queries.len().max(1) as f32
         );
-        Ok(json!({"queries": queries.len(), "measurements": qg.measurements}))
+        Ok(json!({
+            "queries": queries.len(), "measurements": qg.measurements, "generated": generated,
+            "completions": queries.iter().map(|q| &q.completion).collect::<Vec<_>>(),
+        }))
     }
 }

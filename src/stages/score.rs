@@ -13,12 +13,9 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
-use crate::attribution::{
-    adam_sigma, ekfac_diagonal, precondition_inverse, score_pass, source_walk, AdamCurvature,
-    Curvature, Damping, SegmentCurvature,
-};
+use crate::attribution::{score_pass_queries, LayerQuery};
 use crate::config::{Config, MethodKind};
-use crate::curvature::{load_factors, LayerFactors};
+use crate::curvature::FactorFile;
 use crate::data::tokenize::load_tokenizer;
 use crate::data::PreparedDoc;
 use crate::error::{Error, IoContext, Result};
@@ -27,8 +24,11 @@ use crate::pipeline::{Stage, StageContext};
 use crate::train::{OptimizerInfo, Trajectory};
 use crate::util::hash::sha256_json;
 
-use super::attribute::{check_memory, fit_options, load_model, plan, role_docs, AttributionPlan};
+use super::attribute::{
+    fit_options, load_model, plan, plan_score_memory, role_docs, AttributionPlan,
+};
 use super::fetch::Fetched;
+use super::score_precondition::preconditioned;
 
 /// How τ's sign reads; stored in every output file.
 pub const SIGN_CONVENTION: &str = "tau = score / n_train approximates f(trained without m) - \
@@ -93,116 +93,6 @@ fn load_query_gradients(ctx: &StageContext, layers: &[String]) -> Result<Vec<Ten
         .collect()
 }
 
-/// u_ℓ for every planned segment.
-fn preconditioned(
-    ctx: &StageContext,
-    p: &AttributionPlan,
-    v: &[Tensor],
-) -> Result<Vec<Vec<Tensor>>> {
-    let a = &ctx.config.attribution;
-    let damping = match a.damping {
-        Some(d) => Damping::Absolute(d),
-        None => Damping::MeanLambda(a.damping_factor),
-    };
-    let factors = || -> Result<Vec<Vec<LayerFactors>>> {
-        p.segments
-            .iter()
-            .map(|s| {
-                let path = ctx
-                    .run
-                    .stage_dir("fit")
-                    .join(format!("segment-{}.safetensors", s.index));
-                Ok(load_factors(&path, &Device::Cpu)?.0)
-            })
-            .collect()
-    };
-    Ok(match p.method {
-        MethodKind::GradientDot => vec![v.to_vec()],
-        MethodKind::Influence => vec![precondition_inverse(&factors()?[0], v, damping)?],
-        MethodKind::Source => {
-            let f = factors()?;
-            // Segments trained with AdamW see H̄ through Adam's preconditioner.
-            let adam: Vec<Option<AdamCurvature>> = f
-                .iter()
-                .zip(&p.segments)
-                .map(|(f, s)| -> Result<Option<AdamCurvature>> {
-                    let Some(eps) = s.adam_eps else {
-                        return Ok(None);
-                    };
-                    let p_bar = adam_p_bar(s, f, eps)?;
-                    let diag: Vec<Tensor> = f.iter().map(ekfac_diagonal).collect::<Result<_>>()?;
-                    Ok(Some(AdamCurvature {
-                        inner: f as &dyn Curvature,
-                        sigma: adam_sigma(&p_bar, &diag)?,
-                        damping,
-                    }))
-                })
-                .collect::<Result<_>>()?;
-            let segs: Vec<SegmentCurvature> = f
-                .iter()
-                .zip(&adam)
-                .zip(&p.segments)
-                .map(|((f, a), s)| SegmentCurvature {
-                    factors: match a {
-                        Some(a) => a as &dyn Curvature,
-                        None => f as &dyn Curvature,
-                    },
-                    mass: s.mass,
-                })
-                .collect();
-            source_walk(v, &segs, damping)?
-        }
-    })
-}
-
-/// p̄ = the segment's average of 1/(√v̂ + ε) over its checkpoints, per layer, shaped like the
-/// layer's gradient [d_out, d_in(+1)] (the bias's entries as the last column).
-fn adam_p_bar(
-    seg: &super::attribute::PlannedSegment,
-    factors: &[LayerFactors],
-    eps: f64,
-) -> Result<Vec<Tensor>> {
-    let mut sums: Vec<Option<Tensor>> = vec![None; factors.len()];
-    for ckpt in &seg.checkpoints {
-        let path = ckpt.join("optimizer.safetensors");
-        if !path.exists() {
-            return Err(Error::Pipeline(format!(
-                "segment {} was trained with AdamW but {} is missing: the Adam variant needs \
-                 the saved second moments (rerun the finetune stage)",
-                seg.index,
-                path.display()
-            )));
-        }
-        let map = candle_core::safetensors::load(&path, &Device::Cpu)?;
-        let get = |k: &str| -> Result<Tensor> {
-            map.get(k).cloned().ok_or_else(|| {
-                Error::Pipeline(format!("{}: tensor `{k}` is missing", path.display()))
-            })
-        };
-        for (l, f) in factors.iter().enumerate() {
-            let (d_out, d_total) = f.lambda.dims2()?;
-            let mut w = get(&format!("exp_avg_sq.{}.weight", f.name))?;
-            if w.dims()[0] != d_out {
-                w = w.t()?.contiguous()?; // stored [in, out] (GPT-2 Conv1D)
-            }
-            let recip = |t: &Tensor| -> Result<Tensor> { Ok((t.sqrt()? + eps)?.recip()?) };
-            let mut pl = recip(&w)?;
-            if d_total == w.dim(1)? + 1 {
-                let b = get(&format!("exp_avg_sq.{}.bias", f.name))?.reshape((d_out, 1))?;
-                pl = Tensor::cat(&[&pl, &recip(&b)?], 1)?;
-            }
-            sums[l] = Some(match sums[l].take() {
-                None => pl,
-                Some(s) => (s + pl)?,
-            });
-        }
-    }
-    let c = seg.checkpoints.len().max(1) as f64;
-    sums.into_iter()
-        .map(|s| Ok((s.expect("one checkpoint at least") / c)?))
-        .collect()
-}
-
 /// Scores of one data role: per segment [Q][N] and per-token sums [N][Q][T].
 struct RoleScores {
     docs: Vec<PreparedDoc>,
@@ -246,11 +136,50 @@ impl Stage for ScoreStage {
             .iter()
             .map(|l| l.name.clone())
             .collect();
-        check_memory("score", &final_model, ctx.config)?;
-        drop(final_model);
         let v = load_query_gradients(ctx, &layers)?;
         let q = v.first().map(|t| t.dim(0)).transpose()?.unwrap_or(0);
-        let u = preconditioned(ctx, &p, &v)?;
+        let files: Vec<FactorFile> = if p.needs_factors() {
+            p.segments
+                .iter()
+                .map(|s| {
+                    FactorFile::open(
+                        &ctx.run
+                            .stage_dir("fit")
+                            .join(format!("segment-{}.safetensors", s.index)),
+                    )
+                })
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        // Per layer: its stored factors in every segment, plus f32 working copies of
+        // [d_out, d_in] (spectral weights, Adam's p̄ and σ_p) per segment.
+        let mut layer_bytes = Vec::with_capacity(layers.len());
+        let mut grad_elems = 0u64;
+        for (name, vl) in layers.iter().zip(&v) {
+            let (_, o, i) = vl.dims3()?;
+            grad_elems += (o * i) as u64;
+            let mut b = 0u64;
+            for f in &files {
+                b += f.layer_bytes(name)? + 12 * (o * i) as u64;
+            }
+            layer_bytes.push(b);
+        }
+        // v, the walk's v and u per segment, f32.
+        let query_bytes = 4 * q as u64 * grad_elems * (p.segments.len() as u64 + 2);
+        let (estimate, groups) =
+            plan_score_memory(&final_model, ctx.config, &layers, &layer_bytes, query_bytes)?;
+        drop(final_model);
+        let u = preconditioned(ctx, &p, &files, &v, &layers, &groups)?;
+        drop(files);
+        let rank = ctx.config.attribution.query_rank;
+        let (u, kept_energy) = query_forms(u, rank)?;
+        if let (Some(r), Some(e)) = (rank, kept_energy) {
+            tracing::info!(
+                "score: preconditioned queries in rank-{r} form ({:.4}% of ‖u‖² kept on average)",
+                100.0 * e
+            );
+        }
         let opts = fit_options(ctx.config);
 
         let mut roles: BTreeMap<String, RoleScores> = BTreeMap::new();
@@ -276,7 +205,7 @@ impl Stage for ScoreStage {
             let mut acc = vec![vec![0f64; r.docs.len()]; q];
             for ckpt in &seg.checkpoints {
                 let model = load_model(ckpt)?;
-                let s = score_pass(&model, &r.docs, u_seg, &opts, true)?;
+                let s = score_pass_queries(&model, &r.docs, u_seg, &opts, true)?;
                 for (qi, row) in s.docs.iter().enumerate() {
                     for (m, v) in row.iter().enumerate() {
                         acc[qi][m] += v / c;
@@ -293,8 +222,46 @@ impl Stage for ScoreStage {
             r.per_segment.insert(seg.index, acc);
             ctx.failpoint(&format!("after-segment-{}", seg.index))?;
         }
-        write_outputs(ctx, &p, q, &roles)
+        let mut out = write_outputs(ctx, &p, q, &roles)?;
+        out["memory"] = json!({
+            "estimated_peak_bytes": estimate, "model_pass_bytes": estimate
+                - query_bytes - groups.largest().1, "query_bytes": query_bytes,
+            "layer_factor_bytes": layer_bytes, "groups": groups.groups,
+            "group_bytes": groups.group_bytes, "group_budget": groups.budget,
+        });
+        out["query_rank"] = json!(rank);
+        out["query_rank_kept_energy"] = json!(kept_energy);
+        Ok(out)
     }
+}
+
+/// Each segment's u in the form the scoring pass contracts with: dense, or (with `rank`)
+/// its truncated SVD per query and layer. Also the mean fraction of ‖u‖² the truncation kept.
+fn query_forms(
+    u: Vec<Vec<Tensor>>,
+    rank: Option<usize>,
+) -> Result<(Vec<Vec<LayerQuery>>, Option<f64>)> {
+    let (mut kept, mut count) = (0f64, 0usize);
+    let forms = u
+        .into_iter()
+        .map(|seg| {
+            seg.into_iter()
+                .map(|ul| {
+                    let f = LayerQuery::new(ul, rank)?;
+                    if let (LayerQuery::LowRank(l), Some(r)) = (&f, rank) {
+                        for sv in &l.singular_values {
+                            let all: f64 = sv.iter().map(|s| s * s).sum();
+                            let top: f64 = sv.iter().take(r).map(|s| s * s).sum();
+                            kept += if all > 0.0 { top / all } else { 1.0 };
+                            count += 1;
+                        }
+                    }
+                    Ok(f)
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((forms, (count > 0).then(|| kept / count as f64)))
 }
 
 fn write_outputs(

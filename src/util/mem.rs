@@ -30,6 +30,19 @@ fn status_field_kib(field: &str) -> Option<u64> {
         .ok()
 }
 
+/// Memory the system can still give this process (`MemAvailable` in `/proc/meminfo`), when
+/// known.
+pub fn available_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line["MemAvailable:".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// Bytes as a short human string (`1.5 GiB`).
 pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
