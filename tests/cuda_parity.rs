@@ -84,12 +84,12 @@ fn masked_syrk_several_layers_in_one_launch() {
             .collect();
         let got: Vec<Vec<f32>> = if p == Precision::Bf16 {
             let dx: Vec<_> = xs.iter().map(|x| g.upload(&bf16(x)).unwrap()).collect();
-            let layers: Vec<_> = dx.iter().zip(dims).map(|(x, d)| (x, d)).collect();
+            let layers: Vec<_> = dx.iter().zip(dims).collect();
             g.masked_syrk(&layers, &dm, &mut outs, p).unwrap();
             outs.iter().map(|o| g.download(o).unwrap()).collect()
         } else {
             let dx: Vec<_> = xs.iter().map(|x| g.upload(x).unwrap()).collect();
-            let layers: Vec<_> = dx.iter().zip(dims).map(|(x, d)| (x, d)).collect();
+            let layers: Vec<_> = dx.iter().zip(dims).collect();
             g.masked_syrk(&layers, &dm, &mut outs, p).unwrap();
             outs.iter().map(|o| g.download(o).unwrap()).collect()
         };

@@ -2,6 +2,7 @@
 //! accumulated in f64. Each is tested here against the project's CPU code (src/curvature,
 //! src/attribution) or brute force, and the GPU parity tests (tests/cuda_parity.rs) compare
 //! the kernels against these.
+#![allow(clippy::needless_range_loop)] // brute-force references index like the math
 
 use crate::attribution::SpectralFn;
 
