@@ -60,6 +60,11 @@ pub enum Error {
         message: String,
     },
 
+    /// A CUDA library, kernel compilation or launch failed (names the kernel or library and
+    /// what to install or set).
+    #[error("cuda: {0}")]
+    Cuda(String),
+
     /// A numerical problem (non-finite values, a failed decomposition), naming the layer.
     #[error("{0}")]
     Numeric(String),

@@ -1,0 +1,225 @@
+//! CPU references of the CUDA kernels (src/cuda/kernels.cu), on plain row-major slices,
+//! accumulated in f64. Each is tested here against the project's CPU code (src/curvature,
+//! src/attribution) or brute force, and the GPU parity tests (tests/cuda_parity.rs) compare
+//! the kernels against these.
+#![allow(clippy::needless_range_loop)] // brute-force references index like the math
+
+use crate::attribution::SpectralFn;
+
+/// Σ_t m_t x_t x_tᵀ (the unnormalised covariance A or S of DESIGN.md §3.1) for `x` [n, d]
+/// and token weights `mask` [n]; returns the full symmetric [d, d].
+pub fn masked_syrk(x: &[f32], mask: &[f32], n: usize, d: usize) -> Vec<f64> {
+    assert_eq!(x.len(), n * d, "masked_syrk: x is not [n, d]");
+    assert_eq!(mask.len(), n, "masked_syrk: mask is not [n]");
+    let mut out = vec![0.0f64; d * d];
+    for t in 0..n {
+        let m = mask[t] as f64;
+        if m == 0.0 {
+            continue;
+        }
+        let row = &x[t * d..(t + 1) * d];
+        for i in 0..d {
+            let xi = m * row[i] as f64;
+            for j in 0..d {
+                out[i * d + j] += xi * row[j] as f64;
+            }
+        }
+    }
+    out
+}
+
+/// Σ_b ((Σ_{t ∈ b} m_t dr_t ar_tᵀ)[i, j])²: the eigenvalue-correction sum (DESIGN.md §3.3)
+/// for rotated gradients `dr` = δ Q_S [docs·seq, d_out] and activations `ar` = a Q_A
+/// [docs·seq, d_in]; returns [d_out, d_in].
+pub fn eig_correction(
+    dr: &[f32],
+    ar: &[f32],
+    mask: &[f32],
+    docs: usize,
+    seq: usize,
+    d_out: usize,
+    d_in: usize,
+) -> Vec<f64> {
+    let n = docs * seq;
+    assert_eq!(
+        dr.len(),
+        n * d_out,
+        "eig_correction: dr is not [docs·seq, d_out]"
+    );
+    assert_eq!(
+        ar.len(),
+        n * d_in,
+        "eig_correction: ar is not [docs·seq, d_in]"
+    );
+    let mut out = vec![0.0f64; d_out * d_in];
+    let mut g = vec![0.0f64; d_out * d_in];
+    for b in 0..docs {
+        g.iter_mut().for_each(|v| *v = 0.0);
+        for t in b * seq..(b + 1) * seq {
+            let m = mask[t] as f64;
+            if m == 0.0 {
+                continue;
+            }
+            for i in 0..d_out {
+                let di = m * dr[t * d_out + i] as f64;
+                for j in 0..d_in {
+                    g[i * d_in + j] += di * ar[t * d_in + j] as f64;
+                }
+            }
+        }
+        for (o, v) in out.iter_mut().zip(&g) {
+            *o += v * v;
+        }
+    }
+    out
+}
+
+/// Per-token scores tok[q, t] = m_t δ_tᵀ U_q a_t and per-document sums doc[q, b] (documents
+/// of `seq` consecutive tokens) for `u` [queries, d_out, d_in], `a` [n, d_in], `delta`
+/// [n, d_out] (DESIGN.md §2, token level).
+#[allow(clippy::too_many_arguments)]
+pub fn score_tokens(
+    u: &[f32],
+    a: &[f32],
+    delta: &[f32],
+    mask: &[f32],
+    queries: usize,
+    d_out: usize,
+    d_in: usize,
+    seq: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let n = mask.len();
+    assert_eq!(
+        u.len(),
+        queries * d_out * d_in,
+        "score_tokens: u is not [Q, d_out, d_in]"
+    );
+    assert_eq!(a.len(), n * d_in, "score_tokens: a is not [n, d_in]");
+    assert_eq!(
+        delta.len(),
+        n * d_out,
+        "score_tokens: delta is not [n, d_out]"
+    );
+    let docs = n.div_ceil(seq);
+    let mut tok = vec![0.0f64; queries * n];
+    let mut doc = vec![0.0f64; queries * docs];
+    for q in 0..queries {
+        let uq = &u[q * d_out * d_in..(q + 1) * d_out * d_in];
+        for t in 0..n {
+            let mut s = 0.0f64;
+            for o in 0..d_out {
+                let mut ua = 0.0f64;
+                for i in 0..d_in {
+                    ua += uq[o * d_in + i] as f64 * a[t * d_in + i] as f64;
+                }
+                s += delta[t * d_out + o] as f64 * ua;
+            }
+            let s = s * mask[t] as f64;
+            tok[q * n + t] = s;
+            doc[q * docs + t / seq] += s;
+        }
+    }
+    (tok, doc)
+}
+
+/// Q_S (F(Λ) ⊙ (Q_Sᵀ V_q Q_A)) Q_Aᵀ for every query V_q of `v` [queries, d_out, d_in], with
+/// `q_s` [d_out, d_out], `q_a` [d_in, d_in], `lambda` [d_out, d_in] (DESIGN.md §3.4).
+pub fn apply_in_basis(
+    q_s: &[f32],
+    q_a: &[f32],
+    lambda: &[f32],
+    v: &[f32],
+    f: SpectralFn,
+    d_out: usize,
+    d_in: usize,
+) -> Vec<f64> {
+    let per = d_out * d_in;
+    assert_eq!(
+        v.len() % per,
+        0,
+        "apply_in_basis: v is not [Q, d_out, d_in]"
+    );
+    let mut out = Vec::with_capacity(v.len());
+    let mm = |a: &[f64], b: &[f64], m: usize, k: usize, n: usize| -> Vec<f64> {
+        let mut c = vec![0.0f64; m * n];
+        for i in 0..m {
+            for p in 0..k {
+                let x = a[i * k + p];
+                for j in 0..n {
+                    c[i * n + j] += x * b[p * n + j];
+                }
+            }
+        }
+        c
+    };
+    let t = |a: &[f64], r: usize, c: usize| -> Vec<f64> {
+        let mut o = vec![0.0f64; r * c];
+        for i in 0..r {
+            for j in 0..c {
+                o[j * r + i] = a[i * c + j];
+            }
+        }
+        o
+    };
+    let qs: Vec<f64> = q_s.iter().map(|&x| x as f64).collect();
+    let qa: Vec<f64> = q_a.iter().map(|&x| x as f64).collect();
+    let qst = t(&qs, d_out, d_out);
+    let qat = t(&qa, d_in, d_in);
+    for vq in v.chunks(per) {
+        let vq: Vec<f64> = vq.iter().map(|&x| x as f64).collect();
+        let mut r = mm(&mm(&qst, &vq, d_out, d_out, d_in), &qa, d_out, d_in, d_in);
+        for (x, l) in r.iter_mut().zip(lambda) {
+            *x *= f.eval(*l as f64);
+        }
+        out.extend(mm(
+            &mm(&qs, &r, d_out, d_out, d_in),
+            &qat,
+            d_out,
+            d_in,
+            d_in,
+        ));
+    }
+    out
+}
+
+/// f32 → bf16 bits, round to nearest even (what the bf16 kernels read as input).
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    let round = 0x7fff + ((b >> 16) & 1);
+    (b.wrapping_add(round) >> 16) as u16
+}
+
+/// bf16 bits → f32 (exact).
+pub fn from_bf16(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// f32 rounded to TF32 (10 explicit mantissa bits), to nearest with ties away from zero,
+/// as PTX `cvt.rna.tf32.f32` does in the kernels' TF32 mode.
+pub fn round_tf32(x: f32) -> f32 {
+    if !x.is_finite() {
+        return x;
+    }
+    f32::from_bits(x.to_bits().wrapping_add(0x1000) & 0xffff_e000)
+}
+
+/// Largest |got − want| divided by the largest |want| (the parity tests' relative error).
+pub fn rel_error(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "rel_error: lengths differ");
+    let scale = want
+        .iter()
+        .fold(0.0f64, |m, w| m.max(w.abs()))
+        .max(f64::MIN_POSITIVE);
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0.0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+    err / scale
+}
+
+#[cfg(test)]
+#[path = "reference_tests.rs"]
+mod tests;

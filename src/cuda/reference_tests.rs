@@ -1,0 +1,139 @@
+//! The CPU references against the project's own CPU code (the math the kernels must match)
+//! and against exact values.
+
+use super::*;
+use crate::attribution::{spectral_weights, token_scores};
+use crate::curvature::test_support::random_factors;
+use crate::curvature::{masked_rows, CovarianceSums, LambdaSums};
+use candle_core::{DType, Device, Tensor};
+
+fn randn(shape: &[usize]) -> Tensor {
+    Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Half the tokens masked, in a pattern that is not aligned with documents.
+fn mask(b: usize, t: usize) -> Vec<f32> {
+    (0..b * t)
+        .map(|k| ((k * 7 + 3) % 5 < 3) as u8 as f32)
+        .collect()
+}
+
+fn assert_close(got: &[f64], want: &[f32], tol: f64, what: &str) {
+    let err = rel_error(want, got);
+    assert!(err <= tol, "{what}: relative error {err:e} > {tol:e}");
+}
+
+#[test]
+fn masked_syrk_equals_covariance_sums() {
+    let (b, t, d) = (3, 5, 7);
+    let x = randn(&[b, t, d]);
+    let m = mask(b, t);
+    let mt = Tensor::from_vec(m.clone(), (b, t), &Device::Cpu).unwrap();
+    let kept = m.iter().filter(|&&v| v != 0.0).count();
+    let mut sums = CovarianceSums::new(d, d, None, &Device::Cpu).unwrap();
+    let rows = masked_rows(&x, &mt).unwrap();
+    sums.add(&rows, &rows).unwrap();
+    let want = flat(&sums.normalized().unwrap().a[0]);
+    let got: Vec<f64> = masked_syrk(&flat(&x), &m, b * t, d)
+        .into_iter()
+        .map(|v| v / kept as f64)
+        .collect();
+    assert_close(&got, &want, 1e-6, "masked_syrk");
+}
+
+#[test]
+fn eig_correction_equals_lambda_sums() {
+    let (b, t, din, dout) = (4, 3, 5, 6);
+    let f = random_factors("t", (5, 4, din, dout), None);
+    let a = randn(&[b, t, din]);
+    let d = randn(&[b, t, dout]);
+    let m = mask(b, t);
+    let mt = Tensor::from_vec(m.clone(), (b, t), &Device::Cpu).unwrap();
+    let mut sums = LambdaSums::new(dout, din, &Device::Cpu).unwrap();
+    sums.add_batch(&f.basis, &a, &d, &mt).unwrap();
+    let want: Vec<f32> = flat(&sums.normalized().unwrap())
+        .into_iter()
+        .map(|v| v * b as f32)
+        .collect();
+    let ar = flat(&f.basis.q_a.right_mul(&a).unwrap());
+    let dr = flat(&f.basis.q_s.right_mul(&d).unwrap());
+    let got = eig_correction(&dr, &ar, &m, b, t, dout, din);
+    assert_close(&got, &want, 1e-5, "eig_correction");
+}
+
+#[test]
+fn score_tokens_equals_contraction_and_documents_sum_tokens() {
+    let (q, b, t, din, dout) = (3, 2, 4, 5, 6);
+    let u = randn(&[q, dout, din]);
+    let a = randn(&[b, t, din]);
+    let d = randn(&[b, t, dout]);
+    let m = mask(b, t);
+    let mt = Tensor::from_vec(m.clone(), (b, t), &Device::Cpu).unwrap();
+    let want = flat(&token_scores(&u, &a, &d, &mt).unwrap());
+    let (tok, doc) = score_tokens(&flat(&u), &flat(&a), &flat(&d), &m, q, dout, din, t);
+    assert_close(&tok, &want, 1e-5, "score_tokens per token");
+    for qi in 0..q {
+        for bi in 0..b {
+            let s: f64 = tok[qi * b * t + bi * t..qi * b * t + (bi + 1) * t]
+                .iter()
+                .sum();
+            assert!((doc[qi * b + bi] - s).abs() <= 1e-12 * (1.0 + s.abs()));
+        }
+    }
+    // Masked tokens score exactly zero.
+    for (k, &mk) in m.iter().enumerate() {
+        if mk == 0.0 {
+            assert_eq!(tok[k], 0.0);
+        }
+    }
+}
+
+#[test]
+fn apply_in_basis_equals_precondition_for_every_function() {
+    let (din, dout, q) = (5, 4, 3);
+    let f = random_factors("t", (6, 5, din, dout), None);
+    let v = randn(&[q, dout, din]);
+    let q_s = flat(&f.basis.q_s.to_dense().unwrap());
+    let q_a = flat(&f.basis.q_a.to_dense().unwrap());
+    let lambda = flat(&f.lambda);
+    for func in [
+        SpectralFn::Propagate { s: 0.7 },
+        SpectralFn::Inject { s: 0.7 },
+        SpectralFn::Inverse { damping: 1e-3 },
+        SpectralFn::Identity,
+    ] {
+        // The project's path evaluates F on the f64 Λ; the kernels get Λ in f32.
+        let lam32 = Tensor::from_vec(lambda.clone(), (dout, din), &Device::Cpu).unwrap();
+        let w = spectral_weights(&lam32, func).unwrap();
+        let want = flat(&crate::attribution::apply_in_basis(&f.basis, &w, &v).unwrap());
+        let got = apply_in_basis(&q_s, &q_a, &lambda, &flat(&v), func, dout, din);
+        assert_close(&got, &want, 1e-5, &format!("apply_in_basis {func:?}"));
+    }
+}
+
+#[test]
+fn bf16_and_tf32_rounding_are_exact_where_they_must_be() {
+    // Values with ≤ 8 (bf16) or ≤ 11 (tf32) significant bits are unchanged.
+    for x in [1.0f32, -2.5, 0.0, 384.0, 1.0 + 1.0 / 128.0] {
+        assert_eq!(from_bf16(to_bf16(x)), x);
+        assert_eq!(round_tf32(x), x);
+    }
+    // bf16: nearest even; tf32: ties away from zero.
+    assert_eq!(from_bf16(to_bf16(1.0 + 1.0 / 256.0)), 1.0);
+    assert_eq!(from_bf16(to_bf16(1.0 + 3.0 / 256.0)), 1.0 + 4.0 / 256.0);
+    assert_eq!(round_tf32(1.0 + 1.0 / 2048.0), 1.0 + 1.0 / 1024.0);
+    assert_eq!(round_tf32(-(1.0 + 1.0 / 2048.0)), -(1.0 + 1.0 / 1024.0));
+    assert_eq!(round_tf32(1.0 + 1.0 / 4096.0), 1.0);
+    let x = 0.123_456_79f32;
+    assert!(((round_tf32(x) - x) / x).abs() <= 2f32.powi(-11));
+    assert!(((from_bf16(to_bf16(x)) - x) / x).abs() <= 2f32.powi(-8));
+}
