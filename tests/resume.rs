@@ -288,13 +288,13 @@ fn single_stages_need_their_inputs_and_unknown_stages_are_explained() {
 
     write(
         &s.path("p2.toml"),
-        "config = \"c.toml\"\nstages = [\"fetch\", \"report\"]\n",
+        "config = \"c.toml\"\nstages = [\"fetch\", \"reprot\"]\n",
     );
     let o = cli(s.dir.path(), &["run", "p2.toml", "--run-dir", "r3"], &[]);
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("stage `report` is part of the pipeline design but not implemented")
-    );
+    let e = stderr(&o);
+    assert!(e.contains("unknown stage `reprot`"), "{e}");
+    assert!(e.contains("report"), "lists the stages: {e}");
 }
 
 #[test]

@@ -9,8 +9,8 @@ mod finetune;
 mod fit;
 mod prepare;
 mod query;
-mod report;
 pub mod query_generate;
+mod report;
 mod score;
 mod score_precondition;
 
