@@ -34,7 +34,7 @@ pub use diff::{diff_values, KeyChange};
 pub use load::{parse_toml, read_toml};
 pub use pipeline::Pipeline;
 pub use stages::{StageConfig, TrainStage};
-pub use train::{MassSpec, OptimizerKind, PretrainConfig, ScheduleKind, TrainConfig};
+pub use train::{MassSpec, OptimizerKind, PretrainConfig, ScheduleKind, TrainConfig, FROM_MODEL};
 
 use crate::error::{Error, Result};
 

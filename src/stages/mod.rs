@@ -6,6 +6,7 @@ mod fetch;
 mod finetune;
 mod fit;
 mod prepare;
+mod pretrain_record;
 mod query;
 mod score;
 
