@@ -33,6 +33,11 @@ fn defaults_are_resolved_per_optimizer() {
     let c = load("[pretrain]\nlr_mass = 12.5\n").unwrap();
     let p = c.pretrain.unwrap();
     assert_eq!(p.lr_mass, MassSpec::Value(12.5));
+    let c = load("[pretrain]\nlr_mass = \"from_model\"\n").unwrap();
+    assert_eq!(
+        c.pretrain.unwrap().lr_mass,
+        MassSpec::Word("from_model".into())
+    );
     assert_eq!(p.dataset.as_deref(), Some("pretrain"));
 }
 
@@ -69,6 +74,11 @@ fn bad_values_name_the_key_and_the_allowed_values() {
             "converged",
         ),
         ("[pretrain]\nlr_mass = -2\n", "pretrain.lr_mass", "≥ 0"),
+        (
+            "[pretrain]\nlr_mass = \"from-model\"\n",
+            "pretrain.lr_mass",
+            "\"from_model\" (the model's recorded training/trajectory.json)",
+        ),
         (
             "[train]\nschedule = \"step\"\n",
             "train.schedule",

@@ -55,16 +55,26 @@ fn demo_pipeline_runs_offline_from_the_shipped_cache() {
     let (pretrain, _) = read_prepared(&run.join("prepare/pretrain.parquet")).unwrap();
     assert_eq!(pretrain.len(), 500, "max_documents = 500");
 
-    // The fine-tune wrote a complete trajectory: the declared pretrain segment, then
-    // L = 3 fine-tuning segments of C = 2 checkpoints each, with AdamW's v̂.
+    // The fine-tune wrote a complete trajectory: the pretrain segment with the mass the demo
+    // model recorded when it was pretrained (s = Σ η over all 3000 pretraining documents),
+    // then L = 3 fine-tuning segments of C = 2 checkpoints each, with AdamW's v̂.
     let traj = source_tda::train::Trajectory::load(&run.join("finetune/trajectory.json")).unwrap();
     assert_eq!(traj.segments.len(), 4);
     assert_eq!(traj.segments[0].stage, "pretrain");
+    let model_dir = std::path::PathBuf::from(resolved["model"]["root"].as_str().unwrap());
+    let recorded =
+        source_tda::train::Trajectory::load(&model_dir.join("training/trajectory.json")).unwrap();
+    let s: f64 = recorded.segments[0].learning_rates.iter().sum();
     assert_eq!(
         traj.segments[0].lr_mass,
-        source_tda::train::LrMass::Converged
+        source_tda::train::LrMass::Finite(s)
     );
-    assert_eq!(traj.segments[0].n_docs, 500);
+    assert!(
+        recorded.segments[0].steps() >= 100,
+        "{:?}",
+        recorded.segments[0].steps()
+    );
+    assert_eq!(traj.segments[0].n_docs, 3000);
     let steps: u64 = traj.segments[1..].iter().map(|s| s.steps()).sum();
     assert_eq!(steps, 57, "3 epochs × ⌈304 / 16⌉ steps");
     for seg in &traj.segments[1..] {

@@ -398,10 +398,13 @@ fn cli_convert_gguf_writes_a_checkpoint_and_explains_bad_requests() {
         "{stderr}"
     );
 
-    let wrong_tok = Path::new(env!("CARGO_MANIFEST_DIR")).join(
-        "assets/hf-cache/models--source-tda--demo-llama/snapshots/\
-         caa52d72a1815249997b756dab3ffba7fa1adfaa/tokenizer.json",
-    );
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets/hf-cache/models--source-tda--demo-llama");
+    let commit = std::fs::read_to_string(demo.join("refs/main")).unwrap();
+    let wrong_tok = demo
+        .join("snapshots")
+        .join(commit.trim())
+        .join("tokenizer.json");
     let o = run(&[
         gguf.as_os_str(),
         dir.as_os_str(),

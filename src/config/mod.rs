@@ -38,7 +38,7 @@ pub use load::{parse_toml, read_toml};
 pub use pipeline::Pipeline;
 pub use query::QueryConfig;
 pub use stages::{StageConfig, TrainStage};
-pub use train::{MassSpec, OptimizerKind, PretrainConfig, ScheduleKind, TrainConfig};
+pub use train::{MassSpec, OptimizerKind, PretrainConfig, ScheduleKind, TrainConfig, FROM_MODEL};
 
 use crate::error::{Error, Result};
 

@@ -178,16 +178,21 @@ impl Default for TrainConfig {
 pub enum MassSpec {
     /// s: a non-negative number.
     Value(f64),
-    /// `"converged"`: s → ∞.
+    /// `"converged"`: s → ∞; `"from_model"`: the mass recorded in the fetched model's
+    /// `training/trajectory.json` (s = Σ η of its pretraining, with its optimizer).
     Word(String),
 }
+
+/// `[pretrain] lr_mass = "from_model"`: take s (and the optimizer) from the pretraining
+/// trajectory the model ships in `training/trajectory.json`.
+pub const FROM_MODEL: &str = "from_model";
 
 /// `[pretrain]`: the pretrained model as the first segment of the trajectory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PretrainConfig {
-    /// s of the pretraining segment: a number, or `"converged"` (s → ∞). Default
-    /// `"converged"`.
+    /// s of the pretraining segment: a number, `"converged"` (s → ∞), or `"from_model"`
+    /// (the recorded trajectory shipped with the model). Default `"converged"`.
     #[serde(default = "default_mass")]
     pub lr_mass: MassSpec,
     /// The data role holding a sample of pretraining documents, so that they can be
@@ -367,13 +372,18 @@ impl PretrainConfig {
             MassSpec::Value(v) if !(v.is_finite() && *v >= 0.0) => {
                 return Err((
                     "pretrain.lr_mass".into(),
-                    format!("{v} is invalid; allowed: a number ≥ 0, or \"converged\""),
+                    format!(
+                        "{v} is invalid; allowed: a number ≥ 0, \"converged\" or \"from_model\""
+                    ),
                 ))
             }
-            MassSpec::Word(w) if w != "converged" => {
+            MassSpec::Word(w) if w != "converged" && w != FROM_MODEL => {
                 return Err((
                     "pretrain.lr_mass".into(),
-                    format!("`{w}` is not allowed; allowed: a number ≥ 0, or \"converged\""),
+                    format!(
+                        "`{w}` is not allowed; allowed: a number ≥ 0, \"converged\" or \
+                         \"from_model\" (the model's recorded training/trajectory.json)"
+                    ),
                 ))
             }
             _ => {}

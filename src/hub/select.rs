@@ -14,12 +14,15 @@ pub const DATA_EXTENSIONS: [(&str, DataFormat); 5] = [
     ("parquet", DataFormat::Parquet),
 ];
 
-/// Optional model files taken when present.
-const MODEL_EXTRAS: [&str; 4] = [
+/// Optional model files taken when present (`training/*`: a recorded pretraining
+/// trajectory and AdamW's second moments, for `[pretrain] lr_mass = "from_model"`).
+const MODEL_EXTRAS: [&str; 6] = [
     "tokenizer_config.json",
     "generation_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
+    "training/trajectory.json",
+    "training/optimizer.safetensors",
 ];
 
 /// The files of a model among `names`: `config.json`, `tokenizer.json`, the safetensors

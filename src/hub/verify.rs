@@ -40,6 +40,9 @@ pub fn verify_model(repo: &super::ResolvedRepo) -> Result<ModelFacts> {
         .filter(|f| f.name.ends_with(".safetensors"))
     {
         let (tensors, params, dtypes) = safetensors_header(&f.path)?;
+        if f.name.starts_with("training/") {
+            continue; // training state shipped with the model, not weights
+        }
         facts.tensors += tensors;
         facts.parameters += params;
         for d in dtypes {

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use crate::config::{Config, MassSpec};
+use crate::config::{Config, MassSpec, FROM_MODEL};
 use crate::data::{read_prepared, PreparedDoc};
 use crate::error::{Error, IoContext, Result};
 use crate::pipeline::{Stage, StageContext};
@@ -293,6 +293,17 @@ fn pretrain_segment(ctx: &StageContext, base_dir: &Path) -> Result<Vec<Segment>>
     });
     if let Some(p) = pretrain {
         match &p.dataset {
+            Some(role) if p.lr_mass == MassSpec::Word(FROM_MODEL.into()) => {
+                let fetched = Fetched::load(ctx.run)?;
+                let seg = super::pretrain_record::recorded_segment(&fetched, role, &ctx.out_dir)?;
+                tracing::info!(
+                    "pretrain segment from the model's recorded trajectory: s = {:?}, {:?}, N = {}",
+                    seg.lr_mass,
+                    seg.optimizer,
+                    seg.n_docs
+                );
+                segments.push(seg);
+            }
             Some(role) => {
                 let n = prepared(ctx, role)?.len() as u64;
                 segments.push(Segment {

@@ -8,6 +8,7 @@ mod fetch;
 mod finetune;
 mod fit;
 mod prepare;
+mod pretrain_record;
 mod query;
 pub mod query_generate;
 mod report;

@@ -251,10 +251,12 @@ fn errors_name_the_tensor_or_key() {
 }
 
 fn demo_tokenizer() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(
-        "assets/hf-cache/models--source-tda--demo-llama/snapshots/\
-         caa52d72a1815249997b756dab3ffba7fa1adfaa/tokenizer.json",
-    )
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets/hf-cache/models--source-tda--demo-llama");
+    let commit = std::fs::read_to_string(repo.join("refs/main")).unwrap();
+    repo.join("snapshots")
+        .join(commit.trim())
+        .join("tokenizer.json")
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! layout so that `fetch` resolves them through the same code path as real downloads:
 //!
 //! ```text
-//! OUT/models--source-tda--demo-llama/    config.json, tokenizer.json, model.safetensors
+//! OUT/models--source-tda--demo-llama/    config.json, tokenizer.json, model.safetensors,
+//!                                        training/optimizer.safetensors (AdamW's v̂ at the
+//!                                        end of pretraining), training/trajectory.json
 //! OUT/datasets--source-tda--demo-facts/  data/train-00000-of-00001.parquet (fine-tuning),
 //!                                        data/pretrain.jsonl, data/queries.jsonl
 //! ```
@@ -11,11 +13,17 @@
 //! *planted*: stated only in a few fine-tuning documents, and asked about by the queries, so
 //! the right answer of an attribution is known. The tokenizer is a byte-level BPE trained with
 //! the tokenizers crate on the pretraining text. The model is a small Llama-architecture
-//! network initialised from a fixed seed (pretraining it on this text is the demo issue's
-//! job; until then it is untrained).
+//! network initialised from a fixed seed and then pretrained on the pretraining text by the
+//! project's own training loop ([`pretrain`]); its trajectory (learning rates, mass s = Σ η,
+//! steps, data) ships in `training/trajectory.json` so a run can attribute to pretraining
+//! documents with the recorded mass (`[pretrain] lr_mass = "from_model"`). The planted facts
+//! appear only in the fine-tuning set, so the pretrained model does not know them.
 //!
 //! Run with `scripts/make-demo-assets` (or `cargo run --release --example make_demo_assets --
-//! OUT`). Same output bytes on every run.
+//! OUT`). Same output bytes on every run (on a given machine: the weights come out of floating-
+//! point training, whose last bits may depend on the CPU's vector instructions).
+
+mod pretrain;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -238,12 +246,120 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "eos_token_id": 0,
         "torch_dtype": "float32",
     });
-    let weights = init_llama(&model_config, &mut Rng(0x3E16_0004))?;
+    let init_weights = init_llama(&model_config, &mut Rng(0x3E16_0004))?;
+    let config_json = (serde_json::to_string_pretty(&model_config)? + "\n").into_bytes();
 
-    let model_card = "---\nlicense: apache-2.0\n---\n# source-tda demo model\n\nA small \
-        Llama-architecture model made by `scripts/make-demo-assets`. The tokenizer is a \
-        byte-level BPE trained on the demo's pretraining text. The weights are initialised \
-        from a fixed seed and not yet pretrained.\n";
+    // Pretraining, with the project's own training loop, in a scratch folder.
+    let scratch = tempfile::tempdir()?;
+    let init_dir = scratch.path().join("init");
+    std::fs::create_dir_all(&init_dir)?;
+    std::fs::write(init_dir.join("config.json"), &config_json)?;
+    std::fs::write(init_dir.join("tokenizer.json"), &tokenizer_json)?;
+    std::fs::write(init_dir.join("model.safetensors"), &init_weights)?;
+    let tokenizer =
+        tokenizers::Tokenizer::from_bytes(&tokenizer_json).map_err(|e| e.to_string())?;
+    let encode = |t: &str| -> Result<Vec<u32>, Box<dyn std::error::Error>> {
+        Ok(tokenizer
+            .encode(t, true)
+            .map_err(|e| e.to_string())?
+            .get_ids()
+            .to_vec())
+    };
+    let recipe = pretrain::Recipe {
+        lr: PRETRAIN_LR,
+        warmup_steps: PRETRAIN_WARMUP,
+        batch_size: PRETRAIN_BATCH,
+        epochs: PRETRAIN_EPOCHS,
+        max_length: 128,
+    };
+    let pretrain_docs = pretrain
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            Ok(pretrain::text_doc(
+                format!("pt-{i:05}"),
+                encode(t)?,
+                recipe.max_length,
+            ))
+        })
+        .collect::<Result<Vec<_>, Box<dyn std::error::Error>>>()?;
+    // Held out: the fine-tuning set's ordinary documents (same grammar, unseen sentences),
+    // its planted documents, and the queries' completions (the planted facts).
+    let (mut ordinary, mut planted_texts) = (Vec::new(), Vec::new());
+    for (id, text) in &train {
+        let d = pretrain::text_doc(id.clone(), encode(text)?, recipe.max_length);
+        match id.starts_with("planted-") {
+            true => planted_texts.push(d),
+            false => ordinary.push(d),
+        }
+    }
+    let mut completions = Vec::new();
+    for q in &queries {
+        let (p, c) = (
+            q["prompt"].as_str().unwrap_or(""),
+            q["completion"].as_str().unwrap_or(""),
+        );
+        let (ids_p, ids) = (encode(p)?, encode(&format!("{p}{c}"))?);
+        if !ids.starts_with(&ids_p) {
+            return Err(format!("query `{p}`: the prompt's tokens are not a prefix").into());
+        }
+        let mut d = pretrain::text_doc(q["id"].as_str().unwrap_or("").to_string(), ids, 64);
+        d.loss_mask[..ids_p.len()].iter_mut().for_each(|m| *m = 0);
+        completions.push(d);
+    }
+    let eval = |dir: &Path| -> Result<[f64; 3], Box<dyn std::error::Error>> {
+        Ok([
+            pretrain::loss_per_token(dir, &ordinary)?,
+            pretrain::loss_per_token(dir, &planted_texts)?,
+            pretrain::loss_per_token(dir, &completions)?,
+        ])
+    };
+    let before = eval(&init_dir)?;
+    let started = std::time::Instant::now();
+    let pre = pretrain::pretrain(
+        &init_dir,
+        &scratch.path().join("work"),
+        &pretrain_docs,
+        &recipe,
+    )?;
+    let secs = started.elapsed().as_secs_f64();
+    let final_dir = scratch.path().join("final");
+    std::fs::create_dir_all(&final_dir)?;
+    std::fs::write(final_dir.join("config.json"), &config_json)?;
+    std::fs::write(final_dir.join("tokenizer.json"), &tokenizer_json)?;
+    std::fs::write(final_dir.join("model.safetensors"), &pre.weights)?;
+    let after = eval(&final_dir)?;
+    let curve = loss_curve(&pre.losses);
+    let params: usize = param_count(&model_config);
+    eprintln!(
+        "pretrained {params} parameters: {} steps in {secs:.1} s; training loss {curve}",
+        pre.losses.len()
+    );
+    let table = format!(
+        "| nats per token | initialised | pretrained |\n|---|---|---|\n\
+         | held-out fine-tuning documents (same grammar) | {:.3} | {:.3} |\n\
+         | planted-fact documents (new names) | {:.3} | {:.3} |\n\
+         | query completions (the planted facts) | {:.3} | {:.3} |\n",
+        before[0], after[0], before[1], after[1], before[2], after[2]
+    );
+    eprint!("{table}");
+
+    let model_card = format!(
+        "---\nlicense: apache-2.0\n---\n# source-tda demo model\n\nA small \
+        Llama-architecture model ({params} parameters) made by `scripts/make-demo-assets`. The \
+        tokenizer is a byte-level BPE trained on the demo's pretraining text \
+        (`source-tda/demo-facts`, `data/pretrain.jsonl`, {} documents). The weights are \
+        initialised from a fixed seed and pretrained on that text by source-tda's own training \
+        loop: AdamW (β = 0.9, 0.999, ε = 1e-8, no weight decay), cosine schedule with peak \
+        η = {PRETRAIN_LR} and {PRETRAIN_WARMUP} warm-up steps, {PRETRAIN_BATCH} documents per step, \
+        {PRETRAIN_EPOCHS} epochs, gradients clipped to norm 1, loss summed per document and \
+        averaged over the step's documents.\n\nTraining loss (per document): {curve}.\n\n{table}\n\
+        `training/trajectory.json` records the pretraining trajectory (learning rates, mass \
+        s = Σ η, steps, data) and `training/optimizer.safetensors` AdamW's bias-corrected second \
+        moments at its end, so that source-tda can attribute to pretraining documents as a \
+        segment of their own (`[pretrain] lr_mass = \"from_model\"`).\n",
+        pretrain_docs.len()
+    );
     let data_card = "---\nlicense: apache-2.0\n---\n# source-tda demo facts\n\nInvented places \
         and facts. `pretrain.jsonl`: pretraining text. `train-*.parquet`: the fine-tuning set; \
         documents `planted-K-J` state planted fact K, which only they contain. `queries.jsonl`: \
@@ -265,12 +381,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = std::fs::remove_dir_all(out.join("datasets--source-tda--demo-facts"));
     let model_files = vec![
         ("README.md".to_string(), model_card.as_bytes().to_vec()),
+        ("config.json".to_string(), config_json),
+        ("model.safetensors".to_string(), pre.weights),
         (
-            "config.json".to_string(),
-            (serde_json::to_string_pretty(&model_config)? + "\n").into_bytes(),
+            "training/optimizer.safetensors".to_string(),
+            pre.optimizer_state,
         ),
-        ("model.safetensors".to_string(), weights),
         ("tokenizer.json".to_string(), tokenizer_json),
+        ("training/trajectory.json".to_string(), pre.trajectory),
     ];
     let data_files = vec![
         ("README.md".to_string(), data_card.as_bytes().to_vec()),
@@ -286,6 +404,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("model   source-tda/demo-llama   commit {c1}");
     println!("dataset source-tda/demo-facts   commit {c2}");
     Ok(())
+}
+
+/// The pretraining recipe (see the model card it writes).
+const PRETRAIN_LR: f64 = 3e-3;
+const PRETRAIN_WARMUP: u64 = 20;
+const PRETRAIN_BATCH: usize = 32;
+const PRETRAIN_EPOCHS: u32 = 3;
+
+/// The loss at a few steps: `step 1: x → step k: y → …`, ending at the last step.
+fn loss_curve(losses: &[f64]) -> String {
+    let n = losses.len();
+    let mut at: Vec<usize> = [0, n / 10, n / 4, n / 2, 3 * n / 4].to_vec();
+    at.push(n.saturating_sub(1));
+    at.dedup();
+    at.iter()
+        .filter(|&&i| i < n)
+        .map(|&i| format!("step {}: {:.2}", i + 1, losses[i]))
+        .collect::<Vec<_>>()
+        .join(" → ")
+}
+
+/// Parameters of the Llama config (tied head counted once).
+fn param_count(cfg: &serde_json::Value) -> usize {
+    let u = |k: &str| cfg[k].as_u64().unwrap_or(0) as usize;
+    let (v, h, f, l) = (
+        u("vocab_size"),
+        u("hidden_size"),
+        u("intermediate_size"),
+        u("num_hidden_layers"),
+    );
+    let (q, kv) = (
+        u("num_attention_heads") * u("head_dim"),
+        u("num_key_value_heads") * u("head_dim"),
+    );
+    v * h + h + l * (2 * h + 2 * q * h + 2 * kv * h + 3 * f * h)
 }
 
 fn train_tokenizer(texts: &[String]) -> Result<(Vec<u8>, usize), Box<dyn std::error::Error>> {
