@@ -107,7 +107,10 @@ fn demo_pipeline_runs_offline_from_the_shipped_cache() {
         mean(&losses[..per_epoch]),
         mean(&losses[losses.len() - per_epoch..]),
     );
-    assert!(last < 0.95 * first, "epoch means {first} → {last}; {summary}");
+    assert!(
+        last < 0.95 * first,
+        "epoch means {first} → {last}; {summary}"
+    );
 
     // Attribution: each query's top proponent over every scored document (fine-tuning and
     // pretraining) is a document that states that query's planted fact (`planted-K-*` for
