@@ -42,7 +42,7 @@ fn setup(method: &str, extra: &str) -> tempfile::TempDir {
             "[model]\nid = \"{}\"\n\
              [data.train]\nid = \"./train.jsonl\"\nid_column = \"id\"\nmax_length = 64\n\
              [data.query]\nid = \"./queries.jsonl\"\nid_column = \"id\"\nshape = \"prompt_completion\"\nmax_length = 64\n\
-             [train]\noptimizer = \"sgd\"\nlr = 0.05\nbatch_size = 8\nepochs = 2\nsegments = 2\ncheckpoints_per_segment = 1\n\
+             [train]\noptimizer = \"sgd\"\nlr = 0.01\nbatch_size = 8\nepochs = 2\nsegments = 2\ncheckpoints_per_segment = 1\n\
              [attribution]\nmethod = \"{method}\"\nfisher = \"empirical\"\ntop_k = 3\n{extra}",
             demo_model_dir().display()
         ),
