@@ -19,7 +19,6 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{UInt32Type, UInt8Type};
 use arrow_array::{Array, ArrayRef, RecordBatch, UInt32Array};
 use arrow_schema::{DataType, Field, Schema};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 
 use crate::error::{Error, IoContext, Result};
@@ -107,19 +106,7 @@ fn to_batch(
 
 /// Reads a prepared table back, with its key-value metadata.
 pub fn read_prepared(path: &Path) -> Result<(Vec<PreparedDoc>, HashMap<String, String>)> {
-    let file = std::fs::File::open(path).ctx("opening", path)?;
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
-    let metadata = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .map(|kv| {
-            kv.iter()
-                .map(|e| (e.key.clone(), e.value.clone().unwrap_or_default()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let (builder, metadata) = crate::output::parquet::open_table(path)?;
     let expected = schema();
     for f in expected.fields() {
         match builder.schema().field_with_name(f.name()) {

@@ -119,3 +119,27 @@ pub fn write_table(
     std::fs::rename(&tmp, path).ctx("renaming into place", path)?;
     Ok(())
 }
+
+/// Opens a Parquet file for reading: the record-batch reader builder and the file's
+/// key-value metadata, with errors that name the file.
+pub fn open_table(
+    path: &Path,
+) -> Result<(
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder<std::fs::File>,
+    std::collections::HashMap<String, String>,
+)> {
+    let file = std::fs::File::open(path).ctx("opening", path)?;
+    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| Error::parquet(path, e))?;
+    let metadata = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|kv| {
+            kv.iter()
+                .map(|e| (e.key.clone(), e.value.clone().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((builder, metadata))
+}

@@ -8,9 +8,8 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, Float64Type, UInt32Type};
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::DataType;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 /// A Parquet file read into memory: its record batches and key-value metadata.
 pub struct Table {
@@ -23,19 +22,7 @@ pub struct Table {
 impl Table {
     /// Reads every row of `path`.
     pub fn read(path: &Path) -> Result<Table> {
-        let file = std::fs::File::open(path).ctx("opening", path)?;
-        let builder =
-            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::parquet(path, e))?;
-        let metadata = builder
-            .metadata()
-            .file_metadata()
-            .key_value_metadata()
-            .map(|kv| {
-                kv.iter()
-                    .map(|k| (k.key.clone(), k.value.clone().unwrap_or_default()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let (builder, metadata) = crate::output::parquet::open_table(path)?;
         let reader = builder.build().map_err(|e| Error::parquet(path, e))?;
         let batches = reader
             .collect::<std::result::Result<Vec<_>, _>>()
