@@ -178,3 +178,151 @@ fn true_fisher_is_seeded_and_block_size_of_the_whole_layer_changes_nothing() {
     let huge_block = lam(&fit(Fisher::Empirical, Some(1 << 20)));
     assert_eq!(whole, huge_block);
 }
+
+fn abs64(t: &Tensor) -> f64 {
+    let t = t.to_dtype(candle_core::DType::F64).unwrap();
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+fn diff64(a: &Tensor, b: &Tensor) -> f64 {
+    let f = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+    abs64(&(f(a) - f(b)).unwrap())
+}
+
+/// Brute force for one layer from single-document captures: A = Σ a aᵀ / n_tok,
+/// S = Σ δ δᵀ / n_tok over every real token, and per-document gradients G_m.
+fn brute_factors(model: &Model, docs: &[PreparedDoc], l: usize) -> (Tensor, Tensor, Vec<Tensor>) {
+    let (mut a_sum, mut s_sum, mut grads, mut n) = (None::<Tensor>, None::<Tensor>, Vec::new(), 0);
+    for d in docs {
+        let batch =
+            TokenBatch::new(&[(&d.input_ids, &d.loss_mask)], 0, None, &Device::Cpu).unwrap();
+        let cap = model.capture(&batch, Labels::Data).unwrap();
+        let layer = &cap.layers[l];
+        let a = layer
+            .a
+            .get(0)
+            .unwrap()
+            .to_dtype(candle_core::DType::F64)
+            .unwrap();
+        let s = layer
+            .delta
+            .get(0)
+            .unwrap()
+            .to_dtype(candle_core::DType::F64)
+            .unwrap();
+        let aa = a.t().unwrap().matmul(&a).unwrap();
+        let ss = s.t().unwrap().matmul(&s).unwrap();
+        a_sum = Some(a_sum.map_or(aa.clone(), |x| (x + aa).unwrap()));
+        s_sum = Some(s_sum.map_or(ss.clone(), |x| (x + ss).unwrap()));
+        grads.push(layer.doc_gradient(0).unwrap());
+        n += d.input_ids.len();
+    }
+    let n = n as f64;
+    (
+        (a_sum.unwrap() / n).unwrap(),
+        (s_sum.unwrap() / n).unwrap(),
+        grads,
+    )
+}
+
+#[test]
+fn fitted_factors_equal_brute_force_with_shared_inputs_blocks_and_checkpoints() {
+    let (_dir, model, train, _) = setup("llama");
+    let names: Vec<String> = model
+        .tracked_layers()
+        .iter()
+        .map(|l| l.name.clone())
+        .collect();
+    for (block, ckpts) in [(None, 1), (Some(5), 1), (None, 2)] {
+        let o = FitOptions {
+            block_size: block,
+            ..opts(64, 4)
+        };
+        let refs: Vec<&Model> = (0..ckpts).map(|_| &model).collect();
+        let f =
+            source_tda::curvature::fit_factors_with_covariances(&refs, &train, &o, "t").unwrap();
+        for (l, lf) in f.iter().enumerate() {
+            let (a, s, grads) = brute_factors(&model, &train, l);
+            let qa = lf.basis.q_a.to_dense().unwrap();
+            let qs = lf.basis.q_s.to_dense().unwrap();
+            // Whole factors: the kept covariances equal brute force; the basis
+            // diagonalises each diagonal block of it.
+            let c = &lf.covariances;
+            for (got, layout, want, q) in
+                [(&c.a, &c.a_layout, &a, &qa), (&c.s, &c.s_layout, &s, &qs)]
+            {
+                let scale = abs64(want);
+                for (blk, (off, len)) in got.iter().zip(&layout.ranges) {
+                    let w = want
+                        .narrow(0, *off, *len)
+                        .unwrap()
+                        .narrow(1, *off, *len)
+                        .unwrap();
+                    let e = diff64(blk, &w);
+                    assert!(e <= 1e-5 * scale, "{block:?}/{ckpts} {}: {e}", names[l]);
+                    let qb = q
+                        .narrow(0, *off, *len)
+                        .unwrap()
+                        .narrow(1, *off, *len)
+                        .unwrap();
+                    let qb = qb.to_dtype(candle_core::DType::F64).unwrap();
+                    let d = qb.t().unwrap().matmul(&w).unwrap().matmul(&qb).unwrap();
+                    let off_diag = (d.clone()
+                        - Tensor::eye(*len, candle_core::DType::F64, &Device::Cpu)
+                            .unwrap()
+                            .mul(&d)
+                            .unwrap())
+                    .unwrap();
+                    assert!(abs64(&off_diag) <= 1e-4 * scale, "{}", names[l]);
+                }
+            }
+            // Λ = mean over documents of (Q_Sᵀ G_m Q_A)².
+            let mut want = None::<Tensor>;
+            for g in &grads {
+                let r = qs.t().unwrap().matmul(g).unwrap().matmul(&qa).unwrap();
+                let r2 = r.sqr().unwrap().to_dtype(candle_core::DType::F64).unwrap();
+                want = Some(want.map_or(r2.clone(), |x| (x + r2).unwrap()));
+            }
+            let want = (want.unwrap() / grads.len() as f64).unwrap();
+            let e = diff64(&lf.lambda, &want);
+            assert!(e <= 1e-4 * abs64(&want), "Λ {}: {e}", names[l]);
+        }
+        // q, k and v read the same input, so they share one activation basis.
+        let find = |suffix: &str| names.iter().position(|n| n.ends_with(suffix)).unwrap();
+        let (q, k, v) = (find("q_proj"), find("k_proj"), find("v_proj"));
+        for other in [k, v] {
+            assert_eq!(f[q].basis.eig_a, f[other].basis.eig_a);
+            let d = diff64(
+                &f[q].basis.q_a.to_dense().unwrap(),
+                &f[other].basis.q_a.to_dense().unwrap(),
+            );
+            assert_eq!(d, 0.0);
+        }
+    }
+}
+
+#[test]
+fn a_model_that_produces_nan_is_refused_naming_checkpoint_layer_and_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LlamaCfg::default();
+    let mut tensors = cfg.tensors(7);
+    let name = "model.layers.0.mlp.up_proj.weight";
+    let w = tensors[name].clone();
+    let nan = (w.ones_like().unwrap() * f64::NAN).unwrap();
+    tensors.insert(name.to_string(), nan);
+    write_checkpoint(dir.path(), &cfg.config_json(), &tensors);
+    let model = Model::load(dir.path(), &LoadOptions::default(), &Device::Cpu).unwrap();
+    let (_d, _, train, _) = setup("llama");
+    let err = fit_factors(&[&model], &train, &opts(64, 4), "segment 1")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("segment 1 checkpoint 0"), "{err}");
+    assert!(err.contains("layer `model.layers.0."), "{err}");
+    assert!(err.contains("batch 0"), "{err}");
+    assert!(err.contains("non-finite"), "{err}");
+}

@@ -10,7 +10,7 @@ mod real_assets;
 
 use candle_core::{DType, Device, Tensor};
 use source_tda::attribution::{precondition_inverse, query_gradients, score_pass, Damping};
-use source_tda::curvature::{fit_factors, Fisher, FitOptions, LayerFactors};
+use source_tda::curvature::{fit_factors_with_covariances, Fisher, FitOptions, LayerFactors};
 use source_tda::data::PreparedDoc;
 use source_tda::model::gguf::{GgufLlama, ReadOptions};
 use source_tda::model::{LoadOptions, Model};
@@ -183,7 +183,7 @@ fn influence_method_reproduces_kronfluence_ekfac_on_smollm2_two_layers() {
     assert!(err < 1e-5, "query_loss_sum: {err:e}");
 
     // Factors.
-    let factors = fit_factors(&[&model], &train, &opts, "reference").unwrap();
+    let factors = fit_factors_with_covariances(&[&model], &train, &opts, "reference").unwrap();
     for (l, f) in factors.iter().enumerate() {
         let m = &f.name;
         for (ours, key, tol) in [

@@ -2,8 +2,11 @@
 //! normalised per token (DESIGN.md §3.1), accumulated per diagonal block.
 
 use candle_core::{DType, Device, Tensor};
+use faer::linalg::matmul::triangular::{self, BlockStructure};
+use faer::{Accum, MatMut, MatRef};
 
 use crate::error::{Error, Result};
+use crate::util::tensors::with_f32;
 
 use super::blocks::BlockLayout;
 
@@ -27,17 +30,115 @@ pub fn masked_rows(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok(x.reshape((b * t, d))?.index_select(&idx, 0)?)
 }
 
-/// Running sums Σ a aᵀ and Σ δ δᵀ (f64, per block) and the token count.
+/// Running Σ x xᵀ of one Kronecker factor over token rows, per diagonal block. Only the
+/// lower triangle is formed (faer's triangular product: half the FLOPs of a full GEMM), in
+/// f32, accumulated in place by the product itself (dst ← dst + xᵀx), as kronfluence's
+/// default covariance dtype does. Summing B batches in f32 adds a relative rounding error of
+/// order B·2⁻²⁴ at worst (√B·2⁻²⁴ typically), far below the noise of the estimate.
+#[derive(Debug, Clone)]
+pub struct FactorSum {
+    /// Blocks of the dimension.
+    pub layout: BlockLayout,
+    /// Row-major [n, n] per block; entries (i, j) with i ≥ j are valid.
+    blocks: Vec<Vec<f32>>,
+}
+
+impl FactorSum {
+    /// Zero sums for a factor of dimension `dim`, in blocks of at most `block`.
+    pub fn new(dim: usize, block: Option<usize>) -> FactorSum {
+        let layout = BlockLayout::new(dim, block);
+        let blocks = layout
+            .ranges
+            .iter()
+            .map(|(_, n)| vec![0f32; n * n])
+            .collect();
+        FactorSum { layout, blocks }
+    }
+
+    /// Adds x xᵀ for every row x of `rows` [n_rows, dim] (row-major). Zero rows (padding)
+    /// add nothing.
+    pub fn add_rows(&mut self, rows: &[f32]) -> Result<()> {
+        let dim = self.layout.dim;
+        if dim == 0 || rows.len() % dim != 0 {
+            return Err(Error::Numeric(format!(
+                "covariance: {} values are not rows of width {dim}",
+                rows.len()
+            )));
+        }
+        let x = MatRef::from_row_major_slice(rows, rows.len() / dim, dim);
+        for ((off, len), buf) in self.layout.ranges.iter().zip(self.blocks.iter_mut()) {
+            let xb = x.subcols(*off, *len);
+            let dst = MatMut::from_row_major_slice_mut(buf, *len, *len);
+            triangular::matmul(
+                dst,
+                BlockStructure::TriangularLower,
+                Accum::Add,
+                xb.transpose(),
+                BlockStructure::Rectangular,
+                xb,
+                BlockStructure::Rectangular,
+                1.0f32,
+                faer::get_global_parallelism(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The first diagonal index whose sum is NaN or ±Inf: any non-finite entry of an added
+    /// row makes its column's diagonal entry Σ x_j² non-finite, so this detects them all.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        let mut base = 0;
+        for ((_, len), buf) in self.layout.ranges.iter().zip(&self.blocks) {
+            if let Some(i) = (0..*len).find(|&i| !buf[i * len + i].is_finite()) {
+                return Some(base + i);
+            }
+            base += len;
+        }
+        None
+    }
+
+    /// Each block of Σ / `n` as a full symmetric f64 matrix (row-major).
+    pub fn normalized_f64(&self, n: f64) -> Vec<Vec<f64>> {
+        self.layout
+            .ranges
+            .iter()
+            .zip(&self.blocks)
+            .map(|((_, len), buf)| {
+                let len = *len;
+                let mut out = vec![0f64; len * len];
+                for i in 0..len {
+                    for j in 0..=i {
+                        let v = buf[i * len + j] as f64 / n;
+                        out[i * len + j] = v;
+                        out[j * len + i] = v;
+                    }
+                }
+                out
+            })
+            .collect()
+    }
+
+    /// Blocks of Σ / `n` as f64 tensors [n_k, n_k] on `device`.
+    pub fn normalized_tensors(&self, n: f64, device: &Device) -> Result<Vec<Tensor>> {
+        self.normalized_f64(n)
+            .into_iter()
+            .zip(&self.layout.ranges)
+            .map(|(v, (_, len))| Ok(Tensor::from_vec(v, (*len, *len), device)?))
+            .collect()
+    }
+}
+
+/// Running sums Σ a aᵀ and Σ δ δᵀ of one layer (per block, see [`FactorSum`]) and the token
+/// count.
 #[derive(Debug, Clone)]
 pub struct CovarianceSums {
-    /// Blocks of the input dimension.
-    pub a_layout: BlockLayout,
-    /// Blocks of the output dimension.
-    pub s_layout: BlockLayout,
-    a: Vec<Tensor>,
-    s: Vec<Tensor>,
+    /// Σ a aᵀ.
+    pub a: FactorSum,
+    /// Σ δ δᵀ.
+    pub s: FactorSum,
     /// Tokens added.
     pub tokens: u64,
+    device: Device,
 }
 
 /// Normalised factors of one layer (per block, f64): A = Σ a aᵀ / n_tok, S = Σ δ δᵀ / n_tok.
@@ -54,27 +155,18 @@ pub struct Covariances {
 }
 
 impl CovarianceSums {
-    /// Empty sums for a layer with `d_in` inputs (bias column included) and `d_out` outputs.
+    /// Empty sums for a layer with `d_in` inputs (bias column included) and `d_out` outputs;
+    /// [`normalized`](Self::normalized) puts its tensors on `device`.
     pub fn new(d_in: usize, d_out: usize, block: Option<usize>, device: &Device) -> Result<Self> {
-        let a_layout = BlockLayout::new(d_in, block);
-        let s_layout = BlockLayout::new(d_out, block);
-        let zeros = |l: &BlockLayout| -> Result<Vec<Tensor>> {
-            l.ranges
-                .iter()
-                .map(|(_, n)| Ok(Tensor::zeros((*n, *n), DType::F64, device)?))
-                .collect()
-        };
         Ok(CovarianceSums {
-            a: zeros(&a_layout)?,
-            s: zeros(&s_layout)?,
-            a_layout,
-            s_layout,
+            a: FactorSum::new(d_in, block),
+            s: FactorSum::new(d_out, block),
             tokens: 0,
+            device: device.clone(),
         })
     }
 
-    /// Adds kept tokens: `a` [N, d_in], `delta` [N, d_out] (f32). Each block's product is
-    /// computed in f32 and accumulated in f64.
+    /// Adds kept tokens: `a` [N, d_in], `delta` [N, d_out] (f32).
     pub fn add(&mut self, a: &Tensor, delta: &Tensor) -> Result<()> {
         let (n, _) = a.dims2()?;
         let (n2, _) = delta.dims2()?;
@@ -83,34 +175,22 @@ impl CovarianceSums {
                 "covariance: {n} activation rows but {n2} gradient rows"
             )));
         }
-        accumulate(&mut self.a, &self.a_layout, a)?;
-        accumulate(&mut self.s, &self.s_layout, delta)?;
+        with_f32(a, |x| self.a.add_rows(x))??;
+        with_f32(delta, |x| self.s.add_rows(x))??;
         self.tokens += n as u64;
         Ok(())
     }
 
-    /// Divides by the token count and symmetrises.
+    /// Divides by the token count (symmetric f64 blocks).
     pub fn normalized(&self) -> Result<Covariances> {
         let n = self.tokens.max(1) as f64;
-        let norm = |v: &[Tensor]| -> Result<Vec<Tensor>> {
-            v.iter().map(|c| Ok(((c + c.t()?)? * (0.5 / n))?)).collect()
-        };
         Ok(Covariances {
-            a_layout: self.a_layout.clone(),
-            s_layout: self.s_layout.clone(),
-            a: norm(&self.a)?,
-            s: norm(&self.s)?,
+            a_layout: self.a.layout.clone(),
+            s_layout: self.s.layout.clone(),
+            a: self.a.normalized_tensors(n, &self.device)?,
+            s: self.s.normalized_tensors(n, &self.device)?,
         })
     }
-}
-
-fn accumulate(sums: &mut [Tensor], layout: &BlockLayout, x: &Tensor) -> Result<()> {
-    for ((off, len), sum) in layout.ranges.iter().zip(sums.iter_mut()) {
-        let xb = x.narrow(1, *off, *len)?.contiguous()?;
-        let prod = xb.t()?.matmul(&xb)?.to_dtype(DType::F64)?;
-        *sum = (&*sum + prod)?;
-    }
-    Ok(())
 }
 
 impl Covariances {

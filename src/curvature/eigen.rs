@@ -1,7 +1,7 @@
 //! Symmetric eigendecomposition in f64 (faer): A = Q diag(λ) Qᵀ, eigenvalues ascending.
 
 use candle_core::{DType, Device, Tensor};
-use faer::{Mat, Side};
+use faer::{MatRef, Side};
 
 use crate::error::{Error, Result};
 
@@ -40,6 +40,17 @@ pub fn eigh(m: &Tensor, what: &str) -> Result<Eigen> {
         return Err(Error::Numeric(format!("{what}: not square ({n} × {n2})")));
     }
     let data: Vec<f64> = m.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    eigh_f64(&data, n, what)
+}
+
+/// [`eigh`] of a symmetric n × n matrix given row-major in f64 (the lower triangle is used).
+pub fn eigh_f64(data: &[f64], n: usize, what: &str) -> Result<Eigen> {
+    if data.len() != n * n {
+        return Err(Error::Numeric(format!(
+            "{what}: {} values for a {n} × {n} matrix",
+            data.len()
+        )));
+    }
     if let Some(pos) = data.iter().position(|x| !x.is_finite()) {
         return Err(Error::Numeric(format!(
             "{what}: entry ({}, {}) is {} before the eigendecomposition; the covariance was \
@@ -50,7 +61,7 @@ pub fn eigh(m: &Tensor, what: &str) -> Result<Eigen> {
             data[pos]
         )));
     }
-    let mat = Mat::<f64>::from_fn(n, n, |i, j| data[i * n + j]);
+    let mat = MatRef::from_row_major_slice(data, n, n);
     let evd = mat
         .self_adjoint_eigen(Side::Lower)
         .map_err(|e| Error::Numeric(format!("{what}: eigendecomposition failed: {e:?}")))?;

@@ -5,14 +5,18 @@
 //! Conventions (those of the kronfluence reference pack): A and S are normalised by the
 //! number of real tokens (attention mask), Λ by the number of documents.
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use crate::data::{plan_batches, BatchOrder, PreparedDoc};
 use crate::error::{Error, Result};
-use crate::model::{Labels, Model, TokenBatch};
+use crate::model::{Capture, Labels, Model, TokenBatch};
 use crate::util::progress;
+use crate::util::tensors::with_f32;
 
-use super::covariance::{masked_rows, CovarianceSums, Covariances};
+use super::blocks::BlockDiag;
+use super::covariance::{Covariances, FactorSum};
+use super::eigen::eigh_f64;
 use super::lambda::{EigenBasis, LambdaSums};
 
 /// Which Fisher the factors estimate.
@@ -96,112 +100,285 @@ pub fn for_each_batch(
     Ok(())
 }
 
-/// The covariance pass at one checkpoint: normalised A and S of every tracked layer.
-pub fn covariance_pass(
+/// Sums of a segment's fit over all its checkpoints: A per distinct layer input (q/k/v
+/// share one, gate/up another; see [`Capture::input_groups`]), S per layer.
+struct FitSums {
+    /// The capture's input grouping these sums were made for.
+    groups: Vec<usize>,
+    /// For each tracked layer, the index of its input's factor in `a`.
+    a_of: Vec<usize>,
+    a: Vec<FactorSum>,
+    s: Vec<FactorSum>,
+    /// Real (non-padding) tokens added, over all checkpoints.
+    tokens: u64,
+}
+
+impl FitSums {
+    fn new(model: &Model, groups: Vec<usize>, block: Option<usize>) -> FitSums {
+        let layers = model.tracked_layers();
+        let mut a_of = vec![0; layers.len()];
+        let mut a = Vec::new();
+        for (l, info) in layers.iter().enumerate() {
+            if groups[l] == l {
+                a_of[l] = a.len();
+                a.push(FactorSum::new(info.d_in + info.has_bias as usize, block));
+            } else {
+                a_of[l] = a_of[groups[l]];
+            }
+        }
+        let s = layers
+            .iter()
+            .map(|info| FactorSum::new(info.d_out, block))
+            .collect();
+        FitSums {
+            groups,
+            a_of,
+            a,
+            s,
+            tokens: 0,
+        }
+    }
+}
+
+/// The capture's input grouping, checked against the one the sums were made for.
+fn checked_groups(cap: &Capture, want: &[usize]) -> Result<()> {
+    if cap.input_groups() != want {
+        return Err(Error::Model(
+            "tracked layers shared their inputs differently in two batches; this is a bug in \
+             the model's forward pass, please report it"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Adds one checkpoint's covariance pass over `docs` to `sums` (made at the first batch).
+fn accumulate_covariances(
     model: &Model,
     docs: &[PreparedDoc],
     opts: &FitOptions,
-) -> Result<Vec<Covariances>> {
-    let mut sums: Vec<CovarianceSums> = model
-        .tracked_layers()
-        .iter()
-        .map(|l| {
-            let d_in = l.d_in + l.has_bias as usize;
-            CovarianceSums::new(d_in, l.d_out, opts.block_size, model.device())
-        })
-        .collect::<Result<_>>()?;
+    sums: &mut Option<FitSums>,
+    what: &str,
+) -> Result<()> {
     let mut batch_no = 0usize;
     for_each_batch(model, docs, opts, "covariance", |batch, _| {
         let cap = model.capture(batch, opts.fisher.labels())?;
-        for (layer, sum) in cap.layers.iter().zip(sums.iter_mut()) {
-            let a = masked_rows(&layer.a, &cap.attention_mask)?;
-            let d = masked_rows(&layer.delta, &cap.attention_mask)?;
-            check_finite(&a, &layer.name, "activations", batch_no)?;
-            check_finite(&d, &layer.name, "output gradients", batch_no)?;
-            sum.add(&a, &d)?;
+        let sums = match sums {
+            Some(s) => {
+                checked_groups(&cap, &s.groups)?;
+                s
+            }
+            None => sums.insert(FitSums::new(model, cap.input_groups(), opts.block_size)),
+        };
+        for (l, layer) in cap.layers.iter().enumerate() {
+            if sums.groups[l] == l {
+                let a = &mut sums.a[sums.a_of[l]];
+                with_f32(&layer.a, |x| a.add_rows(x))??;
+                check_finite(a, &layer.name, "activations", what, batch_no)?;
+            }
+            let s = &mut sums.s[l];
+            with_f32(&layer.delta, |x| s.add_rows(x))??;
+            check_finite(s, &layer.name, "output gradients", what, batch_no)?;
         }
+        sums.tokens += batch.lengths.iter().sum::<usize>() as u64;
         batch_no += 1;
         Ok(())
-    })?;
-    sums.iter().map(CovarianceSums::normalized).collect()
+    })
 }
 
-/// The eigenvalue-correction pass at one checkpoint in fixed bases: Λ of every layer.
-pub fn lambda_pass(
+/// An eigendecomposed factor: Q (block-diagonal, f32), its eigenvalues (f64) and, when
+/// asked for, the normalised covariance blocks (f64).
+struct Decomposed {
+    q: BlockDiag,
+    values: Vec<f64>,
+    covariance: Vec<Tensor>,
+}
+
+fn decompose(
+    sum: FactorSum,
+    tokens: f64,
+    what: &str,
+    keep_covariance: bool,
+    device: &Device,
+) -> Result<Decomposed> {
+    let blocks = sum.normalized_f64(tokens);
+    let mut qs = Vec::with_capacity(blocks.len());
+    let mut values = Vec::new();
+    let mut covariance = Vec::new();
+    let many = blocks.len() > 1;
+    for (k, (b, (_, n))) in blocks.into_iter().zip(&sum.layout.ranges).enumerate() {
+        let name = if many {
+            format!("{what} block {k}")
+        } else {
+            what.to_string()
+        };
+        let e = eigh_f64(&b, *n, &name)?;
+        qs.push(e.vectors_tensor(device)?);
+        values.extend(e.values);
+        if keep_covariance {
+            covariance.push(Tensor::from_vec(b, (*n, *n), device)?);
+        }
+    }
+    Ok(Decomposed {
+        q: BlockDiag {
+            layout: sum.layout,
+            blocks: qs,
+        },
+        values,
+        covariance,
+    })
+}
+
+/// Adds one checkpoint's eigenvalue-correction pass over `docs` to `lambda`: a and δ are
+/// rotated into the bases (a once per shared input), then every document's squared rotated
+/// gradient is added.
+fn accumulate_lambda(
     model: &Model,
     docs: &[PreparedDoc],
-    bases: &[EigenBasis],
     opts: &FitOptions,
-) -> Result<Vec<Tensor>> {
-    let mut sums: Vec<LambdaSums> = model
-        .tracked_layers()
-        .iter()
-        .map(|l| LambdaSums::new(l.d_out, l.d_in + l.has_bias as usize, model.device()))
-        .collect::<Result<_>>()?;
+    bases: &[EigenBasis],
+    sums: &FitSums,
+    lambda: &mut [LambdaSums],
+) -> Result<()> {
     for_each_batch(model, docs, opts, "eigenvalues", |batch, _| {
         let cap = model.capture(batch, opts.fisher.labels())?;
-        for ((layer, sum), basis) in cap.layers.iter().zip(sums.iter_mut()).zip(bases) {
-            sum.add_batch(basis, &layer.a, &layer.delta, &cap.attention_mask)?;
+        checked_groups(&cap, &sums.groups)?;
+        let n_inputs = sums.a_of.iter().max().map_or(0, |m| m + 1);
+        let mut a_rot: Vec<Option<Tensor>> = vec![None; n_inputs];
+        for (l, layer) in cap.layers.iter().enumerate() {
+            let k = sums.a_of[l];
+            if a_rot[k].is_none() {
+                a_rot[k] = Some(bases[l].q_a.right_mul(&layer.a)?);
+            }
+            let d_rot = bases[l].q_s.right_mul(&layer.delta)?;
+            let a = a_rot[k].as_ref().expect("rotated above");
+            lambda[l].add_rotated(a, &d_rot, &batch.lengths)?;
         }
         Ok(())
-    })?;
-    sums.iter().map(LambdaSums::normalized).collect()
+    })
 }
 
 /// Fits the factors of a segment from its checkpoints (already loaded models, in order):
 /// covariances averaged over checkpoints, one eigendecomposition, Λ averaged over
-/// checkpoints. `what` prefixes layer names in errors (e.g. `segment 1`).
+/// checkpoints. `what` prefixes layer names in errors (e.g. `segment 1`). The covariances
+/// themselves are not kept (see [`fit_factors_with_covariances`]).
 pub fn fit_factors(
     checkpoints: &[&Model],
     docs: &[PreparedDoc],
     opts: &FitOptions,
     what: &str,
 ) -> Result<Vec<LayerFactors>> {
+    fit(checkpoints, docs, opts, what, false)
+}
+
+/// [`fit_factors`], keeping the normalised covariances A and S in [`LayerFactors`] (f64:
+/// as much memory again as the eigenvectors, twice; for tests and comparisons).
+pub fn fit_factors_with_covariances(
+    checkpoints: &[&Model],
+    docs: &[PreparedDoc],
+    opts: &FitOptions,
+    what: &str,
+) -> Result<Vec<LayerFactors>> {
+    fit(checkpoints, docs, opts, what, true)
+}
+
+fn fit(
+    checkpoints: &[&Model],
+    docs: &[PreparedDoc],
+    opts: &FitOptions,
+    what: &str,
+    keep_covariances: bool,
+) -> Result<Vec<LayerFactors>> {
     let first = checkpoints
         .first()
         .ok_or_else(|| Error::Numeric(format!("{what}: no checkpoint to fit")))?;
-    let per_ckpt: Vec<Vec<Covariances>> = checkpoints
-        .iter()
-        .map(|m| covariance_pass(m, docs, opts))
-        .collect::<Result<_>>()?;
-    let n_layers = first.tracked_layers().len();
-    let mut covs = Vec::with_capacity(n_layers);
-    let mut bases = Vec::with_capacity(n_layers);
-    for (l, info) in first.tracked_layers().iter().enumerate() {
-        let list: Vec<Covariances> = per_ckpt.iter().map(|c| c[l].clone()).collect();
-        let cov = Covariances::mean(&list)?;
-        let name = format!("{what} layer `{}`", info.name);
-        bases.push(EigenBasis::from_covariances(&cov, &name, first.device())?);
-        covs.push(cov);
+    let device = first.device().clone();
+    let mut sums = None;
+    for (c, m) in checkpoints.iter().enumerate() {
+        accumulate_covariances(m, docs, opts, &mut sums, &format!("{what} checkpoint {c}"))?;
     }
-    let lambdas: Vec<Vec<Tensor>> = checkpoints
-        .iter()
-        .map(|m| lambda_pass(m, docs, &bases, opts))
+    let mut sums = sums.ok_or_else(|| Error::Numeric(format!("{what}: no documents to fit")))?;
+    let layers = first.tracked_layers();
+    let tokens = sums.tokens.max(1) as f64;
+
+    // One eigendecomposition per distinct factor, several at once (each also splits its own
+    // work over the pool; idle threads steal either kind of work).
+    let mut jobs: Vec<(FactorSum, String)> = Vec::with_capacity(sums.a.len() + sums.s.len());
+    for (k, sum) in std::mem::take(&mut sums.a).into_iter().enumerate() {
+        let l = sums
+            .a_of
+            .iter()
+            .position(|&x| x == k)
+            .expect("every factor has a layer");
+        let name = format!("{what} layer `{}` activation covariance", layers[l].name);
+        jobs.push((sum, name));
+    }
+    for (l, sum) in std::mem::take(&mut sums.s).into_iter().enumerate() {
+        let name = format!("{what} layer `{}` gradient covariance", layers[l].name);
+        jobs.push((sum, name));
+    }
+    let n_a = jobs.len() - layers.len();
+    let pb = progress::bar(jobs.len() as u64, "eigendecomposition");
+    let mut decomposed: Vec<Decomposed> = jobs
+        .into_par_iter()
+        .map(|(sum, name)| {
+            let d = decompose(sum, tokens, &name, keep_covariances, &device);
+            pb.inc(1);
+            d
+        })
         .collect::<Result<_>>()?;
-    let k = checkpoints.len() as f64;
-    let mut out = Vec::with_capacity(n_layers);
-    for (l, (cov, basis)) in covs.into_iter().zip(bases).enumerate() {
-        let mut lam = lambdas[0][l].clone();
-        for c in &lambdas[1..] {
-            lam = (lam + &c[l])?;
-        }
-        out.push(LayerFactors {
-            name: first.tracked_layers()[l].name.clone(),
-            covariances: cov,
-            basis,
-            lambda: (lam / k)?,
+    pb.finish_and_clear();
+    let s_dec = decomposed.split_off(n_a);
+    let a_dec = decomposed;
+    let mut bases = Vec::with_capacity(layers.len());
+    let mut covs = Vec::with_capacity(layers.len());
+    for (l, s) in s_dec.into_iter().enumerate() {
+        let a = &a_dec[sums.a_of[l]];
+        bases.push(EigenBasis {
+            q_a: a.q.clone(),
+            q_s: s.q,
+            eig_a: a.values.clone(),
+            eig_s: s.values,
+        });
+        covs.push(Covariances {
+            a_layout: a.q.layout.clone(),
+            s_layout: bases[l].q_s.layout.clone(),
+            a: a.covariance.clone(),
+            s: s.covariance,
         });
     }
-    Ok(out)
+    drop(a_dec);
+
+    let mut lambda: Vec<LambdaSums> = layers
+        .iter()
+        .map(|l| LambdaSums::new(l.d_out, l.d_in + l.has_bias as usize, &device))
+        .collect::<Result<_>>()?;
+    for m in checkpoints {
+        accumulate_lambda(m, docs, opts, &bases, &sums, &mut lambda)?;
+    }
+    layers
+        .iter()
+        .zip(bases)
+        .zip(covs)
+        .zip(lambda)
+        .map(|(((info, basis), covariances), lam)| {
+            Ok(LayerFactors {
+                name: info.name.clone(),
+                covariances,
+                basis,
+                lambda: lam.normalized()?,
+            })
+        })
+        .collect()
 }
 
-fn check_finite(x: &Tensor, layer: &str, what: &str, batch: usize) -> Result<()> {
-    let s: f32 = x.abs()?.sum_all()?.to_scalar()?;
-    if !s.is_finite() {
-        return Err(Error::Numeric(format!(
-            "layer `{layer}`: non-finite {what} in batch {batch}; the model produces NaN/Inf on \
-             this data (check the checkpoint and the learning rate that produced it)"
-        )));
+fn check_finite(sum: &FactorSum, layer: &str, what: &str, ckpt: &str, batch: usize) -> Result<()> {
+    match sum.first_non_finite() {
+        None => Ok(()),
+        Some(i) => Err(Error::Numeric(format!(
+            "{ckpt}, layer `{layer}`: non-finite {what} (column {i}) in batch {batch}; the model \
+             produces NaN/Inf on this data (check the checkpoint and the learning rate that \
+             produced it)"
+        ))),
     }
-    Ok(())
 }

@@ -4,8 +4,12 @@
 //! document.
 
 use candle_core::{DType, Device, Tensor, D};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::util::tensors::with_f32;
 
 use super::blocks::BlockDiag;
 use super::covariance::Covariances;
@@ -76,19 +80,30 @@ impl EigenBasis {
     }
 }
 
-/// Running sum of squared rotated per-document gradients.
+/// Running sum of squared rotated per-document gradients, Σ_m (Q_Sᵀ G_m Q_A)² (f64,
+/// row-major [d_out, d_in]).
 #[derive(Debug, Clone)]
 pub struct LambdaSums {
-    sum: Tensor,
+    sum: Vec<f64>,
+    d_out: usize,
+    d_in: usize,
+    device: Device,
     /// Documents added.
     pub docs: u64,
 }
 
+/// Rows of Λ handled by one task: 64 rows of f64 stay in cache while every document of a
+/// batch is added to them.
+const LAMBDA_ROWS_PER_TASK: usize = 64;
+
 impl LambdaSums {
-    /// Zeros [d_out, d_in].
+    /// Zeros [d_out, d_in]; [`normalized`](Self::normalized) puts Λ on `device`.
     pub fn new(d_out: usize, d_in: usize, device: &Device) -> Result<LambdaSums> {
         Ok(LambdaSums {
-            sum: Tensor::zeros((d_out, d_in), DType::F64, device)?,
+            sum: vec![0.0; d_out * d_in],
+            d_out,
+            d_in,
+            device: device.clone(),
             docs: 0,
         })
     }
@@ -104,16 +119,73 @@ impl LambdaSums {
         delta: &Tensor,
         mask: &Tensor,
     ) -> Result<()> {
-        let (b, _, _) = a.dims3()?;
+        let (b, t, _) = a.dims3()?;
         let m = mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
         let a_rot = basis.q_a.right_mul(&a.broadcast_mul(&m)?)?;
         let d_rot = basis.q_s.right_mul(&delta.broadcast_mul(&m)?)?;
-        let g = d_rot
-            .transpose(1, 2)?
-            .contiguous()?
-            .matmul(&a_rot.contiguous()?)?; // [B, d_out, d_in]
-        let sq = g.sqr()?.sum(0)?.to_dtype(DType::F64)?;
-        self.sum = (&self.sum + sq)?;
+        self.add_rotated(&a_rot, &d_rot, &vec![t; b])
+    }
+
+    /// Adds the documents of a batch already in the eigenbasis: `a_rot` = a Q_A [B, T, d_in]
+    /// and `d_rot` = δ Q_S [B, T, d_out], document b's tokens in rows `0..lengths[b]` (rows
+    /// past it are ignored). Per document, (d_rot_bᵀ a_rot_b)² is added row block by row
+    /// block, in parallel over blocks; nothing of size B·d_out·d_in is formed.
+    pub fn add_rotated(&mut self, a_rot: &Tensor, d_rot: &Tensor, lengths: &[usize]) -> Result<()> {
+        let (b, t, d_in) = a_rot.dims3()?;
+        let (b2, t2, d_out) = d_rot.dims3()?;
+        if (b2, t2, d_in, d_out) != (b, t, self.d_in, self.d_out) || lengths.len() != b {
+            return Err(Error::Numeric(format!(
+                "eigenvalue correction: rotated a {:?} and δ {:?} do not fit Λ [{}, {}] and {} \
+                 document lengths",
+                a_rot.dims(),
+                d_rot.dims(),
+                self.d_out,
+                self.d_in,
+                lengths.len()
+            )));
+        }
+        let (d_in, d_out) = (self.d_in, self.d_out);
+        with_f32(a_rot, |a| {
+            with_f32(d_rot, |d| {
+                self.sum
+                    .par_chunks_mut(LAMBDA_ROWS_PER_TASK * d_in)
+                    .enumerate()
+                    .for_each(|(task, lam)| {
+                        let r0 = task * LAMBDA_ROWS_PER_TASK;
+                        let rows = lam.len() / d_in;
+                        let mut g = vec![0f32; rows * d_in];
+                        for (doc, &len) in lengths.iter().enumerate() {
+                            let len = len.min(t);
+                            if len == 0 {
+                                continue;
+                            }
+                            let ab = MatRef::from_row_major_slice(
+                                &a[doc * t * d_in..][..len * d_in],
+                                len,
+                                d_in,
+                            );
+                            let db = MatRef::from_row_major_slice(
+                                &d[doc * t * d_out..][..len * d_out],
+                                len,
+                                d_out,
+                            )
+                            .subcols(r0, rows);
+                            matmul(
+                                MatMut::from_row_major_slice_mut(&mut g, rows, d_in),
+                                Accum::Replace,
+                                db.transpose(),
+                                ab,
+                                1.0f32,
+                                Par::Seq,
+                            );
+                            for (l, &x) in lam.iter_mut().zip(&g) {
+                                let x = x as f64;
+                                *l += x * x;
+                            }
+                        }
+                    })
+            })
+        })??;
         self.docs += b as u64;
         Ok(())
     }
@@ -125,7 +197,9 @@ impl LambdaSums {
                 "eigenvalue correction saw no documents".into(),
             ));
         }
-        Ok((&self.sum / self.docs as f64)?)
+        let n = self.docs as f64;
+        let v: Vec<f64> = self.sum.iter().map(|x| x / n).collect();
+        Ok(Tensor::from_vec(v, (self.d_out, self.d_in), &self.device)?)
     }
 }
 

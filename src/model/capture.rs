@@ -68,6 +68,18 @@ pub struct Capture {
     pub prediction_mask: Tensor,
 }
 
+impl Capture {
+    /// For each layer, the index of the first layer whose input `a` is the same tensor (its
+    /// own index when no earlier layer shares it): q/k/v share one input, gate/up another,
+    /// so their activation factor A is accumulated and decomposed once.
+    pub fn input_groups(&self) -> Vec<usize> {
+        let ids: Vec<_> = self.layers.iter().map(|l| l.a.id()).collect();
+        ids.iter()
+            .map(|id| ids.iter().position(|j| j == id).unwrap_or(0))
+            .collect()
+    }
+}
+
 impl Model {
     /// Forward + backward on `batch` with the loss under `labels`; returns (a, δ) for every
     /// tracked layer. The model's numerics are unchanged: each tracked output gets a zero
@@ -86,6 +98,8 @@ impl Model {
         let padded = batch.lengths.iter().any(|&n| n != batch.padded_len());
         let mask = batch.attention_mask.unsqueeze(D::Minus1)?;
         let mut layers = Vec::with_capacity(rec.slots.len());
+        // Layers fed the same tensor (q/k/v, gate/up) share one prepared `a` (same id).
+        let mut prepared: Vec<(candle_core::TensorId, bool, Tensor)> = Vec::new();
         for (info, slot) in self.tracked_layers().iter().zip(rec.slots) {
             let (a, eps) = slot.ok_or_else(|| {
                 Error::Model(format!("tracked layer `{}` was not run", info.name))
@@ -94,16 +108,29 @@ impl Model {
                 Some(g) => g.clone(),
                 None => eps.as_tensor().zeros_like()?,
             };
-            let a = if info.has_bias {
-                let (b, t, _) = a.dims3()?;
-                let ones = Tensor::ones((b, t, 1), a.dtype(), a.device())?;
-                Tensor::cat(&[&a, &ones], D::Minus1)?
-            } else {
-                a
+            let key = (a.id(), info.has_bias);
+            let a = match prepared.iter().find(|(id, b, _)| (*id, *b) == key) {
+                Some((_, _, t)) => t.clone(),
+                None => {
+                    let with_bias = if info.has_bias {
+                        let (b, t, _) = a.dims3()?;
+                        let ones = Tensor::ones((b, t, 1), a.dtype(), a.device())?;
+                        Tensor::cat(&[&a, &ones], D::Minus1)?
+                    } else {
+                        a
+                    };
+                    let t = if padded {
+                        with_bias.broadcast_mul(&mask)?
+                    } else {
+                        with_bias
+                    };
+                    prepared.push((key.0, key.1, t.clone()));
+                    t
+                }
             };
             layers.push(LayerCapture {
                 name: info.name.clone(),
-                a: if padded { a.broadcast_mul(&mask)? } else { a },
+                a,
                 delta,
                 has_bias: info.has_bias,
             });

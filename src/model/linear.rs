@@ -70,6 +70,10 @@ impl<'a> ParamLoader<'a> {
 pub struct Recorder {
     /// Indexed by tracked-layer slot: (a [B, T, d_in] detached, ε [B, T, d_out]).
     pub slots: Vec<Option<(Tensor, Var)>>,
+    /// The last input recorded, by the id of the live tensor it was detached from: layers
+    /// fed the same tensor (q/k/v, gate/up) get clones of one detached tensor, so later
+    /// stages can recognise a shared input by [`Tensor::id`] and compute its factor once.
+    last_input: Option<(candle_core::TensorId, Tensor)>,
 }
 
 impl Recorder {
@@ -77,6 +81,19 @@ impl Recorder {
     pub fn new(n: usize) -> Self {
         Self {
             slots: (0..n).map(|_| None).collect(),
+            last_input: None,
+        }
+    }
+
+    /// `x` detached, shared with the previous call when `x` is the same tensor.
+    fn detached_input(&mut self, x: &Tensor) -> Tensor {
+        match &self.last_input {
+            Some((id, t)) if *id == x.id() => t.clone(),
+            _ => {
+                let t = x.detach();
+                self.last_input = Some((x.id(), t.clone()));
+                t
+            }
         }
     }
 }
@@ -158,7 +175,8 @@ impl TrackedLinear {
             (Some(rec), Some(slot)) => {
                 let eps = Var::zeros(y.shape(), y.dtype(), y.device())?;
                 let y = (y + eps.as_tensor())?;
-                rec.slots[slot] = Some((x.detach(), eps));
+                let a = rec.detached_input(x);
+                rec.slots[slot] = Some((a, eps));
                 Ok(y)
             }
             _ => Ok(y),

@@ -49,3 +49,26 @@ pub fn save_tensors(
         .map_err(|e| Error::Numeric(format!("{}: {e:?}", path.display())))?;
     crate::util::fsx::write_atomic(path, &out)
 }
+
+/// Runs `f` on the elements of an f32 CPU tensor, row-major, without copying when `t` is
+/// contiguous (the hot loops of fit and score read captured activations this way).
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    use candle_core::{CpuStorage, Storage};
+    let t = if t.is_contiguous() {
+        t.clone()
+    } else {
+        t.contiguous()?
+    };
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            let start = layout.start_offset();
+            Ok(f(&v[start..start + t.elem_count()]))
+        }
+        _ => Err(Error::Numeric(format!(
+            "expected an f32 tensor in host memory, got {:?} on {:?}",
+            t.dtype(),
+            t.device().location()
+        ))),
+    }
+}
