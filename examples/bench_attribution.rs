@@ -4,13 +4,16 @@
 //! `/proc/self/clear_refs`).
 //!
 //! ```text
-//! cargo run --release --example bench_attribution -- MODEL_DIR INPUTS.safetensors OUT_DIR [BATCH]
+//! cargo run --release --example bench_attribution -- MODEL_DIR INPUTS.safetensors OUT_DIR [BATCH [TOKENS]]
 //! ```
 //!
 //! INPUTS holds `{train,query}_{input_ids,attention_mask,labels}` (int64, right-padded rows,
 //! labels −100 where a token is not a target: the kronfluence reference pack's layout).
-//! OUT_DIR receives `scores.safetensors` (`pairwise` [Q, N], `per_token` [Q, N, T], f32)
+//! OUT_DIR receives `factors.safetensors` (written by the fit stage, read by the scoring
+//! stages layer by layer, as the pipeline does), `scores.safetensors` (`pairwise` [Q, N], `per_token` [Q, N, T], f32)
 //! and `report.json` (seconds, peak RSS and predicted peak per stage).
+//!
+//! `BENCH_FIT_ONLY=1` stops after the fit (for profiling it).
 //!
 //! Stages, as kronfluence runs them: `fit` (covariances, eigendecomposition, Λ), `pairwise`
 //! (query gradients + one scoring pass), `per_token` (the same with per-token scores), and
@@ -22,10 +25,10 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use source_tda::attribution::{precondition_inverse, query_gradients, score_pass, Damping};
-use source_tda::curvature::{fit_factors, Fisher, FitOptions};
+use source_tda::curvature::{fit_factors, save_factors, FactorFile, Fisher, FitOptions};
 use source_tda::data::PreparedDoc;
 use source_tda::model::{memory, LoadOptions, Model};
-use source_tda::util::mem;
+use source_tda::util::{mem, phase};
 
 fn i64_tensor(st: &safetensors::SafeTensors, name: &str) -> (Vec<usize>, Vec<i64>) {
     let t = st
@@ -97,6 +100,9 @@ fn timed<T>(name: &'static str, out: &mut Vec<Stage>, f: impl FnOnce() -> T) -> 
         "bench_attribution: {name}: {seconds:.2} s ({cpu_seconds:.2} CPU s), peak RSS {}",
         mem::human_bytes(peak)
     );
+    for (phase, secs, n) in phase::take() {
+        eprintln!("bench_attribution:   {phase}: {secs:.2} s ({n}×)");
+    }
     out.push(Stage {
         name,
         seconds,
@@ -107,9 +113,10 @@ fn timed<T>(name: &'static str, out: &mut Vec<Stage>, f: impl FnOnce() -> T) -> 
 }
 
 fn main() {
+    mem::return_large_allocations();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 3 {
-        eprintln!("usage: bench_attribution MODEL_DIR INPUTS.safetensors OUT_DIR [BATCH]");
+        eprintln!("usage: bench_attribution MODEL_DIR INPUTS.safetensors OUT_DIR [BATCH [TOKENS]]");
         std::process::exit(2);
     }
     let (model_dir, inputs, out) = (
@@ -118,6 +125,10 @@ fn main() {
         PathBuf::from(&args[2]),
     );
     let batch: usize = args.get(3).map_or(8, |b| b.parse().expect("BATCH"));
+    // Documents per batch at most BATCH (kronfluence's batch size), and at most TOKENS
+    // tokens (default 256): the same documents and tokens, in batches whose autograd graph
+    // (about 4 MiB per token on SmolLM2-135M) stays small.
+    let tokens: usize = args.get(4).map_or(256, |t| t.parse().expect("TOKENS"));
     std::fs::create_dir_all(&out).expect("OUT_DIR");
     let bytes = std::fs::read(&inputs).expect("inputs file");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("inputs: safetensors");
@@ -126,7 +137,7 @@ fn main() {
     let opts = FitOptions {
         fisher: Fisher::Empirical,
         block_size: None,
-        token_budget: batch * max_len,
+        token_budget: tokens.max(max_len),
         max_batch_size: batch,
         pad_id: 2,
     };
@@ -142,15 +153,37 @@ fn main() {
         mem::human_bytes(predicted_fit),
         mem::human_bytes(predicted_score)
     );
-    let factors = timed("fit", &mut stages, || {
-        fit_factors(&[&model], &train, &opts, "bench").expect("fit")
+    // As the pipeline (and kronfluence) do: fit writes the factors to disk; each scoring
+    // pass reads them back one layer at a time while preconditioning the query gradients.
+    let factor_path = out.join("factors.safetensors");
+    timed("fit", &mut stages, || {
+        let factors = fit_factors(&[&model], &train, &opts, "bench").expect("fit");
+        save_factors(&factor_path, &factors, &serde_json::json!({})).expect("save factors");
     });
     let score = |keep_tokens: bool| {
         let qg = query_gradients(&model, &queries, &opts).expect("queries");
-        let u = precondition_inverse(&factors, &qg.layers, Damping::MeanLambda(0.1))
-            .expect("precondition");
+        let file = FactorFile::open(&factor_path).expect("factors");
+        let names: Vec<String> = file.layer_names().map(str::to_string).collect();
+        let u: Vec<Tensor> = qg
+            .layers
+            .into_iter()
+            .zip(&names)
+            .map(|(g, name)| {
+                let f = file
+                    .load_layers(std::slice::from_ref(name), &dev)
+                    .expect("layer");
+                precondition_inverse(&f, &[g], Damping::MeanLambda(0.1))
+                    .expect("precondition")
+                    .pop()
+                    .expect("one layer")
+            })
+            .collect();
         score_pass(&model, &train, &u, &opts, keep_tokens).expect("score")
     };
+    if std::env::var("BENCH_FIT_ONLY").is_ok_and(|v| v == "1") {
+        eprintln!("bench_attribution: BENCH_FIT_ONLY=1: stopping after the fit");
+        return;
+    }
     let pairwise = timed("pairwise", &mut stages, || score(false));
     let per_token = timed("per_token", &mut stages, || score(true));
     let both = timed("pairwise_and_per_token", &mut stages, || score(true));

@@ -7,6 +7,7 @@ use crate::curvature::fit::{for_each_batch, FitOptions};
 use crate::data::PreparedDoc;
 use crate::error::Result;
 use crate::model::{Labels, Model};
+use crate::util::phase;
 
 use super::lowrank::LayerQuery;
 
@@ -30,6 +31,7 @@ pub fn query_gradients(
     let mut parts: Vec<Vec<(usize, Tensor)>> = vec![Vec::new(); model.tracked_layers().len()];
     let mut measurements = vec![0f32; q];
     for_each_batch(model, queries, opts, "queries", |batch, idx| {
+        let _t = phase::timer("query gradients");
         let cap = model.capture(batch, Labels::Data)?;
         for (k, &i) in idx.iter().enumerate() {
             measurements[i] = cap.losses[k];
@@ -100,7 +102,11 @@ pub fn score_pass_queries(
     let mut per_layer = vec![vec![vec![0f64; n]; q]; u.len()];
     let mut tokens: Option<Vec<Vec<Vec<f32>>>> = keep_tokens.then(|| vec![Vec::new(); n]);
     for_each_batch(model, train, opts, "scoring", |batch, idx| {
-        let cap = model.capture(batch, Labels::Data)?;
+        let cap = {
+            let _t = phase::timer("score: capture");
+            model.capture(batch, Labels::Data)?
+        };
+        let _t = phase::timer("score: contraction");
         let mut total: Option<Tensor> = None;
         for (l, (layer, ul)) in cap.layers.iter().zip(u).enumerate() {
             let s = ul.token_scores(&layer.a, &layer.delta, &cap.attention_mask)?; // [Q, B, T]

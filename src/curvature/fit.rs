@@ -11,8 +11,8 @@ use rayon::prelude::*;
 use crate::data::{plan_batches, BatchOrder, PreparedDoc};
 use crate::error::{Error, Result};
 use crate::model::{Capture, Labels, Model, TokenBatch};
-use crate::util::progress;
 use crate::util::tensors::with_f32;
+use crate::util::{phase, progress};
 
 use super::blocks::BlockDiag;
 use super::covariance::{Covariances, FactorSum};
@@ -162,7 +162,11 @@ fn accumulate_covariances(
 ) -> Result<()> {
     let mut batch_no = 0usize;
     for_each_batch(model, docs, opts, "covariance", |batch, _| {
-        let cap = model.capture(batch, opts.fisher.labels())?;
+        let cap = {
+            let _t = phase::timer("fit: capture");
+            model.capture(batch, opts.fisher.labels())?
+        };
+        let _t = phase::timer("fit: covariance");
         let sums = match sums {
             Some(s) => {
                 checked_groups(&cap, &s.groups)?;
@@ -241,17 +245,23 @@ fn accumulate_lambda(
     lambda: &mut [LambdaSums],
 ) -> Result<()> {
     for_each_batch(model, docs, opts, "eigenvalues", |batch, _| {
-        let cap = model.capture(batch, opts.fisher.labels())?;
+        let cap = {
+            let _t = phase::timer("fit: capture");
+            model.capture(batch, opts.fisher.labels())?
+        };
         checked_groups(&cap, &sums.groups)?;
         let n_inputs = sums.a_of.iter().max().map_or(0, |m| m + 1);
         let mut a_rot: Vec<Option<Tensor>> = vec![None; n_inputs];
         for (l, layer) in cap.layers.iter().enumerate() {
             let k = sums.a_of[l];
+            let rotate = phase::timer("fit: rotate");
             if a_rot[k].is_none() {
                 a_rot[k] = Some(bases[l].q_a.right_mul(&layer.a)?);
             }
             let d_rot = bases[l].q_s.right_mul(&layer.delta)?;
+            drop(rotate);
             let a = a_rot[k].as_ref().expect("rotated above");
+            let _t = phase::timer("fit: eigenvalue correction");
             lambda[l].add_rotated(a, &d_rot, &batch.lengths)?;
         }
         Ok(())
@@ -318,6 +328,7 @@ fn fit(
         jobs.push((sum, name));
     }
     let n_a = jobs.len() - layers.len();
+    let eigen_timer = phase::timer("fit: eigendecomposition");
     let pb = progress::bar(jobs.len() as u64, "eigendecomposition");
     let mut decomposed: Vec<Decomposed> = jobs
         .into_par_iter()
@@ -328,6 +339,7 @@ fn fit(
         })
         .collect::<Result<_>>()?;
     pb.finish_and_clear();
+    drop(eigen_timer);
     let s_dec = decomposed.split_off(n_a);
     let a_dec = decomposed;
     let mut bases = Vec::with_capacity(layers.len());

@@ -10,7 +10,7 @@ use candle_core::{Tensor, D};
 use crate::error::{Error, Result};
 
 use super::batch::TokenBatch;
-use super::linear::Recorder;
+use super::linear::{DeltaSource, Recorder};
 use super::lm::Model;
 use super::loss;
 
@@ -101,12 +101,24 @@ impl Model {
         // Layers fed the same tensor (q/k/v, gate/up) share one prepared `a` (same id).
         let mut prepared: Vec<(candle_core::TensorId, bool, Tensor)> = Vec::new();
         for (info, slot) in self.tracked_layers().iter().zip(rec.slots) {
-            let (a, eps) = slot.ok_or_else(|| {
+            let (a, source) = slot.ok_or_else(|| {
                 Error::Model(format!("tracked layer `{}` was not run", info.name))
             })?;
-            let delta = match grads.get(eps.as_tensor()) {
-                Some(g) => g.clone(),
-                None => eps.as_tensor().zeros_like()?,
+            let delta = match source {
+                DeltaSource::Slot(slot, shape) => {
+                    let got = slot
+                        .lock()
+                        .map_err(|_| Error::Model("capture: δ slot lock poisoned".into()))?
+                        .take();
+                    match got {
+                        Some(g) => g,
+                        None => Tensor::zeros(shape, a.dtype(), a.device())?,
+                    }
+                }
+                DeltaSource::Perturbation(eps) => match grads.get(eps.as_tensor()) {
+                    Some(g) => g.clone(),
+                    None => eps.as_tensor().zeros_like()?,
+                },
             };
             let key = (a.id(), info.has_bias);
             let a = match prepared.iter().find(|(id, b, _)| (*id, *b) == key) {

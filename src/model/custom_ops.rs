@@ -33,12 +33,17 @@ fn poisoned() -> candle_core::Error {
     candle_core::Error::Msg("custom op state lock poisoned".into())
 }
 
+/// Where the backward of [`linear_input_grad_only`] leaves ∂L/∂y (δ of a tracked layer).
+pub type DeltaSlot = std::sync::Arc<Mutex<Option<Tensor>>>;
+
 struct InputGradLinear {
     /// The precomputed output y = x Wᵀ (taken by the forward).
     y: Mutex<Option<Vec<f32>>>,
     shape: Shape,
     /// W [d_out, d_in], detached.
     w: Tensor,
+    /// Receives ∂L/∂y when the backward runs.
+    delta: Option<DeltaSlot>,
 }
 
 impl CustomOp1 for InputGradLinear {
@@ -57,6 +62,9 @@ impl CustomOp1 for InputGradLinear {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if let Some(slot) = &self.delta {
+            *slot.lock().map_err(|_| poisoned())? = Some(g.detach());
+        }
         let d_out = self.w.dim(0)?;
         let n = g.elem_count() / d_out;
         let gx = g.reshape((n, d_out))?.matmul(&self.w)?;
@@ -64,17 +72,25 @@ impl CustomOp1 for InputGradLinear {
     }
 }
 
+/// Whether [`linear_input_grad_only`] runs as the custom op (f32 on the CPU) for input `x`:
+/// only then is a [`DeltaSlot`] filled by the backward.
+pub fn is_custom_linear(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
 /// y = x Wᵀ for x [..., d_in] (f32, CPU) and W [d_out, d_in], differentiable in x only: the
-/// backward computes ∂L/∂x = (∂L/∂y) W and no gradient for W. Other devices and dtypes use
-/// candle's matmul (which also forms ∂L/∂W).
-pub fn linear_input_grad_only(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// backward computes ∂L/∂x = (∂L/∂y) W and no gradient for W, and leaves ∂L/∂y in `delta`
+/// when given (a capture's δ, with no extra tensor in the graph). Other devices and dtypes
+/// use candle's matmul (which also forms ∂L/∂W) and never fill `delta`
+/// (see [`is_custom_linear`]).
+pub fn linear_input_grad_only(x: &Tensor, w: &Tensor, delta: Option<DeltaSlot>) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let d_in = *dims.last().unwrap_or(&0);
     let n = x.elem_count() / d_in.max(1);
     if let Some(last) = dims.last_mut() {
         *last = w.dim(0)?;
     }
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+    if !is_custom_linear(x) {
         return Ok(x.reshape((n, d_in))?.matmul(&w.t()?)?.reshape(dims)?);
     }
     let w = w.detach();
@@ -83,6 +99,7 @@ pub fn linear_input_grad_only(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         y: Mutex::new(Some(y.flatten_all()?.to_vec1::<f32>()?)),
         shape: Shape::from(dims),
         w,
+        delta,
     };
     Ok(x.apply_op1(op)?)
 }
@@ -212,7 +229,7 @@ mod tests {
         let x = Var::randn(0f32, 1.0, (2, 3, 5), &dev).unwrap();
         let w = Var::randn(0f32, 1.0, (4, 5), &dev).unwrap();
         let c = Tensor::randn(0f32, 1.0, (2, 3, 4), &dev).unwrap();
-        let y = linear_input_grad_only(x.as_tensor(), w.as_tensor()).unwrap();
+        let y = linear_input_grad_only(x.as_tensor(), w.as_tensor(), None).unwrap();
         let want = x
             .as_tensor()
             .broadcast_matmul(&w.as_tensor().t().unwrap())

@@ -5,11 +5,11 @@
 //! y's shape to the output: y + ε has the same value, and after backward ∂L/∂ε = ∂L/∂y = δ
 //! (candle's backward keeps gradients only for `Var`s, see NOTES-rust-stack.md).
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Shape, Tensor, Var};
 
 use crate::error::Result;
 
-use super::custom_ops::linear_input_grad_only;
+use super::custom_ops::{is_custom_linear, linear_input_grad_only, DeltaSlot};
 use super::weights::TensorSource;
 
 /// One trainable tensor with its Hugging Face name.
@@ -65,11 +65,22 @@ impl<'a> ParamLoader<'a> {
     }
 }
 
-/// Per-forward record of tracked layers' inputs and zero output perturbations.
+/// How a tracked layer's δ = ∂L/∂y is obtained after the backward.
+#[derive(Debug)]
+pub enum DeltaSource {
+    /// Left by the custom linear op's backward (f32 on the CPU); empty when the output did
+    /// not reach the loss. Holds the output shape for that case.
+    Slot(DeltaSlot, Shape),
+    /// The gradient of a zero `Var` ε added to the output (other devices and dtypes):
+    /// y + ε has the numerics of y and ∂L/∂ε = δ.
+    Perturbation(Var),
+}
+
+/// Per-forward record of tracked layers' inputs and where their δ comes from.
 #[derive(Debug, Default)]
 pub struct Recorder {
-    /// Indexed by tracked-layer slot: (a [B, T, d_in] detached, ε [B, T, d_out]).
-    pub slots: Vec<Option<(Tensor, Var)>>,
+    /// Indexed by tracked-layer slot: (a [B, T, d_in] detached, δ's source).
+    pub slots: Vec<Option<(Tensor, DeltaSource)>>,
     /// The last input recorded, by the id of the live tensor it was detached from: layers
     /// fed the same tensor (q/k/v, gate/up) get clones of one detached tensor, so later
     /// stages can recognise a shared input by [`Tensor::id`] and compute its factor once.
@@ -159,9 +170,12 @@ impl TrackedLinear {
     /// x: [B, T, d_in] → y: [B, T, d_out]. Records (x, ε) when tracked and `rec` is given.
     pub fn forward(&self, x: &Tensor, rec: Option<&mut Recorder>) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
-        // In a capture (`rec` given) only ∂L/∂(layer outputs) are wanted: skip ∂L/∂W.
+        let tracked = rec.is_some() && self.slot.is_some();
+        // In a capture (`rec` given) only ∂L/∂(layer outputs) are wanted: skip ∂L/∂W, and
+        // let the op's backward hand over δ when it can.
+        let slot: Option<DeltaSlot> = (tracked && is_custom_linear(x)).then(DeltaSlot::default);
         let y = if rec.is_some() {
-            linear_input_grad_only(x, self.weight.as_tensor())?
+            linear_input_grad_only(x, self.weight.as_tensor(), slot.clone())?
         } else {
             x.reshape((b * t, d_in))?
                 .matmul(&self.weight.as_tensor().t()?)?
@@ -172,11 +186,16 @@ impl TrackedLinear {
             None => y,
         };
         match (rec, self.slot) {
-            (Some(rec), Some(slot)) => {
-                let eps = Var::zeros(y.shape(), y.dtype(), y.device())?;
-                let y = (y + eps.as_tensor())?;
+            (Some(rec), Some(i)) => {
                 let a = rec.detached_input(x);
-                rec.slots[slot] = Some((a, eps));
+                let (y, source) = match slot {
+                    Some(slot) => (y.clone(), DeltaSource::Slot(slot, y.shape().clone())),
+                    None => {
+                        let eps = Var::zeros(y.shape(), y.dtype(), y.device())?;
+                        ((y + eps.as_tensor())?, DeltaSource::Perturbation(eps))
+                    }
+                };
+                rec.slots[i] = Some((a, source));
                 Ok(y)
             }
             _ => Ok(y),

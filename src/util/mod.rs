@@ -3,6 +3,7 @@
 pub mod fsx;
 pub mod hash;
 pub mod mem;
+pub mod phase;
 pub mod progress;
 pub mod rng;
 pub mod tensors;
