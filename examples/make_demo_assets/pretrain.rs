@@ -122,6 +122,7 @@ pub fn pretrain(
             step_start: 0,
             step_end: steps,
             lr_mass: LrMass::Finite(out.rates.iter().sum()),
+            clip_factors: Vec::new(),
             learning_rates: out.rates.clone(),
             optimizer: out.optimizer.clone(),
             dataset: "source-tda/demo-facts data/pretrain.jsonl".into(),

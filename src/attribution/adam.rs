@@ -1,40 +1,72 @@
-//! Source's Adam variant (DESIGN.md §2): with an Adam update the step Jacobian is
-//! I − η P H, P = diag(1/(√v̂ + ε)). With p̄ the segment average of 1/(√v̂ + ε) and d = diag(H̄),
-//! σ_p = p̄ ⊙ d; propagation is elementwise exp(−s σ_p), injection is elementwise
-//! (1 − exp(−s σ_p)) followed by H̄⁻¹ (tiny damping). It wraps any [`Curvature`], so the
-//! Source walk runs unchanged.
+//! Source's Adam variant. With an Adam update (Adam's v̂ held fixed within a segment) the
+//! linearised step is δθ ← (I − η P H) δθ − η P δg, P = diag(p̄), p̄ = the segment average of
+//! 1/(√v̂ + ε). Over a segment of mass s that gives, on the query side,
+//!
+//!   propagation  v ← exp(−s H P) v,
+//!   injection    u = H⁻¹ (I − exp(−s H P)) v = s P φ(s H P) v,   φ(x) = (1 − e^{−x}) / x,
+//!
+//! (the second form is an exact identity: I − e^{−sX} = s X φ(sX) with X = HP). P and H do
+//! not share an eigenbasis, so HP is approximated in H̄'s EK-FAC eigenbasis Q by
+//! Λ ⊙ p_Q with p_Q = diag(Qᵀ P Q) = (Q_S ∘ Q_S)ᵀ p̄ (Q_A ∘ Q_A), the best diagonal stand-in
+//! for P in that basis. So, per eigen-direction e with eigenvalue σ_e,
+//!
+//!   propagation  Q exp(−s σ_e p_Q,e) Qᵀ v,
+//!   injection    u = s p̄ ⊙ (Q φ(s σ_e p_Q,e) Qᵀ v).
+//!
+//! Both limits hold without damping: s σ ≪ 1 gives u = s P v exactly (Adam's preconditioned
+//! gradient dot product: what a short fine-tune does to first order), and when P = c I
+//! within a layer the formulas are exact for every s (then u = F_r(H) v at mass c s, and
+//! s → ∞ gives H⁻¹ v).
+//!
+//! An earlier form (σ_p = p̄ ⊙ diag(H̄) elementwise, then a damped H̄⁻¹) mixed the parameter
+//! basis and the eigenbasis: for small s it gave H̄⁻¹ (s p̄ ⊙ diag(H̄) ⊙ v) instead of s P v,
+//! which on short fine-tunes ranked documents worse than the plain influence function.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::curvature::{BlockDiag, EigenBasis, LayerFactors};
 use crate::error::{Error, Result};
 
 use super::functions::SpectralFn;
+use super::precondition::apply_in_basis;
 use super::source::{Curvature, Damping};
 
-/// A segment's curvature seen through Adam's preconditioner.
+/// A segment's curvature seen through Adam's (fixed, diagonal) preconditioner P = diag(p̄).
 pub struct AdamCurvature<'a> {
     /// H̄ (EK-FAC or dense).
     pub inner: &'a dyn Curvature,
-    /// σ_p = p̄ ⊙ diag(H̄) per layer, shaped like the layer's gradient [d_out, d_in].
-    pub sigma: Vec<Tensor>,
-    /// Damping of the H̄⁻¹ that follows the injection.
-    pub damping: Damping,
+    /// p̄: the segment's average of 1/(√v̂ + ε) per layer, shaped like the layer's gradient
+    /// [d_out, d_in].
+    pub p_bar: Vec<Tensor>,
+}
+
+/// φ(x) = (1 − e^{−x}) / x = −expm1(−x)/x, φ(0) = 1; x < 0 (negative curvature) is clamped
+/// to 0 like F_r.
+pub fn phi(x: f64) -> f64 {
+    let x = x.max(0.0);
+    if x < 1e-10 {
+        1.0 - 0.5 * x
+    } else {
+        -(-x).exp_m1() / x
+    }
 }
 
 impl Curvature for AdamCurvature<'_> {
     fn apply(&self, v: &[Tensor], f: SpectralFn) -> Result<Vec<Tensor>> {
-        let elementwise = |g: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<Vec<Tensor>> {
-            v.iter()
-                .zip(&self.sigma)
-                .map(|(vl, sl)| Ok(vl.broadcast_mul(&g(sl)?)?))
-                .collect()
-        };
+        check_shapes(v, &self.p_bar)?;
         match f {
-            SpectralFn::Propagate { s } => elementwise(&|sig| Ok((sig * -s)?.exp()?)),
+            SpectralFn::Propagate { s } => {
+                self.inner
+                    .apply_preconditioned(v, &self.p_bar, &|sig, p| (-s * sig.max(0.0) * p).exp())
+            }
             SpectralFn::Inject { s } => {
-                let w = elementwise(&|sig| Ok(((sig * -s)?.exp()?.neg()? + 1.0)?))?;
-                self.inner.inverse(&w, self.damping)
+                let y = self
+                    .inner
+                    .apply_preconditioned(v, &self.p_bar, &|sig, p| phi(s * sig * p))?;
+                y.iter()
+                    .zip(&self.p_bar)
+                    .map(|(yl, pl)| Ok((yl.broadcast_mul(pl)? * s)?))
+                    .collect()
             }
             SpectralFn::Inverse { damping } => self.inner.inverse(v, Damping::Absolute(damping)),
             SpectralFn::Identity => Ok(v.to_vec()),
@@ -44,11 +76,41 @@ impl Curvature for AdamCurvature<'_> {
     fn inverse(&self, v: &[Tensor], damping: Damping) -> Result<Vec<Tensor>> {
         self.inner.inverse(v, damping)
     }
+
+    fn apply_preconditioned(
+        &self,
+        v: &[Tensor],
+        p: &[Tensor],
+        f: &dyn Fn(f64, f64) -> f64,
+    ) -> Result<Vec<Tensor>> {
+        self.inner.apply_preconditioned(v, p, f)
+    }
 }
 
-/// diag(H̄) of one layer's EK-FAC factors, shaped [d_out, d_in]:
-/// d = (Q_S ∘ Q_S) Λ (Q_A ∘ Q_A)ᵀ, i.e. the eigenbasis back-rotation with squared blocks.
-pub fn ekfac_diagonal(f: &LayerFactors) -> Result<Tensor> {
+fn check_shapes(v: &[Tensor], p: &[Tensor]) -> Result<()> {
+    if v.len() != p.len() {
+        return Err(Error::Numeric(format!(
+            "Adam preconditioner covers {} layers but the gradient has {}",
+            p.len(),
+            v.len()
+        )));
+    }
+    for (vl, pl) in v.iter().zip(p) {
+        let d = vl.dims();
+        if d.len() < 2 || &d[d.len() - 2..] != pl.dims() {
+            return Err(Error::Numeric(format!(
+                "Adam preconditioner {:?} and gradient {:?} differ in shape",
+                pl.dims(),
+                d
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The basis with every entry squared: rotating with it gives diagonals in the eigenbasis,
+/// unrotating gives diagonals in the parameter basis.
+fn squared(basis: &EigenBasis) -> Result<EigenBasis> {
     let sq = |b: &BlockDiag| -> Result<BlockDiag> {
         Ok(BlockDiag {
             layout: b.layout.clone(),
@@ -59,72 +121,44 @@ pub fn ekfac_diagonal(f: &LayerFactors) -> Result<Tensor> {
                 .collect::<candle_core::Result<_>>()?,
         })
     };
-    let squared = EigenBasis {
-        q_a: sq(&f.basis.q_a)?,
-        q_s: sq(&f.basis.q_s)?,
+    Ok(EigenBasis {
+        q_a: sq(&basis.q_a)?,
+        q_s: sq(&basis.q_s)?,
         eig_a: Vec::new(),
         eig_s: Vec::new(),
-    };
-    let lambda = f.lambda.to_dtype(candle_core::DType::F32)?;
-    squared.unrotate(&lambda)
+    })
 }
 
-/// σ_p = p̄ ⊙ d for every layer, checking shapes.
-pub fn adam_sigma(p_bar: &[Tensor], diag: &[Tensor]) -> Result<Vec<Tensor>> {
-    p_bar
-        .iter()
-        .zip(diag)
-        .map(|(p, d)| {
-            if p.dims() != d.dims() {
-                return Err(Error::Numeric(format!(
-                    "Adam preconditioner {:?} and curvature diagonal {:?} differ in shape",
-                    p.dims(),
-                    d.dims()
-                )));
-            }
-            Ok((p * d)?)
-        })
-        .collect()
+/// p_Q = diag(Qᵀ diag(p) Q) for Q = Q_S ⊗ Q_A: (Q_S ∘ Q_S)ᵀ p (Q_A ∘ Q_A), shaped [d_out, d_in].
+pub fn eigenbasis_diagonal(basis: &EigenBasis, p: &Tensor) -> Result<Tensor> {
+    squared(basis)?.rotate(&p.to_dtype(DType::F32)?)
+}
+
+/// Q diag(F(Λ, p_Q)) Qᵀ v for one EK-FAC layer.
+pub(crate) fn ekfac_apply_preconditioned(
+    f: &LayerFactors,
+    v: &Tensor,
+    p: &Tensor,
+    func: &dyn Fn(f64, f64) -> f64,
+) -> Result<Tensor> {
+    let (o, i) = f.lambda.dims2()?;
+    let pq: Vec<f64> = eigenbasis_diagonal(&f.basis, p)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1()?;
+    let lam: Vec<f64> = f.lambda.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let w: Vec<f64> = lam.iter().zip(&pq).map(|(&l, &p)| func(l, p)).collect();
+    let w = Tensor::from_vec(w, (o, i), f.lambda.device())?.to_dtype(DType::F32)?;
+    apply_in_basis(&f.basis, &w, v)
+}
+
+/// diag(H̄) of one layer's EK-FAC factors, shaped [d_out, d_in]:
+/// d = (Q_S ∘ Q_S) Λ (Q_A ∘ Q_A)ᵀ, i.e. the eigenbasis back-rotation with squared blocks.
+pub fn ekfac_diagonal(f: &LayerFactors) -> Result<Tensor> {
+    let lambda = f.lambda.to_dtype(DType::F32)?;
+    squared(&f.basis)?.unrotate(&lambda)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::curvature::test_support::{max_abs_diff, random_factors};
-
-    #[test]
-    fn ekfac_diagonal_is_the_diagonal_of_the_kronecker_curvature() {
-        let f = random_factors("l", (6, 5, 4, 3), Some(3));
-        let d: Vec<Vec<f32>> = ekfac_diagonal(&f).unwrap().to_vec2().unwrap();
-        let qs: Vec<Vec<f32>> = f.basis.q_s.to_dense().unwrap().to_vec2().unwrap();
-        let qa: Vec<Vec<f32>> = f.basis.q_a.to_dense().unwrap().to_vec2().unwrap();
-        let lam: Vec<Vec<f64>> = f.lambda.to_vec2().unwrap();
-        for o in 0..3 {
-            for i in 0..4 {
-                // H[(o,i),(o,i)] = Σ_{p,j} Q_S[o,p]² Q_A[i,j]² Λ[p,j]
-                let mut want = 0f64;
-                for (p, row) in lam.iter().enumerate() {
-                    for (j, l) in row.iter().enumerate() {
-                        want += (qs[o][p] as f64).powi(2) * (qa[i][j] as f64).powi(2) * l;
-                    }
-                }
-                assert!((d[o][i] as f64 - want).abs() <= 1e-5 * want.abs().max(1e-6));
-            }
-        }
-    }
-
-    #[test]
-    fn zero_sigma_propagates_unchanged() {
-        let f = vec![random_factors("l", (6, 5, 4, 3), None)];
-        let v = vec![Tensor::randn(0f32, 1.0, (2, 3, 4), &candle_core::Device::Cpu).unwrap()];
-        let a = AdamCurvature {
-            inner: &f,
-            sigma: vec![
-                Tensor::zeros((3, 4), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
-            ],
-            damping: Damping::Absolute(1e-3),
-        };
-        let out = a.apply(&v, SpectralFn::Propagate { s: 5.0 }).unwrap();
-        assert_eq!(max_abs_diff(&out[0], &v[0]), 0.0);
-    }
-}
+#[path = "adam_tests.rs"]
+mod tests;

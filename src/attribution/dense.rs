@@ -26,22 +26,17 @@ impl DenseCurvature {
     }
 
     fn apply_scalar(&self, v: &[Tensor], f: &dyn Fn(f64) -> f64) -> Result<Vec<Tensor>> {
-        let [v] = v else {
-            return Err(Error::Numeric(
-                "dense curvature covers exactly one layer".into(),
-            ));
-        };
+        let fv: Vec<f64> = self.eig.values.iter().map(|&s| f(s)).collect();
+        self.apply_weights(v, &fv)
+    }
+
+    /// Q diag(w) Qᵀ v with one weight per eigenvector.
+    fn apply_weights(&self, v: &[Tensor], fv: &[f64]) -> Result<Vec<Tensor>> {
+        let v = self.single(v)?;
         let shape = v.dims().to_vec();
-        let (q, p) = (shape[0], shape[1..].iter().product::<usize>());
-        if p != self.eig.n {
-            return Err(Error::Numeric(format!(
-                "dense curvature is {0}×{0} but the gradient has {p} entries",
-                self.eig.n
-            )));
-        }
+        let q = shape[0];
         let n = self.eig.n;
         let x: Vec<f64> = v.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-        let fv: Vec<f64> = self.eig.values.iter().map(|&s| f(s)).collect();
         let qm = &self.eig.vectors; // row-major, column e = eigenvector e
         let mut y = vec![0f64; q * n];
         for qi in 0..q {
@@ -56,6 +51,23 @@ impl DenseCurvature {
         Ok(vec![
             Tensor::from_vec(y, shape, v.device())?.to_dtype(v.dtype())?
         ])
+    }
+
+    /// The one layer's gradient [Q, …] with P entries per query.
+    fn single<'t>(&self, v: &'t [Tensor]) -> Result<&'t Tensor> {
+        let [v] = v else {
+            return Err(Error::Numeric(
+                "dense curvature covers exactly one layer".into(),
+            ));
+        };
+        let p: usize = v.dims()[1..].iter().product();
+        if p != self.eig.n {
+            return Err(Error::Numeric(format!(
+                "dense curvature is {0}×{0} but the gradient has {p} entries",
+                self.eig.n
+            )));
+        }
+        Ok(v)
     }
 }
 
@@ -72,5 +84,35 @@ impl Curvature for DenseCurvature {
             }
         };
         self.apply_scalar(v, &|s| 1.0 / (s + d))
+    }
+
+    fn apply_preconditioned(
+        &self,
+        v: &[Tensor],
+        p: &[Tensor],
+        f: &dyn Fn(f64, f64) -> f64,
+    ) -> Result<Vec<Tensor>> {
+        let [p] = p else {
+            return Err(Error::Numeric(
+                "dense curvature covers exactly one layer".into(),
+            ));
+        };
+        let n = self.eig.n;
+        let pv: Vec<f64> = p.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        if pv.len() != n {
+            return Err(Error::Numeric(format!(
+                "dense curvature is {n}×{n} but the preconditioner has {} entries",
+                pv.len()
+            )));
+        }
+        let qm = &self.eig.vectors;
+        // p_e = Σ_r Q[r, e]² p_r.
+        let fv: Vec<f64> = (0..n)
+            .map(|e| {
+                let pe: f64 = (0..n).map(|r| qm[r * n + e].powi(2) * pv[r]).sum();
+                f(self.eig.values[e], pe)
+            })
+            .collect();
+        self.apply_weights(v, &fv)
     }
 }

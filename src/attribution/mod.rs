@@ -11,7 +11,7 @@ pub mod precondition;
 pub mod score;
 pub mod source;
 
-pub use adam::{adam_sigma, ekfac_diagonal, AdamCurvature};
+pub use adam::{eigenbasis_diagonal, ekfac_diagonal, phi, AdamCurvature};
 pub use contract::token_scores;
 pub use dense::DenseCurvature;
 pub use functions::{inject, SpectralFn};

@@ -49,6 +49,17 @@ pub trait Curvature {
 
     /// The damped inverse (H̄ + λ)⁻¹ v.
     fn inverse(&self, v: &[Tensor], damping: Damping) -> Result<Vec<Tensor>>;
+
+    /// Q diag(F(σ_e, p_e)) Qᵀ v: a function of each eigenvalue σ_e of H̄ (eigenvector q_e)
+    /// and of p_e = q_eᵀ diag(p) q_e, the diagonal of a diagonal preconditioner `p` (per
+    /// layer, shaped like the layer's gradient [d_out, d_in]) in H̄'s eigenbasis. Source's
+    /// Adam variant ([`super::adam`]) is built on it.
+    fn apply_preconditioned(
+        &self,
+        v: &[Tensor],
+        p: &[Tensor],
+        f: &dyn Fn(f64, f64) -> f64,
+    ) -> Result<Vec<Tensor>>;
 }
 
 impl Curvature for Vec<LayerFactors> {
@@ -58,6 +69,19 @@ impl Curvature for Vec<LayerFactors> {
 
     fn inverse(&self, v: &[Tensor], damping: Damping) -> Result<Vec<Tensor>> {
         precondition_inverse(self, v, damping)
+    }
+
+    fn apply_preconditioned(
+        &self,
+        v: &[Tensor],
+        p: &[Tensor],
+        f: &dyn Fn(f64, f64) -> f64,
+    ) -> Result<Vec<Tensor>> {
+        self.iter()
+            .zip(v)
+            .zip(p)
+            .map(|((lf, g), pl)| super::adam::ekfac_apply_preconditioned(lf, g, pl, f))
+            .collect()
     }
 }
 

@@ -248,6 +248,14 @@ fn stage_segments(
         let (a, b) = (plan.start - out.step_offset, plan.end - out.step_offset);
         let rates = out.rates[a as usize..b as usize].to_vec();
         let mass: f64 = rates.iter().sum();
+        // c_k = PyTorch's clip_grad_norm_ factor, from each step's logged pre-clip norm.
+        let clip_factors: Vec<f64> = match t.max_grad_norm {
+            Some(max) => out.log[a as usize..b as usize]
+                .iter()
+                .map(|l| (max / (l.grad_norm + 1e-6)).min(1.0))
+                .collect(),
+            None => Vec::new(),
+        };
         let checkpoints = plan
             .checkpoints
             .iter()
@@ -267,6 +275,7 @@ fn stage_segments(
             step_end: plan.end,
             learning_rates: rates,
             lr_mass: LrMass::Finite(mass),
+            clip_factors,
             optimizer: out.optimizer.clone(),
             dataset: t.dataset.clone(),
             n_docs: n_docs as u64,
@@ -315,6 +324,7 @@ fn pretrain_segment(ctx: &StageContext, base_dir: &Path) -> Result<Vec<Segment>>
                         MassSpec::Value(v) => LrMass::Finite(v),
                         MassSpec::Word(_) => LrMass::Converged,
                     },
+                    clip_factors: Vec::new(),
                     optimizer: OptimizerInfo::Unknown,
                     dataset: role.clone(),
                     n_docs: n,

@@ -60,6 +60,13 @@ pub fn recorded_segment(fetched: &Fetched, role: &str, out_dir: &Path) -> Result
         false => LrMass::Finite(
             segs.iter()
                 .map(|s| match s.lr_mass {
+                    // With recorded clip factors, the mass the optimizer stepped with.
+                    LrMass::Finite(_) if !s.clip_factors.is_empty() => s
+                        .learning_rates
+                        .iter()
+                        .zip(&s.clip_factors)
+                        .map(|(e, c)| e * c)
+                        .sum(),
                     LrMass::Finite(m) => m,
                     LrMass::Converged => 0.0,
                 })
@@ -94,6 +101,7 @@ pub fn recorded_segment(fetched: &Fetched, role: &str, out_dir: &Path) -> Result
         step_end: 0,
         learning_rates: Vec::new(),
         lr_mass,
+        clip_factors: Vec::new(),
         optimizer: last.optimizer.clone(),
         dataset: role.to_string(),
         // N: the documents pretraining averaged over, not the size of the run's sample.

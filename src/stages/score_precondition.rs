@@ -6,8 +6,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::attribution::{
-    adam_sigma, ekfac_diagonal, precondition_inverse, source_walk, AdamCurvature, Curvature,
-    Damping, SegmentCurvature,
+    precondition_inverse, source_walk, AdamCurvature, Curvature, Damping, SegmentCurvature,
 };
 use crate::config::MethodKind;
 use crate::curvature::{FactorFile, LayerFactors};
@@ -69,12 +68,9 @@ fn precondition_group(
                     let Some(eps) = s.adam_eps else {
                         return Ok(None);
                     };
-                    let p_bar = adam_p_bar(s, f, eps)?;
-                    let diag: Vec<Tensor> = f.iter().map(ekfac_diagonal).collect::<Result<_>>()?;
                     Ok(Some(AdamCurvature {
                         inner: f as &dyn Curvature,
-                        sigma: adam_sigma(&p_bar, &diag)?,
-                        damping,
+                        p_bar: adam_p_bar(s, f, eps)?,
                     }))
                 })
                 .collect::<Result<_>>()?;

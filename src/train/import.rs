@@ -236,6 +236,7 @@ pub fn import_trainer(
             step_start: start,
             step_end: end,
             lr_mass: LrMass::Finite(rates.iter().sum()),
+            clip_factors: Vec::new(),
             learning_rates: rates,
             optimizer: info.clone(),
             dataset: dataset.to_string(),

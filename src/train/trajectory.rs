@@ -99,6 +99,12 @@ pub struct Segment {
     pub learning_rates: Vec<f64>,
     /// s: the sum of `learning_rates`, or the declared mass.
     pub lr_mass: LrMass,
+    /// c_k = min(1, max_grad_norm / (‖g_k‖ + 1e-6)): the factor gradient clipping scaled
+    /// each step's gradient by (empty: no clipping recorded, c_k = 1). The optimizer stepped
+    /// on c_k J_k, so the step Jacobian is I − η_k c_k (P) H and the effective mass is
+    /// Σ η_k c_k (DESIGN.md §2: the curvature and mass of the objective actually stepped on).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clip_factors: Vec<f64>,
     /// The optimizer.
     pub optimizer: OptimizerInfo,
     /// The data role it trained on (`train`, `pretrain`) as prepared in the run.
@@ -119,9 +125,20 @@ impl Segment {
         self.step_end - self.step_start
     }
 
-    /// The effective learning-rate mass: s, or s / (1 − β) with heavy-ball momentum.
+    /// The effective learning-rate mass: s = Σ η_k c_k with the recorded clip factors c_k
+    /// (Σ η_k without them), divided by (1 − β) with heavy-ball momentum.
     pub fn effective_mass(&self) -> LrMass {
-        match (self.lr_mass, &self.optimizer) {
+        let m = match self.lr_mass {
+            LrMass::Finite(_) if !self.clip_factors.is_empty() => LrMass::Finite(
+                self.learning_rates
+                    .iter()
+                    .zip(&self.clip_factors)
+                    .map(|(e, c)| e * c)
+                    .sum(),
+            ),
+            m => m,
+        };
+        match (m, &self.optimizer) {
             (LrMass::Finite(s), OptimizerInfo::Momentum { beta, .. }) => {
                 LrMass::Finite(s / (1.0 - beta))
             }
@@ -186,6 +203,18 @@ impl Trajectory {
                     s.steps()
                 ));
             }
+            if !s.clip_factors.is_empty() {
+                if s.clip_factors.len() != s.learning_rates.len() {
+                    return Err(format!(
+                        "segment {i}: {} clip factors for {} learning rates",
+                        s.clip_factors.len(),
+                        s.learning_rates.len()
+                    ));
+                }
+                if let Some(c) = s.clip_factors.iter().find(|c| !(**c > 0.0 && **c <= 1.0)) {
+                    return Err(format!("segment {i}: clip factor {c} is outside (0, 1]"));
+                }
+            }
             if let LrMass::Finite(mass) = s.lr_mass {
                 if !(mass.is_finite() && mass >= 0.0) {
                     return Err(format!("segment {i}: learning-rate mass {mass} is invalid"));
@@ -238,6 +267,7 @@ mod tests {
             step_start: start,
             step_end: end,
             lr_mass: LrMass::Finite(lrs.iter().sum()),
+            clip_factors: Vec::new(),
             learning_rates: lrs,
             optimizer: OptimizerInfo::Momentum {
                 beta: 0.9,
@@ -278,5 +308,39 @@ mod tests {
         let mut bad = t.clone();
         bad.segments[1].checkpoints[0].step = 1;
         assert!(bad.validate().unwrap_err().contains("outside steps"));
+    }
+
+    #[test]
+    fn clip_factors_scale_the_mass_and_are_checked() {
+        let mut t = Trajectory {
+            version: TRAJECTORY_VERSION,
+            base_model: "org/m".into(),
+            base_commit: None,
+            loss_normalization: LossNormalization::SumPerDocument,
+            segments: vec![seg(vec![0.1, 0.2], 0)],
+        };
+        t.segments[0].clip_factors = vec![0.5, 0.25];
+        t.validate().unwrap();
+        let json = serde_json::to_string(&t).unwrap();
+        assert!(json.contains("clip_factors"));
+        assert_eq!(serde_json::from_str::<Trajectory>(&json).unwrap(), t);
+        let LrMass::Finite(m) = t.segments[0].effective_mass() else {
+            panic!("finite")
+        };
+        // (0.1 · 0.5 + 0.2 · 0.25) / (1 − 0.9); the recorded Σ η stays 0.3.
+        assert!((m - 0.1 / 0.1).abs() < 1e-12, "Σ η c / (1 − β): {m}");
+        assert_eq!(t.segments[0].lr_mass, LrMass::Finite(0.1 + 0.2));
+        // Without clip factors the file has no such key (older trajectories read unchanged).
+        let plain = seg(vec![0.1], 0);
+        assert!(!serde_json::to_string(&plain)
+            .unwrap()
+            .contains("clip_factors"));
+
+        let mut bad = t.clone();
+        bad.segments[0].clip_factors = vec![0.5];
+        assert!(bad.validate().unwrap_err().contains("1 clip factors for 2"));
+        let mut bad = t.clone();
+        bad.segments[0].clip_factors = vec![0.5, 1.5];
+        assert!(bad.validate().unwrap_err().contains("outside (0, 1]"));
     }
 }
