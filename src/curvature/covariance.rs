@@ -89,6 +89,44 @@ impl CovarianceSums {
         Ok(())
     }
 
+    /// Adds sums computed elsewhere (a GPU backend): `a_blocks[k]` = Σ_t m_t a_t a_tᵀ over
+    /// block k of A and `s_blocks[k]` the same for S (f64 or f32, on any device), over
+    /// `tokens` kept positions.
+    pub fn add_block_sums(
+        &mut self,
+        a_blocks: &[Tensor],
+        s_blocks: &[Tensor],
+        tokens: u64,
+    ) -> Result<()> {
+        if a_blocks.len() != self.a.len() || s_blocks.len() != self.s.len() {
+            return Err(Error::Numeric(format!(
+                "covariance: {} + {} block sums for a layout of {} + {} blocks",
+                a_blocks.len(),
+                s_blocks.len(),
+                self.a.len(),
+                self.s.len()
+            )));
+        }
+        for (sum, add) in self
+            .a
+            .iter_mut()
+            .zip(a_blocks)
+            .chain(self.s.iter_mut().zip(s_blocks))
+        {
+            if sum.dims() != add.dims() {
+                return Err(Error::Numeric(format!(
+                    "covariance: a block sum of shape {:?} for a block of {:?}",
+                    add.dims(),
+                    sum.dims()
+                )));
+            }
+            let add = add.to_device(sum.device())?.to_dtype(DType::F64)?;
+            *sum = (&*sum + add)?;
+        }
+        self.tokens += tokens;
+        Ok(())
+    }
+
     /// Divides by the token count and symmetrises.
     pub fn normalized(&self) -> Result<Covariances> {
         let n = self.tokens.max(1) as f64;

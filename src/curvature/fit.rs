@@ -5,14 +5,16 @@
 //! Conventions (those of the kronfluence reference pack): A and S are normalised by the
 //! number of real tokens (attention mask), Λ by the number of documents.
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
+
+use crate::backend::{Backend, CpuBackend};
 
 use crate::data::{plan_batches, BatchOrder, PreparedDoc};
 use crate::error::{Error, Result};
 use crate::model::{Labels, Model, TokenBatch};
 use crate::util::progress;
 
-use super::covariance::{masked_rows, CovarianceSums, Covariances};
+use super::covariance::{CovarianceSums, Covariances};
 use super::lambda::{EigenBasis, LambdaSums};
 
 /// Which Fisher the factors estimate.
@@ -96,8 +98,20 @@ pub fn for_each_batch(
     Ok(())
 }
 
-/// The covariance pass at one checkpoint: normalised A and S of every tracked layer.
+/// The covariance pass at one checkpoint: normalised A and S of every tracked layer (on
+/// the CPU).
 pub fn covariance_pass(
+    model: &Model,
+    docs: &[PreparedDoc],
+    opts: &FitOptions,
+) -> Result<Vec<Covariances>> {
+    covariance_pass_on(&CpuBackend::new(), model, docs, opts)
+}
+
+/// [`covariance_pass`] with the covariance sums computed by `backend` (the model must live
+/// on the backend's device).
+pub fn covariance_pass_on(
+    backend: &dyn Backend,
     model: &Model,
     docs: &[PreparedDoc],
     opts: &FitOptions,
@@ -107,27 +121,33 @@ pub fn covariance_pass(
         .iter()
         .map(|l| {
             let d_in = l.d_in + l.has_bias as usize;
-            CovarianceSums::new(d_in, l.d_out, opts.block_size, model.device())
+            CovarianceSums::new(d_in, l.d_out, opts.block_size, &Device::Cpu)
         })
         .collect::<Result<_>>()?;
     let mut batch_no = 0usize;
     for_each_batch(model, docs, opts, "covariance", |batch, _| {
         let cap = model.capture(batch, opts.fisher.labels())?;
-        for (layer, sum) in cap.layers.iter().zip(sums.iter_mut()) {
-            let a = masked_rows(&layer.a, &cap.attention_mask)?;
-            let d = masked_rows(&layer.delta, &cap.attention_mask)?;
-            check_finite(&a, &layer.name, "activations", batch_no)?;
-            check_finite(&d, &layer.name, "output gradients", batch_no)?;
-            sum.add(&a, &d)?;
-        }
+        backend.add_covariances(&mut sums, &cap, batch_no)?;
         batch_no += 1;
         Ok(())
     })?;
     sums.iter().map(CovarianceSums::normalized).collect()
 }
 
-/// The eigenvalue-correction pass at one checkpoint in fixed bases: Λ of every layer.
+/// The eigenvalue-correction pass at one checkpoint in fixed bases: Λ of every layer (on
+/// the CPU).
 pub fn lambda_pass(
+    model: &Model,
+    docs: &[PreparedDoc],
+    bases: &[EigenBasis],
+    opts: &FitOptions,
+) -> Result<Vec<Tensor>> {
+    lambda_pass_on(&CpuBackend::new(), model, docs, bases, opts)
+}
+
+/// [`lambda_pass`] with the squared rotated gradients computed by `backend`.
+pub fn lambda_pass_on(
+    backend: &dyn Backend,
     model: &Model,
     docs: &[PreparedDoc],
     bases: &[EigenBasis],
@@ -136,15 +156,14 @@ pub fn lambda_pass(
     let mut sums: Vec<LambdaSums> = model
         .tracked_layers()
         .iter()
-        .map(|l| LambdaSums::new(l.d_out, l.d_in + l.has_bias as usize, model.device()))
+        .map(|l| LambdaSums::new(l.d_out, l.d_in + l.has_bias as usize, &Device::Cpu))
         .collect::<Result<_>>()?;
-    for_each_batch(model, docs, opts, "eigenvalues", |batch, _| {
+    let pass = for_each_batch(model, docs, opts, "eigenvalues", |batch, _| {
         let cap = model.capture(batch, opts.fisher.labels())?;
-        for ((layer, sum), basis) in cap.layers.iter().zip(sums.iter_mut()).zip(bases) {
-            sum.add_batch(basis, &layer.a, &layer.delta, &cap.attention_mask)?;
-        }
-        Ok(())
-    })?;
+        backend.add_lambdas(&mut sums, bases, &cap)
+    });
+    backend.release();
+    pass?;
     sums.iter().map(LambdaSums::normalized).collect()
 }
 
@@ -157,26 +176,44 @@ pub fn fit_factors(
     opts: &FitOptions,
     what: &str,
 ) -> Result<Vec<LayerFactors>> {
+    fit_factors_on(&CpuBackend::new(), checkpoints, docs, opts, what)
+}
+
+/// [`fit_factors`] on `backend` (the checkpoints loaded on its device). The factors come
+/// back on the CPU whatever the backend.
+pub fn fit_factors_on(
+    backend: &dyn Backend,
+    checkpoints: &[&Model],
+    docs: &[PreparedDoc],
+    opts: &FitOptions,
+    what: &str,
+) -> Result<Vec<LayerFactors>> {
     let first = checkpoints
         .first()
         .ok_or_else(|| Error::Numeric(format!("{what}: no checkpoint to fit")))?;
     let per_ckpt: Vec<Vec<Covariances>> = checkpoints
         .iter()
-        .map(|m| covariance_pass(m, docs, opts))
+        .map(|m| covariance_pass_on(backend, m, docs, opts))
         .collect::<Result<_>>()?;
     let n_layers = first.tracked_layers().len();
     let mut covs = Vec::with_capacity(n_layers);
     let mut bases = Vec::with_capacity(n_layers);
+    let eig = |m: &Tensor, what: &str| backend.eigh(m, what);
     for (l, info) in first.tracked_layers().iter().enumerate() {
         let list: Vec<Covariances> = per_ckpt.iter().map(|c| c[l].clone()).collect();
         let cov = Covariances::mean(&list)?;
         let name = format!("{what} layer `{}`", info.name);
-        bases.push(EigenBasis::from_covariances(&cov, &name, first.device())?);
+        bases.push(EigenBasis::from_covariances_with(
+            &cov,
+            &name,
+            &Device::Cpu,
+            &eig,
+        )?);
         covs.push(cov);
     }
     let lambdas: Vec<Vec<Tensor>> = checkpoints
         .iter()
-        .map(|m| lambda_pass(m, docs, &bases, opts))
+        .map(|m| lambda_pass_on(backend, m, docs, &bases, opts))
         .collect::<Result<_>>()?;
     let k = checkpoints.len() as f64;
     let mut out = Vec::with_capacity(n_layers);
@@ -193,15 +230,4 @@ pub fn fit_factors(
         });
     }
     Ok(out)
-}
-
-fn check_finite(x: &Tensor, layer: &str, what: &str, batch: usize) -> Result<()> {
-    let s: f32 = x.abs()?.sum_all()?.to_scalar()?;
-    if !s.is_finite() {
-        return Err(Error::Numeric(format!(
-            "layer `{layer}`: non-finite {what} in batch {batch}; the model produces NaN/Inf on \
-             this data (check the checkpoint and the learning rate that produced it)"
-        )));
-    }
-    Ok(())
 }

@@ -28,6 +28,17 @@ pub struct EigenBasis {
 impl EigenBasis {
     /// Eigendecomposes every block of A and S in f64; `what` names the layer in errors.
     pub fn from_covariances(c: &Covariances, what: &str, device: &Device) -> Result<EigenBasis> {
+        Self::from_covariances_with(c, what, device, &eigh)
+    }
+
+    /// [`from_covariances`](Self::from_covariances) with the eigendecomposition `eig` (the
+    /// CPU's faer one, or a backend's).
+    pub fn from_covariances_with(
+        c: &Covariances,
+        what: &str,
+        device: &Device,
+        eig: &dyn Fn(&Tensor, &str) -> Result<super::eigen::Eigen>,
+    ) -> Result<EigenBasis> {
         let decompose = |blocks: &[Tensor], which: &str| -> Result<(Vec<Tensor>, Vec<f64>)> {
             let mut qs = Vec::new();
             let mut vals = Vec::new();
@@ -37,7 +48,7 @@ impl EigenBasis {
                 } else {
                     format!("{what} {which} block {k}")
                 };
-                let e = eigh(b, &name)?;
+                let e = eig(b, &name)?;
                 qs.push(e.vectors_tensor(device)?);
                 vals.extend(e.values);
             }
@@ -115,6 +126,23 @@ impl LambdaSums {
         let sq = g.sqr()?.sum(0)?.to_dtype(DType::F64)?;
         self.sum = (&self.sum + sq)?;
         self.docs += b as u64;
+        Ok(())
+    }
+
+    /// Adds squared rotated document gradients summed elsewhere (a GPU backend): `squares`
+    /// [d_out, d_in] = Σ_m ((Q_Sᵀ G_m Q_A)[i,j])² over `docs` documents (any float dtype and
+    /// device).
+    pub fn add_squares(&mut self, squares: &Tensor, docs: u64) -> Result<()> {
+        if squares.dims() != self.sum.dims() {
+            return Err(Error::Numeric(format!(
+                "eigenvalue correction: squares of shape {:?} for Λ of {:?}",
+                squares.dims(),
+                self.sum.dims()
+            )));
+        }
+        let add = squares.to_device(self.sum.device())?.to_dtype(DType::F64)?;
+        self.sum = (&self.sum + add)?;
+        self.docs += docs;
         Ok(())
     }
 

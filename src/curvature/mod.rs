@@ -17,6 +17,6 @@ pub use blocks::{BlockDiag, BlockLayout};
 pub use cache::{checkpoint_hash, docs_hash, factor_key, FactorCache, Lookup};
 pub use covariance::{masked_rows, CovarianceSums, Covariances};
 pub use eigen::{eigh, Eigen};
-pub use fit::{fit_factors, Fisher, FitOptions, LayerFactors};
+pub use fit::{fit_factors, fit_factors_on, Fisher, FitOptions, LayerFactors};
 pub use lambda::{EigenBasis, LambdaSums};
 pub use store::{load_factors, save_factors, FactorFile};
