@@ -87,6 +87,10 @@ PY
   cp scripts/gpu-check.sh "$dist/"
   strip --strip-debug "$dist/source-tda" "$dist/cuda_e2e" "$dist/cuda_bench" "$dist"/tests/*
   du -sh "$dist"; ls -la "$dist" "$dist/tests"
+  # The transfer to the GPU machine is limited to 64 MiB: carry the compressed package
+  # (scripts/gpu-check.sh unpacks it).
+  tar cJf "$root/dist/cuda.tar.xz" -C "$root/dist" cuda
+  ls -la "$root/dist/cuda.tar.xz"
   echo "the CUDA binary links:"
   ldd "$dist/source-tda" | grep -E 'cuda|cublas|curand|cusolver|nvrtc|cusparse|nvJit' || true
 fi
