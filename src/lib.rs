@@ -25,11 +25,14 @@
 //! * [`curvature`]: EK-FAC factors per layer (covariances, eigenbasis, eigenvalue correction).
 //! * [`attribution`]: F_S, F_r, the eigenbasis primitive and the token-level contraction.
 //! * [`report`]: the HTML report, terminal summary and summary.json of a run.
+//! * [`backend`]: where `fit` and `score` run (CPU reference or CUDA kernels), behind one
+//!   trait.
 //! * [`cuda`]: the project's CUDA kernels (features `cuda` / `cuda-kernels`) and their CPU
 //!   references.
 //! * [`util`]: hashing, atomic writes, memory measurement, progress bars.
 
 pub mod attribution;
+pub mod backend;
 pub mod config;
 pub mod cuda;
 pub mod curvature;

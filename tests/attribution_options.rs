@@ -187,6 +187,44 @@ fn demo_low_rank_queries_and_grouped_factors_match_the_exact_all_at_once_path() 
         assert!(d < last, "rank {r}: {d} ≥ {last}");
         last = d;
     }
+
+    // `[run] device = "cuda"` in a build without CUDA support (or on a machine without a
+    // GPU): the score stage stops before scoring and says which, and how to fix it.
+    let base = std::fs::read_to_string(dir.path().join("base.toml")).unwrap();
+    let cfg = if base.contains("[run]\n") {
+        base.replacen("[run]\n", "[run]\ndevice = \"cuda\"\n", 1)
+    } else {
+        format!("[run]\ndevice = \"cuda\"\n{base}")
+    };
+    let path = dir.path().join("cuda.toml");
+    write(&path, cfg);
+    let o = cli(
+        dir.path(),
+        &[
+            "-q",
+            "score",
+            "--config",
+            path.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--allow-config-change",
+        ],
+        &[],
+    );
+    let e = stderr(&o);
+    if cfg!(any(feature = "cuda", feature = "cuda-kernels")) {
+        assert!(
+            o.status.success() || e.contains("no CUDA GPU") || e.contains("NVRTC"),
+            "{e}"
+        );
+    } else {
+        assert!(!o.status.success(), "device = cuda ran in a CPU-only build");
+        assert!(e.contains("built without CUDA support"), "{e}");
+        assert!(
+            e.contains("scripts/build-cuda.sh") && e.contains("device = \"cpu\""),
+            "{e}"
+        );
+    }
 }
 
 fn demo_model_dir() -> PathBuf {

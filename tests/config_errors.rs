@@ -285,3 +285,37 @@ fn query_generation_keys_and_the_prompt_shape_are_checked() {
     let e = load(&format!("{GOOD}{q}[query]\nmax_tokens = 3\n")).unwrap_err();
     assert!(e.contains("max_tokens"), "{e}");
 }
+
+#[test]
+fn run_device_and_precision_are_checked_and_left_out_of_cpu_configs() {
+    use source_tda::config::{DeviceKind, PrecisionKind};
+    let c = load(GOOD).unwrap();
+    assert_eq!(c.run.device, DeviceKind::Cpu);
+    assert_eq!(c.run.precision, PrecisionKind::F32);
+    // The CPU defaults are not written into the resolved config (its hash is unchanged).
+    let j = c.to_json();
+    assert!(j["run"].get("device").is_none() && j["run"].get("precision").is_none());
+
+    let c = load(&format!(
+        "[run]\ndevice = \"cuda\"\nprecision = \"tf32\"\n{GOOD}"
+    ))
+    .unwrap();
+    assert_eq!(c.run.device, DeviceKind::Cuda);
+    assert_eq!(c.run.precision, PrecisionKind::Tf32);
+    assert_eq!(c.to_json()["run"]["device"], "cuda");
+
+    let e = load(&format!("[run]\ndevice = \"gpu\"\n{GOOD}")).unwrap_err();
+    assert!(e.contains("key `run.device`"), "{e}");
+    assert!(
+        e.contains("unknown variant `gpu`") && e.contains("`cuda`"),
+        "{e}"
+    );
+    let e = load(&format!("[run]\nprecision = \"fp16\"\n{GOOD}")).unwrap_err();
+    assert!(
+        e.contains("key `run.precision`") && e.contains("`bf16`"),
+        "{e}"
+    );
+    let e = load(&format!("[run]\nprecision = \"bf16\"\n{GOOD}")).unwrap_err();
+    assert!(e.contains("key `run.precision`"), "{e}");
+    assert!(e.contains("needs `device = \"cuda\"`"), "{e}");
+}

@@ -9,11 +9,23 @@
 //! error) and 1e-2 (TF32) / 3e-2 (bf16) against the f32 inputs (the precision's error).
 #![cfg(any(feature = "cuda", feature = "cuda-kernels"))]
 
-use source_tda::attribution::SpectralFn;
+#[path = "common/model_fixtures.rs"]
+mod fixtures;
+
+use candle_core::{Device, Tensor};
+use source_tda::attribution::{
+    precondition_inverse, query_gradients, score_pass_on, score_pass_queries, Curvature, Damping,
+    LayerQuery, SpectralFn, TrainScores,
+};
+use source_tda::backend::{Backend, CudaBackend, OnBackend};
+use source_tda::config::PrecisionKind;
 use source_tda::cuda::eigh::eigh_gpu;
 use source_tda::cuda::gpu::mirror_lower;
 use source_tda::cuda::reference as r;
 use source_tda::cuda::{Gpu, Precision};
+use source_tda::curvature::{fit_factors, fit_factors_on, Fisher, FitOptions, LayerFactors};
+use source_tda::data::PreparedDoc;
+use source_tda::model::{LoadOptions, Model};
 
 fn gpu(test: &str) -> Option<Gpu> {
     match Gpu::new(0) {
@@ -209,6 +221,99 @@ fn score_tokens_matches_reference_per_token_and_per_document() {
 }
 
 #[test]
+fn score_tokens_lowrank_matches_reference_per_token_and_per_document() {
+    let Some(g) = gpu("score_tokens_lowrank") else {
+        return;
+    };
+    // Rank 70 spans two 64-wide rank tiles; d_in 130 three k-chunks of the tile engine.
+    let (q, d_out, d_in, rank, seq, docs) = (3, 90, 130, 70, 60, 5);
+    let n = seq * docs;
+    let pm = randn(q * d_out * rank, 51);
+    let rm = randn(q * d_in * rank, 52);
+    let a = randn(n * d_in, 53);
+    let d = randn(n * d_out, 54);
+    let m = mask(n);
+    let shape = (q, d_out, d_in, rank, seq);
+    let (dp, dr, dm) = (
+        g.upload(&pm).unwrap(),
+        g.upload(&rm).unwrap(),
+        g.upload(&m).unwrap(),
+    );
+    let (exact_tok, exact_doc) = r::score_tokens_lowrank(&pm, &rm, &a, &d, &m, shape);
+    for p in [Precision::F32, Precision::Tf32, Precision::Bf16] {
+        let mut tok = g.zeros::<f32>(q * n).unwrap();
+        let mut doc = g.zeros::<f32>(q * docs).unwrap();
+        let (rp, rr, ra, rd) = match p {
+            Precision::Bf16 => {
+                let (x, y) = (g.upload(&bf16(&a)).unwrap(), g.upload(&bf16(&d)).unwrap());
+                g.score_tokens_lowrank(&dp, &dr, &x, &y, &dm, &mut tok, &mut doc, shape, p)
+                    .unwrap();
+                (pm.clone(), rm.clone(), bf16_back(&a), bf16_back(&d))
+            }
+            _ => {
+                let (x, y) = (g.upload(&a).unwrap(), g.upload(&d).unwrap());
+                g.score_tokens_lowrank(&dp, &dr, &x, &y, &dm, &mut tok, &mut doc, shape, p)
+                    .unwrap();
+                if p == Precision::Tf32 {
+                    (tf32(&pm), tf32(&rm), tf32(&a), tf32(&d))
+                } else {
+                    (pm.clone(), rm.clone(), a.clone(), d.clone())
+                }
+            }
+        };
+        let (gt, gd) = (g.download(&tok).unwrap(), g.download(&doc).unwrap());
+        let (st, sd) = r::score_tokens_lowrank(&rp, &rr, &ra, &rd, &m, shape);
+        // A sum of products of two sums: the rounding of each projection enters twice.
+        let own = 2e-5;
+        check(
+            &format!("score_tokens_lowrank {p:?} per token"),
+            &gt,
+            &st,
+            own,
+        );
+        check(
+            &format!("score_tokens_lowrank {p:?} per document"),
+            &gd,
+            &sd,
+            own,
+        );
+        check(
+            &format!("score_tokens_lowrank {p:?} per token vs f32"),
+            &gt,
+            &exact_tok,
+            p.tolerance(),
+        );
+        check(
+            &format!("score_tokens_lowrank {p:?} per doc vs f32"),
+            &gd,
+            &exact_doc,
+            p.tolerance(),
+        );
+    }
+}
+
+#[test]
+fn bf16_conversion_on_the_device_is_bit_identical_to_the_host() {
+    let Some(g) = gpu("to_bf16") else { return };
+    let mut x = randn(70_000, 61);
+    x.extend([
+        0.0,
+        -0.0,
+        1.0 + 1.0 / 256.0,
+        f32::INFINITY,
+        f32::NAN,
+        3.0e38,
+        1e-40,
+    ]);
+    let got = g
+        .download(&g.to_bf16(&g.upload(&x).unwrap()).unwrap())
+        .unwrap();
+    for (k, (&gb, &xv)) in got.iter().zip(&x).enumerate() {
+        assert_eq!(gb, r::to_bf16(xv), "element {k} ({xv:e})");
+    }
+}
+
+#[test]
 fn apply_in_basis_matches_reference_for_every_function() {
     let Some(g) = gpu("apply_in_basis") else {
         return;
@@ -318,4 +423,171 @@ fn mismatched_shapes_are_errors_not_crashes() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("Bf16"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The wired-in path: fit + score of a tiny Llama through `backend::CudaBackend` against the
+// CPU reference path (`fit_factors`, `precondition_inverse`, `score_pass`), dense and
+// low-rank queries. In a `cuda-kernels` build the model runs on the CPU and the kernels on
+// the GPU; in a `--features cuda` build the model runs on candle's CUDA device too.
+//
+// Tolerances (max |gpu − cpu| / max |cpu| over the compared array), f32: covariances 1e-5
+// (f32 products, different summation order); eigenvalues 1e-5 of the largest; Λ and the
+// scores 2e-3 (Λ and the preconditioned query depend on the eigenvectors, which move by
+// (perturbation / eigenvalue gap) ≈ 1e-6 / 1e-3 in a tiny random model). TF32 and bf16: the
+// precision's own error propagated through the same chain, 5e-2 and 1.5e-1 on the scores;
+// the measured values are printed.
+
+fn backend(test: &str, p: PrecisionKind) -> Option<CudaBackend> {
+    match CudaBackend::open(0, p) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            gpu(test)?; // no device: SKIPPED (or a failure under SOURCE_TDA_REQUIRE_GPU=1)
+            panic!("{test}: a CUDA device is present but the backend does not open: {e}")
+        }
+    }
+}
+
+fn doc(ids: Vec<u32>, prompt_len: Option<usize>) -> PreparedDoc {
+    let n = ids.len();
+    PreparedDoc {
+        doc_id: format!("d{}", ids[0]),
+        text: String::new(),
+        prompt: None,
+        completion: None,
+        loss_mask: (0..n)
+            .map(|t| match prompt_len {
+                None => (t > 0) as u8,
+                Some(p) => (t >= p) as u8,
+            })
+            .collect(),
+        input_ids: ids,
+        truncated_tokens: 0,
+        source: "test".into(),
+    }
+}
+
+fn flat64(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn rel64(got: &[f64], want: &[f64]) -> f64 {
+    let g: Vec<f32> = got.iter().map(|&v| v as f32).collect();
+    r::rel_error(&g, want)
+}
+
+fn scores_flat(s: &TrainScores) -> (Vec<f64>, Vec<f64>) {
+    let docs = s.docs.iter().flatten().copied().collect();
+    let toks = s
+        .tokens
+        .as_ref()
+        .expect("tokens kept")
+        .iter()
+        .flatten()
+        .flatten()
+        .map(|&v| v as f64)
+        .collect();
+    (docs, toks)
+}
+
+#[test]
+fn fit_and_score_of_a_tiny_model_on_the_gpu_match_the_cpu_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = fixtures::LlamaCfg {
+        mlp_bias: true, // a bias column in a, so the ones-column path is covered
+        ..Default::default()
+    };
+    fixtures::write_checkpoint(dir.path(), &cfg.config_json(), &cfg.tensors(7));
+    let cpu_model = Model::load(dir.path(), &LoadOptions::default(), &Device::Cpu).unwrap();
+    let mut rng = fixtures::Rng::new(11);
+    let train: Vec<PreparedDoc> = (0..12)
+        .map(|i| doc(rng.tokens(5 + (i * 5) % 11, cfg.vocab), None))
+        .collect();
+    let queries: Vec<PreparedDoc> = (0..3)
+        .map(|i| doc(rng.tokens(7 + i, cfg.vocab), Some(3)))
+        .collect();
+    // Blocks of 20 split the 32-wide and 48-wide factors: the per-block path is covered.
+    for block_size in [None, Some(20)] {
+        let o = FitOptions {
+            fisher: Fisher::Empirical,
+            block_size,
+            token_budget: 48,
+            max_batch_size: 4,
+            pad_id: 0,
+        };
+        let fc = fit_factors(&[&cpu_model], &train, &o, "cpu").unwrap();
+        let qg = query_gradients(&cpu_model, &queries, &o).unwrap();
+        let damping = Damping::MeanLambda(0.1);
+        let uc = precondition_inverse(&fc, &qg.layers, damping).unwrap();
+        for (p, tol) in [
+            (PrecisionKind::F32, 2e-3),
+            (PrecisionKind::Tf32, 5e-2),
+            (PrecisionKind::Bf16, 1.5e-1),
+        ] {
+            let Some(b) = backend("fit_and_score", p) else {
+                return;
+            };
+            let what = format!("{p:?} blocks {block_size:?}");
+            let model = Model::load(dir.path(), &LoadOptions::default(), b.device()).unwrap();
+            let fg = fit_factors_on(&b, &[&model], &train, &o, "gpu").unwrap();
+            if p == PrecisionKind::F32 {
+                compare_factors(&fc, &fg, &what);
+            }
+            let on = OnBackend {
+                factors: &fg,
+                backend: &b,
+            };
+            let ug = on.inverse(&qg.layers, damping).unwrap();
+            for (rank, extra) in [(None, 1.0), (Some(3), 2.0)] {
+                let forms = |u: &[Tensor]| -> Vec<LayerQuery> {
+                    u.iter()
+                        .map(|t| LayerQuery::new(t.clone(), rank).unwrap())
+                        .collect()
+                };
+                let sc = score_pass_queries(&cpu_model, &train, &forms(&uc), &o, true).unwrap();
+                let sg = score_pass_on(&b, &model, &train, &forms(&ug), &o, true).unwrap();
+                let ((dc, tc), (dg, tg)) = (scores_flat(&sc), scores_flat(&sg));
+                let (ed, et) = (rel64(&dg, &dc), rel64(&tg, &tc));
+                eprintln!(
+                    "fit+score {what} rank {rank:?}: documents {ed:.3e}, tokens {et:.3e} \
+                     (tolerance {:.0e})",
+                    tol * extra
+                );
+                assert!(ed <= tol * extra, "{what} rank {rank:?}: documents {ed:e}");
+                assert!(et <= tol * extra, "{what} rank {rank:?}: tokens {et:e}");
+            }
+        }
+    }
+}
+
+fn compare_factors(fc: &[LayerFactors], fg: &[LayerFactors], what: &str) {
+    assert_eq!(fc.len(), fg.len());
+    let (mut cov, mut eig, mut lam) = (0f64, 0f64, 0f64);
+    for (c, g) in fc.iter().zip(fg) {
+        let pairs = c
+            .covariances
+            .a
+            .iter()
+            .zip(&g.covariances.a)
+            .chain(c.covariances.s.iter().zip(&g.covariances.s));
+        for (x, y) in pairs {
+            cov = cov.max(rel64(&flat64(y), &flat64(x)));
+        }
+        for (x, y) in [
+            (&c.basis.eig_a, &g.basis.eig_a),
+            (&c.basis.eig_s, &g.basis.eig_s),
+        ] {
+            eig = eig.max(rel64(y, x));
+        }
+        lam = lam.max(rel64(&flat64(&g.lambda), &flat64(&c.lambda)));
+    }
+    eprintln!("factors {what}: covariances {cov:.3e}, eigenvalues {eig:.3e}, Λ {lam:.3e}");
+    assert!(cov <= 1e-5, "{what}: covariances {cov:e}");
+    assert!(eig <= 1e-5, "{what}: eigenvalues {eig:e}");
+    assert!(lam <= 2e-3, "{what}: Λ {lam:e}");
 }

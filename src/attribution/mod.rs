@@ -17,5 +17,7 @@ pub use dense::DenseCurvature;
 pub use functions::{inject, SpectralFn};
 pub use lowrank::{low_rank, low_rank_token_scores, LayerQuery, LowRankQuery};
 pub use precondition::{apply_in_basis, spectral_weights};
-pub use score::{query_gradients, score_pass, score_pass_queries, QueryGradients, TrainScores};
+pub use score::{
+    query_gradients, score_pass, score_pass_on, score_pass_queries, QueryGradients, TrainScores,
+};
 pub use source::{precondition_inverse, source_walk, Curvature, Damping, SegmentCurvature};

@@ -3,6 +3,7 @@
 
 use candle_core::{Tensor, D};
 
+use crate::backend::{Backend, CpuBackend};
 use crate::curvature::fit::{for_each_batch, FitOptions};
 use crate::data::PreparedDoc;
 use crate::error::Result;
@@ -96,6 +97,32 @@ pub fn score_pass_queries(
     opts: &FitOptions,
     keep_tokens: bool,
 ) -> Result<TrainScores> {
+    score_pass_on(&CpuBackend::new(), model, train, u, opts, keep_tokens)
+}
+
+/// [`score_pass_queries`] with the token contraction done by `backend` (the model loaded on
+/// its device).
+pub fn score_pass_on(
+    backend: &dyn Backend,
+    model: &Model,
+    train: &[PreparedDoc],
+    u: &[LayerQuery],
+    opts: &FitOptions,
+    keep_tokens: bool,
+) -> Result<TrainScores> {
+    let out = score_pass_inner(backend, model, train, u, opts, keep_tokens);
+    backend.release();
+    out
+}
+
+fn score_pass_inner(
+    backend: &dyn Backend,
+    model: &Model,
+    train: &[PreparedDoc],
+    u: &[LayerQuery],
+    opts: &FitOptions,
+    keep_tokens: bool,
+) -> Result<TrainScores> {
     let n = train.len();
     let q = u.first().map(|t| t.queries()).transpose()?.unwrap_or(0);
     let mut docs = vec![vec![0f64; n]; q];
@@ -109,7 +136,7 @@ pub fn score_pass_queries(
         let _t = phase::timer("score: contraction");
         let mut total: Option<Tensor> = None;
         for (l, (layer, ul)) in cap.layers.iter().zip(u).enumerate() {
-            let s = ul.token_scores(&layer.a, &layer.delta, &cap.attention_mask)?; // [Q, B, T]
+            let s = backend.token_scores(ul, &layer.a, &layer.delta, &cap.attention_mask)?; // [Q, B, T]
             let per_doc: Vec<Vec<f32>> = s.sum(D::Minus1)?.to_vec2()?;
             for (qi, row) in per_doc.iter().enumerate() {
                 for (k, &i) in idx.iter().enumerate() {

@@ -18,6 +18,7 @@
 
 mod attribution;
 mod data;
+mod device;
 mod diff;
 mod eval;
 mod load;
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use attribution::{AttributionConfig, FisherKind, MethodKind};
 pub use data::{is_role_name, DataConfig, DataFormat, DatasetConfig, DocShape, FIXED_ROLES};
+pub use device::{DeviceKind, PrecisionKind};
 pub use diff::{diff_values, KeyChange};
 pub use eval::EvalConfig;
 pub use load::{parse_toml, read_toml};
@@ -86,6 +88,13 @@ pub struct RunConfig {
     /// Seed of every random choice in the run. Default 0.
     #[serde(default)]
     pub seed: u64,
+    /// Where `fit` and `score` run: `cpu` (the reference) or `cuda`. Default `cpu`.
+    #[serde(default, skip_serializing_if = "DeviceKind::is_default")]
+    pub device: DeviceKind,
+    /// Input precision of the CUDA kernels: `f32`, `tf32` or `bf16` (only with `device =
+    /// "cuda"`). Default `f32`.
+    #[serde(default, skip_serializing_if = "PrecisionKind::is_default")]
+    pub precision: PrecisionKind,
 }
 
 /// `[hub]`: the Hugging Face hub and its local cache.
@@ -257,6 +266,16 @@ impl Config {
                     format!("`{ep}` is not a URL; allowed: http://… or https://…"),
                 ));
             }
+        }
+        if self.run.device == DeviceKind::Cpu && !self.run.precision.is_default() {
+            return Err(err(
+                "run.precision",
+                format!(
+                    "\"{}\" needs `device = \"cuda\"` (the CPU path computes in f32); allowed \
+                     with `device = \"cpu\"`: \"f32\"",
+                    self.run.precision.name()
+                ),
+            ));
         }
         if self.model.revision.trim().is_empty() {
             return Err(err(

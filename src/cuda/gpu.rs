@@ -66,6 +66,14 @@ impl Gpu {
             _ => return Ok(None),
         }
         let ctx = CudaContext::new(ordinal).map_err(cuda_err("opening the CUDA device"))?;
+        Gpu::from_stream(ctx.default_stream()).map(Some)
+    }
+
+    /// The kernels on an existing stream (and its context): candle's CUDA device's stream
+    /// in a `--features cuda` build, so that tensors candle computed are read in order and
+    /// without copies between contexts.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Gpu> {
+        let ctx = stream.context().clone();
         let (major, minor) = ctx
             .compute_capability()
             .map_err(cuda_err("reading the compute capability"))?;
@@ -82,14 +90,13 @@ impl Gpu {
                 .map_err(|e| Error::Cuda(format!("kernel {name} not in the module: {e:?}")))?;
             funcs.insert(*name, f);
         }
-        let stream = ctx.default_stream();
-        Ok(Some(Gpu {
+        Ok(Gpu {
             ctx,
             stream,
             funcs,
             arch,
             name,
-        }))
+        })
     }
 
     /// The stream every launch goes to.
@@ -326,6 +333,101 @@ impl Gpu {
         // SAFETY: argument types match score_tokens_* in kernels.cu; lengths checked above.
         unsafe { b.launch(cfg) }.map_err(cuda_err("score_tokens launch"))?;
         self.synchronize()
+    }
+
+    /// tok[q, t] += m_t Σ_k (δ_tᵀ P_q)[k] (a_tᵀ R_q)[k] and doc[q, b] += its sum over
+    /// document b, for the low-rank query U_q = P_q R_qᵀ with `p` [Q, d_out, r] (σ-scaled
+    /// left singular vectors) and `r` [Q, d_in, r]: the token contraction of
+    /// [`crate::attribution::LowRankQuery`] in one pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn score_tokens_lowrank<T: KernelInput>(
+        &self,
+        p: &GpuBuffer<f32>,
+        r: &GpuBuffer<f32>,
+        a: &GpuBuffer<T>,
+        delta: &GpuBuffer<T>,
+        mask: &GpuBuffer<f32>,
+        tok: &mut GpuBuffer<f32>,
+        doc: &mut GpuBuffer<f32>,
+        (queries, d_out, d_in, rank, seq): (usize, usize, usize, usize, usize),
+        precision: Precision,
+    ) -> Result<()> {
+        let tf32 = Self::tf32_flag::<T>(precision)?;
+        let n = mask.len();
+        let docs = n.div_ceil(seq.max(1));
+        if seq == 0
+            || rank == 0
+            || p.len() != queries * d_out * rank
+            || r.len() != queries * d_in * rank
+            || a.len() != n * d_in
+            || delta.len() != n * d_out
+            || tok.len() != queries * n
+            || doc.len() != queries * docs
+        {
+            return Err(Error::Cuda(format!(
+                "score_tokens_lowrank: shapes do not match {queries} queries of rank {rank}, \
+                 {n} tokens ({docs} documents of {seq}), d_out {d_out}, d_in {d_in}"
+            )));
+        }
+        let f = self.func("score_tokens_lowrank", T::SUFFIX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                n.div_ceil(TILE) as u32,
+                (queries * rank.div_ceil(TILE)) as u32,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (q, d_out, d_in, rank, n, seq) = (
+            queries as i32,
+            d_out as i32,
+            d_in as i32,
+            rank as i32,
+            n as i64,
+            seq as i32,
+        );
+        let mut b = self.stream.launch_builder(f);
+        b.arg(p)
+            .arg(r)
+            .arg(a)
+            .arg(delta)
+            .arg(mask)
+            .arg(tok)
+            .arg(doc)
+            .arg(&q)
+            .arg(&d_out)
+            .arg(&d_in)
+            .arg(&rank)
+            .arg(&n)
+            .arg(&seq)
+            .arg(&tf32);
+        // SAFETY: argument types match score_tokens_lowrank_* in kernels.cu; lengths checked.
+        unsafe { b.launch(cfg) }.map_err(cuda_err("score_tokens_lowrank launch"))?;
+        self.synchronize()
+    }
+
+    /// `x` rounded to bf16 (round to nearest even) on the device: the inputs of the bf16
+    /// kernels, bit-identical to [`super::reference::to_bf16`].
+    pub fn to_bf16(&self, x: &GpuBuffer<f32>) -> Result<GpuBuffer<u16>> {
+        let n = x.len();
+        if n == 0 {
+            return Err(Error::Cuda("to_bf16: empty input".into()));
+        }
+        let mut y = self.zeros::<u16>(n)?;
+        let f = self.func("f32_to_bf16", "")?;
+        let blocks = n.div_ceil(THREADS as usize).min(65_535) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n = n as i64;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(x).arg(&mut y).arg(&n);
+        // SAFETY: x has n f32, y n u16 (grid-stride loop bounded by n).
+        unsafe { b.launch(cfg) }.map_err(cuda_err("f32_to_bf16 launch"))?;
+        Ok(y)
     }
 
     /// Q_S (F(Λ) ⊙ (Q_Sᵀ V_q Q_A)) Q_Aᵀ for every query V_q of `v` [Q, d_out, d_in]

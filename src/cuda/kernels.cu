@@ -244,6 +244,85 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 }
 
 // ---------------------------------------------------------------------------------------
+// 3b. The same contraction for a low-rank query U_q = P_q R_qᵀ (P_q = σ-scaled left singular
+//     vectors [d_out, r], R_q right singular vectors [d_in, r], both f32, stored [Q, d, r]):
+//       tok[q, t] += mask[t] · Σ_k (δ_tᵀ P_q)[k] · (a_tᵀ R_q)[k],  doc[q, b] += its sum.
+//     grid: x = token tiles, y = Q · ceil(r / 64). The block forms the two 64×64 tiles
+//     (δ P_q) and (a R_q) for its tokens and rank columns in registers, multiplies them
+//     elementwise, reduces over the rank columns with warp shuffles and adds one value per
+//     token: two thin GEMMs of width r instead of a d_out × d_in product per token.
+template <typename T>
+__device__ void score_tokens_lowrank(const float* p, const float* r, const T* a,
+                                     const T* delta, const float* mask, float* tok,
+                                     float* doc, int queries, int d_out, int d_in, int rank,
+                                     long long n, int seq, int tf32) {
+  const int k_tiles = (rank + TILE - 1) / TILE;
+  const int q = blockIdx.y / k_tiles;
+  const int c0 = (blockIdx.y % k_tiles) * TILE;
+  const long long t0 = (long long)blockIdx.x * TILE;
+  const long long rows = n - t0 < TILE ? n - t0 : TILE;
+  float dp[4][4], ar[4][4];
+  zero_acc(dp);
+  zero_acc(ar);
+  // DP(t, c) = Σ_o δ[t, o] P_q[o, c];  AR(t, c) = Σ_i a[t, i] R_q[i, c].
+  mac_tile<T, float>(dp, delta + t0 * d_out, d_out, 1, p + (long long)q * d_out * rank, rank,
+                     1, nullptr, (int)rows, rank, 0, d_out, 0, c0, tf32);
+  mac_tile<T, float>(ar, a + t0 * d_in, d_in, 1, r + (long long)q * d_in * rank, rank, 1,
+                     nullptr, (int)rows, rank, 0, d_in, 0, c0, tf32);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int rr = 0; rr < 4; ++rr) {
+    long long t = t0 + ty + 16 * rr;
+    float part = 0.f;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) part = fmaf(dp[rr][c], ar[rr][c], part);  // 0 beyond rank
+#pragma unroll
+    for (int off = 8; off > 0; off >>= 1) part += __shfl_xor_sync(0xffffffffu, part, off, 16);
+    if (tx == 0 && t < n) {
+      float v = part * mask[t];
+      if (v != 0.f) {
+        atomicAdd(&tok[(long long)q * n + t], v);
+        long long docs = (n + seq - 1) / seq;
+        atomicAdd(&doc[(long long)q * docs + t / seq], v);
+      }
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    score_tokens_lowrank_f32(const float* p, const float* r, const float* a,
+                             const float* delta, const float* mask, float* tok, float* doc,
+                             int queries, int d_out, int d_in, int rank, long long n, int seq,
+                             int tf32) {
+  score_tokens_lowrank<float>(p, r, a, delta, mask, tok, doc, queries, d_out, d_in, rank, n,
+                              seq, tf32);
+}
+extern "C" __global__ void __launch_bounds__(THREADS)
+    score_tokens_lowrank_bf16(const float* p, const float* r, const bf16_t* a,
+                              const bf16_t* delta, const float* mask, float* tok, float* doc,
+                              int queries, int d_out, int d_in, int rank, long long n, int seq,
+                              int tf32) {
+  score_tokens_lowrank<bf16_t>(p, r, a, delta, mask, tok, doc, queries, d_out, d_in, rank, n,
+                               seq, tf32);
+}
+
+// ---------------------------------------------------------------------------------------
+// 3c. f32 → bf16 (round to nearest even; NaN stays NaN), the input conversion of the bf16
+//     mode, on the device. Same bits as the host's reference::to_bf16.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    f32_to_bf16(const float* x, bf16_t* y, long long n) {
+  for (long long i = (long long)blockIdx.x * THREADS + threadIdx.x; i < n;
+       i += (long long)gridDim.x * THREADS) {
+    unsigned int b = __float_as_uint(x[i]);
+    if ((b & 0x7fffffffu) > 0x7f800000u) {
+      y[i] = (bf16_t)((b >> 16) | 0x40u);
+    } else {
+      y[i] = (bf16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // 4. Batched GEMM with an optional spectral epilogue, the building block of the eigenbasis
 //    function application Q_S (F(Λ) ⊙ (Q_Sᵀ V Q_A)) Q_Aᵀ (four GEMMs, the F(Λ) product
 //    fused into the second):

@@ -33,6 +33,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "eig_correction_bf16",
     "score_tokens_f32",
     "score_tokens_bf16",
+    "score_tokens_lowrank_f32",
+    "score_tokens_lowrank_bf16",
+    "f32_to_bf16",
     "gemm_spectral",
 ];
 

@@ -122,6 +122,65 @@ pub fn score_tokens(
     (tok, doc)
 }
 
+/// Per-token scores tok[q, t] = m_t Σ_k (δ_tᵀ P_q)[k] (a_tᵀ R_q)[k] and per-document sums
+/// doc[q, b] for a low-rank query U_q = P_q R_qᵀ, `p` [queries, d_out, rank] (σ-scaled left
+/// singular vectors), `r` [queries, d_in, rank]: the `score_tokens_lowrank` kernel's math
+/// (issue 5 §3's low-rank form of the token contraction).
+#[allow(clippy::too_many_arguments)]
+pub fn score_tokens_lowrank(
+    p: &[f32],
+    r: &[f32],
+    a: &[f32],
+    delta: &[f32],
+    mask: &[f32],
+    (queries, d_out, d_in, rank, seq): (usize, usize, usize, usize, usize),
+) -> (Vec<f64>, Vec<f64>) {
+    let n = mask.len();
+    assert_eq!(
+        p.len(),
+        queries * d_out * rank,
+        "score_tokens_lowrank: p is not [Q, d_out, r]"
+    );
+    assert_eq!(
+        r.len(),
+        queries * d_in * rank,
+        "score_tokens_lowrank: r is not [Q, d_in, r]"
+    );
+    assert_eq!(
+        a.len(),
+        n * d_in,
+        "score_tokens_lowrank: a is not [n, d_in]"
+    );
+    assert_eq!(
+        delta.len(),
+        n * d_out,
+        "score_tokens_lowrank: delta is not [n, d_out]"
+    );
+    let docs = n.div_ceil(seq);
+    let mut tok = vec![0.0f64; queries * n];
+    let mut doc = vec![0.0f64; queries * docs];
+    for q in 0..queries {
+        let pq = &p[q * d_out * rank..(q + 1) * d_out * rank];
+        let rq = &r[q * d_in * rank..(q + 1) * d_in * rank];
+        for t in 0..n {
+            let mut s = 0.0f64;
+            for k in 0..rank {
+                let dp: f64 = (0..d_out)
+                    .map(|o| delta[t * d_out + o] as f64 * pq[o * rank + k] as f64)
+                    .sum();
+                let ar: f64 = (0..d_in)
+                    .map(|i| a[t * d_in + i] as f64 * rq[i * rank + k] as f64)
+                    .sum();
+                s += dp * ar;
+            }
+            let s = s * mask[t] as f64;
+            tok[q * n + t] = s;
+            doc[q * docs + t / seq] += s;
+        }
+    }
+    (tok, doc)
+}
+
 /// Q_S (F(Λ) ⊙ (Q_Sᵀ V_q Q_A)) Q_Aᵀ for every query V_q of `v` [queries, d_out, d_in], with
 /// `q_s` [d_out, d_out], `q_a` [d_in, d_in], `lambda` [d_out, d_in] (DESIGN.md §3.4).
 pub fn apply_in_basis(

@@ -98,6 +98,49 @@ fn score_tokens_equals_contraction_and_documents_sum_tokens() {
 }
 
 #[test]
+fn score_tokens_lowrank_equals_the_projects_low_rank_contraction_and_the_dense_one() {
+    let (q, b, t, din, dout) = (2, 3, 4, 6, 5);
+    let u = randn(&[q, dout, din]);
+    let a = randn(&[b, t, din]);
+    let d = randn(&[b, t, dout]);
+    let m = mask(b, t);
+    let mt = Tensor::from_vec(m.clone(), (b, t), &Device::Cpu).unwrap();
+    for rank in [1, 3, 5] {
+        let lr = crate::attribution::low_rank(&u, rank).unwrap();
+        let want = flat(&crate::attribution::low_rank_token_scores(&lr, &a, &d, &mt).unwrap());
+        let shape = (q, dout, din, rank, t);
+        let (tok, doc) = score_tokens_lowrank(
+            &flat(&lr.p_scaled),
+            &flat(&lr.r),
+            &flat(&a),
+            &flat(&d),
+            &m,
+            shape,
+        );
+        assert_close(
+            &tok,
+            &want,
+            1e-5,
+            &format!("score_tokens_lowrank rank {rank}"),
+        );
+        for qi in 0..q {
+            for bi in 0..b {
+                let s: f64 = tok[qi * b * t + bi * t..qi * b * t + (bi + 1) * t]
+                    .iter()
+                    .sum();
+                assert!((doc[qi * b + bi] - s).abs() <= 1e-12 * (1.0 + s.abs()));
+            }
+        }
+        // At full rank (min(d_out, d_in) = 5) the factors are U itself: the dense reference.
+        if rank == 5 {
+            let (dense, _) = score_tokens(&flat(&u), &flat(&a), &flat(&d), &m, q, dout, din, t);
+            let dense32: Vec<f32> = dense.iter().map(|&v| v as f32).collect();
+            assert_close(&tok, &dense32, 1e-5, "full-rank low-rank vs dense");
+        }
+    }
+}
+
+#[test]
 fn apply_in_basis_equals_precondition_for_every_function() {
     let (din, dout, q) = (5, 4, 3);
     let f = random_factors("t", (6, 5, din, dout), None);

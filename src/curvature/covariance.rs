@@ -84,6 +84,32 @@ impl FactorSum {
         Ok(())
     }
 
+    /// Adds a sum formed elsewhere (a GPU backend) to block `k`: `sum` is the block's
+    /// Σ x xᵀ, row-major [n_k, n_k] (only its lower triangle is read).
+    pub fn add_block(&mut self, k: usize, sum: &[f32]) -> Result<()> {
+        let (buf, n) = match (self.blocks.get_mut(k), self.layout.ranges.get(k)) {
+            (Some(buf), Some((_, n))) => (buf, *n),
+            _ => {
+                return Err(Error::Numeric(format!(
+                    "covariance: block {k} of a factor with {} blocks",
+                    self.blocks.len()
+                )))
+            }
+        };
+        if sum.len() != n * n {
+            return Err(Error::Numeric(format!(
+                "covariance: {} values for block {k} of size {n} × {n}",
+                sum.len()
+            )));
+        }
+        for i in 0..n {
+            for j in 0..=i {
+                buf[i * n + j] += sum[i * n + j];
+            }
+        }
+        Ok(())
+    }
+
     /// The first diagonal index whose sum is NaN or ±Inf: any non-finite entry of an added
     /// row makes its column's diagonal entry Σ x_j² non-finite, so this detects them all.
     pub fn first_non_finite(&self) -> Option<usize> {

@@ -6,17 +6,15 @@
 //! number of real tokens (attention mask), Λ by the number of documents.
 
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
+use crate::backend::{Backend, CpuBackend};
 use crate::data::{plan_batches, BatchOrder, PreparedDoc};
 use crate::error::{Error, Result};
 use crate::model::{Capture, Labels, Model, TokenBatch};
-use crate::util::tensors::with_f32;
 use crate::util::{phase, progress};
 
 use super::blocks::BlockDiag;
 use super::covariance::{Covariances, FactorSum};
-use super::eigen::eigh_f64;
 use super::lambda::{EigenBasis, LambdaSums};
 
 /// Which Fisher the factors estimate.
@@ -154,6 +152,7 @@ fn checked_groups(cap: &Capture, want: &[usize]) -> Result<()> {
 
 /// Adds one checkpoint's covariance pass over `docs` to `sums` (made at the first batch).
 fn accumulate_covariances(
+    backend: &dyn Backend,
     model: &Model,
     docs: &[PreparedDoc],
     opts: &FitOptions,
@@ -174,15 +173,35 @@ fn accumulate_covariances(
             }
             None => sums.insert(FitSums::new(model, cap.input_groups(), opts.block_size)),
         };
+        {
+            // One term per distinct input and one per output gradient.
+            let FitSums { groups, a, s, .. } = &mut *sums;
+            let mut a_terms: Vec<Option<&mut FactorSum>> = a.iter_mut().map(Some).collect();
+            let mut terms: Vec<(&mut FactorSum, &Tensor)> = Vec::new();
+            let mut k = 0;
+            for (l, layer) in cap.layers.iter().enumerate() {
+                if groups[l] == l {
+                    let sum = a_terms[k].take().expect("one term per input");
+                    terms.push((sum, &layer.a));
+                    k += 1;
+                }
+            }
+            for (sum, layer) in s.iter_mut().zip(&cap.layers) {
+                terms.push((sum, &layer.delta));
+            }
+            backend.add_covariances(&mut terms, &cap.attention_mask)?;
+        }
         for (l, layer) in cap.layers.iter().enumerate() {
             if sums.groups[l] == l {
-                let a = &mut sums.a[sums.a_of[l]];
-                with_f32(&layer.a, |x| a.add_rows(x))??;
-                check_finite(a, &layer.name, "activations", what, batch_no)?;
+                check_finite(
+                    &sums.a[sums.a_of[l]],
+                    &layer.name,
+                    "activations",
+                    what,
+                    batch_no,
+                )?;
             }
-            let s = &mut sums.s[l];
-            with_f32(&layer.delta, |x| s.add_rows(x))??;
-            check_finite(s, &layer.name, "output gradients", what, batch_no)?;
+            check_finite(&sums.s[l], &layer.name, "output gradients", what, batch_no)?;
         }
         sums.tokens += batch.lengths.iter().sum::<usize>() as u64;
         batch_no += 1;
@@ -198,45 +217,73 @@ struct Decomposed {
     covariance: Vec<Tensor>,
 }
 
-fn decompose(
-    sum: FactorSum,
+/// Eigendecomposes `jobs` (a factor's sums and its name in errors) on `backend`, a few at a
+/// time so that only those factors' f64 copies exist at once; the sums are freed as they
+/// are consumed.
+fn decompose_all(
+    backend: &dyn Backend,
+    jobs: Vec<(FactorSum, String)>,
     tokens: f64,
-    what: &str,
     keep_covariance: bool,
     device: &Device,
-) -> Result<Decomposed> {
-    let blocks = sum.normalized_f64(tokens);
-    let mut qs = Vec::with_capacity(blocks.len());
-    let mut values = Vec::new();
-    let mut covariance = Vec::new();
-    let many = blocks.len() > 1;
-    for (k, (b, (_, n))) in blocks.into_iter().zip(&sum.layout.ranges).enumerate() {
-        let name = if many {
-            format!("{what} block {k}")
-        } else {
-            what.to_string()
-        };
-        let e = eigh_f64(&b, *n, &name)?;
-        qs.push(e.vectors_tensor(device)?);
-        values.extend(e.values);
-        if keep_covariance {
-            covariance.push(Tensor::from_vec(b, (*n, *n), device)?);
+) -> Result<Vec<Decomposed>> {
+    let chunk = 2 * rayon::current_num_threads().max(1);
+    let pb = progress::bar(jobs.len() as u64, "eigendecomposition");
+    let mut out = Vec::with_capacity(jobs.len());
+    let mut jobs = jobs.into_iter().peekable();
+    while jobs.peek().is_some() {
+        let part: Vec<(FactorSum, String)> = jobs.by_ref().take(chunk).collect();
+        let mut mats = Vec::new();
+        for (sum, what) in &part {
+            let many = sum.layout.ranges.len() > 1;
+            for (k, (b, (_, n))) in sum
+                .normalized_f64(tokens)
+                .into_iter()
+                .zip(&sum.layout.ranges)
+                .enumerate()
+            {
+                let name = if many {
+                    format!("{what} block {k}")
+                } else {
+                    what.clone()
+                };
+                mats.push((b, *n, name));
+            }
+        }
+        let eig = backend.eigh_many(&mats)?;
+        let mut eig = eig.into_iter().zip(mats);
+        for (sum, _) in part {
+            let mut qs = Vec::with_capacity(sum.layout.ranges.len());
+            let mut values = Vec::new();
+            let mut covariance = Vec::new();
+            for _ in &sum.layout.ranges {
+                let (e, (b, n, _)) = eig.next().expect("one decomposition per block");
+                qs.push(e.vectors_tensor(device)?);
+                values.extend(e.values);
+                if keep_covariance {
+                    covariance.push(Tensor::from_vec(b, (n, n), device)?);
+                }
+            }
+            out.push(Decomposed {
+                q: BlockDiag {
+                    layout: sum.layout,
+                    blocks: qs,
+                },
+                values,
+                covariance,
+            });
+            pb.inc(1);
         }
     }
-    Ok(Decomposed {
-        q: BlockDiag {
-            layout: sum.layout,
-            blocks: qs,
-        },
-        values,
-        covariance,
-    })
+    pb.finish_and_clear();
+    Ok(out)
 }
 
 /// Adds one checkpoint's eigenvalue-correction pass over `docs` to `lambda`: a and δ are
 /// rotated into the bases (a once per shared input), then every document's squared rotated
 /// gradient is added.
 fn accumulate_lambda(
+    backend: &dyn Backend,
     model: &Model,
     docs: &[PreparedDoc],
     opts: &FitOptions,
@@ -250,21 +297,7 @@ fn accumulate_lambda(
             model.capture(batch, opts.fisher.labels())?
         };
         checked_groups(&cap, &sums.groups)?;
-        let n_inputs = sums.a_of.iter().max().map_or(0, |m| m + 1);
-        let mut a_rot: Vec<Option<Tensor>> = vec![None; n_inputs];
-        for (l, layer) in cap.layers.iter().enumerate() {
-            let k = sums.a_of[l];
-            let rotate = phase::timer("fit: rotate");
-            if a_rot[k].is_none() {
-                a_rot[k] = Some(bases[l].q_a.right_mul(&layer.a)?);
-            }
-            let d_rot = bases[l].q_s.right_mul(&layer.delta)?;
-            drop(rotate);
-            let a = a_rot[k].as_ref().expect("rotated above");
-            let _t = phase::timer("fit: eigenvalue correction");
-            lambda[l].add_rotated(a, &d_rot, &batch.lengths)?;
-        }
-        Ok(())
+        backend.add_lambdas(lambda, bases, &cap, &batch.lengths)
     })
 }
 
@@ -278,7 +311,21 @@ pub fn fit_factors(
     opts: &FitOptions,
     what: &str,
 ) -> Result<Vec<LayerFactors>> {
-    fit(checkpoints, docs, opts, what, false)
+    fit(&CpuBackend::new(), checkpoints, docs, opts, what, false)
+}
+
+/// [`fit_factors`] on `backend` (the checkpoints loaded on its device). The factors come
+/// back on the CPU whatever the backend.
+pub fn fit_factors_on(
+    backend: &dyn Backend,
+    checkpoints: &[&Model],
+    docs: &[PreparedDoc],
+    opts: &FitOptions,
+    what: &str,
+) -> Result<Vec<LayerFactors>> {
+    let out = fit(backend, checkpoints, docs, opts, what, false);
+    backend.release();
+    out
 }
 
 /// [`fit_factors`], keeping the normalised covariances A and S in [`LayerFactors`] (f64:
@@ -289,10 +336,11 @@ pub fn fit_factors_with_covariances(
     opts: &FitOptions,
     what: &str,
 ) -> Result<Vec<LayerFactors>> {
-    fit(checkpoints, docs, opts, what, true)
+    fit(&CpuBackend::new(), checkpoints, docs, opts, what, true)
 }
 
 fn fit(
+    backend: &dyn Backend,
     checkpoints: &[&Model],
     docs: &[PreparedDoc],
     opts: &FitOptions,
@@ -302,10 +350,12 @@ fn fit(
     let first = checkpoints
         .first()
         .ok_or_else(|| Error::Numeric(format!("{what}: no checkpoint to fit")))?;
-    let device = first.device().clone();
+    // The factors live on the host whatever the backend.
+    let device = Device::Cpu;
     let mut sums = None;
     for (c, m) in checkpoints.iter().enumerate() {
-        accumulate_covariances(m, docs, opts, &mut sums, &format!("{what} checkpoint {c}"))?;
+        let label = format!("{what} checkpoint {c}");
+        accumulate_covariances(backend, m, docs, opts, &mut sums, &label)?;
     }
     let mut sums = sums.ok_or_else(|| Error::Numeric(format!("{what}: no documents to fit")))?;
     let layers = first.tracked_layers();
@@ -329,16 +379,7 @@ fn fit(
     }
     let n_a = jobs.len() - layers.len();
     let eigen_timer = phase::timer("fit: eigendecomposition");
-    let pb = progress::bar(jobs.len() as u64, "eigendecomposition");
-    let mut decomposed: Vec<Decomposed> = jobs
-        .into_par_iter()
-        .map(|(sum, name)| {
-            let d = decompose(sum, tokens, &name, keep_covariances, &device);
-            pb.inc(1);
-            d
-        })
-        .collect::<Result<_>>()?;
-    pb.finish_and_clear();
+    let mut decomposed = decompose_all(backend, jobs, tokens, keep_covariances, &device)?;
     drop(eigen_timer);
     let s_dec = decomposed.split_off(n_a);
     let a_dec = decomposed;
@@ -366,7 +407,7 @@ fn fit(
         .map(|l| LambdaSums::new(l.d_out, l.d_in + l.has_bias as usize, &device))
         .collect::<Result<_>>()?;
     for m in checkpoints {
-        accumulate_lambda(m, docs, opts, &bases, &sums, &mut lambda)?;
+        accumulate_lambda(backend, m, docs, opts, &bases, &sums, &mut lambda)?;
     }
     layers
         .iter()

@@ -32,6 +32,17 @@ pub struct EigenBasis {
 impl EigenBasis {
     /// Eigendecomposes every block of A and S in f64; `what` names the layer in errors.
     pub fn from_covariances(c: &Covariances, what: &str, device: &Device) -> Result<EigenBasis> {
+        Self::from_covariances_with(c, what, device, &eigh)
+    }
+
+    /// [`from_covariances`](Self::from_covariances) with the eigendecomposition `eig` (the
+    /// CPU's faer one, or a backend's).
+    pub fn from_covariances_with(
+        c: &Covariances,
+        what: &str,
+        device: &Device,
+        eig: &dyn Fn(&Tensor, &str) -> Result<super::eigen::Eigen>,
+    ) -> Result<EigenBasis> {
         let decompose = |blocks: &[Tensor], which: &str| -> Result<(Vec<Tensor>, Vec<f64>)> {
             let mut qs = Vec::new();
             let mut vals = Vec::new();
@@ -41,7 +52,7 @@ impl EigenBasis {
                 } else {
                     format!("{what} {which} block {k}")
                 };
-                let e = eigh(b, &name)?;
+                let e = eig(b, &name)?;
                 qs.push(e.vectors_tensor(device)?);
                 vals.extend(e.values);
             }
@@ -187,6 +198,30 @@ impl LambdaSums {
             })
         })??;
         self.docs += b as u64;
+        Ok(())
+    }
+
+    /// Adds squared rotated document gradients summed elsewhere (a GPU backend): `squares`
+    /// [d_out, d_in] = Σ_m ((Q_Sᵀ G_m Q_A)[i,j])² over `docs` documents (any float dtype and
+    /// device).
+    pub fn add_squares(&mut self, squares: &Tensor, docs: u64) -> Result<()> {
+        if squares.dims() != [self.d_out, self.d_in] {
+            return Err(Error::Numeric(format!(
+                "eigenvalue correction: squares of shape {:?} for Λ of [{}, {}]",
+                squares.dims(),
+                self.d_out,
+                self.d_in
+            )));
+        }
+        let add: Vec<f64> = squares
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1()?;
+        for (s, a) in self.sum.iter_mut().zip(add) {
+            *s += a;
+        }
+        self.docs += docs;
         Ok(())
     }
 

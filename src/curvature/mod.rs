@@ -17,6 +17,8 @@ pub use blocks::{BlockDiag, BlockLayout};
 pub use cache::{checkpoint_hash, docs_hash, factor_key, FactorCache, Lookup};
 pub use covariance::{masked_rows, CovarianceSums, Covariances, FactorSum};
 pub use eigen::{eigh, eigh_f64, Eigen};
-pub use fit::{fit_factors, fit_factors_with_covariances, Fisher, FitOptions, LayerFactors};
+pub use fit::{
+    fit_factors, fit_factors_on, fit_factors_with_covariances, Fisher, FitOptions, LayerFactors,
+};
 pub use lambda::{EigenBasis, LambdaSums};
 pub use store::{load_factors, save_factors, FactorFile};

@@ -168,6 +168,26 @@ pub fn load_model(dir: &Path) -> Result<Model> {
     Model::load(dir, &LoadOptions::default(), &Device::Cpu)
 }
 
+/// Loads a checkpoint on `device` (a backend's) with the default tracked layers.
+pub fn load_model_on(dir: &Path, device: &Device) -> Result<Model> {
+    Model::load(dir, &LoadOptions::default(), device)
+}
+
+/// The backend `[run] device` and `[run] precision` ask for (fails with what is missing when
+/// `cuda` cannot be used).
+pub fn open_backend(config: &Config) -> Result<Box<dyn crate::backend::Backend>> {
+    crate::backend::open(config.run.device, config.run.precision)
+}
+
+/// `[run] device` and `precision` in a stage's config view and cache key, only when not the
+/// CPU default (so that hashes of CPU runs stay what they were).
+pub fn device_view(config: &Config, view: &mut serde_json::Value) {
+    if !config.run.device.is_default() {
+        view["device"] = config.run.device.name().into();
+        view["precision"] = config.run.precision.name().into();
+    }
+}
+
 /// Predicted peak memory (bytes) of fitting or scoring: one batch's forward + backward,
 /// the weights and every layer's factors ([`crate::model::memory`] states the model).
 pub fn memory_estimate(model: &Model, config: &Config) -> u64 {

@@ -9,14 +9,17 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::curvature::{
-    checkpoint_hash, docs_hash, factor_key, fit_factors, save_factors, FactorCache, Lookup,
+    checkpoint_hash, docs_hash, factor_key, fit_factors_on, save_factors, FactorCache, Lookup,
 };
 use crate::data::PreparedDoc;
 use crate::error::{IoContext, Result};
 use crate::pipeline::{Stage, StageContext};
 use crate::util::fsx::write_json_atomic;
 
-use super::attribute::{check_memory, fit_options, load_model, plan, role_docs, PlannedSegment};
+use super::attribute::{
+    check_memory, device_view, fit_options, load_model_on, open_backend, plan, role_docs,
+    PlannedSegment,
+};
 
 /// The `fit` stage.
 pub struct FitStage;
@@ -35,11 +38,13 @@ impl Stage for FitStage {
     }
 
     fn config_view(&self, c: &Config) -> serde_json::Value {
-        json!({
+        let mut v = json!({
             "method": c.attribution.method, "fisher": c.attribution.fisher,
             "block_size": c.attribution.block_size, "seed": c.run.seed,
             "batching": c.batching,
-        })
+        });
+        device_view(c, &mut v);
+        v
     }
 
     fn run(&self, ctx: &StageContext) -> Result<serde_json::Value> {
@@ -50,6 +55,7 @@ impl Stage for FitStage {
             return Ok(json!({"segments": 0}));
         }
         let opts = fit_options(ctx.config);
+        let backend = open_backend(ctx.config)?;
         let cache = ctx
             .config
             .attribution
@@ -88,17 +94,18 @@ impl Stage for FitStage {
             let models = seg
                 .checkpoints
                 .iter()
-                .map(|c| load_model(c))
+                .map(|c| load_model_on(c, backend.device()))
                 .collect::<Result<Vec<_>>>()?;
             let estimate = check_memory("fit", &models[0], ctx.config)?;
             tracing::info!(
-                "fit: {what}: {} documents of `{}`, {} checkpoint(s)",
+                "fit: {what}: {} documents of `{}`, {} checkpoint(s), on {}",
                 docs.len(),
                 seg.role,
-                models.len()
+                models.len(),
+                backend.name()
             );
             let refs: Vec<&_> = models.iter().collect();
-            let factors = fit_factors(&refs, &docs, &opts, &what)?;
+            let factors = fit_factors_on(backend.as_ref(), &refs, &docs, &opts, &what)?;
             // Only what determines the factors (no segment index or run-directory paths),
             // so that the same inputs give the same bytes in every run and cache entry.
             let info = json!({"cache_key": key, "inputs": inputs});
@@ -115,7 +122,7 @@ impl Stage for FitStage {
                 "segment": seg.index, "stage": seg.stage, "role": seg.role,
                 "documents": docs.len(), "checkpoints": seg.checkpoints.len(),
                 "layers": factors.len(), "estimated_peak_bytes": estimate,
-                "cache_key": key, "reused": false,
+                "cache_key": key, "reused": false, "device": backend.name(),
             }));
         }
         Ok(json!({ "segments": summary }))
@@ -133,7 +140,7 @@ fn key_inputs(
 ) -> Result<serde_json::Value> {
     let a = &config.attribution;
     let opts = fit_options(config);
-    Ok(json!({
+    let mut key = json!({
         "format": "source-tda factors 1",
         "tool_version": crate::VERSION,
         "checkpoints": seg.checkpoints.iter().map(|c| checkpoint_hash(c)).collect::<Result<Vec<_>>>()?,
@@ -145,5 +152,8 @@ fn key_inputs(
         "token_budget": opts.token_budget,
         "max_batch_size": opts.max_batch_size,
         "pad_id": opts.pad_id,
-    }))
+    });
+    // The device and precision change the summation order and rounding of the factors.
+    device_view(config, &mut key);
+    Ok(key)
 }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
-use crate::attribution::{score_pass_queries, LayerQuery};
+use crate::attribution::{score_pass_on, LayerQuery};
 use crate::config::{Config, MethodKind};
 use crate::curvature::FactorFile;
 use crate::data::tokenize::load_tokenizer;
@@ -25,7 +25,8 @@ use crate::train::{OptimizerInfo, Trajectory};
 use crate::util::hash::sha256_json;
 
 use super::attribute::{
-    fit_options, load_model, plan, plan_score_memory, role_docs, AttributionPlan,
+    device_view, fit_options, load_model, load_model_on, open_backend, plan, plan_score_memory,
+    role_docs, AttributionPlan,
 };
 use super::fetch::Fetched;
 use super::score_precondition::preconditioned;
@@ -115,7 +116,9 @@ impl Stage for ScoreStage {
     }
 
     fn config_view(&self, c: &Config) -> serde_json::Value {
-        json!({"attribution": c.attribution, "batching": c.batching})
+        let mut v = json!({"attribution": c.attribution, "batching": c.batching});
+        device_view(c, &mut v);
+        v
     }
 
     fn run(&self, ctx: &StageContext) -> Result<serde_json::Value> {
@@ -170,7 +173,8 @@ impl Stage for ScoreStage {
         let (estimate, groups) =
             plan_score_memory(&final_model, ctx.config, &layers, &layer_bytes, query_bytes)?;
         drop(final_model);
-        let u = preconditioned(ctx, &p, &files, &v, &layers, &groups)?;
+        let backend = open_backend(ctx.config)?;
+        let u = preconditioned(ctx, backend.as_ref(), &p, &files, &v, &layers, &groups)?;
         drop(files);
         let rank = ctx.config.attribution.query_rank;
         let (u, kept_energy) = query_forms(u, rank)?;
@@ -204,8 +208,8 @@ impl Stage for ScoreStage {
             let c = seg.checkpoints.len() as f64;
             let mut acc = vec![vec![0f64; r.docs.len()]; q];
             for ckpt in &seg.checkpoints {
-                let model = load_model(ckpt)?;
-                let s = score_pass_queries(&model, &r.docs, u_seg, &opts, true)?;
+                let model = load_model_on(ckpt, backend.device())?;
+                let s = score_pass_on(backend.as_ref(), &model, &r.docs, u_seg, &opts, true)?;
                 for (qi, row) in s.docs.iter().enumerate() {
                     for (m, v) in row.iter().enumerate() {
                         acc[qi][m] += v / c;
@@ -230,6 +234,7 @@ impl Stage for ScoreStage {
             "group_bytes": groups.group_bytes, "group_budget": groups.budget,
         });
         out["query_rank"] = json!(rank);
+        out["device"] = json!(backend.name());
         out["query_rank_kept_energy"] = json!(kept_energy);
         Ok(out)
     }

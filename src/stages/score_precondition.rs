@@ -5,9 +5,8 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::attribution::{
-    precondition_inverse, source_walk, AdamCurvature, Curvature, Damping, SegmentCurvature,
-};
+use crate::attribution::{source_walk, AdamCurvature, Curvature, Damping, SegmentCurvature};
+use crate::backend::{Backend, OnBackend};
 use crate::config::MethodKind;
 use crate::curvature::{FactorFile, LayerFactors};
 use crate::error::{Error, Result};
@@ -20,6 +19,7 @@ use super::attribute::{AttributionPlan, FactorGroups, PlannedSegment};
 /// group's layers (it is block-diagonal per layer) and the factors are dropped.
 pub(super) fn preconditioned(
     ctx: &StageContext,
+    backend: &dyn Backend,
     p: &AttributionPlan,
     files: &[FactorFile],
     v: &[Tensor],
@@ -36,7 +36,7 @@ pub(super) fn preconditioned(
             .iter()
             .map(|file| file.load_layers(names, &Device::Cpu))
             .collect::<Result<_>>()?;
-        let u = precondition_group(ctx, p, &f, &v[start..end])?;
+        let u = precondition_group(ctx, backend, p, &f, &v[start..end])?;
         for (seg, u_seg) in out.iter_mut().zip(u) {
             seg.extend(u_seg);
         }
@@ -47,10 +47,16 @@ pub(super) fn preconditioned(
 /// u_ℓ for every segment for one group of layers, given that group's factors `f` per segment.
 fn precondition_group(
     ctx: &StageContext,
+    backend: &dyn Backend,
     p: &AttributionPlan,
     f: &[Vec<LayerFactors>],
     v: &[Tensor],
 ) -> Result<Vec<Vec<Tensor>>> {
+    // Every eigenbasis function application goes through the backend.
+    let on: Vec<OnBackend> = f
+        .iter()
+        .map(|factors| OnBackend { factors, backend })
+        .collect();
     let a = &ctx.config.attribution;
     let damping = match a.damping {
         Some(d) => Damping::Absolute(d),
@@ -58,23 +64,24 @@ fn precondition_group(
     };
     Ok(match p.method {
         MethodKind::GradientDot => vec![v.to_vec()],
-        MethodKind::Influence => vec![precondition_inverse(&f[0], v, damping)?],
+        MethodKind::Influence => vec![on[0].inverse(v, damping)?],
         MethodKind::Source => {
             // Segments trained with AdamW see H̄ through Adam's preconditioner.
             let adam: Vec<Option<AdamCurvature>> = f
                 .iter()
                 .zip(&p.segments)
-                .map(|(f, s)| -> Result<Option<AdamCurvature>> {
+                .enumerate()
+                .map(|(i, (f, s))| -> Result<Option<AdamCurvature>> {
                     let Some(eps) = s.adam_eps else {
                         return Ok(None);
                     };
                     Ok(Some(AdamCurvature {
-                        inner: f as &dyn Curvature,
+                        inner: &on[i] as &dyn Curvature,
                         p_bar: adam_p_bar(s, f, eps)?,
                     }))
                 })
                 .collect::<Result<_>>()?;
-            let segs: Vec<SegmentCurvature> = f
+            let segs: Vec<SegmentCurvature> = on
                 .iter()
                 .zip(&adam)
                 .zip(&p.segments)

@@ -1,0 +1,116 @@
+//! The CPU backend: the project's reference code (src/curvature, src/attribution) on candle's
+//! CPU device and faer.
+
+use candle_core::{Device, Tensor, TensorId};
+use rayon::prelude::*;
+
+use crate::attribution::{apply_in_basis, spectral_weights, LayerQuery, SpectralFn};
+use crate::curvature::{eigh_f64, Eigen, EigenBasis, FactorSum, LambdaSums};
+use crate::error::Result;
+use crate::model::Capture;
+use crate::util::phase;
+use crate::util::tensors::with_f32;
+
+use super::Backend;
+
+/// The reference backend (candle CPU + faer).
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    device: Device,
+}
+
+impl CpuBackend {
+    /// The CPU backend.
+    pub fn new() -> CpuBackend {
+        CpuBackend {
+            device: Device::Cpu,
+        }
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend::new()
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn add_covariances(
+        &self,
+        terms: &mut [(&mut FactorSum, &Tensor)],
+        _mask: &Tensor,
+    ) -> Result<()> {
+        for (sum, x) in terms.iter_mut() {
+            with_f32(x, |rows| sum.add_rows(rows))??;
+        }
+        Ok(())
+    }
+
+    fn eigh_many(&self, mats: &[(Vec<f64>, usize, String)]) -> Result<Vec<Eigen>> {
+        // Side by side, each also splitting its own work over the pool (idle threads steal
+        // either kind of work).
+        mats.par_iter()
+            .map(|(m, n, what)| eigh_f64(m, *n, what))
+            .collect()
+    }
+
+    fn add_lambdas(
+        &self,
+        sums: &mut [LambdaSums],
+        bases: &[EigenBasis],
+        cap: &Capture,
+        lengths: &[usize],
+    ) -> Result<()> {
+        // a Q_A once per shared input (q/k/v, gate/up share a and hence Q_A).
+        let mut rotated: Vec<(TensorId, Tensor)> = Vec::new();
+        for ((layer, sum), basis) in cap.layers.iter().zip(sums.iter_mut()).zip(bases) {
+            let a_rot = {
+                let _t = phase::timer("fit: rotate");
+                match rotated.iter().find(|(id, _)| *id == layer.a.id()) {
+                    Some((_, r)) => r.clone(),
+                    None => {
+                        let r = basis.q_a.right_mul(&layer.a)?;
+                        rotated.push((layer.a.id(), r.clone()));
+                        r
+                    }
+                }
+            };
+            let d_rot = {
+                let _t = phase::timer("fit: rotate");
+                basis.q_s.right_mul(&layer.delta)?
+            };
+            let _t = phase::timer("fit: eigenvalue correction");
+            sum.add_rotated(&a_rot, &d_rot, lengths)?;
+        }
+        Ok(())
+    }
+
+    fn apply_in_basis(
+        &self,
+        basis: &EigenBasis,
+        lambda: &Tensor,
+        f: SpectralFn,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let w = spectral_weights(lambda, f)?;
+        apply_in_basis(basis, &w, v)
+    }
+
+    fn token_scores(
+        &self,
+        u: &LayerQuery,
+        a: &Tensor,
+        delta: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        u.token_scores(a, delta, mask)
+    }
+}
