@@ -18,7 +18,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use source_tda::attribution::{apply_in_basis, token_scores};
-use source_tda::curvature::{eigh, CovarianceSums, EigenBasis, LambdaSums};
+use source_tda::curvature::{eigh, eigh_f64_with, CovarianceSums, EigenBasis, LambdaSums};
 use source_tda::model::{Labels, LoadOptions, Model, ModelSpec, TensorMap, TokenBatch};
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
@@ -183,9 +183,9 @@ fn main() {
     let mut sums = CovarianceSums::new(din, dout, None, &dev).expect("sums");
     let t_cov = best(reps, || sums.add(&a, &d).expect("cov"));
     row(
-        "covariance A, S accumulation",
+        "covariance A, S accumulation (one triangle)",
         &format!("{n} tok, {din}/{dout}"),
-        2.0 * n as f64 * (din * din + dout * dout) as f64,
+        n as f64 * (din * (din + 1) + dout * (dout + 1)) as f64,
         t_cov,
         gemm,
     );
@@ -198,6 +198,56 @@ fn main() {
         &format!("{din}×{din}"),
         10.0 / 3.0 * (din as f64).powi(3),
         t_eig,
+        gemm,
+    );
+    // Several decompositions (a fit has hundreds): one after another with every thread each,
+    // or side by side with one thread each.
+    let jobs = 4usize;
+    let mats: Vec<Vec<f64>> = (0..jobs)
+        .map(|_| {
+            cov.a[0]
+                .flatten_all()
+                .expect("flat")
+                .to_vec1::<f64>()
+                .expect("f64")
+        })
+        .collect();
+    let t_seq = best(1, || {
+        for m in &mats {
+            eigh_f64_with(m, din, "bench", faer::Par::rayon(0)).expect("eigh");
+        }
+    });
+    let t_side = best(1, || {
+        use rayon::prelude::*;
+        mats.par_iter()
+            .for_each(|m| drop(eigh_f64_with(m, din, "bench", faer::Par::Seq).expect("eigh")));
+    });
+    let t_nested = best(1, || {
+        use rayon::prelude::*;
+        mats.par_iter()
+            .for_each(|m| drop(eigh_f64_with(m, din, "bench", faer::Par::rayon(0)).expect("eigh")));
+    });
+    let eig_flops = jobs as f64 * 10.0 / 3.0 * (din as f64).powi(3);
+    let what = format!("{jobs}× {din}×{din}");
+    row(
+        "  · one after another, all threads each",
+        &what,
+        eig_flops,
+        t_seq,
+        gemm,
+    );
+    row(
+        "  · side by side, one thread each",
+        &what,
+        eig_flops,
+        t_side,
+        gemm,
+    );
+    row(
+        "  · side by side, all threads each",
+        &what,
+        eig_flops,
+        t_nested,
         gemm,
     );
     let basis = EigenBasis::from_covariances(&cov, "bench", &dev).expect("basis");

@@ -228,6 +228,7 @@ fn main() {
             "train_docs": n, "queries": q,
             "train_tokens": train.iter().map(|d| d.n_tokens()).sum::<usize>(),
             "tracked_layers": model.tracked_layers().len(), "batch": batch,
+            "token_budget": opts.token_budget,
             "rayon_threads": std::env::var("RAYON_NUM_THREADS").ok(),
         }),
     );

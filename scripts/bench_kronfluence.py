@@ -144,7 +144,8 @@ def cmd_compare(a):
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
     w = ours["workload"]
     print(f"\n## {a.label}: {w['tracked_layers']} tracked layers, {w['train_docs']} train docs "
-          f"({w['train_tokens']} tokens), {w['queries']} queries, batch {w['batch']}\n")
+          f"({w['train_tokens']} tokens), {w['queries']} queries, batch {w['batch']} documents "
+          f"(source-tda: and at most {w.get('token_budget', '?')} tokens)\n")
     print("| stage | source-tda s (CPU s) | kronfluence s (CPU s) | speed-up wall (CPU) "
           "| source-tda peak RSS GiB | predicted GiB | kronfluence peak RSS GiB | RSS ratio |")
     print("|---|---|---|---|---|---|---|---|")

@@ -8,27 +8,29 @@ use candle_core::{DType, Tensor, D};
 use crate::error::Result;
 
 /// Per-token scores s[q, b, t] = δ_{b,t}ᵀ U_q a_{b,t} for `u` [Q, d_out, d_in], `a` [B, T, d_in],
-/// `delta` [B, T, d_out], zeroed where `mask` [B, T] is 0. Returns [Q, B, T] (f32). The
-/// contraction order is chosen so the intermediate has width Q·min(d_in, d_out).
+/// `delta` [B, T, d_out], zeroed where `mask` [B, T] is 0. Returns [Q, B, T] (f32). One
+/// product per query, in the order whose intermediate has width min(d_in, d_out): δ U_q
+/// [n, d_in] dotted with a, or U_q a [n, d_out] dotted with δ. U is read in place (no
+/// per-batch copy of the queries).
 pub fn token_scores(u: &Tensor, a: &Tensor, delta: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (q, d_out, d_in) = u.dims3()?;
     let (b, t, _) = a.dims3()?;
     let n = b * t;
     let a2 = a.reshape((n, d_in))?;
     let d2 = delta.reshape((n, d_out))?;
-    let per = if d_in <= d_out {
-        // (δ U_q) · a: δ [n, d_out] × [d_out, q·d_in] → [n, q, d_in]
-        let uf = u.permute((1, 0, 2))?.reshape((d_out, q * d_in))?;
-        let du = d2.matmul(&uf)?.reshape((n, q, d_in))?;
-        du.broadcast_mul(&a2.unsqueeze(1)?)?.sum(D::Minus1)?
-    } else {
-        // (U_q a) · δ: a [n, d_in] × [d_in, q·d_out] → [n, q, d_out]
-        let uf = u.permute((2, 0, 1))?.reshape((d_in, q * d_out))?;
-        let ua = a2.matmul(&uf)?.reshape((n, q, d_out))?;
-        ua.broadcast_mul(&d2.unsqueeze(1)?)?.sum(D::Minus1)?
-    }; // [n, q]
-    let m = mask.to_dtype(DType::F32)?.reshape((n, 1))?;
-    Ok(per.broadcast_mul(&m)?.t()?.reshape((q, b, t))?)
+    let per: Vec<Tensor> = (0..q)
+        .map(|qi| -> Result<Tensor> {
+            let uq = u.get(qi)?; // [d_out, d_in]
+            Ok(if d_in <= d_out {
+                d2.matmul(&uq)?.mul(&a2)?.sum(D::Minus1)? // (δ U_q) · a
+            } else {
+                a2.matmul(&uq.t()?)?.mul(&d2)?.sum(D::Minus1)? // (U_q a) · δ
+            })
+        })
+        .collect::<Result<_>>()?;
+    let per = Tensor::stack(&per, 0)?; // [q, n]
+    let m = mask.to_dtype(DType::F32)?.reshape((1, n))?;
+    Ok(per.broadcast_mul(&m)?.reshape((q, b, t))?)
 }
 
 #[cfg(test)]

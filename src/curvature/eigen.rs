@@ -1,7 +1,10 @@
 //! Symmetric eigendecomposition in f64 (faer): A = Q diag(λ) Qᵀ, eigenvalues ascending.
 
 use candle_core::{DType, Device, Tensor};
-use faer::{MatRef, Side};
+use faer::diag::Diag;
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::evd;
+use faer::{Mat, MatRef, Par};
 
 use crate::error::{Error, Result};
 
@@ -43,8 +46,15 @@ pub fn eigh(m: &Tensor, what: &str) -> Result<Eigen> {
     eigh_f64(&data, n, what)
 }
 
-/// [`eigh`] of a symmetric n × n matrix given row-major in f64 (the lower triangle is used).
+/// [`eigh`] of a symmetric n × n matrix given row-major in f64 (the lower triangle is used),
+/// with faer's global parallelism.
 pub fn eigh_f64(data: &[f64], n: usize, what: &str) -> Result<Eigen> {
+    eigh_f64_with(data, n, what, faer::get_global_parallelism())
+}
+
+/// [`eigh_f64`] with the parallelism `par` (e.g. `Par::Seq` when several decompositions
+/// run side by side, one per thread).
+pub fn eigh_f64_with(data: &[f64], n: usize, what: &str, par: Par) -> Result<Eigen> {
     if data.len() != n * n {
         return Err(Error::Numeric(format!(
             "{what}: {} values for a {n} × {n} matrix",
@@ -62,11 +72,23 @@ pub fn eigh_f64(data: &[f64], n: usize, what: &str) -> Result<Eigen> {
         )));
     }
     let mat = MatRef::from_row_major_slice(data, n, n);
-    let evd = mat
-        .self_adjoint_eigen(Side::Lower)
-        .map_err(|e| Error::Numeric(format!("{what}: eigendecomposition failed: {e:?}")))?;
-    let s = evd.S();
-    let u = evd.U();
+    let mut u = Mat::<f64>::zeros(n, n);
+    let mut s = Diag::<f64>::zeros(n);
+    let scratch = evd::self_adjoint_evd_scratch::<f64>(
+        n,
+        evd::ComputeEigenvectors::Yes,
+        par,
+        Default::default(),
+    );
+    evd::self_adjoint_evd(
+        mat,
+        s.as_mut(),
+        Some(u.as_mut()),
+        par,
+        MemStack::new(&mut MemBuffer::new(scratch)),
+        Default::default(),
+    )
+    .map_err(|e| Error::Numeric(format!("{what}: eigendecomposition failed: {e:?}")))?;
     let values: Vec<f64> = (0..n).map(|i| s.column_vector()[i]).collect();
     let mut vectors = vec![0.0f64; n * n];
     for i in 0..n {
