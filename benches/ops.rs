@@ -135,7 +135,11 @@ fn main() {
                 .collect()
         })
         .collect();
-    let masks: Vec<Vec<u8>> = ids.iter().map(|r| vec![1u8; r.len()]).collect();
+    // Every token is a target except the first (it has no context).
+    let masks: Vec<Vec<u8>> = ids
+        .iter()
+        .map(|r| (0..r.len()).map(|i| (i > 0) as u8).collect())
+        .collect();
     let pairs: Vec<(&[u32], &[u8])> = ids
         .iter()
         .zip(&masks)

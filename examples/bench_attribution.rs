@@ -113,7 +113,6 @@ fn timed<T>(name: &'static str, out: &mut Vec<Stage>, f: impl FnOnce() -> T) -> 
 }
 
 fn main() {
-    mem::return_large_allocations();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 3 {
         eprintln!("usage: bench_attribution MODEL_DIR INPUTS.safetensors OUT_DIR [BATCH [TOKENS]]");

@@ -190,7 +190,6 @@ impl StageOpts {
 }
 
 fn main() -> ExitCode {
-    source_tda::util::mem::return_large_allocations();
     let cli = Cli::parse();
     init_logging(cli.quiet, cli.verbose);
     source_tda::util::progress::set_quiet(cli.quiet);

@@ -4,23 +4,6 @@
 //! process reset it by writing `5` to `/proc/self/clear_refs`. A stage resets it when it
 //! starts and reads it when it ends, so each stage reports its own peak.
 
-/// Largest allocation glibc's malloc serves from its heaps; bigger ones get their own
-/// mapping, returned to the system when freed. See [`return_large_allocations`].
-pub const MMAP_THRESHOLD_BYTES: usize = 128 * 1024;
-
-/// Makes glibc's malloc give every allocation above [`MMAP_THRESHOLD_BYTES`] its own
-/// mapping and return it on free. By default glibc raises that threshold as large blocks
-/// are freed (up to 32 MiB), so the many-megabyte activations of a capture end up in heaps
-/// that keep their pages after the pass: the fit's measured peak RSS on SmolLM2-135M drops
-/// by about 1 GiB with this (README, Performance). Call once at start-up; a no-op elsewhere.
-pub fn return_large_allocations() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a tunable of the allocator; any value is valid input.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES as libc::c_int);
-    }
-}
-
 /// Resets the peak-RSS counter. Returns false where the platform does not allow it (the
 /// next reading is then the process-wide peak).
 pub fn reset_peak_rss() -> bool {
