@@ -9,8 +9,8 @@
 //! Every operation runs `reps` times after one warm-up; the best time counts (the machine's
 //! speed drifts). FLOP counts are nominal: 2·m·n·k per matrix product, 10/3·n³ for a symmetric
 //! eigendecomposition with vectors (tridiagonalisation 4/3·n³ + back-transformation 2·n³),
-//! 6·tokens·(tracked weights + head) for a capture (forward + backward of every linear layer,
-//! weight gradients included, as candle computes them).
+//! 4·tokens·(tracked weights + head) for a capture (forward, and the backward to the inputs of
+//! every linear layer: a capture forms no weight gradients).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -151,7 +151,7 @@ fn main() {
         .iter()
         .map(|l| l.d_in * l.d_out)
         .sum();
-    let capture_flops = 6.0 * (b * t) as f64 * (tracked + 576 * 49152) as f64;
+    let capture_flops = 4.0 * (b * t) as f64 * (tracked + 576 * 49152) as f64;
     let mut cap = None;
     let t_cap = best(reps.min(2), || {
         cap = Some(model.capture(&batch, Labels::Data).expect("capture"));

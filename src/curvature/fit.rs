@@ -227,7 +227,7 @@ fn decompose_all(
     keep_covariance: bool,
     device: &Device,
 ) -> Result<Vec<Decomposed>> {
-    let chunk = 2 * rayon::current_num_threads().max(1);
+    let chunk = 8 * rayon::current_num_threads().max(1);
     let pb = progress::bar(jobs.len() as u64, "eigendecomposition");
     let mut out = Vec::with_capacity(jobs.len());
     let mut jobs = jobs.into_iter().peekable();
