@@ -3,7 +3,7 @@
 //! the kernels share its stream: a and δ are copied device-to-device (never through the
 //! host). In a `--features cuda-kernels` build the model runs on the CPU and a, δ are
 //! uploaded per batch (the GPU parity tests use this build). Factors, queries and scores
-//! come back to the host; the sums are accumulated in f64 there, batch by batch.
+//! come back to the host, batch by batch, into the fit's sums (f32 covariances, f64 Λ).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
