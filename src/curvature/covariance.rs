@@ -219,34 +219,6 @@ impl CovarianceSums {
     }
 }
 
-impl Covariances {
-    /// The mean of several checkpoints' factors (DESIGN.md §3.1: averaged over the segment's
-    /// checkpoints).
-    pub fn mean(list: &[Covariances]) -> Result<Covariances> {
-        let first = list
-            .first()
-            .ok_or_else(|| Error::Numeric("no covariances to average".into()))?;
-        let k = list.len() as f64;
-        let avg = |get: &dyn Fn(&Covariances) -> &Vec<Tensor>| -> Result<Vec<Tensor>> {
-            (0..get(first).len())
-                .map(|i| {
-                    let mut acc = get(first)[i].clone();
-                    for c in &list[1..] {
-                        acc = (acc + &get(c)[i])?;
-                    }
-                    Ok((acc / k)?)
-                })
-                .collect()
-        };
-        Ok(Covariances {
-            a_layout: first.a_layout.clone(),
-            s_layout: first.s_layout.clone(),
-            a: avg(&|c| &c.a)?,
-            s: avg(&|c| &c.s)?,
-        })
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::needless_range_loop)] // brute-force references index like the math
 mod tests {

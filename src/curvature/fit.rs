@@ -176,16 +176,11 @@ fn accumulate_covariances(
         {
             // One term per distinct input and one per output gradient.
             let FitSums { groups, a, s, .. } = &mut *sums;
-            let mut a_terms: Vec<Option<&mut FactorSum>> = a.iter_mut().map(Some).collect();
-            let mut terms: Vec<(&mut FactorSum, &Tensor)> = Vec::new();
-            let mut k = 0;
-            for (l, layer) in cap.layers.iter().enumerate() {
-                if groups[l] == l {
-                    let sum = a_terms[k].take().expect("one term per input");
-                    terms.push((sum, &layer.a));
-                    k += 1;
-                }
-            }
+            // `a` holds one factor per distinct input, in the order its first layer comes.
+            let inputs = (cap.layers.iter().enumerate())
+                .filter(|(l, _)| groups[*l] == *l)
+                .map(|(_, layer)| &layer.a);
+            let mut terms: Vec<(&mut FactorSum, &Tensor)> = a.iter_mut().zip(inputs).collect();
             for (sum, layer) in s.iter_mut().zip(&cap.layers) {
                 terms.push((sum, &layer.delta));
             }
