@@ -65,29 +65,57 @@ pub fn load_factors(
     Ok((file.load_layers(&names, device)?, file.info().clone()))
 }
 
-/// A factor file opened for reading layer by layer: the file is memory-mapped and only the
-/// tensors of the layers asked for are read, so a layer group's factors can be loaded
-/// without the rest (issue 5 §5).
+/// A factor file opened for reading layer by layer: only the header is read at open, and
+/// each tensor of the layers asked for is read with a positioned read into memory the
+/// caller owns, so a layer group's factors can be loaded without the rest (issue 5 §5).
+/// The file is not memory-mapped: mapped pages would count in the process's resident
+/// memory for as long as the file stays open (the whole factor set, during scoring).
 pub struct FactorFile {
     path: PathBuf,
-    mmap: memmap2::Mmap,
+    file: std::fs::File,
+    /// Offset of the data section (8 + header length).
+    data_start: u64,
+    header: safetensors::tensor::Metadata,
     layers: Vec<LayerMeta>,
     info: serde_json::Value,
 }
 
+/// Largest header accepted (safetensors' own limit is 100 MB).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
 impl FactorFile {
     /// Opens `path` and reads its header and metadata (no tensor data).
     pub fn open(path: &Path) -> Result<FactorFile> {
-        let file = std::fs::File::open(path).ctx("opening", path)?;
-        // SAFETY: factor files are written atomically (temp file + rename) and never modified
-        // in place; a concurrent writer would be a user error caught by the header checks.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.ctx("memory-mapping", path)?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+        use std::io::Read;
+        let not_factors = |why: String| {
             Error::Numeric(format!(
-                "{}: not a factor file ({e:?}); rerun the fit stage",
+                "{}: not a factor file ({why}); rerun the fit stage",
                 path.display()
             ))
-        })?;
+        };
+        let mut file = std::fs::File::open(path).ctx("opening", path)?;
+        let len = file.metadata().ctx("reading the size of", path)?.len();
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n)
+            .map_err(|_| not_factors(format!("{len} bytes, shorter than a header")))?;
+        let n = u64::from_le_bytes(n);
+        if n > MAX_HEADER_BYTES || 8 + n > len {
+            return Err(not_factors(format!(
+                "a header of {n} bytes in a file of {len}"
+            )));
+        }
+        let mut text = vec![0u8; n as usize];
+        file.read_exact(&mut text).ctx("reading", path)?;
+        let header: safetensors::tensor::Metadata = serde_json::from_slice(&text)
+            .map_err(|e| not_factors(format!("unreadable header: {e}")))?;
+        let data_len = header.data_len() as u64;
+        if 8 + n + data_len != len {
+            return Err(not_factors(format!(
+                "the header describes {data_len} bytes of tensors but the file holds {}; was \
+                 it truncated?",
+                len - 8 - n
+            )));
+        }
         let meta: serde_json::Value = header
             .metadata()
             .as_ref()
@@ -103,7 +131,9 @@ impl FactorFile {
             .map_err(|e| Error::Numeric(format!("{}: bad layer metadata: {e}", path.display())))?;
         Ok(FactorFile {
             path: path.to_path_buf(),
-            mmap,
+            file,
+            data_start: 8 + n,
+            header,
             layers,
             info: meta["info"].clone(),
         })
@@ -140,10 +170,10 @@ impl FactorFile {
         k
     }
 
-    fn tensors(&self) -> Result<safetensors::SafeTensors<'_>> {
-        safetensors::SafeTensors::deserialize(&self.mmap).map_err(|e| {
+    fn info_of(&self, k: &str) -> Result<&safetensors::tensor::TensorInfo> {
+        self.header.info(k).ok_or_else(|| {
             Error::Numeric(format!(
-                "{}: not a factor file ({e:?}); rerun the fit stage",
+                "{}: tensor `{k}` is missing (rerun the fit stage)",
                 self.path.display()
             ))
         })
@@ -152,32 +182,49 @@ impl FactorFile {
     /// Bytes of layer `name`'s stored tensors (what loading it takes in memory).
     pub fn layer_bytes(&self, name: &str) -> Result<u64> {
         let l = self.layer(name)?;
-        let st = self.tensors()?;
         let mut total = 0u64;
         for k in Self::keys(l) {
-            total += self.view(&st, &k)?.data().len() as u64;
+            let (start, end) = self.info_of(&k)?.data_offsets;
+            total += (end - start) as u64;
         }
         Ok(total)
     }
 
-    fn view<'a>(
-        &self,
-        st: &'a safetensors::SafeTensors<'a>,
-        k: &str,
-    ) -> Result<safetensors::tensor::TensorView<'a>> {
-        st.tensor(k).map_err(|_| {
-            Error::Numeric(format!(
-                "{}: tensor `{k}` is missing (rerun the fit stage)",
-                self.path.display()
-            ))
-        })
+    /// Reads tensor `k` (f32 or f64 as stored) onto `device`.
+    fn read(&self, k: &str, device: &Device) -> Result<Tensor> {
+        use std::os::unix::fs::FileExt;
+        let info = self.info_of(k)?;
+        let dtype = match info.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F64 => DType::F64,
+            other => {
+                return Err(Error::Numeric(format!(
+                    "{}: tensor `{k}` is {other:?}; factor files hold f32 and f64 (rerun the \
+                     fit stage)",
+                    self.path.display()
+                )))
+            }
+        };
+        let (start, end) = info.data_offsets;
+        let want = info.shape.iter().product::<usize>() * dtype.size_in_bytes();
+        if end.checked_sub(start) != Some(want) {
+            return Err(Error::Numeric(format!(
+                "{}: tensor `{k}` of shape {:?} spans bytes {start}..{end}; the file is \
+                 corrupt (rerun the fit stage)",
+                self.path.display(),
+                info.shape
+            )));
+        }
+        let mut buf = vec![0u8; want];
+        self.file
+            .read_exact_at(&mut buf, self.data_start + start as u64)
+            .ctx("reading", &self.path)?;
+        Ok(Tensor::from_raw_buffer(&buf, dtype, &info.shape, device)?)
     }
 
     /// Reads the factors of the layers `names` (in that order) onto `device`.
     pub fn load_layers(&self, names: &[String], device: &Device) -> Result<Vec<LayerFactors>> {
-        use candle_core::safetensors::Load;
-        let st = self.tensors()?;
-        let get = |k: &str| -> Result<Tensor> { Ok(self.view(&st, k)?.load(device)?) };
+        let get = |k: &str| -> Result<Tensor> { self.read(k, device) };
         let mut out = Vec::with_capacity(names.len());
         for name in names {
             let l = self.layer(name)?;
@@ -248,7 +295,7 @@ mod tests {
         let l1: Vec<f64> = back[0].lambda.flatten_all().unwrap().to_vec1().unwrap();
         let l0: Vec<f64> = f.lambda.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(l0, l1);
-        // One layer alone, by name, from the memory-mapped file.
+        // One layer alone, by name, read from the file.
         let file = FactorFile::open(&p).unwrap();
         assert_eq!(
             file.layer_names().collect::<Vec<_>>(),
@@ -281,5 +328,33 @@ mod tests {
             let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(x, y);
         }
+    }
+
+    #[test]
+    fn truncated_or_foreign_files_are_refused_with_advice() {
+        let f = crate::curvature::test_support::random_factors("l", (3, 4, 5, 3), None);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.safetensors");
+        save_factors(&p, std::slice::from_ref(&f), &serde_json::json!({})).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+
+        let cut = dir.path().join("cut.safetensors");
+        std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+        let e = FactorFile::open(&cut).err().unwrap().to_string();
+        assert!(
+            e.contains("cut.safetensors") && e.contains("truncated"),
+            "{e}"
+        );
+        assert!(e.contains("rerun the fit stage"), "{e}");
+
+        let junk = dir.path().join("junk.safetensors");
+        std::fs::write(&junk, b"hello, not a factor file at all").unwrap();
+        let e = FactorFile::open(&junk).err().unwrap().to_string();
+        assert!(e.contains("not a factor file"), "{e}");
+
+        let empty = dir.path().join("empty.safetensors");
+        std::fs::write(&empty, b"").unwrap();
+        let e = FactorFile::open(&empty).err().unwrap().to_string();
+        assert!(e.contains("shorter than a header"), "{e}");
     }
 }
