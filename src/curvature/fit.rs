@@ -214,7 +214,9 @@ struct Decomposed {
 
 /// Eigendecomposes `jobs` (a factor's sums and its name in errors) on `backend`, a few at a
 /// time so that only those factors' f64 copies exist at once; the sums are freed as they
-/// are consumed.
+/// are consumed. The largest factors go first, so that each batch holds factors of about
+/// the same size and no thread idles at a batch's end behind one large decomposition
+/// (longest-processing-time-first scheduling). The result is in the order of `jobs`.
 fn decompose_all(
     backend: &dyn Backend,
     jobs: Vec<(FactorSum, String)>,
@@ -222,14 +224,26 @@ fn decompose_all(
     keep_covariance: bool,
     device: &Device,
 ) -> Result<Vec<Decomposed>> {
-    let chunk = 8 * rayon::current_num_threads().max(1);
+    // 4 per thread: sorted by size, a batch's decompositions are about equally long, and
+    // the f64 copies of 4 × threads of the largest factors bound the extra memory.
+    let chunk = 4 * rayon::current_num_threads().max(1);
     let pb = progress::bar(jobs.len() as u64, "eigendecomposition");
-    let mut out = Vec::with_capacity(jobs.len());
+    let mut slots: Vec<Option<Decomposed>> = (0..jobs.len()).map(|_| None).collect();
+    let mut jobs: Vec<(usize, (FactorSum, String))> = jobs.into_iter().enumerate().collect();
+    // Cost of a factor ~ Σ n³ over its blocks; stable, so ties keep their order.
+    let cost = |sum: &FactorSum| -> u128 {
+        sum.layout
+            .ranges
+            .iter()
+            .map(|(_, n)| (*n as u128).pow(3))
+            .sum()
+    };
+    jobs.sort_by_key(|(_, (sum, _))| std::cmp::Reverse(cost(sum)));
     let mut jobs = jobs.into_iter().peekable();
     while jobs.peek().is_some() {
-        let part: Vec<(FactorSum, String)> = jobs.by_ref().take(chunk).collect();
+        let part: Vec<(usize, (FactorSum, String))> = jobs.by_ref().take(chunk).collect();
         let mut mats = Vec::new();
-        for (sum, what) in &part {
+        for (_, (sum, what)) in &part {
             let many = sum.layout.ranges.len() > 1;
             for (k, (b, (_, n))) in sum
                 .normalized_f64(tokens)
@@ -247,7 +261,7 @@ fn decompose_all(
         }
         let eig = backend.eigh_many(&mats)?;
         let mut eig = eig.into_iter().zip(mats);
-        for (sum, _) in part {
+        for (slot, (sum, _)) in part {
             let mut qs = Vec::with_capacity(sum.layout.ranges.len());
             let mut values = Vec::new();
             let mut covariance = Vec::new();
@@ -259,7 +273,7 @@ fn decompose_all(
                     covariance.push(Tensor::from_vec(b, (n, n), device)?);
                 }
             }
-            out.push(Decomposed {
+            slots[slot] = Some(Decomposed {
                 q: BlockDiag {
                     layout: sum.layout,
                     blocks: qs,
@@ -271,7 +285,10 @@ fn decompose_all(
         }
     }
     pb.finish_and_clear();
-    Ok(out)
+    Ok(slots
+        .into_iter()
+        .map(|d| d.expect("every job decomposed"))
+        .collect())
 }
 
 /// Adds one checkpoint's eigenvalue-correction pass over `docs` to `lambda`: a and δ are
