@@ -127,7 +127,11 @@ impl Llama {
             ops::rope_tables(offset + t, s.head_dim, s.rope_theta, &s.rope_scaling, dev)?;
         let (cos, sin) = (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?);
         let mask = ops::causal_mask(t, offset, s.sliding_window, dev)?;
-        // A capture (`rec` given) needs no embedding gradient: the lookup is detached.
+        // A capture (`rec` given) uses the fused RMSNorm and RoPE (same values to rounding,
+        // a fraction of the graph). Training and generation keep the composed ops, whose
+        // exact rounding the committed demo assets (trained by this code) reproduce.
+        let fused = rec.is_some();
+        // A capture needs no embedding gradient: the lookup is detached.
         let embed = if rec.is_some() {
             self.embed.as_tensor().detach()
         } else {
@@ -137,7 +141,7 @@ impl Llama {
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, s.hidden_size))?;
         for (li, blk) in self.blocks.iter().enumerate() {
-            let x = ops::rms_norm(&h, blk.input_norm.as_tensor(), s.rms_norm_eps)?;
+            let x = ops::rms_norm(&h, blk.input_norm.as_tensor(), s.rms_norm_eps, fused)?;
             let heads = |y: Tensor, n: usize| -> Result<Tensor> {
                 Ok(y.reshape((b, t, n, s.head_dim))?
                     .transpose(1, 2)?
@@ -146,15 +150,15 @@ impl Llama {
             let q = heads(blk.q.forward(&x, rec.as_deref_mut())?, s.num_heads)?;
             let k = heads(blk.k.forward(&x, rec.as_deref_mut())?, s.num_kv_heads)?;
             let v = heads(blk.v.forward(&x, rec.as_deref_mut())?, s.num_kv_heads)?;
-            let q = ops::apply_rope(&q, &cos, &sin)?;
-            let k = ops::apply_rope(&k, &cos, &sin)?;
+            let q = ops::apply_rope(&q, &cos, &sin, fused)?;
+            let k = ops::apply_rope(&k, &cos, &sin, fused)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => c.append(li, k, v)?,
                 None => (k, v),
             };
             let y = ops::attention(&q, &k, &v, &mask)?;
             h = (h + blk.o.forward(&y, rec.as_deref_mut())?)?;
-            let x = ops::rms_norm(&h, blk.post_norm.as_tensor(), s.rms_norm_eps)?;
+            let x = ops::rms_norm(&h, blk.post_norm.as_tensor(), s.rms_norm_eps, fused)?;
             let g = blk.gate.forward(&x, rec.as_deref_mut())?.silu()?;
             let u = blk.up.forward(&x, rec.as_deref_mut())?;
             h = (h + blk.down.forward(&(g * u)?, rec.as_deref_mut())?)?;
@@ -162,7 +166,7 @@ impl Llama {
         if let Some(c) = cache {
             c.offset += t;
         }
-        let x = ops::rms_norm(&h, self.norm.as_tensor(), s.rms_norm_eps)?;
+        let x = ops::rms_norm(&h, self.norm.as_tensor(), s.rms_norm_eps, fused)?;
         self.lm_head.forward(&x, rec)
     }
 }

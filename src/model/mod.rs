@@ -19,6 +19,7 @@ pub mod batch;
 pub mod capture;
 pub mod config;
 pub mod custom_ops;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 mod gpt2;

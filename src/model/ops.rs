@@ -10,8 +10,17 @@ use crate::error::Result;
 
 use super::config::RopeScaling;
 
-/// RMSNorm: x / √(mean(x²) + ε) ⊙ w. x: [.., d], w: [d].
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+/// RMSNorm: x / √(mean(x²) + ε) ⊙ w. x: [.., d], w: [d]. `fused`: one custom op
+/// ([`super::fused::rms_norm`]) where it applies (f32 on the CPU), else composed ops.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, fused: bool) -> Result<Tensor> {
+    if fused && super::fused::applies(x) {
+        return super::fused::rms_norm(x, w, eps);
+    }
+    rms_norm_composed(x, w, eps)
+}
+
+/// [`rms_norm`] from candle ops.
+pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     let inv = (ms + eps)?.sqrt()?.recip()?;
     Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
@@ -96,8 +105,17 @@ pub fn rope_tables(
 }
 
 /// Applies RoPE (rotate-half form): x ⊙ cos + rot(x) ⊙ sin, rot(x) = [−x₂, x₁].
-/// x: [B, H, T, D], cos/sin: [T, D].
-pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+/// x: [B, H, T, D], cos/sin: [T, D]. `fused`: one custom op ([`super::fused::apply_rope`])
+/// where it applies (f32 on the CPU), else composed ops.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, fused: bool) -> Result<Tensor> {
+    if fused && super::fused::applies(x) {
+        return super::fused::apply_rope(x, cos, sin);
+    }
+    apply_rope_composed(x, cos, sin)
+}
+
+/// [`apply_rope`] from candle ops.
+pub fn apply_rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;

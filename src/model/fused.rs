@@ -1,0 +1,304 @@
+//! Fused RMSNorm and RoPE for f32 tensors on the CPU: one pass forward, one pass backward,
+//! with hand-written gradients. Composed from candle ops (see [`super::ops`]) each is six to
+//! eight elementwise tensors per call, every one of them kept by the autograd graph and
+//! swept again by the backward; fused, the graph keeps the input and one scalar per row
+//! (RMSNorm) or nothing (RoPE). Both give the values and gradients of the composed forms
+//! (tests below; the finite-difference and reference tests of whole models).
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// Rows handled per parallel task (rows are a few hundred to a few thousand floats).
+const ROWS_PER_TASK: usize = 64;
+
+fn msg(m: impl Into<String>) -> candle_core::Error {
+    candle_core::Error::Msg(m.into())
+}
+
+/// The f32 elements of a contiguous CPU storage.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => Err(msg(format!("{what}: expected a contiguous f32 tensor"))),
+    }
+}
+
+/// A tensor's elements as f32, row-major.
+fn f32_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+/// Whether the fused ops apply to `x` (f32 on the CPU).
+pub fn applies(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+struct RmsNorm {
+    eps: f64,
+    /// r_n = 1/√(mean(x_n²) + ε) per row, from the forward.
+    inv_rms: Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, "fused-rms-norm input")?;
+        let w = f32_slice(ws, wl, "fused-rms-norm weight")?;
+        let d = w.len();
+        if d == 0 || xl.dims().last() != Some(&d) {
+            return Err(msg(format!(
+                "fused-rms-norm: input {:?} and weight [{d}] disagree",
+                xl.dims()
+            )));
+        }
+        let rows = x.len() / d;
+        let mut y = vec![0f32; x.len()];
+        let mut r = vec![0f32; rows];
+        y.par_chunks_mut(ROWS_PER_TASK * d)
+            .zip(r.par_chunks_mut(ROWS_PER_TASK))
+            .zip(x.par_chunks(ROWS_PER_TASK * d))
+            .for_each(|((y, r), x)| {
+                for ((y, r), x) in y.chunks_mut(d).zip(r.iter_mut()).zip(x.chunks(d)) {
+                    let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
+                    let inv = (1.0 / (ms + self.eps).sqrt()) as f32;
+                    *r = inv;
+                    for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                        *y = x * inv * w;
+                    }
+                }
+            });
+        *self
+            .inv_rms
+            .lock()
+            .map_err(|_| msg("fused-rms-norm: lock"))? = Some(r);
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    /// With g = ∂L/∂y, u = g ⊙ w and r the row's inverse RMS:
+    /// ∂L/∂x = r u − x r³ (u·x)/d, ∂L/∂w = Σ_rows g ⊙ x r.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let r = self
+            .inv_rms
+            .lock()
+            .map_err(|_| msg("fused-rms-norm: lock"))?
+            .take()
+            .ok_or_else(|| msg("fused-rms-norm: backward without a forward"))?;
+        let (xv, wv, gv) = (f32_vec(x)?, f32_vec(w)?, f32_vec(g)?);
+        let d = wv.len();
+        let mut dx = vec![0f32; xv.len()];
+        // ∂L/∂w: one partial sum per fixed block of rows, added in block order, so the
+        // result does not depend on the number of threads.
+        let partial: Vec<Vec<f32>> = dx
+            .par_chunks_mut(ROWS_PER_TASK * d)
+            .zip(r.par_chunks(ROWS_PER_TASK))
+            .zip(xv.par_chunks(ROWS_PER_TASK * d))
+            .zip(gv.par_chunks(ROWS_PER_TASK * d))
+            .map(|(((dx, r), x), g)| {
+                let mut dw = vec![0f32; d];
+                for (((dx, &r), x), g) in dx.chunks_mut(d).zip(r).zip(x.chunks(d)).zip(g.chunks(d))
+                {
+                    let ux: f32 = g.iter().zip(&wv).zip(x).map(|((g, w), x)| g * w * x).sum();
+                    let c = r * r * r * ux / d as f32;
+                    for j in 0..d {
+                        dx[j] = r * g[j] * wv[j] - x[j] * c;
+                        dw[j] += g[j] * x[j] * r;
+                    }
+                }
+                dw
+            })
+            .collect();
+        let mut dw = vec![0f32; d];
+        for p in partial {
+            dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?.to_dtype(w.dtype())?),
+        ))
+    }
+}
+
+/// RMSNorm y = x / √(mean(x²) + ε) ⊙ w over the last dimension, fused. x: [.., d] f32 on the
+/// CPU (see [`applies`]), w: [d].
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let op = RmsNorm {
+        eps,
+        inv_rms: Mutex::new(None),
+    };
+    let w = w.to_dtype(DType::F32)?.contiguous()?;
+    Ok(x.contiguous()?.apply_op2(&w, op)?)
+}
+
+struct Rope {
+    /// cos, sin [T, D], row-major.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    d: usize,
+}
+
+impl Rope {
+    /// y_i = x_i cos_i + rot(x)_i sin_i, rot(x) = [−x₂, x₁], over rows of D with position
+    /// t = row mod T. With `transpose`, the adjoint: y_i = x_i cos_i + rotᵀ(x ⊙ sin)_i,
+    /// rotᵀ(z) = [z₂, −z₁] (the backward).
+    fn run(&self, x: &[f32], transpose: bool) -> Vec<f32> {
+        let (d, h) = (self.d, self.d / 2);
+        let t = self.cos.len() / d;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(ROWS_PER_TASK * d)
+            .zip(x.par_chunks(ROWS_PER_TASK * d))
+            .enumerate()
+            .for_each(|(task, (y, x))| {
+                for (k, (y, x)) in y.chunks_mut(d).zip(x.chunks(d)).enumerate() {
+                    let p = (task * ROWS_PER_TASK + k) % t;
+                    let (c, s) = (&self.cos[p * d..][..d], &self.sin[p * d..][..d]);
+                    for i in 0..h {
+                        if transpose {
+                            y[i] = x[i] * c[i] + x[i + h] * s[i + h];
+                            y[i + h] = x[i + h] * c[i + h] - x[i] * s[i];
+                        } else {
+                            y[i] = x[i] * c[i] - x[i + h] * s[i];
+                            y[i + h] = x[i + h] * c[i + h] + x[i] * s[i + h];
+                        }
+                    }
+                }
+            });
+        y
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "fused-rope input")?;
+        Ok((CpuStorage::F32(self.run(x, false)), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let gv = f32_vec(g)?;
+        Ok(Some(Tensor::from_vec(
+            self.run(&gv, true),
+            x.shape(),
+            x.device(),
+        )?))
+    }
+}
+
+/// RoPE in the rotate-half form, x ⊙ cos + rot(x) ⊙ sin with rot(x) = [−x₂, x₁], fused.
+/// x: [B, H, T, D] f32 on the CPU (see [`applies`]), cos/sin: [T, D].
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_, _, t, d) = x.dims4()?;
+    if cos.dims() != [t, d] || sin.dims() != [t, d] || d % 2 != 0 {
+        return Err(crate::error::Error::Model(format!(
+            "RoPE: tables {:?} / {:?} do not fit queries or keys {:?}",
+            cos.dims(),
+            sin.dims(),
+            x.dims()
+        )));
+    }
+    let op = Rope {
+        cos: f32_vec(cos)?,
+        sin: f32_vec(sin)?,
+        d,
+    };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops;
+    use candle_core::{Device, Var};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composed_ops_in_value_and_both_gradients() {
+        let dev = Device::Cpu;
+        // 130 rows: more than one parallel task.
+        let x = Var::randn(0f32, 2.0, (2, 65, 24), &dev).unwrap();
+        let w = Var::randn(1f32, 0.5, 24, &dev).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (2, 65, 24), &dev).unwrap();
+        let got = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        let want = ops::rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+        let g = (got * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            let (a, b) = (
+                g.get(v.as_tensor()).unwrap(),
+                gw.get(v.as_tensor()).unwrap(),
+            );
+            assert!(max_abs_diff(a, b) < 1e-4, "{}", max_abs_diff(a, b));
+        }
+    }
+
+    #[test]
+    fn rope_matches_the_composed_ops_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let (b, h, t, d) = (2, 3, 37, 8);
+        let x = Var::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap();
+        let (cos, sin) = ops::rope_tables(
+            t + 5,
+            d,
+            10_000.0,
+            &crate::model::config::RopeScaling::None,
+            &dev,
+        )
+        .unwrap();
+        // Positions 5.. as with a KV cache: narrowed (non-contiguous offset) tables.
+        let (cos, sin) = (cos.narrow(0, 5, t).unwrap(), sin.narrow(0, 5, t).unwrap());
+        let up = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap();
+        let got = apply_rope(x.as_tensor(), &cos, &sin).unwrap();
+        let want = ops::apply_rope_composed(x.as_tensor(), &cos, &sin).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-6);
+        let g = (got * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, c) = (
+            g.get(x.as_tensor()).unwrap(),
+            gw.get(x.as_tensor()).unwrap(),
+        );
+        assert!(max_abs_diff(a, c) < 1e-6);
+    }
+
+    #[test]
+    fn rope_refuses_tables_of_the_wrong_shape() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 2, 4, 8), DType::F32, &dev).unwrap();
+        let c = Tensor::zeros((3, 8), DType::F32, &dev).unwrap();
+        let e = apply_rope(&x, &c, &c).unwrap_err().to_string();
+        assert!(e.contains("do not fit"), "{e}");
+    }
+}
