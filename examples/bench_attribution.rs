@@ -13,7 +13,8 @@
 //! stages layer by layer, as the pipeline does), `scores.safetensors` (`pairwise` [Q, N], `per_token` [Q, N, T], f32)
 //! and `report.json` (seconds, peak RSS and predicted peak per stage).
 //!
-//! `BENCH_FIT_ONLY=1` stops after the fit (for profiling it).
+//! `BENCH_FIT_ONLY=1` stops after the fit; `BENCH_SCORE_ONLY=1` reuses OUT_DIR's factors
+//! (when present) and runs one pass of pairwise and per-token scores (both for profiling).
 //!
 //! Stages, as kronfluence runs them: `fit` (covariances, eigendecomposition, Λ), `pairwise`
 //! (query gradients + one scoring pass), `per_token` (the same with per-token scores), and
@@ -155,10 +156,18 @@ fn main() {
     // As the pipeline (and kronfluence) do: fit writes the factors to disk; each scoring
     // pass reads them back one layer at a time while preconditioning the query gradients.
     let factor_path = out.join("factors.safetensors");
-    timed("fit", &mut stages, || {
-        let factors = fit_factors(&[&model], &train, &opts, "bench").expect("fit");
-        save_factors(&factor_path, &factors, &serde_json::json!({})).expect("save factors");
-    });
+    let score_only = std::env::var("BENCH_SCORE_ONLY").is_ok_and(|v| v == "1");
+    if score_only && factor_path.exists() {
+        eprintln!(
+            "bench_attribution: BENCH_SCORE_ONLY=1: reusing {}",
+            factor_path.display()
+        );
+    } else {
+        timed("fit", &mut stages, || {
+            let factors = fit_factors(&[&model], &train, &opts, "bench").expect("fit");
+            save_factors(&factor_path, &factors, &serde_json::json!({})).expect("save factors");
+        });
+    }
     let score = |keep_tokens: bool| {
         let qg = query_gradients(&model, &queries, &opts).expect("queries");
         let file = FactorFile::open(&factor_path).expect("factors");
@@ -181,6 +190,11 @@ fn main() {
     };
     if std::env::var("BENCH_FIT_ONLY").is_ok_and(|v| v == "1") {
         eprintln!("bench_attribution: BENCH_FIT_ONLY=1: stopping after the fit");
+        return;
+    }
+    if score_only {
+        timed("pairwise_and_per_token", &mut stages, || score(true));
+        eprintln!("bench_attribution: BENCH_SCORE_ONLY=1: stopping after one scoring pass");
         return;
     }
     let pairwise = timed("pairwise", &mut stages, || score(false));

@@ -9,17 +9,19 @@
 //!   unit of Σ_l (d_in,l + d_out,l) over the tracked layers (their inputs a and output
 //!   gradients δ are a part of it), plus [`LOGIT_COPIES`] copies of the [n, V] logits
 //!   (logits, the fused cross-entropy's gradient, the head's backward);
-//! * per layer factors: f32 sums of A, S, then eigenvectors Q_A, Q_S (f32) and Λ (f64)
-//!   ([`fit_peak_bytes`] says which are alive together), or Q_A, Q_S, Λ and the
-//!   preconditioned queries 4 Q i o (score).
+//! * per layer factors: f32 sums of A, S, then eigenvectors Q_A, Q_S (f32) and f32 sums of Λ
+//!   ([`fit_peak_bytes`] says which are alive together); for scoring, the preconditioned
+//!   queries 4 Q i o (the factors are read one layer at a time).
 //!
 //! The two constants count the tensors the implementation keeps alive; the benchmark
 //! (`scripts/bench-vs-kronfluence.sh`) prints this prediction next to the measured peak RSS.
 
 use super::lm::Model;
 
-/// Floats kept per token per unit of Σ (d_in + d_out) of the tracked layers.
-pub const ACT_FLOATS_PER_IO: f64 = 4.0;
+/// Floats kept per token per unit of Σ (d_in + d_out) of the tracked layers (measured on
+/// SmolLM2-135M with the fused RMSNorm and RoPE of a capture: peak RSS of fit and score
+/// with 256-token batches, 2.9 and 3.2 GiB).
+pub const ACT_FLOATS_PER_IO: f64 = 3.0;
 /// Copies of the [tokens, vocab] logits alive at the peak of a forward + backward.
 pub const LOGIT_COPIES: f64 = 3.0;
 
@@ -51,9 +53,11 @@ pub fn capture_peak_bytes(model: &Model, tokens: usize) -> u64 {
 
 /// Predicted peak bytes of fitting EK-FAC factors with batches of `tokens` tokens
 /// (`block`: block-diagonal factors of that size). With F = Σ_l 4 (i² + o²) the f32 factor
-/// sums (and, later, eigenvectors), Λ = Σ_l 8 i o (f64) and C one capture, the fit holds at
-/// most: C + F in the covariance pass; 2 F plus three f64 matrices of the largest block per
-/// thread during the eigendecompositions; C + F + Λ in the eigenvalue-correction pass.
+/// sums (and, later, eigenvectors), Λ = Σ_l 4 i o (f32 sums) and C one capture, the fit
+/// holds at most: C + F in the covariance pass; F plus three f64 matrices of the largest
+/// block for 4 decompositions per thread during the eigendecompositions (each factor's sum
+/// is freed as its eigenvectors arrive); C + F + Λ in the eigenvalue-correction pass; F + 2 Λ
+/// (Λ normalised in f64) when the factors are saved.
 /// Layers that share an input (q/k/v, gate/up) share A, which this counts once per layer:
 /// an over-estimate of F by about a tenth on Llama shapes.
 pub fn fit_peak_bytes(model: &Model, tokens: usize, block: Option<usize>) -> u64 {
@@ -63,25 +67,29 @@ pub fn fit_peak_bytes(model: &Model, tokens: usize, block: Option<usize>) -> u64
         let width = |d: u64| block.map_or(d, |b| d.min(b as u64));
         let sq = |d: u64| d * width(d);
         f += 4 * (sq(i) + sq(o));
-        lambda += 8 * i * o;
+        lambda += 4 * i * o;
         widest = widest.max(width(i)).max(width(o));
     }
     let threads = rayon::current_num_threads() as u64;
-    let eigen = 2 * f + threads * 3 * 8 * widest * widest;
+    let eigen = f + 4 * threads * 3 * 8 * widest * widest;
     let c = capture_graph_bytes(model, tokens);
-    4 * params(model) + (c + f).max(eigen).max(c + f + lambda)
+    4 * params(model) + (c + f).max(eigen).max(c + f + lambda).max(f + 2 * lambda)
 }
 
 /// Predicted peak bytes of scoring `queries` queries with batches of `tokens` tokens
-/// (`per_token`: the [Q, B, T] per-token scores of a batch are kept as well).
+/// (`per_token`: the [Q, B, T] per-token scores of a batch are kept as well): the
+/// preconditioned queries U (4 Q i o per layer, f32), formed layer by layer from the query
+/// gradients with one layer's factors (Q_A, Q_S f32, Λ f64) loaded at a time, then one
+/// capture at a time next to U.
 pub fn score_peak_bytes(model: &Model, tokens: usize, queries: usize, per_token: bool) -> u64 {
     let q = queries as u64;
-    let mut factors = 0u64;
+    let (mut u, mut layer) = (0u64, 0u64);
     for l in model.tracked_layers() {
         let (i, o) = ((l.d_in + l.has_bias as usize) as u64, l.d_out as u64);
-        // Q_A, Q_S (f32), Λ (f64), query gradients and preconditioned queries (f32).
-        factors += 4 * (i * i + o * o) + 8 * i * o + 8 * q * i * o;
+        u += 4 * q * i * o;
+        layer = layer.max(4 * (i * i + o * o) + 8 * i * o + 4 * q * i * o);
     }
     let tokens_out = if per_token { 8 * q * tokens as u64 } else { 0 };
-    capture_peak_bytes(model, tokens) + factors + tokens_out
+    let precondition = 4 * params(model) + u + layer;
+    precondition.max(capture_peak_bytes(model, tokens) + u + tokens_out)
 }
