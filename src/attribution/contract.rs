@@ -1,36 +1,52 @@
 //! The scoring contraction (DESIGN.md §2, token level): a document's score against a
 //! preconditioned query gradient U [d_out, d_in] splits exactly into per-position terms
 //! δ_tᵀ U a_t; their sum is ⟨U, G_m⟩ with G_m = Σ_t δ_t a_tᵀ. Per-token gradients are never
-//! formed: for each layer, δ U (or U a) is computed once per batch and dotted with a (or δ).
+//! formed: for each layer, U a is computed once per batch for all queries and dotted with δ.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 use crate::error::Result;
+use crate::util::tensors::with_f32;
 
 /// Per-token scores s[q, b, t] = δ_{b,t}ᵀ U_q a_{b,t} for `u` [Q, d_out, d_in], `a` [B, T, d_in],
-/// `delta` [B, T, d_out], zeroed where `mask` [B, T] is 0. Returns [Q, B, T] (f32). One
-/// product per query, in the order whose intermediate has width min(d_in, d_out): δ U_q
-/// [n, d_in] dotted with a, or U_q a [n, d_out] dotted with δ. U is read in place (no
-/// per-batch copy of the queries).
+/// `delta` [B, T, d_out], zeroed where `mask` [B, T] is 0. Returns [Q, B, T] (f32). All
+/// queries in one product, Y = a [U_1; …; U_Q]ᵀ [B·T, Q·d_out] (U read in place as a
+/// [Q·d_out, d_in] matrix: one large GEMM instead of Q narrow ones), then each row's Q
+/// slices are dotted with δ.
 pub fn token_scores(u: &Tensor, a: &Tensor, delta: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
     let (q, d_out, d_in) = u.dims3()?;
     let (b, t, _) = a.dims3()?;
     let n = b * t;
-    let a2 = a.reshape((n, d_in))?;
-    let d2 = delta.reshape((n, d_out))?;
-    let per: Vec<Tensor> = (0..q)
-        .map(|qi| -> Result<Tensor> {
-            let uq = u.get(qi)?; // [d_out, d_in]
-            Ok(if d_in <= d_out {
-                d2.matmul(&uq)?.mul(&a2)?.sum(D::Minus1)? // (δ U_q) · a
-            } else {
-                a2.matmul(&uq.t()?)?.mul(&d2)?.sum(D::Minus1)? // (U_q a) · δ
-            })
-        })
-        .collect::<Result<_>>()?;
-    let per = Tensor::stack(&per, 0)?; // [q, n]
-    let m = mask.to_dtype(DType::F32)?.reshape((1, n))?;
-    Ok(per.broadcast_mul(&m)?.reshape((q, b, t))?)
+    if q == 0 || n == 0 {
+        return Ok(Tensor::zeros((q, b, t), DType::F32, a.device())?);
+    }
+    let y = a
+        .reshape((n, d_in))?
+        .matmul(&u.reshape((q * d_out, d_in))?.t()?)?; // [n, Q·d_out]
+    let m: Vec<f32> = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut out = vec![0f32; n * q]; // [n, Q], transposed below
+    with_f32(&y, |y| {
+        with_f32(&delta.reshape((n, d_out))?, |d| {
+            out.par_chunks_mut(q)
+                .zip(y.par_chunks(q * d_out))
+                .zip(d.par_chunks(d_out))
+                .zip(&m)
+                .for_each(|(((o, y), d), &m)| {
+                    if m == 0.0 {
+                        return;
+                    }
+                    for (o, yq) in o.iter_mut().zip(y.chunks(d_out)) {
+                        *o = m * yq.iter().zip(d).map(|(a, b)| a * b).sum::<f32>();
+                    }
+                });
+            Ok::<(), crate::error::Error>(())
+        })?
+    })??;
+    Ok(Tensor::from_vec(out, (n, q), a.device())?
+        .t()?
+        .contiguous()?
+        .reshape((q, b, t))?)
 }
 
 #[cfg(test)]
