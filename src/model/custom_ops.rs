@@ -205,12 +205,13 @@ pub fn cross_entropy_rows(z: &Tensor, targets: &[u32], mask: &[f32]) -> Result<O
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::ops::log_softmax_last;
     use candle_core::{Device, Var, D};
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    /// Max |a − b| over all entries (f32 tensors of one shape).
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()
