@@ -49,11 +49,57 @@ pub fn token_scores(u: &Tensor, a: &Tensor, delta: &Tensor, mask: &Tensor) -> Re
         .reshape((q, b, t))?)
 }
 
+/// Per-document scores s[q, b] = ⟨U_q, G_b⟩ with G_b = Σ_t m_{b,t} δ_{b,t} a_{b,t}ᵀ, for `u`
+/// [Q, d_out, d_in], `a` [B, T, d_in], `delta` [B, T, d_out], `mask` [B, T]. Returns [Q, B]
+/// (f32). The sum over a document's tokens of [`token_scores`], at (T + Q)·d_out·d_in
+/// multiply-adds per document instead of T·Q·d_out·d_in: when no per-token score is
+/// wanted, each document's gradient is formed (a batch's [B, d_out, d_in] at a time) and
+/// dotted with every query in one product.
+pub fn doc_scores(u: &Tensor, a: &Tensor, delta: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (q, d_out, d_in) = u.dims3()?;
+    let (b, _, _) = a.dims3()?;
+    let m = mask.to_dtype(a.dtype())?.unsqueeze(2)?;
+    let d = delta.broadcast_mul(&m)?;
+    let g = d.transpose(1, 2)?.contiguous()?.matmul(&a.contiguous()?)?; // [B, d_out, d_in]
+    Ok(u.reshape((q, d_out * d_in))?
+        .matmul(&g.reshape((b, d_out * d_in))?.t()?)?)
+}
+
 #[cfg(test)]
 #[allow(clippy::needless_range_loop)] // brute-force references index like the math
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn doc_scores_are_the_token_scores_summed_per_document() {
+        let dev = Device::Cpu;
+        for (din, dout) in [(5, 3), (3, 5)] {
+            let (q, b, t) = (3, 4, 6);
+            let u = Tensor::randn(0f32, 1.0, (q, dout, din), &dev).unwrap();
+            let a = Tensor::randn(0f32, 1.0, (b, t, din), &dev).unwrap();
+            let d = Tensor::randn(0f32, 1.0, (b, t, dout), &dev).unwrap();
+            // Padding at the ends of rows, where a and δ are not zero: the mask must count.
+            let mv: Vec<u8> = (0..b * t).map(|i| (i % t < 2 + i / t) as u8).collect();
+            let mask = Tensor::from_vec(mv, (b, t), &dev).unwrap();
+            let want: Vec<Vec<f32>> = token_scores(&u, &a, &d, &mask)
+                .unwrap()
+                .sum(candle_core::D::Minus1)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            let got: Vec<Vec<f32>> = doc_scores(&u, &a, &d, &mask).unwrap().to_vec2().unwrap();
+            for qi in 0..q {
+                for bi in 0..b {
+                    let (x, y) = (got[qi][bi], want[qi][bi]);
+                    assert!(
+                        (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                        "{qi} {bi}: {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn token_scores_sum_to_the_gradient_inner_product_in_both_orders() {

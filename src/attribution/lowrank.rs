@@ -9,7 +9,7 @@ use faer::Mat;
 
 use crate::error::{Error, Result};
 
-use super::contract::token_scores;
+use super::contract::{doc_scores, token_scores};
 
 /// Rank-r factors of one layer's preconditioned queries: U_q ≈ P_q diag(σ_q) R_qᵀ.
 #[derive(Debug, Clone)]
@@ -129,6 +129,15 @@ impl LayerQuery {
             LayerQuery::Dense(u) => u.dim(0)?,
             LayerQuery::LowRank(l) => l.r.dim(0)?,
         })
+    }
+
+    /// Per-document scores [Q, B] (see [`doc_scores`]; the low-rank form sums its per-token
+    /// scores).
+    pub fn doc_scores(&self, a: &Tensor, delta: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        match self {
+            LayerQuery::Dense(u) => doc_scores(u, a, delta, mask),
+            LayerQuery::LowRank(l) => Ok(low_rank_token_scores(l, a, delta, mask)?.sum(D::Minus1)?),
+        }
     }
 
     /// Per-token scores [Q, B, T] (see [`token_scores`], [`low_rank_token_scores`]).

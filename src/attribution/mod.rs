@@ -12,7 +12,7 @@ pub mod score;
 pub mod source;
 
 pub use adam::{eigenbasis_diagonal, ekfac_diagonal, phi, AdamCurvature};
-pub use contract::token_scores;
+pub use contract::{doc_scores, token_scores};
 pub use dense::DenseCurvature;
 pub use functions::{inject, SpectralFn};
 pub use lowrank::{low_rank, low_rank_token_scores, LayerQuery, LowRankQuery};

@@ -136,14 +136,25 @@ fn score_pass_inner(
         let _t = phase::timer("score: contraction");
         let mut total: Option<Tensor> = None;
         for (l, (layer, ul)) in cap.layers.iter().zip(u).enumerate() {
-            let s = backend.token_scores(ul, &layer.a, &layer.delta, &cap.attention_mask)?; // [Q, B, T]
-            let per_doc: Vec<Vec<f32>> = s.sum(D::Minus1)?.to_vec2()?;
+            // Per token only when asked: per document is (T + Q)/(T·Q) of the work.
+            let s = if keep_tokens {
+                Some(backend.token_scores(ul, &layer.a, &layer.delta, &cap.attention_mask)?)
+            // [Q, B, T]
+            } else {
+                None
+            };
+            let per_doc: Vec<Vec<f32>> = match &s {
+                Some(s) => s.sum(D::Minus1)?.to_vec2()?,
+                None => backend
+                    .doc_scores(ul, &layer.a, &layer.delta, &cap.attention_mask)?
+                    .to_vec2()?,
+            };
             for (qi, row) in per_doc.iter().enumerate() {
                 for (k, &i) in idx.iter().enumerate() {
                     per_layer[l][qi][i] += row[k] as f64;
                 }
             }
-            if keep_tokens {
+            if let Some(s) = s {
                 total = Some(match total {
                     None => s,
                     Some(t) => (t + s)?,

@@ -84,6 +84,19 @@ pub trait Backend {
         mask: &Tensor,
     ) -> Result<Tensor>;
 
+    /// Per-document scores s[q, b] = Σ_t m_{b,t} δ_{b,t}ᵀ U_q a_{b,t} = ⟨U_q, G_b⟩, for a
+    /// pass that keeps no per-token scores. Returns [Q, B] f32. The default contracts on the
+    /// tensors' own device with candle ops ([`LayerQuery::doc_scores`]).
+    fn doc_scores(
+        &self,
+        u: &LayerQuery,
+        a: &Tensor,
+        delta: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        u.doc_scores(a, delta, mask)
+    }
+
     /// Frees what the backend keeps between calls of one pass (queries uploaded to the GPU).
     fn release(&self) {}
 }
