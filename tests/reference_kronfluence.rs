@@ -276,6 +276,17 @@ fn influence_method_reproduces_kronfluence_ekfac_on_smollm2_two_layers() {
         1e-3,
     );
 
+    // A pass without per-token scores contracts per document (G_m formed per batch): the
+    // same pairwise scores.
+    let pairwise_only = score_pass(&model, &train, &u, &opts, false).unwrap();
+    assert!(pairwise_only.tokens.is_none());
+    check_pairwise(
+        "ekfac_pairwise (pairwise-only pass)",
+        &pairwise_only.docs[..8],
+        &real_assets::f32_tensor(&scores, "ekfac_pairwise"),
+        1e-3,
+    );
+
     let per_module = real_assets::f32_tensor(&scores, "ekfac_pairwise_per_module");
     let block = 8 * 32;
     for (k, layer) in s.per_layer.iter().enumerate() {
