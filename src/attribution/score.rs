@@ -137,12 +137,9 @@ fn score_pass_inner(
         let mut total: Option<Tensor> = None;
         for (l, (layer, ul)) in cap.layers.iter().zip(u).enumerate() {
             // Per token only when asked: per document is (T + Q)/(T·Q) of the work.
-            let s = if keep_tokens {
-                Some(backend.token_scores(ul, &layer.a, &layer.delta, &cap.attention_mask)?)
-            // [Q, B, T]
-            } else {
-                None
-            };
+            let s: Option<Tensor> = keep_tokens // [Q, B, T]
+                .then(|| backend.token_scores(ul, &layer.a, &layer.delta, &cap.attention_mask))
+                .transpose()?;
             let per_doc: Vec<Vec<f32>> = match &s {
                 Some(s) => s.sum(D::Minus1)?.to_vec2()?,
                 None => backend

@@ -4,7 +4,7 @@
 use candle_core::{Device, Tensor, TensorId};
 use rayon::prelude::*;
 
-use crate::attribution::{apply_in_basis, spectral_weights, LayerQuery, SpectralFn};
+use crate::attribution::{apply_in_basis, spectral_weights, SpectralFn};
 use crate::curvature::{eigh_f64, Eigen, EigenBasis, FactorSum, LambdaSums};
 use crate::error::Result;
 use crate::model::Capture;
@@ -102,15 +102,5 @@ impl Backend for CpuBackend {
     ) -> Result<Tensor> {
         let w = spectral_weights(lambda, f)?;
         apply_in_basis(basis, &w, v)
-    }
-
-    fn token_scores(
-        &self,
-        u: &LayerQuery,
-        a: &Tensor,
-        delta: &Tensor,
-        mask: &Tensor,
-    ) -> Result<Tensor> {
-        u.token_scores(a, delta, mask)
     }
 }

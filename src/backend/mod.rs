@@ -75,14 +75,17 @@ pub trait Backend {
 
     /// Per-token scores s[q, b, t] = m_{b,t} δ_{b,t}ᵀ U_q a_{b,t} for a layer's query `u`
     /// (dense or low-rank), `a` [B, T, d_in], `delta` [B, T, d_out], `mask` [B, T]. Returns
-    /// [Q, B, T] f32.
+    /// [Q, B, T] f32. The default contracts on the tensors' own device with candle ops
+    /// ([`LayerQuery::token_scores`], the CPU reference); a GPU backend overrides it.
     fn token_scores(
         &self,
         u: &LayerQuery,
         a: &Tensor,
         delta: &Tensor,
         mask: &Tensor,
-    ) -> Result<Tensor>;
+    ) -> Result<Tensor> {
+        u.token_scores(a, delta, mask)
+    }
 
     /// Per-document scores s[q, b] = Σ_t m_{b,t} δ_{b,t}ᵀ U_q a_{b,t} = ⟨U_q, G_b⟩, for a
     /// pass that keeps no per-token scores. Returns [Q, B] f32. The default contracts on the
