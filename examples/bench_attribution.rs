@@ -15,6 +15,7 @@
 //!
 //! `BENCH_FIT_ONLY=1` stops after the fit; `BENCH_SCORE_ONLY=1` reuses OUT_DIR's factors
 //! (when present) and runs one pass of pairwise and per-token scores (both for profiling).
+//! `BENCH_EIGEN=f32` runs the factor eigendecompositions in f32 (`[attribution] eigendecomposition`).
 //!
 //! Stages, as kronfluence runs them: `fit` (covariances, eigendecomposition, Λ), `pairwise`
 //! (query gradients + one scoring pass), `per_token` (the same with per-token scores), and
@@ -26,7 +27,9 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use source_tda::attribution::{precondition_inverse, query_gradients, score_pass, Damping};
-use source_tda::curvature::{fit_factors, save_factors, FactorFile, Fisher, FitOptions};
+use source_tda::curvature::{
+    fit_factors, save_factors, EigenPrecision, FactorFile, Fisher, FitOptions,
+};
 use source_tda::data::PreparedDoc;
 use source_tda::model::{memory, LoadOptions, Model};
 use source_tda::util::{mem, phase};
@@ -140,6 +143,11 @@ fn main() {
         token_budget: tokens.max(max_len),
         max_batch_size: batch,
         pad_id: 2,
+        eigen_precision: match std::env::var("BENCH_EIGEN").as_deref() {
+            Ok("f32") => EigenPrecision::F32,
+            Ok("f64") | Err(_) => EigenPrecision::F64,
+            Ok(other) => panic!("BENCH_EIGEN={other}: expected f32 or f64"),
+        },
     };
     let dev = Device::Cpu;
     let mut stages = Vec::new();

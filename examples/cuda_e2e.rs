@@ -146,6 +146,7 @@ mod e2e {
             token_budget: 160,
             max_batch_size: 4,
             pad_id: 0,
+            eigen_precision: Default::default(),
         };
         let mut out = Vec::new();
         for b in [&cpu as &dyn Backend, &gpu as &dyn Backend] {
@@ -286,6 +287,7 @@ mod e2e {
                 token_budget: 4096,
                 max_batch_size: 8,
                 pad_id: 0,
+                eigen_precision: Default::default(),
             };
             let qg = query_gradients(&m, &queries, &o)?;
             let mut reference: Option<Vec<f64>> = None;

@@ -63,6 +63,7 @@ fn opts(budget: usize, max_batch: usize) -> FitOptions {
         token_budget: budget,
         max_batch_size: max_batch,
         pad_id: 0,
+        eigen_precision: Default::default(),
     }
 }
 

@@ -341,4 +341,46 @@ fn a_second_run_reuses_cached_factors_and_a_changed_setting_misses() {
         assert_eq!(s["reused"], false, "{fourth}");
         assert_ne!(s["cache_key"].as_str().unwrap(), k);
     }
+
+    // f32 eigendecompositions: other keys again, and bases that agree with the f64 fit's.
+    let cfg = std::fs::read_to_string(dir.join("c.toml"))
+        .unwrap()
+        .replace(
+            "[attribution]\n",
+            "[attribution]\neigendecomposition = \"f32\"\n",
+        );
+    write(&dir.join("c.toml"), cfg);
+    let fifth = run_into(dir, "run5");
+    for (s, f) in fifth
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(fourth.as_array().unwrap())
+    {
+        assert_eq!(s["reused"], false, "{fifth}");
+        assert_ne!(s["cache_key"], f["cache_key"]);
+    }
+    let lambda = |run: &str| -> Vec<f64> {
+        let f = source_tda::curvature::load_factors(
+            &dir.join(run).join("fit/segment-1.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+        .0;
+        f.iter()
+            .flat_map(|l| l.lambda.flatten_all().unwrap().to_vec1::<f64>().unwrap())
+            .collect()
+    };
+    // Λ is the data's second moment in the basis: a basis off by f32 rounding moves it little.
+    let (a, b) = (lambda("run4"), lambda("run5"));
+    let top = a.iter().cloned().fold(0.0, f64::max);
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        worst < 1e-3 * top,
+        "Λ f64 vs f32 bases: {worst:e} of {top:e}"
+    );
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use source_tda::config::{Config, DocShape, Pipeline, SourceKind};
+use source_tda::config::{Config, DocShape, EigenPrecision, Pipeline, SourceKind};
 
 const GOOD: &str = r#"
 [model]
@@ -256,6 +256,35 @@ fn attribution_query_rank_and_factor_cache_are_checked_and_resolved() {
         c.attribution.factor_cache.as_deref(),
         Some(dir.path().join("factor-cache").as_path())
     );
+}
+
+#[test]
+fn eigendecomposition_precision_is_checked_and_left_out_of_resolved_configs_by_default() {
+    let e = load(&format!(
+        "{GOOD}\n[attribution]\neigendecomposition = \"f16\"\n"
+    ))
+    .unwrap_err();
+    assert!(e.contains("attribution.eigendecomposition"), "{e}");
+    assert!(
+        e.contains("`f64`") && e.contains("`f32`"),
+        "lists what is allowed: {e}"
+    );
+    let c = load(&format!(
+        "{GOOD}\n[attribution]\neigendecomposition = \"f32\"\n"
+    ))
+    .unwrap();
+    assert_eq!(c.attribution.eigendecomposition, EigenPrecision::F32);
+    let resolved = toml::to_string(&c.attribution).unwrap();
+    assert!(
+        resolved.contains("eigendecomposition = \"f32\""),
+        "{resolved}"
+    );
+    // The default (f64) is not written, so existing runs' config hashes do not change.
+    let c = load(GOOD).unwrap();
+    assert_eq!(c.attribution.eigendecomposition, EigenPrecision::F64);
+    assert!(!toml::to_string(&c.attribution)
+        .unwrap()
+        .contains("eigendecomposition"));
 }
 
 #[test]

@@ -519,6 +519,7 @@ fn fit_and_score_of_a_tiny_model_on_the_gpu_match_the_cpu_path() {
             token_budget: 48,
             max_batch_size: 4,
             pad_id: 0,
+            eigen_precision: Default::default(),
         };
         let fc = fit_factors(&[&cpu_model], &train, &o, "cpu").unwrap();
         let qg = query_gradients(&cpu_model, &queries, &o).unwrap();

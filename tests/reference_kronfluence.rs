@@ -174,6 +174,7 @@ fn influence_method_reproduces_kronfluence_ekfac_on_smollm2_two_layers() {
         token_budget: 8 * 48,
         max_batch_size: 8,
         pad_id: 2,
+        eigen_precision: Default::default(),
     };
 
     // Forward: the summed losses.

@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor, TensorId};
 use rayon::prelude::*;
 
 use crate::attribution::{apply_in_basis, spectral_weights, SpectralFn};
-use crate::curvature::{eigh_f64, Eigen, EigenBasis, FactorSum, LambdaSums};
+use crate::curvature::{eigh_with, Eigen, EigenBasis, EigenPrecision, FactorSum, LambdaSums};
 use crate::error::Result;
 use crate::model::Capture;
 use crate::util::phase;
@@ -54,11 +54,16 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn eigh_many(&self, mats: &[(Vec<f64>, usize, String)]) -> Result<Vec<Eigen>> {
+    fn eigh_many(
+        &self,
+        mats: &[(Vec<f64>, usize, String)],
+        precision: EigenPrecision,
+    ) -> Result<Vec<Eigen>> {
         // Side by side, each also splitting its own work over the pool (idle threads steal
         // either kind of work).
+        let par = faer::get_global_parallelism();
         mats.par_iter()
-            .map(|(m, n, what)| eigh_f64(m, *n, what))
+            .map(|(m, n, what)| eigh_with(m, *n, what, par, precision))
             .collect()
     }
 

@@ -7,7 +7,7 @@
 //! | operation | math | CPU ([`CpuBackend`]) | CUDA |
 //! |---|---|---|---|
 //! | [`Backend::add_covariances`] | Σ_t m_t a_t a_tᵀ, Σ_t m_t δ_t δ_tᵀ (§3.1) | faer, one triangle, in place | `masked_syrk`, all layers and blocks in one launch |
-//! | [`Backend::eigh_many`] | A = Q diag(λ) Qᵀ in f64 (§3.2) | faer, side by side | cuSOLVER `syevd` |
+//! | [`Backend::eigh_many`] | A = Q diag(λ) Qᵀ in f64 or f32 (§3.2) | faer, side by side | cuSOLVER `syevd` (f64) |
 //! | [`Backend::add_lambdas`] | Σ_m ((Q_Sᵀ G_m Q_A)[i,j])² (§3.3) | candle rotation + faer per document | `rotate_rows` + `eig_correction` |
 //! | [`Backend::apply_in_basis`] | Q_S (F(Λ) ⊙ (Q_Sᵀ V Q_A)) Q_Aᵀ (§3.4) | candle | `gemm_spectral` ×4 |
 //! | [`Backend::token_scores`] | m_t δ_tᵀ U_q a_t (§2, token level) | candle | `score_tokens` / `score_tokens_lowrank` |
@@ -26,7 +26,7 @@ use candle_core::{Device, Tensor};
 
 use crate::attribution::{LayerQuery, SpectralFn};
 use crate::config::{DeviceKind, PrecisionKind};
-use crate::curvature::{Eigen, EigenBasis, FactorSum, LambdaSums};
+use crate::curvature::{Eigen, EigenBasis, EigenPrecision, FactorSum, LambdaSums};
 use crate::error::{Error, Result};
 use crate::model::Capture;
 
@@ -47,10 +47,15 @@ pub trait Backend {
     fn add_covariances(&self, terms: &mut [(&mut FactorSum, &Tensor)], mask: &Tensor)
         -> Result<()>;
 
-    /// The f64 symmetric eigendecompositions of `mats` (each (row-major data, n, what): λ
+    /// The symmetric eigendecompositions of `mats` (each (row-major data, n, what): λ
     /// ascending, `what` naming the layer and factor in errors; non-finite entries are
-    /// rejected first). Backends may run them side by side.
-    fn eigh_many(&self, mats: &[(Vec<f64>, usize, String)]) -> Result<Vec<Eigen>>;
+    /// rejected first) in the arithmetic `precision` where the backend offers it (else
+    /// f64). Backends may run them side by side.
+    fn eigh_many(
+        &self,
+        mats: &[(Vec<f64>, usize, String)],
+        precision: EigenPrecision,
+    ) -> Result<Vec<Eigen>>;
 
     /// Adds one batch's squared rotated per-document gradients of every tracked layer into
     /// `sums[l]`, in the fixed bases `bases[l]`; document b's tokens are the first

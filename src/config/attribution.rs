@@ -8,9 +8,12 @@
 //! top_k = 10               # documents per query kept with per-token scores
 //! # query_rank = 8          # low-rank preconditioned query (default: exact)
 //! # factor_cache = "cache"  # reuse fitted factors across runs (default: none)
+//! # eigendecomposition = "f32"  # factor eigendecompositions in f32 (default: f64)
 //! ```
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::curvature::EigenPrecision;
 
 /// The attribution method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -75,6 +78,11 @@ pub struct AttributionConfig {
     /// the config file). Default: none, always fit.
     #[serde(default)]
     pub factor_cache: Option<std::path::PathBuf>,
+    /// Arithmetic of the factor eigendecompositions on the CPU: `f64` (the reference,
+    /// kronfluence's default) or `f32` (about twice as fast; EK-FAC keeps only the bases,
+    /// whose eigenvalues the correction Λ re-estimates). Default `f64`.
+    #[serde(default, skip_serializing_if = "EigenPrecision::is_default")]
+    pub eigendecomposition: EigenPrecision,
 }
 
 fn default_damping_factor() -> f64 {
@@ -97,6 +105,7 @@ impl Default for AttributionConfig {
             memory_limit_gib: None,
             query_rank: None,
             factor_cache: None,
+            eigendecomposition: EigenPrecision::F64,
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::util::{phase, progress};
 
 use super::blocks::BlockDiag;
 use super::covariance::{Covariances, FactorSum};
+use super::eigen::EigenPrecision;
 use super::lambda::{EigenBasis, LambdaSums};
 
 /// Which Fisher the factors estimate.
@@ -51,6 +52,8 @@ pub struct FitOptions {
     pub max_batch_size: usize,
     /// Token id used for padding.
     pub pad_id: u32,
+    /// Arithmetic of the factor eigendecompositions.
+    pub eigen_precision: EigenPrecision,
 }
 
 /// EK-FAC factors of one layer.
@@ -222,6 +225,7 @@ fn decompose_all(
     jobs: Vec<(FactorSum, String)>,
     tokens: f64,
     keep_covariance: bool,
+    precision: EigenPrecision,
     device: &Device,
 ) -> Result<Vec<Decomposed>> {
     // 4 per thread: sorted by size, a batch's decompositions are about equally long, and
@@ -259,7 +263,7 @@ fn decompose_all(
                 mats.push((b, *n, name));
             }
         }
-        let eig = backend.eigh_many(&mats)?;
+        let eig = backend.eigh_many(&mats, precision)?;
         let mut eig = eig.into_iter().zip(mats);
         for (slot, (sum, _)) in part {
             let mut qs = Vec::with_capacity(sum.layout.ranges.len());
@@ -391,7 +395,14 @@ fn fit(
     }
     let n_a = jobs.len() - layers.len();
     let eigen_timer = phase::timer("fit: eigendecomposition");
-    let mut decomposed = decompose_all(backend, jobs, tokens, keep_covariances, &device)?;
+    let mut decomposed = decompose_all(
+        backend,
+        jobs,
+        tokens,
+        keep_covariances,
+        opts.eigen_precision,
+        &device,
+    )?;
     drop(eigen_timer);
     let s_dec = decomposed.split_off(n_a);
     let a_dec = decomposed;

@@ -16,7 +16,7 @@ pub(crate) mod test_support;
 pub use blocks::{BlockDiag, BlockLayout};
 pub use cache::{checkpoint_hash, docs_hash, factor_key, FactorCache, Lookup};
 pub use covariance::{masked_rows, CovarianceSums, Covariances, FactorSum};
-pub use eigen::{eigh, eigh_f64, eigh_f64_with, Eigen};
+pub use eigen::{eigh, eigh_f64, eigh_f64_with, eigh_with, Eigen, EigenPrecision};
 pub use fit::{
     fit_factors, fit_factors_on, fit_factors_with_covariances, Fisher, FitOptions, LayerFactors,
 };

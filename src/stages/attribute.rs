@@ -160,6 +160,7 @@ pub fn fit_options(config: &Config) -> FitOptions {
         token_budget: config.batching.token_budget,
         max_batch_size: config.batching.max_batch_size,
         pad_id: 0,
+        eigen_precision: config.attribution.eigendecomposition,
     }
 }
 

@@ -155,5 +155,9 @@ fn key_inputs(
     });
     // The device and precision change the summation order and rounding of the factors.
     device_view(config, &mut key);
+    // So does an f32 eigendecomposition (absent from the key when f64, as before the option).
+    if !a.eigendecomposition.is_default() {
+        key["eigendecomposition"] = json!(a.eigendecomposition.name());
+    }
     Ok(key)
 }
