@@ -88,6 +88,8 @@ fn smollm2(layers: usize, dev: &Device) -> Model {
 }
 
 fn main() {
+    // As the CLI does (candle's elementwise workers sleep instead of spinning).
+    source_tda::util::threads::configure_for_compute();
     let args: Vec<String> = std::env::args().collect();
     let n: usize = arg(&args, "--tokens", "1024").parse().expect("--tokens");
     let reps: usize = arg(&args, "--reps", "3").parse().expect("--reps");

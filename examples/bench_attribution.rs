@@ -16,6 +16,8 @@
 //! `BENCH_FIT_ONLY=1` stops after the fit; `BENCH_SCORE_ONLY=1` reuses OUT_DIR's factors
 //! (when present) and runs one pass of pairwise and per-token scores (both for profiling).
 //! `BENCH_EIGEN=f32` runs the factor eigendecompositions in f32 (`[attribution] eigendecomposition`).
+//! `CANDLE_BARRIER_POOL_SPIN_LIMIT=25000` restores candle's default spinning of its elementwise workers
+//! (this binary, like the CLI, sets 0 when the variable is unset: see `util::threads`).
 //!
 //! Stages, as kronfluence runs them: `fit` (covariances, eigendecomposition, Λ), `pairwise`
 //! (query gradients + one scoring pass), `per_token` (the same with per-token scores), and
@@ -117,6 +119,8 @@ fn timed<T>(name: &'static str, out: &mut Vec<Stage>, f: impl FnOnce() -> T) -> 
 }
 
 fn main() {
+    // As the CLI does (candle's elementwise workers sleep instead of spinning).
+    source_tda::util::threads::configure_for_compute();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 3 {
         eprintln!("usage: bench_attribution MODEL_DIR INPUTS.safetensors OUT_DIR [BATCH [TOKENS]]");

@@ -190,6 +190,7 @@ impl StageOpts {
 }
 
 fn main() -> ExitCode {
+    source_tda::util::threads::configure_for_compute();
     let cli = Cli::parse();
     init_logging(cli.quiet, cli.verbose);
     source_tda::util::progress::set_quiet(cli.quiet);

@@ -7,6 +7,7 @@ pub mod phase;
 pub mod progress;
 pub mod rng;
 pub mod tensors;
+pub mod threads;
 
 /// The current UTC time as RFC 3339 with milliseconds (`2026-11-29T09:00:00.123Z`).
 pub fn now_rfc3339() -> String {
