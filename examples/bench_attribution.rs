@@ -15,7 +15,8 @@
 //!
 //! `BENCH_FIT_ONLY=1` stops after the fit; `BENCH_SCORE_ONLY=1` reuses OUT_DIR's factors
 //! (when present) and runs one pass of pairwise and per-token scores (both for profiling).
-//! `BENCH_EIGEN=f32` runs the factor eigendecompositions in f32 (`[attribution] eigendecomposition`).
+//! `BENCH_ONE_PASS=1` runs only the `pairwise_and_per_token` pass after the fit (its scores
+//! stand for all three). `BENCH_EIGEN=f32` runs the factor eigendecompositions in f32 (`[attribution] eigendecomposition`).
 //! `CANDLE_BARRIER_POOL_SPIN_LIMIT=25000` restores candle's default spinning of its elementwise workers
 //! (this binary, like the CLI, sets 0 when the variable is unset: see `util::threads`).
 //!
@@ -209,9 +210,13 @@ fn main() {
         eprintln!("bench_attribution: BENCH_SCORE_ONLY=1: stopping after one scoring pass");
         return;
     }
-    let pairwise = timed("pairwise", &mut stages, || score(false));
-    let per_token = timed("per_token", &mut stages, || score(true));
+    // BENCH_ONE_PASS=1: only the pass the score stage runs (both kinds of score at once).
+    let one_pass = std::env::var("BENCH_ONE_PASS").is_ok_and(|v| v == "1");
+    let pairwise = (!one_pass).then(|| timed("pairwise", &mut stages, || score(false)));
+    let per_token = (!one_pass).then(|| timed("per_token", &mut stages, || score(true)));
     let both = timed("pairwise_and_per_token", &mut stages, || score(true));
+    let pairwise = pairwise.as_ref().unwrap_or(&both);
+    let per_token = per_token.as_ref().unwrap_or(&both);
 
     let (q, n) = (queries.len(), train.len());
     let flat_pairs: Vec<f32> = pairwise.docs.iter().flatten().map(|&v| v as f32).collect();
@@ -255,6 +260,7 @@ fn main() {
             "tracked_layers": model.tracked_layers().len(), "batch": batch,
             "token_budget": opts.token_budget,
             "rayon_threads": std::env::var("RAYON_NUM_THREADS").ok(),
+            "eigendecomposition": opts.eigen_precision.name(),
         }),
     );
     std::fs::write(

@@ -6,6 +6,8 @@
 #   quick: SmolLM2-135M-Instruct cut to 4 layers; full: all 30 layers. Both: 64 WordNet noun
 #   glosses of <= 128 tokens, 4 prompt+completion queries, batch 8, 2 threads each, the
 #   empirical Fisher and kronfluence's default damping (0.1 x mean lambda per module).
+#   Each round runs source-tda, kronfluence, then source-tda with `[attribution]
+#   eigendecomposition = "f32"` (fit + the score stage's one pass; extra rows in the table).
 #   REPS (default 1): source-tda and kronfluence alternate REPS times; the table is printed
 #   for each round.
 #
@@ -69,13 +71,15 @@ fi
 # 4. Alternate the two tools; each run is one process measured stage by stage.
 echo "bench: free memory before the runs:"; free -g | head -2
 for r in $(seq 1 "$REPS"); do
-    OURS="$WORK/$WORKLOAD-ours-$r" THEIRS="$WORK/$WORKLOAD-kronfluence-$r"
-    rm -rf "$OURS" "$THEIRS"
+    OURS="$WORK/$WORKLOAD-ours-$r" THEIRS="$WORK/$WORKLOAD-kronfluence-$r" OURS32="$WORK/$WORKLOAD-ours-f32-$r"
+    rm -rf "$OURS" "$THEIRS" "$OURS32"
     echo "bench: round $r: source-tda"
     "$BIN_DIR/examples/bench_attribution" "$MODEL" "$INPUTS" "$OURS" 8
     echo "bench: round $r: kronfluence"
     "$PY" scripts/bench_kronfluence.py run --model "$MODEL" --inputs "$INPUTS" --out "$THEIRS" --threads $THREADS
     rm -rf "$THEIRS/kronfluence"
-    "$PY" scripts/bench_kronfluence.py compare --ours "$OURS" --theirs "$THEIRS" \
+    echo "bench: round $r: source-tda, f32 eigendecomposition (fit + the score stage's one pass)"
+    BENCH_EIGEN=f32 BENCH_ONE_PASS=1 "$BIN_DIR/examples/bench_attribution" "$MODEL" "$INPUTS" "$OURS32" 8
+    "$PY" scripts/bench_kronfluence.py compare --ours "$OURS" --theirs "$THEIRS" --ours-f32 "$OURS32" \
         --label "$WORKLOAD (SmolLM2-135M, $LAYERS layers), round $r"
 done

@@ -168,6 +168,17 @@ def cmd_compare(a):
           f"| {gib(max(theirs['pairwise']['peak_rss_bytes'], theirs['per_token']['peak_rss_bytes']))} | |")
     peak_o = max(ours[k]["peak_rss_bytes"] for k in ("fit", "pairwise", "per_token", "pairwise_and_per_token"))
     peak_t = max(theirs[k]["peak_rss_bytes"] for k in ("fit", "pairwise", "per_token"))
+    if a.ours_f32:
+        # The same fit with `[attribution] eigendecomposition = "f32"`, then the score stage's pass.
+        o32 = json.load(open(os.path.join(a.ours_f32, "report.json")))
+        for label, o, t_s, t_cpu, t_peak in [
+                ("fit, f32 eigendecomposition", o32["fit"], theirs["fit"]["seconds"], cpu(theirs["fit"]),
+                 theirs["fit"]["peak_rss_bytes"]),
+                ("pairwise + per-token, f32 eigendecomposition (ours: one pass)", o32["pairwise_and_per_token"],
+                 kf_two, kf_two_cpu, max(theirs["pairwise"]["peak_rss_bytes"], theirs["per_token"]["peak_rss_bytes"]))]:
+            print(f"| {label} | {o['seconds']:.1f} ({cpu(o):.1f}) | {t_s:.1f} ({t_cpu:.1f}) "
+                  f"| {t_s / o['seconds']:.1f}x ({t_cpu / cpu(o):.1f}x) | {gib(o['peak_rss_bytes'])} | - "
+                  f"| {gib(t_peak)} | {t_peak / o['peak_rss_bytes']:.1f}x |")
     print(f"\nwhole run peak RSS: source-tda {gib(peak_o)} GiB, kronfluence {gib(peak_t)} GiB "
           f"({peak_o / peak_t:.2f} of kronfluence's)")
     n_tok = min(so["per_token"].shape[2], st["per_token"].shape[2])
@@ -177,6 +188,12 @@ def cmd_compare(a):
                       ("pairwise (from the per-token pass)", so["pairwise_from_token_pass"], st["pairwise"]),
                       ("per_token", so["per_token"][..., :n_tok], st["per_token"][..., :n_tok])]:
         print(f"| {key} | {pearson(x, y):.7f} | {rel_to_max(x, y):.2e} |")
+    if a.ours_f32:
+        s32 = load_file(os.path.join(a.ours_f32, "scores.safetensors"))
+        for key, x, y in [("pairwise, f32 eigendecomposition", s32["pairwise"], st["pairwise"]),
+                          ("per_token, f32 eigendecomposition", s32["per_token"][..., :n_tok],
+                           st["per_token"][..., :n_tok])]:
+            print(f"| {key} | {pearson(x, y):.7f} | {rel_to_max(x, y):.2e} |")
 
 
 def main():
@@ -200,6 +217,7 @@ def main():
     s.add_argument("--ours", required=True)
     s.add_argument("--theirs", required=True)
     s.add_argument("--label", default="workload")
+    s.add_argument("--ours-f32", help="a bench_attribution run with BENCH_EIGEN=f32 BENCH_ONE_PASS=1")
     a = p.parse_args()
     {"prepare": cmd_prepare, "run": cmd_run, "compare": cmd_compare}[a.cmd](a)
 
