@@ -257,7 +257,7 @@ fn p_eff_is_the_finite_difference_of_adams_update_in_the_gradient() {
         }
     }
     // The first step is sign-like: its response is ε/(|g| + ε) of P, nearly nothing.
-    let (m_hat, v_hat) = adam_moments(&[g1.clone()], 0.9, 0.999);
+    let (m_hat, v_hat) = adam_moments(std::slice::from_ref(&g1), 0.9, 0.999);
     let ratio = (adam_p_eff(&v_hat, Some(&m_hat), eps).unwrap()
         / adam_p_eff(&v_hat, None, eps).unwrap())
     .unwrap();
