@@ -90,8 +90,10 @@ fn demo_pipeline_runs_offline_from_the_shipped_cache() {
             let st =
                 source_tda::train::checkpoint::read_safetensors(&opt, &candle_core::Device::Cpu)
                     .unwrap();
-            assert!(st.keys().all(|k| k.starts_with("exp_avg_sq.")));
-            assert_eq!(st.len(), 38, "one v̂ per parameter tensor");
+            assert!(st
+                .keys()
+                .all(|k| k.starts_with("exp_avg_sq.") || k.starts_with("exp_avg.")));
+            assert_eq!(st.len(), 2 * 38, "one v̂ and one m̂ per parameter tensor");
         }
     }
     let manifest: serde_json::Value =

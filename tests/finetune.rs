@@ -1,5 +1,6 @@
 //! The fine-tuning loop on a tiny Llama: the loss decreases, runs are bitwise reproducible,
-//! an interrupted run resumes to the same weights, checkpoints reload to identical logits,
+//! an interrupted run resumes to the same weights, checkpoints reload to identical logits
+//! (and carry Adam's m̂ and v̂),
 //! gradient accumulation does not depend on the micro-batch split, and the learning-rate
 //! mass of every segment is the exact sum of its schedule's rates.
 
@@ -14,6 +15,7 @@ use source_tda::config::{BatchingConfig, OptimizerKind, ScheduleKind, TrainConfi
 use source_tda::data::PreparedDoc;
 use source_tda::error::Error;
 use source_tda::model::{LoadOptions, Model, TokenBatch};
+use source_tda::train::checkpoint::read_safetensors;
 use source_tda::train::finetune::{plan, step_gradients};
 use source_tda::train::{train, train_in_memory, LossNormalization, TrainJob, TrainOutcome};
 
@@ -158,6 +160,42 @@ fn runs_are_bitwise_deterministic_and_checkpoints_reload_to_identical_logits() {
         assert!(weights_bytes(da) == weights_bytes(db), "step {sa} differs");
         let oa = std::fs::read(da.join("optimizer.safetensors")).unwrap();
         assert!(oa == std::fs::read(db.join("optimizer.safetensors")).unwrap());
+    }
+    // Every checkpoint carries Adam's bias-corrected m̂ (`exp_avg.NAME`) beside v̂, for every
+    // parameter: it reads back as the resume state's raw m / (1 − β₁ᵗ).
+    for (step, dir) in &a.checkpoints {
+        let read = |f: &str| read_safetensors(&dir.join(f), &Device::Cpu).unwrap();
+        let (att, resume) = (read("optimizer.safetensors"), read("resume.safetensors"));
+        let n_params = a.model.params().len();
+        assert_eq!(
+            att.len(),
+            2 * n_params,
+            "step {step}: v̂ and m̂ per parameter"
+        );
+        let bc1 = 1.0 - 0.9f64.powi(*step as i32);
+        for p in a.model.params() {
+            let m_hat = att[&format!("exp_avg.{}", p.name)].flatten_all().unwrap();
+            let m = resume[&format!("exp_avg.{}", p.name)]
+                .flatten_all()
+                .unwrap();
+            assert!(att.contains_key(&format!("exp_avg_sq.{}", p.name)));
+            let want = (m.to_dtype(candle_core::DType::F64).unwrap() / bc1).unwrap();
+            let got = m_hat.to_dtype(candle_core::DType::F64).unwrap();
+            let err: f64 = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let scale: f64 = want.abs().unwrap().max(0).unwrap().to_scalar().unwrap();
+            assert!(
+                err <= 1e-6 * scale.max(1e-12),
+                "step {step} {}: {err:e}",
+                p.name
+            );
+        }
     }
     // The last checkpoint reloads to bitwise the same logits as the in-memory model.
     let (_, last) = a.checkpoints.last().unwrap();

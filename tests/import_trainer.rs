@@ -21,7 +21,8 @@ fn logged(s: u64) -> f64 {
     LR * (T - s) as f64 / T as f64
 }
 
-/// output_dir with checkpoint-2, -4, -6: weights, trainer_state.json, exp_avg_sq export.
+/// output_dir with checkpoint-2, -4, -6: weights, trainer_state.json, exp_avg_sq export
+/// (and exp_avg for checkpoints 2 and 6).
 fn trainer_dir(dir: &Path) {
     for step in [2u64, 4, 6] {
         let c = dir.join(format!("checkpoint-{step}"));
@@ -37,6 +38,16 @@ fn trainer_dir(dir: &Path) {
             HashMap::new(),
         )
         .unwrap();
+        // The first moments are exported for checkpoints 2 and 6 only (optional).
+        if step != 4 {
+            let m = Tensor::new(&[-0.01f32 * step as f32, 0.02, 0.0, 0.5], &Device::Cpu).unwrap();
+            write_safetensors(
+                &c.join("exp_avg.safetensors"),
+                &[("model.w".to_string(), m)],
+                HashMap::new(),
+            )
+            .unwrap();
+        }
         let logs: Vec<serde_json::Value> = (1..=step)
             .filter(|s| s % 2 == 0)
             .map(|s| serde_json::json!({"step": s, "learning_rate": logged(s), "loss": 2.0, "epoch": 0.1}))
@@ -111,6 +122,18 @@ fn a_trainer_folder_becomes_segments_with_exact_rates_and_corrected_moments() {
             "{} vs {want0}",
             v[0]
         );
+        // m̂ = m / (1 − β₁ᵗ) as exp_avg.<parameter> where exported; absent otherwise.
+        if b == 4 {
+            assert!(!st.contains_key("exp_avg.model.w"));
+        } else {
+            let m = st["exp_avg.model.w"].to_vec1::<f32>().unwrap();
+            let want = -0.01 * b as f64 / (1.0 - 0.9f64.powi(b as i32));
+            assert!(
+                (m[0] as f64 - want).abs() < 1e-5 * want.abs(),
+                "{} vs {want}",
+                m[0]
+            );
+        }
     }
     // Fewer segments group the checkpoints evenly by count.
     let mut t = declared();

@@ -74,12 +74,15 @@ fn adamw_matches_the_textbook_update_on_a_quadratic() {
         assert_close(&values(&p), &x, 1e-5, &format!("x after step {t}"));
     }
     assert_eq!(opt.steps(), 3);
-    // The attribution state is the bias-corrected v̂.
+    // The attribution state is the bias-corrected v̂ and m̂.
     let state = opt.attribution_state(std::slice::from_ref(&p)).unwrap();
-    assert_eq!(state.len(), 1);
+    assert_eq!(state.len(), 2);
     assert_eq!(state[0].0, "exp_avg_sq.x");
     let vh: Vec<f64> = v.iter().map(|v| v / (1.0 - b2.powi(3))).collect();
     assert_close(&state[0].1.to_vec1::<f32>().unwrap(), &vh, 1e-5, "v̂");
+    assert_eq!(state[1].0, "exp_avg.x");
+    let mh: Vec<f64> = m.iter().map(|m| m / (1.0 - b1.powi(3))).collect();
+    assert_close(&state[1].1.to_vec1::<f32>().unwrap(), &mh, 1e-5, "m̂");
 }
 
 #[test]

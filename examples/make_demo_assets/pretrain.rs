@@ -36,7 +36,9 @@ pub struct Pretrained {
     /// `model.safetensors`: θ after pretraining.
     pub weights: Vec<u8>,
     /// `training/optimizer.safetensors`: AdamW's bias-corrected second moments v̂ at the end
-    /// (`exp_avg_sq.NAME`), which Source's Adam variant needs for the pretrain segment.
+    /// (`exp_avg_sq.NAME`), which Source's Adam variant needs for the pretrain segment. The
+    /// checkpoint's m̂ (`exp_avg.NAME`, read by `adam_response = "full"`) is left out: the
+    /// committed assets predate it, and the pretrain segment falls back to v̂ alone.
     pub optimizer_state: Vec<u8>,
     /// `training/trajectory.json`: the pretraining segment (η_k, s = Σ η_k, steps, data).
     pub trajectory: Vec<u8>,
@@ -139,7 +141,7 @@ pub fn pretrain(
     trajectory.validate()?;
     Ok(Pretrained {
         weights: std::fs::read(dir.join("model.safetensors"))?,
-        optimizer_state: std::fs::read(dir.join("optimizer.safetensors"))?,
+        optimizer_state: second_moments_only(&dir.join("optimizer.safetensors"))?,
         trajectory: (serde_json::to_string_pretty(&trajectory)? + "\n").into_bytes(),
         losses: out.log.iter().map(|l| l.loss).collect(),
     })
@@ -163,4 +165,21 @@ pub fn loss_per_token(dir: &Path, docs: &[PreparedDoc]) -> Result<f64, Box<dyn s
         n += chunk.iter().map(|d| d.n_loss_tokens()).sum::<usize>();
     }
     Ok(sum / n.max(1) as f64)
+}
+
+/// The checkpoint's `optimizer.safetensors` with only its `exp_avg_sq.*` tensors (same
+/// metadata, same writer), as the bytes of a safetensors file.
+fn second_moments_only(path: &Path) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    let bytes = std::fs::read(path)?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let mut kept: Vec<(String, candle_core::Tensor)> =
+        source_tda::train::checkpoint::read_safetensors(path, &Device::Cpu)?
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("exp_avg_sq."))
+            .collect();
+    kept.sort_by(|a, b| a.0.cmp(&b.0));
+    let out = path.with_extension("second-moments.safetensors");
+    source_tda::train::checkpoint::write_safetensors(&out, &kept, metadata)?;
+    Ok(std::fs::read(&out)?)
 }

@@ -18,6 +18,19 @@
 //! within a layer the formulas are exact for every s (then u = F_r(H) v at mass c s, and
 //! s → ∞ gives H⁻¹ v).
 //!
+//! What P is. Adam's update is u = m̂ / (√v̂ + ε). With v̂ held fixed (`fixed_v`) a
+//! perturbation δg of the gradients moves it by P δg, P = 1/(√v̂ + ε). Letting m̂ and v̂
+//! respond as well (`full`), with δg the same at every step of the window (Source's
+//! segment-stationarity assumption), δm̂ = δg and δ√v̂ = m̂ δg / √v̂ (the bias-corrected
+//! moving averages' weights sum to one; v̂'s average of g δg is taken as m̂ δg), so
+//!
+//!   δu = P_eff δg,   P_eff = P ⊙ clamp(1 − m̂² / (√v̂ (√v̂ + ε)), 0, 1)  ([`adam_p_eff`]).
+//!
+//! In Adam's first steps m̂² ≈ v̂: the update is sign-like and hardly responds to the data
+//! (P_eff ≈ 0); m̂ = 0 gives back P exactly. The linearised dynamics' ∂u/∂θ = (∂u/∂g) H use
+//! the same P_eff, so it replaces P in both propagation and injection. AdamW's decoupled
+//! weight decay does not depend on g and changes neither.
+//!
 //! An earlier form (σ_p = p̄ ⊙ diag(H̄) elementwise, then a damped H̄⁻¹) mixed the parameter
 //! basis and the eigenbasis: for small s it gave H̄⁻¹ (s p̄ ⊙ diag(H̄) ⊙ v) instead of s P v,
 //! which on short fine-tunes ranked documents worse than the plain influence function.
@@ -132,6 +145,32 @@ fn squared(basis: &EigenBasis) -> Result<EigenBasis> {
 /// p_Q = diag(Qᵀ diag(p) Q) for Q = Q_S ⊗ Q_A: (Q_S ∘ Q_S)ᵀ p (Q_A ∘ Q_A), shaped [d_out, d_in].
 pub fn eigenbasis_diagonal(basis: &EigenBasis, p: &Tensor) -> Result<Tensor> {
     squared(basis)?.rotate(&p.to_dtype(DType::F32)?)
+}
+
+/// Adam's preconditioner at one step, elementwise: P = 1/(√v̂ + ε) (`m_hat` None: v̂ held
+/// fixed), or P_eff = P ⊙ clamp(1 − m̂²/(√v̂ (√v̂ + ε)), 0, 1) (the response of the update
+/// u = m̂/(√v̂ + ε) to a gradient perturbation shared by every step). `v_hat` (v̂) and
+/// `m_hat` (m̂) are bias-corrected and shaped alike; entries with v̂ = 0 (and so m̂ = 0)
+/// keep P. With m̂ = 0 the result is P bit for bit.
+pub fn adam_p_eff(v_hat: &Tensor, m_hat: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let v_hat = v_hat.to_dtype(DType::F32)?;
+    let sqrt_v = v_hat.sqrt()?;
+    let p = (&sqrt_v + eps)?.recip()?;
+    let Some(m_hat) = m_hat else {
+        return Ok(p);
+    };
+    if m_hat.dims() != v_hat.dims() {
+        return Err(Error::Numeric(format!(
+            "Adam's m̂ {:?} and v̂ {:?} differ in shape",
+            m_hat.dims(),
+            v_hat.dims()
+        )));
+    }
+    // m̂² P / √v̂, with √v̂ floored so that v̂ = 0 (where m̂ = 0 too) gives 0, not 0/0.
+    let ratio =
+        ((m_hat.to_dtype(DType::F32)?.sqr()? * &p)? / sqrt_v.maximum(f32::MIN_POSITIVE)?)?;
+    let factor = ratio.affine(-1.0, 1.0)?.clamp(0f32, 1f32)?;
+    Ok((p * factor)?)
 }
 
 /// Q diag(F(Λ, p_Q)) Qᵀ v for one EK-FAC layer.

@@ -1,4 +1,5 @@
-//! Tests of Source's Adam variant against dense linear algebra and its exact limits.
+//! Tests of Source's Adam variant against dense linear algebra and its exact limits, and of
+//! P_eff (Adam's update's response to the gradient) against finite differences.
 
 use candle_core::{Device, Tensor};
 
@@ -168,4 +169,126 @@ fn phi_limits() {
     assert!((phi(1e-12) - 1.0).abs() < 1e-12);
     assert!((phi(2.0) - (1.0 - (-2.0f64).exp()) / 2.0).abs() < 1e-15);
     assert!((phi(1e8) - 1e-8).abs() < 1e-20);
+}
+
+/// Adam's update u_t = m̂_t / (√v̂_t + ε) after t steps with gradients `gs[k] + delta` (the
+/// same δ at every step), in f64 from the textbook recursion.
+fn adam_update(gs: &[Vec<f64>], delta: &[f64], b1: f64, b2: f64, eps: f64) -> Vec<f64> {
+    let n = delta.len();
+    let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+    for g in gs {
+        for i in 0..n {
+            let g = g[i] + delta[i];
+            m[i] = b1 * m[i] + (1.0 - b1) * g;
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+        }
+    }
+    let t = gs.len() as i32;
+    (0..n)
+        .map(|i| {
+            let (mh, vh) = (m[i] / (1.0 - b1.powi(t)), v[i] / (1.0 - b2.powi(t)));
+            mh / (vh.sqrt() + eps)
+        })
+        .collect()
+}
+
+/// m̂_t and v̂_t (bias-corrected) after the steps `gs`, as f32 tensors.
+fn adam_moments(gs: &[Vec<f64>], b1: f64, b2: f64) -> (Tensor, Tensor) {
+    let n = gs[0].len();
+    let t = gs.len() as i32;
+    let (mut m, mut v) = (vec![0.0f64; n], vec![0.0f64; n]);
+    for g in gs {
+        for i in 0..n {
+            m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+            v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+        }
+    }
+    let f = |x: Vec<f64>, bc: f64| {
+        let x: Vec<f32> = x.iter().map(|x| (x / bc) as f32).collect();
+        Tensor::new(x.as_slice(), &Device::Cpu).unwrap()
+    };
+    (f(m, 1.0 - b1.powi(t)), f(v, 1.0 - b2.powi(t)))
+}
+
+#[test]
+fn p_eff_is_the_finite_difference_of_adams_update_in_the_gradient() {
+    // Independent truth: central differences of the textbook update u_t in a gradient
+    // perturbation δ e_i shared by every step (Source's stationarity assumption). The
+    // response formula is exact after one step (m̂ = g, v̂ = g²: the sign-like first step),
+    // for constant gradients, and for any history when β₁ = β₂ (v̂'s weights equal m̂'s).
+    let eps = 1e-3; // large, so that the ε terms matter
+    let g1 = vec![0.02, -0.5, 1.3, -0.004, 0.0007];
+    let varied: Vec<Vec<f64>> = (0..4)
+        .map(|k| {
+            g1.iter()
+                .map(|g| g * (1.0 + 0.4 * k as f64) - 0.1 * k as f64)
+                .collect()
+        })
+        .collect();
+    let cases: [(&str, Vec<Vec<f64>>, f64, f64); 3] = [
+        ("first step", vec![g1.clone()], 0.9, 0.999),
+        ("constant gradients", vec![g1.clone(); 4], 0.9, 0.999),
+        ("β₁ = β₂, varied gradients", varied, 0.8, 0.8),
+    ];
+    for (what, gs, b1, b2) in cases {
+        let (m_hat, v_hat) = adam_moments(&gs, b1, b2);
+        let p: Vec<f32> = adam_p_eff(&v_hat, None, eps).unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = adam_p_eff(&v_hat, Some(&m_hat), eps)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let n = g1.len();
+        for i in 0..n {
+            let h = 1e-6 * gs.iter().map(|g| g[i].abs()).fold(1e-3, f64::max);
+            let mut d = vec![0.0; n];
+            d[i] = h;
+            let up = adam_update(&gs, &d, b1, b2, eps);
+            d[i] = -h;
+            let down = adam_update(&gs, &d, b1, b2, eps);
+            let fd = (up[i] - down[i]) / (2.0 * h);
+            // Relative to P: the fixed-v̂ answer the response reduces.
+            let err = (got[i] as f64 - fd).abs();
+            assert!(
+                err <= 1e-4 * p[i] as f64,
+                "{what}, entry {i}: P_eff {} vs finite difference {fd} (P {})",
+                got[i],
+                p[i]
+            );
+        }
+    }
+    // The first step is sign-like: its response is ε/(|g| + ε) of P, nearly nothing.
+    let (m_hat, v_hat) = adam_moments(std::slice::from_ref(&g1), 0.9, 0.999);
+    let ratio = (adam_p_eff(&v_hat, Some(&m_hat), eps).unwrap()
+        / adam_p_eff(&v_hat, None, eps).unwrap())
+    .unwrap();
+    let r: Vec<f32> = ratio.to_vec1().unwrap();
+    assert!(r[2] < 1e-3 && r[1] < 3e-3, "{r:?}");
+}
+
+#[test]
+fn p_eff_with_zero_first_moment_is_p_bit_for_bit() {
+    // m̂ = 0 gives back v̂-held-fixed exactly, also where v̂ = 0 (no 0/0).
+    let v = Tensor::new(&[0.0f32, 1e-12, 3e-7, 0.25, 4.0, 1e-30], &Device::Cpu).unwrap();
+    let zero = v.zeros_like().unwrap();
+    for eps in [1e-8, 1e-3] {
+        let p: Vec<f32> = adam_p_eff(&v, None, eps).unwrap().to_vec1().unwrap();
+        let q: Vec<f32> = adam_p_eff(&v, Some(&zero), eps).unwrap().to_vec1().unwrap();
+        let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&p), bits(&q));
+        // And P is the old expression 1/(√v̂ + ε).
+        let old: Vec<f32> = (v.sqrt().unwrap() + eps)
+            .unwrap()
+            .recip()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(bits(&p), bits(&old));
+    }
+    // |m̂| > √v̂ (possible when β₁ ≠ β₂) clamps to 0, never negative; shapes must agree.
+    let m = Tensor::new(&[0.0f32, 1e-5, 1.0, 1.0, -3.0, 0.0], &Device::Cpu).unwrap();
+    let pe: Vec<f32> = adam_p_eff(&v, Some(&m), 1e-8).unwrap().to_vec1().unwrap();
+    assert!(pe.iter().all(|x| x.is_finite() && *x >= 0.0), "{pe:?}");
+    assert_eq!(pe[2], 0.0);
+    let short = Tensor::new(&[1.0f32], &Device::Cpu).unwrap();
+    assert!(adam_p_eff(&v, Some(&short), 1e-8).is_err());
 }

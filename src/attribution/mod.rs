@@ -11,7 +11,7 @@ pub mod precondition;
 pub mod score;
 pub mod source;
 
-pub use adam::{eigenbasis_diagonal, ekfac_diagonal, phi, AdamCurvature};
+pub use adam::{adam_p_eff, eigenbasis_diagonal, ekfac_diagonal, phi, AdamCurvature};
 pub use contract::{doc_scores, token_scores};
 pub use dense::DenseCurvature;
 pub use functions::{inject, SpectralFn};

@@ -9,6 +9,7 @@
 //! # query_rank = 8          # low-rank preconditioned query (default: exact)
 //! # factor_cache = "cache"  # reuse fitted factors across runs (default: none)
 //! # eigendecomposition = "f32"  # factor eigendecompositions in f32 (default: f64)
+//! # adam_response = "fixed_v"  # AdamW segments: fixed_v (P) | full (P_eff, needs m̂)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +38,27 @@ pub enum FisherKind {
     True,
     /// The data's own labels (deterministic; what kronfluence's reference pack uses).
     Empirical,
+}
+
+/// How Source's Adam variant models an AdamW step's response to a perturbation δg of the
+/// gradients (see [`crate::attribution::adam`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AdamResponse {
+    /// v̂ held fixed: δu = P δg with P = diag(1/(√v̂ + ε)).
+    #[default]
+    FixedV,
+    /// m̂ and v̂ both respond (δg the same over a segment's steps): δu = P_eff δg with
+    /// P_eff = P ⊙ clamp(1 − m̂²/(√v̂ (√v̂ + ε)), 0, 1). Needs m̂ (`exp_avg.NAME`) at the
+    /// checkpoints; a segment whose checkpoints lack it falls back to `fixed_v`.
+    Full,
+}
+
+impl AdamResponse {
+    /// Whether this is the default `fixed_v`.
+    pub fn is_fixed_v(&self) -> bool {
+        *self == AdamResponse::FixedV
+    }
 }
 
 /// `[attribution]`.
@@ -83,6 +105,10 @@ pub struct AttributionConfig {
     /// whose eigenvalues the correction Λ re-estimates). Default `f64`.
     #[serde(default, skip_serializing_if = "EigenPrecision::is_default")]
     pub eigendecomposition: EigenPrecision,
+    /// AdamW segments' preconditioner: `fixed_v` (P) or `full` (P_eff). Default `fixed_v`
+    /// (not serialised when default, so existing runs' stage hashes stay valid).
+    #[serde(default, skip_serializing_if = "AdamResponse::is_fixed_v")]
+    pub adam_response: AdamResponse,
 }
 
 fn default_damping_factor() -> f64 {
@@ -106,6 +132,7 @@ impl Default for AttributionConfig {
             query_rank: None,
             factor_cache: None,
             eigendecomposition: EigenPrecision::F64,
+            adam_response: AdamResponse::default(),
         }
     }
 }

@@ -9,6 +9,7 @@
 //! alpha = 0.5                    # α: fraction of the fine-tuning set in each subset
 //! seeds = 1                      # R: training seeds per subset
 //! bootstrap = 1000               # bootstrap resamples of the subsets for the 95% interval
+//! # subset_seed = 1              # seed of the subset draws (default: run.seed)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -42,6 +43,10 @@ pub struct EvalConfig {
     /// Bootstrap resamples (of the subsets) for the LDS 95% interval. Default 1000.
     #[serde(default = "default_bootstrap")]
     pub bootstrap: usize,
+    /// Seed of the random subsets' draws: another seed gives M other subsets (to check an
+    /// LDS on a second draw) with the same fine-tune and factors. Default: `run.seed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset_seed: Option<u64>,
 }
 
 fn default_methods() -> Vec<MethodKind> {
@@ -80,6 +85,7 @@ impl Default for EvalConfig {
             alpha: default_alpha(),
             seeds: default_seeds(),
             bootstrap: default_bootstrap(),
+            subset_seed: None,
         }
     }
 }

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use attribution::{AttributionConfig, EigenPrecision, FisherKind, MethodKind};
+pub use attribution::{AdamResponse, AttributionConfig, EigenPrecision, FisherKind, MethodKind};
 pub use data::{is_role_name, DataConfig, DataFormat, DatasetConfig, DocShape, FIXED_ROLES};
 pub use device::{DeviceKind, PrecisionKind};
 pub use diff::{diff_values, KeyChange};

@@ -90,7 +90,7 @@ pub struct Retrain<'a> {
     pub batching: &'a BatchingConfig,
     /// α.
     pub alpha: f64,
-    /// Seed of the subset draws (`run.seed`).
+    /// Seed of the subset draws (`[eval] subset_seed`, else `run.seed`).
     pub subset_seed: u64,
     /// Where job results are written.
     pub jobs_dir: PathBuf,

@@ -67,7 +67,7 @@ impl Inputs {
         }
         let manifest = run.manifest()?;
         let mut key = json!({"train": c.train, "batching": c.batching,
-                             "alpha": c.eval.alpha, "seed": c.run.seed});
+                             "alpha": c.eval.alpha, "seed": subset_seed(c)});
         for stage in ["fetch", "prepare"] {
             let r = manifest
                 .stages
@@ -111,10 +111,15 @@ impl Inputs {
             train: &c.train,
             batching: &c.batching,
             alpha: c.eval.alpha,
-            subset_seed: c.run.seed,
+            subset_seed: subset_seed(c),
             jobs_dir: self.jobs_dir.clone(),
         }
     }
+}
+
+/// The seed of the subset draws: `[eval] subset_seed`, else `run.seed`.
+fn subset_seed(c: &Config) -> u64 {
+    c.eval.subset_seed.unwrap_or(c.run.seed)
 }
 
 /// What a `--shard` run did.
@@ -201,11 +206,15 @@ impl Stage for EvalLdsStage {
     }
 
     fn config_view(&self, c: &Config) -> serde_json::Value {
-        json!({"eval": {"methods": c.eval.methods, "subsets": c.eval.subsets,
+        let mut v = json!({"eval": {"methods": c.eval.methods, "subsets": c.eval.subsets,
                         "alpha": c.eval.alpha, "seeds": c.eval.seeds,
                         "bootstrap": c.eval.bootstrap},
                "train": c.train, "batching": c.batching, "attribution": c.attribution,
-               "seed": c.run.seed})
+               "seed": c.run.seed});
+        if let Some(s) = c.eval.subset_seed {
+            v["eval"]["subset_seed"] = json!(s);
+        }
+        v
     }
 
     fn run(&self, ctx: &StageContext) -> Result<serde_json::Value> {

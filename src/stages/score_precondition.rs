@@ -5,9 +5,11 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::attribution::{source_walk, AdamCurvature, Curvature, Damping, SegmentCurvature};
+use crate::attribution::{
+    adam_p_eff, source_walk, AdamCurvature, Curvature, Damping, SegmentCurvature,
+};
 use crate::backend::{Backend, OnBackend};
-use crate::config::MethodKind;
+use crate::config::{AdamResponse, MethodKind};
 use crate::curvature::{FactorFile, LayerFactors};
 use crate::error::{Error, Result};
 use crate::pipeline::StageContext;
@@ -77,7 +79,7 @@ fn precondition_group(
                     };
                     Ok(Some(AdamCurvature {
                         inner: &on[i] as &dyn Curvature,
-                        p_bar: adam_p_bar(s, f, eps)?,
+                        p_bar: adam_p_bar(s, f, eps, a.adam_response)?,
                     }))
                 })
                 .collect::<Result<_>>()?;
@@ -98,11 +100,19 @@ fn precondition_group(
     })
 }
 
-/// p̄ = the segment's average of 1/(√v̂ + ε) over its checkpoints, per layer, shaped like the
-/// layer's gradient [d_out, d_in(+1)] (the bias's entries as the last column). Only the
-/// given layers' moments are read.
-fn adam_p_bar(seg: &PlannedSegment, factors: &[LayerFactors], eps: f64) -> Result<Vec<Tensor>> {
+/// p̄ = the segment's average of Adam's preconditioner over its checkpoints, per layer,
+/// shaped like the layer's gradient [d_out, d_in(+1)] (the bias's entries as the last
+/// column): of P = 1/(√v̂ + ε) (`fixed_v`), or of P_eff ([`adam_p_eff`], `full`) where the
+/// checkpoints carry m̂ (`exp_avg.NAME`; otherwise P, with a log line). Only the given
+/// layers' moments are read.
+fn adam_p_bar(
+    seg: &PlannedSegment,
+    factors: &[LayerFactors],
+    eps: f64,
+    response: AdamResponse,
+) -> Result<Vec<Tensor>> {
     let mut sums: Vec<Option<Tensor>> = vec![None; factors.len()];
+    let mut fell_back = false;
     for ckpt in &seg.checkpoints {
         let path = ckpt.join("optimizer.safetensors");
         if !path.exists() {
@@ -120,17 +130,29 @@ fn adam_p_bar(seg: &PlannedSegment, factors: &[LayerFactors], eps: f64) -> Resul
                 Error::Pipeline(format!("{}: tensor `{k}` is missing", path.display()))
             })
         };
+        let has_m = factors
+            .first()
+            .is_some_and(|f| map.get(&format!("exp_avg.{}.weight", f.name)).is_ok());
+        let use_m = response == AdamResponse::Full && has_m;
+        fell_back |= response == AdamResponse::Full && !has_m;
         for (l, f) in factors.iter().enumerate() {
             let (d_out, d_total) = f.lambda.dims2()?;
-            let mut w = get(&format!("exp_avg_sq.{}.weight", f.name))?;
-            if w.dims()[0] != d_out {
-                w = w.t()?.contiguous()?; // stored [in, out] (GPT-2 Conv1D)
-            }
-            let recip = |t: &Tensor| -> Result<Tensor> { Ok((t.sqrt()? + eps)?.recip()?) };
-            let mut pl = recip(&w)?;
-            if d_total == w.dim(1)? + 1 {
-                let b = get(&format!("exp_avg_sq.{}.bias", f.name))?.reshape((d_out, 1))?;
-                pl = Tensor::cat(&[&pl, &recip(&b)?], 1)?;
+            // One parameter's P or P_eff, [d_out, …] (stored [in, out] for GPT-2 Conv1D).
+            let p_of = |param: &str| -> Result<Tensor> {
+                let v = get(&format!("exp_avg_sq.{}.{param}", f.name))?;
+                let m = use_m
+                    .then(|| get(&format!("exp_avg.{}.{param}", f.name)))
+                    .transpose()?;
+                let p = adam_p_eff(&v, m.as_ref(), eps)?;
+                Ok(if p.rank() == 2 && p.dims()[0] != d_out {
+                    p.t()?.contiguous()?
+                } else {
+                    p
+                })
+            };
+            let mut pl = p_of("weight")?;
+            if d_total == pl.dim(1)? + 1 {
+                pl = Tensor::cat(&[&pl, &p_of("bias")?.reshape((d_out, 1))?], 1)?;
             }
             sums[l] = Some(match sums[l].take() {
                 None => pl,
@@ -138,8 +160,113 @@ fn adam_p_bar(seg: &PlannedSegment, factors: &[LayerFactors], eps: f64) -> Resul
             });
         }
     }
+    if fell_back {
+        tracing::info!(
+            "segment {} (`{}`): its checkpoints carry no Adam first moment m̂ (`exp_avg.*`), \
+             so `adam_response = \"full\"` falls back to v̂ held fixed (P = 1/(√v̂ + ε))",
+            seg.index,
+            seg.stage
+        );
+    }
     let c = seg.checkpoints.len().max(1) as f64;
     sums.into_iter()
         .map(|s| Ok((s.expect("one checkpoint at least") / c)?))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::curvature::test_support::random_factors;
+    use crate::train::checkpoint::write_safetensors;
+    use crate::train::LrMass;
+
+    fn segment(checkpoints: Vec<std::path::PathBuf>) -> PlannedSegment {
+        PlannedSegment {
+            index: 0,
+            stage: "finetune".into(),
+            role: "train".into(),
+            n_docs: 4,
+            mass: LrMass::Finite(1.0),
+            checkpoints,
+            adam_eps: Some(1e-8),
+        }
+    }
+
+    fn bits(t: &[Tensor]) -> Vec<u32> {
+        t.iter()
+            .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .map(f32::to_bits)
+            .collect()
+    }
+
+    #[test]
+    fn full_response_reduces_to_fixed_v_for_zero_or_missing_first_moments() {
+        let f = vec![random_factors("l", (6, 5, 4, 3), None)];
+        let dir = tempfile::tempdir().unwrap();
+        let v = Tensor::rand(1e-9f32, 1e-2, (3, 4), &Device::Cpu).unwrap();
+        let m = Tensor::rand(-1e-2f32, 1e-2, (3, 4), &Device::Cpu).unwrap();
+        let write = |name: &str, tensors: Vec<(&str, &Tensor)>| {
+            let d = dir.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            let t: Vec<(String, Tensor)> = tensors
+                .into_iter()
+                .map(|(k, t)| (k.to_string(), t.clone()))
+                .collect();
+            write_safetensors(&d.join("optimizer.safetensors"), &t, HashMap::new()).unwrap();
+            d
+        };
+        let zero = m.zeros_like().unwrap();
+        let only_v = write("only-v", vec![("exp_avg_sq.l.weight", &v)]);
+        let zero_m = write(
+            "zero-m",
+            vec![("exp_avg_sq.l.weight", &v), ("exp_avg.l.weight", &zero)],
+        );
+        let with_m = write(
+            "with-m",
+            vec![("exp_avg_sq.l.weight", &v), ("exp_avg.l.weight", &m)],
+        );
+        let p_bar =
+            |ckpt: &std::path::Path, r| adam_p_bar(&segment(vec![ckpt.into()]), &f, 1e-8, r);
+        let fixed = p_bar(&only_v, AdamResponse::FixedV).unwrap();
+        for (what, ckpt) in [("m̂ = 0", &zero_m), ("m̂ missing", &only_v)] {
+            let full = p_bar(ckpt, AdamResponse::Full).unwrap();
+            assert_eq!(bits(&full), bits(&fixed), "{what}");
+        }
+        // fixed_v ignores m̂; full uses it (P_eff ≤ P, somewhere strictly).
+        assert_eq!(
+            bits(&p_bar(&with_m, AdamResponse::FixedV).unwrap()),
+            bits(&fixed)
+        );
+        let full = p_bar(&with_m, AdamResponse::Full).unwrap();
+        let want = adam_p_eff(&v, Some(&m), 1e-8).unwrap();
+        assert_eq!(bits(&full), bits(&[want]));
+        let gap: f32 = (&fixed[0] - &full[0])
+            .unwrap()
+            .min_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(gap >= 0.0);
+        // The segment average is over its checkpoints.
+        let two = adam_p_bar(
+            &segment(vec![with_m.clone(), zero_m]),
+            &f,
+            1e-8,
+            AdamResponse::Full,
+        )
+        .unwrap();
+        let mean = ((&full[0] + &fixed[0]).unwrap() / 2.0).unwrap();
+        let diff: f32 = (&two[0] - mean)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff <= 1e-6 * fixed[0].max_all().unwrap().to_scalar::<f32>().unwrap());
+    }
 }

@@ -5,8 +5,9 @@
 //! step-000040/
 //!   config.json  tokenizer.json  (and tokenizer_config.json, … when the base model has them)
 //!   model.safetensors        the weights, named and shaped as in the base checkpoint
-//!   optimizer.safetensors    what the attribution reads: exp_avg_sq.NAME (Adam's v̂,
-//!                            bias-corrected) or momentum.NAME; absent for SGD
+//!   optimizer.safetensors    what the attribution reads: exp_avg_sq.NAME and exp_avg.NAME
+//!                            (Adam's v̂ and m̂, bias-corrected) or momentum.NAME; absent
+//!                            for SGD
 //!   resume.safetensors       the rest of the optimizer state (exp_avg, raw exp_avg_sq)
 //!   state.json               the global step, the optimizer's step count and the step log
 //! ```
@@ -185,7 +186,7 @@ pub fn hf_weights(model: &Model) -> Result<Vec<(String, Tensor)>> {
 pub struct CheckpointContent<'a> {
     /// The model after `state.step` steps.
     pub model: &'a Model,
-    /// The attribution state (`exp_avg_sq.*` or `momentum.*`); empty for SGD.
+    /// The attribution state (`exp_avg_sq.*` and `exp_avg.*`, or `momentum.*`); empty for SGD.
     pub optimizer: Vec<(String, Tensor)>,
     /// The rest of the optimizer state for resuming.
     pub resume: Vec<(String, Tensor)>,

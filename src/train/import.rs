@@ -12,7 +12,10 @@
 //! Adam's second moments come from `checkpoint-N/exp_avg_sq.safetensors`, a safetensors
 //! export of `optimizer.pt` (tensors named by parameter, raw PyTorch `exp_avg_sq`; see
 //! docs/import-trainer.md); they are bias-corrected here (v̂ = v / (1 − β₂ᴺ)) and written to
-//! `OUT/optimizer/checkpoint-N.safetensors` as `exp_avg_sq.NAME`. Momentum SGD reads
+//! `OUT/optimizer/checkpoint-N.safetensors` as `exp_avg_sq.NAME`. The first moments, when
+//! exported too (`checkpoint-N/exp_avg.safetensors`, raw `exp_avg`), become m̂ = m / (1 − β₁ᴺ)
+//! as `exp_avg.NAME` in the same file (`[attribution] adam_response = "full"` reads them;
+//! without them it falls back to v̂ alone). Momentum SGD reads
 //! `momentum.safetensors` (`momentum_buffer`) the same way.
 
 use std::collections::HashMap;
@@ -252,6 +255,33 @@ pub fn import_trainer(
     })
 }
 
+/// The tensors of an exported optimizer state file as `PREFIX.NAME`, divided by 1 − βᵗ
+/// (β = 0: as they are).
+fn bias_corrected(
+    dir: &Path,
+    src: &Path,
+    prefix: &str,
+    beta: f64,
+    step: u64,
+) -> Result<Vec<(String, candle_core::Tensor)>> {
+    let tensors = read_safetensors(src, &Device::Cpu)?;
+    if tensors.is_empty() {
+        return Err(bad(dir, format!("{} holds no tensors", src.display())));
+    }
+    let correction = if beta > 0.0 {
+        1.0 / (1.0 - beta.powi(step as i32))
+    } else {
+        1.0
+    };
+    tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let name = name.strip_prefix(&format!("{prefix}.")).unwrap_or(&name);
+            Ok((format!("{prefix}.{name}"), t.affine(correction, 0.0)?))
+        })
+        .collect()
+}
+
 /// Converts a checkpoint's exported optimizer state into the attribution's format; returns
 /// the file name written under `opt_dir`, or None for SGD.
 fn convert_state(
@@ -278,22 +308,19 @@ fn convert_state(
             ),
         ));
     }
-    let tensors = read_safetensors(&src, &Device::Cpu)?;
-    if tensors.is_empty() {
-        return Err(bad(dir, format!("{} holds no tensors", src.display())));
-    }
-    let correction = if beta2 > 0.0 {
-        1.0 / (1.0 - beta2.powi(step as i32))
-    } else {
-        1.0
-    };
-    let mut named: Vec<(String, candle_core::Tensor)> = Vec::new();
-    for (name, t) in tensors {
-        let name = name
-            .strip_prefix(&format!("{prefix}."))
-            .unwrap_or(&name)
-            .to_string();
-        named.push((format!("{prefix}.{name}"), t.affine(correction, 0.0)?));
+    let mut named = bias_corrected(dir, &src, prefix, beta2, step)?;
+    // Adam's first moments, when exported too (`adam_response = "full"` reads them).
+    if let OptimizerInfo::AdamW { beta1, .. } = info {
+        let m_src = cdir.join("exp_avg.safetensors");
+        if m_src.is_file() {
+            named.extend(bias_corrected(dir, &m_src, "exp_avg", *beta1, step)?);
+        } else {
+            tracing::debug!(
+                "{}: no exp_avg.safetensors (Adam's m̂); `adam_response = \"full\"` will use \
+                 v̂ alone for this checkpoint",
+                cdir.display()
+            );
+        }
     }
     named.sort_by(|a, b| a.0.cmp(&b.0));
     std::fs::create_dir_all(opt_dir).ctx("creating", opt_dir)?;

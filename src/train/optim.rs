@@ -122,16 +122,22 @@ impl Optimizer {
     }
 
     /// The state the attribution reads, named by parameter: `exp_avg_sq.NAME` = Adam's
-    /// bias-corrected v̂ = v / (1 − β₂ᵗ), or `momentum.NAME` = b. Empty for SGD or before
-    /// the first step.
+    /// bias-corrected v̂ = v / (1 − β₂ᵗ) and `exp_avg.NAME` = m̂ = m / (1 − β₁ᵗ) (both after
+    /// step t, the moments step t used), or `momentum.NAME` = b. Empty for SGD or before the
+    /// first step.
     pub fn attribution_state(&self, params: &[Param]) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for (i, p) in params.iter().enumerate() {
             match self.info {
-                OptimizerInfo::AdamW { beta2, .. } => {
+                OptimizerInfo::AdamW { beta1, beta2, .. } => {
+                    let t = self.step as i32;
                     if let Some(v) = &self.second[i] {
-                        let bc2 = 1.0 - beta2.powi(self.step as i32);
+                        let bc2 = 1.0 - beta2.powi(t);
                         out.push((format!("exp_avg_sq.{}", p.name), v.affine(1.0 / bc2, 0.0)?));
+                    }
+                    if let Some(m) = &self.first[i] {
+                        let bc1 = 1.0 - beta1.powi(t);
+                        out.push((format!("exp_avg.{}", p.name), m.affine(1.0 / bc1, 0.0)?));
                     }
                 }
                 OptimizerInfo::Momentum { .. } => {
