@@ -55,8 +55,8 @@ pub enum AdamResponse {
 }
 
 impl AdamResponse {
-    /// Whether this is the default `fixed_v`.
-    pub fn is_fixed_v(&self) -> bool {
+    /// Whether this is the default (`fixed_v`), so the key is left out of resolved configs.
+    pub fn is_default(&self) -> bool {
         *self == AdamResponse::FixedV
     }
 }
@@ -107,7 +107,7 @@ pub struct AttributionConfig {
     pub eigendecomposition: EigenPrecision,
     /// AdamW segments' preconditioner: `fixed_v` (P) or `full` (P_eff). Default `fixed_v`
     /// (not serialised when default, so existing runs' stage hashes stay valid).
-    #[serde(default, skip_serializing_if = "AdamResponse::is_fixed_v")]
+    #[serde(default, skip_serializing_if = "AdamResponse::is_default")]
     pub adam_response: AdamResponse,
 }
 

@@ -243,15 +243,10 @@ mod tests {
         // A covariance with a decaying spectrum (λ_max / λ_min ~ 1e4), from fixed
         // pseudo-random samples.
         let (n, k) = (96usize, 400usize);
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut x = vec![0.0f64; k * n];
-        for (i, v) in x.iter_mut().enumerate() {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let u = (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
-            *v = u / (1.0 + (i % n) as f64).powf(1.5);
-        }
+        let mut rng = crate::util::rng::SplitMix64::new(7);
+        let x: Vec<f64> = (0..k * n)
+            .map(|i| (rng.next_f64() - 0.5) / (1.0 + (i % n) as f64).powf(1.5))
+            .collect();
         let mut c = vec![0.0f64; n * n];
         for s in 0..k {
             let row = &x[s * n..(s + 1) * n];

@@ -179,7 +179,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::curvature::test_support::random_factors;
+    use crate::curvature::test_support::{max_abs_diff, random_factors};
     use crate::train::checkpoint::write_safetensors;
     use crate::train::LrMass;
 
@@ -259,14 +259,7 @@ mod tests {
         )
         .unwrap();
         let mean = ((&full[0] + &fixed[0]).unwrap() / 2.0).unwrap();
-        let diff: f32 = (&two[0] - mean)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_abs_diff(&two[0], &mean);
         assert!(diff <= 1e-6 * fixed[0].max_all().unwrap().to_scalar::<f32>().unwrap());
     }
 }
