@@ -123,6 +123,15 @@ impl LayerQuery {
         })
     }
 
+    /// The same query with a dense U laid out contiguously: the token contraction reads U as
+    /// one [Q·d_out, d_in] matrix on every batch, which a strided U would copy each time.
+    pub fn contiguous(&self) -> Result<LayerQuery> {
+        Ok(match self {
+            LayerQuery::Dense(u) => LayerQuery::Dense(u.contiguous()?),
+            LayerQuery::LowRank(l) => LayerQuery::LowRank(l.clone()),
+        })
+    }
+
     /// Q, the number of queries.
     pub fn queries(&self) -> Result<usize> {
         Ok(match self {

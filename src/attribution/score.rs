@@ -123,6 +123,10 @@ fn score_pass_inner(
     opts: &FitOptions,
     keep_tokens: bool,
 ) -> Result<TrainScores> {
+    let u: Vec<LayerQuery> = u
+        .iter()
+        .map(LayerQuery::contiguous)
+        .collect::<Result<_>>()?;
     let n = train.len();
     let q = u.first().map(|t| t.queries()).transpose()?.unwrap_or(0);
     let mut docs = vec![vec![0f64; n]; q];
@@ -135,7 +139,7 @@ fn score_pass_inner(
         };
         let _t = phase::timer("score: contraction");
         let mut total: Option<Tensor> = None;
-        for (l, (layer, ul)) in cap.layers.iter().zip(u).enumerate() {
+        for (l, (layer, ul)) in cap.layers.iter().zip(&u).enumerate() {
             // Per token only when asked: per document is (T + Q)/(T·Q) of the work.
             let s: Option<Tensor> = keep_tokens // [Q, B, T]
                 .then(|| backend.token_scores(ul, &layer.a, &layer.delta, &cap.attention_mask))

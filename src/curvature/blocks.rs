@@ -47,18 +47,55 @@ impl BlockDiag {
         self.apply(x, true)
     }
 
+    /// Q x for x [..., dim, k]: each block of rows multiplied by its block.
+    pub fn left_mul(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply_left(x, false)
+    }
+
+    /// Qᵀ x for x [..., dim, k].
+    pub fn left_mul_t(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply_left(x, true)
+    }
+
     fn apply(&self, x: &Tensor, transpose: bool) -> Result<Tensor> {
         let last = x.rank() - 1;
+        let whole = self.blocks.len() == 1;
         let mut parts = Vec::with_capacity(self.blocks.len());
         for ((off, len), q) in self.layout.ranges.iter().zip(&self.blocks) {
-            let xb = x.narrow(last, *off, *len)?;
+            let xb = if whole {
+                x.clone()
+            } else {
+                x.narrow(last, *off, *len)?
+            };
             let q = if transpose { q.t()? } else { q.clone() };
-            parts.push(xb.broadcast_matmul(&q)?);
+            parts.push(matmul_shared_rhs(&xb, &q)?);
         }
-        Ok(if parts.len() == 1 {
+        Ok(if whole {
             parts.pop().expect("one part")
         } else {
             Tensor::cat(&parts, last)?
+        })
+    }
+
+    fn apply_left(&self, x: &Tensor, transpose: bool) -> Result<Tensor> {
+        let rows = x.rank() - 2;
+        let whole = self.blocks.len() == 1;
+        let mut parts = Vec::with_capacity(self.blocks.len());
+        for ((off, len), q) in self.layout.ranges.iter().zip(&self.blocks) {
+            let xb = if whole {
+                x.clone()
+            } else {
+                x.narrow(rows, *off, *len)?
+            };
+            let q = if transpose { q.t()? } else { q.clone() };
+            // A stride-0 batch on the left: candle loops over the batch without copying Q.
+            let q = q.broadcast_left(&x.dims()[..rows])?;
+            parts.push(q.matmul(&xb)?);
+        }
+        Ok(if whole {
+            parts.pop().expect("one part")
+        } else {
+            Tensor::cat(&parts, rows)?
         })
     }
 
@@ -72,6 +109,23 @@ impl BlockDiag {
         }
         Ok(dense)
     }
+}
+
+/// x q for x [..., m, k] and a matrix q [k, n] shared by every batch entry, without copying
+/// q per entry (candle's `broadcast_matmul` makes the broadcast rhs contiguous, i.e. one copy
+/// of q per entry, whenever x is not contiguous): a contiguous x is folded into one
+/// [batch·m, k] product, any other x is multiplied against a stride-0 view of q.
+pub(crate) fn matmul_shared_rhs(x: &Tensor, q: &Tensor) -> Result<Tensor> {
+    let r = x.rank();
+    if r == 2 {
+        return Ok(x.matmul(q)?);
+    }
+    if x.is_contiguous() {
+        return Ok(x.broadcast_matmul(q)?);
+    }
+    let mut dims = x.dims()[..r - 2].to_vec();
+    dims.extend_from_slice(q.dims());
+    Ok(x.matmul(&q.broadcast_as(dims)?)?)
 }
 
 #[cfg(test)]
@@ -104,7 +158,16 @@ mod tests {
         let d1 = (q.right_mul(&x).unwrap() - x.broadcast_matmul(&dense).unwrap()).unwrap();
         let d2 = (q.right_mul_t(&x).unwrap() - x.broadcast_matmul(&dense.t().unwrap()).unwrap())
             .unwrap();
-        for d in [d1, d2] {
+        let y = Tensor::randn(0f32, 1.0, (3, 5, 7), &dev).unwrap();
+        let d3 = (q.left_mul(&y).unwrap() - dense.broadcast_matmul(&y).unwrap()).unwrap();
+        let d4 =
+            (q.left_mul_t(&y).unwrap() - dense.t().unwrap().broadcast_matmul(&y).unwrap()).unwrap();
+        // Non-contiguous inputs (a transposed view) take the stride-0 path.
+        let xt = y.transpose(1, 2).unwrap();
+        let d5 = (q.right_mul(&xt).unwrap()
+            - xt.contiguous().unwrap().broadcast_matmul(&dense).unwrap())
+        .unwrap();
+        for d in [d1, d2, d3, d4, d5] {
             let e: f32 = d.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
             assert!(e < 1e-5, "{e}");
         }

@@ -74,20 +74,16 @@ impl EigenBasis {
         })
     }
 
-    /// Q_Sᵀ V Q_A for V [..., d_out, d_in].
+    /// Q_Sᵀ V Q_A for V [..., d_out, d_in]; the result is contiguous.
     pub fn rotate(&self, v: &Tensor) -> Result<Tensor> {
-        let r = v.rank();
-        let vq = self.q_a.right_mul(v)?; // V Q_A
-        let t = self.q_s.right_mul(&vq.transpose(r - 2, r - 1)?)?; // (V Q_A)ᵀ Q_S
-        Ok(t.transpose(r - 2, r - 1)?)
+        self.q_s.left_mul_t(&self.q_a.right_mul(v)?) // Q_Sᵀ (V Q_A)
     }
 
-    /// Q_S W Q_Aᵀ for W [..., d_out, d_in] (the inverse of [`rotate`](Self::rotate)).
+    /// Q_S W Q_Aᵀ for W [..., d_out, d_in] (the inverse of [`rotate`](Self::rotate)); the
+    /// result is contiguous (the scoring pass reads it as one [Q·d_out, d_in] matrix per
+    /// batch).
     pub fn unrotate(&self, w: &Tensor) -> Result<Tensor> {
-        let r = w.rank();
-        let wq = self.q_a.right_mul_t(w)?; // W Q_Aᵀ
-        let t = self.q_s.right_mul_t(&wq.transpose(r - 2, r - 1)?)?; // (W Q_Aᵀ)ᵀ Q_Sᵀ
-        Ok(t.transpose(r - 2, r - 1)?)
+        self.q_s.left_mul(&self.q_a.right_mul_t(w)?) // Q_S (W Q_Aᵀ)
     }
 }
 
