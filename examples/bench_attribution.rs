@@ -190,9 +190,12 @@ fn main() {
             .into_iter()
             .zip(&names)
             .map(|(g, name)| {
-                let f = file
-                    .load_layers(std::slice::from_ref(name), &dev)
-                    .expect("layer");
+                let f = {
+                    let _t = phase::timer("precondition: read factors");
+                    file.load_layers(std::slice::from_ref(name), &dev)
+                        .expect("layer")
+                };
+                let _t = phase::timer("precondition");
                 precondition_inverse(&f, &[g], Damping::MeanLambda(0.1))
                     .expect("precondition")
                     .pop()

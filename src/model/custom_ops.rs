@@ -37,10 +37,8 @@ fn poisoned() -> candle_core::Error {
 pub type DeltaSlot = std::sync::Arc<Mutex<Option<Tensor>>>;
 
 struct InputGradLinear {
-    /// The precomputed output y = x Wᵀ (taken by the forward).
-    y: Mutex<Option<Vec<f32>>>,
     shape: Shape,
-    /// W [d_out, d_in], detached.
+    /// W [d_out, d_in], detached, contiguous.
     w: Tensor,
     /// Receives ∂L/∂y when the backward runs.
     delta: Option<DeltaSlot>,
@@ -51,13 +49,64 @@ impl CustomOp1 for InputGradLinear {
         "linear-input-grad-only"
     }
 
-    fn cpu_fwd(&self, _x: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = self
-            .y
-            .lock()
-            .map_err(|_| poisoned())?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("linear-input-grad-only ran twice".into()))?;
+    /// y = x Wᵀ, written by the GEMM straight into the output's storage (candle's matmul
+    /// followed by a copy out of its tensor cost an allocation and a pass over y per layer).
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d_out = self.w.dim(0)?;
+        let d_in = self.w.dim(1)?;
+        let n = l.shape().elem_count() / d_in.max(1);
+        let x = match (x, l.contiguous_offsets()) {
+            (CpuStorage::F32(x), Some((a, b))) => &x[a..b],
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "linear-input-grad-only: input must be contiguous f32".into(),
+                ))
+            }
+        };
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let w = match (&*w_storage, w_layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(CpuStorage::F32(w)), Some((a, b))) => &w[a..b],
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "linear-input-grad-only: weight must be contiguous f32 on the CPU".into(),
+                ))
+            }
+        };
+        let mut y: Vec<f32> = Vec::with_capacity(n * d_out);
+        let threads = candle_core::utils::get_num_threads();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: x is [n, d_in] row-major, W [d_out, d_in] row-major read as Wᵀ [d_in, d_out]
+        // (row stride 1, column stride d_in), y [n, d_out] row-major with capacity n·d_out;
+        // `read_dst = false` makes the GEMM write every element of y without reading it, so
+        // y's length is set only after it is fully written.
+        unsafe {
+            gemm::gemm(
+                n,
+                d_out,
+                d_in,
+                y.as_mut_ptr(),
+                1,
+                d_out as isize,
+                false,
+                x.as_ptr(),
+                1,
+                d_in as isize,
+                w.as_ptr(),
+                d_in as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+            y.set_len(n * d_out);
+        }
         Ok((CpuStorage::F32(y), self.shape.clone()))
     }
 
@@ -93,10 +142,13 @@ pub fn linear_input_grad_only(x: &Tensor, w: &Tensor, delta: Option<DeltaSlot>) 
     if !is_custom_linear(x) {
         return Ok(x.reshape((n, d_in))?.matmul(&w.t()?)?.reshape(dims)?);
     }
-    let w = w.detach();
-    let y = x.detach().reshape((n, d_in))?.matmul(&w.t()?)?;
+    let w = w.detach().contiguous()?;
+    let x = if x.is_contiguous() {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
     let op = InputGradLinear {
-        y: Mutex::new(Some(y.flatten_all()?.to_vec1::<f32>()?)),
         shape: Shape::from(dims),
         w,
         delta,
