@@ -178,6 +178,7 @@ fn main() {
     } else {
         timed("fit", &mut stages, || {
             let factors = fit_factors(&[&model], &train, &opts, "bench").expect("fit");
+            let _t = phase::timer("fit: write factors");
             save_factors(&factor_path, &factors, &serde_json::json!({})).expect("save factors");
         });
     }
