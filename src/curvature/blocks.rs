@@ -58,45 +58,40 @@ impl BlockDiag {
     }
 
     fn apply(&self, x: &Tensor, transpose: bool) -> Result<Tensor> {
-        let last = x.rank() - 1;
-        let whole = self.blocks.len() == 1;
-        let mut parts = Vec::with_capacity(self.blocks.len());
-        for ((off, len), q) in self.layout.ranges.iter().zip(&self.blocks) {
-            let xb = if whole {
-                x.clone()
-            } else {
-                x.narrow(last, *off, *len)?
-            };
+        self.per_block(x, x.rank() - 1, |xb, q| {
             let q = if transpose { q.t()? } else { q.clone() };
-            parts.push(matmul_shared_rhs(&xb, &q)?);
-        }
-        Ok(if whole {
-            parts.pop().expect("one part")
-        } else {
-            Tensor::cat(&parts, last)?
+            matmul_shared_rhs(xb, &q)
         })
     }
 
     fn apply_left(&self, x: &Tensor, transpose: bool) -> Result<Tensor> {
         let rows = x.rank() - 2;
-        let whole = self.blocks.len() == 1;
-        let mut parts = Vec::with_capacity(self.blocks.len());
-        for ((off, len), q) in self.layout.ranges.iter().zip(&self.blocks) {
-            let xb = if whole {
-                x.clone()
-            } else {
-                x.narrow(rows, *off, *len)?
-            };
+        self.per_block(x, rows, |xb, q| {
             let q = if transpose { q.t()? } else { q.clone() };
             // A stride-0 batch on the left: candle loops over the batch without copying Q.
-            let q = q.broadcast_left(&x.dims()[..rows])?;
-            parts.push(q.matmul(&xb)?);
-        }
-        Ok(if whole {
-            parts.pop().expect("one part")
-        } else {
-            Tensor::cat(&parts, rows)?
+            Ok(q.broadcast_left(&xb.dims()[..rows])?.matmul(xb)?)
         })
+    }
+
+    /// `mul(x_k, Q_k)` for each block k of x's `axis` (x itself when there is one block),
+    /// concatenated back along `axis`.
+    fn per_block(
+        &self,
+        x: &Tensor,
+        axis: usize,
+        mul: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if let [q] = self.blocks.as_slice() {
+            return mul(x, q);
+        }
+        let parts = self
+            .layout
+            .ranges
+            .iter()
+            .zip(&self.blocks)
+            .map(|((off, len), q)| mul(&x.narrow(axis, *off, *len)?, q))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, axis)?)
     }
 
     /// The dense matrix (for tests and small layers).

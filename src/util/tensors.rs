@@ -66,21 +66,33 @@ impl<'a> TensorBytes<'a> {
         }
     }
 
+    /// The little-endian bytes, in one pass over the elements (f32 tensors are read in
+    /// place; a factor file is ~2 GB for SmolLM2-135M, so the copies count).
     fn bytes(&self) -> Result<Vec<u8>> {
-        let t = self.tensor.flatten_all()?;
-        Ok(match self.dtype {
-            safetensors::Dtype::F64 => t
-                .to_vec1::<f64>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-            _ => t
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        })
+        fn le<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+            let mut out = Vec::with_capacity(v.len() * N);
+            for &x in v {
+                out.extend_from_slice(&f(x));
+            }
+            out
+        }
+        match self.dtype {
+            safetensors::Dtype::F64 => Ok(le(
+                &self.tensor.flatten_all()?.to_vec1::<f64>()?,
+                f64::to_le_bytes,
+            )),
+            _ if self.tensor.dtype() == DType::F32 && self.tensor.device().is_cpu() => {
+                with_f32(self.tensor, |v| le(v, f32::to_le_bytes))
+            }
+            _ => Ok(le(
+                &self
+                    .tensor
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+                f32::to_le_bytes,
+            )),
+        }
     }
 }
 
