@@ -271,6 +271,18 @@ fn tracking_patterns_select_layers() {
     let cap = model.capture(&batch, Labels::Data).unwrap();
     assert_eq!(cap.layers[2].a.dims(), &[1, 7, cfg.hidden]);
     assert_eq!(cap.layers[2].delta.dims(), &[1, 7, cfg.vocab]);
+    // With lm_head tracked the capture forms the logits (its δ is their gradient); without,
+    // the head and the loss run fused (no logits). Both give the same losses and δ.
+    let fused = load(
+        dir.path(),
+        Tracking::Patterns(vec!["*.mlp.down_proj".into()]),
+    );
+    let f = fused.capture(&batch, Labels::Data).unwrap();
+    assert!((f.losses[0] - cap.losses[0]).abs() <= 1e-5 * cap.losses[0].abs());
+    for (x, y) in f.layers.iter().zip(&cap.layers[..2]) {
+        let e = rel_err(&x.delta, &y.delta);
+        assert!(e <= 1e-5, "{}: δ rel err {e}", x.name);
+    }
     let opts = LoadOptions {
         tracking: Tracking::Patterns(vec!["*.nope".into()]),
         ..LoadOptions::default()

@@ -5,11 +5,12 @@
 //! document b's δ rows are the gradient of its own loss, and its weight gradient for a
 //! layer is G_b = Σ_t δ_{b,t} a_{b,t}ᵀ over [W | b] (DESIGN.md §2–3).
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::error::{Error, Result};
 
 use super::batch::TokenBatch;
+use super::head_loss::head_cross_entropy;
 use super::linear::{DeltaSource, Recorder};
 use super::lm::Model;
 use super::loss;
@@ -86,12 +87,30 @@ impl Model {
     /// `Var` added, whose gradient is δ.
     pub fn capture(&self, batch: &TokenBatch, labels: Labels) -> Result<Capture> {
         let mut rec = Recorder::new(self.n_tracked());
-        let logits = self.forward_rec(&batch.input_ids, Some(&mut rec))?;
-        let targets = match labels {
-            Labels::Data => batch.target_ids.clone(),
-            Labels::Sampled { seed } => loss::sample_targets(&logits, batch, seed)?,
+        let (losses, targets) = match (labels, self.fusable_head()) {
+            // Data labels: the head and the loss as one op, without [B, T, V] logits.
+            (Labels::Data, Some(w)) => {
+                let x = self.hidden_rec(&batch.input_ids, Some(&mut rec))?;
+                let (b, t, d) = x.dims3()?;
+                let tv: Vec<u32> = batch.target_ids.flatten_all()?.to_vec1()?;
+                let mv: Vec<f32> = batch
+                    .prediction_mask
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let rows = head_cross_entropy(&x.reshape((b * t, d))?, &w, &tv, &mv)?;
+                (rows.reshape((b, t))?.sum(1)?, batch.target_ids.clone())
+            }
+            _ => {
+                let logits = self.forward_rec(&batch.input_ids, Some(&mut rec))?;
+                let targets = match labels {
+                    Labels::Data => batch.target_ids.clone(),
+                    Labels::Sampled { seed } => loss::sample_targets(&logits, batch, seed)?,
+                };
+                let losses = loss::doc_losses(&logits, &targets, &batch.prediction_mask)?;
+                (losses, targets)
+            }
         };
-        let losses = loss::doc_losses(&logits, &targets, &batch.prediction_mask)?;
         let grads = losses.sum_all()?.backward()?;
         // δ is exactly zero on padding already (right padding: no target depends on it);
         // a is zeroed there only when the batch has padding, to avoid a copy per layer.

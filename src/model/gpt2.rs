@@ -126,6 +126,23 @@ impl Gpt2 {
         &self,
         ids: &Tensor,
         mut rec: Option<&mut Recorder>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let x = self.hidden(ids, rec.as_deref_mut(), cache)?;
+        self.lm_head.forward(&x, rec)
+    }
+
+    /// The output head (tied to the token embeddings when the checkpoint ties them).
+    pub fn head(&self) -> &TrackedLinear {
+        &self.lm_head
+    }
+
+    /// ids: [B, T] u32 → the final normalised hidden states [B, T, d] that the head reads
+    /// (see [`forward`](Self::forward)).
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        mut rec: Option<&mut Recorder>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let s = &self.spec;
@@ -179,7 +196,6 @@ impl Gpt2 {
         if let Some(c) = cache {
             c.offset += t;
         }
-        let x = self.ln_f.forward(&h, s.layer_norm_epsilon)?;
-        self.lm_head.forward(&x, rec)
+        self.ln_f.forward(&h, s.layer_norm_epsilon)
     }
 }

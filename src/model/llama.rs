@@ -117,6 +117,23 @@ impl Llama {
         &self,
         ids: &Tensor,
         mut rec: Option<&mut Recorder>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let x = self.hidden(ids, rec.as_deref_mut(), cache)?;
+        self.lm_head.forward(&x, rec)
+    }
+
+    /// The output head (tied to the token embeddings when the checkpoint ties them).
+    pub fn head(&self) -> &TrackedLinear {
+        &self.lm_head
+    }
+
+    /// ids: [B, T] u32 → the final normalised hidden states [B, T, d] that the head reads
+    /// (see [`forward`](Self::forward)).
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        mut rec: Option<&mut Recorder>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let s = &self.spec;
@@ -166,8 +183,7 @@ impl Llama {
         if let Some(c) = cache {
             c.offset += t;
         }
-        let x = ops::rms_norm(&h, self.norm.as_tensor(), s.rms_norm_eps, fused)?;
-        self.lm_head.forward(&x, rec)
+        ops::rms_norm(&h, self.norm.as_tensor(), s.rms_norm_eps, fused)
     }
 }
 

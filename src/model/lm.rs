@@ -11,6 +11,7 @@ use super::batch::TokenBatch;
 use super::config::ModelSpec;
 use super::generate::KvCache;
 use super::gpt2::Gpt2;
+use super::head_loss::head_cross_entropy_applies;
 use super::linear::{Param, ParamLoader, Recorder, TrackedLinear};
 use super::llama::Llama;
 use super::loss;
@@ -147,6 +148,36 @@ impl Model {
         rec: Option<&mut Recorder>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        self.check_ids(ids)?;
+        match &self.net {
+            Net::Llama(m) => m.forward(ids, rec, cache),
+            Net::Gpt2(m) => m.forward(ids, rec, cache),
+        }
+    }
+
+    /// ids: [B, T] u32 → the final normalised hidden states [B, T, d] that the head reads.
+    pub(crate) fn hidden_rec(&self, ids: &Tensor, rec: Option<&mut Recorder>) -> Result<Tensor> {
+        self.check_ids(ids)?;
+        match &self.net {
+            Net::Llama(m) => m.hidden(ids, rec, None),
+            Net::Gpt2(m) => m.hidden(ids, rec, None),
+        }
+    }
+
+    /// The head's weight W [V, d] when a capture may fuse the head with its loss
+    /// ([`super::head_loss`]): the head is not tracked (its δ would be the [N, V] logit
+    /// gradient the fused op never forms), has no bias, and is f32 on the CPU.
+    pub(crate) fn fusable_head(&self) -> Option<Tensor> {
+        let head = match &self.net {
+            Net::Llama(m) => m.head(),
+            Net::Gpt2(m) => m.head(),
+        };
+        let w = head.weight.as_tensor();
+        (head.slot.is_none() && head.bias.is_none() && head_cross_entropy_applies(w))
+            .then(|| w.clone())
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<()> {
         let v = self.spec.vocab_size() as u32;
         let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
         if max_id >= v {
@@ -154,10 +185,7 @@ impl Model {
                 "token id {max_id} is out of range for vocabulary size {v}"
             )));
         }
-        match &self.net {
-            Net::Llama(m) => m.forward(ids, rec, cache),
-            Net::Gpt2(m) => m.forward(ids, rec, cache),
-        }
+        Ok(())
     }
 
     /// Per-document summed cross-entropy over the batch's loss-masked targets, as a

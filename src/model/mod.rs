@@ -10,7 +10,8 @@
 //! * [`config`]: `config.json` → [`ModelSpec`] (Llama family, GPT-2).
 //! * [`weights`]: safetensors directories (single file or sharded), in-memory tensor maps.
 //! * [`tracking`]: which linear layers record (a, δ).
-//! * [`batch`], [`loss`], [`capture`]: batches, losses (data, sampled, query), capture.
+//! * [`batch`], [`loss`], [`capture`]: batches, losses (data, sampled, query), capture;
+//!   [`head_loss`]: the output head fused with the data-label loss for a capture.
 //! * [`gguf`]: Llama-family weights from a local GGUF file (llama.cpp's format), converted
 //!   to a Hugging Face checkpoint directory.
 //! * [`generate`]: greedy / seeded sampling with a KV cache and stop tokens.
@@ -23,6 +24,7 @@ pub mod fused;
 pub mod generate;
 pub mod gguf;
 mod gpt2;
+pub mod head_loss;
 pub mod linear;
 mod llama;
 pub mod lm;
