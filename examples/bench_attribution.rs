@@ -159,7 +159,12 @@ fn main() {
     let model = timed("load", &mut stages, || {
         Model::load(&model_dir, &LoadOptions::default(), &dev).expect("model")
     });
-    let predicted_fit = memory::fit_peak_bytes(&model, opts.token_budget, opts.block_size);
+    let predicted_fit = memory::fit_peak_bytes(
+        &model,
+        opts.token_budget,
+        opts.block_size,
+        opts.fisher.labels(),
+    );
     let predicted_score = memory::score_peak_bytes(&model, opts.token_budget, queries.len(), true);
     eprintln!(
         "bench_attribution: predicted peak memory: fit {}, score {}",

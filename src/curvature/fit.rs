@@ -31,7 +31,8 @@ pub enum Fisher {
 }
 
 impl Fisher {
-    fn labels(self) -> Labels {
+    /// The labels a capture uses for this Fisher.
+    pub fn labels(self) -> Labels {
         match self {
             Fisher::True { seed } => Labels::Sampled { seed },
             Fisher::Empirical => Labels::Data,

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 
 /// Rows per block: a [64, V] f32 buffer is 12.6 MB for V = 49,152.
-const BLOCK_ROWS: usize = 64;
+pub const BLOCK_ROWS: usize = 64;
 
 fn op_error(msg: impl Into<String>) -> candle_core::Error {
     candle_core::Error::Msg(format!("head-cross-entropy: {}", msg.into()))

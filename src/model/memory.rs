@@ -8,7 +8,9 @@
 //! * the autograd graph of one forward + backward: [`ACT_FLOATS_PER_IO`] floats per token per
 //!   unit of Σ_l (d_in,l + d_out,l) over the tracked layers (their inputs a and output
 //!   gradients δ are a part of it), plus [`LOGIT_COPIES`] copies of the [n, V] logits
-//!   (logits, the fused cross-entropy's gradient, the head's backward);
+//!   (logits, the fused cross-entropy's gradient, the head's backward) when the capture
+//!   forms logits (sampled labels, a tracked head), or one [rows, V] block when the head and
+//!   the loss run fused ([`super::head_loss`], data labels);
 //! * per layer factors: f32 sums of A, S, then eigenvectors Q_A, Q_S (f32) and f32 sums of Λ
 //!   ([`fit_peak_bytes`] says which are alive together); for scoring, the preconditioned
 //!   queries 4 Q i o (the factors are read one layer at a time).
@@ -16,6 +18,8 @@
 //! The two constants count the tensors the implementation keeps alive; the benchmark
 //! (`scripts/bench-vs-kronfluence.sh`) prints this prediction next to the measured peak RSS.
 
+use super::capture::Labels;
+use super::head_loss::BLOCK_ROWS;
 use super::lm::Model;
 
 /// Floats kept per token per unit of Σ (d_in + d_out) of the tracked layers (measured on
@@ -33,8 +37,9 @@ fn params(model: &Model) -> u64 {
         .sum()
 }
 
-/// Bytes of one forward + backward over `tokens` tokens: the autograd graph and the logits.
-pub fn capture_graph_bytes(model: &Model, tokens: usize) -> u64 {
+/// Bytes of one forward + backward over `tokens` tokens with `labels`: the autograd graph
+/// and the logits (or the fused head's block of them).
+pub fn capture_graph_bytes(model: &Model, tokens: usize, labels: Labels) -> u64 {
     let io: u64 = model
         .tracked_layers()
         .iter()
@@ -42,17 +47,22 @@ pub fn capture_graph_bytes(model: &Model, tokens: usize) -> u64 {
         .sum();
     let n = tokens as f64;
     let vocab = model.spec().vocab_size() as f64;
-    (4.0 * n * (ACT_FLOATS_PER_IO * io as f64 + LOGIT_COPIES * vocab)) as u64
+    let logits = if labels == Labels::Data && model.fusable_head().is_some() {
+        BLOCK_ROWS.min(tokens) as f64 * vocab
+    } else {
+        LOGIT_COPIES * n * vocab
+    };
+    (4.0 * (n * ACT_FLOATS_PER_IO * io as f64 + logits)) as u64
 }
 
-/// Bytes of one forward + backward over `tokens` tokens (weights and
+/// Bytes of one forward + backward over `tokens` tokens with `labels` (weights and
 /// [`capture_graph_bytes`]).
-pub fn capture_peak_bytes(model: &Model, tokens: usize) -> u64 {
-    4 * params(model) + capture_graph_bytes(model, tokens)
+pub fn capture_peak_bytes(model: &Model, tokens: usize, labels: Labels) -> u64 {
+    4 * params(model) + capture_graph_bytes(model, tokens, labels)
 }
 
-/// Predicted peak bytes of fitting EK-FAC factors with batches of `tokens` tokens
-/// (`block`: block-diagonal factors of that size). With F = Σ_l 4 (i² + o²) the f32 factor
+/// Predicted peak bytes of fitting EK-FAC factors with batches of `tokens` tokens captured
+/// with `labels` (`block`: block-diagonal factors of that size). With F = Σ_l 4 (i² + o²) the f32 factor
 /// sums (and, later, eigenvectors), Λ = Σ_l 4 i o (f32 sums) and C one capture, the fit
 /// holds at most: C + F in the covariance pass; F plus three f64 matrices of the largest
 /// block for 4 decompositions per thread during the eigendecompositions (each factor's sum
@@ -60,7 +70,7 @@ pub fn capture_peak_bytes(model: &Model, tokens: usize) -> u64 {
 /// (Λ normalised in f64) when the factors are saved.
 /// Layers that share an input (q/k/v, gate/up) share A, which this counts once per layer:
 /// an over-estimate of F by about a tenth on Llama shapes.
-pub fn fit_peak_bytes(model: &Model, tokens: usize, block: Option<usize>) -> u64 {
+pub fn fit_peak_bytes(model: &Model, tokens: usize, block: Option<usize>, labels: Labels) -> u64 {
     let (mut f, mut lambda, mut widest) = (0u64, 0u64, 0u64);
     for l in model.tracked_layers() {
         let (i, o) = ((l.d_in + l.has_bias as usize) as u64, l.d_out as u64);
@@ -72,7 +82,7 @@ pub fn fit_peak_bytes(model: &Model, tokens: usize, block: Option<usize>) -> u64
     }
     let threads = rayon::current_num_threads() as u64;
     let eigen = f + 4 * threads * 3 * 8 * widest * widest;
-    let c = capture_graph_bytes(model, tokens);
+    let c = capture_graph_bytes(model, tokens, labels);
     4 * params(model) + (c + f).max(eigen).max(c + f + lambda).max(f + 2 * lambda)
 }
 
@@ -80,7 +90,7 @@ pub fn fit_peak_bytes(model: &Model, tokens: usize, block: Option<usize>) -> u64
 /// (`per_token`: the [Q, B, T] per-token scores of a batch are kept as well): the
 /// preconditioned queries U (4 Q i o per layer, f32), formed layer by layer from the query
 /// gradients with one layer's factors (Q_A, Q_S f32, Λ f64) loaded at a time, then one
-/// capture at a time next to U.
+/// capture at a time (data labels) next to U.
 pub fn score_peak_bytes(model: &Model, tokens: usize, queries: usize, per_token: bool) -> u64 {
     let q = queries as u64;
     let (mut u, mut layer) = (0u64, 0u64);
@@ -91,5 +101,5 @@ pub fn score_peak_bytes(model: &Model, tokens: usize, queries: usize, per_token:
     }
     let tokens_out = if per_token { 8 * q * tokens as u64 } else { 0 };
     let precondition = 4 * params(model) + u + layer;
-    precondition.max(capture_peak_bytes(model, tokens) + u + tokens_out)
+    precondition.max(capture_peak_bytes(model, tokens, Labels::Data) + u + tokens_out)
 }

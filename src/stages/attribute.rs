@@ -196,13 +196,18 @@ pub fn memory_estimate(model: &Model, config: &Config) -> u64 {
         model,
         config.batching.token_budget,
         config.attribution.block_size,
+        fit_options(config).fisher.labels(),
     )
 }
 
-/// Bytes of a pass over one batch (weights, the autograd graph, the head's logits), from the
+/// Bytes of a scoring pass over one batch (weights, the autograd graph, the head), from the
 /// memory model in [`crate::model::memory`].
 pub fn model_and_batch_bytes(model: &Model, config: &Config) -> u64 {
-    crate::model::memory::capture_peak_bytes(model, config.batching.token_budget)
+    crate::model::memory::capture_peak_bytes(
+        model,
+        config.batching.token_budget,
+        crate::model::Labels::Data,
+    )
 }
 
 /// How `score` loads factors (issue 5 §5): the Source walk is block-diagonal per layer, so
