@@ -30,20 +30,29 @@ struct LayerMeta {
 
 /// Saves `factors` to `path` (atomically) with free-form `info` in the metadata.
 pub fn save_factors(path: &Path, factors: &[LayerFactors], info: &serde_json::Value) -> Result<()> {
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut entries: Vec<(String, Tensor, DType)> = Vec::new();
     let mut layers = Vec::new();
     for f in factors {
         for (k, q) in f.basis.q_a.blocks.iter().enumerate() {
-            tensors.insert(format!("{}.q_a.{k}", f.name), q.clone());
+            entries.push((format!("{}.q_a.{k}", f.name), q.clone(), DType::F32));
         }
         for (k, q) in f.basis.q_s.blocks.iter().enumerate() {
-            tensors.insert(format!("{}.q_s.{k}", f.name), q.clone());
+            entries.push((format!("{}.q_s.{k}", f.name), q.clone(), DType::F32));
         }
         let dev = f.lambda.device();
         let vec_t = |v: &[f64]| Tensor::from_vec(v.to_vec(), v.len(), dev);
-        tensors.insert(format!("{}.eig_a", f.name), vec_t(&f.basis.eig_a)?);
-        tensors.insert(format!("{}.eig_s", f.name), vec_t(&f.basis.eig_s)?);
-        tensors.insert(format!("{}.lambda", f.name), f.lambda.to_dtype(DType::F32)?);
+        entries.push((
+            format!("{}.eig_a", f.name),
+            vec_t(&f.basis.eig_a)?,
+            DType::F64,
+        ));
+        entries.push((
+            format!("{}.eig_s", f.name),
+            vec_t(&f.basis.eig_s)?,
+            DType::F64,
+        ));
+        // Converted to f32 by the writer, one layer at a time.
+        entries.push((format!("{}.lambda", f.name), f.lambda.clone(), DType::F32));
         layers.push(LayerMeta {
             name: f.name.clone(),
             a_blocks: f.basis.q_a.layout.ranges.clone(),
@@ -52,9 +61,8 @@ pub fn save_factors(path: &Path, factors: &[LayerFactors], info: &serde_json::Va
     }
     let meta = serde_json::json!({"layers": layers, "info": info, "tool_version": crate::VERSION});
     let metadata: HashMap<String, String> = [("source_tda".to_string(), meta.to_string())].into();
-    let mut entries: Vec<(String, Tensor)> = tensors.into_iter().collect();
     entries.sort_by(|x, y| x.0.cmp(&y.0));
-    crate::util::tensors::save_tensors(path, &entries, metadata)
+    crate::util::tensors::save_typed_tensors(path, &entries, metadata)
 }
 
 /// Loads a factor set saved by [`save_factors`]: every layer and the `info` metadata.

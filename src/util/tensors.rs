@@ -16,12 +16,33 @@ pub fn save_tensors(
     entries: &[(String, Tensor)],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
+    let typed: Vec<(String, Tensor, DType)> = entries
+        .iter()
+        .map(|(n, t)| {
+            let dtype = if t.dtype() == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
+            (n.clone(), t.clone(), dtype)
+        })
+        .collect();
+    save_typed_tensors(path, &typed, metadata)
+}
+
+/// [`save_tensors`] with each tensor's dtype on disk given (`DType::F64`, or `DType::F32` for
+/// anything else): a tensor is converted only while its own bytes are written.
+pub fn save_typed_tensors(
+    path: &Path,
+    entries: &[(String, Tensor, DType)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     // `View::data` cannot fail: a tensor that cannot be read back leaves its error here
     // (and zeros in the file, which is then discarded).
     let failed: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
     let views: Vec<(&str, TensorBytes)> = entries
         .iter()
-        .map(|(name, t)| (name.as_str(), TensorBytes::new(t, &failed)))
+        .map(|(name, t, dtype)| (name.as_str(), TensorBytes::new(t, *dtype, &failed)))
         .collect();
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     std::fs::create_dir_all(dir).ctx("creating directory", dir)?;
@@ -54,8 +75,12 @@ struct TensorBytes<'a> {
 }
 
 impl<'a> TensorBytes<'a> {
-    fn new(tensor: &'a Tensor, failed: &'a std::sync::Mutex<Option<Error>>) -> TensorBytes<'a> {
-        let dtype = match tensor.dtype() {
+    fn new(
+        tensor: &'a Tensor,
+        stored: DType,
+        failed: &'a std::sync::Mutex<Option<Error>>,
+    ) -> TensorBytes<'a> {
+        let dtype = match stored {
             DType::F64 => safetensors::Dtype::F64,
             _ => safetensors::Dtype::F32,
         };
@@ -78,7 +103,11 @@ impl<'a> TensorBytes<'a> {
         }
         match self.dtype {
             safetensors::Dtype::F64 => Ok(le(
-                &self.tensor.flatten_all()?.to_vec1::<f64>()?,
+                &self
+                    .tensor
+                    .to_dtype(DType::F64)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?,
                 f64::to_le_bytes,
             )),
             _ if self.tensor.dtype() == DType::F32 && self.tensor.device().is_cpu() => {
