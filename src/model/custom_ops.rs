@@ -156,6 +156,23 @@ pub fn linear_input_grad_only(x: &Tensor, w: &Tensor, delta: Option<DeltaSlot>) 
     Ok(x.apply_op1(op)?)
 }
 
+/// One row of logits z with target y (< z.len()), in place: z ← softmax(z) − e_y (the
+/// cross-entropy's gradient in z); returns the cross-entropy logsumexp(z) − z[y]. Shared by
+/// [`cross_entropy_rows`] and the fused head ([`super::head_loss`]).
+pub(crate) fn softmax_cross_entropy_row(z: &mut [f32], y: usize) -> f32 {
+    let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let zy = z[y];
+    let mut sum = 0f32;
+    for e in z.iter_mut() {
+        *e = (*e - m).exp();
+        sum += *e;
+    }
+    let inv = 1.0 / sum;
+    z.iter_mut().for_each(|e| *e *= inv);
+    z[y] -= 1.0;
+    sum.ln() - (zy - m)
+}
+
 struct CrossEntropyRows {
     targets: Vec<u32>,
     mask: Vec<f32>,
@@ -193,17 +210,8 @@ impl CustomOp1 for CrossEntropyRows {
                         "cross-entropy-rows: target {y} is out of range for {v} classes"
                     )));
                 }
-                let m = zr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (gi, &zi) in g.iter_mut().zip(zr) {
-                    let e = (zi - m).exp();
-                    *gi = e;
-                    sum += e;
-                }
-                let inv = 1.0 / sum;
-                g.iter_mut().for_each(|gi| *gi *= inv);
-                g[y] -= 1.0;
-                *l = self.mask[r] * (sum.ln() - (zr[y] - m));
+                g.copy_from_slice(zr);
+                *l = self.mask[r] * softmax_cross_entropy_row(g, y);
             }
             Ok(())
         };

@@ -19,6 +19,8 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 
+use super::custom_ops::softmax_cross_entropy_row;
+
 /// Rows per block: a [64, V] f32 buffer is 12.6 MB for V = 49,152.
 pub const BLOCK_ROWS: usize = 64;
 
@@ -122,18 +124,7 @@ impl CustomOp1 for HeadCrossEntropy {
                         zr.iter_mut().for_each(|e| *e = 0.0);
                         return;
                     }
-                    let y = self.targets[r] as usize;
-                    let m = zr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let zy = zr[y];
-                    let mut sum = 0f32;
-                    for e in zr.iter_mut() {
-                        *e = (*e - m).exp();
-                        sum += *e;
-                    }
-                    let inv = 1.0 / sum;
-                    zr.iter_mut().for_each(|e| *e *= inv);
-                    zr[y] -= 1.0;
-                    *l = self.mask[r] * (sum.ln() - (zy - m));
+                    *l = self.mask[r] * softmax_cross_entropy_row(zr, self.targets[r] as usize);
                 });
             // SAFETY: z is nb × V row-major; W [V, d] row-major; grad has capacity n·d and
             // rows r0..r0+nb (nb·d elements past its current length r0·d) are fully written
