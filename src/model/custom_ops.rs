@@ -36,6 +36,34 @@ fn poisoned() -> candle_core::Error {
 /// Where the backward of [`linear_input_grad_only`] leaves ∂L/∂y (δ of a tracked layer).
 pub type DeltaSlot = std::sync::Arc<Mutex<Option<Tensor>>>;
 
+/// dst [m, n] = a [m, k] · b, with b given by its strides (row-major dst and a).
+///
+/// # Safety
+/// `a` holds m·k elements, `b` addresses k × n elements through `(b_rs, b_cs)`, `dst` has
+/// room for m·n elements; `dst` is written, never read.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    a: *const f32,
+    b: *const f32,
+    b_rs: isize,
+    b_cs: isize,
+) {
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m, n, k, dst, 1, n as isize, false, a, 1, k as isize, b, b_cs, b_rs, 0.0, 1.0, false,
+        false, false, par,
+    );
+}
+
 struct InputGradLinear {
     shape: Shape,
     /// W [d_out, d_in], detached, contiguous.
@@ -73,37 +101,19 @@ impl CustomOp1 for InputGradLinear {
             }
         };
         let mut y: Vec<f32> = Vec::with_capacity(n * d_out);
-        let threads = candle_core::utils::get_num_threads();
-        let par = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
         // SAFETY: x is [n, d_in] row-major, W [d_out, d_in] row-major read as Wᵀ [d_in, d_out]
-        // (row stride 1, column stride d_in), y [n, d_out] row-major with capacity n·d_out;
-        // `read_dst = false` makes the GEMM write every element of y without reading it, so
-        // y's length is set only after it is fully written.
+        // (row stride 1, column stride d_in), y has capacity n·d_out; the GEMM writes every
+        // element of y without reading it, so y's length is set only after it is written.
         unsafe {
-            gemm::gemm(
+            gemm_into(
                 n,
                 d_out,
                 d_in,
                 y.as_mut_ptr(),
-                1,
-                d_out as isize,
-                false,
                 x.as_ptr(),
-                1,
-                d_in as isize,
                 w.as_ptr(),
-                d_in as isize,
                 1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
+                d_in as isize,
             );
             y.set_len(n * d_out);
         }

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 
-use super::custom_ops::softmax_cross_entropy_row;
+use super::custom_ops::{gemm_into, softmax_cross_entropy_row};
 
 /// Rows per block: a [64, V] f32 buffer is 12.6 MB for V = 49,152.
 pub const BLOCK_ROWS: usize = 64;
@@ -36,34 +36,6 @@ struct HeadCrossEntropy {
     block_rows: usize,
     /// ∂ℓ_n/∂x_n / m_n for every row [N, d] (zeros where m_n = 0), formed by the forward.
     grad: Mutex<Option<Vec<f32>>>,
-}
-
-/// dst [m, n] = a [m, k] · b, with b given by its strides (row-major dst and a).
-///
-/// # Safety
-/// `a` holds m·k elements, `b` addresses k × n elements through `(b_rs, b_cs)`, `dst` has
-/// room for m·n elements; `dst` is written, never read.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    a: *const f32,
-    b: *const f32,
-    b_rs: isize,
-    b_cs: isize,
-) {
-    let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    gemm::gemm(
-        m, n, k, dst, 1, n as isize, false, a, 1, k as isize, b, b_cs, b_rs, 0.0, 1.0, false,
-        false, false, par,
-    );
 }
 
 impl CustomOp1 for HeadCrossEntropy {
