@@ -19,6 +19,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use crate::error::Result;
 
+use super::fused::{f32_slice, storage_f32};
+
 /// Worker threads for the row loops: the cores available (RAYON_NUM_THREADS if set, as
 /// candle's and faer's pools use).
 fn threads() -> usize {
@@ -83,23 +85,9 @@ impl CustomOp1 for InputGradLinear {
         let d_out = self.w.dim(0)?;
         let d_in = self.w.dim(1)?;
         let n = l.shape().elem_count() / d_in.max(1);
-        let x = match (x, l.contiguous_offsets()) {
-            (CpuStorage::F32(x), Some((a, b))) => &x[a..b],
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "linear-input-grad-only: input must be contiguous f32".into(),
-                ))
-            }
-        };
+        let x = f32_slice(x, l, "linear-input-grad-only input")?;
         let (w_storage, w_layout) = self.w.storage_and_layout();
-        let w = match (&*w_storage, w_layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(CpuStorage::F32(w)), Some((a, b))) => &w[a..b],
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "linear-input-grad-only: weight must be contiguous f32 on the CPU".into(),
-                ))
-            }
-        };
+        let w = storage_f32(&w_storage, w_layout, "linear-input-grad-only weight")?;
         let mut y: Vec<f32> = Vec::with_capacity(n * d_out);
         // SAFETY: x is [n, d_in] row-major, W [d_out, d_in] row-major read as Wᵀ [d_in, d_out]
         // (row stride 1, column stride d_in), y has capacity n·d_out; the GEMM writes every
@@ -153,11 +141,7 @@ pub fn linear_input_grad_only(x: &Tensor, w: &Tensor, delta: Option<DeltaSlot>) 
         return Ok(x.reshape((n, d_in))?.matmul(&w.t()?)?.reshape(dims)?);
     }
     let w = w.detach().contiguous()?;
-    let x = if x.is_contiguous() {
-        x.clone()
-    } else {
-        x.contiguous()?
-    };
+    let x = x.contiguous()?;
     let op = InputGradLinear {
         shape: Shape::from(dims),
         w,
@@ -197,14 +181,7 @@ impl CustomOp1 for CrossEntropyRows {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = l.shape().dims2()?;
-        let z = match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(z), Some((a, b))) => &z[a..b],
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "cross-entropy-rows: logits must be contiguous f32".into(),
-                ))
-            }
-        };
+        let z = f32_slice(s, l, "cross-entropy-rows logits")?;
         let mut grad = vec![0f32; n * v];
         let mut loss = vec![0f32; n];
         let rows = |first: usize, g: &mut [f32], l: &mut [f32]| -> candle_core::Result<()> {

@@ -20,10 +20,27 @@ fn msg(m: impl Into<String>) -> candle_core::Error {
 }
 
 /// The f32 elements of a contiguous CPU storage.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         _ => Err(msg(format!("{what}: expected a contiguous f32 tensor"))),
+    }
+}
+
+/// [`f32_slice`] of a tensor's storage (`Tensor::storage_and_layout`), e.g. a detached
+/// weight an op reads beside its input.
+pub(crate) fn storage_f32<'a>(
+    s: &'a candle_core::Storage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(c) => f32_slice(c, l, what),
+        _ => Err(msg(format!("{what}: expected a tensor in host memory"))),
     }
 }
 

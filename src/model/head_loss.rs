@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 
 use super::custom_ops::{gemm_into, softmax_cross_entropy_row};
+use super::fused::{f32_slice, storage_f32};
 
 /// Rows per block: a [64, V] f32 buffer is 12.6 MB for V = 49,152.
 pub const BLOCK_ROWS: usize = 64;
@@ -45,19 +46,9 @@ impl CustomOp1 for HeadCrossEntropy {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, d) = l.shape().dims2()?;
-        let x = match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(x), Some((a, b))) => &x[a..b],
-            _ => return Err(op_error("hidden states must be contiguous f32")),
-        };
+        let x = f32_slice(s, l, "head-cross-entropy hidden states")?;
         let (w_storage, w_layout) = self.w.storage_and_layout();
-        let w = match (&*w_storage, w_layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(CpuStorage::F32(w)), Some((a, b))) => &w[a..b],
-            _ => {
-                return Err(op_error(
-                    "the head weight must be contiguous f32 on the CPU",
-                ))
-            }
-        };
+        let w = storage_f32(&w_storage, w_layout, "head-cross-entropy weight")?;
         let v = w.len() / d.max(1);
         if let Some(&y) = self.targets.iter().find(|&&y| y as usize >= v) {
             return Err(op_error(format!(
@@ -141,14 +132,9 @@ impl CustomOp1 for HeadCrossEntropy {
     }
 }
 
-/// Whether [`head_cross_entropy`] applies: f32 hidden states on the CPU.
-pub fn head_cross_entropy_applies(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
-}
-
 /// Per-row ℓ_n = m_n (logsumexp(W x_n) − (W x_n)[y_n]) for hidden states `x` [N, d] (f32,
 /// CPU), head weight `w` [V, d], `targets` y [N] and `mask` m [N]: [N], differentiable in x
-/// only (see the module doc). Errors where [`head_cross_entropy_applies`] is false.
+/// only (see the module doc). Errors unless [`super::fused::applies`] to `x`.
 pub fn head_cross_entropy(x: &Tensor, w: &Tensor, targets: &[u32], mask: &[f32]) -> Result<Tensor> {
     head_cross_entropy_blocked(x, w, targets, mask, BLOCK_ROWS)
 }

@@ -11,7 +11,6 @@ use super::batch::TokenBatch;
 use super::config::ModelSpec;
 use super::generate::KvCache;
 use super::gpt2::Gpt2;
-use super::head_loss::head_cross_entropy_applies;
 use super::linear::{Param, ParamLoader, Recorder, TrackedLinear};
 use super::llama::Llama;
 use super::loss;
@@ -173,8 +172,7 @@ impl Model {
             Net::Gpt2(m) => m.head(),
         };
         let w = head.weight.as_tensor();
-        (head.slot.is_none() && head.bias.is_none() && head_cross_entropy_applies(w))
-            .then(|| w.clone())
+        (head.slot.is_none() && head.bias.is_none() && super::fused::applies(w)).then(|| w.clone())
     }
 
     fn check_ids(&self, ids: &Tensor) -> Result<()> {

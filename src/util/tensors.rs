@@ -101,26 +101,14 @@ impl<'a> TensorBytes<'a> {
             }
             out
         }
+        // A no-op for a CPU tensor already in the stored dtype.
+        let host = self.tensor.to_device(&candle_core::Device::Cpu)?;
         match self.dtype {
             safetensors::Dtype::F64 => Ok(le(
-                &self
-                    .tensor
-                    .to_dtype(DType::F64)?
-                    .flatten_all()?
-                    .to_vec1::<f64>()?,
+                &host.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
                 f64::to_le_bytes,
             )),
-            _ if self.tensor.dtype() == DType::F32 && self.tensor.device().is_cpu() => {
-                with_f32(self.tensor, |v| le(v, f32::to_le_bytes))
-            }
-            _ => Ok(le(
-                &self
-                    .tensor
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-                f32::to_le_bytes,
-            )),
+            _ => with_f32(&host.to_dtype(DType::F32)?, |v| le(v, f32::to_le_bytes)),
         }
     }
 }
