@@ -111,25 +111,13 @@ impl Llama {
         out
     }
 
-    /// ids: [B, T] u32 → logits [B, T, V]. With a cache, the T tokens continue the cached
-    /// sequence (positions offset..offset+T) and their keys/values are appended.
-    pub fn forward(
-        &self,
-        ids: &Tensor,
-        mut rec: Option<&mut Recorder>,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let x = self.hidden(ids, rec.as_deref_mut(), cache)?;
-        self.lm_head.forward(&x, rec)
-    }
-
     /// The output head (tied to the token embeddings when the checkpoint ties them).
     pub fn head(&self) -> &TrackedLinear {
         &self.lm_head
     }
 
     /// ids: [B, T] u32 → the final normalised hidden states [B, T, d] that the head reads
-    /// (see [`forward`](Self::forward)).
+    /// (the logits are [`head`](Self::head) applied to them).
     pub fn hidden(
         &self,
         ids: &Tensor,

@@ -144,22 +144,36 @@ impl Model {
     pub(crate) fn forward_inner(
         &self,
         ids: &Tensor,
+        mut rec: Option<&mut Recorder>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let x = self.hidden_inner(ids, rec.as_deref_mut(), cache)?;
+        self.head().forward(&x, rec)
+    }
+
+    /// ids: [B, T] u32 → the final normalised hidden states [B, T, d] that the head reads.
+    pub(crate) fn hidden_rec(&self, ids: &Tensor, rec: Option<&mut Recorder>) -> Result<Tensor> {
+        self.hidden_inner(ids, rec, None)
+    }
+
+    fn hidden_inner(
+        &self,
+        ids: &Tensor,
         rec: Option<&mut Recorder>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         self.check_ids(ids)?;
         match &self.net {
-            Net::Llama(m) => m.forward(ids, rec, cache),
-            Net::Gpt2(m) => m.forward(ids, rec, cache),
+            Net::Llama(m) => m.hidden(ids, rec, cache),
+            Net::Gpt2(m) => m.hidden(ids, rec, cache),
         }
     }
 
-    /// ids: [B, T] u32 → the final normalised hidden states [B, T, d] that the head reads.
-    pub(crate) fn hidden_rec(&self, ids: &Tensor, rec: Option<&mut Recorder>) -> Result<Tensor> {
-        self.check_ids(ids)?;
+    /// The output head (lm_head; tied to the embeddings when the checkpoint ties them).
+    fn head(&self) -> &TrackedLinear {
         match &self.net {
-            Net::Llama(m) => m.hidden(ids, rec, None),
-            Net::Gpt2(m) => m.hidden(ids, rec, None),
+            Net::Llama(m) => m.head(),
+            Net::Gpt2(m) => m.head(),
         }
     }
 
@@ -167,10 +181,7 @@ impl Model {
     /// ([`super::head_loss`]): the head is not tracked (its δ would be the [N, V] logit
     /// gradient the fused op never forms), has no bias, and is f32 on the CPU.
     pub(crate) fn fusable_head(&self) -> Option<Tensor> {
-        let head = match &self.net {
-            Net::Llama(m) => m.head(),
-            Net::Gpt2(m) => m.head(),
-        };
+        let head = self.head();
         let w = head.weight.as_tensor();
         (head.slot.is_none() && head.bias.is_none() && super::fused::applies(w)).then(|| w.clone())
     }
