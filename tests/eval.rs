@@ -227,6 +227,19 @@ fn recall_and_lds_compare_three_methods_and_resume() {
     assert_eq!(s["subset_size"], 12);
     let methods = s["methods"].as_array().unwrap();
     assert_eq!(methods.len(), 3);
+    // Every method after the first is compared with it, paired on the same subsets.
+    assert!(methods[0]["vs"].is_null(), "{}", methods[0]);
+    for m in &methods[1..] {
+        let vs = &m["vs"];
+        if let (Some(a), Some(b)) = (m["lds"].as_f64(), methods[0]["lds"].as_f64()) {
+            assert_eq!(vs["method"], methods[0]["method"], "{m}");
+            let d = vs["difference"].as_f64().unwrap();
+            assert!((d - (a - b)).abs() < 1e-12, "{m}");
+            let ci = vs["ci95"].as_array().unwrap();
+            assert!(ci[0].as_f64().unwrap() <= ci[1].as_f64().unwrap(), "{m}");
+        }
+    }
+    assert!(table.contains("paired 95% CI"), "{table}");
     for m in methods {
         let pq = m["per_query"].as_object().unwrap();
         assert_eq!(pq.len(), 3, "{m}");

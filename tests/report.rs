@@ -297,7 +297,8 @@ fn write_eval_fixture(run: &Path, lds_source: f64) {
         format!(
             r#"{{"subsets": 4, "alpha": 0.5, "seeds": 1, "methods": [
             {{"method": "source", "lds": {lds_source}, "ci95": [0.30, 0.52], "per_query": {{"q-0": 0.4}}}},
-            {{"method": "influence", "lds": 0.2468, "ci95": [0.1, 0.35], "per_query": {{}}}}
+            {{"method": "influence", "lds": 0.2468, "ci95": [0.1, 0.35], "per_query": {{}},
+              "vs": {{"method": "source", "difference": -0.1357, "ci95": [-0.2468, -0.0123]}}}}
         ]}}"#
         ),
     );
@@ -379,6 +380,14 @@ fn report_reruns_when_eval_results_appear_change_or_go() {
         "influence recall@1"
     );
     assert!(html.contains("0.714"), "influence MRR");
+    assert!(
+        html.contains("<th class=\"num\">LDS − source</th>"),
+        "paired column"
+    );
+    assert!(
+        html.contains("<td class=\"num\">-0.136</td><td class=\"num\">[-0.247, -0.012]</td>"),
+        "influence − source with its paired interval"
+    );
     assert!(html.contains("over 4 random subsets of 50% of the fine-tuning set"));
     // One scatter panel per method, one point per (query, subset).
     assert_eq!(html.matches("<svg class=\"scatter\"").count(), 2);

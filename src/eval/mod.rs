@@ -11,7 +11,9 @@ pub mod stats;
 pub mod table;
 
 pub use known::read_known_sources;
-pub use lds::{draw_subset, lds, predicted_losses, subset_size, Lds};
+pub use lds::{
+    draw_subset, lds, lds_difference, predicted_losses, subset_size, Lds, LdsDifference,
+};
 pub use methods::{method_name, method_scores, scored_run, MethodScores};
 pub use retrain::{all_jobs, measure_queries, Job, JobResult, Retrain, Shard};
 pub use stats::{

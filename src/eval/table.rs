@@ -32,23 +32,47 @@ pub fn recall_table(summary: &Value) -> String {
     out
 }
 
-/// The LDS table: method, LDS and its bootstrap 95% interval.
+/// The LDS table: method, LDS and its bootstrap 95% interval, and, for every method after
+/// the first, its LDS minus the first method's with the paired 95% interval (`vs`).
 pub fn lds_table(summary: &Value) -> String {
+    let methods: Vec<&Value> = summary["methods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    let base = methods.iter().find_map(|m| m["vs"]["method"].as_str());
     let mut out = format!(
-        "LDS over {} subsets (α = {}, {} seed(s))\n{:<14} {:>7}  {:<17}\n",
+        "LDS over {} subsets (α = {}, {} seed(s))\n{:<14} {:>7}  {:<17}",
         summary["subsets"], summary["alpha"], summary["seeds"], "method", "LDS", "95% CI"
     );
-    for m in summary["methods"].as_array().into_iter().flatten() {
+    if let Some(b) = base {
+        out += &format!("  {:>7}  {:<17}", format!("− {b}"), "paired 95% CI");
+    }
+    out += "\n";
+    for m in methods {
         let ci = &m["ci95"];
         out += &format!(
-            "{:<14} {:>7}  [{}, {}]\n",
+            "{:<14} {:>7}  {:<17}",
             m["method"].as_str().unwrap_or("?"),
             num(&m["lds"]),
-            num(&ci[0]),
-            num(&ci[1])
+            format!("[{}, {}]", num(&ci[0]), num(&ci[1]))
         );
+        let vs = &m["vs"];
+        if !vs.is_null() {
+            out += &format!(
+                "  {:>7}  [{}, {}]",
+                signed(&vs["difference"]),
+                signed(&vs["ci95"][0]),
+                signed(&vs["ci95"][1])
+            );
+        }
+        out = out.trim_end().to_string() + "\n";
     }
     out
+}
+
+fn signed(v: &Value) -> String {
+    v.as_f64().map_or("—".into(), |x| format!("{x:+.3}"))
 }
 
 #[cfg(test)]
@@ -78,5 +102,13 @@ mod tests {
             {"method": "source", "lds": 0.41, "ci95": [0.3, 0.52]}]});
         let t = lds_table(&l);
         assert!(t.contains("64 subsets") && t.contains("0.410") && t.contains("[0.300, 0.520]"));
+        assert!(!t.contains("paired"), "one method, nothing to compare: {t}");
+        let l = serde_json::json!({"subsets": 64, "alpha": 0.5, "seeds": 1, "methods": [
+            {"method": "source", "lds": 0.41, "ci95": [0.3, 0.52]},
+            {"method": "influence", "lds": 0.35, "ci95": [0.2, 0.5],
+             "vs": {"method": "source", "difference": -0.06, "ci95": [-0.1, -0.02]}}]});
+        let t = lds_table(&l);
+        assert!(t.contains("− source") && t.contains("paired 95% CI"), "{t}");
+        assert!(t.contains("-0.060  [-0.100, -0.020]"), "{t}");
     }
 }

@@ -5,8 +5,9 @@
 //!   "recall": {"1": r, …}, "mrr"}]}` — recall@k and mean reciprocal rank of the known
 //!   source documents;
 //! * `eval-lds/summary.json`: `{"subsets", "alpha", "seeds", "methods": [{"method", "lds",
-//!   "ci95": [lo, hi], "per_query": {id: ρ}}]}` — the linear datamodeling score (Spearman ρ
-//!   between predicted and measured losses over retrained subsets);
+//!   "ci95": [lo, hi], "per_query": {id: ρ}, "vs": {"method", "difference", "ci95"}}]}` —
+//!   the linear datamodeling score (Spearman ρ between predicted and measured losses over
+//!   retrained subsets) and, after the first method, the paired difference to it;
 //! * `eval-lds/points.parquet`: method, query_id, subset, seed, predicted, measured.
 
 use std::collections::BTreeMap;
@@ -70,6 +71,21 @@ pub struct LdsMethod {
     /// Spearman correlation per query id.
     #[serde(default)]
     pub per_query: BTreeMap<String, f64>,
+    /// This method's LDS minus the first method's, on the same subsets (every method but
+    /// the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs: Option<LdsVs>,
+}
+
+/// One method's LDS compared with another's on the same retrained subsets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LdsVs {
+    /// The method compared with (the first in `[eval] methods`).
+    pub method: String,
+    /// LDS(this) − LDS(`method`).
+    pub difference: f64,
+    /// Paired bootstrap 95% interval of the difference.
+    pub ci95: [f64; 2],
 }
 
 /// One row of `eval-lds/points.parquet`: a (method, query, subset, seed) with the predicted

@@ -70,6 +70,17 @@ pub fn eval_section(e: &EvalResults) -> String {
     if e.lds.is_some() {
         o.push_str("<th class=\"num\">LDS</th><th class=\"num\">95% CI</th>");
     }
+    // After the first method: its LDS minus the first's, paired on the same subsets.
+    let base = (e.lds.iter())
+        .flat_map(|l| &l.methods)
+        .find_map(|m| m.vs.as_ref().map(|v| v.method.clone()));
+    if let Some(b) = &base {
+        let _ = write!(
+            o,
+            "<th class=\"num\">LDS − {}</th><th class=\"num\">paired 95% CI</th>",
+            escape(b)
+        );
+    }
     for k in &ks {
         let _ = write!(o, "<th class=\"num\">recall@{k}</th>");
     }
@@ -94,6 +105,22 @@ pub fn eval_section(e: &EvalResults) -> String {
                     );
                 }
                 None => o.push_str("<td class=\"num\">—</td><td class=\"num\">—</td>"),
+            }
+            let vs = l
+                .methods
+                .iter()
+                .find(|x| &x.method == m)
+                .and_then(|x| x.vs.as_ref());
+            match (vs, &base) {
+                (Some(v), _) => {
+                    let _ = write!(
+                        o,
+                        "<td class=\"num\">{:+.3}</td><td class=\"num\">[{:+.3}, {:+.3}]</td>",
+                        v.difference, v.ci95[0], v.ci95[1]
+                    );
+                }
+                (None, Some(_)) => o.push_str("<td class=\"num\">—</td><td class=\"num\">—</td>"),
+                (None, None) => {}
             }
         }
         if let Some(r) = &e.recall {

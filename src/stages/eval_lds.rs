@@ -22,8 +22,8 @@ use crate::config::Config;
 use crate::data::PreparedDoc;
 use crate::error::{Error, Result};
 use crate::eval::{
-    all_jobs, lds, method_name, method_scores, predicted_losses, subset_size, table::lds_table,
-    Job, Retrain, Shard,
+    all_jobs, lds, lds_difference, method_name, method_scores, predicted_losses, subset_size,
+    table::lds_table, Job, Retrain, Shard,
 };
 use crate::output::{write_table, Column};
 use crate::pipeline::{run_stages, RunDir, RunOptions, Stage, StageContext, StageStatus};
@@ -251,6 +251,8 @@ impl Stage for EvalLdsStage {
 
         let mut cols = PointColumns::default();
         let mut methods = Vec::new();
+        // Every later method is compared with the first on the same subsets (paired).
+        let mut first: Option<(&str, Vec<Vec<f64>>)> = None;
         for &method in &c.eval.methods {
             let name = method_name(method);
             let scores =
@@ -274,8 +276,24 @@ impl Stage for EvalLdsStage {
                 .zip(&res.per_query)
                 .map(|(id, v)| (id.clone(), json!(v)))
                 .collect();
-            methods.push(json!({"method": name, "lds": res.lds, "ci95": res.ci95,
-                                "per_query": per_query}));
+            let mut entry = json!({"method": name, "lds": res.lds, "ci95": res.ci95,
+                                   "per_query": per_query});
+            match &first {
+                None => first = Some((name, predicted)),
+                Some((base, base_predicted)) => {
+                    let d = lds_difference(
+                        &predicted,
+                        base_predicted,
+                        &measured,
+                        c.eval.bootstrap,
+                        c.run.seed,
+                    );
+                    if let (Some(diff), Some(ci)) = (d.difference, d.ci95) {
+                        entry["vs"] = json!({"method": base, "difference": diff, "ci95": ci});
+                    }
+                }
+            }
+            methods.push(entry);
         }
         write_table(
             &ctx.out("points.parquet"),
