@@ -67,6 +67,8 @@ fn random_weights(layers: usize, dev: &Device) -> TensorMap {
 }
 
 fn main() {
+    // As the tool runs: candle's elementwise workers sleep at once (util::threads).
+    source_tda::util::threads::configure_for_compute();
     let args: Vec<String> = std::env::args().collect();
     let layers: Vec<usize> = arg(&args, "--layers", "4,30")
         .split(',')

@@ -45,10 +45,12 @@ pub fn lds_table(summary: &Value) -> String {
         "LDS over {} subsets (α = {}, {} seed(s))\n{:<14} {:>7}  {:<17}",
         summary["subsets"], summary["alpha"], summary["seeds"], "method", "LDS", "95% CI"
     );
-    if let Some(b) = base {
-        out += &format!("  {:>7}  {:<17}", format!("− {b}"), "paired 95% CI");
+    let head = base.map(|b| format!("− {b}"));
+    let w = head.as_ref().map_or(7, |h| h.chars().count().max(7));
+    if let Some(h) = &head {
+        out += &format!("  {h:>w$}  paired 95% CI");
     }
-    out += "\n";
+    out = out.trim_end().to_string() + "\n";
     for m in methods {
         let ci = &m["ci95"];
         out += &format!(
@@ -60,7 +62,7 @@ pub fn lds_table(summary: &Value) -> String {
         let vs = &m["vs"];
         if !vs.is_null() {
             out += &format!(
-                "  {:>7}  [{}, {}]",
+                "  {:>w$}  [{}, {}]",
                 signed(&vs["difference"]),
                 signed(&vs["ci95"][0]),
                 signed(&vs["ci95"][1])
