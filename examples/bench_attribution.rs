@@ -17,6 +17,8 @@
 //! (when present) and runs one pass of pairwise and per-token scores (both for profiling).
 //! `BENCH_ONE_PASS=1` runs only the `pairwise_and_per_token` pass after the fit (its scores
 //! stand for all three). `BENCH_EIGEN=f32` runs the factor eigendecompositions in f32 (`[attribution] eigendecomposition`).
+//! `BENCH_RECOMPUTE_CAPTURES=1` makes the fit's eigenvalue correction run the model again
+//! instead of reading back the covariance pass's captures (`FitOptions::capture_dir`).
 //! `CANDLE_BARRIER_POOL_SPIN_LIMIT=25000` restores candle's default spinning of its elementwise workers
 //! (this binary, like the CLI, sets 0 when the variable is unset: see `util::threads`).
 //!
@@ -152,6 +154,11 @@ fn main() {
             Ok("f32") => EigenPrecision::F32,
             Ok("f64") | Err(_) => EigenPrecision::F64,
             Ok(other) => panic!("BENCH_EIGEN={other}: expected f32 or f64"),
+        },
+        // As the fit stage does (its staging folder there).
+        capture_dir: match std::env::var("BENCH_RECOMPUTE_CAPTURES").as_deref() {
+            Ok("1") => None,
+            _ => Some(out.clone()),
         },
     };
     let dev = Device::Cpu;

@@ -147,6 +147,7 @@ mod e2e {
             max_batch_size: 4,
             pad_id: 0,
             eigen_precision: Default::default(),
+            capture_dir: None,
         };
         let mut out = Vec::new();
         for b in [&cpu as &dyn Backend, &gpu as &dyn Backend] {
@@ -288,6 +289,7 @@ mod e2e {
                 max_batch_size: 8,
                 pad_id: 0,
                 eigen_precision: Default::default(),
+                capture_dir: None,
             };
             let qg = query_gradients(&m, &queries, &o)?;
             let mut reference: Option<Vec<f64>> = None;

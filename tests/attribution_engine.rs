@@ -64,6 +64,7 @@ fn opts(budget: usize, max_batch: usize) -> FitOptions {
         max_batch_size: max_batch,
         pad_id: 0,
         eigen_precision: Default::default(),
+        capture_dir: None,
     }
 }
 
@@ -326,4 +327,60 @@ fn a_model_that_produces_nan_is_refused_naming_checkpoint_layer_and_batch() {
     assert!(err.contains("layer `model.layers.0."), "{err}");
     assert!(err.contains("batch 0"), "{err}");
     assert!(err.contains("non-finite"), "{err}");
+}
+
+#[test]
+fn captures_kept_for_the_eigenvalue_correction_give_the_same_factors_bitwise() {
+    // Two different checkpoints and sampled labels: the correction pass must see exactly
+    // the captures of the covariance pass, checkpoint by checkpoint.
+    let (dir, model, train, _) = setup("llama");
+    let other_dir = tempfile::tempdir().unwrap();
+    let l = LlamaCfg::default();
+    write_checkpoint(other_dir.path(), &l.config_json(), &l.tensors(8));
+    let other = Model::load(other_dir.path(), &LoadOptions::default(), &Device::Cpu).unwrap();
+    let spill_dir = tempfile::tempdir().unwrap();
+    let base = FitOptions {
+        fisher: Fisher::True { seed: 5 },
+        ..opts(40, 3)
+    };
+    let kept = FitOptions {
+        capture_dir: Some(spill_dir.path().to_path_buf()),
+        ..base.clone()
+    };
+    let _ = source_tda::util::phase::take();
+    let a = fit_factors(&[&model, &other], &train, &base, "t").unwrap();
+    let read_back = |phases: Vec<(&'static str, f64, u64)>| {
+        phases
+            .iter()
+            .find(|(n, _, _)| *n == "fit: read back captures")
+            .map_or(0, |p| p.2)
+    };
+    assert_eq!(read_back(source_tda::util::phase::take()), 0);
+    let b = fit_factors(&[&model, &other], &train, &kept, "t").unwrap();
+    assert!(
+        read_back(source_tda::util::phase::take()) > 0,
+        "the correction read the captures back"
+    );
+    let bits = |t: &Tensor| -> Vec<u64> {
+        let v: Vec<f64> = t
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    };
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(bits(&x.lambda), bits(&y.lambda), "{}: Λ", x.name);
+        assert_eq!(x.basis.eig_a, y.basis.eig_a, "{}", x.name);
+        assert_eq!(
+            bits(&x.basis.q_s.to_dense().unwrap()),
+            bits(&y.basis.q_s.to_dense().unwrap())
+        );
+    }
+    // The kept captures lived in an unnamed file: nothing is left behind.
+    assert_eq!(std::fs::read_dir(spill_dir.path()).unwrap().count(), 0);
+    drop(dir);
 }

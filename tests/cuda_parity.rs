@@ -520,6 +520,7 @@ fn fit_and_score_of_a_tiny_model_on_the_gpu_match_the_cpu_path() {
             max_batch_size: 4,
             pad_id: 0,
             eigen_precision: Default::default(),
+            capture_dir: None,
         };
         let fc = fit_factors(&[&cpu_model], &train, &o, "cpu").unwrap();
         let qg = query_gradients(&cpu_model, &queries, &o).unwrap();

@@ -175,6 +175,7 @@ fn influence_method_reproduces_kronfluence_ekfac_on_smollm2_two_layers() {
         max_batch_size: 8,
         pad_id: 2,
         eigen_precision: Default::default(),
+        capture_dir: None,
     };
 
     // Forward: the summed losses.

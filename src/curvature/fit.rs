@@ -5,6 +5,8 @@
 //! Conventions (those of the kronfluence reference pack): A and S are normalised by the
 //! number of real tokens (attention mask), Λ by the number of documents.
 
+use std::path::PathBuf;
+
 use candle_core::{Device, Tensor};
 
 use crate::backend::{Backend, CpuBackend};
@@ -17,6 +19,7 @@ use super::blocks::BlockDiag;
 use super::covariance::{Covariances, FactorSum};
 use super::eigen::EigenPrecision;
 use super::lambda::{EigenBasis, LambdaSums};
+use super::spill::CaptureSpill;
 
 /// Which Fisher the factors estimate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +58,12 @@ pub struct FitOptions {
     pub pad_id: u32,
     /// Arithmetic of the factor eigendecompositions.
     pub eigen_precision: EigenPrecision,
+    /// A directory where the covariance pass may keep its captures (a temporary file,
+    /// [`CaptureSpill`]) for the eigenvalue correction to read back instead of running the
+    /// model again; `None`: it runs the model again. Used on the CPU only, and only while
+    /// the captures of all checkpoints stay within half the memory available at the start
+    /// (so that they stay in the page cache); past that the spill is dropped.
+    pub capture_dir: Option<PathBuf>,
 }
 
 /// EK-FAC factors of one layer.
@@ -154,7 +163,64 @@ fn checked_groups(cap: &Capture, want: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// Adds one checkpoint's covariance pass over `docs` to `sums` (made at the first batch).
+/// Captures kept for the eigenvalue correction: one spill per checkpoint, while their
+/// bytes stay within a budget.
+struct Spills {
+    dir: Option<PathBuf>,
+    budget: u64,
+    kept: Vec<Option<CaptureSpill>>,
+}
+
+impl Spills {
+    fn new(opts: &FitOptions, model: &Model) -> Spills {
+        let dir = opts.capture_dir.clone().filter(|_| model.device().is_cpu());
+        let budget = crate::util::mem::available_memory_bytes().unwrap_or(0) / 2;
+        Spills {
+            dir,
+            budget,
+            kept: Vec::new(),
+        }
+    }
+
+    /// A new spill for the next checkpoint, if spilling is on.
+    fn open(&mut self) -> Option<CaptureSpill> {
+        let dir = self.dir.as_ref()?;
+        match CaptureSpill::create(dir) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("fit: captures will be recomputed for Λ: {e}");
+                self.dir = None;
+                None
+            }
+        }
+    }
+
+    /// Adds a batch to `spill`, or drops it (and spills no more) when that would exceed the
+    /// budget or the write fails.
+    fn push(&mut self, spill: &mut Option<CaptureSpill>, cap: &Capture, lengths: &[usize]) {
+        let Some(s) = spill else { return };
+        let used: u64 = self.kept.iter().flatten().map(CaptureSpill::bytes).sum();
+        let res = s.push(cap, lengths);
+        let over = used + s.bytes() > self.budget;
+        if over || res.is_err() {
+            match res {
+                Err(e) => tracing::warn!("fit: captures will be recomputed for Λ: {e}"),
+                Ok(()) => tracing::info!(
+                    "fit: the captures outgrow half the available memory ({}); Λ recomputes them",
+                    crate::util::mem::human_bytes(self.budget)
+                ),
+            }
+            *spill = None;
+            self.dir = None;
+            for k in &mut self.kept {
+                *k = None;
+            }
+        }
+    }
+}
+
+/// Adds one checkpoint's covariance pass over `docs` to `sums` (made at the first batch),
+/// keeping its captures in `spill` when given (see [`Spills`]).
 fn accumulate_covariances(
     backend: &dyn Backend,
     model: &Model,
@@ -162,13 +228,19 @@ fn accumulate_covariances(
     opts: &FitOptions,
     sums: &mut Option<FitSums>,
     what: &str,
-) -> Result<()> {
+    spills: &mut Spills,
+) -> Result<Option<CaptureSpill>> {
     let mut batch_no = 0usize;
+    let mut spill = spills.open();
     for_each_batch(model, docs, opts, "covariance", |batch, _| {
         let cap = {
             let _t = phase::timer("fit: capture");
             model.capture(batch, opts.fisher.labels())?
         };
+        {
+            let _t = phase::timer("fit: keep captures");
+            spills.push(&mut spill, &cap, &batch.lengths);
+        }
         let _t = phase::timer("fit: covariance");
         let sums = match sums {
             Some(s) => {
@@ -205,7 +277,8 @@ fn accumulate_covariances(
         sums.tokens += batch.lengths.iter().sum::<usize>() as u64;
         batch_no += 1;
         Ok(())
-    })
+    })?;
+    Ok(spill)
 }
 
 /// An eigendecomposed factor: Q (block-diagonal, f32), its eigenvalues (f64) and, when
@@ -318,6 +391,35 @@ fn accumulate_lambda(
     })
 }
 
+/// [`accumulate_lambda`] from the covariance pass's captures of the same batches, read back
+/// from `spill` (`n_docs` documents, for the progress bar). `Ok(false)`, with a warning,
+/// when the spill is unusable (a write failed): the caller recomputes the captures.
+fn lambda_from_spill(
+    backend: &dyn Backend,
+    mut spill: CaptureSpill,
+    n_docs: usize,
+    bases: &[EigenBasis],
+    sums: &FitSums,
+    lambda: &mut [LambdaSums],
+) -> Result<bool> {
+    if let Err(e) = spill.wait() {
+        tracing::warn!("fit: the kept captures are unusable ({e}); Λ recomputes them");
+        return Ok(false);
+    }
+    let pb = progress::bar(n_docs as u64, "eigenvalues");
+    for i in 0..spill.len() {
+        let (cap, lengths) = {
+            let _t = phase::timer("fit: read back captures");
+            spill.read(i)?
+        };
+        checked_groups(&cap, &sums.groups)?;
+        backend.add_lambdas(lambda, bases, &cap, &lengths)?;
+        pb.inc(lengths.len() as u64);
+    }
+    pb.finish_and_clear();
+    Ok(true)
+}
+
 /// Fits the factors of a segment from its checkpoints (already loaded models, in order):
 /// covariances averaged over checkpoints, one eigendecomposition, Λ averaged over
 /// checkpoints. `what` prefixes layer names in errors (e.g. `segment 1`). The covariances
@@ -370,9 +472,18 @@ fn fit(
     // The factors live on the host whatever the backend.
     let device = Device::Cpu;
     let mut sums = None;
+    let mut spills = Spills::new(opts, first);
     for (c, m) in checkpoints.iter().enumerate() {
         let label = format!("{what} checkpoint {c}");
-        accumulate_covariances(backend, m, docs, opts, &mut sums, &label)?;
+        let kept = accumulate_covariances(backend, m, docs, opts, &mut sums, &label, &mut spills)?;
+        spills.kept.push(kept);
+    }
+    let spilled: u64 = spills.kept.iter().flatten().map(CaptureSpill::bytes).sum();
+    if spilled > 0 {
+        tracing::debug!(
+            "{what}: {} of captures kept for the eigenvalue correction",
+            crate::util::mem::human_bytes(spilled)
+        );
     }
     let mut sums = sums.ok_or_else(|| Error::Numeric(format!("{what}: no documents to fit")))?;
     let layers = first.tracked_layers();
@@ -430,8 +541,14 @@ fn fit(
         .iter()
         .map(|l| LambdaSums::new(l.d_out, l.d_in + l.has_bias as usize, &device))
         .collect::<Result<_>>()?;
-    for m in checkpoints {
-        accumulate_lambda(backend, m, docs, opts, &bases, &sums, &mut lambda)?;
+    for (m, spill) in checkpoints.iter().zip(spills.kept) {
+        let read_back = match spill.filter(|s| !s.is_empty()) {
+            Some(s) => lambda_from_spill(backend, s, docs.len(), &bases, &sums, &mut lambda)?,
+            None => false,
+        };
+        if !read_back {
+            accumulate_lambda(backend, m, docs, opts, &bases, &sums, &mut lambda)?;
+        }
     }
     layers
         .iter()

@@ -9,6 +9,7 @@ pub mod covariance;
 pub mod eigen;
 pub mod fit;
 pub mod lambda;
+pub mod spill;
 pub mod store;
 #[cfg(test)]
 pub(crate) mod test_support;
@@ -21,4 +22,5 @@ pub use fit::{
     fit_factors, fit_factors_on, fit_factors_with_covariances, Fisher, FitOptions, LayerFactors,
 };
 pub use lambda::{EigenBasis, LambdaSums};
+pub use spill::CaptureSpill;
 pub use store::{load_factors, save_factors, FactorFile};

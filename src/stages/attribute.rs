@@ -161,6 +161,7 @@ pub fn fit_options(config: &Config) -> FitOptions {
         max_batch_size: config.batching.max_batch_size,
         pad_id: 0,
         eigen_precision: config.attribution.eigendecomposition,
+        capture_dir: None,
     }
 }
 

@@ -54,7 +54,9 @@ impl Stage for FitStage {
             tracing::info!("fit: method gradient_dot needs no curvature");
             return Ok(json!({"segments": 0}));
         }
-        let opts = fit_options(ctx.config);
+        let mut opts = fit_options(ctx.config);
+        // The covariance pass keeps its captures for Λ in an unnamed file here.
+        opts.capture_dir = Some(ctx.out_dir.clone());
         let backend = open_backend(ctx.config)?;
         let cache = ctx
             .config
