@@ -19,7 +19,7 @@ use super::blocks::BlockDiag;
 use super::covariance::{Covariances, FactorSum};
 use super::eigen::EigenPrecision;
 use super::lambda::{EigenBasis, LambdaSums};
-use super::spill::CaptureSpill;
+use super::spill::{CaptureSpill, Spills};
 
 /// Which Fisher the factors estimate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,62 +161,6 @@ fn checked_groups(cap: &Capture, want: &[usize]) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// Captures kept for the eigenvalue correction: one spill per checkpoint, while their
-/// bytes stay within a budget.
-struct Spills {
-    dir: Option<PathBuf>,
-    budget: u64,
-    kept: Vec<Option<CaptureSpill>>,
-}
-
-impl Spills {
-    fn new(opts: &FitOptions, model: &Model) -> Spills {
-        let dir = opts.capture_dir.clone().filter(|_| model.device().is_cpu());
-        let budget = crate::util::mem::available_memory_bytes().unwrap_or(0) / 2;
-        Spills {
-            dir,
-            budget,
-            kept: Vec::new(),
-        }
-    }
-
-    /// A new spill for the next checkpoint, if spilling is on.
-    fn open(&mut self) -> Option<CaptureSpill> {
-        let dir = self.dir.as_ref()?;
-        match CaptureSpill::create(dir) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!("fit: captures will be recomputed for Λ: {e}");
-                self.dir = None;
-                None
-            }
-        }
-    }
-
-    /// Adds a batch to `spill`, or drops it (and spills no more) when that would exceed the
-    /// budget or the write fails.
-    fn push(&mut self, spill: &mut Option<CaptureSpill>, cap: &Capture, lengths: &[usize]) {
-        let Some(s) = spill else { return };
-        let used: u64 = self.kept.iter().flatten().map(CaptureSpill::bytes).sum();
-        let res = s.push(cap, lengths);
-        let over = used + s.bytes() > self.budget;
-        if over || res.is_err() {
-            match res {
-                Err(e) => tracing::warn!("fit: captures will be recomputed for Λ: {e}"),
-                Ok(()) => tracing::info!(
-                    "fit: the captures outgrow half the available memory ({}); Λ recomputes them",
-                    crate::util::mem::human_bytes(self.budget)
-                ),
-            }
-            *spill = None;
-            self.dir = None;
-            for k in &mut self.kept {
-                *k = None;
-            }
-        }
-    }
 }
 
 /// Adds one checkpoint's covariance pass over `docs` to `sums` (made at the first batch),
@@ -472,7 +416,7 @@ fn fit(
     // The factors live on the host whatever the backend.
     let device = Device::Cpu;
     let mut sums = None;
-    let mut spills = Spills::new(opts, first);
+    let mut spills = Spills::new(opts.capture_dir.clone(), first.device().is_cpu());
     for (c, m) in checkpoints.iter().enumerate() {
         let label = format!("{what} checkpoint {c}");
         let kept = accumulate_covariances(backend, m, docs, opts, &mut sums, &label, &mut spills)?;

@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -265,6 +265,70 @@ impl CaptureSpill {
     }
 }
 
+/// Captures kept for the eigenvalue correction: one spill per checkpoint, while their
+/// bytes stay within a budget.
+pub(super) struct Spills {
+    dir: Option<PathBuf>,
+    budget: u64,
+    /// One entry per checkpoint whose covariance pass ran, `None` where none is kept.
+    pub(super) kept: Vec<Option<CaptureSpill>>,
+}
+
+impl Spills {
+    /// Spills in `dir` (none without one or off the CPU), within half the memory
+    /// available now.
+    pub(super) fn new(dir: Option<PathBuf>, on_cpu: bool) -> Spills {
+        let dir = dir.filter(|_| on_cpu);
+        let budget = crate::util::mem::available_memory_bytes().unwrap_or(0) / 2;
+        Spills {
+            dir,
+            budget,
+            kept: Vec::new(),
+        }
+    }
+
+    /// A new spill for the next checkpoint, if spilling is on.
+    pub(super) fn open(&mut self) -> Option<CaptureSpill> {
+        let dir = self.dir.as_ref()?;
+        match CaptureSpill::create(dir) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("fit: captures will be recomputed for Λ: {e}");
+                self.dir = None;
+                None
+            }
+        }
+    }
+
+    /// Adds a batch to `spill`, or drops it (and spills no more) when that would exceed the
+    /// budget or the write fails.
+    pub(super) fn push(
+        &mut self,
+        spill: &mut Option<CaptureSpill>,
+        cap: &Capture,
+        lengths: &[usize],
+    ) {
+        let Some(s) = spill else { return };
+        let used: u64 = self.kept.iter().flatten().map(CaptureSpill::bytes).sum();
+        let res = s.push(cap, lengths);
+        let over = used + s.bytes() > self.budget;
+        if over || res.is_err() {
+            match res {
+                Err(e) => tracing::warn!("fit: captures will be recomputed for Λ: {e}"),
+                Ok(()) => tracing::info!(
+                    "fit: the captures outgrow half the available memory ({}); Λ recomputes them",
+                    crate::util::mem::human_bytes(self.budget)
+                ),
+            }
+            *spill = None;
+            self.dir = None;
+            for k in &mut self.kept {
+                *k = None;
+            }
+        }
+    }
+}
+
 /// Appends `t`'s elements (f32 or u32, host memory) to `file`, little-endian as in memory.
 fn write_tensor(file: &mut File, t: &Tensor) -> Result<()> {
     let io = |e: std::io::Error| Error::Numeric(format!("capture spill: writing: {e}"));
@@ -323,6 +387,33 @@ mod tests {
                 .map(|x| x.to_bits())
                 .collect(),
         }
+    }
+
+    #[test]
+    fn spills_stop_at_their_budget_and_then_keep_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        // One batch is 528 bytes: room for one, not two.
+        let mut spills = Spills {
+            dir: Some(dir.path().to_path_buf()),
+            budget: 800,
+            kept: Vec::new(),
+        };
+        let mut first = spills.open();
+        spills.push(&mut first, &capture(0.0), &[3, 2]);
+        assert_eq!(first.as_ref().map(CaptureSpill::len), Some(1));
+        spills.kept.push(first);
+        let mut second = spills.open();
+        spills.push(&mut second, &capture(1.0), &[3, 2]);
+        spills.push(&mut second, &capture(2.0), &[3, 2]);
+        // Over budget: this checkpoint's spill and the earlier ones are dropped, and no
+        // later checkpoint spills.
+        assert!(second.is_none());
+        assert!(spills.kept.iter().all(Option::is_none));
+        assert!(spills.open().is_none());
+        // Off the CPU nothing is spilled.
+        assert!(Spills::new(Some(dir.path().to_path_buf()), false)
+            .open()
+            .is_none());
     }
 
     #[test]
