@@ -38,7 +38,7 @@ pub(super) fn preconditioned(
             .iter()
             .map(|file| file.load_layers(names, &Device::Cpu))
             .collect::<Result<_>>()?;
-        let u = precondition_group(ctx, backend, p, &f, &v[start..end])?;
+        let u = precondition_group(ctx, backend, p, &f, &v[start..end], start == 0)?;
         for (seg, u_seg) in out.iter_mut().zip(u) {
             seg.extend(u_seg);
         }
@@ -47,12 +47,14 @@ pub(super) fn preconditioned(
 }
 
 /// u_ℓ for every segment for one group of layers, given that group's factors `f` per segment.
+/// `first`: the first group (which logs what holds for every group).
 fn precondition_group(
     ctx: &StageContext,
     backend: &dyn Backend,
     p: &AttributionPlan,
     f: &[Vec<LayerFactors>],
     v: &[Tensor],
+    first: bool,
 ) -> Result<Vec<Vec<Tensor>>> {
     // Every eigenbasis function application goes through the backend.
     let on: Vec<OnBackend> = f
@@ -79,7 +81,7 @@ fn precondition_group(
                     };
                     Ok(Some(AdamCurvature {
                         inner: &on[i] as &dyn Curvature,
-                        p_bar: adam_p_bar(s, f, eps, a.adam_response)?,
+                        p_bar: adam_p_bar(s, f, eps, a.adam_response, first)?,
                     }))
                 })
                 .collect::<Result<_>>()?;
@@ -104,12 +106,13 @@ fn precondition_group(
 /// shaped like the layer's gradient [d_out, d_in(+1)] (the bias's entries as the last
 /// column): of P = 1/(√v̂ + ε) (`fixed_v`), or of P_eff ([`adam_p_eff`], `full`) where the
 /// checkpoints carry m̂ (`exp_avg.NAME`; otherwise P, with a log line). Only the given
-/// layers' moments are read.
+/// layers' moments are read; `log`: say so when `full` falls back.
 fn adam_p_bar(
     seg: &PlannedSegment,
     factors: &[LayerFactors],
     eps: f64,
     response: AdamResponse,
+    log: bool,
 ) -> Result<Vec<Tensor>> {
     let mut sums: Vec<Option<Tensor>> = vec![None; factors.len()];
     let mut fell_back = false;
@@ -160,7 +163,7 @@ fn adam_p_bar(
             });
         }
     }
-    if fell_back {
+    if fell_back && log {
         tracing::info!(
             "segment {} (`{}`): its checkpoints carry no Adam first moment m̂ (`exp_avg.*`), \
              so `adam_response = \"full\"` falls back to v̂ held fixed (P = 1/(√v̂ + ε))",
@@ -229,7 +232,7 @@ mod tests {
             vec![("exp_avg_sq.l.weight", &v), ("exp_avg.l.weight", &m)],
         );
         let p_bar =
-            |ckpt: &std::path::Path, r| adam_p_bar(&segment(vec![ckpt.into()]), &f, 1e-8, r);
+            |ckpt: &std::path::Path, r| adam_p_bar(&segment(vec![ckpt.into()]), &f, 1e-8, r, true);
         let fixed = p_bar(&only_v, AdamResponse::FixedV).unwrap();
         for (what, ckpt) in [("m̂ = 0", &zero_m), ("m̂ missing", &only_v)] {
             let full = p_bar(ckpt, AdamResponse::Full).unwrap();
@@ -256,6 +259,7 @@ mod tests {
             &f,
             1e-8,
             AdamResponse::Full,
+            true,
         )
         .unwrap();
         let mean = ((&full[0] + &fixed[0]).unwrap() / 2.0).unwrap();
