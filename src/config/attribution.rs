@@ -57,13 +57,6 @@ pub enum AdamResponse {
     Full,
 }
 
-impl AdamResponse {
-    /// Whether this is the default (`full`), so the key is left out of resolved configs.
-    pub fn is_default(&self) -> bool {
-        *self == AdamResponse::Full
-    }
-}
-
 /// `[attribution]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -108,9 +101,11 @@ pub struct AttributionConfig {
     /// whose eigenvalues the correction Λ re-estimates). Default `f64`.
     #[serde(default, skip_serializing_if = "EigenPrecision::is_default")]
     pub eigendecomposition: EigenPrecision,
-    /// AdamW segments' preconditioner: `fixed_v` (P) or `full` (P_eff). Default `fixed_v`
-    /// (not serialised when default, so existing runs' stage hashes stay valid).
-    #[serde(default, skip_serializing_if = "AdamResponse::is_default")]
+    /// AdamW segments' preconditioner: `fixed_v` (P) or `full` (P_eff). Default `full`.
+    /// Always written to resolved configs: the default was `fixed_v` before, so a run
+    /// directory made then (which left the key out) is refused as changed on resume instead
+    /// of keeping scores of the other form.
+    #[serde(default)]
     pub adam_response: AdamResponse,
 }
 
