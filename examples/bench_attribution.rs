@@ -171,6 +171,7 @@ fn main() {
         opts.token_budget,
         opts.block_size,
         opts.fisher.labels(),
+        opts.capture_dir.is_some(),
     );
     let predicted_score = memory::score_peak_bytes(&model, opts.token_budget, queries.len(), true);
     eprintln!(

@@ -67,10 +67,20 @@ pub fn capture_peak_bytes(model: &Model, tokens: usize, labels: Labels) -> u64 {
 /// holds at most: C + F in the covariance pass; F plus three f64 matrices of the largest
 /// block for 4 decompositions per thread during the eigendecompositions (each factor's sum
 /// is freed as its eigenvectors arrive); C + F + Λ in the eigenvalue-correction pass; F + 2 Λ
-/// (Λ normalised in f64) when the factors are saved.
+/// (Λ normalised in f64) when the factors are saved. With `kept_captures` (the covariance
+/// pass keeps its captures for the correction, [`crate::curvature::spill`]) a batch's a and δ,
+/// K = 4 n Σ_l (d_in + d_out), replace C in the correction pass (read back, plus their
+/// rotated copies: F + Λ + 2 K) and the covariance pass holds one more for the writer
+/// (C + F + K).
 /// Layers that share an input (q/k/v, gate/up) share A, which this counts once per layer:
 /// an over-estimate of F by about a tenth on Llama shapes.
-pub fn fit_peak_bytes(model: &Model, tokens: usize, block: Option<usize>, labels: Labels) -> u64 {
+pub fn fit_peak_bytes(
+    model: &Model,
+    tokens: usize,
+    block: Option<usize>,
+    labels: Labels,
+    kept_captures: bool,
+) -> u64 {
     let (mut f, mut lambda, mut widest) = (0u64, 0u64, 0u64);
     for l in model.tracked_layers() {
         let (i, o) = ((l.d_in + l.has_bias as usize) as u64, l.d_out as u64);
@@ -83,7 +93,16 @@ pub fn fit_peak_bytes(model: &Model, tokens: usize, block: Option<usize>, labels
     let threads = rayon::current_num_threads() as u64;
     let eigen = f + 4 * threads * 3 * 8 * widest * widest;
     let c = capture_graph_bytes(model, tokens, labels);
-    4 * params(model) + (c + f).max(eigen).max(c + f + lambda).max(f + 2 * lambda)
+    let (covariance, correction) = if kept_captures {
+        let io: u64 = (model.tracked_layers().iter())
+            .map(|l| (l.d_in + l.has_bias as usize + l.d_out) as u64)
+            .sum();
+        let k = 4 * tokens as u64 * io;
+        (c + f + k, f + lambda + 2 * k)
+    } else {
+        (c + f, c + f + lambda)
+    };
+    4 * params(model) + covariance.max(eigen).max(correction).max(f + 2 * lambda)
 }
 
 /// Predicted peak bytes of scoring `queries` queries with batches of `tokens` tokens

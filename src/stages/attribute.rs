@@ -198,6 +198,8 @@ pub fn memory_estimate(model: &Model, config: &Config) -> u64 {
         config.batching.token_budget,
         config.attribution.block_size,
         fit_options(config).fisher.labels(),
+        // The fit stage keeps its captures for Λ on the CPU (`FitOptions::capture_dir`).
+        model.device().is_cpu(),
     )
 }
 
