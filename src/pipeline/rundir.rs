@@ -171,20 +171,31 @@ impl RunDir {
     }
 
     /// Takes the directory's lock (`RUN_DIR/.lock` with this process's pid). A lock left by
-    /// a process that no longer exists is taken over.
+    /// a process that no longer exists is taken over. The lock appears with its pid already
+    /// in it (written to a file of this process's own, then hard-linked into place), so a
+    /// process starting at the same moment never sees an empty lock and takes it for stale.
     pub fn lock(&self) -> Result<RunLock> {
         let path = self.path.join(".lock");
+        let mine = self.path.join(format!(".lock.{}", std::process::id()));
         for _ in 0..3 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut f) => {
-                    use std::io::Write;
-                    write!(f, "{}", std::process::id()).ctx("writing", &path)?;
-                    return Ok(RunLock { path });
-                }
+            write_atomic(&mine, std::process::id().to_string().as_bytes())?;
+            let linked = std::fs::hard_link(&mine, &path);
+            let _ = std::fs::remove_file(&mine);
+            let taken = match linked {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
+                // A file system without hard links: create the lock, then write the pid.
+                Err(_) => std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .and_then(|mut f| {
+                        use std::io::Write;
+                        write!(f, "{}", std::process::id())
+                    }),
+            };
+            match taken {
+                Ok(()) => return Ok(RunLock { path }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     let holder = std::fs::read_to_string(&path)
                         .ok()
@@ -231,5 +242,47 @@ pub struct RunLock {
 impl Drop for RunLock {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_appears_with_its_pid_and_leaves_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::at(dir.path()).unwrap();
+        let names = || -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let lock = run.lock().unwrap();
+        assert_eq!(names(), [".lock"]);
+        let pid = std::fs::read_to_string(dir.path().join(".lock")).unwrap();
+        assert_eq!(pid, std::process::id().to_string());
+        drop(lock);
+        assert!(names().is_empty(), "released");
+        // An empty or unreadable lock (a crash, another tool) is stale: taken over.
+        std::fs::write(dir.path().join(".lock"), "").unwrap();
+        let lock = run.lock().unwrap();
+        assert_eq!(names(), [".lock"]);
+        drop(lock);
+        // A live holder (pid 1 always exists) is respected.
+        std::fs::write(dir.path().join(".lock"), "1").unwrap();
+        let e = run.lock().unwrap_err().to_string();
+        assert!(
+            e.contains("in use by another source-tda process (pid 1)"),
+            "{e}"
+        );
+        assert_eq!(
+            names(),
+            [".lock"],
+            "the refused attempt left nothing behind"
+        );
     }
 }
