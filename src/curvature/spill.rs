@@ -100,7 +100,7 @@ impl CaptureSpill {
         self.batches.is_empty()
     }
 
-    /// Bytes written so far.
+    /// Bytes of the batches pushed so far (some may still be on their way to the file).
     pub fn bytes(&self) -> u64 {
         self.end
     }
@@ -120,18 +120,14 @@ impl CaptureSpill {
         }
         let mut out: Vec<Tensor> = Vec::new();
         let mut slots = Vec::new();
-        let mut a = Vec::with_capacity(cap.layers.len());
-        let mut written: Vec<(candle_core::TensorId, usize)> = Vec::new();
-        for l in &cap.layers {
-            let k = match written.iter().find(|(id, _)| *id == l.a.id()) {
-                Some((_, k)) => *k,
-                None => {
-                    slots.push(self.place(&l.a, &mut out)?);
-                    written.push((l.a.id(), slots.len() - 1));
-                    slots.len() - 1
-                }
-            };
-            a.push(k);
+        let mut a: Vec<usize> = Vec::with_capacity(cap.layers.len());
+        for (l, first) in cap.input_groups().into_iter().enumerate() {
+            if first == l {
+                slots.push(self.place(&cap.layers[l].a, &mut out)?);
+                a.push(slots.len() - 1);
+            } else {
+                a.push(a[first]);
+            }
         }
         let mut delta = Vec::with_capacity(cap.layers.len());
         for l in &cap.layers {
@@ -202,7 +198,6 @@ impl CaptureSpill {
                 self.batches.len()
             ))
         })?;
-        self.finish()?;
         let tensors: Vec<Tensor> = (r.slots.iter())
             .map(|s| self.load(s))
             .collect::<Result<_>>()?;

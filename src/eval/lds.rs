@@ -7,7 +7,7 @@
 
 use crate::util::rng::SplitMix64;
 
-use super::stats::{bootstrap_ci95, bootstrap_difference_ci95, mean_spearman, spearman};
+use super::stats::{bootstrap_ci95, mean_spearman, spearman};
 
 /// |S|: round(α N), kept within 1 ..= N − 1 so that every subset leaves something out.
 pub fn subset_size(n: usize, alpha: f64) -> usize {
@@ -60,35 +60,6 @@ pub fn lds(predicted: &[Vec<f64>], measured: &[Vec<f64>], bootstrap: usize, seed
             .zip(measured)
             .map(|(p, y)| spearman(p, y))
             .collect(),
-    }
-}
-
-/// How much one method's LDS exceeds another's on the same retrained subsets.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LdsDifference {
-    /// LDS(a) − LDS(b); `None` when either is undefined.
-    pub difference: Option<f64>,
-    /// Paired percentile-bootstrap 95% interval (both methods on the same resampled subsets).
-    pub ci95: Option<[f64; 2]>,
-}
-
-/// LDS(a) − LDS(b) from two methods' predicted losses and the measured ones, all [Q][M],
-/// with a paired bootstrap interval (seeded like [`lds`]'s).
-pub fn lds_difference(
-    predicted_a: &[Vec<f64>],
-    predicted_b: &[Vec<f64>],
-    measured: &[Vec<f64>],
-    bootstrap: usize,
-    seed: u64,
-) -> LdsDifference {
-    let m = measured.first().map_or(0, Vec::len);
-    let all: Vec<usize> = (0..m).collect();
-    let difference = mean_spearman(predicted_a, measured, &all)
-        .zip(mean_spearman(predicted_b, measured, &all))
-        .map(|(a, b)| a - b);
-    LdsDifference {
-        difference,
-        ci95: bootstrap_difference_ci95(predicted_a, predicted_b, measured, bootstrap, seed),
     }
 }
 

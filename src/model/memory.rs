@@ -37,14 +37,18 @@ fn params(model: &Model) -> u64 {
         .sum()
 }
 
+/// Σ_l (d_in,l (+1 with a bias) + d_out,l) over the tracked layers: floats of a and δ per
+/// token.
+fn tracked_io(model: &Model) -> u64 {
+    (model.tracked_layers().iter())
+        .map(|l| (l.d_in + l.has_bias as usize + l.d_out) as u64)
+        .sum()
+}
+
 /// Bytes of one forward + backward over `tokens` tokens with `labels`: the autograd graph
 /// and the logits (or the fused head's block of them).
 pub fn capture_graph_bytes(model: &Model, tokens: usize, labels: Labels) -> u64 {
-    let io: u64 = model
-        .tracked_layers()
-        .iter()
-        .map(|l| (l.d_in + l.has_bias as usize + l.d_out) as u64)
-        .sum();
+    let io = tracked_io(model);
     let n = tokens as f64;
     let vocab = model.spec().vocab_size() as f64;
     let logits = if labels == Labels::Data && model.fusable_head().is_some() {
@@ -94,10 +98,7 @@ pub fn fit_peak_bytes(
     let eigen = f + 4 * threads * 3 * 8 * widest * widest;
     let c = capture_graph_bytes(model, tokens, labels);
     let (covariance, correction) = if kept_captures {
-        let io: u64 = (model.tracked_layers().iter())
-            .map(|l| (l.d_in + l.has_bias as usize + l.d_out) as u64)
-            .sum();
-        let k = 4 * tokens as u64 * io;
+        let k = 4 * tokens as u64 * tracked_io(model);
         (c + f + k, f + lambda + 2 * k)
     } else {
         (c + f, c + f + lambda)

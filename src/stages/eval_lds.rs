@@ -22,8 +22,8 @@ use crate::config::Config;
 use crate::data::PreparedDoc;
 use crate::error::{Error, Result};
 use crate::eval::{
-    all_jobs, lds, lds_difference, method_name, method_scores, predicted_losses, subset_size,
-    table::lds_table, Job, Retrain, Shard,
+    all_jobs, bootstrap_difference_ci95, lds, method_name, method_scores, predicted_losses,
+    subset_size, table::lds_table, Job, Retrain, Shard,
 };
 use crate::output::{write_table, Column};
 use crate::pipeline::{run_stages, RunDir, RunOptions, Stage, StageContext, StageStatus};
@@ -252,7 +252,9 @@ impl Stage for EvalLdsStage {
         let mut cols = PointColumns::default();
         let mut methods = Vec::new();
         // Every later method is compared with the first on the same subsets (paired).
-        let mut first: Option<(&str, Vec<Vec<f64>>)> = None;
+        // (name, LDS) of the first method, and its predicted losses.
+        let mut first: Option<(&str, Option<f64>)> = None;
+        let mut first_predicted: Vec<Vec<f64>> = Vec::new();
         for &method in &c.eval.methods {
             let name = method_name(method);
             let scores =
@@ -278,18 +280,21 @@ impl Stage for EvalLdsStage {
                 .collect();
             let mut entry = json!({"method": name, "lds": res.lds, "ci95": res.ci95,
                                    "per_query": per_query});
-            match &first {
-                None => first = Some((name, predicted)),
-                Some((base, base_predicted)) => {
-                    let d = lds_difference(
+            match first {
+                None => {
+                    first = Some((name, res.lds));
+                    first_predicted = predicted;
+                }
+                Some((base, base_lds)) => {
+                    let ci = bootstrap_difference_ci95(
                         &predicted,
-                        base_predicted,
+                        &first_predicted,
                         &measured,
                         c.eval.bootstrap,
                         c.run.seed,
                     );
-                    if let (Some(diff), Some(ci)) = (d.difference, d.ci95) {
-                        entry["vs"] = json!({"method": base, "difference": diff, "ci95": ci});
+                    if let (Some(l), Some(b), Some(ci)) = (res.lds, base_lds, ci) {
+                        entry["vs"] = json!({"method": base, "difference": l - b, "ci95": ci});
                     }
                 }
             }
