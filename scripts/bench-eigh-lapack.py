@@ -8,8 +8,8 @@ The yardstick for issue 7's "dominant operations at >= 50% of the GEMM rate" as 
 the fit's eigendecompositions (`benches/ops.rs` times ours, faer's, with the same nominal FLOP
 count): symmetric eigendecompositions with eigenvectors of K-FAC-like covariances
 A = X^T X / N (N = 2,698 tokens, feature scales decaying as a power law, like a capture's
-activations), n = 576 and 1,536 (SmolLM2-135M's widths), and the ops bench's own matrix
-(1,024 normal rows, 1,536 wide), by
+activations), n = 576 and 1,536 (SmolLM2-135M's widths), the ops bench's own matrix
+(1,024 standard normal rows, 1,536 wide, rank 1,024) and the same with 2,698 rows (full rank), by
 - OpenBLAS's LAPACK through scipy: divide and conquer (?syevd, what faer and torch use),
   relatively robust representations (?syevr), QR iteration (?syev);
 - Intel MKL's LAPACKE_?syevd, loaded with ctypes from the `mkl` wheel (if installed);
@@ -66,7 +66,8 @@ def main():
         # the ops bench's matrix: 1,024 standard normal rows, rank 1,024 (its eigenvalue 0 is
         # a third of the spectrum, which divide and conquer deflates)
         ("ops bench, rank 1024", 1536, 1024, lambda n: np.ones(n)),
-        ("ops bench at --tokens 2698", 1536, 2698, lambda n: np.ones(n)),
+        # the same at full rank, like the ops bench at --tokens 2560 (the workload's 2,698 rows)
+        ("normal, full rank", 1536, 2698, lambda n: np.ones(n)),
         # K-FAC-like: 2,698 rows (the benchmark workload's tokens), scales decaying as 1/k
         ("power law, full rank", 576, 2698, lambda n: (1.0 + np.arange(n)) ** -1.0),
         ("power law, full rank", 1536, 2698, lambda n: (1.0 + np.arange(n)) ** -1.0),
