@@ -8,7 +8,12 @@ retraining jobs of a run directory (RUN_DIR/eval-work/**/subset-*-seed-*.json):
   loss);
 - with two or more seeds, per query, Spearman's rho between the measured losses of seed 0
   and seed r over the subsets: the retraining's reproducibility (1 for deterministic runs);
-- the spread of the measured losses.
+- the spread of the measured losses;
+- per known source document, its effect in the retrainings: the mean loss of the subsets
+  without it minus the mean loss of the subsets with it, with a standard error (DESIGN.md's
+  orientation: > 0 means the document helped, a proponent). With random subsets this
+  difference of means is what a linear datamodel's coefficient estimates, so a method that
+  ranks a known source as an opponent while this is clearly > 0 is wrong about it.
 
 No method's scores are read, so choosing a fine-tuning setup by these numbers does not tune
 anything on the methods' LDS.
@@ -47,6 +52,18 @@ def spearman(a, b):
     return num / den if den > 0 else float("nan")
 
 
+def effect(losses, included):
+    """(mean loss without the document − mean loss with it, its standard error), or
+    (nan, nan) when every subset has it or none does."""
+    with_ = [x for x, i in zip(losses, included) if i]
+    without = [x for x, i in zip(losses, included) if not i]
+    if len(with_) < 2 or len(without) < 2:
+        return float("nan"), float("nan")
+    se = (statistics.variance(with_) / len(with_)
+          + statistics.variance(without) / len(without)) ** 0.5
+    return statistics.fmean(without) - statistics.fmean(with_), se
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     if len(args) != 2:
@@ -80,6 +97,10 @@ def main():
             "loss_mean": statistics.fmean(mean_loss),
             "loss_sd": statistics.pstdev(mean_loss),
         }
+        row["source_effects"] = {
+            doc: effect(mean_loss, [doc in first[s]["doc_ids"] for s in subsets])
+            for doc in sorted(known[q])
+        }
         row["rho_seed0_vs_seed"] = {
             str(r): spearman([by_seed[seeds[0]][s]["measured"][qi] for s in subsets],
                              [by_seed[r][s]["measured"][qi] for s in subsets])
@@ -103,6 +124,8 @@ def main():
         seed_part = " ".join(f"seed0~{k}: {v:+.3f}" for k, v in r["rho_seed0_vs_seed"].items())
         print(f"{q:8} rho(loss, #sources) {r['rho_loss_vs_sources']:+.3f}  "
               f"loss {r['loss_mean']:.2f} ± {r['loss_sd']:.2f}  {seed_part}")
+        print("         effect of each known source (loss without − with, ± s.e.): "
+              + ", ".join(f"{d} {e:+.2f} ± {se:.2f}" for d, (e, se) in r["source_effects"].items()))
     print(f"mean rho(loss, #sources) {out['mean_rho_loss_vs_sources']:+.3f}", end="")
     if "mean_rho_across_seeds" in out:
         print(f"   mean rho across seeds {out['mean_rho_across_seeds']:+.3f}", end="")
