@@ -3,8 +3,7 @@
 //! scores do not depend on batch size, query batching, block layout of whole factors, or
 //! duplicated checkpoints.
 
-#[path = "common/model_fixtures.rs"]
-mod fixtures;
+use crate::fixtures;
 
 use candle_core::{Device, Tensor};
 use fixtures::*;

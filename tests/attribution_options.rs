@@ -3,16 +3,16 @@
 //! (`attribution.memory_limit_gib`), and the factor cache shared between runs
 //! (`attribution.factor_cache`).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, Float64Type};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use source_tda::output::parquet::read_batches;
 
-use common::{cli, stderr, write};
+use crate::common::{cli, stderr, write};
 
 /// (query, doc) → score, and (query, doc, token) → token score.
 type Scores = (
@@ -21,15 +21,7 @@ type Scores = (
 );
 
 fn read_scores(run: &Path) -> Scores {
-    let open = |name: &str| {
-        let f = std::fs::File::open(run.join("score").join(name)).unwrap();
-        ParquetRecordBatchReaderBuilder::try_new(f)
-            .unwrap()
-            .build()
-            .unwrap()
-            .map(|b| b.unwrap())
-            .collect::<Vec<_>>()
-    };
+    let open = |name: &str| read_batches(&run.join("score").join(name)).unwrap();
     let strs = |b: &arrow_array::RecordBatch, c: &str| -> Vec<String> {
         b.column_by_name(c)
             .unwrap()

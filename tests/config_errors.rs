@@ -1,7 +1,7 @@
 //! Config and pipeline files: typed, validated on load, and every error names the file, the
 //! key and what is allowed.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

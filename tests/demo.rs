@@ -1,7 +1,7 @@
 //! The README's first command: the embedded demo pipeline runs offline from the shipped
 //! Hugging Face cache.
 
-mod common;
+use crate::common;
 
 use source_tda::data::read_prepared;
 
@@ -119,15 +119,11 @@ fn demo_pipeline_runs_offline_from_the_shipped_cache() {
     // pretraining) is a document that states that query's planted fact (`planted-K-*` for
     // query `q-K`): the demo's known answers. The demo fine-tunes with AdamW, so this goes
     // through Source's Adam variant.
-    let scores = std::fs::File::open(run.join("score/scores.parquet")).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(scores)
-        .unwrap()
-        .build()
-        .unwrap();
+    let batches =
+        source_tda::output::parquet::read_batches(&run.join("score/scores.parquet")).unwrap();
     let mut best: std::collections::BTreeMap<String, (f64, String)> = Default::default();
-    for b in reader {
+    for b in batches {
         use arrow_array::cast::AsArray;
-        let b = b.unwrap();
         let col = |c: &str| b.column_by_name(c).unwrap().clone();
         let (q, d) = (col("query_id"), col("train_id"));
         let tau = col("tau");

@@ -4,16 +4,16 @@
 //! jobs) and shardable (two shards + merge = one run, bitwise); and the demo meets the
 //! recall target with a small M.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, UInt32Type};
 use arrow_array::RecordBatch;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use source_tda::output::parquet::read_batches;
 
-use common::{cli, stderr, write};
+use crate::common::{cli, stderr, write};
 
 fn demo_model_dir() -> PathBuf {
     common::demo_tokenizer().parent().unwrap().to_path_buf()
@@ -66,13 +66,7 @@ fn eval(dir: &Path, run: &str, what: &[&str], env: &[(&str, &str)]) -> std::proc
 }
 
 fn batches(path: &Path) -> Vec<RecordBatch> {
-    let f = std::fs::File::open(path).unwrap();
-    ParquetRecordBatchReaderBuilder::try_new(f)
-        .unwrap()
-        .build()
-        .unwrap()
-        .map(|b| b.unwrap())
-        .collect()
+    read_batches(path).unwrap()
 }
 
 fn json(path: &Path) -> serde_json::Value {

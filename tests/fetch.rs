@@ -2,7 +2,7 @@
 //! the hub's HTTP API (a loopback stand-in), and from local folders; revisions and sha256
 //! recorded; misses explained.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,8 +14,8 @@ use source_tda::hub::{
     resolve_dataset, resolve_model, HubSettings, RepoKind, RepoRequest, Resolution,
 };
 
-use common::mock_hub::{MockHub, MockRepo};
-use common::{hand_made_repo, model_files, tiny_safetensors, write};
+use crate::common::mock_hub::{MockHub, MockRepo};
+use crate::common::{hand_made_repo, model_files, tiny_safetensors, write};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 const COMMIT2: &str = "fedcba9876543210fedcba9876543210fedcba98";

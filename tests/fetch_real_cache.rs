@@ -5,7 +5,7 @@
 //! Needs the Python environment made by `scripts/setup-test-python.sh` (CI runs it). Without
 //! it the test fails in CI and says so loudly elsewhere.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use source_tda::config::{DatasetConfig, SourceKind};
 use source_tda::hub::{resolve_dataset, resolve_model, HubSettings, RepoKind, RepoRequest};
 
-use common::mock_hub::{MockHub, MockRepo};
+use crate::common::mock_hub::{MockHub, MockRepo};
 
 const COMMIT: &str = "1111111111222222222233333333334444444444";
 const DATA_COMMIT: &str = "aaaaaaaaaabbbbbbbbbbccccccccccdddddddddd";

@@ -4,8 +4,7 @@
 //! gradient accumulation does not depend on the micro-batch split, and the learning-rate
 //! mass of every segment is the exact sum of its schedule's rates.
 
-#[path = "common/model_fixtures.rs"]
-mod fixtures;
+use crate::fixtures;
 
 use std::path::{Path, PathBuf};
 

@@ -3,7 +3,7 @@
 //! `transformers` does) loads `model.safetensors` + `config.json` written by the `finetune`
 //! stage and gives the same logits as this crate's model; `tokenizer.json` loads too.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_transformers::models::llama as ref_llama;

@@ -3,13 +3,13 @@
 //! the same weights as an uninterrupted run; the resume folder is keyed by inputs + config,
 //! so a config change never reuses stale state, and it is deleted once the stage completes.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{cli, stderr, write};
+use crate::common::{cli, stderr, write};
 
 /// A run setup: the demo model as a local folder, 30 short documents, a config, a pipeline.
 fn setup(lr: &str) -> tempfile::TempDir {

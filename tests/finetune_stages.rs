@@ -3,13 +3,13 @@
 //! stage segment with its own stage name, data role, N and exactly summed learning rates;
 //! a child killed in the middle of the second stage resumes to bitwise the same weights.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{cli, stderr, write};
+use crate::common::{cli, stderr, write};
 use source_tda::train::{LrMass, OptimizerInfo, Trajectory};
 
 const CONFIG: &str = r#"

@@ -3,15 +3,15 @@
 //! demo runs end to end that way, and each completion equals an independent greedy decode
 //! (argmax over repeated full forward passes, no KV cache) of the final checkpoint.
 
-mod common;
+use crate::common;
 
 use arrow_array::cast::AsArray;
 use candle_core::{Device, IndexOp, Tensor};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use source_tda::data::read_prepared;
 use source_tda::model::{LoadOptions, Model};
+use source_tda::output::parquet::read_batches;
 
-use common::{cli, stderr, write};
+use crate::common::{cli, stderr, write};
 
 fn greedy_by_full_forwards(model: &Model, prompt: &[u32], n: usize, eos: u32) -> Vec<u32> {
     let mut seq = prompt.to_vec();
@@ -64,13 +64,7 @@ fn the_demo_runs_with_generated_queries_that_equal_an_independent_greedy_decode(
     let run = dir.path().join("run");
 
     // queries.parquet: the completion text, and `generated` set.
-    let f = std::fs::File::open(run.join("score/queries.parquet")).unwrap();
-    let batches: Vec<_> = ParquetRecordBatchReaderBuilder::try_new(f)
-        .unwrap()
-        .build()
-        .unwrap()
-        .map(|b| b.unwrap())
-        .collect();
+    let batches = read_batches(&run.join("score/queries.parquet")).unwrap();
     let mut completions = Vec::new();
     for b in &batches {
         let c = b.column_by_name("completion").unwrap().as_string::<i32>();
@@ -119,12 +113,10 @@ fn the_demo_runs_with_generated_queries_that_equal_an_independent_greedy_decode(
     }
 
     // Scores exist for every generated query.
-    let f = std::fs::File::open(run.join("score/scores.parquet")).unwrap();
-    let rows: usize = ParquetRecordBatchReaderBuilder::try_new(f)
+    let rows: usize = read_batches(&run.join("score/scores.parquet"))
         .unwrap()
-        .build()
-        .unwrap()
-        .map(|b| b.unwrap().num_rows())
+        .iter()
+        .map(|b| b.num_rows())
         .sum();
     assert!(rows >= completions.len());
 }

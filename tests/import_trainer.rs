@@ -1,13 +1,13 @@
 //! Importing a trajectory from a hand-made Hugging Face Trainer output folder, and the
 //! documented errors for incomplete or inconsistent ones.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::common::write;
 use candle_core::{Device, Tensor};
-use common::write;
 use source_tda::config::{OptimizerKind, ScheduleKind, TrainConfig};
 use source_tda::train::checkpoint::{read_safetensors, write_safetensors};
 use source_tda::train::import::import_trainer;

@@ -2,8 +2,7 @@
 //! trainable weight gets a gradient, (a, δ) do not depend on batch mates or padding, and
 //! sampled labels are seeded.
 
-#[path = "common/model_fixtures.rs"]
-mod fixtures;
+use crate::fixtures;
 
 use std::path::Path;
 

@@ -6,8 +6,7 @@
 //! truncation error O(h²); measured errors stay below 5e-4; the tolerance is 1% of the directional
 //! derivative + 1.5e-3 (the smallest derivatives checked are ≈ 0.03).
 
-#[path = "common/model_fixtures.rs"]
-mod fixtures;
+use crate::fixtures;
 
 use candle_core::{Device, Tensor};
 use fixtures::*;

@@ -1,8 +1,7 @@
 //! Generation with the KV cache equals argmax over repeated full forwards; stop tokens and
 //! seeded sampling behave.
 
-#[path = "common/model_fixtures.rs"]
-mod fixtures;
+use crate::fixtures;
 
 use candle_core::{Device, IndexOp, Tensor};
 use fixtures::*;

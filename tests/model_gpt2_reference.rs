@@ -1,8 +1,7 @@
 //! Our GPT-2 forward equals an independent f64 reference written here with plain loops and
 //! the textbook formulas, on the raw Hugging Face tensors (Conv1D weights [in, out]).
 
-#[path = "common/model_fixtures.rs"]
-mod fixtures;
+use crate::fixtures;
 
 use std::collections::HashMap;
 

@@ -1,8 +1,7 @@
 //! Loading: truncation, sharded checkpoints, bf16/f16 weights, and errors that name the
 //! tensor or key; the query measurement on prompt/completion batches.
 
-#[path = "common/model_fixtures.rs"]
-mod fixtures;
+use crate::fixtures;
 
 use std::collections::HashMap;
 

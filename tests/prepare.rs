@@ -1,8 +1,6 @@
 //! `prepare`: every data format and document shape, loss masks, truncation counts, the
 //! Parquet table, and bad input as clear errors.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,7 +10,7 @@ use source_tda::config::DatasetConfig;
 use source_tda::data::tokenize::load_tokenizer;
 use source_tda::data::{load_docs, read_prepared, tokenize_docs, write_prepared, Content};
 
-use common::{demo_tokenizer, write};
+use crate::common::{demo_tokenizer, write};
 
 fn ds(extra: &str) -> DatasetConfig {
     toml::from_str(&format!("id = \"x\"\n{extra}")).unwrap()
@@ -32,10 +30,7 @@ fn parquet_file(path: &Path, columns: Vec<(&str, ArrayRef)>) {
         columns.into_iter().map(|(_, a)| a).collect(),
     )
     .unwrap();
-    let f = std::fs::File::create(path).unwrap();
-    let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    source_tda::output::parquet::write_batches(path, &[batch], None).unwrap();
 }
 
 fn texts(docs: &[source_tda::data::RawDoc]) -> Vec<String> {

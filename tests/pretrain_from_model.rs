@@ -3,11 +3,11 @@
 //! its checkpoint carries the recorded AdamW second moments; a model without them is a clear
 //! error at `finetune`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
-use common::{cli, stderr, write};
+use crate::common::{cli, stderr, write};
 use source_tda::train::{LrMass, OptimizerInfo, Trajectory};
 
 const CONFIG: &str = r#"

@@ -12,17 +12,13 @@
 //! beside the repository. When one is missing, the tests fail under CI (`CI` set) and print
 //! `SKIPPED` otherwise.
 
-#[path = "common/real_assets.rs"]
-mod real_assets;
-mod real_smollm2_support;
-
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::llama::{Cache, Llama};
 use source_tda::model::gguf::{GgufLlama, ReadOptions};
 
-use real_smollm2_support::*;
+use crate::real_smollm2_support::*;
 
 #[test]
 fn two_layer_cut_has_reference_shapes_exact_dequantisation_and_hf_qk_rows() {

@@ -6,7 +6,7 @@
 //! One demo run is shared by the tests of this file (made once, then copied where a test
 //! changes the run directory).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,13 +1,11 @@
 //! Run directories: interrupted stages leave nothing a later run trusts, reruns skip what is
 //! complete and unchanged, config changes are refused or invalidate exactly the right stages.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{cli, model_files, stderr, write};
+use crate::common::{cli, model_files, stderr, write};
 
 /// A run setup in a temp folder: a local model, a local data file, a config and a pipeline.
 struct Setup {

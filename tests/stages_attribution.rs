@@ -4,7 +4,7 @@
 //! segment columns add up to the score), invariance to the batch size, and the Parquet files
 //! read by DuckDB and pyarrow.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, Float64Type, UInt32Type};
 use arrow_array::RecordBatch;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use source_tda::output::parquet::read_batches;
 
-use common::{cli, stderr, write};
+use crate::common::{cli, stderr, write};
 
 fn demo_model_dir() -> PathBuf {
     common::demo_tokenizer().parent().unwrap().to_path_buf()
@@ -60,13 +60,7 @@ fn run(dir: &Path) {
 }
 
 fn batches(path: &Path) -> Vec<RecordBatch> {
-    let f = std::fs::File::open(path).unwrap();
-    ParquetRecordBatchReaderBuilder::try_new(f)
-        .unwrap()
-        .build()
-        .unwrap()
-        .map(|b| b.unwrap())
-        .collect()
+    read_batches(path).unwrap()
 }
 
 fn strs(b: &RecordBatch, c: &str) -> Vec<String> {

@@ -120,6 +120,40 @@ pub fn write_table(
     Ok(())
 }
 
+/// Reads a whole Parquet file into record batches, with errors that name the file. Not
+/// generic: a caller in another crate (the integration tests) links the reader compiled here
+/// instead of instantiating parquet's generic reader stack again (minutes of a release build).
+pub fn read_batches(path: &Path) -> Result<Vec<RecordBatch>> {
+    let (builder, _) = open_table(path)?;
+    builder
+        .build()
+        .map_err(|e| Error::parquet(path, e))?
+        .map(|b| b.map_err(|e| Error::parquet(path, e)))
+        .collect()
+}
+
+/// Writes `batches` (one schema) to `path` atomically with writer settings `props` (`None`:
+/// parquet's defaults, uncompressed). Not generic, like [`read_batches`].
+pub fn write_batches(
+    path: &Path,
+    batches: &[RecordBatch],
+    props: Option<WriterProperties>,
+) -> Result<()> {
+    let Some(first) = batches.first() else {
+        return Err(Error::parquet(path, "no record batch to write"));
+    };
+    let tmp = crate::util::fsx::temp_sibling(path);
+    let file = std::fs::File::create(&tmp).ctx("creating", &tmp)?;
+    let mut w =
+        ArrowWriter::try_new(file, first.schema(), props).map_err(|e| Error::parquet(path, e))?;
+    for b in batches {
+        w.write(b).map_err(|e| Error::parquet(path, e))?;
+    }
+    w.close().map_err(|e| Error::parquet(path, e))?;
+    std::fs::rename(&tmp, path).ctx("renaming into place", path)?;
+    Ok(())
+}
+
 /// Opens a Parquet file for reading: the record-batch reader builder and the file's
 /// key-value metadata, with errors that name the file.
 pub fn open_table(
@@ -142,4 +176,39 @@ pub fn open_table(
         })
         .unwrap_or_default();
     Ok((builder, metadata))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_round_trip_and_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        let columns = [
+            ("x", Column::F64(vec![1.0, 2.0])),
+            ("s", Column::Str(vec!["a".into(), "b".into()])),
+        ];
+        write_table(&path, &columns, &[]).unwrap();
+        let read = read_batches(&path).unwrap();
+        assert_eq!(read.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
+
+        let copy = dir.path().join("copy.parquet");
+        write_batches(&copy, &read, None).unwrap();
+        let again = read_batches(&copy).unwrap();
+        assert_eq!(again.len(), read.len());
+        for (a, b) in again.iter().zip(&read) {
+            assert_eq!(a.columns(), b.columns());
+        }
+        assert!(!crate::util::fsx::temp_sibling(&copy).exists());
+
+        std::fs::write(&path, b"not parquet").unwrap();
+        let e = read_batches(&path).unwrap_err().to_string();
+        assert!(e.contains("t.parquet"), "{e}");
+        let e = write_batches(&dir.path().join("none.parquet"), &[], None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("none.parquet"), "{e}");
+    }
 }
