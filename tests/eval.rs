@@ -10,10 +10,8 @@ use std::path::{Path, PathBuf};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, UInt32Type};
-use arrow_array::RecordBatch;
-use source_tda::output::parquet::read_batches;
 
-use crate::common::{cli, stderr, write};
+use crate::common::{batches, cli, stderr, write};
 
 fn demo_model_dir() -> PathBuf {
     common::demo_tokenizer().parent().unwrap().to_path_buf()
@@ -63,10 +61,6 @@ fn eval(dir: &Path, run: &str, what: &[&str], env: &[(&str, &str)]) -> std::proc
     args.extend_from_slice(what);
     args.extend_from_slice(&["--config", "c.toml", "--run-dir", run]);
     cli(dir, &args, env)
-}
-
-fn batches(path: &Path) -> Vec<RecordBatch> {
-    read_batches(path).unwrap()
 }
 
 fn json(path: &Path) -> serde_json::Value {

@@ -12,9 +12,8 @@ use std::path::{Path, PathBuf};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, Float64Type, UInt32Type};
 use arrow_array::RecordBatch;
-use source_tda::output::parquet::read_batches;
 
-use crate::common::{cli, stderr, write};
+use crate::common::{batches, cli, stderr, write};
 
 fn demo_model_dir() -> PathBuf {
     common::demo_tokenizer().parent().unwrap().to_path_buf()
@@ -57,10 +56,6 @@ fn setup(method: &str, extra: &str) -> tempfile::TempDir {
 fn run(dir: &Path) {
     let o = cli(dir, &["-q", "run", "p.toml"], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-}
-
-fn batches(path: &Path) -> Vec<RecordBatch> {
-    read_batches(path).unwrap()
 }
 
 fn strs(b: &RecordBatch, c: &str) -> Vec<String> {

@@ -98,26 +98,45 @@ pub fn write_table(
             .collect::<Vec<_>>(),
     ));
     let props = writer_properties(metadata);
-    let tmp = crate::util::fsx::temp_sibling(path);
-    let file = std::fs::File::create(&tmp).ctx("creating", &tmp)?;
-    let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props))
-        .map_err(|e| Error::parquet(path, e))?;
-    let mut from = 0;
-    while from < n || (n == 0 && from == 0) {
-        let to = (from + ROW_GROUP).min(n);
-        let arrays: Vec<ArrayRef> = columns.iter().map(|(_, c)| c.slice(from, to)).collect();
-        let batch =
-            RecordBatch::try_new(schema.clone(), arrays).map_err(|e| Error::parquet(path, e))?;
-        w.write(&batch).map_err(|e| Error::parquet(path, e))?;
-        w.flush().map_err(|e| Error::parquet(path, e))?;
-        if n == 0 {
-            break;
+    write_atomically(path, schema.clone(), Some(props), |w| {
+        let mut from = 0;
+        while from < n || (n == 0 && from == 0) {
+            let to = (from + ROW_GROUP).min(n);
+            let arrays: Vec<ArrayRef> = columns.iter().map(|(_, c)| c.slice(from, to)).collect();
+            let batch = RecordBatch::try_new(schema.clone(), arrays)
+                .map_err(|e| Error::parquet(path, e))?;
+            w.write(&batch).map_err(|e| Error::parquet(path, e))?;
+            w.flush().map_err(|e| Error::parquet(path, e))?;
+            if n == 0 {
+                break;
+            }
+            from = to;
         }
-        from = to;
+        Ok(())
+    })
+}
+
+/// Writes a Parquet file at `path` atomically: `write` fills a writer on a temporary sibling,
+/// which is renamed into place once closed, or removed if anything fails.
+fn write_atomically(
+    path: &Path,
+    schema: arrow_schema::SchemaRef,
+    props: Option<WriterProperties>,
+    write: impl FnOnce(&mut ArrowWriter<std::fs::File>) -> Result<()>,
+) -> Result<()> {
+    let tmp = crate::util::fsx::temp_sibling(path);
+    let result = (|| {
+        let file = std::fs::File::create(&tmp).ctx("creating", &tmp)?;
+        let mut w =
+            ArrowWriter::try_new(file, schema, props).map_err(|e| Error::parquet(path, e))?;
+        write(&mut w)?;
+        w.close().map_err(|e| Error::parquet(path, e))?;
+        std::fs::rename(&tmp, path).ctx("renaming into place", path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    w.close().map_err(|e| Error::parquet(path, e))?;
-    std::fs::rename(&tmp, path).ctx("renaming into place", path)?;
-    Ok(())
+    result
 }
 
 /// Reads a whole Parquet file into record batches, with errors that name the file. Not
@@ -142,16 +161,12 @@ pub fn write_batches(
     let Some(first) = batches.first() else {
         return Err(Error::parquet(path, "no record batch to write"));
     };
-    let tmp = crate::util::fsx::temp_sibling(path);
-    let file = std::fs::File::create(&tmp).ctx("creating", &tmp)?;
-    let mut w =
-        ArrowWriter::try_new(file, first.schema(), props).map_err(|e| Error::parquet(path, e))?;
-    for b in batches {
-        w.write(b).map_err(|e| Error::parquet(path, e))?;
-    }
-    w.close().map_err(|e| Error::parquet(path, e))?;
-    std::fs::rename(&tmp, path).ctx("renaming into place", path)?;
-    Ok(())
+    write_atomically(path, first.schema(), props, |w| {
+        for b in batches {
+            w.write(b).map_err(|e| Error::parquet(path, e))?;
+        }
+        Ok(())
+    })
 }
 
 /// Opens a Parquet file for reading: the record-batch reader builder and the file's
@@ -210,5 +225,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("none.parquet"), "{e}");
+
+        // A failed write (a second batch of another schema) leaves neither file behind.
+        let other = RecordBatch::try_from_iter([(
+            "y",
+            Arc::new(UInt32Array::from(vec![1u32])) as ArrayRef,
+        )])
+        .unwrap();
+        let bad = dir.path().join("bad.parquet");
+        let e = write_batches(&bad, &[again[0].clone(), other], None).unwrap_err();
+        assert!(e.to_string().contains("bad.parquet"), "{e}");
+        assert!(!bad.exists());
+        assert!(!crate::util::fsx::temp_sibling(&bad).exists());
     }
 }

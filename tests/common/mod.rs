@@ -90,6 +90,11 @@ pub fn cli(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("runs the binary")
 }
 
+/// Every record batch of a Parquet file (through the library's non-generic reader).
+pub fn batches(path: &Path) -> Vec<arrow_array::RecordBatch> {
+    source_tda::output::parquet::read_batches(path).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// stderr of an output, as text.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
