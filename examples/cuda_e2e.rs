@@ -31,10 +31,11 @@ mod e2e {
 
     use candle_core::{Device, Tensor};
     use serde_json::json;
+    use source_tda::attribution::OnBackend;
     use source_tda::attribution::{
         query_gradients, score_pass_on, Curvature, Damping, LayerQuery, TrainScores,
     };
-    use source_tda::backend::{Backend, CudaBackend, OnBackend};
+    use source_tda::backend::{Backend, CudaBackend};
     use source_tda::config::PrecisionKind;
     use source_tda::curvature::{fit_factors_on, Fisher, FitOptions};
     use source_tda::data::PreparedDoc;

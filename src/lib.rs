@@ -34,14 +34,15 @@
 pub mod attribution;
 pub mod backend;
 pub mod config;
-pub mod cuda;
 pub mod curvature;
 pub mod data;
 pub mod error;
 pub mod eval;
 pub mod hub;
+pub mod linalg;
 pub mod model;
 pub mod output;
+pub mod passes;
 pub mod pipeline;
 pub mod report;
 pub mod stages;

@@ -1,5 +1,6 @@
-//! GPU parity: every CUDA kernel against its CPU reference (src/cuda/reference.rs, itself
-//! tested against the project's CPU code), in each precision. Runs when a CUDA device is
+//! GPU parity: every CUDA kernel against its CPU reference (src/backend/cuda/reference.rs,
+//! itself tested against the project's CPU code) or, for the eigenbasis primitive, against
+//! linalg's CPU form, in each precision. Runs when a CUDA device is
 //! present; otherwise each test prints SKIPPED to stderr, and fails instead when
 //! SOURCE_TDA_REQUIRE_GPU=1 (scripts/gpu-check.sh sets it, so a GPU run cannot pass by
 //! skipping).
@@ -15,17 +16,22 @@ mod fixtures;
 use candle_core::{Device, Tensor};
 use source_tda::attribution::{
     precondition_inverse, query_gradients, score_pass_on, score_pass_queries, Curvature, Damping,
-    LayerQuery, SpectralFn, TrainScores,
+    OnBackend, TrainScores,
 };
-use source_tda::backend::{Backend, CudaBackend, OnBackend};
+use source_tda::backend::cuda::eigh::eigh_gpu;
+use source_tda::backend::cuda::gpu::mirror_lower;
+use source_tda::backend::cuda::reference as r;
+use source_tda::backend::cuda::{Gpu, Precision};
+use source_tda::backend::{Backend, CudaBackend};
 use source_tda::config::PrecisionKind;
-use source_tda::cuda::eigh::eigh_gpu;
-use source_tda::cuda::gpu::mirror_lower;
-use source_tda::cuda::reference as r;
-use source_tda::cuda::{Gpu, Precision};
-use source_tda::curvature::{fit_factors, fit_factors_on, Fisher, FitOptions, LayerFactors};
+use source_tda::curvature::{fit_factors, fit_factors_on};
 use source_tda::data::PreparedDoc;
+use source_tda::linalg::{
+    apply_in_basis, spectral_weights, BlockDiag, BlockLayout, EigenBasis, LayerFactors, LayerQuery,
+    SpectralFn,
+};
 use source_tda::model::{LoadOptions, Model};
+use source_tda::passes::{Fisher, PassOptions as FitOptions};
 
 fn gpu(test: &str) -> Option<Gpu> {
     match Gpu::new(0) {
@@ -314,29 +320,41 @@ fn bf16_conversion_on_the_device_is_bit_identical_to_the_host() {
 }
 
 #[test]
-fn apply_in_basis_matches_reference_for_every_function() {
+fn apply_in_basis_matches_the_linalg_primitive_for_every_function() {
     let Some(g) = gpu("apply_in_basis") else {
         return;
     };
     let (q, d_out, d_in) = (3, 70, 130);
+    let dev = Device::Cpu;
     // Orthonormal bases from the CPU eigendecomposition of random covariances.
     let basis = |d: usize, seed: u64| -> Vec<f32> {
         let x = randn(2 * d * d, seed);
         let c = r::masked_syrk(&x, &vec![1.0; 2 * d], 2 * d, d);
-        let t = candle_core::Tensor::from_vec(c, (d, d), &candle_core::Device::Cpu).unwrap();
-        let e = source_tda::curvature::eigh(&t, "test").unwrap();
+        let t = Tensor::from_vec(c, (d, d), &dev).unwrap();
+        let e = source_tda::linalg::eigh(&t, "test").unwrap();
         e.vectors.iter().map(|&v| v as f32).collect()
     };
     let (qs, qa) = (basis(d_out, 31), basis(d_in, 32));
+    let block = |q: &[f32], d: usize| BlockDiag {
+        layout: BlockLayout::new(d, None),
+        blocks: vec![Tensor::from_vec(q.to_vec(), (d, d), &dev).unwrap()],
+    };
+    let eb = EigenBasis {
+        q_a: block(&qa, d_in),
+        q_s: block(&qs, d_out),
+        eig_a: Vec::new(),
+        eig_s: Vec::new(),
+    };
     let lambda: Vec<f32> = randn(d_out * d_in, 33)
         .iter()
         .map(|v| v * v * 0.5)
         .collect();
+    let lambda = Tensor::from_vec(lambda, (d_out, d_in), &dev).unwrap();
     let v = randn(q * d_out * d_in, 34);
-    let (dqs, dqa, dl, dv) = (
+    let vt = Tensor::from_vec(v.clone(), (q, d_out, d_in), &dev).unwrap();
+    let (dqs, dqa, dv) = (
         g.upload(&qs).unwrap(),
         g.upload(&qa).unwrap(),
-        g.upload(&lambda).unwrap(),
         g.upload(&v).unwrap(),
     );
     for f in [
@@ -345,10 +363,22 @@ fn apply_in_basis_matches_reference_for_every_function() {
         SpectralFn::Inverse { damping: 1e-2 },
         SpectralFn::Identity,
     ] {
-        let want = r::apply_in_basis(&qs, &qa, &lambda, &v, f, d_out, d_in);
+        let w = spectral_weights(&lambda, f).unwrap();
+        let want: Vec<f64> = apply_in_basis(&eb, &w, &vt)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let dw = g
+            .upload(&w.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .unwrap();
         for p in [Precision::F32, Precision::Tf32] {
             let out = g
-                .apply_in_basis(&dqs, &dqa, &dl, &dv, (q, d_out, d_in), f, p)
+                .apply_in_basis(&dqs, &dqa, &dw, &dv, (q, d_out, d_in), p)
                 .unwrap();
             let got = g.download(&out).unwrap();
             check(
@@ -368,7 +398,7 @@ fn gpu_eigh_matches_cpu_eigh_in_f64() {
     let x = randn(3 * d * d, 41);
     let c = r::masked_syrk(&x, &vec![1.0; 3 * d], 3 * d, d);
     let t = candle_core::Tensor::from_vec(c.clone(), (d, d), &candle_core::Device::Cpu).unwrap();
-    let cpu = source_tda::curvature::eigh(&t, "test").unwrap();
+    let cpu = source_tda::linalg::eigh(&t, "test").unwrap();
     let gpu = eigh_gpu(&g, &c, d, "test").unwrap();
     let top = cpu.values[d - 1];
     for (a, b) in gpu.values.iter().zip(&cpu.values) {

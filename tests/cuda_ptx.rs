@@ -4,8 +4,10 @@
 //! prints in LD_LIBRARY_PATH); without it the test fails with that advice (CI installs it).
 #![cfg(any(feature = "cuda", feature = "cuda-kernels"))]
 
-use source_tda::cuda::nvrtc::{compile_kernels, compile_source, nvrtc_available, NVRTC_HELP};
-use source_tda::cuda::KERNEL_NAMES;
+use source_tda::backend::cuda::nvrtc::{
+    compile_kernels, compile_source, nvrtc_available, NVRTC_HELP,
+};
+use source_tda::backend::cuda::KERNEL_NAMES;
 
 fn require_nvrtc() {
     assert!(nvrtc_available(), "{NVRTC_HELP}");

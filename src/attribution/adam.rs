@@ -30,19 +30,13 @@
 //! (P_eff ≈ 0); m̂ = 0 gives back P exactly. The linearised dynamics' ∂u/∂θ = (∂u/∂g) H use
 //! the same P_eff, so it replaces P in both propagation and injection. AdamW's decoupled
 //! weight decay does not depend on g and changes neither.
-//!
-//! An earlier form (σ_p = p̄ ⊙ diag(H̄) elementwise, then a damped H̄⁻¹) mixed the parameter
-//! basis and the eigenbasis: for small s it gave H̄⁻¹ (s p̄ ⊙ diag(H̄) ⊙ v) instead of s P v,
-//! which on short fine-tunes ranked documents worse than the plain influence function.
 
 use candle_core::{DType, Tensor};
 
-use crate::curvature::{BlockDiag, EigenBasis, LayerFactors};
 use crate::error::{Error, Result};
+use crate::linalg::{phi, SpectralFn};
 
-use super::functions::SpectralFn;
-use super::precondition::apply_in_basis;
-use super::source::{Curvature, Damping};
+use super::curvature::{Curvature, Damping};
 
 /// A segment's curvature seen through Adam's (fixed, diagonal) preconditioner P = diag(p̄).
 pub struct AdamCurvature<'a> {
@@ -51,17 +45,6 @@ pub struct AdamCurvature<'a> {
     /// p̄: the segment's average of 1/(√v̂ + ε) per layer, shaped like the layer's gradient
     /// [d_out, d_in].
     pub p_bar: Vec<Tensor>,
-}
-
-/// φ(x) = (1 − e^{−x}) / x = −expm1(−x)/x, φ(0) = 1; x < 0 (negative curvature) is clamped
-/// to 0 like F_r.
-pub fn phi(x: f64) -> f64 {
-    let x = x.max(0.0);
-    if x < 1e-10 {
-        1.0 - 0.5 * x
-    } else {
-        -(-x).exp_m1() / x
-    }
 }
 
 impl Curvature for AdamCurvature<'_> {
@@ -121,32 +104,6 @@ fn check_shapes(v: &[Tensor], p: &[Tensor]) -> Result<()> {
     Ok(())
 }
 
-/// The basis with every entry squared: rotating with it gives diagonals in the eigenbasis,
-/// unrotating gives diagonals in the parameter basis.
-fn squared(basis: &EigenBasis) -> Result<EigenBasis> {
-    let sq = |b: &BlockDiag| -> Result<BlockDiag> {
-        Ok(BlockDiag {
-            layout: b.layout.clone(),
-            blocks: b
-                .blocks
-                .iter()
-                .map(|q| q.sqr())
-                .collect::<candle_core::Result<_>>()?,
-        })
-    };
-    Ok(EigenBasis {
-        q_a: sq(&basis.q_a)?,
-        q_s: sq(&basis.q_s)?,
-        eig_a: Vec::new(),
-        eig_s: Vec::new(),
-    })
-}
-
-/// p_Q = diag(Qᵀ diag(p) Q) for Q = Q_S ⊗ Q_A: (Q_S ∘ Q_S)ᵀ p (Q_A ∘ Q_A), shaped [d_out, d_in].
-pub fn eigenbasis_diagonal(basis: &EigenBasis, p: &Tensor) -> Result<Tensor> {
-    squared(basis)?.rotate(&p.to_dtype(DType::F32)?)
-}
-
 /// Adam's preconditioner at one step, elementwise: P = 1/(√v̂ + ε) (`m_hat` None: v̂ held
 /// fixed), or P_eff = P ⊙ clamp(1 − m̂²/(√v̂ (√v̂ + ε)), 0, 1) (the response of the update
 /// u = m̂/(√v̂ + ε) to a gradient perturbation shared by every step). `v_hat` (v̂) and
@@ -173,31 +130,5 @@ pub fn adam_p_eff(v_hat: &Tensor, m_hat: Option<&Tensor>, eps: f64) -> Result<Te
     Ok((p * factor)?)
 }
 
-/// Q diag(F(Λ, p_Q)) Qᵀ v for one EK-FAC layer.
-pub(crate) fn ekfac_apply_preconditioned(
-    f: &LayerFactors,
-    v: &Tensor,
-    p: &Tensor,
-    func: &dyn Fn(f64, f64) -> f64,
-) -> Result<Tensor> {
-    let (o, i) = f.lambda.dims2()?;
-    let pq: Vec<f64> = eigenbasis_diagonal(&f.basis, p)?
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1()?;
-    let lam: Vec<f64> = f.lambda.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-    let w: Vec<f64> = lam.iter().zip(&pq).map(|(&l, &p)| func(l, p)).collect();
-    let w = Tensor::from_vec(w, (o, i), f.lambda.device())?.to_dtype(DType::F32)?;
-    apply_in_basis(&f.basis, &w, v)
-}
-
-/// diag(H̄) of one layer's EK-FAC factors, shaped [d_out, d_in]:
-/// d = (Q_S ∘ Q_S) Λ (Q_A ∘ Q_A)ᵀ, i.e. the eigenbasis back-rotation with squared blocks.
-pub fn ekfac_diagonal(f: &LayerFactors) -> Result<Tensor> {
-    let lambda = f.lambda.to_dtype(DType::F32)?;
-    squared(&f.basis)?.unrotate(&lambda)
-}
-
 #[cfg(test)]
-#[path = "adam_tests.rs"]
 mod tests;

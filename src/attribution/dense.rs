@@ -4,11 +4,10 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::curvature::{eigh, Eigen};
 use crate::error::{Error, Result};
+use crate::linalg::{eigh, Eigen, SpectralFn};
 
-use super::functions::SpectralFn;
-use super::source::{Curvature, Damping};
+use super::curvature::{Curvature, Damping};
 
 /// A dense curvature matrix H̄ [P, P] for a single "layer" whose gradients are [Q, d_out,
 /// d_in] with d_out · d_in = P (row-major flattening).

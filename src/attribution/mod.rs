@@ -1,23 +1,25 @@
-//! Attribution math (DESIGN.md §2): the segment functions F_S and F_r, the damped inverse of
-//! the influence function, the eigenbasis primitive they share, and the token-level scoring
-//! contraction (dense, or through a low-rank form of the query).
+//! Attribution math (docs/design.md §2): the segment functions F_S and F_r applied through a
+//! segment's curvature, the influence function's damped inverse, Source's Adam form, and the
+//! query and scoring passes that turn them into scores.
+//! Layer: attribution — may import every layer below it (ground … passes, curvature).
 
 pub mod adam;
-pub mod contract;
+pub mod curvature;
 pub mod dense;
-pub mod functions;
-pub mod lowrank;
-pub mod precondition;
 pub mod score;
 pub mod source;
 
-pub use adam::{adam_p_eff, eigenbasis_diagonal, ekfac_diagonal, phi, AdamCurvature};
-pub use contract::{doc_scores, token_scores};
+pub use adam::{adam_p_eff, AdamCurvature};
+pub use curvature::{precondition_inverse, Curvature, Damping, OnBackend};
 pub use dense::DenseCurvature;
-pub use functions::{inject, SpectralFn};
-pub use lowrank::{low_rank, low_rank_token_scores, LayerQuery, LowRankQuery};
-pub use precondition::{apply_in_basis, spectral_weights};
 pub use score::{
     query_gradients, score_pass, score_pass_on, score_pass_queries, QueryGradients, TrainScores,
 };
-pub use source::{precondition_inverse, source_walk, Curvature, Damping, SegmentCurvature};
+pub use source::{source_walk, SegmentCurvature};
+
+// Re-exports of the items that moved down to `linalg`.
+pub use crate::linalg::{
+    apply_in_basis, doc_scores, eigenbasis_diagonal, ekfac_diagonal, inject, low_rank,
+    low_rank_token_scores, phi, spectral_weights, token_scores, LayerQuery, LowRankQuery,
+    SpectralFn,
+};

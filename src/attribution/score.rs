@@ -4,13 +4,12 @@
 use candle_core::{Tensor, D};
 
 use crate::backend::{Backend, CpuBackend};
-use crate::curvature::fit::{for_each_batch, FitOptions};
 use crate::data::PreparedDoc;
 use crate::error::Result;
+use crate::linalg::LayerQuery;
 use crate::model::{Labels, Model};
+use crate::passes::{for_each_batch, PassOptions as FitOptions};
 use crate::util::phase;
-
-use super::lowrank::LayerQuery;
 
 /// Per-layer query gradients ∇_W f(q) = Σ_t δ_t a_tᵀ, each [Q, d_out, d_in] in query order,
 /// and the measurements f(q) = −log p(completion | prompt).

@@ -1,5 +1,5 @@
-//! The Source walk over segments (DESIGN.md §2) and the two baselines that share its
-//! machinery.
+//! The Source walk over segments (docs/design.md §2): the query side of Source, and of the
+//! influence function as its one-segment, converged case.
 //!
 //! With v_L = ∇_θ f(q, θ_final), walking from the last segment to the first:
 //!   u_ℓ = F_r(H̄_ℓ) v_ℓ,   v_{ℓ−1} = F_S(H̄_ℓ) v_ℓ,
@@ -9,81 +9,11 @@
 
 use candle_core::Tensor;
 
-use crate::curvature::LayerFactors;
 use crate::error::{Error, Result};
+use crate::linalg::SpectralFn;
 use crate::train::LrMass;
 
-use super::functions::SpectralFn;
-use super::precondition::{apply_in_basis, spectral_weights};
-
-/// Damping of the influence-function inverse (H + λ)⁻¹.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Damping {
-    /// The same λ for every layer.
-    Absolute(f64),
-    /// λ = factor × mean(Λ) per layer (kronfluence's heuristic uses 0.1).
-    MeanLambda(f64),
-}
-
-impl Damping {
-    /// λ for a layer with eigenvalue correction `lambda`.
-    pub fn for_layer(&self, lambda: &Tensor) -> Result<f64> {
-        Ok(match *self {
-            Damping::Absolute(d) => d,
-            Damping::MeanLambda(f) => {
-                let mean: f64 = lambda
-                    .to_dtype(candle_core::DType::F64)?
-                    .mean_all()?
-                    .to_scalar()?;
-                f * mean
-            }
-        })
-    }
-}
-
-/// A segment's curvature H̄_ℓ: anything that applies F(H̄) to a per-layer gradient
-/// (EK-FAC factors, or a dense Hessian for tiny problems and tests).
-pub trait Curvature {
-    /// F(H̄) v for v per layer [Q, d_out, d_in].
-    fn apply(&self, v: &[Tensor], f: SpectralFn) -> Result<Vec<Tensor>>;
-
-    /// The damped inverse (H̄ + λ)⁻¹ v.
-    fn inverse(&self, v: &[Tensor], damping: Damping) -> Result<Vec<Tensor>>;
-
-    /// Q diag(F(σ_e, p_e)) Qᵀ v: a function of each eigenvalue σ_e of H̄ (eigenvector q_e)
-    /// and of p_e = q_eᵀ diag(p) q_e, the diagonal of a diagonal preconditioner `p` (per
-    /// layer, shaped like the layer's gradient [d_out, d_in]) in H̄'s eigenbasis. Source's
-    /// Adam variant ([`super::adam`]) is built on it.
-    fn apply_preconditioned(
-        &self,
-        v: &[Tensor],
-        p: &[Tensor],
-        f: &dyn Fn(f64, f64) -> f64,
-    ) -> Result<Vec<Tensor>>;
-}
-
-impl Curvature for Vec<LayerFactors> {
-    fn apply(&self, v: &[Tensor], f: SpectralFn) -> Result<Vec<Tensor>> {
-        apply(self, v, f)
-    }
-
-    fn inverse(&self, v: &[Tensor], damping: Damping) -> Result<Vec<Tensor>> {
-        precondition_inverse(self, v, damping)
-    }
-
-    fn apply_preconditioned(
-        &self,
-        v: &[Tensor],
-        p: &[Tensor],
-        f: &dyn Fn(f64, f64) -> f64,
-    ) -> Result<Vec<Tensor>> {
-        self.iter()
-            .zip(v)
-            .zip(p)
-            .map(|((lf, g), pl)| super::adam::ekfac_apply_preconditioned(lf, g, pl, f))
-            .collect()
-    }
-}
+use super::curvature::{Curvature, Damping};
 
 /// One segment's curvature and learning-rate mass, as the walk needs them.
 pub struct SegmentCurvature<'a> {
@@ -91,35 +21,6 @@ pub struct SegmentCurvature<'a> {
     pub factors: &'a dyn Curvature,
     /// Effective learning-rate mass (momentum already folded in).
     pub mass: LrMass,
-}
-
-/// The damped EK-FAC inverse applied to `v` (per layer [Q, d_out, d_in]): the influence
-/// function's preconditioned query.
-pub fn precondition_inverse(
-    factors: &[LayerFactors],
-    v: &[Tensor],
-    damping: Damping,
-) -> Result<Vec<Tensor>> {
-    factors
-        .iter()
-        .zip(v)
-        .map(|(f, g)| {
-            let damping = damping.for_layer(&f.lambda)?;
-            let w = spectral_weights(&f.lambda, SpectralFn::Inverse { damping })?;
-            apply_in_basis(&f.basis, &w, g)
-        })
-        .collect()
-}
-
-fn apply(factors: &[LayerFactors], v: &[Tensor], f: SpectralFn) -> Result<Vec<Tensor>> {
-    factors
-        .iter()
-        .zip(v)
-        .map(|(lf, g)| {
-            let w = spectral_weights(&lf.lambda, f)?;
-            apply_in_basis(&lf.basis, &w, g)
-        })
-        .collect()
 }
 
 /// Walks the query gradient `v_final` (per layer [Q, d_out, d_in]) back through `segments`
@@ -156,17 +57,19 @@ pub fn source_walk(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attribution::curvature::precondition_inverse;
+    use crate::linalg::LayerFactors;
     use candle_core::Device;
 
     fn factors() -> Vec<LayerFactors> {
-        vec![crate::curvature::test_support::random_factors(
+        vec![crate::linalg::test_support::random_factors(
             "l",
             (5, 4, 3, 2),
             None,
         )]
     }
 
-    use crate::curvature::test_support::max_abs_diff as max_diff;
+    use crate::linalg::test_support::max_abs_diff as max_diff;
 
     #[test]
     fn one_converged_segment_is_the_influence_function() {
@@ -222,9 +125,9 @@ mod tests {
             },
         ];
         let u = source_walk(&v, &segs, Damping::Absolute(0.0)).unwrap();
-        let u2 = apply(&f2, &v, SpectralFn::Inject { s: 2.0 }).unwrap();
-        let v1 = apply(&f2, &v, SpectralFn::Propagate { s: 2.0 }).unwrap();
-        let u1 = apply(&f1, &v1, SpectralFn::Inject { s: 0.5 }).unwrap();
+        let u2 = f2.apply(&v, SpectralFn::Inject { s: 2.0 }).unwrap();
+        let v1 = f2.apply(&v, SpectralFn::Propagate { s: 2.0 }).unwrap();
+        let u1 = f1.apply(&v1, SpectralFn::Inject { s: 0.5 }).unwrap();
         assert_eq!(max_diff(&u[1][0], &u2[0]), 0.0);
         assert_eq!(max_diff(&u[0][0], &u1[0]), 0.0);
         // A converged segment after the first is refused.

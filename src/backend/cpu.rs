@@ -1,17 +1,15 @@
-//! The CPU backend: the project's reference code (src/curvature, src/attribution) on candle's
-//! CPU device and faer.
+//! The CPU backend: the linalg reference code on candle's CPU device and faer.
+//! Layer: backend — may import only the ground floor and linalg.
 
 use candle_core::{Device, Tensor, TensorId};
 use rayon::prelude::*;
 
-use crate::attribution::{apply_in_basis, spectral_weights, SpectralFn};
-use crate::curvature::{eigh_with, Eigen, EigenBasis, EigenPrecision, FactorSum, LambdaSums};
 use crate::error::Result;
-use crate::model::Capture;
+use crate::linalg::{eigh_with, Eigen, EigenBasis, EigenPrecision, FactorSum, LambdaSums};
 use crate::util::phase;
 use crate::util::tensors::with_f32;
 
-use super::Backend;
+use super::contract::Backend;
 
 /// The reference backend (candle CPU + faer).
 #[derive(Debug, Clone)]
@@ -71,41 +69,31 @@ impl Backend for CpuBackend {
         &self,
         sums: &mut [LambdaSums],
         bases: &[EigenBasis],
-        cap: &Capture,
+        layers: &[(&Tensor, &Tensor)],
+        _mask: &Tensor,
         lengths: &[usize],
     ) -> Result<()> {
         // a Q_A once per shared input (q/k/v, gate/up share a and hence Q_A).
         let mut rotated: Vec<(TensorId, Tensor)> = Vec::new();
-        for ((layer, sum), basis) in cap.layers.iter().zip(sums.iter_mut()).zip(bases) {
+        for ((&(a, delta), sum), basis) in layers.iter().zip(sums.iter_mut()).zip(bases) {
             let a_rot = {
                 let _t = phase::timer("fit: rotate");
-                match rotated.iter().find(|(id, _)| *id == layer.a.id()) {
+                match rotated.iter().find(|(id, _)| *id == a.id()) {
                     Some((_, r)) => r.clone(),
                     None => {
-                        let r = basis.q_a.right_mul(&layer.a)?;
-                        rotated.push((layer.a.id(), r.clone()));
+                        let r = basis.q_a.right_mul(a)?;
+                        rotated.push((a.id(), r.clone()));
                         r
                     }
                 }
             };
             let d_rot = {
                 let _t = phase::timer("fit: rotate");
-                basis.q_s.right_mul(&layer.delta)?
+                basis.q_s.right_mul(delta)?
             };
             let _t = phase::timer("fit: eigenvalue correction");
             sum.add_rotated(&a_rot, &d_rot, lengths)?;
         }
         Ok(())
-    }
-
-    fn apply_in_basis(
-        &self,
-        basis: &EigenBasis,
-        lambda: &Tensor,
-        f: SpectralFn,
-        v: &Tensor,
-    ) -> Result<Tensor> {
-        let w = spectral_weights(lambda, f)?;
-        apply_in_basis(basis, &w, v)
     }
 }

@@ -173,7 +173,7 @@ mod tests {
     use super::*;
 
     fn factor_file(dir: &Path, seed_name: &str) -> PathBuf {
-        let f = crate::curvature::test_support::random_factors(seed_name, (3, 4, 5, 3), None);
+        let f = crate::linalg::test_support::random_factors(seed_name, (3, 4, 5, 3), None);
         let p = dir.join(format!("{seed_name}.safetensors"));
         crate::curvature::save_factors(&p, &[f], &json!({})).unwrap();
         p

@@ -5,111 +5,19 @@
 //! Conventions (those of the kronfluence reference pack): A and S are normalised by the
 //! number of real tokens (attention mask), Λ by the number of documents.
 
-use std::path::PathBuf;
-
 use candle_core::{Device, Tensor};
 
 use crate::backend::{Backend, CpuBackend};
-use crate::data::{plan_batches, BatchOrder, PreparedDoc};
+use crate::data::PreparedDoc;
 use crate::error::{Error, Result};
-use crate::model::{Capture, Labels, Model, TokenBatch};
+use crate::linalg::{
+    BlockDiag, Covariances, EigenBasis, EigenPrecision, FactorSum, LambdaSums, LayerFactors,
+};
+use crate::model::{Capture, Model};
+use crate::passes::{for_each_batch, PassOptions as FitOptions};
 use crate::util::{phase, progress};
 
-use super::blocks::BlockDiag;
-use super::covariance::{Covariances, FactorSum};
-use super::eigen::EigenPrecision;
-use super::lambda::{EigenBasis, LambdaSums};
 use super::spill::{CaptureSpill, Spills};
-
-/// Which Fisher the factors estimate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fisher {
-    /// Labels sampled from the model's own predictive distribution (seeded per document).
-    True {
-        /// Seed.
-        seed: u64,
-    },
-    /// The data's own labels: deterministic, needed for exact comparisons.
-    Empirical,
-}
-
-impl Fisher {
-    /// The labels a capture uses for this Fisher.
-    pub fn labels(self) -> Labels {
-        match self {
-            Fisher::True { seed } => Labels::Sampled { seed },
-            Fisher::Empirical => Labels::Data,
-        }
-    }
-}
-
-/// Options of a fit.
-#[derive(Debug, Clone)]
-pub struct FitOptions {
-    /// True or empirical Fisher.
-    pub fisher: Fisher,
-    /// Block size for block-diagonal factors (None: whole).
-    pub block_size: Option<usize>,
-    /// Tokens per batch (batch size × padded length).
-    pub token_budget: usize,
-    /// Documents per batch at most.
-    pub max_batch_size: usize,
-    /// Token id used for padding.
-    pub pad_id: u32,
-    /// Arithmetic of the factor eigendecompositions.
-    pub eigen_precision: EigenPrecision,
-    /// A directory where the covariance pass may keep its captures (a temporary file,
-    /// [`CaptureSpill`]) for the eigenvalue correction to read back instead of running the
-    /// model again; `None`: it runs the model again. Used on the CPU only, and only while
-    /// the captures of all checkpoints stay within half the memory available at the start
-    /// (so that they stay in the page cache); past that the spill is dropped.
-    pub capture_dir: Option<PathBuf>,
-}
-
-/// EK-FAC factors of one layer.
-#[derive(Debug, Clone)]
-pub struct LayerFactors {
-    /// Module name.
-    pub name: String,
-    /// Averaged, normalised covariances.
-    pub covariances: Covariances,
-    /// Their eigenbasis.
-    pub basis: EigenBasis,
-    /// Λ [d_out, d_in] (f64), averaged over checkpoints, normalised per document.
-    pub lambda: Tensor,
-}
-
-/// Runs `f` on each batch of `docs` (length-sorted, deterministic plan), with document
-/// indices as keys so that sampled labels do not depend on the batching.
-pub fn for_each_batch(
-    model: &Model,
-    docs: &[PreparedDoc],
-    opts: &FitOptions,
-    label: &str,
-    mut f: impl FnMut(&TokenBatch, &[usize]) -> Result<()>,
-) -> Result<()> {
-    let lengths: Vec<usize> = docs.iter().map(|d| d.n_tokens()).collect();
-    let plan = plan_batches(
-        &lengths,
-        opts.token_budget,
-        opts.max_batch_size,
-        BatchOrder::LengthSorted,
-    );
-    let pb = progress::bar(docs.len() as u64, label);
-    for b in &plan {
-        let pairs: Vec<(&[u32], &[u8])> = b
-            .docs
-            .iter()
-            .map(|&i| (docs[i].input_ids.as_slice(), docs[i].loss_mask.as_slice()))
-            .collect();
-        let batch = TokenBatch::new(&pairs, opts.pad_id, None, model.device())?
-            .with_keys(b.docs.iter().map(|&i| i as u64).collect())?;
-        f(&batch, &b.docs)?;
-        pb.inc(b.docs.len() as u64);
-    }
-    pb.finish_and_clear();
-    Ok(())
-}
 
 /// Sums of a segment's fit over all its checkpoints: A per distinct layer input (q/k/v
 /// share one, gate/up another; see [`Capture::input_groups`]), S per layer.
@@ -331,8 +239,20 @@ fn accumulate_lambda(
             model.capture(batch, opts.fisher.labels())?
         };
         checked_groups(&cap, &sums.groups)?;
-        backend.add_lambdas(lambda, bases, &cap, &batch.lengths)
+        add_lambdas(backend, lambda, bases, &cap, &batch.lengths)
     })
+}
+
+/// Adds one capture's Λ terms through the backend: each layer's (a, δ) and the mask.
+fn add_lambdas(
+    backend: &dyn Backend,
+    lambda: &mut [LambdaSums],
+    bases: &[EigenBasis],
+    cap: &Capture,
+    lengths: &[usize],
+) -> Result<()> {
+    let layers: Vec<(&Tensor, &Tensor)> = cap.layers.iter().map(|l| (&l.a, &l.delta)).collect();
+    backend.add_lambdas(lambda, bases, &layers, &cap.attention_mask, lengths)
 }
 
 /// [`accumulate_lambda`] from the covariance pass's captures of the same batches, read back
@@ -357,7 +277,7 @@ fn lambda_from_spill(
             spill.read(i)?
         };
         checked_groups(&cap, &sums.groups)?;
-        backend.add_lambdas(lambda, bases, &cap, &lengths)?;
+        add_lambdas(backend, lambda, bases, &cap, &lengths)?;
         pb.inc(lengths.len() as u64);
     }
     pb.finish_and_clear();

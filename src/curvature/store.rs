@@ -15,10 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 
-use super::blocks::{BlockDiag, BlockLayout};
-use super::covariance::Covariances;
-use super::fit::LayerFactors;
-use super::lambda::EigenBasis;
+use crate::linalg::{BlockDiag, BlockLayout, Covariances, EigenBasis, LayerFactors};
 
 /// What the metadata records about one layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -284,7 +281,7 @@ mod tests {
     #[test]
     fn round_trip_is_exact_to_the_stored_precision() {
         let dev = Device::Cpu;
-        let f = crate::curvature::test_support::random_factors(
+        let f = crate::linalg::test_support::random_factors(
             "model.layers.0.mlp.up_proj",
             (3, 4, 5, 3),
             Some(2),
@@ -353,7 +350,7 @@ mod tests {
 
     #[test]
     fn truncated_or_foreign_files_are_refused_with_advice() {
-        let f = crate::curvature::test_support::random_factors("l", (3, 4, 5, 3), None);
+        let f = crate::linalg::test_support::random_factors("l", (3, 4, 5, 3), None);
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f.safetensors");
         save_factors(&p, std::slice::from_ref(&f), &serde_json::json!({})).unwrap();

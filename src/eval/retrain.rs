@@ -10,11 +10,11 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{BatchingConfig, TrainConfig};
-use crate::curvature::fit::for_each_batch;
 use crate::curvature::FitOptions;
 use crate::data::PreparedDoc;
 use crate::error::{Error, IoContext, Result};
 use crate::model::Model;
+use crate::passes::for_each_batch;
 use crate::train::train_in_memory;
 use crate::util::fsx::write_json_atomic;
 use crate::util::progress;

@@ -5,10 +5,11 @@
 
 use candle_core::{Device, Tensor};
 
+use crate::attribution::OnBackend;
 use crate::attribution::{
     adam_p_eff, source_walk, AdamCurvature, Curvature, Damping, SegmentCurvature,
 };
-use crate::backend::{Backend, OnBackend};
+use crate::backend::Backend;
 use crate::config::{AdamResponse, MethodKind};
 use crate::curvature::{FactorFile, LayerFactors};
 use crate::error::{Error, Result};
@@ -182,7 +183,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::curvature::test_support::{max_abs_diff, random_factors};
+    use crate::linalg::test_support::{max_abs_diff, random_factors};
     use crate::train::checkpoint::write_safetensors;
     use crate::train::LrMass;
 

@@ -1,5 +1,4 @@
-//! The eigenbasis and the EK-FAC eigenvalue correction of one layer (DESIGN.md §3.2–3.3):
-//! Q_A, Q_S from the averaged covariances, then
+//! The EK-FAC eigenvalue correction of one layer (DESIGN.md §3.3): in the layer's eigenbasis,
 //! Λ[i,j] = E_documents[((Q_Sᵀ G_m Q_A)[i,j])²] with G_m = Σ_t δ_t a_tᵀ, normalised per
 //! document.
 
@@ -11,81 +10,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::util::tensors::with_f32;
 
-use super::blocks::BlockDiag;
-use super::covariance::Covariances;
-use super::eigen::eigh;
-
-/// A layer's Kronecker eigenbasis: Q_A [d_in, d_in], Q_S [d_out, d_out] (block-diagonal,
-/// f32) and their eigenvalues (f64, ascending within each block).
-#[derive(Debug, Clone)]
-pub struct EigenBasis {
-    /// Eigenvectors of A.
-    pub q_a: BlockDiag,
-    /// Eigenvectors of S.
-    pub q_s: BlockDiag,
-    /// Eigenvalues of A, block after block.
-    pub eig_a: Vec<f64>,
-    /// Eigenvalues of S, block after block.
-    pub eig_s: Vec<f64>,
-}
-
-impl EigenBasis {
-    /// Eigendecomposes every block of A and S in f64; `what` names the layer in errors.
-    pub fn from_covariances(c: &Covariances, what: &str, device: &Device) -> Result<EigenBasis> {
-        Self::from_covariances_with(c, what, device, &eigh)
-    }
-
-    /// [`from_covariances`](Self::from_covariances) with the eigendecomposition `eig` (the
-    /// CPU's faer one, or a backend's).
-    pub fn from_covariances_with(
-        c: &Covariances,
-        what: &str,
-        device: &Device,
-        eig: &dyn Fn(&Tensor, &str) -> Result<super::eigen::Eigen>,
-    ) -> Result<EigenBasis> {
-        let decompose = |blocks: &[Tensor], which: &str| -> Result<(Vec<Tensor>, Vec<f64>)> {
-            let mut qs = Vec::new();
-            let mut vals = Vec::new();
-            for (k, b) in blocks.iter().enumerate() {
-                let name = if blocks.len() == 1 {
-                    format!("{what} {which}")
-                } else {
-                    format!("{what} {which} block {k}")
-                };
-                let e = eig(b, &name)?;
-                qs.push(e.vectors_tensor(device)?);
-                vals.extend(e.values);
-            }
-            Ok((qs, vals))
-        };
-        let (qa, eig_a) = decompose(&c.a, "activation covariance")?;
-        let (qs, eig_s) = decompose(&c.s, "gradient covariance")?;
-        Ok(EigenBasis {
-            q_a: BlockDiag {
-                layout: c.a_layout.clone(),
-                blocks: qa,
-            },
-            q_s: BlockDiag {
-                layout: c.s_layout.clone(),
-                blocks: qs,
-            },
-            eig_a,
-            eig_s,
-        })
-    }
-
-    /// Q_Sᵀ V Q_A for V [..., d_out, d_in]; the result is contiguous.
-    pub fn rotate(&self, v: &Tensor) -> Result<Tensor> {
-        self.q_s.left_mul_t(&self.q_a.right_mul(v)?) // Q_Sᵀ (V Q_A)
-    }
-
-    /// Q_S W Q_Aᵀ for W [..., d_out, d_in] (the inverse of [`rotate`](Self::rotate)); the
-    /// result is contiguous (the scoring pass reads it as one [Q·d_out, d_in] matrix per
-    /// batch).
-    pub fn unrotate(&self, w: &Tensor) -> Result<Tensor> {
-        self.q_s.left_mul(&self.q_a.right_mul_t(w)?) // Q_S (W Q_Aᵀ)
-    }
-}
+use super::basis::EigenBasis;
 
 /// Running sum of squared rotated per-document gradients, Σ_m (Q_Sᵀ G_m Q_A)² (row-major
 /// [d_out, d_in]), in f32 as kronfluence's default Λ dtype: every term is non-negative, so
@@ -239,7 +164,7 @@ impl LambdaSums {
 #[allow(clippy::needless_range_loop)] // brute-force references index like the math
 mod tests {
     use super::*;
-    use crate::curvature::covariance::{masked_rows, CovarianceSums};
+    use crate::linalg::covariance::{masked_rows, CovarianceSums};
 
     #[test]
     fn lambda_matches_explicit_per_document_gradients() {

@@ -2,9 +2,8 @@
 //! and against exact values.
 
 use super::*;
-use crate::attribution::{spectral_weights, token_scores};
-use crate::curvature::test_support::random_factors;
-use crate::curvature::{masked_rows, CovarianceSums, LambdaSums};
+use crate::linalg::test_support::random_factors;
+use crate::linalg::{masked_rows, token_scores, CovarianceSums, LambdaSums};
 use candle_core::{DType, Device, Tensor};
 
 fn randn(shape: &[usize]) -> Tensor {
@@ -106,8 +105,8 @@ fn score_tokens_lowrank_equals_the_projects_low_rank_contraction_and_the_dense_o
     let m = mask(b, t);
     let mt = Tensor::from_vec(m.clone(), (b, t), &Device::Cpu).unwrap();
     for rank in [1, 3, 5] {
-        let lr = crate::attribution::low_rank(&u, rank).unwrap();
-        let want = flat(&crate::attribution::low_rank_token_scores(&lr, &a, &d, &mt).unwrap());
+        let lr = crate::linalg::low_rank(&u, rank).unwrap();
+        let want = flat(&crate::linalg::low_rank_token_scores(&lr, &a, &d, &mt).unwrap());
         let shape = (q, dout, din, rank, t);
         let (tok, doc) = score_tokens_lowrank(
             &flat(&lr.p_scaled),
@@ -137,29 +136,6 @@ fn score_tokens_lowrank_equals_the_projects_low_rank_contraction_and_the_dense_o
             let dense32: Vec<f32> = dense.iter().map(|&v| v as f32).collect();
             assert_close(&tok, &dense32, 1e-5, "full-rank low-rank vs dense");
         }
-    }
-}
-
-#[test]
-fn apply_in_basis_equals_precondition_for_every_function() {
-    let (din, dout, q) = (5, 4, 3);
-    let f = random_factors("t", (6, 5, din, dout), None);
-    let v = randn(&[q, dout, din]);
-    let q_s = flat(&f.basis.q_s.to_dense().unwrap());
-    let q_a = flat(&f.basis.q_a.to_dense().unwrap());
-    let lambda = flat(&f.lambda);
-    for func in [
-        SpectralFn::Propagate { s: 0.7 },
-        SpectralFn::Inject { s: 0.7 },
-        SpectralFn::Inverse { damping: 1e-3 },
-        SpectralFn::Identity,
-    ] {
-        // The project's path evaluates F on the f64 Λ; the kernels get Λ in f32.
-        let lam32 = Tensor::from_vec(lambda.clone(), (dout, din), &Device::Cpu).unwrap();
-        let w = spectral_weights(&lam32, func).unwrap();
-        let want = flat(&crate::attribution::apply_in_basis(&f.basis, &w, &v).unwrap());
-        let got = apply_in_basis(&q_s, &q_a, &lambda, &flat(&v), func, dout, din);
-        assert_close(&got, &want, 1e-5, &format!("apply_in_basis {func:?}"));
     }
 }
 

@@ -5,7 +5,8 @@ use candle_core::{Device, Tensor};
 
 use super::*;
 use crate::attribution::DenseCurvature;
-use crate::curvature::test_support::{max_abs_diff, random_factors};
+use crate::linalg::test_support::{max_abs_diff, random_factors};
+use crate::linalg::{eigenbasis_diagonal, ekfac_diagonal, LayerFactors};
 
 fn max_abs(t: &Tensor) -> f32 {
     t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()

@@ -9,11 +9,11 @@ use cudarc::driver::{
     LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 
-use crate::attribution::SpectralFn;
 use crate::error::{Error, Result};
 
 use super::nvrtc::{arch_name, compile_kernels};
-use super::{Precision, KERNEL_NAMES};
+use super::precision::Precision;
+use super::KERNEL_NAMES;
 
 /// A device buffer of `T` (row-major).
 pub type GpuBuffer<T> = CudaSlice<T>;
@@ -430,40 +430,33 @@ impl Gpu {
         Ok(y)
     }
 
-    /// Q_S (F(Λ) ⊙ (Q_Sᵀ V_q Q_A)) Q_Aᵀ for every query V_q of `v` [Q, d_out, d_in]
-    /// (DESIGN.md §3.4): four batched GEMMs, F(Λ) applied inside the second.
-    #[allow(clippy::too_many_arguments)]
+    /// The eigenbasis primitive Q_S (W ⊙ (Q_Sᵀ V_q Q_A)) Q_Aᵀ for every vector V_q of `v`
+    /// [Q, d_out, d_in] with weights `w` [d_out, d_in] (docs/design.md §3.4): four batched
+    /// GEMMs, W applied inside the second.
     pub fn apply_in_basis(
         &self,
         q_s: &GpuBuffer<f32>,
         q_a: &GpuBuffer<f32>,
-        lambda: &GpuBuffer<f32>,
+        w: &GpuBuffer<f32>,
         v: &GpuBuffer<f32>,
         (queries, d_out, d_in): (usize, usize, usize),
-        f: SpectralFn,
         precision: Precision,
     ) -> Result<GpuBuffer<f32>> {
         let tf32 = Self::tf32_flag::<f32>(precision)?;
         let per = d_out * d_in;
         if q_s.len() != d_out * d_out
             || q_a.len() != d_in * d_in
-            || lambda.len() != per
+            || w.len() != per
             || v.len() != queries * per
         {
             return Err(Error::Cuda(format!(
                 "apply_in_basis: shapes do not match {queries} queries of [{d_out}, {d_in}]"
             )));
         }
-        let (kind, p) = match f {
-            SpectralFn::Identity => (0, 0.0),
-            SpectralFn::Propagate { s } => (1, s),
-            SpectralFn::Inject { s } => (2, s),
-            SpectralFn::Inverse { damping } => (3, damping),
-        };
         let (o, i, pe) = (d_out as i64, d_in as i64, per as i64);
         let mut t1 = self.zeros::<f32>(queries * per)?;
         let mut t2 = self.zeros::<f32>(queries * per)?;
-        // T1 = V Q_A; R = (Q_Sᵀ T1) ⊙ F(Λ); T2 = R Q_Aᵀ; out = Q_S T2.
+        // T1 = V Q_A; R = (Q_Sᵀ T1) ⊙ W; T2 = R Q_Aᵀ; out = Q_S T2.
         let g = Gemm {
             m: d_out,
             n: d_in,
@@ -471,14 +464,7 @@ impl Gpu {
             tf32,
         };
         self.gemm(&g, (v, pe, i, 1), (q_a, 0, i, 1), &mut t1, i, None)?;
-        self.gemm(
-            &g,
-            (q_s, 0, 1, o),
-            (&t1, pe, i, 1),
-            &mut t2,
-            o,
-            Some((lambda, kind, p)),
-        )?;
+        self.gemm(&g, (q_s, 0, 1, o), (&t1, pe, i, 1), &mut t2, o, Some(w))?;
         self.gemm(&g, (&t2, pe, i, 1), (q_a, 0, 1, i), &mut t1, i, None)?;
         self.gemm(&g, (q_s, 0, o, 1), (&t1, pe, i, 1), &mut t2, o, None)?;
         self.synchronize()?;
@@ -516,7 +502,7 @@ impl Gpu {
         Ok(out)
     }
 
-    /// C[b] = A[b] B[b] (· F(Λ) elementwise when `spectral` is given), with operands given
+    /// C[b] = A[b] B[b] (· W elementwise when `weights` is given), with operands given
     /// as (buffer, batch stride, row stride, column stride) and C row-major [m, n].
     #[allow(clippy::too_many_arguments)]
     fn gemm(
@@ -526,9 +512,9 @@ impl Gpu {
         b: (&GpuBuffer<f32>, i64, i64, i64),
         c: &mut GpuBuffer<f32>,
         k: i64,
-        spectral: Option<(&GpuBuffer<f32>, i32, f64)>,
+        weights: Option<&GpuBuffer<f32>>,
     ) -> Result<()> {
-        let f = self.func("gemm_spectral", "")?;
+        let f = self.func("gemm_weighted", "")?;
         let cfg = LaunchConfig {
             grid_dim: (
                 g.n.div_ceil(TILE) as u32,
@@ -540,19 +526,18 @@ impl Gpu {
         };
         let (m, n, k) = (g.m as i32, g.n as i32, k as i32);
         let null: u64 = 0;
-        let (kind, p) = spectral.map(|s| (s.1, s.2)).unwrap_or((0, 0.0));
         let mut l = self.stream.launch_builder(f);
         l.arg(a.0).arg(&a.1).arg(&a.2).arg(&a.3);
         l.arg(b.0).arg(&b.1).arg(&b.2).arg(&b.3);
         l.arg(c).arg(&m).arg(&n).arg(&k);
-        match spectral {
-            Some((lambda, _, _)) => l.arg(lambda),
+        match weights {
+            Some(w) => l.arg(w),
             None => l.arg(&null),
         };
-        l.arg(&kind).arg(&p).arg(&g.tf32);
-        // SAFETY: argument types match gemm_spectral in kernels.cu; the caller checked the
+        l.arg(&g.tf32);
+        // SAFETY: argument types match gemm_weighted in kernels.cu; the caller checked the
         // buffer lengths against m, n, k and the batch.
-        unsafe { l.launch(cfg) }.map_err(cuda_err("gemm_spectral launch"))?;
+        unsafe { l.launch(cfg) }.map_err(cuda_err("gemm_weighted launch"))?;
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! Scalar functions of a curvature eigenvalue σ that Source and the influence function apply
-//! through the EK-FAC eigenbasis (DESIGN.md §2). Evaluated in f64.
+//! through the EK-FAC eigenbasis (docs/design.md §2), evaluated in f64.
+//! Layer: linalg — imports nothing of the crate.
 
 /// A function F(σ) applied to every eigenvalue of H̄.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,6 +44,17 @@ pub fn inject(s: f64, sigma: f64) -> f64 {
         s * (1.0 - 0.5 * x)
     } else {
         s * (-(-x).exp_m1() / x)
+    }
+}
+
+/// φ(x) = (1 − e^{−x}) / x = −expm1(−x)/x, φ(0) = 1; x < 0 (negative curvature) is clamped
+/// to 0 like F_r (Source's Adam form, docs/design.md §2).
+pub fn phi(x: f64) -> f64 {
+    let x = x.max(0.0);
+    if x < 1e-10 {
+        1.0 - 0.5 * x
+    } else {
+        -(-x).exp_m1() / x
     }
 }
 

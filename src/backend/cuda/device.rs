@@ -1,5 +1,5 @@
-//! The CUDA backend: the project's kernels ([`crate::cuda`]) for every heavy operation of
-//! `fit` and `score`. In a `--features cuda` build the model runs on candle's CUDA device and
+//! The CUDA backend: the project's kernels ([`super`]) for every heavy operation of `fit`
+//! and `score`. In a `--features cuda` build the model runs on candle's CUDA device and
 //! the kernels share its stream: a and δ are copied device-to-device (never through the
 //! host). In a `--features cuda-kernels` build the model runs on the CPU and a, δ are
 //! uploaded per batch (the GPU parity tests use this build). Factors, queries and scores
@@ -10,15 +10,16 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, TensorId};
 
-use crate::attribution::{LayerQuery, SpectralFn};
+use crate::backend::contract::Backend;
 use crate::config::PrecisionKind;
-use crate::cuda::eigh::eigh_gpu;
-use crate::cuda::{Gpu, GpuBuffer, Precision};
-use crate::curvature::{BlockDiag, Eigen, EigenBasis, EigenPrecision, FactorSum, LambdaSums};
 use crate::error::{Error, Result};
-use crate::model::Capture;
+use crate::linalg::{
+    BlockDiag, Eigen, EigenBasis, EigenPrecision, FactorSum, LambdaSums, LayerQuery,
+};
 
-use super::Backend;
+use super::eigh::eigh_gpu;
+use super::gpu::{Gpu, GpuBuffer};
+use super::precision::Precision;
 
 /// One NVIDIA GPU with the project's kernels, and the candle device the model runs on.
 pub struct CudaBackend {
@@ -239,19 +240,20 @@ impl Backend for CudaBackend {
         &self,
         sums: &mut [LambdaSums],
         bases: &[EigenBasis],
-        cap: &Capture,
+        layers: &[(&Tensor, &Tensor)],
+        attention_mask: &Tensor,
         _lengths: &[usize],
     ) -> Result<()> {
-        let (docs, seq) = cap.attention_mask.dims2()?;
+        let (docs, seq) = attention_mask.dims2()?;
         let n = docs * seq;
-        let mask = self.to_gpu(&cap.attention_mask)?;
+        let mask = self.to_gpu(attention_mask)?;
         let rot = self.gemm_precision();
-        for ((layer, sum), basis) in cap.layers.iter().zip(sums.iter_mut()).zip(bases) {
-            let (d_in, d_out) = (layer.a.dim(2)?, layer.delta.dim(2)?);
+        for ((&(a, delta), sum), basis) in layers.iter().zip(sums.iter_mut()).zip(bases) {
+            let (d_in, d_out) = (a.dim(2)?, delta.dim(2)?);
             let q_a = self.basis_on_gpu(&basis.q_a, 1)?;
             let q_s = self.basis_on_gpu(&basis.q_s, 2)?;
-            let a = self.to_gpu(&layer.a)?;
-            let d = self.to_gpu(&layer.delta)?;
+            let a = self.to_gpu(a)?;
+            let d = self.to_gpu(delta)?;
             // a Q_A and δ Q_S, then Σ_b ((Σ_{t∈b} m_t (δQ_S)_t (aQ_A)_tᵀ)[i,j])².
             let ar = self.gpu.rotate_rows(&a, &q_a, n, d_in, rot)?;
             let dr = self.gpu.rotate_rows(&d, &q_s, n, d_out, rot)?;
@@ -276,25 +278,18 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn apply_in_basis(
-        &self,
-        basis: &EigenBasis,
-        lambda: &Tensor,
-        f: SpectralFn,
-        v: &Tensor,
-    ) -> Result<Tensor> {
+    fn apply_in_basis(&self, basis: &EigenBasis, weights: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (q, d_out, d_in) = v.dims3()?;
         let q_s = self.to_gpu(&basis.q_s.to_dense()?)?;
         let q_a = self.to_gpu(&basis.q_a.to_dense()?)?;
-        let lam = self.to_gpu(lambda)?;
+        let w = self.to_gpu(weights)?;
         let vg = self.to_gpu(v)?;
         let out = self.gpu.apply_in_basis(
             &q_s,
             &q_a,
-            &lam,
+            &w,
             &vg,
             (q, d_out, d_in),
-            f,
             self.gemm_precision(),
         )?;
         let host = self.gpu.download(&out)?;

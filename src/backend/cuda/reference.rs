@@ -1,10 +1,9 @@
-//! CPU references of the CUDA kernels (src/cuda/kernels.cu), on plain row-major slices,
-//! accumulated in f64. Each is tested here against the project's CPU code (src/curvature,
-//! src/attribution) or brute force, and the GPU parity tests (tests/cuda_parity.rs) compare
-//! the kernels against these.
+//! CPU references of the CUDA kernels (kernels.cu), on plain row-major slices, accumulated
+//! in f64. Each is tested here against the project's CPU code (linalg) or brute force, and
+//! the GPU parity tests (tests/cuda_parity.rs) compare the kernels against these; the
+//! eigenbasis kernel is compared with linalg's primitive itself.
+//! Layer: backend — may import only the ground floor and linalg.
 #![allow(clippy::needless_range_loop)] // brute-force references index like the math
-
-use crate::attribution::SpectralFn;
 
 /// Σ_t m_t x_t x_tᵀ (the unnormalised covariance A or S of DESIGN.md §3.1) for `x` [n, d]
 /// and token weights `mask` [n]; returns the full symmetric [d, d].
@@ -181,66 +180,6 @@ pub fn score_tokens_lowrank(
     (tok, doc)
 }
 
-/// Q_S (F(Λ) ⊙ (Q_Sᵀ V_q Q_A)) Q_Aᵀ for every query V_q of `v` [queries, d_out, d_in], with
-/// `q_s` [d_out, d_out], `q_a` [d_in, d_in], `lambda` [d_out, d_in] (DESIGN.md §3.4).
-pub fn apply_in_basis(
-    q_s: &[f32],
-    q_a: &[f32],
-    lambda: &[f32],
-    v: &[f32],
-    f: SpectralFn,
-    d_out: usize,
-    d_in: usize,
-) -> Vec<f64> {
-    let per = d_out * d_in;
-    assert_eq!(
-        v.len() % per,
-        0,
-        "apply_in_basis: v is not [Q, d_out, d_in]"
-    );
-    let mut out = Vec::with_capacity(v.len());
-    let mm = |a: &[f64], b: &[f64], m: usize, k: usize, n: usize| -> Vec<f64> {
-        let mut c = vec![0.0f64; m * n];
-        for i in 0..m {
-            for p in 0..k {
-                let x = a[i * k + p];
-                for j in 0..n {
-                    c[i * n + j] += x * b[p * n + j];
-                }
-            }
-        }
-        c
-    };
-    let t = |a: &[f64], r: usize, c: usize| -> Vec<f64> {
-        let mut o = vec![0.0f64; r * c];
-        for i in 0..r {
-            for j in 0..c {
-                o[j * r + i] = a[i * c + j];
-            }
-        }
-        o
-    };
-    let qs: Vec<f64> = q_s.iter().map(|&x| x as f64).collect();
-    let qa: Vec<f64> = q_a.iter().map(|&x| x as f64).collect();
-    let qst = t(&qs, d_out, d_out);
-    let qat = t(&qa, d_in, d_in);
-    for vq in v.chunks(per) {
-        let vq: Vec<f64> = vq.iter().map(|&x| x as f64).collect();
-        let mut r = mm(&mm(&qst, &vq, d_out, d_out, d_in), &qa, d_out, d_in, d_in);
-        for (x, l) in r.iter_mut().zip(lambda) {
-            *x *= f.eval(*l as f64);
-        }
-        out.extend(mm(
-            &mm(&qs, &r, d_out, d_out, d_in),
-            &qat,
-            d_out,
-            d_in,
-            d_in,
-        ));
-    }
-    out
-}
-
 /// f32 → bf16 bits, round to nearest even (what the bf16 kernels read as input).
 pub fn to_bf16(x: f32) -> u16 {
     let b = x.to_bits();
@@ -280,5 +219,4 @@ pub fn rel_error(got: &[f32], want: &[f64]) -> f64 {
 }
 
 #[cfg(test)]
-#[path = "reference_tests.rs"]
 mod tests;

@@ -5,10 +5,10 @@
 use cudarc::cusolver::{sys, DnHandle};
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
-use crate::curvature::Eigen;
 use crate::error::{Error, Result};
+use crate::linalg::Eigen;
 
-use super::Gpu;
+use super::gpu::Gpu;
 
 fn solver_err(what: &str) -> impl Fn(cudarc::cusolver::result::CusolverError) -> Error + '_ {
     move |e| Error::Cuda(format!("cuSOLVER {what}: {e:?}"))

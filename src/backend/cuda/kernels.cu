@@ -323,37 +323,16 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 }
 
 // ---------------------------------------------------------------------------------------
-// 4. Batched GEMM with an optional spectral epilogue, the building block of the eigenbasis
-//    function application Q_S (F(Λ) ⊙ (Q_Sᵀ V Q_A)) Q_Aᵀ (four GEMMs, the F(Λ) product
-//    fused into the second):
-//      C[b](m, n) = A[b](m, k) B[b](k, n) · (lambda ? F(lambda[m, n]) : 1)
+// 4. Batched GEMM with an optional weight epilogue, the building block of the eigenbasis
+//    primitive Q_S (W ⊙ (Q_Sᵀ V Q_A)) Q_Aᵀ (four GEMMs, the W product fused into the
+//    second; W = F(Λ) or F(Λ, p_Q) is evaluated in f64 on the host, docs/design.md §3.4):
+//      C[b](m, n) = A[b](m, k) B[b](k, n) · (w ? w[m, n] : 1)
 //    A(m, k) = A[b·sa + m·ars + k·acs], B(k, n) = B[b·sb + k·brs + n·bcs], C row-major
 //    [M, N] with batch stride M·N. grid: x = N tiles, y = M tiles, z = batch.
-//    F (evaluated in f64, DESIGN.md §2; `kind`): 0 identity, 1 propagate exp(−s σ⁺),
-//    2 inject s·(−expm1(−x)/x) with x = s σ⁺ (s (1 − x/2) below x = 1e-10),
-//    3 inverse 1/(σ + p). σ⁺ = max(σ, 0).
-__device__ __forceinline__ float spectral(float sigma_f, int kind, double p) {
-  double sigma = (double)sigma_f;
-  double sp = sigma > 0.0 ? sigma : 0.0;
-  switch (kind) {
-    case 1:
-      return (float)exp(-p * sp);
-    case 2: {
-      double x = p * sp;
-      if (x < 1e-10) return (float)(p * (1.0 - 0.5 * x));
-      return (float)(p * (-expm1(-x) / x));
-    }
-    case 3:
-      return (float)(1.0 / (sigma + p));
-    default:
-      return 1.f;
-  }
-}
-
 extern "C" __global__ void __launch_bounds__(THREADS)
-    gemm_spectral(const float* A, long long sa, long long ars, long long acs, const float* B,
+    gemm_weighted(const float* A, long long sa, long long ars, long long acs, const float* B,
                   long long sb, long long brs, long long bcs, float* C, int M, int N, int K,
-                  const float* lambda, int kind, double p, int tf32) {
+                  const float* w, int tf32) {
   const int m0 = blockIdx.y * TILE, n0 = blockIdx.x * TILE;
   const long long b = blockIdx.z;
   float acc[4][4];
@@ -369,7 +348,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
       int m = m0 + ty + 16 * r, n = n0 + tx + 16 * cc;
       if (m < M && n < N) {
         float v = acc[r][cc];
-        if (lambda) v *= spectral(lambda[(long long)m * N + n], kind, p);
+        if (w) v *= w[(long long)m * N + n];
         c[(long long)m * N + n] = v;
       }
     }
