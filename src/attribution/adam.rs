@@ -31,9 +31,9 @@
 //! the same P_eff, so it replaces P in both propagation and injection. AdamW's decoupled
 //! weight decay does not depend on g and changes neither.
 //!
-//! An earlier form (σ_p = p̄ ⊙ diag(H̄) elementwise, then a damped H̄⁻¹) mixed the parameter
-//! basis and the eigenbasis: for small s it gave H̄⁻¹ (s p̄ ⊙ diag(H̄) ⊙ v) instead of s P v,
-//! which on short fine-tunes ranked documents worse than the plain influence function.
+//! Why the eigenbasis: applying σ_p = p̄ ⊙ diag(H̄) elementwise and then a damped H̄⁻¹
+//! would mix the parameter basis and the eigenbasis; for small s that gives
+//! H̄⁻¹ (s p̄ ⊙ diag(H̄) ⊙ v) instead of s P v (docs/evaluation.md, "What was tried").
 
 use candle_core::{DType, Tensor};
 

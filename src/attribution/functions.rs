@@ -1,5 +1,5 @@
 //! Scalar functions of a curvature eigenvalue σ that Source and the influence function apply
-//! through the EK-FAC eigenbasis (DESIGN.md §2). Evaluated in f64.
+//! through the EK-FAC eigenbasis (docs/design.md §2). Evaluated in f64.
 
 /// A function F(σ) applied to every eigenvalue of H̄.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,5 +1,5 @@
-//! Attribution math (DESIGN.md §2): the segment functions F_S and F_r, the damped inverse of
-//! the influence function, the eigenbasis primitive they share, and the token-level scoring
+//! Attribution math (docs/design.md §2): the segment functions F_S and F_r, the damped inverse
+//! of the influence function, the eigenbasis primitive they share, and the token-level scoring
 //! contraction (dense, or through a low-rank form of the query).
 
 pub mod adam;

@@ -1,4 +1,4 @@
-//! The one eigenbasis primitive (DESIGN.md §3.4): any matrix function of a layer's EK-FAC
+//! The one eigenbasis primitive (docs/design.md §3.4): any matrix function of a layer's EK-FAC
 //! curvature applied to a layer gradient V [d_out, d_in] is
 //! Q_S ( F(Λ) ⊙ (Q_Sᵀ V Q_A) ) Q_Aᵀ.
 //! Influence functions, F_S and F_r all go through here with a different scalar F.

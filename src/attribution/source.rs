@@ -1,4 +1,4 @@
-//! The Source walk over segments (DESIGN.md §2) and the two baselines that share its
+//! The Source walk over segments (docs/design.md §2) and the two baselines that share its
 //! machinery.
 //!
 //! With v_L = ∇_θ f(q, θ_final), walking from the last segment to the first:

@@ -1,6 +1,6 @@
 //! A segment's EK-FAC factors seen through a [`Backend`]: the [`Curvature`] the Source walk
 //! and the influence function use, with every eigenbasis function application
-//! (DESIGN.md §3.4) done by the backend.
+//! (docs/design.md §3.4) done by the backend.
 
 use candle_core::Tensor;
 

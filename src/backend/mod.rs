@@ -1,4 +1,4 @@
-//! Where the heavy operations of `fit` and `score` run (DESIGN.md §4 `backend`): the CPU
+//! Where the heavy operations of `fit` and `score` run (docs/design.md §4 `backend`): the CPU
 //! (candle + faer, the reference) or an NVIDIA GPU (the project's kernels of [`crate::cuda`]).
 //! Every device-specific choice of the fit and score passes goes through the [`Backend`]
 //! trait, in candle's style (backends behind a trait): the passes themselves

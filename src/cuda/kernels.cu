@@ -329,7 +329,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 //      C[b](m, n) = A[b](m, k) B[b](k, n) · (lambda ? F(lambda[m, n]) : 1)
 //    A(m, k) = A[b·sa + m·ars + k·acs], B(k, n) = B[b·sb + k·brs + n·bcs], C row-major
 //    [M, N] with batch stride M·N. grid: x = N tiles, y = M tiles, z = batch.
-//    F (evaluated in f64, DESIGN.md §2; `kind`): 0 identity, 1 propagate exp(−s σ⁺),
+//    F (evaluated in f64, docs/design.md §2; `kind`): 0 identity, 1 propagate exp(−s σ⁺),
 //    2 inject s·(−expm1(−x)/x) with x = s σ⁺ (s (1 − x/2) below x = 1e-10),
 //    3 inverse 1/(σ + p). σ⁺ = max(σ, 0).
 __device__ __forceinline__ float spectral(float sigma_f, int kind, double p) {

@@ -1,7 +1,7 @@
-//! The project's CUDA kernels (DESIGN.md §3–§2 on the GPU): masked covariance accumulation,
-//! the eigenvalue correction, the fused token-level scoring contraction and the eigenbasis
-//! function application, written in CUDA C ([`KERNELS_CU`]) and compiled at run time by
-//! NVRTC for the GPU found.
+//! The project's CUDA kernels (docs/design.md §2–§3 on the GPU): masked covariance
+//! accumulation, the eigenvalue correction, the fused token-level scoring contraction and the
+//! eigenbasis function application, written in CUDA C ([`KERNELS_CU`]) and compiled at run
+//! time by NVRTC for the GPU found.
 //!
 //! Features: `cuda-kernels` builds the GPU code with the CUDA libraries loaded at run time
 //! (no toolkit needed to build: CI checks it); `cuda` adds candle's CUDA backend (needs the

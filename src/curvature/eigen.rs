@@ -15,10 +15,10 @@ use crate::error::{Error, Result};
 /// (`[attribution] eigendecomposition`).
 ///
 /// EK-FAC uses only the bases Q (stored in f32 either way): the eigenvalues are re-estimated
-/// in the basis by the eigenvalue correction Λ (DESIGN.md §3.3). An f32 decomposition gives a
-/// basis orthonormal to ~1e-5 that diagonalises the f64 covariance to a relative off-diagonal
-/// mass of ~1e-4 (measured on 1536² covariances), in about half the time on the CPU, whose
-/// tridiagonalisation is bound by memory traffic.
+/// in the basis by the eigenvalue correction Λ (docs/design.md §3.3). An f32 decomposition
+/// gives a basis orthonormal to ~1e-5 that diagonalises the f64 covariance to a relative
+/// off-diagonal mass of ~1e-4 (measured on 1536² covariances), in about half the time on the
+/// CPU, whose tridiagonalisation is bound by memory traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum EigenPrecision {

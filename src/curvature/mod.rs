@@ -1,7 +1,7 @@
-//! EK-FAC curvature per layer (DESIGN.md §3): Kronecker factors A = E[a aᵀ] and S = E[δ δᵀ]
-//! normalised per token, their f64 eigendecomposition (optionally per diagonal block), and
-//! the eigenvalue correction Λ normalised per document. The attribution stage applies matrix
-//! functions of H̄ through this basis ([`crate::attribution`]).
+//! EK-FAC curvature per layer (docs/design.md §3): Kronecker factors A = E[a aᵀ] and
+//! S = E[δ δᵀ] normalised per token, their f64 eigendecomposition (optionally per diagonal
+//! block), and the eigenvalue correction Λ normalised per document. The attribution stage
+//! applies matrix functions of H̄ through this basis ([`crate::attribution`]).
 
 pub mod blocks;
 pub mod cache;
