@@ -1,4 +1,4 @@
-//! Issue 5's attribution options through the CLI: the low-rank query form
+//! The `[attribution]` options through the CLI: the low-rank query form
 //! (`attribution.query_rank`), factors loaded per layer group under a memory limit
 //! (`attribution.memory_limit_gib`), and the factor cache shared between runs
 //! (`attribution.factor_cache`).

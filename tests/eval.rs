@@ -316,7 +316,7 @@ fn two_shards_and_a_merge_equal_one_run_bitwise() {
 }
 
 /// The demo with a small M: Source finds every planted fact's documents (recall@1 ≥ 0.9,
-/// the target), and `eval lds` runs on the demo's real fine-tuning config.
+/// the project's target), and `eval lds` runs on the demo's real fine-tuning config.
 #[test]
 fn demo_meets_the_recall_target_and_runs_lds() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,7 +2,7 @@
 //! gradient descent (and heavy-ball momentum), one document up-weighted by ε and the whole
 //! training re-run by brute force, against the Source walk with the exact Hessian (dense
 //! path). The only approximations left are (1 − ησ)^K ≈ exp(−Kησ) and the segment-averaged
-//! document gradient; both vanish as segments shorten (DESIGN.md §2).
+//! document gradient; both vanish as segments shorten (docs/design.md §2).
 
 use candle_core::{Device, Tensor};
 use source_tda::attribution::{
@@ -407,9 +407,9 @@ impl Curvature for ElementwiseThenInverse<'_> {
 
 /// Source's Adam variant against brute-force retraining with a fixed diagonal
 /// preconditioner (the linear model it assumes), from a short (s σ ≪ 1: a non-converged
-/// fine-tune) to a long trajectory, next to the earlier elementwise-then-H⁻¹ form. Short:
+/// fine-tune) to a long trajectory, next to the elementwise-then-H⁻¹ form. Short:
 /// the variant reduces to s P ∇L and matches brute force; P = c I: exact like the SGD form
-/// at every length. Measured relative errors (variant / earlier form): P spread 0.2–4.5,
+/// at every length. Measured relative errors (variant / elementwise form): P spread 0.2–4.5,
 /// Σ η = 0.05: 4.8e-3 / 0.54; Σ η = 2: 0.49 / 0.78; Σ η = 40: 0.98 / 0.41 (long runs with a
 /// very uneven P are where the eigenbasis-diagonal stand-in for P is weakest); P = 1.7 I:
 /// ≤ 1.2e-3 / 0.09–2.7.

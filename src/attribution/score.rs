@@ -1,5 +1,5 @@
 //! Query gradients and the training pass that scores documents against preconditioned
-//! queries, per document, per layer and per token, in one pass (DESIGN.md §2).
+//! queries, per document, per layer and per token, in one pass (docs/design.md §2).
 
 use candle_core::{Tensor, D};
 

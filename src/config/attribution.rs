@@ -1,4 +1,4 @@
-//! `[attribution]`: how the `fit`, `query` and `score` stages attribute (DESIGN.md §2–3).
+//! `[attribution]`: how the `fit`, `query` and `score` stages attribute (docs/design.md §2–3).
 //!
 //! ```toml
 //! [attribution]
@@ -50,7 +50,7 @@ pub enum AdamResponse {
     /// checkpoints; a segment whose checkpoints lack it falls back to `fixed_v`. The
     /// default: on the demo's short fine-tune its LDS is above `fixed_v`'s by 0.16 on
     /// subsets not looked at when it was chosen, and within 0.01 below on the full demo
-    /// (README.md).
+    /// (docs/evaluation.md).
     #[default]
     Full,
 }
@@ -100,9 +100,9 @@ pub struct AttributionConfig {
     #[serde(default, skip_serializing_if = "EigenPrecision::is_default")]
     pub eigendecomposition: EigenPrecision,
     /// AdamW segments' preconditioner: `fixed_v` (P) or `full` (P_eff). Default `full`.
-    /// Always written to resolved configs: the default was `fixed_v` before, so a run
-    /// directory made then (which left the key out) is refused as changed on resume instead
-    /// of keeping scores of the other form.
+    /// Always written to resolved configs, so that a run directory whose resolved config
+    /// lacks the key (made by a version whose default was `fixed_v`) is refused as changed on
+    /// resume instead of keeping scores of the other form.
     #[serde(default)]
     pub adam_response: AdamResponse,
 }
@@ -179,7 +179,7 @@ impl AttributionConfig {
 /// (`[attribution] eigendecomposition`).
 ///
 /// EK-FAC uses only the bases Q (stored in f32 either way): the eigenvalues are re-estimated
-/// in the basis by the eigenvalue correction Λ (DESIGN.md §3.3). An f32 decomposition gives a
+/// in the basis by the eigenvalue correction Λ (docs/design.md §3.3). An f32 decomposition gives a
 /// basis orthonormal to ~1e-5 that diagonalises the f64 covariance to a relative off-diagonal
 /// mass of ~1e-4 (measured on 1536² covariances), in about half the time on the CPU, whose
 /// tridiagonalisation is bound by memory traffic.

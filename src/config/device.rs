@@ -1,5 +1,5 @@
 //! `[run] device` and `[run] precision`: where the `fit` and `score` stages run, and the input
-//! precision of the CUDA kernels (issue 8). The CPU is the reference; the CUDA path is
+//! precision of the CUDA kernels (docs/gpu.md). The CPU is the reference; the CUDA path is
 //! checked against it by the GPU parity tests.
 
 use serde::{Deserialize, Serialize};

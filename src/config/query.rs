@@ -1,6 +1,6 @@
 //! `[query]`: how the `query` stage completes prompt-only queries (`[data.query] shape =
 //! "prompt"`) with the final fine-tuned model before measuring f = −log p(completion | prompt)
-//! on the generated completion (issue 5 §2).
+//! on the generated completion (docs/design.md §2).
 //!
 //! ```toml
 //! [query]

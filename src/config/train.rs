@@ -1,6 +1,6 @@
 //! `[train]` and `[pretrain]`: how the `finetune` stage trains (optimizer, learning-rate
 //! schedule, batches, segments and checkpoints) and how the pretrained model enters the
-//! trajectory as a `pretrain` segment (DESIGN.md §2).
+//! trajectory as a `pretrain` segment (docs/design.md §2).
 //!
 //! ```toml
 //! [train]
@@ -99,7 +99,7 @@ pub struct TrainConfig {
     /// Seed of the shuffle. Default: `run.seed`.
     #[serde(default)]
     pub seed: Option<u64>,
-    /// `sum_per_document`: J = (1/n) Σ_m L(z_m) over a step's n documents (DESIGN.md);
+    /// `sum_per_document`: J = (1/n) Σ_m L(z_m) over a step's n documents (docs/design.md §2);
     /// `mean_per_token`: the loss averaged over the step's loss tokens (HF Trainer).
     #[serde(default = "default_normalization")]
     pub loss_normalization: LossNormalization,

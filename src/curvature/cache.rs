@@ -1,5 +1,5 @@
-//! A content-addressed cache of fitted factor sets shared between runs (issue 5 §1: "a factor
-//! set can be reused by later runs with the same model, data and settings").
+//! A content-addressed cache of fitted factor sets shared between runs (docs/design.md §8): a
+//! factor set is reused by later runs with the same model, data and settings.
 //!
 //! An entry is `DIR/KEY/` with `factors.safetensors` and `entry.json` (the key's inputs, the
 //! file's size and sha256). KEY is the sha256 of everything that determines the factors

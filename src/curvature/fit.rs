@@ -1,6 +1,7 @@
 //! Fitting EK-FAC factors of every tracked layer over a data set at one or more checkpoints
-//! (DESIGN.md §3): a covariance pass per checkpoint (averaged), one f64 eigendecomposition,
-//! then an eigenvalue-correction pass per checkpoint in that shared basis (averaged).
+//! (docs/design.md §3): a covariance pass per checkpoint (averaged), one f64
+//! eigendecomposition, then an eigenvalue-correction pass per checkpoint in that shared basis
+//! (averaged).
 //!
 //! Conventions (those of the kronfluence reference pack): A and S are normalised by the
 //! number of real tokens (attention mask), Λ by the number of documents.

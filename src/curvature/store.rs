@@ -74,7 +74,7 @@ pub fn load_factors(
 
 /// A factor file opened for reading layer by layer: only the header is read at open, and
 /// each tensor of the layers asked for is read with a positioned read into memory the
-/// caller owns, so a layer group's factors can be loaded without the rest (issue 5 §5).
+/// caller owns, so a layer group's factors can be loaded without the rest (docs/design.md §8).
 /// The file is not memory-mapped: mapped pages would count in the process's resident
 /// memory for as long as the file stays open (the whole factor set, during scoring).
 pub struct FactorFile {

@@ -1,7 +1,7 @@
 //! The linear datamodeling score (LDS; Park et al. 2023, as Bae et al. 2024 use it): draw
 //! M random subsets S_j of fraction α of the fine-tuning set, retrain on each, and correlate
 //! (Spearman's ρ, per query, across subsets) the losses a method predicts with the losses
-//! measured. With DESIGN.md's orientation (τ(q, m) ≈ f(without m) − f(with m)) the
+//! measured. With docs/design.md §2's orientation (τ(q, m) ≈ f(without m) − f(with m)) the
 //! predicted loss of the model trained on S is, up to a constant that ρ ignores,
 //! g_S(q) = −Σ_{m ∈ S} τ(q, m).
 

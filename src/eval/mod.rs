@@ -1,4 +1,4 @@
-//! Attribution-quality evaluation (DESIGN.md §6): fact recall (recall@k and MRR of known
+//! Attribution-quality evaluation (docs/design.md §6): fact recall (recall@k and MRR of known
 //! source documents) and the linear datamodeling score (LDS) from retraining on random
 //! subsets, comparing methods side by side. The stages `eval-recall` and `eval-lds`
 //! (src/stages/) glue these to the pipeline.

@@ -1,6 +1,6 @@
 //! Block-diagonal matrices: a layer's factor split into diagonal blocks of a configured size
-//! (DESIGN.md §3.5), so that very wide layers fit in memory. A whole (unsplit) factor is the
-//! one-block case.
+//! (docs/design.md §3.5), so that very wide layers fit in memory. A whole (unsplit) factor is
+//! the one-block case.
 
 use candle_core::Tensor;
 

@@ -1,4 +1,4 @@
-//! The scoring contraction (DESIGN.md §2, token level): a document's score against a
+//! The scoring contraction (docs/design.md §2, token level): a document's score against a
 //! preconditioned query gradient U [d_out, d_in] splits exactly into per-position terms
 //! δ_tᵀ U a_t; their sum is ⟨U, G_m⟩ with G_m = Σ_t δ_t a_tᵀ. Per-token gradients are never
 //! formed: for each layer, U a is computed once per batch for all queries and dotted with δ.

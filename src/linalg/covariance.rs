@@ -1,5 +1,5 @@
 //! Kronecker factors of one layer: A = E[a aᵀ] over kept token positions and S = E[δ δᵀ],
-//! normalised per token (DESIGN.md §3.1), accumulated per diagonal block.
+//! normalised per token (docs/design.md §3.1), accumulated per diagonal block.
 
 use candle_core::{DType, Device, Tensor};
 use faer::linalg::matmul::triangular::{self, BlockStructure};

@@ -1,4 +1,4 @@
-//! The EK-FAC eigenvalue correction of one layer (DESIGN.md §3.3): in the layer's eigenbasis,
+//! The EK-FAC eigenvalue correction of one layer (docs/design.md §3.3): in the layer's eigenbasis,
 //! Λ[i,j] = E_documents[((Q_Sᵀ G_m Q_A)[i,j])²] with G_m = Σ_t δ_t a_tᵀ, normalised per
 //! document.
 

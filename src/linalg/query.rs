@@ -1,8 +1,8 @@
-//! The low-rank form of a preconditioned query (issue 5 §3): each query's per-layer
-//! U [d_out, d_in] is replaced by its truncated SVD U ≈ Σ_{k<r} σ_k p_k r_kᵀ (computed in f64),
-//! and the token contraction δ_tᵀ U a_t becomes Σ_k σ_k (p_kᵀ δ_t)(r_kᵀ a_t): two thin
-//! projections of width Q·r instead of a d_out × d_in product. With r = min(d_out, d_in) the
-//! form is exact (up to f32 rounding).
+//! The low-rank form of a preconditioned query (docs/design.md §2, token level): each
+//! query's per-layer U [d_out, d_in] is replaced by its truncated SVD
+//! U ≈ Σ_{k<r} σ_k p_k r_kᵀ (computed in f64), and the token contraction δ_tᵀ U a_t becomes
+//! Σ_k σ_k (p_kᵀ δ_t)(r_kᵀ a_t): two thin projections of width Q·r instead of a
+//! d_out × d_in product. With r = min(d_out, d_in) the form is exact (up to f32 rounding).
 
 use candle_core::{DType, Tensor, D};
 use faer::Mat;

@@ -3,7 +3,7 @@
 //!
 //! The batch objective is Σ_b L(z_b): documents do not interact in the forward pass, so
 //! document b's δ rows are the gradient of its own loss, and its weight gradient for a
-//! layer is G_b = Σ_t δ_{b,t} a_{b,t}ᵀ over [W | b] (DESIGN.md §2–3).
+//! layer is G_b = Σ_t δ_{b,t} a_{b,t}ᵀ over [W | b] (docs/design.md §2–3).
 
 use candle_core::{DType, Tensor, D};
 

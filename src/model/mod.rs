@@ -5,7 +5,7 @@
 //! [`Model::params`]. [`Model::capture`] runs one forward + backward on a right-padded
 //! [`TokenBatch`] and returns, for every tracked linear layer, the inputs a: [B, T, d_in(+1)]
 //! and output gradients δ: [B, T, d_out] from which every attribution quantity is computed
-//! (DESIGN.md §2–3).
+//! (docs/design.md §2–3).
 //!
 //! * [`config`]: `config.json` → [`ModelSpec`] (Llama family, GPT-2).
 //! * [`weights`]: safetensors directories (single file or sharded), in-memory tensor maps.

@@ -1,4 +1,4 @@
-//! Output tables (DESIGN.md §5): Parquet, zstd, with key-value metadata on every file.
+//! Output tables (docs/design.md §5): Parquet, zstd, with key-value metadata on every file.
 
 pub mod parquet;
 

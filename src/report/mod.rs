@@ -2,8 +2,8 @@
 //! manifest, known sources, evaluation results) and rendering them as one self-contained
 //! HTML page, a terminal summary and `summary.json`.
 //!
-//! τ = score / n_train with τ > 0 for proponents (DESIGN.md §2); token scores add up to the
-//! document's score and are shown on a diverging colour scale centred at 0.
+//! τ = score / n_train with τ > 0 for proponents (docs/design.md §2); token scores add up to
+//! the document's score and are shown on a diverging colour scale centred at 0.
 
 pub mod colour;
 pub mod data;

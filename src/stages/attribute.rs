@@ -213,9 +213,9 @@ pub fn model_and_batch_bytes(model: &Model, config: &Config) -> u64 {
     )
 }
 
-/// How `score` loads factors (issue 5 §5): the Source walk is block-diagonal per layer, so
-/// u_ℓ is computed one group of consecutive layers at a time, with only that group's factors
-/// of every segment in memory.
+/// How `score` loads factors (docs/design.md §8): the Source walk is block-diagonal per layer,
+/// so u_ℓ is computed one group of consecutive layers at a time, with only that group's
+/// factors of every segment in memory.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FactorGroups {
     /// Layer index ranges [start, end), in layer order, covering every layer.

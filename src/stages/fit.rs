@@ -1,5 +1,5 @@
-//! `fit`: EK-FAC factors per segment (DESIGN.md §3): for each segment of the attribution plan,
-//! covariances over its data at each of its checkpoints (averaged), one f64
+//! `fit`: EK-FAC factors per segment (docs/design.md §3): for each segment of the attribution
+//! plan, covariances over its data at each of its checkpoints (averaged), one f64
 //! eigendecomposition, and the eigenvalue correction Λ per checkpoint in that basis
 //! (averaged). Writes `fit/segment-K.safetensors` and `fit/plan.json`. With
 //! `[attribution] factor_cache`, a segment whose inputs were fitted before (by any run) is

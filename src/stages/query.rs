@@ -1,5 +1,5 @@
 //! `query`: the query gradients v_L = ∇_θ f(q, θ_final) of every tracked layer at the final
-//! checkpoint, with the measurement f(q) = −log p(completion | prompt) (DESIGN.md §2).
+//! checkpoint, with the measurement f(q) = −log p(completion | prompt) (docs/design.md §2).
 //! Writes `query/gradients.safetensors` (one tensor [Q, d_out, d_in] per layer, in query
 //! order) and `query/queries.parquet`. Prompt-only queries (`[data.query] shape = "prompt"`)
 //! are first completed by the final model ([`super::query_generate`]); `queries.parquet`'s

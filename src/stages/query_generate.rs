@@ -1,4 +1,4 @@
-//! Generated queries (issue 5 §2): prompt-only queries (`[data.query] shape = "prompt"`) are
+//! Generated queries: prompt-only queries (`[data.query] shape = "prompt"`) are
 //! completed by the final fine-tuned model, greedily by default (`[query]`), and the query
 //! becomes prompt + the generated tokens with the loss on the generated tokens only, so the
 //! measurement is f = −log p(completion | prompt) of exactly what the model said. The

@@ -1,6 +1,6 @@
 //! `score`: the backwards walk over segments and the training passes that score every
 //! document of every segment's data against every query, per document and per token, in
-//! one pass per checkpoint (DESIGN.md §2, §5). Writes `scores.parquet`,
+//! one pass per checkpoint (docs/design.md §2, §5). Writes `scores.parquet`,
 //! `token_scores.parquet` (top-k documents per query, or all), `queries.parquet` and
 //! `train_docs.parquet`.
 //!

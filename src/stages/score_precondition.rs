@@ -1,7 +1,7 @@
-//! The preconditioned queries u_ℓ of the `score` stage (DESIGN.md §2): the Source walk (or
-//! the influence function's inverse) applied to the query gradients, one layer group at a
-//! time so that only that group's factors are in memory (issue 5 §5), with Source's Adam
-//! variant for segments trained with AdamW.
+//! The preconditioned queries u_ℓ of the `score` stage (docs/design.md §2): the Source walk
+//! (or the influence function's inverse) applied to the query gradients, one layer group at a
+//! time so that only that group's factors are in memory (docs/design.md §8), with Source's
+//! Adam variant for segments trained with AdamW.
 
 use candle_core::{Device, Tensor};
 

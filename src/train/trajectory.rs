@@ -1,4 +1,5 @@
-//! `trajectory.json`: the training trajectory that Source attributes through (DESIGN.md §2).
+//! `trajectory.json`: the training trajectory that Source attributes through
+//! (docs/design.md §2).
 //!
 //! The trajectory θ_0 … θ_T is cut into segments. Each segment records its optimizer steps,
 //! their learning rates and the sum s = Σ η_k, the optimizer that produced it, the data set
@@ -17,12 +18,12 @@ use crate::util::fsx::write_json_atomic;
 pub const TRAJECTORY_VERSION: u32 = 1;
 
 /// How the optimizer's objective was normalised; H and the gradients scale with it, and so
-/// does s σ (DESIGN.md §2).
+/// does s σ (docs/design.md §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LossNormalization {
     /// J = (1/N) Σ_m L(z_m): each document's loss summed over its tokens, averaged over the
-    /// documents of a batch (DESIGN.md's convention).
+    /// documents of a batch (docs/design.md §2's convention).
     SumPerDocument,
     /// The loss averaged over all loss tokens of a batch (Hugging Face Trainer's default).
     MeanPerToken,
@@ -102,7 +103,8 @@ pub struct Segment {
     /// c_k = min(1, max_grad_norm / (‖g_k‖ + 1e-6)): the factor gradient clipping scaled
     /// each step's gradient by (empty: no clipping recorded, c_k = 1). The optimizer stepped
     /// on c_k J_k, so the step Jacobian is I − η_k c_k (P) H and the effective mass is
-    /// Σ η_k c_k (DESIGN.md §2: the curvature and mass of the objective actually stepped on).
+    /// Σ η_k c_k (docs/design.md §2: the curvature and mass of the objective actually
+    /// stepped on).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clip_factors: Vec<f64>,
     /// The optimizer.

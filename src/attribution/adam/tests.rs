@@ -276,7 +276,7 @@ fn p_eff_with_zero_first_moment_is_p_bit_for_bit() {
         let q: Vec<f32> = adam_p_eff(&v, Some(&zero), eps).unwrap().to_vec1().unwrap();
         let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&p), bits(&q));
-        // And P is the old expression 1/(√v̂ + ε).
+        // And P is the plain expression 1/(√v̂ + ε).
         let old: Vec<f32> = (v.sqrt().unwrap() + eps)
             .unwrap()
             .recip()

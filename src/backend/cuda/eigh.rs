@@ -1,5 +1,5 @@
 //! The f64 symmetric eigendecomposition of a Kronecker factor on the GPU (cuSOLVER
-//! `syevd`, DESIGN.md §3.2): A = Q diag(λ) Qᵀ, λ ascending, the same contract as
+//! `syevd`, docs/design.md §3.2): A = Q diag(λ) Qᵀ, λ ascending, the same contract as
 //! [`crate::curvature::eigh`] (CPU, faer).
 
 use cudarc::cusolver::{sys, DnHandle};

@@ -155,7 +155,7 @@ impl Gpu {
 
     /// Σ_t m_t x_t x_tᵀ added into each layer's `outs[l]` [d_l, d_l] (lower-triangle tiles;
     /// call [`mirror_lower`] on the downloaded result), for layers `xs[l]` [n, d_l] sharing
-    /// the token weights `mask` [n]: one launch for all layers (DESIGN.md §3.1).
+    /// the token weights `mask` [n]: one launch for all layers (docs/design.md §3.1).
     pub fn masked_syrk<T: KernelInput>(
         &self,
         xs: &[(&GpuBuffer<T>, usize)],
@@ -223,7 +223,7 @@ impl Gpu {
     }
 
     /// out[i, j] += Σ_b ((Σ_{t ∈ b} m_t dr_t ar_tᵀ)[i, j])² for rotated gradients `dr`
-    /// [docs·seq, d_out] and activations `ar` [docs·seq, d_in] (DESIGN.md §3.3).
+    /// [docs·seq, d_out] and activations `ar` [docs·seq, d_in] (docs/design.md §3.3).
     #[allow(clippy::too_many_arguments)]
     pub fn eig_correction<T: KernelInput>(
         &self,
@@ -272,7 +272,7 @@ impl Gpu {
 
     /// tok[q, t] += m_t δ_tᵀ U_q a_t and doc[q, b] += its sum over document b (documents of
     /// `seq` consecutive tokens) for `u` [Q, d_out, d_in], `a` [n, d_in], `delta` [n, d_out]
-    /// (DESIGN.md §2, token level), in one pass.
+    /// (docs/design.md §2, token level), in one pass.
     #[allow(clippy::too_many_arguments)]
     pub fn score_tokens<T: KernelInput>(
         &self,

@@ -5,7 +5,7 @@
 //! Layer: backend — may import only the ground floor and linalg.
 #![allow(clippy::needless_range_loop)] // brute-force references index like the math
 
-/// Σ_t m_t x_t x_tᵀ (the unnormalised covariance A or S of DESIGN.md §3.1) for `x` [n, d]
+/// Σ_t m_t x_t x_tᵀ (the unnormalised covariance A or S of docs/design.md §3.1) for `x` [n, d]
 /// and token weights `mask` [n]; returns the full symmetric [d, d].
 pub fn masked_syrk(x: &[f32], mask: &[f32], n: usize, d: usize) -> Vec<f64> {
     assert_eq!(x.len(), n * d, "masked_syrk: x is not [n, d]");
@@ -27,7 +27,7 @@ pub fn masked_syrk(x: &[f32], mask: &[f32], n: usize, d: usize) -> Vec<f64> {
     out
 }
 
-/// Σ_b ((Σ_{t ∈ b} m_t dr_t ar_tᵀ)[i, j])²: the eigenvalue-correction sum (DESIGN.md §3.3)
+/// Σ_b ((Σ_{t ∈ b} m_t dr_t ar_tᵀ)[i, j])²: the eigenvalue-correction sum (docs/design.md §3.3)
 /// for rotated gradients `dr` = δ Q_S [docs·seq, d_out] and activations `ar` = a Q_A
 /// [docs·seq, d_in]; returns [d_out, d_in].
 pub fn eig_correction(
@@ -75,7 +75,7 @@ pub fn eig_correction(
 
 /// Per-token scores tok[q, t] = m_t δ_tᵀ U_q a_t and per-document sums doc[q, b] (documents
 /// of `seq` consecutive tokens) for `u` [queries, d_out, d_in], `a` [n, d_in], `delta`
-/// [n, d_out] (DESIGN.md §2, token level).
+/// [n, d_out] (docs/design.md §2, token level).
 #[allow(clippy::too_many_arguments)]
 pub fn score_tokens(
     u: &[f32],
@@ -124,7 +124,7 @@ pub fn score_tokens(
 /// Per-token scores tok[q, t] = m_t Σ_k (δ_tᵀ P_q)[k] (a_tᵀ R_q)[k] and per-document sums
 /// doc[q, b] for a low-rank query U_q = P_q R_qᵀ, `p` [queries, d_out, rank] (σ-scaled left
 /// singular vectors), `r` [queries, d_in, rank]: the `score_tokens_lowrank` kernel's math
-/// (issue 5 §3's low-rank form of the token contraction).
+/// (the low-rank form of the token contraction, docs/design.md §2).
 #[allow(clippy::too_many_arguments)]
 pub fn score_tokens_lowrank(
     p: &[f32],
