@@ -40,50 +40,9 @@ use candle_core::Device;
 pub use names::{hf_name, permute_qk_rows, unpermute_qk_rows};
 pub use write::{check_tokenizer, LlamaHfConfig, WrittenCheckpoint};
 
-/// A GGUF conversion problem. Each message names the file and, where there is one, the
-/// tensor or metadata key, and says what would fix it.
-#[derive(Debug, thiserror::Error)]
-pub enum GgufError {
-    /// The file is not a GGUF file candle can parse, or reading a tensor failed.
-    #[error("GGUF {path}: {message}")]
-    Read {
-        /// The GGUF file.
-        path: PathBuf,
-        /// candle's message, with what was being read.
-        message: String,
-    },
-    /// The file is GGUF but not a model this converter handles.
-    #[error("GGUF {path}: {message}")]
-    Unsupported {
-        /// The GGUF file.
-        path: PathBuf,
-        /// What is unsupported and what is.
-        message: String,
-    },
-    /// A metadata key is missing or has the wrong type.
-    #[error("GGUF {path}: metadata `{key}`: {message}")]
-    Metadata {
-        /// The GGUF file.
-        path: PathBuf,
-        /// The metadata key.
-        key: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// A tensor is missing, has an unexpected shape or an unsupported type.
-    #[error("GGUF {path}: tensor `{tensor}`: {message}")]
-    Tensor {
-        /// The GGUF file.
-        path: PathBuf,
-        /// The GGUF tensor name.
-        tensor: String,
-        /// What is wrong, with the expected shape or the accepted types.
-        message: String,
-    },
-    /// The conversion was asked for something impossible (e.g. more layers than the model has).
-    #[error("{0}")]
-    Request(String),
-}
+/// The conversion's error type lives in the ground floor ([`crate::error`]) so that the
+/// library's [`Error`](crate::error::Error) can wrap it without importing the model.
+pub use crate::error::GgufError;
 
 /// A dense f32 tensor in row-major order.
 #[derive(Debug, Clone, PartialEq)]
