@@ -40,7 +40,10 @@ pub use load::{parse_toml, read_toml};
 pub use pipeline::Pipeline;
 pub use query::QueryConfig;
 pub use stages::{StageConfig, TrainStage};
-pub use train::{MassSpec, OptimizerKind, PretrainConfig, ScheduleKind, TrainConfig, FROM_MODEL};
+pub use train::{
+    LossNormalization, MassSpec, OptimizerKind, PretrainConfig, ScheduleKind, TrainConfig,
+    FROM_MODEL,
+};
 
 use crate::error::{Error, Result};
 

@@ -20,7 +20,18 @@
 use serde::{Deserialize, Serialize};
 
 use super::stages::StageConfig;
-use crate::train::trajectory::LossNormalization;
+
+/// How the optimizer's objective was normalised; H and the gradients scale with it, and so
+/// does s σ (DESIGN.md §2). `trajectory.json` records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossNormalization {
+    /// J = (1/N) Σ_m L(z_m): each document's loss summed over its tokens, averaged over the
+    /// documents of a batch (DESIGN.md's convention).
+    SumPerDocument,
+    /// The loss averaged over all loss tokens of a batch (Hugging Face Trainer's default).
+    MeanPerToken,
+}
 
 /// The optimizer the `finetune` stage steps with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
