@@ -9,8 +9,8 @@ use crate::error::{Error, Result};
 
 use super::batch::TokenBatch;
 use super::config::ModelSpec;
-use super::generate::KvCache;
 use super::gpt2::Gpt2;
+use super::kv_cache::KvCache;
 use super::linear::{Param, ParamLoader, Recorder, TrackedLinear};
 use super::llama::Llama;
 use super::loss;

@@ -25,6 +25,7 @@ pub mod generate;
 pub mod gguf;
 mod gpt2;
 pub mod head_loss;
+mod kv_cache;
 pub mod linear;
 mod llama;
 pub mod lm;
