@@ -23,6 +23,7 @@
 //! [`GgufLlama::write_hf_dir`] then writes `config.json`, `model.safetensors` and (given one)
 //! `tokenizer.json`, so other tools load exactly the same weights.
 
+mod hf;
 mod names;
 #[cfg(test)]
 mod tests;
@@ -31,27 +32,19 @@ mod write;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 
+pub use hf::{F32Tensor, GgufLlama, LlamaHfConfig};
 pub use names::{hf_name, permute_qk_rows, unpermute_qk_rows};
-pub use write::{check_tokenizer, LlamaHfConfig, WrittenCheckpoint};
+pub use write::{check_tokenizer, WrittenCheckpoint};
 
 /// The conversion's error type lives in the ground floor ([`crate::error`]) so that the
 /// library's [`Error`](crate::error::Error) can wrap it without importing the model.
 pub use crate::error::GgufError;
-
-/// A dense f32 tensor in row-major order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct F32Tensor {
-    /// Dimensions, outermost first (HF/torch order, e.g. `[out, in]` for a linear weight).
-    pub shape: Vec<usize>,
-    /// The values, `shape.iter().product()` of them.
-    pub data: Vec<f32>,
-}
 
 /// Options for [`GgufLlama::read`].
 #[derive(Debug, Clone, Default)]
@@ -59,23 +52,6 @@ pub struct ReadOptions {
     /// Keep only the first N decoder layers (`None`: all of them). The embeddings, the final
     /// norm and the output head are kept either way.
     pub layers: Option<usize>,
-}
-
-/// A Llama-family model read from GGUF: HF config and f32 tensors under HF names.
-#[derive(Debug, Clone)]
-pub struct GgufLlama {
-    /// The GGUF file it came from.
-    pub source: PathBuf,
-    /// The HF config (with `num_hidden_layers` already reduced by [`ReadOptions::layers`]).
-    pub config: LlamaHfConfig,
-    /// HF tensor name → tensor, q/k rows in HF order. `lm_head.weight` is present only when
-    /// the GGUF has its own `output.weight` (else `config.tie_word_embeddings` is true).
-    pub tensors: BTreeMap<String, F32Tensor>,
-    /// HF tensor name → (GGUF tensor name, GGUF type as candle names it, e.g. `Q4_1`).
-    pub origin: BTreeMap<String, (String, String)>,
-    /// The vocabulary from `tokenizer.ggml.tokens`, when the file has one (used to check
-    /// that a tokenizer.json fits the model).
-    pub vocab: Option<Vec<String>>,
 }
 
 /// The GGUF tensor types the converter dequantises (candle's dequantisation of each is
