@@ -252,24 +252,11 @@ pub fn cross_entropy_rows(z: &Tensor, targets: &[u32], mask: &[f32]) -> Result<O
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::model::fused::tests::max_abs_diff;
     use crate::model::ops::log_softmax_last;
     use candle_core::{Device, Var, D};
-
-    /// Max |a − b| over all entries (f32 tensors of one shape).
-    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     #[test]
     fn linear_matches_matmul_in_value_and_input_gradient_and_skips_the_weight() {

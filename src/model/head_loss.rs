@@ -168,7 +168,7 @@ fn head_cross_entropy_blocked(
 mod tests {
     use super::*;
     use crate::model::custom_ops::cross_entropy_rows;
-    use crate::model::custom_ops::tests::max_abs_diff;
+    use crate::model::fused::tests::max_abs_diff;
     use candle_core::{Device, Var};
 
     /// Against the head as a plain product followed by the fused row cross-entropy (itself
