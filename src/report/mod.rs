@@ -14,6 +14,7 @@ pub mod known;
 pub mod summary;
 pub mod svg;
 pub mod table;
+pub mod text;
 
 pub use data::{load_eval, load_scores, load_timings, QueryReport, ReportData};
 pub use eval::{EvalResults, LDS_STAGE, RECALL_STAGE};
