@@ -10,5 +10,6 @@ pub mod tokenize;
 
 pub use batch::{plan_batches, plan_stats, Batch, BatchOrder, BatchPlanStats};
 pub use docs::{load_docs, Content, RawDoc};
+pub use read::{format_of, DATA_EXTENSIONS};
 pub use table::{read_prepared, write_prepared};
 pub use tokenize::{tokenize_docs, Prepared, PreparedDoc, TokenizeStats};

@@ -23,9 +23,12 @@ use crate::error::{Error, Result};
 use crate::util::hash::sha256_file_with;
 use crate::util::progress;
 
+/// Which files are data is the readers' knowledge (`data::read`); re-exported for the
+/// callers that select files.
+pub use crate::data::read::{format_of, DATA_EXTENSIONS};
 use repo::Listing;
 pub use repo::{RepoKind, RepoRequest, Resolution, ResolvedFile, ResolvedRepo};
-pub use select::{dataset_files, format_of, model_files, shards_of_index, DATA_EXTENSIONS};
+pub use select::{dataset_files, model_files, shards_of_index};
 pub use settings::{HubSettings, DEFAULT_ENDPOINT};
 pub use verify::{safetensors_header, verify_model, ModelFacts};
 
