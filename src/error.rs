@@ -117,8 +117,8 @@ impl Error {
     }
 }
 
-/// A GGUF conversion problem ([`crate::model::gguf`]). Each message names the file and, where there is one, the
-/// tensor or metadata key, and says what would fix it.
+/// A GGUF conversion problem (`model::gguf`'s converter). Each message names the file and,
+/// where there is one, the tensor or metadata key, and says what would fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     /// The file is not a GGUF file candle can parse, or reading a tensor failed.

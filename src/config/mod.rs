@@ -1,3 +1,6 @@
+//! Config: the typed parameter sets (`configs/*.toml`) and pipeline files, with validation.
+//! Layer: ground — may import error and util only (every other layer reads its types).
+//!
 //! Parameter sets (`configs/*.toml`): typed, validated on load, resolved (defaults filled
 //! in, relative paths made absolute against the config file's folder) and written into the
 //! run directory.

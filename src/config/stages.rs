@@ -20,6 +20,9 @@
 //! segments = 1
 //! ```
 //!
+//! The entries ([`StageConfig`]) are declared in `train.rs` beside `[train]`, which holds
+//! them; this file merges them with `[train]` into [`TrainStage`]s and checks them.
+//!
 //! Inheritance is per key, except for keys that only make sense together: a stage that sets
 //! `epochs` or `max_steps` inherits neither; one that sets `segments` or
 //! `segment_boundaries` inherits neither; one that changes `optimizer` inherits none of

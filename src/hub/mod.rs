@@ -1,4 +1,7 @@
-//! Resolving models and datasets to local files, three ways:
+//! Hub: models and datasets resolved to local files (the hub, its cache, or a local path).
+//! Layer: hub — may import ground (error, util, config, output), linalg, backend, model, data.
+//!
+//! Three ways:
 //!
 //! 1. **online**: the hub's API through `hf_hub::api::sync` (downloads into the standard
 //!    cache, resolving the revision to a commit first so every file comes from one commit);

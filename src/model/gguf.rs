@@ -1,3 +1,6 @@
+//! GGUF import: a llama.cpp GGUF file read and converted to a Hugging Face checkpoint.
+//! Layer: model — may import ground (error, util); inside gguf/: hf, names, write.
+//!
 //! Llama-family weights from a local GGUF file (llama.cpp's format), converted to a Hugging
 //! Face checkpoint: f32 tensors under HF names, q/k rows in HF order, and an HF `config.json`.
 //!

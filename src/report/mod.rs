@@ -1,3 +1,6 @@
+//! Report: a run's results read back and rendered as HTML, a terminal summary, summary.json.
+//! Layer: report — may import pipeline and every layer below it; never stages or main.
+//!
 //! The `report` stage's library: reading a run's results back (the score tables, the
 //! manifest, known sources, evaluation results) and rendering them as one self-contained
 //! HTML page, a terminal summary and `summary.json`.

@@ -80,7 +80,8 @@ pub struct F32Tensor {
 pub struct GgufLlama {
     /// The GGUF file it came from.
     pub source: PathBuf,
-    /// The HF config (with `num_hidden_layers` already reduced by [`ReadOptions::layers`](super::ReadOptions::layers)).
+    /// The HF config (with `num_hidden_layers` already reduced by
+    /// [`ReadOptions::layers`](super::ReadOptions::layers)).
     pub config: LlamaHfConfig,
     /// HF tensor name → tensor, q/k rows in HF order. `lm_head.weight` is present only when
     /// the GGUF has its own `output.weight` (else `config.tie_word_embeddings` is true).
