@@ -155,7 +155,7 @@ impl CustomOp2 for RmsNorm {
 }
 
 /// RMSNorm y = x / √(mean(x²) + ε) ⊙ w over the last dimension, fused. x: [.., d] f32 on the
-/// CPU (see [`applies`]), w: [d].
+/// CPU (see [`applies`]), w: \[d\].
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let op = RmsNorm {
         eps,

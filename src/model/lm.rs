@@ -198,7 +198,7 @@ impl Model {
     }
 
     /// Per-document summed cross-entropy over the batch's loss-masked targets, as a
-    /// differentiable [B] tensor (the training objective is its sum or mean). On a
+    /// differentiable \[B\] tensor (the training objective is its sum or mean). On a
     /// prompt/completion batch this is the query measurement −log p(completion | prompt).
     pub fn loss_tensor(&self, batch: &TokenBatch) -> Result<Tensor> {
         let logits = self.forward(&batch.input_ids)?;

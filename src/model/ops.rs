@@ -10,7 +10,7 @@ use crate::error::Result;
 
 use super::config::RopeScaling;
 
-/// RMSNorm: x / √(mean(x²) + ε) ⊙ w. x: [.., d], w: [d]. `fused`: one custom op
+/// RMSNorm: x / √(mean(x²) + ε) ⊙ w. x: [.., d], w: \[d\]. `fused`: one custom op
 /// ([`super::fused::rms_norm`]) where it applies (f32 on the CPU), else composed ops.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, fused: bool) -> Result<Tensor> {
     if fused && super::fused::applies(x) {
