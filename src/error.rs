@@ -1,5 +1,8 @@
-//! The library's error type. Every variant names the file, key, line, stage or tensor that is
-//! wrong and, where there is one, the fix; the CLI prints them as they are.
+//! The library's error types ([`Error`], and [`GgufError`] for the GGUF converter).
+//! Layer: ground — imports nothing from the crate; every other module may import it.
+//!
+//! Every variant names the file, key, line, stage or tensor that is wrong and, where there is
+//! one, the fix; the CLI prints them as they are.
 
 use std::path::{Path, PathBuf};
 
@@ -80,7 +83,7 @@ pub enum Error {
 
     /// A GGUF file could not be converted (names the file and the tensor or key).
     #[error(transparent)]
-    Gguf(#[from] crate::model::gguf::GgufError),
+    Gguf(#[from] GgufError),
 
     /// A failure injected on purpose by a test (`SOURCE_TDA_FAIL_IN_STAGE`).
     #[error("injected failure in stage `{0}` (SOURCE_TDA_FAIL_IN_STAGE is set)")]
@@ -112,6 +115,51 @@ impl Error {
             message: message.to_string(),
         }
     }
+}
+
+/// A GGUF conversion problem (`model::gguf`'s converter). Each message names the file and,
+/// where there is one, the tensor or metadata key, and says what would fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    /// The file is not a GGUF file candle can parse, or reading a tensor failed.
+    #[error("GGUF {path}: {message}")]
+    Read {
+        /// The GGUF file.
+        path: PathBuf,
+        /// candle's message, with what was being read.
+        message: String,
+    },
+    /// The file is GGUF but not a model this converter handles.
+    #[error("GGUF {path}: {message}")]
+    Unsupported {
+        /// The GGUF file.
+        path: PathBuf,
+        /// What is unsupported and what is.
+        message: String,
+    },
+    /// A metadata key is missing or has the wrong type.
+    #[error("GGUF {path}: metadata `{key}`: {message}")]
+    Metadata {
+        /// The GGUF file.
+        path: PathBuf,
+        /// The metadata key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A tensor is missing, has an unexpected shape or an unsupported type.
+    #[error("GGUF {path}: tensor `{tensor}`: {message}")]
+    Tensor {
+        /// The GGUF file.
+        path: PathBuf,
+        /// The GGUF tensor name.
+        tensor: String,
+        /// What is wrong, with the expected shape or the accepted types.
+        message: String,
+    },
+    /// The conversion was asked for something impossible (e.g. more layers than the model has).
+    #[error("{0}")]
+    Request(String),
 }
 
 /// Adds the path and action to `std::io::Result`s.

@@ -7,8 +7,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{default_revision, SourceKind, CHATML_TEMPLATE};
+use super::source::{default_revision, SourceKind};
 use crate::error::{Error, Result};
+
+/// The chat template preset for ChatML models (SmolLM2-Instruct, Qwen2).
+pub const CHATML_TEMPLATE: &str = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n";
 
 /// The role names with a fixed meaning.
 pub const FIXED_ROLES: [&str; 3] = ["train", "query", "pretrain"];

@@ -14,7 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::MethodKind;
+use super::attribution::MethodKind;
 
 /// `[eval]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,3 +1,6 @@
+//! Config: the typed parameter sets (`configs/*.toml`) and pipeline files, with validation.
+//! Layer: ground — may import error and util only (every other layer reads its types).
+//!
 //! Parameter sets (`configs/*.toml`): typed, validated on load, resolved (defaults filled
 //! in, relative paths made absolute against the config file's folder) and written into the
 //! run directory.
@@ -24,6 +27,7 @@ mod eval;
 mod load;
 mod pipeline;
 mod query;
+mod source;
 mod stages;
 mod train;
 
@@ -32,17 +36,24 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use attribution::{AdamResponse, AttributionConfig, EigenPrecision, FisherKind, MethodKind};
-pub use data::{is_role_name, DataConfig, DataFormat, DatasetConfig, DocShape, FIXED_ROLES};
+pub use data::{
+    is_role_name, DataConfig, DataFormat, DatasetConfig, DocShape, CHATML_TEMPLATE, FIXED_ROLES,
+};
 pub use device::{DeviceKind, PrecisionKind};
 pub use diff::{diff_values, KeyChange};
 pub use eval::EvalConfig;
 pub use load::{parse_toml, read_toml};
 pub use pipeline::Pipeline;
 pub use query::QueryConfig;
-pub use stages::{StageConfig, TrainStage};
-pub use train::{MassSpec, OptimizerKind, PretrainConfig, ScheduleKind, TrainConfig, FROM_MODEL};
+pub use source::SourceKind;
+pub use stages::TrainStage;
+pub use train::{
+    LossNormalization, MassSpec, OptimizerKind, PretrainConfig, ScheduleKind, StageConfig,
+    TrainConfig, FROM_MODEL,
+};
 
 use crate::error::{Error, Result};
+use source::default_revision;
 
 /// A whole parameter set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,20 +142,6 @@ impl Default for HubConfig {
     }
 }
 
-/// Where a model or dataset comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum SourceKind {
-    /// A local path if `id` names an existing file or folder (or starts with `/`, `./`,
-    /// `../`), otherwise the hub. Resolved on load.
-    #[default]
-    Auto,
-    /// The Hugging Face hub (online, or its cache when offline).
-    Hub,
-    /// A local file or folder.
-    Local,
-}
-
 /// `[model]`: the pretrained model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -158,10 +155,6 @@ pub struct ModelConfig {
     /// `auto`, `hub` or `local`. Default `auto`.
     #[serde(default)]
     pub source: SourceKind,
-}
-
-pub(crate) fn default_revision() -> String {
-    "main".to_string()
 }
 
 /// `[batching]`: token-budget batching used by the stages that run the model.
@@ -191,9 +184,6 @@ impl Default for BatchingConfig {
         }
     }
 }
-
-/// The chat template preset for ChatML models (SmolLM2-Instruct, Qwen2).
-pub const CHATML_TEMPLATE: &str = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n";
 
 impl Config {
     /// Reads, validates and resolves a config file.

@@ -20,81 +20,17 @@
 //! segments = 1
 //! ```
 //!
+//! The entries ([`StageConfig`]) are declared in `train.rs` beside `[train]`, which holds
+//! them; this file merges them with `[train]` into [`TrainStage`]s and checks them.
+//!
 //! Inheritance is per key, except for keys that only make sense together: a stage that sets
 //! `epochs` or `max_steps` inherits neither; one that sets `segments` or
 //! `segment_boundaries` inherits neither; one that changes `optimizer` inherits none of
 //! `momentum`, `beta1`, `beta2`, `eps`. Without `[[train.stages]]`, `[train]` itself is the
 //! one stage, named `finetune`.
 
-use serde::{Deserialize, Serialize};
-
-use super::train::{OptimizerKind, ScheduleKind, TrainConfig};
-
-/// One `[[train.stages]]` entry: a fine-tuning stage and the `[train]` keys it overrides.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct StageConfig {
-    /// Stage name (unique; not `pretrain`): the `stage` of its trajectory segments.
-    pub name: String,
-    /// The data role it trains on (`train`, `pretrain`, or an extra `[data.NAME]`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dataset: Option<String>,
-    /// Start from the previous stage's optimizer state (moments and step count) instead of
-    /// a fresh one. Needs the same optimizer as the previous stage. Default false.
-    #[serde(default)]
-    pub continue_optimizer: bool,
-    /// Overrides `train.optimizer`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub optimizer: Option<OptimizerKind>,
-    /// Overrides `train.lr`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lr: Option<f64>,
-    /// Overrides `train.momentum`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub momentum: Option<f64>,
-    /// Overrides `train.beta1`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub beta1: Option<f64>,
-    /// Overrides `train.beta2`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub beta2: Option<f64>,
-    /// Overrides `train.eps`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eps: Option<f64>,
-    /// Overrides `train.weight_decay`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub weight_decay: Option<f64>,
-    /// Overrides `train.schedule` (the schedule runs over this stage's steps).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub schedule: Option<ScheduleKind>,
-    /// Overrides `train.warmup_steps`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub warmup_steps: Option<u64>,
-    /// Overrides `train.batch_size`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub batch_size: Option<usize>,
-    /// Overrides `train.epochs` (and drops an inherited `max_steps`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub epochs: Option<u32>,
-    /// Overrides `train.max_steps` (and drops an inherited `epochs`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_steps: Option<u64>,
-    /// Overrides `train.max_grad_norm`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_grad_norm: Option<f64>,
-    /// Overrides `train.seed`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
-    /// Overrides `train.segments` (and drops inherited `segment_boundaries`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub segments: Option<usize>,
-    /// Overrides `train.checkpoints_per_segment`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checkpoints_per_segment: Option<usize>,
-    /// Overrides `train.segment_boundaries`: interior ends in this stage's own steps.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub segment_boundaries: Option<Vec<u64>>,
-}
+use super::data::is_role_name;
+use super::train::{StageConfig, TrainConfig};
 
 /// A fine-tuning stage with every value resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -197,7 +133,7 @@ impl TrainConfig {
         let stages = self.stage_list();
         for (i, (s, merged)) in list.iter().zip(&stages).enumerate() {
             let key = |k: &str| format!("train.stages[{i}].{k}");
-            if !super::is_role_name(&s.name) || s.name == "pretrain" {
+            if !is_role_name(&s.name) || s.name == "pretrain" {
                 return Err((
                     key("name"),
                     format!(

@@ -19,8 +19,17 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::stages::StageConfig;
-use crate::train::trajectory::LossNormalization;
+/// How the optimizer's objective was normalised; H and the gradients scale with it, and so
+/// does s σ (docs/design.md §2). `trajectory.json` records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossNormalization {
+    /// J = (1/N) Σ_m L(z_m): each document's loss summed over its tokens, averaged over the
+    /// documents of a batch (docs/design.md §2's convention).
+    SumPerDocument,
+    /// The loss averaged over all loss tokens of a batch (Hugging Face Trainer's default).
+    MeanPerToken,
+}
 
 /// The optimizer the `finetune` stage steps with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -123,6 +132,73 @@ pub struct TrainConfig {
     /// one stage, `finetune`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stages: Option<Vec<StageConfig>>,
+}
+
+/// One `[[train.stages]]` entry: a fine-tuning stage and the `[train]` keys it overrides
+/// (how they merge with `[train]`: [`StageConfig::merged`], in `config/stages.rs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// Stage name (unique; not `pretrain`): the `stage` of its trajectory segments.
+    pub name: String,
+    /// The data role it trains on (`train`, `pretrain`, or an extra `[data.NAME]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
+    /// Start from the previous stage's optimizer state (moments and step count) instead of
+    /// a fresh one. Needs the same optimizer as the previous stage. Default false.
+    #[serde(default)]
+    pub continue_optimizer: bool,
+    /// Overrides `train.optimizer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<OptimizerKind>,
+    /// Overrides `train.lr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// Overrides `train.momentum`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub momentum: Option<f64>,
+    /// Overrides `train.beta1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta1: Option<f64>,
+    /// Overrides `train.beta2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta2: Option<f64>,
+    /// Overrides `train.eps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eps: Option<f64>,
+    /// Overrides `train.weight_decay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
+    /// Overrides `train.schedule` (the schedule runs over this stage's steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleKind>,
+    /// Overrides `train.warmup_steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_steps: Option<u64>,
+    /// Overrides `train.batch_size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// Overrides `train.epochs` (and drops an inherited `max_steps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<u32>,
+    /// Overrides `train.max_steps` (and drops an inherited `epochs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<u64>,
+    /// Overrides `train.max_grad_norm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<f64>,
+    /// Overrides `train.seed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Overrides `train.segments` (and drops inherited `segment_boundaries`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segments: Option<usize>,
+    /// Overrides `train.checkpoints_per_segment`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoints_per_segment: Option<usize>,
+    /// Overrides `train.segment_boundaries`: interior ends in this stage's own steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment_boundaries: Option<Vec<u64>>,
 }
 
 fn default_dataset() -> String {

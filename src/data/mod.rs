@@ -1,6 +1,9 @@
-//! Data: reading data sets (Parquet, JSONL, CSV), turning rows into documents, tokenising
-//! them with loss masks, storing them as a Parquet table, and batching them under a token
-//! budget for the stages that run the model.
+//! Data: data sets read, made documents, tokenised, stored as a table, and batched.
+//! Layer: data — may import ground (error, util, config, output), linalg, backend, model.
+//!
+//! Reading data sets (Parquet, JSONL, CSV), turning rows into documents, tokenising them with
+//! loss masks, storing them as a Parquet table, and batching them under a token budget for
+//! the stages that run the model.
 
 pub mod batch;
 pub mod docs;
@@ -10,5 +13,6 @@ pub mod tokenize;
 
 pub use batch::{plan_batches, plan_stats, Batch, BatchOrder, BatchPlanStats};
 pub use docs::{load_docs, Content, RawDoc};
+pub use read::{format_of, DATA_EXTENSIONS};
 pub use table::{read_prepared, write_prepared};
 pub use tokenize::{tokenize_docs, Prepared, PreparedDoc, TokenizeStats};

@@ -11,6 +11,29 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use crate::config::DataFormat;
 use crate::error::{Error, IoContext, Result};
 
+/// File extensions read as data, by format.
+pub const DATA_EXTENSIONS: [(&str, DataFormat); 5] = [
+    ("jsonl", DataFormat::Jsonl),
+    ("ndjson", DataFormat::Jsonl),
+    ("json", DataFormat::Jsonl),
+    ("csv", DataFormat::Csv),
+    ("parquet", DataFormat::Parquet),
+];
+
+/// The format a data file is read as.
+pub fn format_of(name: &str, configured: DataFormat) -> Option<DataFormat> {
+    if configured != DataFormat::Auto {
+        return Some(configured);
+    }
+    let ext = Path::new(name)
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())?;
+    DATA_EXTENSIONS
+        .iter()
+        .find(|(e, _)| *e == ext)
+        .map(|(_, f)| *f)
+}
+
 /// One row: where it came from and the requested columns' values (`None`: null or absent).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
@@ -29,7 +52,7 @@ pub fn read_rows(
     required: &[bool],
 ) -> Result<Vec<Row>> {
     let name = path.display().to_string();
-    let format = crate::hub::format_of(&name, format).ok_or_else(|| {
+    let format = format_of(&name, format).ok_or_else(|| {
         Error::Data(format!(
             "{name}: cannot tell the format from the extension; set `format` to jsonl, csv or \
              parquet"

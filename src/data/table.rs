@@ -5,8 +5,8 @@
 //! | doc_id | utf8 | document id |
 //! | text | utf8 | the text as tokenised (templated prompt + completion for that shape) |
 //! | prompt, completion | utf8, nullable | prompt/completion documents |
-//! | input_ids | list<uint32> | token ids |
-//! | loss_mask | list<uint8> | 1 where the token is a loss target |
+//! | input_ids | `list<uint32>` | token ids |
+//! | loss_mask | `list<uint8>` | 1 where the token is a loss target |
 //! | n_tokens, n_loss_tokens, truncated_tokens | uint32 | counts |
 //! | source | utf8 | `FILE:LINE` of the document |
 

@@ -6,7 +6,8 @@
 
 use hf_hub::{Cache, Repo};
 
-use super::{Listing, RepoRequest, Resolution};
+use super::repo::{Listing, RepoKind, RepoRequest, Resolution};
+use super::settings::HubSettings;
 use crate::error::{Error, Result};
 
 /// Whether `rev` is a full 40-hex commit hash.
@@ -15,7 +16,7 @@ pub(crate) fn is_commit_hash(rev: &str) -> bool {
 }
 
 /// Lists the snapshot of `req` in the cache.
-pub(crate) fn listing(settings: &super::HubSettings, req: &RepoRequest) -> Result<Listing> {
+pub(crate) fn listing(settings: &HubSettings, req: &RepoRequest) -> Result<Listing> {
     let cache = Cache::new(settings.cache_dir.clone());
     let repo = Repo::with_revision(req.id.to_string(), req.kind.hf(), req.revision.to_string());
     let folder = settings.cache_dir.join(repo.folder_name());
@@ -40,7 +41,7 @@ pub(crate) fn listing(settings: &super::HubSettings, req: &RepoRequest) -> Resul
                 } else {
                     " and the hub could not be reached"
                 },
-                repo_type = if req.kind == super::RepoKind::Dataset {
+                repo_type = if req.kind == RepoKind::Dataset {
                     " --repo-type dataset"
                 } else {
                     ""
@@ -76,7 +77,7 @@ pub(crate) fn listing(settings: &super::HubSettings, req: &RepoRequest) -> Resul
 /// Checks through `hf_hub::Cache` that every wanted file is in the snapshot (for branch and
 /// tag revisions; commit revisions are checked on the snapshot folder directly).
 pub(crate) fn check_present(
-    settings: &super::HubSettings,
+    settings: &HubSettings,
     req: &RepoRequest,
     listing: &Listing,
     wanted: &[String],

@@ -1,4 +1,7 @@
-//! Resolving models and datasets to local files, three ways:
+//! Hub: models and datasets resolved to local files (the hub, its cache, or a local path).
+//! Layer: hub — may import ground (error, util, config, output), linalg, backend, model, data.
+//!
+//! Three ways:
 //!
 //! 1. **online**: the hub's API through `hf_hub::api::sync` (downloads into the standard
 //!    cache, resolving the revision to a commit first so every file comes from one commit);
@@ -11,175 +14,26 @@
 
 mod cache;
 mod online;
+mod repo;
 mod select;
+mod settings;
 mod verify;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-use crate::config::{DatasetConfig, HubConfig, SourceKind};
+use crate::config::{DatasetConfig, SourceKind};
 use crate::error::{Error, Result};
 use crate::util::hash::sha256_file_with;
 use crate::util::progress;
 
-pub use select::{dataset_files, format_of, model_files, shards_of_index, DATA_EXTENSIONS};
+/// Which files are data is the readers' knowledge (`data::read`); re-exported for the
+/// callers that select files.
+pub use crate::data::read::{format_of, DATA_EXTENSIONS};
+use repo::Listing;
+pub use repo::{RepoKind, RepoRequest, Resolution, ResolvedFile, ResolvedRepo};
+pub use select::{dataset_files, model_files, shards_of_index};
+pub use settings::{HubSettings, DEFAULT_ENDPOINT};
 pub use verify::{safetensors_header, verify_model, ModelFacts};
-
-/// Default hub address.
-pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
-
-/// Model or dataset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RepoKind {
-    /// A model repo (`models--ORG--NAME` in the cache).
-    Model,
-    /// A dataset repo (`datasets--ORG--NAME` in the cache).
-    Dataset,
-}
-
-impl RepoKind {
-    fn hf(self) -> hf_hub::RepoType {
-        match self {
-            RepoKind::Model => hf_hub::RepoType::Model,
-            RepoKind::Dataset => hf_hub::RepoType::Dataset,
-        }
-    }
-
-    fn word(self) -> &'static str {
-        match self {
-            RepoKind::Model => "model",
-            RepoKind::Dataset => "dataset",
-        }
-    }
-}
-
-/// Hub settings after applying the environment: `HF_HUB_CACHE`, `HF_HOME`,
-/// `HF_HUB_OFFLINE`, `HF_ENDPOINT`, `HF_TOKEN`. Config keys win over the environment, except
-/// that `HF_HUB_OFFLINE=1` always forces offline.
-#[derive(Debug, Clone)]
-pub struct HubSettings {
-    /// The hub cache folder (holding `models--…` and `datasets--…`).
-    pub cache_dir: PathBuf,
-    /// Cache only, no network.
-    pub offline: bool,
-    /// Hub address.
-    pub endpoint: String,
-    /// How long to wait for a connection before falling back to the cache.
-    pub connect_timeout: Duration,
-    /// Access token for gated or private repos.
-    pub token: Option<String>,
-}
-
-impl HubSettings {
-    /// Settings from `[hub]` and the environment.
-    pub fn from_config(hub: &HubConfig) -> HubSettings {
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let cache_dir = hub
-            .cache_dir
-            .clone()
-            .or_else(|| env("HF_HUB_CACHE").map(PathBuf::from))
-            .or_else(|| env("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
-            .unwrap_or_else(|| {
-                let home = env("HOME").unwrap_or_else(|| ".".into());
-                PathBuf::from(home).join(".cache/huggingface/hub")
-            });
-        let env_offline = env("HF_HUB_OFFLINE")
-            .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
-            .unwrap_or(false);
-        let endpoint = hub
-            .endpoint
-            .clone()
-            .or_else(|| env("HF_ENDPOINT"))
-            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
-            .trim_end_matches('/')
-            .to_string();
-        let token = env("HF_TOKEN").or_else(|| hf_hub::Cache::new(cache_dir.clone()).token());
-        HubSettings {
-            cache_dir,
-            offline: hub.offline || env_offline,
-            endpoint,
-            connect_timeout: Duration::from_secs_f64(hub.connect_timeout_s),
-            token,
-        }
-    }
-}
-
-/// How a repo was resolved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Resolution {
-    /// Through the hub's API (files downloaded into the cache when missing).
-    Online,
-    /// From the local Hugging Face cache, without network.
-    Cache,
-    /// From a local folder or file.
-    Local,
-}
-
-/// One resolved file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResolvedFile {
-    /// Path inside the repo or folder (`model.safetensors`, `data/train.jsonl`).
-    pub name: String,
-    /// Absolute local path.
-    pub path: PathBuf,
-    /// Size in bytes.
-    pub bytes: u64,
-    /// Hex SHA-256 of the content.
-    pub sha256: String,
-}
-
-/// A model or dataset resolved to local files.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResolvedRepo {
-    /// Model or dataset.
-    pub kind: RepoKind,
-    /// Repo id or local path, as configured.
-    pub id: String,
-    /// How it was resolved.
-    pub resolution: Resolution,
-    /// The revision asked for (`main`, a tag, a commit); `None` for local paths.
-    pub revision: Option<String>,
-    /// The commit it resolved to; `None` for local paths.
-    pub commit: Option<String>,
-    /// The snapshot folder or local folder the files are in.
-    pub root: PathBuf,
-    /// The files, in a stable order.
-    pub files: Vec<ResolvedFile>,
-}
-
-impl ResolvedRepo {
-    /// The file named `name` (path inside the repo).
-    pub fn file(&self, name: &str) -> Option<&ResolvedFile> {
-        self.files.iter().find(|f| f.name == name)
-    }
-}
-
-/// A listing of a repo or folder: its root and the relative names of its files.
-#[derive(Debug, Clone)]
-pub(crate) struct Listing {
-    pub resolution: Resolution,
-    pub revision: Option<String>,
-    pub commit: Option<String>,
-    pub root: PathBuf,
-    pub names: Vec<String>,
-}
-
-/// Where to look for a repo: a hub id with revision, or a local path.
-#[derive(Debug, Clone)]
-pub struct RepoRequest<'a> {
-    /// Model or dataset.
-    pub kind: RepoKind,
-    /// Hub id or local path (already resolved by the config).
-    pub id: &'a str,
-    /// Revision (hub only).
-    pub revision: &'a str,
-    /// Hub or local (never `Auto` after config resolution).
-    pub source: SourceKind,
-}
 
 /// Resolves the model named by `[model]`: config.json, tokenizer.json, safetensors weights
 /// (single file or sharded with its index), and the optional tokenizer/generation configs.

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo};
 
-use super::{HubSettings, Listing, RepoRequest, Resolution};
+use super::repo::{Listing, RepoRequest, Resolution};
+use super::settings::HubSettings;
 use crate::error::{Error, Result};
 use crate::util::progress;
 

@@ -3,16 +3,8 @@
 use std::path::Path;
 
 use crate::config::{DataFormat, DatasetConfig};
+use crate::data::read::format_of;
 use crate::error::{Error, Result};
-
-/// File extensions read as data, by format.
-pub const DATA_EXTENSIONS: [(&str, DataFormat); 5] = [
-    ("jsonl", DataFormat::Jsonl),
-    ("ndjson", DataFormat::Jsonl),
-    ("json", DataFormat::Jsonl),
-    ("csv", DataFormat::Csv),
-    ("parquet", DataFormat::Parquet),
-];
 
 /// Optional model files taken when present (`training/*`: a recorded pretraining
 /// trajectory and AdamW's second moments, for `[pretrain] lr_mass = "from_model"`).
@@ -135,20 +127,6 @@ pub fn shards_of_index(path: &Path) -> Result<Vec<String>> {
     shards.sort();
     shards.dedup();
     Ok(shards)
-}
-
-/// The format a data file is read as.
-pub fn format_of(name: &str, configured: DataFormat) -> Option<DataFormat> {
-    if configured != DataFormat::Auto {
-        return Some(configured);
-    }
-    let ext = Path::new(name)
-        .extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())?;
-    DATA_EXTENSIONS
-        .iter()
-        .find(|(e, _)| *e == ext)
-        .map(|(_, f)| *f)
 }
 
 /// The data files among `names` for the dataset's explicit `files` or its `split`.

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use super::repo::ResolvedRepo;
 use crate::error::{Error, IoContext, Result};
 
 /// What the checks learned about a model.
@@ -19,7 +20,7 @@ pub struct ModelFacts {
 }
 
 /// Checks config.json and the safetensors files of a resolved model.
-pub fn verify_model(repo: &super::ResolvedRepo) -> Result<ModelFacts> {
+pub fn verify_model(repo: &ResolvedRepo) -> Result<ModelFacts> {
     let mut facts = ModelFacts::default();
     if let Some(cfg) = repo.file("config.json") {
         let text = std::fs::read_to_string(&cfg.path).ctx("reading", &cfg.path)?;

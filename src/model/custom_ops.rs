@@ -5,7 +5,7 @@
 //!   nothing for W. candle's own matmul backward always forms ∂L/∂W as well (2·n·d_in·d_out
 //!   FLOPs and a [d_out, d_in] gradient per layer, for the tied head a [V, d] one), which a
 //!   capture never reads.
-//! * [`cross_entropy_rows`]: ℓ_n = m_n (logsumexp(z_n) − z_n[y_n]) per row of logits z [N, V],
+//! * [`cross_entropy_rows`]: ℓ_n = m_n (logsumexp(z_n) − z_n\[y_n\]) per row of logits z [N, V],
 //!   fused: one pass forms the losses and softmax(z_n) − e_{y_n}, which the backward scales
 //!   in place by m_n ∂L/∂ℓ_n. The composed log-softmax keeps about ten [N, V] tensors alive
 //!   (shifted, exp, log-softmax and each of their gradients); this keeps two (z and ∂L/∂z).
@@ -236,7 +236,7 @@ impl CustomOp1 for CrossEntropyRows {
 }
 
 /// Per-row masked cross-entropy ℓ_n = m_n (log Σ_v exp z_{n,v} − z_{n,y_n}) for logits
-/// z [N, V] (f32, CPU), targets y [N] and mask m [N] (0 rows contribute nothing and get no
+/// z [N, V] (f32, CPU), targets y \[N\] and mask m \[N\] (0 rows contribute nothing and get no
 /// gradient); differentiable in z, without keeping the log-softmax intermediates. `None`
 /// where the fused op does not apply (another device or dtype): use the composed ops.
 pub fn cross_entropy_rows(z: &Tensor, targets: &[u32], mask: &[f32]) -> Result<Option<Tensor>> {
@@ -252,24 +252,11 @@ pub fn cross_entropy_rows(z: &Tensor, targets: &[u32], mask: &[f32]) -> Result<O
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::model::fused::tests::max_abs_diff;
     use crate::model::ops::log_softmax_last;
     use candle_core::{Device, Var, D};
-
-    /// Max |a − b| over all entries (f32 tensors of one shape).
-    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     #[test]
     fn linear_matches_matmul_in_value_and_input_gradient_and_skips_the_weight() {

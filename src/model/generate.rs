@@ -6,39 +6,8 @@ use candle_transformers::generation::{LogitsProcessor, Sampling as CtSampling};
 
 use crate::error::{Error, Result};
 
+pub use super::kv_cache::KvCache;
 use super::lm::Model;
-
-/// Keys and values of every decoder layer for the tokens seen so far.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    /// Tokens already in the cache (the next token's position).
-    pub offset: usize,
-    /// Per layer: k, v: [B, H_kv, offset, D].
-    layers: Vec<Option<(Tensor, Tensor)>>,
-}
-
-impl KvCache {
-    /// Appends this step's k, v ([B, H_kv, T, D]) for `layer`; returns all keys and values.
-    pub(crate) fn append(
-        &mut self,
-        layer: usize,
-        k: Tensor,
-        v: Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        if self.layers.len() <= layer {
-            self.layers.resize(layer + 1, None);
-        }
-        let kv = match self.layers[layer].take() {
-            Some((pk, pv)) => (
-                Tensor::cat(&[&pk, &k], 2)?.contiguous()?,
-                Tensor::cat(&[&pv, &v], 2)?.contiguous()?,
-            ),
-            None => (k, v),
-        };
-        self.layers[layer] = Some(kv.clone());
-        Ok(kv)
-    }
-}
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]

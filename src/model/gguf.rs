@@ -1,3 +1,6 @@
+//! GGUF import: a llama.cpp GGUF file read and converted to a Hugging Face checkpoint.
+//! Layer: model — may import ground (error, util); inside gguf/: hf, names, write.
+//!
 //! Llama-family weights from a local GGUF file (llama.cpp's format), converted to a Hugging
 //! Face checkpoint: f32 tensors under HF names, q/k rows in HF order, and an HF `config.json`.
 //!
@@ -23,6 +26,7 @@
 //! [`GgufLlama::write_hf_dir`] then writes `config.json`, `model.safetensors` and (given one)
 //! `tokenizer.json`, so other tools load exactly the same weights.
 
+mod hf;
 mod names;
 #[cfg(test)]
 mod tests;
@@ -31,68 +35,19 @@ mod write;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 
+pub use hf::{F32Tensor, GgufLlama, LlamaHfConfig};
 pub use names::{hf_name, permute_qk_rows, unpermute_qk_rows};
-pub use write::{check_tokenizer, LlamaHfConfig, WrittenCheckpoint};
+pub use write::{check_tokenizer, WrittenCheckpoint};
 
-/// A GGUF conversion problem. Each message names the file and, where there is one, the
-/// tensor or metadata key, and says what would fix it.
-#[derive(Debug, thiserror::Error)]
-pub enum GgufError {
-    /// The file is not a GGUF file candle can parse, or reading a tensor failed.
-    #[error("GGUF {path}: {message}")]
-    Read {
-        /// The GGUF file.
-        path: PathBuf,
-        /// candle's message, with what was being read.
-        message: String,
-    },
-    /// The file is GGUF but not a model this converter handles.
-    #[error("GGUF {path}: {message}")]
-    Unsupported {
-        /// The GGUF file.
-        path: PathBuf,
-        /// What is unsupported and what is.
-        message: String,
-    },
-    /// A metadata key is missing or has the wrong type.
-    #[error("GGUF {path}: metadata `{key}`: {message}")]
-    Metadata {
-        /// The GGUF file.
-        path: PathBuf,
-        /// The metadata key.
-        key: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// A tensor is missing, has an unexpected shape or an unsupported type.
-    #[error("GGUF {path}: tensor `{tensor}`: {message}")]
-    Tensor {
-        /// The GGUF file.
-        path: PathBuf,
-        /// The GGUF tensor name.
-        tensor: String,
-        /// What is wrong, with the expected shape or the accepted types.
-        message: String,
-    },
-    /// The conversion was asked for something impossible (e.g. more layers than the model has).
-    #[error("{0}")]
-    Request(String),
-}
-
-/// A dense f32 tensor in row-major order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct F32Tensor {
-    /// Dimensions, outermost first (HF/torch order, e.g. `[out, in]` for a linear weight).
-    pub shape: Vec<usize>,
-    /// The values, `shape.iter().product()` of them.
-    pub data: Vec<f32>,
-}
+/// The conversion's error type lives in the ground floor ([`crate::error`]) so that the
+/// library's [`Error`](crate::error::Error) can wrap it without importing the model.
+pub use crate::error::GgufError;
 
 /// Options for [`GgufLlama::read`].
 #[derive(Debug, Clone, Default)]
@@ -100,23 +55,6 @@ pub struct ReadOptions {
     /// Keep only the first N decoder layers (`None`: all of them). The embeddings, the final
     /// norm and the output head are kept either way.
     pub layers: Option<usize>,
-}
-
-/// A Llama-family model read from GGUF: HF config and f32 tensors under HF names.
-#[derive(Debug, Clone)]
-pub struct GgufLlama {
-    /// The GGUF file it came from.
-    pub source: PathBuf,
-    /// The HF config (with `num_hidden_layers` already reduced by [`ReadOptions::layers`]).
-    pub config: LlamaHfConfig,
-    /// HF tensor name → tensor, q/k rows in HF order. `lm_head.weight` is present only when
-    /// the GGUF has its own `output.weight` (else `config.tie_word_embeddings` is true).
-    pub tensors: BTreeMap<String, F32Tensor>,
-    /// HF tensor name → (GGUF tensor name, GGUF type as candle names it, e.g. `Q4_1`).
-    pub origin: BTreeMap<String, (String, String)>,
-    /// The vocabulary from `tokenizer.ggml.tokens`, when the file has one (used to check
-    /// that a tokenizer.json fits the model).
-    pub vocab: Option<Vec<String>>,
 }
 
 /// The GGUF tensor types the converter dequantises (candle's dequantisation of each is

@@ -10,7 +10,7 @@ use candle_core::{Tensor, Var};
 use crate::error::{Error, Result};
 
 use super::config::{Gpt2Activation, Gpt2Spec};
-use super::generate::KvCache;
+use super::kv_cache::KvCache;
 use super::linear::{ParamLoader, Recorder, TrackedLinear};
 use super::ops;
 

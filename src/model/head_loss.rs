@@ -2,7 +2,7 @@
 //!
 //! For final hidden states x [N, d], head weight W [V, d], targets y and mask m:
 //!
-//! ℓ_n = m_n (logsumexp(z_n) − z_n[y_n]) with z_n = W x_n, and
+//! ℓ_n = m_n (logsumexp(z_n) − z_n\[y_n\]) with z_n = W x_n, and
 //! ∂ℓ_n/∂x_n = m_n Wᵀ (softmax(z_n) − e_{y_n}).
 //!
 //! The forward computes both a block of rows at a time, reusing one [rows, V] buffer, so
@@ -132,8 +132,8 @@ impl CustomOp1 for HeadCrossEntropy {
     }
 }
 
-/// Per-row ℓ_n = m_n (logsumexp(W x_n) − (W x_n)[y_n]) for hidden states `x` [N, d] (f32,
-/// CPU), head weight `w` [V, d], `targets` y [N] and `mask` m [N]: [N], differentiable in x
+/// Per-row ℓ_n = m_n (logsumexp(W x_n) − (W x_n)\[y_n\]) for hidden states `x` [N, d] (f32,
+/// CPU), head weight `w` [V, d], `targets` y \[N\] and `mask` m \[N\]: \[N\], differentiable in x
 /// only (see the module doc). Errors unless [`super::fused::applies`] to `x`.
 pub fn head_cross_entropy(x: &Tensor, w: &Tensor, targets: &[u32], mask: &[f32]) -> Result<Tensor> {
     head_cross_entropy_blocked(x, w, targets, mask, BLOCK_ROWS)
@@ -168,7 +168,7 @@ fn head_cross_entropy_blocked(
 mod tests {
     use super::*;
     use crate::model::custom_ops::cross_entropy_rows;
-    use crate::model::custom_ops::tests::max_abs_diff;
+    use crate::model::fused::tests::max_abs_diff;
     use candle_core::{Device, Var};
 
     /// Against the head as a plain product followed by the fused row cross-entropy (itself

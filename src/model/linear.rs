@@ -117,7 +117,7 @@ pub struct TrackedLinear {
     pub name: String,
     /// W: [d_out, d_in].
     pub weight: Var,
-    /// b: [d_out].
+    /// b: \[d_out\].
     pub bias: Option<Var>,
     /// Recorder slot when tracked.
     pub slot: Option<usize>,

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor, Var};
 use crate::error::Result;
 
 use super::config::LlamaSpec;
-use super::generate::KvCache;
+use super::kv_cache::KvCache;
 use super::linear::{ParamLoader, Recorder, TrackedLinear};
 use super::ops;
 

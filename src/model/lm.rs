@@ -9,8 +9,8 @@ use crate::error::{Error, Result};
 
 use super::batch::TokenBatch;
 use super::config::ModelSpec;
-use super::generate::KvCache;
 use super::gpt2::Gpt2;
+use super::kv_cache::KvCache;
 use super::linear::{Param, ParamLoader, Recorder, TrackedLinear};
 use super::llama::Llama;
 use super::loss;
@@ -198,7 +198,7 @@ impl Model {
     }
 
     /// Per-document summed cross-entropy over the batch's loss-masked targets, as a
-    /// differentiable [B] tensor (the training objective is its sum or mean). On a
+    /// differentiable \[B\] tensor (the training objective is its sum or mean). On a
     /// prompt/completion batch this is the query measurement −log p(completion | prompt).
     pub fn loss_tensor(&self, batch: &TokenBatch) -> Result<Tensor> {
         let logits = self.forward(&batch.input_ids)?;

@@ -1,6 +1,6 @@
 //! Per-document losses and sampled (true-Fisher) labels.
 //!
-//! L(z) = −Σ_t m_t log softmax(logits_t)[y_t], with m the prediction mask and y the target
+//! L(z) = −Σ_t m_t log softmax(logits_t)\[y_t\], with m the prediction mask and y the target
 //! of position t: the next token (training loss, and the query measurement on a
 //! prompt/completion batch), or a label drawn from the model's own softmax.
 
@@ -15,7 +15,7 @@ use super::ops;
 
 /// Per-document summed cross-entropy, differentiable. On the CPU through the fused
 /// [`cross_entropy_rows`] (no log-softmax intermediates kept), elsewhere composed.
-/// logits: [B, T, V]; targets: [B, T] u32; mask: [B, T] f32 → [B].
+/// logits: [B, T, V]; targets: [B, T] u32; mask: [B, T] f32 → \[B\].
 pub fn doc_losses(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     let tv: Vec<u32> = targets.flatten_all()?.to_vec1()?;

@@ -1,4 +1,5 @@
-//! Transformer families on candle with tracked linear layers.
+//! Model: transformer families on candle with tracked linear layers, capture, generation.
+//! Layer: model — may import ground (error, util, config, output) and linalg, backend.
 //!
 //! A [`Model`] is loaded from a Hugging Face checkpoint directory (`config.json` +
 //! safetensors) or any [`TensorSource`]; its weights are trainable f32 `Var`s listed by
@@ -25,6 +26,7 @@ pub mod generate;
 pub mod gguf;
 mod gpt2;
 pub mod head_loss;
+mod kv_cache;
 pub mod linear;
 mod llama;
 pub mod lm;

@@ -10,7 +10,7 @@ use crate::error::Result;
 
 use super::config::RopeScaling;
 
-/// RMSNorm: x / √(mean(x²) + ε) ⊙ w. x: [.., d], w: [d]. `fused`: one custom op
+/// RMSNorm: x / √(mean(x²) + ε) ⊙ w. x: [.., d], w: \[d\]. `fused`: one custom op
 /// ([`super::fused::rms_norm`]) where it applies (f32 on the CPU), else composed ops.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, fused: bool) -> Result<Tensor> {
     if fused && super::fused::applies(x) {
@@ -169,4 +169,54 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
     let p = softmax_last(&scores)?;
     let y = p.matmul(&v.contiguous()?)?;
     Ok(y.transpose(1, 2)?.reshape((b, t, h * d))?)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fused kernels (`fused.rs`) against the composed ops they replace.
+    use super::*;
+    use crate::model::fused::{self, tests::max_abs_diff};
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn rms_norm_matches_the_composed_ops_in_value_and_both_gradients() {
+        let dev = Device::Cpu;
+        // 130 rows: more than one parallel task.
+        let x = Var::randn(0f32, 2.0, (2, 65, 24), &dev).unwrap();
+        let w = Var::randn(1f32, 0.5, 24, &dev).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (2, 65, 24), &dev).unwrap();
+        let got = fused::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        let want = rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+        let g = (got * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            let (a, b) = (
+                g.get(v.as_tensor()).unwrap(),
+                gw.get(v.as_tensor()).unwrap(),
+            );
+            assert!(max_abs_diff(a, b) < 1e-4, "{}", max_abs_diff(a, b));
+        }
+    }
+
+    #[test]
+    fn rope_matches_the_composed_ops_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let (b, h, t, d) = (2, 3, 37, 8);
+        let x = Var::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap();
+        let (cos, sin) = rope_tables(t + 5, d, 10_000.0, &RopeScaling::None, &dev).unwrap();
+        // Positions 5.. as with a KV cache: narrowed (non-contiguous offset) tables.
+        let (cos, sin) = (cos.narrow(0, 5, t).unwrap(), sin.narrow(0, 5, t).unwrap());
+        let up = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap();
+        let got = fused::apply_rope(x.as_tensor(), &cos, &sin).unwrap();
+        let want = apply_rope_composed(x.as_tensor(), &cos, &sin).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-6);
+        let g = (got * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, c) = (
+            g.get(x.as_tensor()).unwrap(),
+            gw.get(x.as_tensor()).unwrap(),
+        );
+        assert!(max_abs_diff(a, c) < 1e-6);
+    }
 }

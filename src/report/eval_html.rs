@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
 use super::eval::{EvalResults, LdsPoint};
-use super::html::escape;
 use super::svg::{scatter, Scatter};
+use super::text::escape;
 
 /// A plot colour per method.
 pub fn method_colour(method: &str) -> &'static str {

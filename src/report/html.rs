@@ -7,6 +7,7 @@ use std::fmt::Write;
 use super::colour::{legend_gradient, Diverging};
 use super::data::{DocEntry, QueryReport, ReportData, StageTiming};
 use super::eval_html::eval_section;
+pub use super::text::{escape, num};
 use crate::util::mem::human_bytes;
 
 const CSS: &str = include_str!("page.css");
@@ -16,37 +17,6 @@ const JS: &str = include_str!("page.js");
 pub const SEGMENT_COLOURS: [&str; 8] = [
     "#8c6bb1", "#41ab5d", "#fd8d3c", "#4292c6", "#e7298a", "#66a61e", "#a6761d", "#666666",
 ];
-
-/// Escapes `&`, `<`, `>`, `"` and `'` for HTML text and attribute values.
-pub fn escape(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&#39;"),
-            c => o.push(c),
-        }
-    }
-    o
-}
-
-/// A number in a short, readable form: 4 significant digits, scientific outside
-/// [10⁻³, 10⁴).
-pub fn num(v: f64) -> String {
-    if v == 0.0 {
-        "0".into()
-    } else if !v.is_finite() {
-        format!("{v}")
-    } else if (1e-3..1e4).contains(&v.abs()) {
-        let digits = (3 - v.abs().log10().floor() as i32).max(0) as usize;
-        format!("{v:.digits$}")
-    } else {
-        format!("{v:.3e}")
-    }
-}
 
 /// An id usable in an HTML `id` attribute / URL fragment.
 pub fn anchor(query_id: &str) -> String {
@@ -462,15 +432,6 @@ fn timings(stages: &[StageTiming]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn escapes_every_markup_character() {
-        assert_eq!(
-            escape(r#"<a href="x">&'</a>"#),
-            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;&lt;/a&gt;"
-        );
-        assert_eq!(escape("plain ünïcode"), "plain ünïcode");
-    }
 
     #[test]
     fn numbers_keep_four_significant_digits() {

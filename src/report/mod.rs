@@ -1,3 +1,6 @@
+//! Report: a run's results read back and rendered as HTML, a terminal summary, summary.json.
+//! Layer: report — may import pipeline and every layer below it; never stages or main.
+//!
 //! The `report` stage's library: reading a run's results back (the score tables, the
 //! manifest, known sources, evaluation results) and rendering them as one self-contained
 //! HTML page, a terminal summary and `summary.json`.
@@ -14,6 +17,7 @@ pub mod known;
 pub mod summary;
 pub mod svg;
 pub mod table;
+pub mod text;
 
 pub use data::{load_eval, load_scores, load_timings, QueryReport, ReportData};
 pub use eval::{EvalResults, LDS_STAGE, RECALL_STAGE};

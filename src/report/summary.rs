@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use super::data::ReportData;
-use super::html::num;
+use super::text::num;
 
 /// How many top documents per query the terminal summary lists.
 pub const TERMINAL_TOP: usize = 3;

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use super::html::escape;
+use super::text::escape;
 
 /// "Nice" tick values covering [lo, hi]: about `target` steps of 1, 2 or 5 × 10^k.
 pub fn nice_ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {

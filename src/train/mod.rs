@@ -1,6 +1,9 @@
-//! Training: the fine-tuning loop, optimizers, learning-rate schedules, the run plan
-//! (segments, checkpoints, visit order), checkpoints, the trajectory format Source
-//! attributes through, and importing a trajectory from a Hugging Face Trainer folder.
+//! Train: the fine-tuning loop, optimizers, schedules, run plan, checkpoints, trajectories.
+//! Layer: train — may import ground, linalg, backend, model, data and hub.
+//!
+//! The fine-tuning loop, optimizers, learning-rate schedules, the run plan (segments,
+//! checkpoints, visit order), checkpoints, the trajectory format Source attributes through,
+//! and importing a trajectory from a Hugging Face Trainer folder.
 
 pub mod checkpoint;
 pub mod finetune;

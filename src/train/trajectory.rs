@@ -17,17 +17,9 @@ use crate::util::fsx::write_json_atomic;
 /// Version of the file format.
 pub const TRAJECTORY_VERSION: u32 = 1;
 
-/// How the optimizer's objective was normalised; H and the gradients scale with it, and so
-/// does s σ (docs/design.md §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LossNormalization {
-    /// J = (1/N) Σ_m L(z_m): each document's loss summed over its tokens, averaged over the
-    /// documents of a batch (docs/design.md §2's convention).
-    SumPerDocument,
-    /// The loss averaged over all loss tokens of a batch (Hugging Face Trainer's default).
-    MeanPerToken,
-}
+/// The loss normalisation is a `[train]` key, so its type lives in the ground floor's
+/// config; the trajectory records it.
+pub use crate::config::LossNormalization;
 
 /// The optimizer of a segment with its hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

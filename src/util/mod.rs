@@ -1,4 +1,5 @@
-//! Small helpers shared by every stage: hashing, atomic writes, memory, progress, time.
+//! Util: hashing, atomic writes, memory, progress, phase timing, RNG, tensor files, threads.
+//! Layer: ground — may import error only.
 
 pub mod fsx;
 pub mod hash;

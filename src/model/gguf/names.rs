@@ -1,6 +1,6 @@
 //! GGUF ↔ Hugging Face tensor names, expected shapes, and llama.cpp's q/k row permutation.
 
-use super::LlamaHfConfig;
+use super::hf::LlamaHfConfig;
 
 /// The HF name of a GGUF tensor of a Llama-family model, or `None` for a name that has no HF
 /// counterpart here (e.g. `rope_freqs.weight`).
