@@ -12,7 +12,7 @@ pub mod table;
 
 pub use known::read_known_sources;
 pub use lds::{draw_subset, lds, predicted_losses, subset_size, Lds};
-pub use methods::{method_name, method_scores, scored_run, MethodScores};
+pub use methods::method_name;
 pub use retrain::{all_jobs, measure_queries, Job, JobResult, Retrain, Shard};
 pub use stats::{
     average_ranks, bootstrap_ci95, bootstrap_difference_ci95, pearson, recall_at, reciprocal_rank,

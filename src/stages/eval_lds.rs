@@ -22,8 +22,8 @@ use crate::config::Config;
 use crate::data::PreparedDoc;
 use crate::error::{Error, Result};
 use crate::eval::{
-    all_jobs, bootstrap_difference_ci95, lds, method_name, method_scores, predicted_losses,
-    subset_size, table::lds_table, Job, Retrain, Shard,
+    all_jobs, bootstrap_difference_ci95, lds, method_name, predicted_losses, subset_size,
+    table::lds_table, Job, Retrain, Shard,
 };
 use crate::output::{write_table, Column};
 use crate::pipeline::{run_stages, RunDir, RunOptions, Stage, StageContext, StageStatus};
@@ -31,6 +31,7 @@ use crate::util::fsx::write_json_atomic;
 use crate::util::hash::sha256_json;
 
 use super::attribute::{fit_options, role_docs};
+use super::eval_methods::method_scores;
 use super::fetch::Fetched;
 use super::finetune::base_model_dir;
 

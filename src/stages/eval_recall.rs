@@ -18,14 +18,14 @@ use serde_json::json;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::eval::{
-    method_name, method_scores, read_known_sources, recall_at, reciprocal_rank, source_ranks,
-    table::recall_table,
+    method_name, read_known_sources, recall_at, reciprocal_rank, source_ranks, table::recall_table,
 };
 use crate::output::{write_table, Column};
 use crate::pipeline::{Stage, StageContext};
 use crate::util::fsx::write_json_atomic;
 
 use super::attribute::role_docs;
+use super::eval_methods::method_scores;
 use super::fetch::Fetched;
 
 /// The `eval-recall` stage.

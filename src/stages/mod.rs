@@ -3,6 +3,7 @@
 
 pub mod attribute;
 mod eval_lds;
+mod eval_methods;
 mod eval_recall;
 mod fetch;
 mod finetune;
@@ -16,6 +17,7 @@ mod score;
 mod score_precondition;
 
 pub use eval_lds::{run_shard, EvalLdsStage, ShardOutcome};
+pub use eval_methods::{method_scores, scored_run, MethodScores};
 pub use eval_recall::EvalRecallStage;
 pub use fetch::{FetchStage, Fetched};
 pub use finetune::{base_model_dir, FinetuneStage};
