@@ -315,8 +315,15 @@ fn dispatch(command: Command) -> Result<()> {
 fn run(config_path: &Path, run_dir: &Path, stages: &[String], opts: RunOptions) -> Result<()> {
     let config = Config::load(config_path)?;
     let run = RunDir::at(run_dir)?;
-    let outcomes = run_stages(&config, config_path, &run, stages, &opts)
-        .with_context(|| format!("run directory {}", run.path().display()))?;
+    let outcomes = run_stages(
+        &source_tda::stages::registry(),
+        &config,
+        config_path,
+        &run,
+        stages,
+        &opts,
+    )
+    .with_context(|| format!("run directory {}", run.path().display()))?;
     if source_tda::util::progress::is_quiet() {
         return Ok(());
     }
@@ -350,8 +357,14 @@ fn eval_lds_shard(s: &OneStage, shard: &str) -> Result<()> {
     let shard = source_tda::eval::Shard::parse(shard)?;
     let config = Config::load(&s.config)?;
     let run = RunDir::at(&s.run_dir)?;
-    match run_shard(&config, &s.config, &run, shard)
-        .with_context(|| format!("run directory {}", run.path().display()))?
+    match run_shard(
+        &source_tda::stages::registry(),
+        &config,
+        &s.config,
+        &run,
+        shard,
+    )
+    .with_context(|| format!("run directory {}", run.path().display()))?
     {
         ShardOutcome::Merged { ran } => {
             eprintln!(
@@ -387,6 +400,7 @@ fn import_trainer(trainer_dir: &Path, s: OneStage) -> Result<()> {
     let run_dir = RunDir::at(&s.run_dir)?;
     let stages: Vec<String> = ["fetch", "prepare", "finetune"].map(String::from).into();
     let outcomes = run_stages(
+        &source_tda::stages::registry(),
         &config,
         &s.config,
         &run_dir,
@@ -438,7 +452,7 @@ fn convert_gguf(
 
 fn status(run_dir: &Path) -> Result<()> {
     let run = RunDir::at(run_dir)?;
-    let rows = status_rows(&run)?;
+    let rows = status_rows(&source_tda::stages::registry(), &run)?;
     println!("run directory: {}", run.path().display());
     println!(
         "{:<11} {:>9} {:>10}  {:<19}  state",

@@ -37,7 +37,7 @@ pub use device::{DeviceKind, PrecisionKind};
 pub use diff::{diff_values, KeyChange};
 pub use eval::EvalConfig;
 pub use load::{parse_toml, read_toml};
-pub use pipeline::Pipeline;
+pub use pipeline::{Pipeline, STAGE_ORDER};
 pub use query::QueryConfig;
 pub use stages::{StageConfig, TrainStage};
 pub use train::{MassSpec, OptimizerKind, PretrainConfig, ScheduleKind, TrainConfig, FROM_MODEL};

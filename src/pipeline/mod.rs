@@ -7,10 +7,10 @@ mod runner;
 mod stage;
 mod status;
 
+/// Re-exported for the layers above that order stages by name (e.g. the report's timings).
+pub use crate::config::STAGE_ORDER;
 pub use manifest::{Manifest, OutputFile, StageRecord, StageStatus};
 pub use rundir::{RunDir, RunLock};
-pub use runner::{
-    find_stage, registry, run_stages, stage_key, staleness, Outcome, RunOptions, StageKey,
-};
-pub use stage::{stage_order, Stage, StageContext, STAGE_ORDER};
+pub use runner::{run_stages, stage_key, staleness, Outcome, RunOptions, StageKey};
+pub use stage::{Registry, Stage, StageContext};
 pub use status::{status_rows, StatusRow};

@@ -2,13 +2,13 @@
 
 use std::path::Path;
 
-use crate::config::Config;
+use crate::config::{Config, STAGE_ORDER};
 use crate::error::Result;
 
 use super::manifest::StageStatus;
 use super::rundir::RunDir;
-use super::runner::{find_stage, stage_key, staleness};
-use super::stage::STAGE_ORDER;
+use super::runner::{stage_key, staleness};
+use super::stage::Registry;
 
 /// One line of the status table.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,8 +25,9 @@ pub struct StatusRow {
     pub finished_at: Option<String>,
 }
 
-/// The status of every stage recorded in `run`, in pipeline order.
-pub fn status_rows(run: &RunDir) -> Result<Vec<StatusRow>> {
+/// The status of every stage recorded in `run`, in pipeline order; staleness is judged by
+/// the stages of `registry`.
+pub fn status_rows(registry: &Registry, run: &RunDir) -> Result<Vec<StatusRow>> {
     let manifest = run.manifest()?;
     let config_path = run.config_path();
     let text = std::fs::read_to_string(&config_path)
@@ -43,9 +44,9 @@ pub fn status_rows(run: &RunDir) -> Result<Vec<StatusRow>> {
                 "failed: {}",
                 record.error.as_deref().unwrap_or("unknown error")
             ),
-            StageStatus::Complete => match find_stage(name) {
-                Ok(stage) => match stage_key(stage.as_ref(), &config, &manifest) {
-                    Ok(key) => match staleness(stage.as_ref(), run, record, &key)? {
+            StageStatus::Complete => match registry.find(name) {
+                Ok(stage) => match stage_key(stage, &config, &manifest) {
+                    Ok(key) => match staleness(stage, run, record, &key)? {
                         None => "complete".to_string(),
                         Some(why) => format!("stale: {why}"),
                     },

@@ -26,7 +26,7 @@ use crate::eval::{
     table::lds_table, Job, Retrain, Shard,
 };
 use crate::output::{write_table, Column};
-use crate::pipeline::{run_stages, RunDir, RunOptions, Stage, StageContext, StageStatus};
+use crate::pipeline::{run_stages, Registry, RunDir, RunOptions, Stage, StageContext, StageStatus};
 use crate::util::fsx::write_json_atomic;
 use crate::util::hash::sha256_json;
 
@@ -142,8 +142,10 @@ pub enum ShardOutcome {
 
 /// `source-tda eval lds --shard i/n`: trains this shard's jobs (skipping finished ones)
 /// without locking the run directory; the last shard then merges (runs the `eval-lds` stage)
-/// if every job is done. `config` must be the run's config.
+/// if every job is done, with the `eval-lds` stage of `registry`. `config` must be the run's
+/// config.
 pub fn run_shard(
+    registry: &Registry,
     config: &Config,
     config_file: &Path,
     run: &RunDir,
@@ -183,6 +185,7 @@ pub fn run_shard(
         return Ok(ShardOutcome::Partial { ran, missing });
     }
     run_stages(
+        registry,
         config,
         config_file,
         run,
@@ -258,8 +261,7 @@ impl Stage for EvalLdsStage {
         let mut first_predicted: Vec<Vec<f64>> = Vec::new();
         for &method in &c.eval.methods {
             let name = method_name(method);
-            let scores =
-                method_scores(c, ctx.run, method, &c.train.dataset, &query_ids, &train_ids)?;
+            let scores = method_scores(ctx, method, &c.train.dataset, &query_ids, &train_ids)?;
             let predicted = predicted_losses(&scores.tau, &subsets);
             let res = lds(&predicted, &measured, c.eval.bootstrap, c.run.seed);
             for qi in 0..q {

@@ -18,7 +18,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use crate::config::{Config, MethodKind};
 use crate::error::{Error, IoContext, Result};
 use crate::eval::method_name;
-use crate::pipeline::{run_stages, RunDir, RunOptions, StageStatus};
+use crate::pipeline::{run_stages, Registry, RunDir, RunOptions, StageContext, StageStatus};
 
 /// The stages a sub-run shares with its parent run (linked, records copied).
 const SHARED: [&str; 3] = ["fetch", "prepare", "finetune"];
@@ -35,8 +35,13 @@ pub struct MethodScores {
 }
 
 /// The run directory whose `score/` holds `method`'s scores, running the sub-run's `fit`,
-/// `query` and `score` first when `method` is not the run's own.
-pub fn scored_run(config: &Config, run: &RunDir, method: MethodKind) -> Result<RunDir> {
+/// `query` and `score` (from `registry`) first when `method` is not the run's own.
+pub fn scored_run(
+    registry: &Registry,
+    config: &Config,
+    run: &RunDir,
+    method: MethodKind,
+) -> Result<RunDir> {
     if method == config.attribution.method {
         return RunDir::at(run.path());
     }
@@ -71,7 +76,14 @@ pub fn scored_run(config: &Config, run: &RunDir, method: MethodKind) -> Result<R
         sub.path().display()
     );
     let stages: Vec<String> = ["fit", "query", "score"].map(String::from).into();
-    run_stages(&c, &config_file, &sub, &stages, &RunOptions::default())?;
+    run_stages(
+        registry,
+        &c,
+        &config_file,
+        &sub,
+        &stages,
+        &RunOptions::default(),
+    )?;
     Ok(sub)
 }
 
@@ -97,17 +109,17 @@ fn link_stage(link: &Path, stage: &str) -> Result<()> {
     Ok(())
 }
 
-/// τ of `method` over the documents `train_ids` of data role `role`, for `query_ids`.
-/// A (query, document) pair missing from the scores is an error naming the file.
+/// τ of `method` over the documents `train_ids` of data role `role`, for `query_ids`, in the
+/// run of `ctx` (a sub-run runs the stages of `ctx.registry`). A (query, document) pair
+/// missing from the scores is an error naming the file.
 pub fn method_scores(
-    config: &Config,
-    run: &RunDir,
+    ctx: &StageContext,
     method: MethodKind,
     role: &str,
     query_ids: &[String],
     train_ids: &[String],
 ) -> Result<MethodScores> {
-    let scored = scored_run(config, run, method)?;
+    let scored = scored_run(ctx.registry, ctx.config, ctx.run, method)?;
     let path = scored.stage_dir("score").join("scores.parquet");
     let qpos: HashMap<&str, usize> = query_ids
         .iter()

@@ -112,7 +112,7 @@ impl Stage for EvalRecallStage {
         let mut methods = Vec::new();
         for &method in &c.eval.methods {
             let name = method_name(method);
-            let scores = method_scores(c, ctx.run, method, role, &query_ids, &train_ids)?;
+            let scores = method_scores(ctx, method, role, &query_ids, &train_ids)?;
             let mut recall = vec![0.0; c.eval.k.len()];
             let mut mrr = 0.0;
             for (qi, idx) in &sources {

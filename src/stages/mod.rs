@@ -27,11 +27,12 @@ pub use query::QueryStage;
 pub use report::{gather as gather_report, ReportStage};
 pub use score::{ScoreStage, SIGN_CONVENTION};
 
-use crate::pipeline::Stage;
+use crate::pipeline::Registry;
 
-/// Every implemented stage, in pipeline order.
-pub fn all() -> Vec<Box<dyn Stage>> {
-    vec![
+/// Every implemented stage, arranged by [`Registry::new`] in
+/// [`STAGE_ORDER`](crate::config::STAGE_ORDER): the registry the command line gives the runner.
+pub fn registry() -> Registry {
+    Registry::new(vec![
         Box::new(FetchStage),
         Box::new(PrepareStage),
         Box::new(FinetuneStage),
@@ -41,5 +42,23 @@ pub fn all() -> Vec<Box<dyn Stage>> {
         Box::new(EvalRecallStage),
         Box::new(EvalLdsStage),
         Box::new(ReportStage),
-    ]
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::STAGE_ORDER;
+
+    #[test]
+    fn every_stage_of_the_design_is_implemented_in_order() {
+        let names: Vec<&str> = registry().names();
+        assert_eq!(names, STAGE_ORDER.to_vec());
+        assert!(registry()
+            .find("reprot")
+            .err()
+            .expect("no such stage")
+            .to_string()
+            .contains("unknown stage `reprot`"));
+    }
 }
