@@ -7,6 +7,8 @@ pub mod contract;
 pub mod dense;
 pub mod functions;
 pub mod lowrank;
+pub mod method;
+pub mod plan;
 pub mod precondition;
 pub mod score;
 pub mod source;

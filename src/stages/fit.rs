@@ -7,6 +7,7 @@
 
 use serde_json::json;
 
+use crate::attribution::plan::PlannedSegment;
 use crate::config::Config;
 use crate::curvature::{
     checkpoint_hash, docs_hash, factor_key, fit_factors_on, save_factors, FactorCache, Lookup,
@@ -18,7 +19,6 @@ use crate::util::fsx::write_json_atomic;
 
 use super::attribute::{
     check_memory, device_view, fit_options, load_model_on, open_backend, plan, role_docs,
-    PlannedSegment,
 };
 
 /// The `fit` stage.

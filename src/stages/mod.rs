@@ -14,7 +14,6 @@ mod query;
 pub mod query_generate;
 mod report;
 mod score;
-mod score_precondition;
 
 pub use eval_lds::{run_shard, EvalLdsStage, ShardOutcome};
 pub use eval_methods::{method_scores, scored_run, MethodScores};

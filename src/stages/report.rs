@@ -122,7 +122,7 @@ pub fn gather(config: &Config, run: &RunDir) -> Result<ReportData> {
         stages: load_timings(run, "report")?,
         eval: load_eval(run)?,
         sign_convention: match meta("source_tda.sign_convention") {
-            s if s.is_empty() => super::SIGN_CONVENTION.to_string(),
+            s if s.is_empty() => super::score::SIGN_CONVENTION.to_string(),
             s => s,
         },
     })
