@@ -1,9 +1,9 @@
-//! `source-tda`: the command line over the library. Parses arguments, sets up logging and
-//! progress, runs the named stages through the library's runner, and prints what happened;
-//! errors are printed as the library phrases them.
+//! Owns the `source-tda` command line: arguments, the table of stage subcommands, one printer.
+//! Layer: main (the top) — may import every library module; holds no library logic.
 //!
-//! Layer: main (the top) — may import every library module; owns only argument parsing,
-//! the table of stage subcommands and the printing of outcomes.
+//! Parses arguments, sets up logging and progress, runs the named stages through the
+//! library's runner with the registry of every stage, and prints what happened; errors are
+//! printed as the library phrases them.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

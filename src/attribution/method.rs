@@ -1,3 +1,7 @@
+//! Owns u_ℓ per method (Source walk, IF inverse, gradient dot), Adam's p̄, query forms.
+//! Layer: attribution — may import ground, backend, model, train, curvature;
+//! never eval, pipeline, report or stages.
+//!
 //! The preconditioned queries u_ℓ of each method (DESIGN.md §2): the Source walk (or the
 //! influence function's inverse, or nothing for the gradient dot product) applied to the
 //! query gradients, one layer group at a time so that only that group's factors are in

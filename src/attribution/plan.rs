@@ -1,3 +1,7 @@
+//! Owns the attribution plan (segments) and the score stage's memory plan (layer groups).
+//! Layer: attribution — may import ground, backend, model, train, curvature;
+//! never eval, pipeline, report or stages.
+//!
 //! What an attribution run works on, and how `score` fits it in memory: the segment plan
 //! (derived from `[attribution] method` and a recorded trajectory: which segments, their
 //! data, N, effective learning-rate mass and checkpoints) and the layer groups that bound

@@ -1,3 +1,7 @@
+//! Owns the LDS: subset draws, predicted losses, Spearman per query with a bootstrap CI.
+//! Layer: eval — may import ground, model, data, hub, train, curvature, attribution;
+//! sibling `stats`.
+//!
 //! The linear datamodeling score (LDS; Park et al. 2023, as Bae et al. 2024 use it): draw
 //! M random subsets S_j of fraction α of the fine-tuning set, retrain on each, and correlate
 //! (Spearman's ρ, per query, across subsets) the losses a method predicts with the losses

@@ -1,3 +1,6 @@
+//! Owns the compared methods' names as configs and evaluation tables spell them.
+//! Layer: eval — may import ground, model, data, hub, train, curvature, attribution; no sibling.
+//!
 //! The compared methods' names, as configs and the evaluation tables spell them.
 
 use crate::config::MethodKind;

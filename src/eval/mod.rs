@@ -1,3 +1,7 @@
+//! Owns the statistics of attribution quality: recall of known sources, LDS, retraining jobs.
+//! Layer: eval — may import ground, model, data, hub, train, curvature, attribution;
+//! never pipeline, report or stages (the `eval-*` stages in src/stages/ run these).
+//!
 //! Attribution-quality evaluation (DESIGN.md §6): fact recall (recall@k and MRR of known
 //! source documents) and the linear datamodeling score (LDS) from retraining on random
 //! subsets, comparing methods side by side. The stages `eval-recall` and `eval-lds`

@@ -1,3 +1,7 @@
+//! Owns declared pipelines: stage contract and registry, run dir, manifest, runner, status.
+//! Layer: pipeline — may import ground (error, util, config, output) only; never
+//! stages, report or main (the runner is given its stages as a `Registry`).
+//!
 //! Declared pipelines: the stage contract, run directories, the manifest, and the runner that
 //! skips what is complete and reruns what changed.
 

@@ -1,3 +1,7 @@
+//! Owns running stages in order from a given `Registry`, reusing what is unchanged.
+//! Layer: pipeline — may import ground (error, util, config, output) only; siblings:
+//! `manifest`, `rundir`, `stage`.
+//!
 //! Runs stages in order, skipping completed ones whose inputs and config are unchanged.
 //!
 //! A stage is reused when its record is `complete`, its config hash and inputs hash equal

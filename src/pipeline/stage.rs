@@ -1,3 +1,7 @@
+//! Owns the `Stage` contract, the `Registry` of stages and the `StageContext`.
+//! Layer: pipeline — may import ground (error, util, config, output) only; siblings:
+//! `manifest`, `rundir`.
+//!
 //! The contract between the runner and a stage.
 //!
 //! A stage declares which upstream stages it reads ([`Stage::inputs`]) and which part of the

@@ -1,3 +1,7 @@
+//! Owns the rows of `source-tda status`: each recorded stage's state and timings.
+//! Layer: pipeline — may import ground (error, util, config, output) only; siblings:
+//! `manifest`, `rundir`, `runner`, `stage`.
+//!
 //! `source-tda status`: what is done in a run directory, how long it took, and what is stale.
 
 use std::path::Path;

@@ -1,6 +1,10 @@
-//! What the `fit`, `query` and `score` stages work on, derived from `[attribution] method`
-//! and the trajectory the `finetune` stage recorded: which segments, their data, N, their
-//! effective learning-rate mass and their checkpoints.
+//! Owns what `fit`, `query`, `score` read from the run: the plan, role documents, models.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); no sibling.
+//!
+//! What the `fit`, `query` and `score` stages read from the run directory: the trajectory
+//! the `finetune` stage recorded and the prepared data roles, from which
+//! [`crate::attribution::plan`] derives the segment plan; the models at its checkpoints, the
+//! backend, the fit options, and the memory checks before a pass.
 
 use std::path::{Path, PathBuf};
 

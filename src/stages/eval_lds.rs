@@ -1,3 +1,7 @@
+//! Owns the `eval-lds` stage and `--shard` runs: retraining jobs, LDS per method, outputs.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
+//! `attribute`, `eval_methods`, `fetch`, `finetune`.
+//!
 //! `eval-lds`: the linear datamodeling score of each compared method (see
 //! [`crate::eval::lds`]). Retrains on `[eval] subsets` random subsets of fraction `alpha` of
 //! the fine-tuning set, `seeds` times each, with the run's `[train]` (the finetune stage's

@@ -1,3 +1,6 @@
+//! Owns τ of each compared method: the run's own scores, or a sub-run's `fit`/`query`/`score`.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); no sibling.
+//!
 //! τ of every compared method over the fine-tuning set, through the pipeline's own stages.
 //!
 //! The run's own `[attribution] method` is read from `RUN_DIR/score/`. Every other method

@@ -1,3 +1,7 @@
+//! Owns the `eval-recall` stage: ranks of known sources per method, recall@k, MRR.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
+//! `attribute`, `eval_methods`, `fetch`.
+//!
 //! `eval-recall`: fact recall of each compared method. For every query whose data lists
 //! known source documents (`[eval] known_sources_column`), the fine-tuning documents are
 //! ranked by τ (descending) and the rank of each known source is recorded; recall@k and the

@@ -1,3 +1,7 @@
+//! Owns the `fit` stage: EK-FAC factors per planned segment, from the factor cache or fitted.
+//! Layer: stages — may import every library layer (ground up to pipeline and report);
+//! sibling `attribute`.
+//!
 //! `fit`: EK-FAC factors per segment (DESIGN.md §3): for each segment of the attribution plan,
 //! covariances over its data at each of its checkpoints (averaged), one f64
 //! eigendecomposition, and the eigenvalue correction Λ per checkpoint in that basis

@@ -1,5 +1,11 @@
-//! The stages the runner knows, in pipeline order. Each file is one stage: it glues the
-//! library modules to the [`Stage`](crate::pipeline::Stage) contract.
+//! Owns the registry of every stage (`registry()`); each file is one stage's I/O and glue.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); the
+//! files here import only `fetch`, `attribute`, `eval_methods`, `finetune`, `pretrain_record`,
+//! `query_generate` and `score` among themselves, never `mod.rs`.
+//!
+//! The stages the runner knows ([`Registry::new`] arranges them in the pipeline's order). Each
+//! file is one stage: it glues the library modules to the [`Stage`](crate::pipeline::Stage)
+//! contract.
 
 pub mod attribute;
 mod eval_lds;

@@ -1,3 +1,7 @@
+//! Owns the `report` stage: gathering a run's results and writing the HTML page.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
+//! `fetch`, `score` (its sign convention).
+//!
 //! `report`: one self-contained HTML page of a run's attribution (`report/report.html`), a
 //! `summary.json`, and a terminal summary of each query's top documents. Reads the score
 //! stage's tables, the manifest's timings, the queries' known sources and, when the

@@ -1,3 +1,7 @@
+//! Owns the `score` stage: preconditioned queries, scoring passes, and the score tables.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
+//! `attribute`, `fetch`.
+//!
 //! `score`: the backwards walk over segments and the training passes that score every
 //! document of every segment's data against every query, per document and per token, in
 //! one pass per checkpoint (DESIGN.md §2, §5). Writes `scores.parquet`,
