@@ -33,7 +33,7 @@ pub struct MethodScores {
     pub method: MethodKind,
     /// Where its scores were read.
     pub scores_path: PathBuf,
-    /// τ[q][m], rows in `query_ids` order, columns in `train_ids` order.
+    /// `τ[q][m]`, rows in `query_ids` order, columns in `train_ids` order.
     pub tau: Vec<Vec<f64>>,
 }
 
