@@ -1,5 +1,9 @@
-//! `source-tda`: the command line over the library. Parses arguments, sets up logging and
-//! progress, and calls [`source_tda`]; errors are printed as the library phrases them.
+//! Owns the `source-tda` command line: arguments, the table of stage subcommands, one printer.
+//! Layer: main (the top) — may import every library module; holds no library logic.
+//!
+//! Parses arguments, sets up logging and progress, runs the named stages through the
+//! library's runner with the registry of every stage, and prints what happened; errors are
+//! printed as the library phrases them.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,9 +11,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use source_tda::config::{Config, Pipeline};
-use source_tda::pipeline::{run_stages, status_rows, Outcome, RunDir, RunOptions, STAGE_ORDER};
+use source_tda::config::{Config, Pipeline, STAGE_ORDER};
+use source_tda::pipeline::{run_stages, status_rows, Outcome, Registry, RunDir, RunOptions};
 use source_tda::util::mem::human_bytes;
+use source_tda::util::progress::is_quiet;
 
 /// Which fine-tuning documents, and which tokens in them, made my model generate this?
 ///
@@ -189,12 +194,38 @@ impl StageOpts {
     }
 }
 
+/// The table of subcommands that run one stage: each one's arguments and stage. Any other
+/// command comes back as it is.
+fn one_stage(command: Command) -> std::result::Result<(OneStage, &'static str), Command> {
+    Ok(match command {
+        Command::Fetch(s) => (s, "fetch"),
+        Command::Prepare(s) => (s, "prepare"),
+        Command::Finetune(s) => (s, "finetune"),
+        Command::Fit(s) => (s, "fit"),
+        Command::Query(s) => (s, "query"),
+        Command::Score(s) => (s, "score"),
+        Command::Eval(EvalCommand::Recall(s)) => (s, "eval-recall"),
+        Command::Eval(EvalCommand::Lds { stage, shard: None }) => (stage, "eval-lds"),
+        Command::Report(s) => (s, "report"),
+        other => return Err(other),
+    })
+}
+
+/// Renders a stage's `summary.json` as a terminal table.
+type SummaryTable = fn(&serde_json::Value) -> String;
+
+/// The stages whose `summary.json` is printed as a table after they run.
+const SUMMARY_TABLES: [(&str, SummaryTable); 2] = [
+    ("eval-recall", source_tda::eval::table::recall_table),
+    ("eval-lds", source_tda::eval::table::lds_table),
+];
+
 fn main() -> ExitCode {
     source_tda::util::threads::configure_for_compute();
     let cli = Cli::parse();
     init_logging(cli.quiet, cli.verbose);
     source_tda::util::progress::set_quiet(cli.quiet);
-    match dispatch(cli.command) {
+    match dispatch(cli.command, &source_tda::stages::registry()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -219,7 +250,15 @@ fn init_logging(quiet: bool, verbose: u8) {
         .init();
 }
 
-fn dispatch(command: Command) -> Result<()> {
+fn dispatch(command: Command, stages: &Registry) -> Result<()> {
+    let command = match one_stage(command) {
+        Ok((s, stage)) => {
+            let names = [stage.to_string()];
+            run(stages, &s.config, &s.run_dir, &names, s.opts.into_options())?;
+            return print_summary(&s.run_dir, stage);
+        }
+        Err(other) => other,
+    };
     match command {
         Command::Run {
             pipeline,
@@ -230,73 +269,16 @@ fn dispatch(command: Command) -> Result<()> {
             let run_dir = run_dir
                 .or_else(|| p.run_dir.clone())
                 .unwrap_or_else(|| PathBuf::from("runs").join(p.name()));
-            run(&p.config, &run_dir, &p.stages, opts.into_options())
+            run(stages, &p.config, &run_dir, &p.stages, opts.into_options())
         }
-        Command::Fetch(s) => run(
-            &s.config,
-            &s.run_dir,
-            &["fetch".into()],
-            s.opts.into_options(),
-        ),
-        Command::Prepare(s) => run(
-            &s.config,
-            &s.run_dir,
-            &["prepare".into()],
-            s.opts.into_options(),
-        ),
-        Command::Finetune(s) => run(
-            &s.config,
-            &s.run_dir,
-            &["finetune".into()],
-            s.opts.into_options(),
-        ),
-        Command::Fit(s) => run(
-            &s.config,
-            &s.run_dir,
-            &["fit".into()],
-            s.opts.into_options(),
-        ),
-        Command::Query(s) => run(
-            &s.config,
-            &s.run_dir,
-            &["query".into()],
-            s.opts.into_options(),
-        ),
-        Command::Score(s) => run(
-            &s.config,
-            &s.run_dir,
-            &["score".into()],
-            s.opts.into_options(),
-        ),
-        Command::Eval(EvalCommand::Recall(s)) => {
-            run(
-                &s.config,
-                &s.run_dir,
-                &["eval-recall".into()],
-                s.opts.into_options(),
-            )?;
-            print_summary(&s.run_dir, "eval-recall")
+        Command::Eval(EvalCommand::Lds {
+            stage,
+            shard: Some(shard),
+        }) => eval_lds_shard(stages, &stage, &shard),
+        Command::ImportTrainer { trainer_dir, stage } => {
+            import_trainer(stages, &trainer_dir, stage)
         }
-        Command::Eval(EvalCommand::Lds { stage: s, shard }) => match shard {
-            None => {
-                run(
-                    &s.config,
-                    &s.run_dir,
-                    &["eval-lds".into()],
-                    s.opts.into_options(),
-                )?;
-                print_summary(&s.run_dir, "eval-lds")
-            }
-            Some(shard) => eval_lds_shard(&s, &shard),
-        },
-        Command::Report(s) => run(
-            &s.config,
-            &s.run_dir,
-            &["report".into()],
-            s.opts.into_options(),
-        ),
-        Command::ImportTrainer { trainer_dir, stage } => import_trainer(&trainer_dir, stage),
-        Command::Status { run_dir } => status(&run_dir),
+        Command::Status { run_dir } => status(stages, &run_dir),
         Command::ConvertGguf {
             gguf,
             out_dir,
@@ -309,16 +291,45 @@ fn dispatch(command: Command) -> Result<()> {
             eprintln!("{}: valid", config.display());
             Ok(())
         }
+        one => unreachable!("{one:?} runs one stage"),
     }
 }
 
-fn run(config_path: &Path, run_dir: &Path, stages: &[String], opts: RunOptions) -> Result<()> {
+/// Runs `names` of the config at `config_path` in `run_dir` and prints the outcomes.
+fn run(
+    stages: &Registry,
+    config_path: &Path,
+    run_dir: &Path,
+    names: &[String],
+    opts: RunOptions,
+) -> Result<()> {
     let config = Config::load(config_path)?;
     let run = RunDir::at(run_dir)?;
-    let outcomes = run_stages(&config, config_path, &run, stages, &opts)
-        .with_context(|| format!("run directory {}", run.path().display()))?;
-    if source_tda::util::progress::is_quiet() {
-        return Ok(());
+    let outcomes = run_in(stages, &config, config_path, &run, names, opts)?;
+    print_outcomes(
+        &outcomes,
+        &format!("run directory: {}", run.path().display()),
+    );
+    Ok(())
+}
+
+/// [`run_stages`] with the run directory named in its error.
+fn run_in(
+    stages: &Registry,
+    config: &Config,
+    config_path: &Path,
+    run: &RunDir,
+    names: &[String],
+    opts: RunOptions,
+) -> Result<Vec<(String, Outcome)>> {
+    run_stages(stages, config, config_path, run, names, &opts)
+        .with_context(|| format!("run directory {}", run.path().display()))
+}
+
+/// The one outcome printer: each stage's outcome, then `last` (unless `--quiet`).
+fn print_outcomes(outcomes: &[(String, Outcome)], last: &str) {
+    if is_quiet() {
+        return;
     }
     for (stage, outcome) in outcomes {
         let word = match outcome {
@@ -327,30 +338,28 @@ fn run(config_path: &Path, run_dir: &Path, stages: &[String], opts: RunOptions) 
         };
         eprintln!("{stage:>9}: {word}");
     }
-    eprintln!("run directory: {}", run.path().display());
-    Ok(())
+    eprintln!("{last}");
 }
 
-/// Prints the terminal table of an eval stage's summary.json.
+/// Prints the terminal table of a stage's summary.json, for the stages of [`SUMMARY_TABLES`].
 fn print_summary(run_dir: &Path, stage: &str) -> Result<()> {
+    let Some((_, table)) = SUMMARY_TABLES.iter().find(|(s, _)| *s == stage) else {
+        return Ok(());
+    };
     let path = run_dir.join(stage).join("summary.json");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text)?;
-    let table = match stage {
-        "eval-recall" => source_tda::eval::table::recall_table(&v),
-        _ => source_tda::eval::table::lds_table(&v),
-    };
-    print!("{table}");
+    print!("{}", table(&v));
     Ok(())
 }
 
-fn eval_lds_shard(s: &OneStage, shard: &str) -> Result<()> {
+fn eval_lds_shard(stages: &Registry, s: &OneStage, shard: &str) -> Result<()> {
     use source_tda::stages::{run_shard, ShardOutcome};
     let shard = source_tda::eval::Shard::parse(shard)?;
     let config = Config::load(&s.config)?;
     let run = RunDir::at(&s.run_dir)?;
-    match run_shard(&config, &s.config, &run, shard)
+    match run_shard(stages, &config, &s.config, &run, shard)
         .with_context(|| format!("run directory {}", run.path().display()))?
     {
         ShardOutcome::Merged { ran } => {
@@ -372,7 +381,7 @@ fn eval_lds_shard(s: &OneStage, shard: &str) -> Result<()> {
     }
 }
 
-fn import_trainer(trainer_dir: &Path, s: OneStage) -> Result<()> {
+fn import_trainer(stages: &Registry, trainer_dir: &Path, s: OneStage) -> Result<()> {
     let mut config = Config::load(&s.config)?;
     if !trainer_dir.is_dir() {
         anyhow::bail!(
@@ -384,29 +393,18 @@ fn import_trainer(trainer_dir: &Path, s: OneStage) -> Result<()> {
     // Re-check the config with import_from set (e.g. it excludes [[train.stages]]).
     let base = s.config.parent().unwrap_or(Path::new("."));
     let config = Config::from_str_at(&config.to_toml(), &s.config, base)?;
-    let run_dir = RunDir::at(&s.run_dir)?;
-    let stages: Vec<String> = ["fetch", "prepare", "finetune"].map(String::from).into();
-    let outcomes = run_stages(
+    let run = RunDir::at(&s.run_dir)?;
+    let names: Vec<String> = ["fetch", "prepare", "finetune"].map(String::from).into();
+    let outcomes = run_in(
+        stages,
         &config,
         &s.config,
-        &run_dir,
-        &stages,
-        &s.opts.into_options(),
-    )
-    .with_context(|| format!("run directory {}", run_dir.path().display()))?;
-    if !source_tda::util::progress::is_quiet() {
-        for (stage, outcome) in outcomes {
-            let word = match outcome {
-                Outcome::Ran => "done",
-                Outcome::Skipped => "up to date (skipped)",
-            };
-            eprintln!("{stage:>9}: {word}");
-        }
-        eprintln!(
-            "trajectory: {}",
-            run_dir.path().join("finetune/trajectory.json").display()
-        );
-    }
+        &run,
+        &names,
+        s.opts.into_options(),
+    )?;
+    let trajectory = run.path().join("finetune/trajectory.json");
+    print_outcomes(&outcomes, &format!("trajectory: {}", trajectory.display()));
     Ok(())
 }
 
@@ -436,9 +434,9 @@ fn convert_gguf(
     Ok(())
 }
 
-fn status(run_dir: &Path) -> Result<()> {
+fn status(stages: &Registry, run_dir: &Path) -> Result<()> {
     let run = RunDir::at(run_dir)?;
-    let rows = status_rows(&run)?;
+    let rows = status_rows(stages, &run)?;
     println!("run directory: {}", run.path().display());
     println!(
         "{:<11} {:>9} {:>10}  {:<19}  state",

@@ -6,6 +6,8 @@
 pub mod adam;
 pub mod curvature;
 pub mod dense;
+pub mod method;
+pub mod plan;
 pub mod score;
 pub mod source;
 

@@ -43,7 +43,7 @@ pub use device::{DeviceKind, PrecisionKind};
 pub use diff::{diff_values, KeyChange};
 pub use eval::EvalConfig;
 pub use load::{parse_toml, read_toml};
-pub use pipeline::Pipeline;
+pub use pipeline::{Pipeline, STAGE_ORDER};
 pub use query::QueryConfig;
 pub use source::SourceKind;
 pub use stages::TrainStage;

@@ -12,7 +12,21 @@ use serde::Deserialize;
 
 use super::read_toml;
 use crate::error::{Error, Result};
-use crate::pipeline::stage_order;
+
+/// The canonical order of every stage the pipeline knows. The one place it is written: the
+/// stage registry (`pipeline::Registry`) arranges the implemented stages in this order and
+/// refuses a set of stages that differs from it.
+pub const STAGE_ORDER: [&str; 9] = [
+    "fetch",
+    "prepare",
+    "finetune",
+    "fit",
+    "query",
+    "score",
+    "eval-recall",
+    "eval-lds",
+    "report",
+];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,7 +67,7 @@ impl Pipeline {
                 "key `stages`: is empty; list the stages to run, e.g. [\"fetch\", \"prepare\"]",
             ));
         }
-        let order = stage_order();
+        let order = STAGE_ORDER;
         let mut last = None;
         for s in &raw.stages {
             let Some(pos) = order.iter().position(|o| o == s) else {

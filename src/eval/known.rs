@@ -1,3 +1,6 @@
+//! Owns reading each query's known source documents from the query data files.
+//! Layer: eval — may import ground, model, data, hub, train, curvature, attribution; no sibling.
+//!
 //! Each query's known source documents (planted facts): read from the query data set's
 //! `[eval] known_sources_column`, which `prepare` does not keep. JSON/JSONL files may hold
 //! a JSON array of ids (or one string); CSV and Parquet a string of ids separated by commas.

@@ -1,3 +1,7 @@
+//! Owns the LDS: subset draws, predicted losses, Spearman per query with a bootstrap CI.
+//! Layer: eval — may import ground, model, data, hub, train, curvature, attribution;
+//! sibling `stats`.
+//!
 //! The linear datamodeling score (LDS; Park et al. 2023, as Bae et al. 2024 use it): draw
 //! M random subsets S_j of fraction α of the fine-tuning set, retrain on each, and correlate
 //! (Spearman's ρ, per query, across subsets) the losses a method predicts with the losses
@@ -25,7 +29,7 @@ pub fn draw_subset(n: usize, alpha: f64, seed: u64, j: usize) -> Vec<usize> {
 }
 
 /// Predicted losses g_{S_j}(q) = −Σ_{m ∈ S_j} τ(q, m) for every query (rows of `tau`,
-/// [Q][N]) and subset: [Q][M].
+/// `[Q][N]`) and subset: `[Q][M]`.
 pub fn predicted_losses(tau: &[Vec<f64>], subsets: &[Vec<usize>]) -> Vec<Vec<f64>> {
     tau.iter()
         .map(|row| {
@@ -48,7 +52,7 @@ pub struct Lds {
     pub per_query: Vec<Option<f64>>,
 }
 
-/// The LDS from predicted and measured (seed-averaged) losses, both [Q][M].
+/// The LDS from predicted and measured (seed-averaged) losses, both `[Q][M]`.
 pub fn lds(predicted: &[Vec<f64>], measured: &[Vec<f64>], bootstrap: usize, seed: u64) -> Lds {
     let m = predicted.first().map_or(0, Vec::len);
     let all: Vec<usize> = (0..m).collect();

@@ -1,3 +1,7 @@
+//! Owns the statistics of attribution quality: recall of known sources, LDS, retraining jobs.
+//! Layer: eval — may import ground, model, data, hub, train, curvature, attribution;
+//! never pipeline, report or stages (the `eval-*` stages in src/stages/ run these).
+//!
 //! Attribution-quality evaluation (docs/design.md §6): fact recall (recall@k and MRR of known
 //! source documents) and the linear datamodeling score (LDS) from retraining on random
 //! subsets, comparing methods side by side. The stages `eval-recall` and `eval-lds`
@@ -12,7 +16,7 @@ pub mod table;
 
 pub use known::read_known_sources;
 pub use lds::{draw_subset, lds, predicted_losses, subset_size, Lds};
-pub use methods::{method_name, method_scores, scored_run, MethodScores};
+pub use methods::method_name;
 pub use retrain::{all_jobs, measure_queries, Job, JobResult, Retrain, Shard};
 pub use stats::{
     average_ranks, bootstrap_ci95, bootstrap_difference_ci95, pearson, recall_at, reciprocal_rank,

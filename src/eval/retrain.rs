@@ -1,3 +1,7 @@
+//! Owns the LDS retraining jobs: training on a subset, measuring queries, caching results.
+//! Layer: eval — may import ground, model, data, hub, train, curvature, attribution;
+//! sibling `lds`.
+//!
 //! The expensive part of the LDS: fine-tuning once per (subset j, seed r) with the run's
 //! `[train]` and measuring every query's loss f(q) = −log p(completion | prompt) on the
 //! result. Each job's result is written atomically to its own file as it finishes

@@ -1,3 +1,6 @@
+//! Owns Spearman's ρ, bootstrap intervals, recall@k and reciprocal rank.
+//! Layer: eval — may import ground, model, data, hub, train, curvature, attribution; no sibling.
+//!
 //! The statistics of the evaluation: Spearman's rank correlation ρ (average ranks for
 //! ties), percentile bootstrap intervals, and recall@k and reciprocal rank of known sources.
 

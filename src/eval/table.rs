@@ -1,3 +1,6 @@
+//! Owns the terminal tables of the evaluation summaries.
+//! Layer: eval — may import ground, model, data, hub, train, curvature, attribution; no sibling.
+//!
 //! Terminal tables of the evaluation summaries (`eval-recall/summary.json`,
 //! `eval-lds/summary.json`), one row per method.
 

@@ -1,3 +1,6 @@
+//! Owns `manifest.json`: the per-stage records and the hashes that decide reuse.
+//! Layer: pipeline — may import ground (error, util, config, output) only; no sibling.
+//!
 //! The run manifest (`manifest.json`): per stage its status, timings, peak memory, versions,
 //! and the hashes that decide whether a later run may reuse its artifacts.
 

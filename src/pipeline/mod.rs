@@ -1,3 +1,7 @@
+//! Owns declared pipelines: stage contract and registry, run dir, manifest, runner, status.
+//! Layer: pipeline — may import ground (error, util, config, output) only; never
+//! stages, report or main (the runner is given its stages as a `Registry`).
+//!
 //! Declared pipelines: the stage contract, run directories, the manifest, and the runner that
 //! skips what is complete and reruns what changed.
 
@@ -7,10 +11,10 @@ mod runner;
 mod stage;
 mod status;
 
+/// Re-exported for the layers above that order stages by name (e.g. the report's timings).
+pub use crate::config::STAGE_ORDER;
 pub use manifest::{Manifest, OutputFile, StageRecord, StageStatus};
 pub use rundir::{RunDir, RunLock};
-pub use runner::{
-    find_stage, registry, run_stages, stage_key, staleness, Outcome, RunOptions, StageKey,
-};
-pub use stage::{stage_order, Stage, StageContext, STAGE_ORDER};
+pub use runner::{run_stages, stage_key, staleness, Outcome, RunOptions, StageKey};
+pub use stage::{Registry, Stage, StageContext};
 pub use status::{status_rows, StatusRow};

@@ -1,3 +1,7 @@
+//! Owns the run directory's layout, its lock, and opening it for a config.
+//! Layer: pipeline — may import ground (error, util, config, output) only; sibling
+//! `manifest`.
+//!
 //! The run directory: one folder per run holding the resolved config, the manifest and one
 //! folder per completed stage.
 //!

@@ -1,3 +1,7 @@
+//! Owns running stages in order from a given `Registry`, reusing what is unchanged.
+//! Layer: pipeline — may import ground (error, util, config, output) only; siblings:
+//! `manifest`, `rundir`, `stage`.
+//!
 //! Runs stages in order, skipping completed ones whose inputs and config are unchanged.
 //!
 //! A stage is reused when its record is `complete`, its config hash and inputs hash equal
@@ -19,7 +23,7 @@ use crate::util::{mem, now_rfc3339};
 
 use super::manifest::{Manifest, OutputFile, StageRecord, StageStatus};
 use super::rundir::RunDir;
-use super::stage::{Stage, StageContext, STAGE_ORDER};
+use super::stage::{Registry, Stage, StageContext};
 
 /// What the runner did with one stage.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,24 +41,6 @@ pub struct RunOptions {
     pub force: Option<String>,
     /// Accept a run directory made with a different config (rerun what the change affects).
     pub allow_config_change: bool,
-}
-
-/// The registry of implemented stages, in canonical order.
-pub fn registry() -> Vec<Box<dyn Stage>> {
-    crate::stages::all()
-}
-
-/// Finds a stage by name, or explains which names exist.
-pub fn find_stage(name: &str) -> Result<Box<dyn Stage>> {
-    registry()
-        .into_iter()
-        .find(|s| s.name() == name)
-        .ok_or_else(|| {
-            Error::Pipeline(format!(
-                "unknown stage `{name}`; stages are {}",
-                STAGE_ORDER.join(", ")
-            ))
-        })
 }
 
 /// The hashes that decide whether a stage's record is current.
@@ -136,17 +122,18 @@ pub fn staleness(
     Ok(None)
 }
 
-/// Runs `stages` (names, in order) of `config` in `run`.
+/// Runs `stages` (names, in order, each found in `registry`) of `config` in `run`.
 pub fn run_stages(
+    registry: &Registry,
     config: &Config,
     config_file: &Path,
     run: &RunDir,
     stages: &[String],
     opts: &RunOptions,
 ) -> Result<Vec<(String, Outcome)>> {
-    let stage_objs: Vec<Box<dyn Stage>> = stages
+    let stage_objs: Vec<&dyn Stage> = stages
         .iter()
-        .map(|s| find_stage(s))
+        .map(|s| registry.find(s))
         .collect::<Result<_>>()?;
     if let Some(f) = &opts.force {
         if !stages.iter().any(|s| s == f) {
@@ -163,13 +150,13 @@ pub fn run_stages(
 
     let mut forcing = false;
     let mut outcomes = Vec::new();
-    for stage in &stage_objs {
+    for &stage in &stage_objs {
         let name = stage.name();
         forcing |= opts.force.as_deref() == Some(name);
-        let key = stage_key(stage.as_ref(), config, &manifest)?;
+        let key = stage_key(stage, config, &manifest)?;
         if !forcing {
             if let Some(record) = manifest.stages.get(name) {
-                match staleness(stage.as_ref(), run, record, &key)? {
+                match staleness(stage, run, record, &key)? {
                     None => {
                         tracing::info!("{name}: complete, inputs and config unchanged; skipping");
                         outcomes.push((name.to_string(), Outcome::Skipped));
@@ -179,7 +166,7 @@ pub fn run_stages(
                 }
             }
         }
-        run_one(stage.as_ref(), config, run, &mut manifest, key)?;
+        run_one(stage, registry, config, run, &mut manifest, key)?;
         outcomes.push((name.to_string(), Outcome::Ran));
     }
     Ok(outcomes)
@@ -187,6 +174,7 @@ pub fn run_stages(
 
 fn run_one(
     stage: &dyn Stage,
+    registry: &Registry,
     config: &Config,
     run: &RunDir,
     manifest: &mut Manifest,
@@ -228,6 +216,7 @@ fn run_one(
     let ctx = StageContext {
         config,
         run,
+        registry,
         out_dir: staging.clone(),
         stage: name,
         resume_key,
@@ -293,18 +282,6 @@ fn run_one(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::StageContext;
-
-    #[test]
-    fn every_stage_of_the_design_is_implemented_in_order() {
-        let names: Vec<&str> = registry().iter().map(|s| s.name()).collect();
-        assert_eq!(names, STAGE_ORDER.to_vec());
-        assert!(find_stage("reprot")
-            .err()
-            .expect("no such stage")
-            .to_string()
-            .contains("unknown stage `reprot`"));
-    }
 
     struct Reader;
     impl Stage for Reader {

@@ -1,3 +1,7 @@
+//! Owns the `Stage` contract, the `Registry` of stages and the `StageContext`.
+//! Layer: pipeline — may import ground (error, util, config, output) only; siblings:
+//! `manifest`, `rundir`.
+//!
 //! The contract between the runner and a stage.
 //!
 //! A stage declares which upstream stages it reads ([`Stage::inputs`]) and which part of the
@@ -8,29 +12,11 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::config::Config;
+use crate::config::{Config, STAGE_ORDER};
 use crate::error::{Error, Result};
 
 use super::manifest::StageRecord;
 use super::rundir::RunDir;
-
-/// The canonical order of every stage the pipeline knows, implemented or not.
-pub const STAGE_ORDER: [&str; 9] = [
-    "fetch",
-    "prepare",
-    "finetune",
-    "fit",
-    "query",
-    "score",
-    "eval-recall",
-    "eval-lds",
-    "report",
-];
-
-/// [`STAGE_ORDER`] as owned strings (for messages).
-pub fn stage_order() -> Vec<String> {
-    STAGE_ORDER.iter().map(|s| s.to_string()).collect()
-}
 
 /// One stage of the pipeline.
 pub trait Stage {
@@ -65,12 +51,67 @@ pub trait Stage {
     fn run(&self, ctx: &StageContext) -> Result<serde_json::Value>;
 }
 
+/// Every stage of [`STAGE_ORDER`], once each, in that order.
+pub struct Registry {
+    stages: Vec<Box<dyn Stage>>,
+}
+
+impl Registry {
+    /// Arranges `stages` in [`STAGE_ORDER`] (the order is written there only).
+    ///
+    /// # Panics
+    /// When `stages` is not exactly the stages [`STAGE_ORDER`] names, each once: the set of
+    /// implemented stages and the order disagree, a mistake in the program.
+    pub fn new(mut stages: Vec<Box<dyn Stage>>) -> Registry {
+        let position = |s: &dyn Stage| {
+            STAGE_ORDER
+                .iter()
+                .position(|o| *o == s.name())
+                .unwrap_or_else(|| panic!("stage `{}` is not in STAGE_ORDER", s.name()))
+        };
+        stages.sort_by_key(|s| position(s.as_ref()));
+        let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
+        assert_eq!(
+            names, STAGE_ORDER,
+            "the registry must hold every stage of STAGE_ORDER exactly once"
+        );
+        Registry { stages }
+    }
+
+    /// The stage called `name`, or an error listing the names that exist.
+    pub fn find(&self, name: &str) -> Result<&dyn Stage> {
+        self.stages
+            .iter()
+            .find(|s| s.name() == name)
+            .map(|s| s.as_ref())
+            .ok_or_else(|| {
+                Error::Pipeline(format!(
+                    "unknown stage `{name}`; stages are {}",
+                    STAGE_ORDER.join(", ")
+                ))
+            })
+    }
+
+    /// The stages, in pipeline order.
+    pub fn iter(&self) -> impl Iterator<Item = &dyn Stage> {
+        self.stages.iter().map(|s| s.as_ref())
+    }
+
+    /// The stages' names, in pipeline order.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.stages.iter().map(|s| s.name()).collect()
+    }
+}
+
 /// What a running stage may use.
 pub struct StageContext<'a> {
     /// The resolved config.
     pub config: &'a Config,
     /// The run directory (read upstream outputs with [`RunDir::stage_dir`]).
     pub run: &'a RunDir,
+    /// The stages the runner was given: a stage that runs others (e.g. in a sub-run) runs
+    /// them from here.
+    pub registry: &'a Registry,
     /// The temporary folder to write into; becomes `RUN_DIR/STAGE/` on success.
     pub out_dir: PathBuf,
     /// The stage's name.
@@ -117,5 +158,62 @@ impl StageContext<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    struct Named(&'static str);
+    impl Stage for Named {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn describe(&self) -> &'static str {
+            "test"
+        }
+        fn inputs(&self) -> &'static [&'static str] {
+            &[]
+        }
+        fn config_view(&self, _: &Config) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+        fn run(&self, _: &StageContext) -> Result<serde_json::Value> {
+            Ok(serde_json::Value::Null)
+        }
+    }
+
+    fn named(names: &[&'static str]) -> Vec<Box<dyn Stage>> {
+        names
+            .iter()
+            .map(|n| Box::new(Named(n)) as Box<dyn Stage>)
+            .collect()
+    }
+
+    #[test]
+    fn a_registry_arranges_its_stages_in_stage_order() {
+        let mut reversed = STAGE_ORDER;
+        reversed.reverse();
+        let r = Registry::new(named(&reversed));
+        assert_eq!(r.names(), STAGE_ORDER.to_vec());
+        assert_eq!(r.find("score").unwrap().name(), "score");
+        let e = r.find("reprot").err().expect("no such stage").to_string();
+        assert!(e.contains("unknown stage `reprot`"), "{e}");
+    }
+
+    #[test]
+    #[should_panic(expected = "exactly once")]
+    fn a_registry_missing_a_stage_is_refused() {
+        Registry::new(named(&STAGE_ORDER[1..]));
+    }
+
+    #[test]
+    #[should_panic(expected = "not in STAGE_ORDER")]
+    fn a_registry_with_an_unknown_stage_is_refused() {
+        let mut stages = named(&STAGE_ORDER);
+        stages.push(Box::new(Named("extra")));
+        Registry::new(stages);
     }
 }

@@ -1,14 +1,18 @@
+//! Owns the rows of `source-tda status`: each recorded stage's state and timings.
+//! Layer: pipeline — may import ground (error, util, config, output) only; siblings:
+//! `manifest`, `rundir`, `runner`, `stage`.
+//!
 //! `source-tda status`: what is done in a run directory, how long it took, and what is stale.
 
 use std::path::Path;
 
-use crate::config::Config;
+use crate::config::{Config, STAGE_ORDER};
 use crate::error::Result;
 
 use super::manifest::StageStatus;
 use super::rundir::RunDir;
-use super::runner::{find_stage, stage_key, staleness};
-use super::stage::STAGE_ORDER;
+use super::runner::{stage_key, staleness};
+use super::stage::Registry;
 
 /// One line of the status table.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,8 +29,9 @@ pub struct StatusRow {
     pub finished_at: Option<String>,
 }
 
-/// The status of every stage recorded in `run`, in pipeline order.
-pub fn status_rows(run: &RunDir) -> Result<Vec<StatusRow>> {
+/// The status of every stage recorded in `run`, in pipeline order; staleness is judged by
+/// the stages of `registry`.
+pub fn status_rows(registry: &Registry, run: &RunDir) -> Result<Vec<StatusRow>> {
     let manifest = run.manifest()?;
     let config_path = run.config_path();
     let text = std::fs::read_to_string(&config_path)
@@ -43,9 +48,9 @@ pub fn status_rows(run: &RunDir) -> Result<Vec<StatusRow>> {
                 "failed: {}",
                 record.error.as_deref().unwrap_or("unknown error")
             ),
-            StageStatus::Complete => match find_stage(name) {
-                Ok(stage) => match stage_key(stage.as_ref(), &config, &manifest) {
-                    Ok(key) => match staleness(stage.as_ref(), run, record, &key)? {
+            StageStatus::Complete => match registry.find(name) {
+                Ok(stage) => match stage_key(stage, &config, &manifest) {
+                    Ok(key) => match staleness(stage, run, record, &key)? {
                         None => "complete".to_string(),
                         Some(why) => format!("stale: {why}"),
                     },

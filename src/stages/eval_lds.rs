@@ -1,3 +1,7 @@
+//! Owns the `eval-lds` stage and `--shard` runs: retraining jobs, LDS per method, outputs.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
+//! `attribute`, `eval_methods`, `fetch`, `finetune`.
+//!
 //! `eval-lds`: the linear datamodeling score of each compared method (see
 //! [`crate::eval::lds`]). Retrains on `[eval] subsets` random subsets of fraction `alpha` of
 //! the fine-tuning set, `seeds` times each, with the run's `[train]` (the finetune stage's
@@ -22,15 +26,16 @@ use crate::config::Config;
 use crate::data::PreparedDoc;
 use crate::error::{Error, Result};
 use crate::eval::{
-    all_jobs, bootstrap_difference_ci95, lds, method_name, method_scores, predicted_losses,
-    subset_size, table::lds_table, Job, Retrain, Shard,
+    all_jobs, bootstrap_difference_ci95, lds, method_name, predicted_losses, subset_size,
+    table::lds_table, Job, Retrain, Shard,
 };
 use crate::output::{write_table, Column};
-use crate::pipeline::{run_stages, RunDir, RunOptions, Stage, StageContext, StageStatus};
+use crate::pipeline::{run_stages, Registry, RunDir, RunOptions, Stage, StageContext, StageStatus};
 use crate::util::fsx::write_json_atomic;
 use crate::util::hash::sha256_json;
 
 use super::attribute::{fit_options, role_docs};
+use super::eval_methods::method_scores;
 use super::fetch::Fetched;
 use super::finetune::base_model_dir;
 
@@ -141,8 +146,10 @@ pub enum ShardOutcome {
 
 /// `source-tda eval lds --shard i/n`: trains this shard's jobs (skipping finished ones)
 /// without locking the run directory; the last shard then merges (runs the `eval-lds` stage)
-/// if every job is done. `config` must be the run's config.
+/// if every job is done, with the `eval-lds` stage of `registry`. `config` must be the run's
+/// config.
 pub fn run_shard(
+    registry: &Registry,
     config: &Config,
     config_file: &Path,
     run: &RunDir,
@@ -182,6 +189,7 @@ pub fn run_shard(
         return Ok(ShardOutcome::Partial { ran, missing });
     }
     run_stages(
+        registry,
         config,
         config_file,
         run,
@@ -257,8 +265,7 @@ impl Stage for EvalLdsStage {
         let mut first_predicted: Vec<Vec<f64>> = Vec::new();
         for &method in &c.eval.methods {
             let name = method_name(method);
-            let scores =
-                method_scores(c, ctx.run, method, &c.train.dataset, &query_ids, &train_ids)?;
+            let scores = method_scores(ctx, method, &c.train.dataset, &query_ids, &train_ids)?;
             let predicted = predicted_losses(&scores.tau, &subsets);
             let res = lds(&predicted, &measured, c.eval.bootstrap, c.run.seed);
             for qi in 0..q {

@@ -1,3 +1,7 @@
+//! Owns the `eval-recall` stage: ranks of known sources per method, recall@k, MRR.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
+//! `attribute`, `eval_methods`, `fetch`.
+//!
 //! `eval-recall`: fact recall of each compared method. For every query whose data lists
 //! known source documents (`[eval] known_sources_column`), the fine-tuning documents are
 //! ranked by τ (descending) and the rank of each known source is recorded; recall@k and the
@@ -18,14 +22,14 @@ use serde_json::json;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::eval::{
-    method_name, method_scores, read_known_sources, recall_at, reciprocal_rank, source_ranks,
-    table::recall_table,
+    method_name, read_known_sources, recall_at, reciprocal_rank, source_ranks, table::recall_table,
 };
 use crate::output::{write_table, Column};
 use crate::pipeline::{Stage, StageContext};
 use crate::util::fsx::write_json_atomic;
 
 use super::attribute::role_docs;
+use super::eval_methods::method_scores;
 use super::fetch::Fetched;
 
 /// The `eval-recall` stage.
@@ -112,7 +116,7 @@ impl Stage for EvalRecallStage {
         let mut methods = Vec::new();
         for &method in &c.eval.methods {
             let name = method_name(method);
-            let scores = method_scores(c, ctx.run, method, role, &query_ids, &train_ids)?;
+            let scores = method_scores(ctx, method, role, &query_ids, &train_ids)?;
             let mut recall = vec![0.0; c.eval.k.len()];
             let mut mrr = 0.0;
             for (qi, idx) in &sources {

@@ -1,3 +1,6 @@
+//! Owns the `fetch` stage and `fetch/resolved.json` (`Fetched`), which later stages read.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); no sibling.
+//!
 //! `fetch`: resolves the model and every data set to local files (hub download, hub cache,
 //! or local paths), hashes them, checks the model's files, and records the result in
 //! `fetch/resolved.json` for later stages. Nothing is copied: the files stay in the cache or

@@ -1,3 +1,7 @@
+//! Owns the `finetune` stage: training (or a Trainer import) into checkpoints + trajectory.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
+//! `fetch`, `pretrain_record`.
+//!
 //! `finetune`: full fine-tuning of the fetched model on prepared data sets, recording the
 //! trajectory Source attributes through.
 //!

@@ -1,5 +1,9 @@
-//! `fit`: EK-FAC factors per segment (docs/design.md §3): for each segment of the attribution
-//! plan, covariances over its data at each of its checkpoints (averaged), one f64
+//! Owns the `fit` stage: EK-FAC factors per planned segment, from the factor cache or fitted.
+//! Layer: stages — may import every library layer (ground up to pipeline and report);
+//! sibling `attribute`.
+//!
+//! `fit`: EK-FAC factors per segment (docs/design.md §3): for each segment of the attribution plan,
+//! covariances over its data at each of its checkpoints (averaged), one f64
 //! eigendecomposition, and the eigenvalue correction Λ per checkpoint in that basis
 //! (averaged). Writes `fit/segment-K.safetensors` and `fit/plan.json`. With
 //! `[attribution] factor_cache`, a segment whose inputs were fitted before (by any run) is
@@ -7,6 +11,7 @@
 
 use serde_json::json;
 
+use crate::attribution::plan::PlannedSegment;
 use crate::config::Config;
 use crate::curvature::{
     checkpoint_hash, docs_hash, factor_key, fit_factors_on, save_factors, FactorCache, Lookup,
@@ -18,7 +23,6 @@ use crate::util::fsx::write_json_atomic;
 
 use super::attribute::{
     check_memory, device_view, fit_options, load_model_on, open_backend, plan, role_docs,
-    PlannedSegment,
 };
 
 /// The `fit` stage.

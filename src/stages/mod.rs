@@ -1,8 +1,15 @@
-//! The stages the runner knows, in pipeline order. Each file is one stage: it glues the
-//! library modules to the [`Stage`](crate::pipeline::Stage) contract.
+//! Owns the registry of every stage (`registry()`); each file is one stage's I/O and glue.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); the
+//! files here import only `fetch`, `attribute`, `eval_methods`, `finetune`, `pretrain_record`,
+//! `query_generate` and `score` among themselves, never `mod.rs`.
+//!
+//! The stages the runner knows ([`Registry::new`] arranges them in the pipeline's order). Each
+//! file is one stage: it glues the library modules to the [`Stage`](crate::pipeline::Stage)
+//! contract.
 
 pub mod attribute;
 mod eval_lds;
+mod eval_methods;
 mod eval_recall;
 mod fetch;
 mod finetune;
@@ -13,9 +20,9 @@ mod query;
 pub mod query_generate;
 mod report;
 mod score;
-mod score_precondition;
 
 pub use eval_lds::{run_shard, EvalLdsStage, ShardOutcome};
+pub use eval_methods::{method_scores, scored_run, MethodScores};
 pub use eval_recall::EvalRecallStage;
 pub use fetch::{FetchStage, Fetched};
 pub use finetune::{base_model_dir, FinetuneStage};
@@ -25,11 +32,12 @@ pub use query::QueryStage;
 pub use report::{gather as gather_report, ReportStage};
 pub use score::{ScoreStage, SIGN_CONVENTION};
 
-use crate::pipeline::Stage;
+use crate::pipeline::Registry;
 
-/// Every implemented stage, in pipeline order.
-pub fn all() -> Vec<Box<dyn Stage>> {
-    vec![
+/// Every implemented stage, arranged by [`Registry::new`] in
+/// [`STAGE_ORDER`](crate::config::STAGE_ORDER): the registry the command line gives the runner.
+pub fn registry() -> Registry {
+    Registry::new(vec![
         Box::new(FetchStage),
         Box::new(PrepareStage),
         Box::new(FinetuneStage),
@@ -39,5 +47,23 @@ pub fn all() -> Vec<Box<dyn Stage>> {
         Box::new(EvalRecallStage),
         Box::new(EvalLdsStage),
         Box::new(ReportStage),
-    ]
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::STAGE_ORDER;
+
+    #[test]
+    fn every_stage_of_the_design_is_implemented_in_order() {
+        let names: Vec<&str> = registry().names();
+        assert_eq!(names, STAGE_ORDER.to_vec());
+        assert!(registry()
+            .find("reprot")
+            .err()
+            .expect("no such stage")
+            .to_string()
+            .contains("unknown stage `reprot`"));
+    }
 }

@@ -1,3 +1,7 @@
+//! Owns the `prepare` stage: tokenised data sets as `prepare/ROLE.parquet`.
+//! Layer: stages — may import every library layer (ground up to pipeline and report);
+//! sibling `fetch`.
+//!
 //! `prepare`: tokenises every data set with the model's tokenizer into
 //! `prepare/ROLE.parquet` (doc_id, text, input_ids, loss_mask, n_tokens, …; see
 //! [`crate::data::table`]), reporting truncation and how the documents batch under the

@@ -1,3 +1,7 @@
+//! Owns the pretrain segment read from a model's shipped training record.
+//! Layer: stages — may import every library layer (ground up to pipeline and report);
+//! sibling `fetch`.
+//!
 //! `[pretrain] lr_mass = "from_model"`: the pretrain segment built from the pretraining
 //! trajectory a model ships, instead of a declared mass.
 //!

@@ -1,3 +1,7 @@
+//! Owns the `query` stage: query gradients and `queries.parquet`.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
+//! `attribute`, `fetch`, `query_generate`, `score` (its table metadata).
+//!
 //! `query`: the query gradients v_L = ∇_θ f(q, θ_final) of every tracked layer at the final
 //! checkpoint, with the measurement f(q) = −log p(completion | prompt) (docs/design.md §2).
 //! Writes `query/gradients.safetensors` (one tensor [Q, d_out, d_in] per layer, in query

@@ -1,3 +1,6 @@
+//! Owns completing prompt-only queries with the final model before the `query` stage.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); no sibling.
+//!
 //! Generated queries: prompt-only queries (`[data.query] shape = "prompt"`) are
 //! completed by the final fine-tuned model, greedily by default (`[query]`), and the query
 //! becomes prompt + the generated tokens with the loss on the generated tokens only, so the

@@ -1,3 +1,7 @@
+//! Owns the `report` stage: gathering a run's results and writing the HTML page.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
+//! `fetch`, `score` (its sign convention).
+//!
 //! `report`: one self-contained HTML page of a run's attribution (`report/report.html`), a
 //! `summary.json`, and a terminal summary of each query's top documents. Reads the score
 //! stage's tables, the manifest's timings, the queries' known sources and, when the
@@ -122,7 +126,7 @@ pub fn gather(config: &Config, run: &RunDir) -> Result<ReportData> {
         stages: load_timings(run, "report")?,
         eval: load_eval(run)?,
         sign_convention: match meta("source_tda.sign_convention") {
-            s if s.is_empty() => super::SIGN_CONVENTION.to_string(),
+            s if s.is_empty() => super::score::SIGN_CONVENTION.to_string(),
             s => s,
         },
     })

@@ -1,3 +1,7 @@
+//! Owns the `score` stage: preconditioned queries, scoring passes, and the score tables.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
+//! `attribute`, `fetch`.
+//!
 //! `score`: the backwards walk over segments and the training passes that score every
 //! document of every segment's data against every query, per document and per token, in
 //! one pass per checkpoint (docs/design.md §2, §5). Writes `scores.parquet`,
@@ -13,9 +17,14 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
+use crate::attribution::method::{preconditioned, query_forms};
+use crate::attribution::plan::{
+    plan_score_memory, AttributionPlan, FactorGroups, PlannedSegment, ScoreNeeds,
+};
 use crate::attribution::{score_pass_on, LayerQuery};
+use crate::backend::Backend;
 use crate::config::{Config, MethodKind};
-use crate::curvature::FactorFile;
+use crate::curvature::{FactorFile, FitOptions};
 use crate::data::tokenize::load_tokenizer;
 use crate::data::PreparedDoc;
 use crate::error::{Error, IoContext, Result};
@@ -25,11 +34,10 @@ use crate::train::{OptimizerInfo, Trajectory};
 use crate::util::hash::sha256_json;
 
 use super::attribute::{
-    device_view, fit_options, load_model, load_model_on, open_backend, plan, plan_score_memory,
-    role_docs, AttributionPlan,
+    device_view, fit_options, load_model, load_model_on, model_and_batch_bytes, open_backend, plan,
+    role_docs,
 };
 use super::fetch::Fetched;
-use super::score_precondition::preconditioned;
 
 /// How τ's sign reads; stored in every output file.
 pub const SIGN_CONVENTION: &str = "tau = score / n_train approximates f(trained without m) - \
@@ -102,6 +110,22 @@ struct RoleScores {
     tokens: Vec<Vec<Vec<f32>>>,
 }
 
+/// The preconditioned queries in the form the scoring pass contracts with, the backend that
+/// computed them (and runs the scoring passes), and the memory plan they were computed under.
+struct Queries {
+    /// Q.
+    q: usize,
+    /// u per segment and layer.
+    u: Vec<Vec<LayerQuery>>,
+    /// The mean fraction of ‖u‖² a low-rank form kept.
+    kept_energy: Option<f64>,
+    backend: Box<dyn Backend>,
+    /// The estimated peak, the needs it came from and the layer groups.
+    estimate: u64,
+    needs: ScoreNeeds,
+    groups: FactorGroups,
+}
+
 impl Stage for ScoreStage {
     fn name(&self) -> &'static str {
         "score"
@@ -123,179 +147,179 @@ impl Stage for ScoreStage {
 
     fn run(&self, ctx: &StageContext) -> Result<serde_json::Value> {
         let p = plan(ctx.config, ctx.run)?;
-        let traj = Trajectory::load(&ctx.run.stage_dir("finetune").join("trajectory.json"))?;
-        let adam = traj
-            .segments
-            .iter()
-            .any(|s| matches!(s.optimizer, OptimizerInfo::AdamW { .. }));
-        if adam && p.method == MethodKind::Source {
-            tracing::info!(
-                "score: AdamW segments use Source's Adam variant (saved second moments)"
-            );
-        }
-        let final_model = load_model(&p.final_checkpoint)?;
-        let layers: Vec<String> = final_model
-            .tracked_layers()
-            .iter()
-            .map(|l| l.name.clone())
-            .collect();
-        let v = load_query_gradients(ctx, &layers)?;
-        let q = v.first().map(|t| t.dim(0)).transpose()?.unwrap_or(0);
-        let files: Vec<FactorFile> = if p.needs_factors() {
-            p.segments
-                .iter()
-                .map(|s| {
-                    FactorFile::open(
-                        &ctx.run
-                            .stage_dir("fit")
-                            .join(format!("segment-{}.safetensors", s.index)),
-                    )
-                })
-                .collect::<Result<_>>()?
-        } else {
-            Vec::new()
-        };
-        // Per layer: its stored factors in every segment, plus f32 working copies of
-        // [d_out, d_in] (spectral weights, Adam's p̄ and σ_p) per segment.
-        let mut layer_bytes = Vec::with_capacity(layers.len());
-        let mut grad_elems = 0u64;
-        for (name, vl) in layers.iter().zip(&v) {
-            let (_, o, i) = vl.dims3()?;
-            grad_elems += (o * i) as u64;
-            let mut b = 0u64;
-            for f in &files {
-                b += f.layer_bytes(name)? + 12 * (o * i) as u64;
-            }
-            layer_bytes.push(b);
-        }
-        // v, the walk's v and u per segment, f32.
-        let query_bytes = 4 * q as u64 * grad_elems * (p.segments.len() as u64 + 2);
-        let (estimate, groups) =
-            plan_score_memory(&final_model, ctx.config, &layers, &layer_bytes, query_bytes)?;
-        drop(final_model);
-        let backend = open_backend(ctx.config)?;
-        let u = preconditioned(ctx, backend.as_ref(), &p, &files, &v, &layers, &groups)?;
-        drop(files);
-        let rank = ctx.config.attribution.query_rank;
-        let (u, kept_energy) = query_forms(u, rank)?;
-        if let (Some(r), Some(e)) = (rank, kept_energy) {
-            tracing::info!(
-                "score: preconditioned queries in rank-{r} form ({:.4}% of ‖u‖² kept on average)",
-                100.0 * e
-            );
-        }
-        let opts = fit_options(ctx.config);
-
-        let mut roles: BTreeMap<String, RoleScores> = BTreeMap::new();
-        for (seg, u_seg) in p.segments.iter().zip(&u) {
-            if !roles.contains_key(&seg.role) {
-                let docs = role_docs(ctx.run, &seg.role)?;
-                let tokens = docs
-                    .iter()
-                    .map(|d| vec![vec![0f32; d.n_tokens()]; q])
-                    .collect();
-                roles.insert(
-                    seg.role.clone(),
-                    RoleScores {
-                        docs,
-                        n_train: seg.n_docs,
-                        per_segment: BTreeMap::new(),
-                        tokens,
-                    },
-                );
-            }
-            let r = roles.get_mut(&seg.role).expect("inserted above");
-            let c = seg.checkpoints.len() as f64;
-            let mut acc = vec![vec![0f64; r.docs.len()]; q];
-            for ckpt in &seg.checkpoints {
-                let model = load_model_on(ckpt, backend.device())?;
-                let s = score_pass_on(backend.as_ref(), &model, &r.docs, u_seg, &opts, true)?;
-                for (qi, row) in s.docs.iter().enumerate() {
-                    for (m, v) in row.iter().enumerate() {
-                        acc[qi][m] += v / c;
-                    }
-                }
-                for (m, per_q) in s.tokens.expect("asked for tokens").iter().enumerate() {
-                    for (qi, row) in per_q.iter().enumerate() {
-                        for (t, v) in row.iter().enumerate() {
-                            r.tokens[m][qi][t] += (*v as f64 / c) as f32;
-                        }
-                    }
-                }
-            }
-            r.per_segment.insert(seg.index, acc);
-            ctx.failpoint(&format!("after-segment-{}", seg.index))?;
-        }
-        let mut out = write_outputs(ctx, &p, q, &roles)?;
+        log_adam_variant(ctx, &p)?;
+        let queries = precondition_queries(ctx, &p)?;
+        let roles = score_segments(ctx, &p, &queries)?;
+        let mut out = write_outputs(ctx, &p, queries.q, &roles)?;
+        let Queries {
+            estimate,
+            needs,
+            groups,
+            ..
+        } = &queries;
         out["memory"] = json!({
             "estimated_peak_bytes": estimate, "model_pass_bytes": estimate
-                - query_bytes - groups.largest().1, "query_bytes": query_bytes,
-            "layer_factor_bytes": layer_bytes, "groups": groups.groups,
+                - needs.query_bytes - groups.largest().1, "query_bytes": needs.query_bytes,
+            "layer_factor_bytes": needs.layer_bytes, "groups": groups.groups,
             "group_bytes": groups.group_bytes, "group_budget": groups.budget,
         });
-        out["query_rank"] = json!(rank);
-        out["device"] = json!(backend.name());
-        out["query_rank_kept_energy"] = json!(kept_energy);
+        out["query_rank"] = json!(ctx.config.attribution.query_rank);
+        out["device"] = json!(queries.backend.name());
+        out["query_rank_kept_energy"] = json!(queries.kept_energy);
         Ok(out)
     }
 }
 
-/// Each segment's u in the form the scoring pass contracts with: dense, or (with `rank`)
-/// its truncated SVD per query and layer. Also the mean fraction of ‖u‖² the truncation kept.
-fn query_forms(
-    u: Vec<Vec<Tensor>>,
-    rank: Option<usize>,
-) -> Result<(Vec<Vec<LayerQuery>>, Option<f64>)> {
-    let (mut kept, mut count) = (0f64, 0usize);
-    let forms = u
-        .into_iter()
-        .map(|seg| {
-            seg.into_iter()
-                .map(|ul| {
-                    let f = LayerQuery::new(ul, rank)?;
-                    if let (LayerQuery::LowRank(l), Some(r)) = (&f, rank) {
-                        for sv in &l.singular_values {
-                            let all: f64 = sv.iter().map(|s| s * s).sum();
-                            let top: f64 = sv.iter().take(r).map(|s| s * s).sum();
-                            kept += if all > 0.0 { top / all } else { 1.0 };
-                            count += 1;
-                        }
-                    }
-                    Ok(f)
-                })
-                .collect::<Result<Vec<_>>>()
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok((forms, (count > 0).then(|| kept / count as f64)))
+/// Says so when Source's Adam variant applies (a segment of the trajectory used AdamW).
+fn log_adam_variant(ctx: &StageContext, p: &AttributionPlan) -> Result<()> {
+    let traj = Trajectory::load(&ctx.run.stage_dir("finetune").join("trajectory.json"))?;
+    let adam = traj
+        .segments
+        .iter()
+        .any(|s| matches!(s.optimizer, OptimizerInfo::AdamW { .. }));
+    if adam && p.method == MethodKind::Source {
+        tracing::info!("score: AdamW segments use Source's Adam variant (saved second moments)");
+    }
+    Ok(())
 }
 
-fn write_outputs(
+/// The fitted factor files of the plan's segments (none when the method needs no factors).
+fn open_factor_files(ctx: &StageContext, p: &AttributionPlan) -> Result<Vec<FactorFile>> {
+    if !p.needs_factors() {
+        return Ok(Vec::new());
+    }
+    p.segments
+        .iter()
+        .map(|s| {
+            FactorFile::open(
+                &ctx.run
+                    .stage_dir("fit")
+                    .join(format!("segment-{}.safetensors", s.index)),
+            )
+        })
+        .collect()
+}
+
+/// Reads the query gradients, plans memory (refusing what does not fit), opens the backend,
+/// and computes u per segment in the form `[attribution] query_rank` asks for.
+fn precondition_queries(ctx: &StageContext, p: &AttributionPlan) -> Result<Queries> {
+    let final_model = load_model(&p.final_checkpoint)?;
+    let layers: Vec<String> = final_model
+        .tracked_layers()
+        .iter()
+        .map(|l| l.name.clone())
+        .collect();
+    let v = load_query_gradients(ctx, &layers)?;
+    let q = v.first().map(|t| t.dim(0)).transpose()?.unwrap_or(0);
+    let files = open_factor_files(ctx, p)?;
+    let needs = ScoreNeeds::of(&files, &layers, &v, p.segments.len())?;
+    let (estimate, groups) = plan_score_memory(
+        model_and_batch_bytes(&final_model, ctx.config),
+        ctx.config.attribution.memory_limit_gib,
+        &layers,
+        &needs,
+    )?;
+    drop(final_model);
+    let backend = open_backend(ctx.config)?;
+    let a = &ctx.config.attribution;
+    let u = preconditioned(a, backend.as_ref(), p, &files, &v, &layers, &groups)?;
+    drop(files);
+    let (u, kept_energy) = query_forms(u, a.query_rank)?;
+    if let (Some(r), Some(e)) = (a.query_rank, kept_energy) {
+        tracing::info!(
+            "score: preconditioned queries in rank-{r} form ({:.4}% of ‖u‖² kept on average)",
+            100.0 * e
+        );
+    }
+    Ok(Queries {
+        q,
+        u,
+        kept_energy,
+        backend,
+        estimate,
+        needs,
+        groups,
+    })
+}
+
+/// Scores every document of every segment's data role against every query: per segment,
+/// the average over its checkpoints of one scoring pass each.
+fn score_segments(
     ctx: &StageContext,
     p: &AttributionPlan,
-    q: usize,
-    roles: &BTreeMap<String, RoleScores>,
-) -> Result<serde_json::Value> {
-    let queries_path = ctx.run.stage_dir("query").join("queries.parquet");
-    std::fs::copy(&queries_path, ctx.out("queries.parquet")).ctx("copying", &queries_path)?;
-    let query_ids = read_query_ids(&queries_path)?;
-    if query_ids.len() != q {
-        return Err(Error::Pipeline(format!(
-            "{} lists {} queries but the gradients have {q}; rerun the query stage",
-            queries_path.display(),
-            query_ids.len()
-        )));
+    queries: &Queries,
+) -> Result<BTreeMap<String, RoleScores>> {
+    let opts = fit_options(ctx.config);
+    let q = queries.q;
+    let mut roles: BTreeMap<String, RoleScores> = BTreeMap::new();
+    for (seg, u_seg) in p.segments.iter().zip(&queries.u) {
+        if !roles.contains_key(&seg.role) {
+            let docs = role_docs(ctx.run, &seg.role)?;
+            let tokens = docs
+                .iter()
+                .map(|d| vec![vec![0f32; d.n_tokens()]; q])
+                .collect();
+            roles.insert(
+                seg.role.clone(),
+                RoleScores {
+                    docs,
+                    n_train: seg.n_docs,
+                    per_segment: BTreeMap::new(),
+                    tokens,
+                },
+            );
+        }
+        let r = roles.get_mut(&seg.role).expect("inserted above");
+        let acc = score_segment(queries.backend.as_ref(), seg, u_seg, r, &opts, q)?;
+        r.per_segment.insert(seg.index, acc);
+        ctx.failpoint(&format!("after-segment-{}", seg.index))?;
     }
-    let fetched = Fetched::load(ctx.run)?;
-    let tokenizer = load_tokenizer(fetched.tokenizer_path())?;
+    Ok(roles)
+}
 
-    // Every (query, document) with τ = score / n_train, ranked per query.
-    struct Row<'a> {
-        q: usize,
-        role: &'a str,
-        m: usize,
-        score: f64,
-        tau: f64,
+/// One segment's document scores [Q][N], averaged over its checkpoints (one scoring pass
+/// each); its per-token scores are added, averaged likewise, to `r.tokens`.
+fn score_segment(
+    backend: &dyn Backend,
+    seg: &PlannedSegment,
+    u_seg: &[LayerQuery],
+    r: &mut RoleScores,
+    opts: &FitOptions,
+    q: usize,
+) -> Result<Vec<Vec<f64>>> {
+    let c = seg.checkpoints.len() as f64;
+    let mut acc = vec![vec![0f64; r.docs.len()]; q];
+    for ckpt in &seg.checkpoints {
+        let model = load_model_on(ckpt, backend.device())?;
+        let s = score_pass_on(backend, &model, &r.docs, u_seg, opts, true)?;
+        for (qi, row) in s.docs.iter().enumerate() {
+            for (m, v) in row.iter().enumerate() {
+                acc[qi][m] += v / c;
+            }
+        }
+        for (m, per_q) in s.tokens.expect("asked for tokens").iter().enumerate() {
+            for (qi, row) in per_q.iter().enumerate() {
+                for (t, v) in row.iter().enumerate() {
+                    r.tokens[m][qi][t] += (*v as f64 / c) as f32;
+                }
+            }
+        }
     }
+    Ok(acc)
+}
+
+/// One (query, document) pair with τ = score / n_train.
+struct Row<'a> {
+    q: usize,
+    role: &'a str,
+    m: usize,
+    score: f64,
+    tau: f64,
+}
+
+/// Every (query, document) pair, sorted by query then τ descending, with its 1-based rank
+/// within its query.
+fn ranked_rows(roles: &BTreeMap<String, RoleScores>, q: usize) -> (Vec<Row<'_>>, Vec<u32>) {
     let mut rows: Vec<Row> = Vec::new();
     for (role, r) in roles {
         for m in 0..r.docs.len() {
@@ -323,21 +347,88 @@ fn write_outputs(
         k += 1;
         rank[i] = k;
     }
-    let top_k = ctx.config.attribution.top_k;
-    let keep_all = ctx.config.attribution.all_token_scores || top_k == 0;
+    (rows, rank)
+}
 
+/// The ranked pairs and what they refer to, shared by the output tables.
+struct Ranked<'a> {
+    rows: Vec<Row<'a>>,
+    rank: Vec<u32>,
+    roles: &'a BTreeMap<String, RoleScores>,
+    query_ids: Vec<String>,
+}
+
+impl Ranked<'_> {
+    fn doc(&self, r: &Row) -> &PreparedDoc {
+        &self.roles[r.role].docs[r.m]
+    }
+}
+
+/// Writes `queries.parquet`, `scores.parquet`, `token_scores.parquet` and
+/// `train_docs.parquet`; returns the stage's summary (pairs, token rows, each query's top
+/// document).
+fn write_outputs(
+    ctx: &StageContext,
+    p: &AttributionPlan,
+    q: usize,
+    roles: &BTreeMap<String, RoleScores>,
+) -> Result<serde_json::Value> {
+    let query_ids = copy_queries(ctx, q)?;
+    let fetched = Fetched::load(ctx.run)?;
+    let tokenizer = load_tokenizer(fetched.tokenizer_path())?;
+    let (rows, rank) = ranked_rows(roles, q);
+    let ranked = Ranked {
+        rows,
+        rank,
+        roles,
+        query_ids,
+    };
+    write_scores(ctx, p, &ranked)?;
+    let n_token_rows = write_token_scores(ctx, &ranked, &tokenizer)?;
+    write_train_docs(ctx, roles)?;
+    let top: Vec<serde_json::Value> = ranked
+        .rows
+        .iter()
+        .zip(&ranked.rank)
+        .filter(|(_, &k)| k == 1)
+        .map(|(r, _)| {
+            json!({"query": ranked.query_ids[r.q], "top": ranked.doc(r).doc_id, "tau": r.tau})
+        })
+        .collect();
+    for t in &top {
+        tracing::info!("score: {} ← {} (τ = {})", t["query"], t["top"], t["tau"]);
+    }
+    Ok(json!({"pairs": ranked.rows.len(), "token_rows": n_token_rows, "top1": top}))
+}
+
+/// Copies the query stage's `queries.parquet` into the outputs and returns its query ids,
+/// which must be the `q` queries the gradients hold.
+fn copy_queries(ctx: &StageContext, q: usize) -> Result<Vec<String>> {
+    let queries_path = ctx.run.stage_dir("query").join("queries.parquet");
+    std::fs::copy(&queries_path, ctx.out("queries.parquet")).ctx("copying", &queries_path)?;
+    let query_ids = read_query_ids(&queries_path)?;
+    if query_ids.len() != q {
+        return Err(Error::Pipeline(format!(
+            "{} lists {} queries but the gradients have {q}; rerun the query stage",
+            queries_path.display(),
+            query_ids.len()
+        )));
+    }
+    Ok(query_ids)
+}
+
+/// `scores.parquet`: every (query, document) with score, n_train, τ, rank and one column
+/// per segment.
+fn write_scores(ctx: &StageContext, p: &AttributionPlan, ranked: &Ranked) -> Result<()> {
+    let (rows, roles) = (&ranked.rows, ranked.roles);
     let mut cols: Vec<(String, Column)> = vec![
         (
             "query_id".into(),
-            Column::Str(rows.iter().map(|r| query_ids[r.q].clone()).collect()),
+            Column::Str(rows.iter().map(|r| ranked.query_ids[r.q].clone()).collect()),
         ),
         (
             "train_id".into(),
-            Column::Str(
-                rows.iter()
-                    .map(|r| roles[r.role].docs[r.m].doc_id.clone())
-                    .collect(),
-            ),
+            Column::Str(rows.iter().map(|r| ranked.doc(r).doc_id.clone()).collect()),
         ),
         (
             "dataset".into(),
@@ -355,7 +446,7 @@ fn write_outputs(
             "tau".into(),
             Column::F64(rows.iter().map(|r| r.tau).collect()),
         ),
-        ("rank".into(), Column::U32(rank.clone())),
+        ("rank".into(), Column::U32(ranked.rank.clone())),
     ];
     for seg in &p.segments {
         let name = format!("segment_{}_{}", seg.index, seg.stage);
@@ -376,19 +467,28 @@ fn write_outputs(
         &ctx.out("scores.parquet"),
         &refs,
         &table_metadata(ctx, "scores")?,
-    )?;
+    )
+}
 
-    // Per-token scores of the top-k documents per query.
+/// `token_scores.parquet`: per-token scores of the top-k documents per query (or of all,
+/// with `all_token_scores` or `top_k = 0`). Returns its row count.
+fn write_token_scores(
+    ctx: &StageContext,
+    ranked: &Ranked,
+    tokenizer: &tokenizers::Tokenizer,
+) -> Result<usize> {
+    let top_k = ctx.config.attribution.top_k;
+    let keep_all = ctx.config.attribution.all_token_scores || top_k == 0;
     let (mut tq, mut tid, mut tidx, mut ttok, mut ttext, mut tscore) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
-    for (i, r) in rows.iter().enumerate() {
-        if !keep_all && rank[i] as usize > top_k {
+    for (r, &k) in ranked.rows.iter().zip(&ranked.rank) {
+        if !keep_all && k as usize > top_k {
             continue;
         }
-        let doc = &roles[r.role].docs[r.m];
-        for (t, &s) in roles[r.role].tokens[r.m][r.q].iter().enumerate() {
+        let doc = ranked.doc(r);
+        for (t, &s) in ranked.roles[r.role].tokens[r.m][r.q].iter().enumerate() {
             let id = doc.input_ids[t];
-            tq.push(query_ids[r.q].clone());
+            tq.push(ranked.query_ids[r.q].clone());
             tid.push(doc.doc_id.clone());
             tidx.push(t as u32);
             ttok.push(id);
@@ -409,8 +509,11 @@ fn write_outputs(
         ],
         &table_metadata(ctx, "token_scores")?,
     )?;
+    Ok(n_token_rows)
+}
 
-    // The documents, so results join back to text.
+/// `train_docs.parquet`: the scored documents, so results join back to text.
+fn write_train_docs(ctx: &StageContext, roles: &BTreeMap<String, RoleScores>) -> Result<()> {
     let all: Vec<(&String, &PreparedDoc)> = roles
         .iter()
         .flat_map(|(role, r)| r.docs.iter().map(move |d| (role, d)))
@@ -440,20 +543,7 @@ fn write_outputs(
             ),
         ],
         &table_metadata(ctx, "train_docs")?,
-    )?;
-
-    let top: Vec<serde_json::Value> = rows
-        .iter()
-        .zip(&rank)
-        .filter(|(_, &k)| k == 1)
-        .map(|(r, _)| {
-            json!({"query": query_ids[r.q], "top": roles[r.role].docs[r.m].doc_id, "tau": r.tau})
-        })
-        .collect();
-    for t in &top {
-        tracing::info!("score: {} ← {} (τ = {})", t["query"], t["top"], t["tau"]);
-    }
-    Ok(json!({"pairs": rows.len(), "token_rows": n_token_rows, "top1": top}))
+    )
 }
 
 fn read_query_ids(path: &std::path::Path) -> Result<Vec<String>> {

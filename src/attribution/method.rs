@@ -1,27 +1,32 @@
-//! The preconditioned queries u_ℓ of the `score` stage (docs/design.md §2): the Source walk
-//! (or the influence function's inverse) applied to the query gradients, one layer group at a
-//! time so that only that group's factors are in memory (docs/design.md §8), with Source's
-//! Adam variant for segments trained with AdamW.
+//! Owns u_ℓ per method (Source walk, IF inverse, gradient dot), Adam's p̄, query forms.
+//! Layer: attribution — may import ground, backend, model, train, curvature;
+//! never eval, pipeline, report or stages.
+//!
+//! The preconditioned queries u_ℓ of each method (docs/design.md §2): the Source walk (or the
+//! influence function's inverse, or nothing for the gradient dot product) applied to the
+//! query gradients, one layer group at a time so that only that group's factors are in
+//! memory, with Source's Adam variant (p̄ from the checkpoints' `optimizer.safetensors`) for
+//! segments trained with AdamW; and the form u takes for the scoring pass.
 
 use candle_core::{Device, Tensor};
 
-use crate::attribution::OnBackend;
-use crate::attribution::{
-    adam_p_eff, source_walk, AdamCurvature, Curvature, Damping, SegmentCurvature,
-};
 use crate::backend::Backend;
-use crate::config::{AdamResponse, MethodKind};
-use crate::curvature::{FactorFile, LayerFactors};
+use crate::config::{AdamResponse, AttributionConfig, MethodKind};
+use crate::curvature::FactorFile;
 use crate::error::{Error, Result};
-use crate::pipeline::StageContext;
+use crate::linalg::{LayerFactors, LayerQuery};
 
-use super::attribute::{AttributionPlan, FactorGroups, PlannedSegment};
+use super::adam::{adam_p_eff, AdamCurvature};
+use super::curvature::{Curvature, Damping, OnBackend};
+use super::plan::{AttributionPlan, FactorGroups, PlannedSegment};
+use super::source::{source_walk, SegmentCurvature};
 
 /// u_ℓ for every planned segment, computed one layer group at a time: for each group, only
 /// that group's factors of every segment are read (memory-mapped), the walk runs on the
-/// group's layers (it is block-diagonal per layer) and the factors are dropped.
-pub(super) fn preconditioned(
-    ctx: &StageContext,
+/// group's layers (it is block-diagonal per layer) and the factors are dropped. `a`: the
+/// run's `[attribution]` (damping, Adam response).
+pub fn preconditioned(
+    a: &AttributionConfig,
     backend: &dyn Backend,
     p: &AttributionPlan,
     files: &[FactorFile],
@@ -39,7 +44,7 @@ pub(super) fn preconditioned(
             .iter()
             .map(|file| file.load_layers(names, &Device::Cpu))
             .collect::<Result<_>>()?;
-        let u = precondition_group(ctx, backend, p, &f, &v[start..end], start == 0)?;
+        let u = precondition_group(a, backend, p, &f, &v[start..end], start == 0)?;
         for (seg, u_seg) in out.iter_mut().zip(u) {
             seg.extend(u_seg);
         }
@@ -50,7 +55,7 @@ pub(super) fn preconditioned(
 /// u_ℓ for every segment for one group of layers, given that group's factors `f` per segment.
 /// `first`: the first group (which logs what holds for every group).
 fn precondition_group(
-    ctx: &StageContext,
+    a: &AttributionConfig,
     backend: &dyn Backend,
     p: &AttributionPlan,
     f: &[Vec<LayerFactors>],
@@ -62,7 +67,6 @@ fn precondition_group(
         .iter()
         .map(|factors| OnBackend { factors, backend })
         .collect();
-    let a = &ctx.config.attribution;
     let damping = match a.damping {
         Some(d) => Damping::Absolute(d),
         None => Damping::MeanLambda(a.damping_factor),
@@ -176,6 +180,35 @@ fn adam_p_bar(
     sums.into_iter()
         .map(|s| Ok((s.expect("one checkpoint at least") / c)?))
         .collect()
+}
+
+/// Each segment's u in the form the scoring pass contracts with: dense, or (with `rank`)
+/// its truncated SVD per query and layer. Also the mean fraction of ‖u‖² the truncation kept.
+pub fn query_forms(
+    u: Vec<Vec<Tensor>>,
+    rank: Option<usize>,
+) -> Result<(Vec<Vec<LayerQuery>>, Option<f64>)> {
+    let (mut kept, mut count) = (0f64, 0usize);
+    let forms = u
+        .into_iter()
+        .map(|seg| {
+            seg.into_iter()
+                .map(|ul| {
+                    let f = LayerQuery::new(ul, rank)?;
+                    if let (LayerQuery::LowRank(l), Some(r)) = (&f, rank) {
+                        for sv in &l.singular_values {
+                            let all: f64 = sv.iter().map(|s| s * s).sum();
+                            let top: f64 = sv.iter().take(r).map(|s| s * s).sum();
+                            kept += if all > 0.0 { top / all } else { 1.0 };
+                            count += 1;
+                        }
+                    }
+                    Ok(f)
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((forms, (count > 0).then(|| kept / count as f64)))
 }
 
 #[cfg(test)]

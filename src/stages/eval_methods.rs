@@ -1,0 +1,179 @@
+//! Owns τ of each compared method: the run's own scores, or a sub-run's `fit`/`query`/`score`.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); no sibling.
+//!
+//! τ of every compared method over the fine-tuning set, through the pipeline's own stages.
+//!
+//! The run's own `[attribution] method` is read from `RUN_DIR/score/`. Every other method
+//! runs `fit`, `query` and `score` in a sub-run `RUN_DIR/eval-methods/METHOD/`: a run
+//! directory whose config is the run's with `attribution.method` overridden, whose `fetch`,
+//! `prepare` and `finetune` folders are links to the run's, and whose manifest carries the
+//! run's records of those three stages (hashes unchanged). The runner then skips what is
+//! complete and reruns what the run's upstream changes affect: one code path for the math,
+//! resumable, and nothing finished is redone.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::Float64Type;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use crate::config::{Config, MethodKind};
+use crate::error::{Error, IoContext, Result};
+use crate::eval::method_name;
+use crate::pipeline::{run_stages, Registry, RunDir, RunOptions, StageContext, StageStatus};
+
+/// The stages a sub-run shares with its parent run (linked, records copied).
+const SHARED: [&str; 3] = ["fetch", "prepare", "finetune"];
+
+/// τ = score / n_train of one method for every (query, fine-tuning document).
+#[derive(Debug, Clone)]
+pub struct MethodScores {
+    /// The method.
+    pub method: MethodKind,
+    /// Where its scores were read.
+    pub scores_path: PathBuf,
+    /// `τ[q][m]`, rows in `query_ids` order, columns in `train_ids` order.
+    pub tau: Vec<Vec<f64>>,
+}
+
+/// The run directory whose `score/` holds `method`'s scores, running the sub-run's `fit`,
+/// `query` and `score` (from `registry`) first when `method` is not the run's own.
+pub fn scored_run(
+    registry: &Registry,
+    config: &Config,
+    run: &RunDir,
+    method: MethodKind,
+) -> Result<RunDir> {
+    if method == config.attribution.method {
+        return RunDir::at(run.path());
+    }
+    let sub = RunDir::at(&run.path().join("eval-methods").join(method_name(method)))?;
+    let parent = run.manifest()?;
+    let config_file = PathBuf::from(&parent.config_path);
+    let mut c = config.clone();
+    c.attribution.method = method;
+    std::fs::create_dir_all(sub.path()).ctx("creating", sub.path())?;
+    {
+        let _lock = sub.lock()?;
+        let mut manifest = sub.open_for(&c, &config_file, true)?;
+        for stage in SHARED {
+            let record = parent
+                .stages
+                .get(stage)
+                .filter(|r| r.status == StageStatus::Complete)
+                .ok_or_else(|| {
+                    Error::Pipeline(format!(
+                        "comparing methods needs the run's `{stage}` stage to be complete in {}",
+                        run.path().display()
+                    ))
+                })?;
+            link_stage(&sub.stage_dir(stage), stage)?;
+            manifest.stages.insert(stage.to_string(), record.clone());
+        }
+        manifest.save(&sub.manifest_path())?;
+    }
+    tracing::info!(
+        "eval: scoring with method `{}` in {}",
+        method_name(method),
+        sub.path().display()
+    );
+    let stages: Vec<String> = ["fit", "query", "score"].map(String::from).into();
+    run_stages(
+        registry,
+        &c,
+        &config_file,
+        &sub,
+        &stages,
+        &RunOptions::default(),
+    )?;
+    Ok(sub)
+}
+
+/// Makes `link` a symbolic link to the parent run's `stage` folder (`../../STAGE`).
+fn link_stage(link: &Path, stage: &str) -> Result<()> {
+    let target = Path::new("../..").join(stage);
+    if let Ok(current) = std::fs::read_link(link) {
+        if current == target {
+            return Ok(());
+        }
+    }
+    if link.is_dir() && !link.is_symlink() {
+        std::fs::remove_dir_all(link).ctx("removing", link)?;
+    } else if link.is_symlink() || link.exists() {
+        std::fs::remove_file(link).ctx("removing", link)?;
+    }
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&target, link).ctx("linking", link)?;
+    #[cfg(not(unix))]
+    return Err(Error::Pipeline(
+        "comparing methods needs symbolic links (a Unix system)".into(),
+    ));
+    Ok(())
+}
+
+/// τ of `method` over the documents `train_ids` of data role `role`, for `query_ids`, in the
+/// run of `ctx` (a sub-run runs the stages of `ctx.registry`). A (query, document) pair
+/// missing from the scores is an error naming the file.
+pub fn method_scores(
+    ctx: &StageContext,
+    method: MethodKind,
+    role: &str,
+    query_ids: &[String],
+    train_ids: &[String],
+) -> Result<MethodScores> {
+    let scored = scored_run(ctx.registry, ctx.config, ctx.run, method)?;
+    let path = scored.stage_dir("score").join("scores.parquet");
+    let qpos: HashMap<&str, usize> = query_ids
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.as_str(), i))
+        .collect();
+    let mpos: HashMap<&str, usize> = train_ids
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.as_str(), i))
+        .collect();
+    let mut tau = vec![vec![f64::NAN; train_ids.len()]; query_ids.len()];
+    let file = std::fs::File::open(&path).ctx("opening", &path)?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| Error::parquet(&path, e))?;
+    for batch in reader {
+        let b = batch.map_err(|e| Error::parquet(&path, e))?;
+        let col = |name: &str| {
+            b.column_by_name(name)
+                .ok_or_else(|| Error::parquet(&path, format!("no `{name}` column")))
+        };
+        let (q, t, d) = (
+            col("query_id")?.as_string::<i32>().clone(),
+            col("train_id")?.as_string::<i32>().clone(),
+            col("dataset")?.as_string::<i32>().clone(),
+        );
+        let v = col("tau")?.as_primitive::<Float64Type>().clone();
+        for i in 0..b.num_rows() {
+            if d.value(i) != role {
+                continue;
+            }
+            if let (Some(&qi), Some(&mi)) = (qpos.get(q.value(i)), mpos.get(t.value(i))) {
+                tau[qi][mi] = v.value(i);
+            }
+        }
+    }
+    for (qi, row) in tau.iter().enumerate() {
+        if let Some(mi) = row.iter().position(|x| x.is_nan()) {
+            return Err(Error::Pipeline(format!(
+                "{}: no score for query `{}` and document `{}` of `{role}`; rerun the score \
+                 stage of that run",
+                path.display(),
+                query_ids[qi],
+                train_ids[mi]
+            )));
+        }
+    }
+    Ok(MethodScores {
+        method,
+        scores_path: path,
+        tau,
+    })
+}
