@@ -5,7 +5,7 @@
 #
 # The folder is $SOURCE_TDA_TEST_ASSETS, else .cache/test-assets/ in the repository. The script
 # is idempotent: a GGUF that is present with the right sha256 is left alone, and nothing is
-# downloaded. tests/real_smollm2.rs reads the file from the same place; CI (.ci/run) runs this
+# downloaded. tests/it/real_smollm2.rs reads the file from the same place; CI (.ci/run) runs this
 # script before the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,7 +9,9 @@
 //! error) and 1e-2 (TF32) / 3e-2 (bf16) against the f32 inputs (the precision's error).
 #![cfg(any(feature = "cuda", feature = "cuda-kernels"))]
 
-#[path = "common/model_fixtures.rs"]
+// The integration tests' model fixtures, shared with this separate (CUDA-only) binary: a test
+// binary sees only the modules beside its own root, so this one names the file.
+#[path = "it/common/model_fixtures.rs"]
 mod fixtures;
 
 use candle_core::{Device, Tensor};

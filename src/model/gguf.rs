@@ -12,7 +12,7 @@
 //!    is accepted).
 //! 2. Dequantises each tensor to f32 with candle (F32, F16, Q4_1 and Q8_0 are accepted: their
 //!    candle dequantisation is bit-exact to the block formulas, `d*q + m` and `d*q` in f32,
-//!    which `tests/real_smollm2.rs` checks against the raw bytes). GGUF `ne = [in, out]`
+//!    which `tests/it/real_smollm2.rs` checks against the raw bytes). GGUF `ne = [in, out]`
 //!    comes out as a row-major `[out, in]` matrix, the HF layout.
 //! 3. Renames GGUF tensors to HF names ([`hf_name`]); a missing `output.weight` means the
 //!    output layer is tied to `token_embd`.

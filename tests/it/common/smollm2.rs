@@ -1,4 +1,4 @@
-//! Shared by `tests/real_smollm2.rs` (asset paths come from `tests/common/real_assets.rs`): an
+//! Shared by `tests/it/real_smollm2.rs` (asset paths come from `common/real_assets.rs`): an
 //! independent raw-byte GGUF dequantiser, candle-transformers' Llama on a written checkpoint,
 //! and the reference pack's loss convention.
 #![allow(dead_code)]
@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Cache, Config, Llama, LlamaConfig};
 use source_tda::model::gguf::GgufLlama;
 
-pub use crate::real_assets::{f32_tensor, gguf_path, i64_tensor, reference_dir};
+pub use crate::common::real_assets::{f32_tensor, gguf_path, i64_tensor, reference_dir};
 
 // ---------------------------------------------------------------------------------------
 // Independent dequantisation from the raw bytes (reference README, "Getting the weights").

@@ -1,8 +1,12 @@
 //! Helpers shared by the integration tests: paths to shipped assets, a hand-built Hugging
-//! Face cache, and running the CLI binary.
+//! Face cache, and running the CLI binary; the submodules hold a mock hub, small model
+//! fixtures, the real-model assets and the SmolLM2 reference helpers.
 #![allow(dead_code)]
 
 pub mod mock_hub;
+pub mod model_fixtures;
+pub mod real_assets;
+pub mod smollm2;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -4,7 +4,7 @@
 //! gradient accumulation does not depend on the micro-batch split, and the learning-rate
 //! mass of every segment is the exact sum of its schedule's rates.
 
-use crate::fixtures;
+use crate::common::model_fixtures as fixtures;
 
 use std::path::{Path, PathBuf};
 

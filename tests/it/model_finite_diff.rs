@@ -6,7 +6,7 @@
 //! truncation error O(h²); measured errors stay below 5e-4; the tolerance is 1% of the directional
 //! derivative + 1.5e-3 (the smallest derivatives checked are ≈ 0.03).
 
-use crate::fixtures;
+use crate::common::model_fixtures as fixtures;
 
 use candle_core::{Device, Tensor};
 use fixtures::*;

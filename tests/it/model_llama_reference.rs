@@ -2,7 +2,7 @@
 //! candle's model returns only last-position logits, so every prefix of every document is
 //! run through it and compared with our logits at that position of a padded batch.
 
-use crate::fixtures;
+use crate::common::model_fixtures as fixtures;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_transformers::models::llama as ref_llama;

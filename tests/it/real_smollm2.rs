@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::llama::{Cache, Llama};
 use source_tda::model::gguf::{GgufLlama, ReadOptions};
 
-use crate::real_smollm2_support::*;
+use crate::common::smollm2::*;
 
 #[test]
 fn two_layer_cut_has_reference_shapes_exact_dequantisation_and_hf_qk_rows() {

@@ -2,7 +2,7 @@
 //! trainable weight gets a gradient, (a, δ) do not depend on batch mates or padding, and
 //! sampled labels are seeded.
 
-use crate::fixtures;
+use crate::common::model_fixtures as fixtures;
 
 use std::path::Path;
 

@@ -3,7 +3,7 @@
 //! scores do not depend on batch size, query batching, block layout of whole factors, or
 //! duplicated checkpoints.
 
-use crate::fixtures;
+use crate::common::model_fixtures as fixtures;
 
 use candle_core::{Device, Tensor};
 use fixtures::*;

@@ -1,7 +1,7 @@
 //! Generation with the KV cache equals argmax over repeated full forwards; stop tokens and
 //! seeded sampling behave.
 
-use crate::fixtures;
+use crate::common::model_fixtures as fixtures;
 
 use candle_core::{Device, IndexOp, Tensor};
 use fixtures::*;

@@ -1,7 +1,7 @@
 //! Our GPT-2 forward equals an independent f64 reference written here with plain loops and
 //! the textbook formulas, on the raw Hugging Face tensors (Conv1D weights [in, out]).
 
-use crate::fixtures;
+use crate::common::model_fixtures as fixtures;
 
 use std::collections::HashMap;
 

@@ -1,7 +1,7 @@
 //! Loading: truncation, sharded checkpoints, bf16/f16 weights, and errors that name the
 //! tensor or key; the query measurement on prompt/completion batches.
 
-use crate::fixtures;
+use crate::common::model_fixtures as fixtures;
 
 use std::collections::HashMap;
 

@@ -5,7 +5,7 @@
 //! Λ, damping 0.1 × mean Λ per module, pairwise, per-module and per-token scores — must
 //! reproduce them, on the real GGUF weights converted by `model::gguf`.
 
-use crate::real_assets;
+use crate::common::real_assets;
 
 use candle_core::{DType, Device, Tensor};
 use source_tda::attribution::{precondition_inverse, query_gradients, score_pass, Damping};
