@@ -1,7 +1,7 @@
 //! GPU parity: every CUDA kernel against its CPU reference (src/cuda/reference.rs, itself
 //! tested against the project's CPU code), in each precision. Runs when a CUDA device is
 //! present; otherwise each test prints SKIPPED to stderr, and fails instead when
-//! SOURCE_TDA_REQUIRE_GPU=1 (scripts/gpu-check.sh sets it, so a GPU run cannot pass by
+//! SOURCE_TDA_REQUIRE_GPU=1 (scripts/gpu/gpu-check.sh sets it, so a GPU run cannot pass by
 //! skipping).
 //!
 //! Tolerances (relative: max |gpu − ref| / max |ref|): f32 1e-5 against the f64 reference;

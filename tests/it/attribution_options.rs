@@ -213,7 +213,7 @@ fn demo_low_rank_queries_and_grouped_factors_match_the_exact_all_at_once_path() 
         assert!(!o.status.success(), "device = cuda ran in a CPU-only build");
         assert!(e.contains("built without CUDA support"), "{e}");
         assert!(
-            e.contains("scripts/build-cuda.sh") && e.contains("device = \"cpu\""),
+            e.contains("scripts/gpu/build-cuda.sh") && e.contains("device = \"cpu\""),
             "{e}"
         );
     }

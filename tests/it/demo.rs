@@ -176,7 +176,7 @@ fn demo_assets_are_reproducible_from_the_script() {
         let b = std::fs::read(committed.join(&rel)).unwrap();
         assert!(
             a == b,
-            "{} differs: rerun scripts/make-demo-assets and commit",
+            "{} differs: rerun scripts/assets/make-demo-assets.sh and commit",
             rel.display()
         );
     }

@@ -2,7 +2,7 @@
 //! downloads a model and a dataset from a loopback stand-in of the hub into a fresh cache,
 //! and source-tda must then resolve them offline with the right commit and sha256.
 //!
-//! Needs the Python environment made by `scripts/setup-test-python.sh` (CI runs it). Without
+//! Needs the Python environment made by `scripts/assets/setup-test-python.sh` (CI runs it). Without
 //! it the test fails in CI and says so loudly elsewhere.
 
 use crate::common;
@@ -32,11 +32,11 @@ fn python() -> Option<PathBuf> {
 fn cache_written_by_huggingface_hub_resolves_offline() {
     let Some(py) = python() else {
         if std::env::var_os("CI").is_some() {
-            panic!("the Python reference environment is missing: run scripts/setup-test-python.sh");
+            panic!("the Python reference environment is missing: run scripts/assets/setup-test-python.sh");
         }
         eprintln!(
             "\n*** SKIPPED cache_written_by_huggingface_hub_resolves_offline: no Python env with \
-             huggingface_hub; run scripts/setup-test-python.sh ***\n"
+             huggingface_hub; run scripts/assets/setup-test-python.sh ***\n"
         );
         return;
     };

@@ -7,7 +7,7 @@
 //!   recomputed with candle-transformers' Llama on the written checkpoint;
 //! * the full 30-layer model: greedy generation and the loss of an English sentence.
 //!
-//! Assets: the GGUF from `scripts/fetch-test-assets.sh` (`$SOURCE_TDA_TEST_ASSETS`, else
+//! Assets: the GGUF from `scripts/assets/fetch-test-assets.sh` (`$SOURCE_TDA_TEST_ASSETS`, else
 //! `.cache/test-assets/`), and the reference pack in `$SOURCE_TDA_SHARED`, else `../shared`
 //! beside the repository. When one is missing, the tests fail under CI (`CI` set) and print
 //! `SKIPPED` otherwise.

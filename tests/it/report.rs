@@ -1,7 +1,7 @@
 //! The `report` stage on the embedded demo: the page names every query's known source at the
 //! top, is self-contained, renders in a real headless browser (Debian's chromium), picks up
 //! evaluation results that appear after it ran (and drops them when they go), and the DuckDB
-//! example in scripts/ reads the same answers from the Parquet outputs.
+//! example (scripts/eval/query-results.py) reads the same answers from the Parquet outputs.
 //!
 //! One demo run is shared by the tests of this file (made once, then copied where a test
 //! changes the run directory).
@@ -454,14 +454,14 @@ fn python() -> Option<PathBuf> {
     }
     if std::env::var_os("CI").is_some() {
         panic!(
-            "{} is missing: run scripts/setup-test-python.sh",
+            "{} is missing: run scripts/assets/setup-test-python.sh",
             py.display()
         );
     }
     use std::io::Write;
     let _ = writeln!(
         std::io::stderr(),
-        "\n=== SKIPPED (DuckDB example): {} is missing: run scripts/setup-test-python.sh ===\n",
+        "\n=== SKIPPED (DuckDB example): {} is missing: run scripts/assets/setup-test-python.sh ===\n",
         py.display()
     );
     None
@@ -471,7 +471,7 @@ fn python() -> Option<PathBuf> {
 fn duckdb_example_joins_the_top_documents_to_their_text() {
     let Some(py) = python() else { return };
     let d = demo();
-    let script = common::repo_root().join("scripts/query-results.py");
+    let script = common::repo_root().join("scripts/eval/query-results.py");
     let out = Command::new(&py)
         .arg(&script)
         .arg(&d.run)

@@ -228,10 +228,10 @@ fn duckdb_and_pyarrow_read_the_outputs() {
         .unwrap_or_else(|| common::repo_root().join(".cache/py/bin/python"));
     if !py.exists() {
         if std::env::var_os("CI").is_some() {
-            panic!("the Python environment is missing: run scripts/setup-test-python.sh");
+            panic!("the Python environment is missing: run scripts/assets/setup-test-python.sh");
         }
         use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "\n=== SKIPPED duckdb_and_pyarrow_read_the_outputs: run scripts/setup-test-python.sh ===\n");
+        let _ = writeln!(std::io::stderr(), "\n=== SKIPPED duckdb_and_pyarrow_read_the_outputs: run scripts/assets/setup-test-python.sh ===\n");
         return;
     }
     let dir = setup("influence", "");

@@ -1,6 +1,6 @@
 //! Locating the real-model test assets and reading the reference pack's tensors.
 //!
-//! * The SmolLM2 GGUF from `scripts/fetch-test-assets.sh` (`$SOURCE_TDA_TEST_ASSETS`, else
+//! * The SmolLM2 GGUF from `scripts/assets/fetch-test-assets.sh` (`$SOURCE_TDA_TEST_ASSETS`, else
 //!   `.cache/test-assets/`).
 //! * The kronfluence reference pack in `$SOURCE_TDA_SHARED`, else `../shared` beside the
 //!   repository.
@@ -38,7 +38,10 @@ pub fn gguf_path() -> Option<PathBuf> {
     let dir = std::env::var_os("SOURCE_TDA_TEST_ASSETS")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/test-assets"));
-    require(dir.join(GGUF_NAME), "run scripts/fetch-test-assets.sh")
+    require(
+        dir.join(GGUF_NAME),
+        "run scripts/assets/fetch-test-assets.sh",
+    )
 }
 
 /// `reference/kronfluence-smollm2-2l` of the shared folder.

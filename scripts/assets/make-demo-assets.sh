@@ -3,5 +3,5 @@
 # layout under assets/hf-cache/. Deterministic: the same bytes on every run, so the committed
 # assets can be checked by rerunning this and `git diff --exit-code assets/`.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 cargo run --quiet --release --example make_demo_assets -- assets/hf-cache

@@ -2,7 +2,7 @@
 """How fast do the standard LAPACK eigensolvers run on this machine, next to its f32 GEMM rate?
 
     python3 -m venv V && V/bin/pip install numpy scipy threadpoolctl mkl
-    V/bin/python scripts/bench-eigh-lapack.py [--threads 2] [--repeats 5]
+    V/bin/python scripts/bench/eigh-lapack.py [--threads 2] [--repeats 5]
 
 The yardstick for issue 7's "dominant operations at >= 50% of the GEMM rate" as it applies to
 the fit's eigendecompositions (`benches/ops.rs` times ours, faer's, with the same nominal FLOP

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Which of Source's segments carries its LDS? A diagnostic on one finished eval-lds run:
 
-    scripts/lds-segments.py RUN_DIR
+    scripts/eval/lds-segments.py RUN_DIR
 
 For each segment column of RUN_DIR/score/scores.parquet (`segment_K_STAGE`; they add up to
 `score`), the LDS that column alone would have: per query, Spearman's rho between the

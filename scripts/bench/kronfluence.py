@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""kronfluence's side of scripts/bench-vs-kronfluence.sh, and the comparison table.
+"""kronfluence's side of scripts/bench/vs-kronfluence.sh, and the comparison table.
 
   prepare  --model HF_DIR --wordnet DIR --out INPUTS.safetensors [--docs 64] [--queries 4] [--max-len 128]
       The workload: WordNet noun glosses (the reference pack's selection rule, 16 per category,

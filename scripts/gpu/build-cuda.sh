@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the CUDA binaries on a machine with no GPU and no system CUDA, and packages what the
-# GPU machine needs into dist/cuda/ (scripts/gpu-check.sh runs them there).
+# GPU machine needs into dist/cuda/ (scripts/gpu/gpu-check.sh runs them there).
 #
-#   scripts/build-cuda.sh            # everything: toolkit, both builds, dist/cuda/
-#   scripts/build-cuda.sh cuda       # only the `--features cuda` build (CLI + cuda_e2e)
-#   scripts/build-cuda.sh kernels    # only the `cuda-kernels` tests and kernel benchmark
-#   scripts/build-cuda.sh package    # only dist/cuda/ from what was built
+#   scripts/gpu/build-cuda.sh            # everything: toolkit, both builds, dist/cuda/
+#   scripts/gpu/build-cuda.sh cuda       # only the `--features cuda` build (CLI + cuda_e2e)
+#   scripts/gpu/build-cuda.sh kernels    # only the `cuda-kernels` tests and kernel benchmark
+#   scripts/gpu/build-cuda.sh package    # only dist/cuda/ from what was built
 #
-# Steps: (1) scripts/cuda-toolkit.sh full assembles CUDA 13.0 from PyPI wheels into
+# Steps: (1) scripts/gpu/cuda-toolkit.sh full assembles CUDA 13.0 from PyPI wheels into
 # .cache/cuda (~1.6 GB unpacked: nvcc for candle's kernels, cuBLAS/cuSOLVER/cuRAND/NVRTC to
 # link against); (2) a stub libcuda.so.1 is made from the driver API's symbol names (no wheel
 # ships the driver; the real one is on the GPU machine); (3) `--features cuda` (candle's CUDA
@@ -15,13 +15,13 @@
 # end-to-end benchmark examples/cuda_e2e.rs; (4) `--features cuda-kernels` (the same kernel
 # code, CUDA libraries loaded at run time, no candle kernels: small): the parity tests, the
 # library tests and the kernel benchmark; (5) dist/cuda/ gets the binaries (debug info
-# stripped) and scripts/gpu-check.sh.
+# stripped) and scripts/gpu/gpu-check.sh.
 # Target dirs: $CARGO_TARGET_DIR (or target/) for `cuda-kernels`, and
 # $SOURCE_TDA_CUDA_TARGET_DIR (default "<that>-cuda") for `--features cuda` (its own RUSTFLAGS
 # and candle's CUDA features would otherwise rebuild the CPU build's dependencies).
 # Timing on 2 cores: see README (GPU section).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 root="$(pwd)"
 mode="${1:-all}"
 case "$mode" in all | cuda | kernels | package) ;; *)
@@ -32,7 +32,7 @@ cuda_target="${SOURCE_TDA_CUDA_TARGET_DIR:-$cpu_target-cuda}"
 kernels_tests="$cpu_target/release/cuda-kernels-tests.json"
 
 if [ "$mode" = all ] || [ "$mode" = cuda ]; then
-  libdir="$(scripts/cuda-toolkit.sh full)"
+  libdir="$(scripts/gpu/cuda-toolkit.sh full)"
   prefix="$(dirname "$libdir")"
   # (2) stub driver library, for linking only: every `cu*` entry point cudarc declares.
   stub="$prefix/stub"
@@ -84,11 +84,11 @@ for line in open(listing):
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         shutil.copy(m["executable"], os.path.join(dist, "tests", m["target"]["name"]))
 PY
-  cp scripts/gpu-check.sh "$dist/"
+  cp scripts/gpu/gpu-check.sh "$dist/"
   strip --strip-debug "$dist/source-tda" "$dist/cuda_e2e" "$dist/cuda_bench" "$dist"/tests/*
   du -sh "$dist"; ls -la "$dist" "$dist/tests"
   # The transfer to the GPU machine is limited to 64 MiB: carry the compressed package
-  # (scripts/gpu-check.sh unpacks it).
+  # (scripts/gpu/gpu-check.sh unpacks it).
   tar cJf "$root/dist/cuda.tar.xz" -C "$root/dist" cuda
   ls -la "$root/dist/cuda.tar.xz"
   echo "the CUDA binary links:"

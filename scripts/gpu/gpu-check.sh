@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # GPU check, run once on the GPU machine (no Rust, no network needed), from the package
-# scripts/build-cuda.sh made (dist/cuda/): the `--features cuda` CLI and end-to-end
+# scripts/gpu/build-cuda.sh made (dist/cuda/): the `--features cuda` CLI and end-to-end
 # benchmark, and the parity tests and kernel benchmark built with `cuda-kernels` (same kernel
 # code, CUDA libraries loaded at run time from LD_LIBRARY_PATH).
 #
-#   scripts/gpu-check.sh    # from the repository root (the demo step needs assets/); unpacks
-#                           # dist/cuda.tar.xz (what build-cuda.sh makes for the transfer)
+#   scripts/gpu/gpu-check.sh    # from the repository root (the demo step needs assets/);
+#                               # unpacks dist/cuda.tar.xz (what build-cuda.sh makes for the
+#                               # transfer)
 #
 # Steps, each with its own time limit, all inside a total budget (default 470 s, under the
 # 8 minutes the issue allows; SOURCE_TDA_GPU_CHECK_BUDGET overrides):
@@ -29,13 +30,14 @@
 # Exit status: non-zero if any step failed or was skipped for lack of time.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+# Run from the repository (scripts/gpu/) or from the package (dist/cuda/, beside cuda_bench).
 # The transfer carries dist/cuda.tar.xz (the binaries are ~2× over 64 MiB unpacked).
-if [ ! -x "$here/cuda_bench" ] && [ ! -x "$here/../dist/cuda/cuda_bench" ] \
-  && [ -f "$here/../dist/cuda.tar.xz" ]; then
-  tar xJf "$here/../dist/cuda.tar.xz" -C "$here/../dist"
+if [ ! -x "$here/cuda_bench" ] && [ ! -x "$here/../../dist/cuda/cuda_bench" ] \
+  && [ -f "$here/../../dist/cuda.tar.xz" ]; then
+  tar xJf "$here/../../dist/cuda.tar.xz" -C "$here/../../dist"
 fi
-if [ -x "$here/cuda_bench" ]; then dist="$here"; else dist="$here/../dist/cuda"; fi
-dist="$(cd "$dist" && pwd)" || { echo "gpu-check: no dist/cuda (run scripts/build-cuda.sh)"; exit 2; }
+if [ -x "$here/cuda_bench" ]; then dist="$here"; else dist="$here/../../dist/cuda"; fi
+dist="$(cd "$dist" && pwd)" || { echo "gpu-check: no dist/cuda (run scripts/gpu/build-cuda.sh)"; exit 2; }
 root="$(cd "$dist/../.." && pwd)"
 out="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$out"

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Load a source-tda run's Parquet outputs with DuckDB and join scores back to text.
 
-    .cache/py/bin/python scripts/query-results.py runs/demo [--top 5] [--json]
+    .cache/py/bin/python scripts/eval/query-results.py runs/demo [--top 5] [--json]
 
 Prints, per query, its top proponents (tau > 0: the document helped the model produce the
 completion) with their text, and the tokens with the highest scores inside them. Needs only
-duckdb (`scripts/setup-test-python.sh` installs it into .cache/py). With --json, prints one
+duckdb (`scripts/assets/setup-test-python.sh` installs it into .cache/py). With --json, prints one
 JSON object instead of tables.
 """
 import argparse

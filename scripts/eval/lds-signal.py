@@ -18,7 +18,7 @@ retraining jobs of a run directory (RUN_DIR/eval-work/**/subset-*-seed-*.json):
 No method's scores are read, so choosing a fine-tuning setup by these numbers does not tune
 anything on the methods' LDS.
 
-    scripts/lds-signal.py RUN_DIR QUERIES.jsonl [--json]
+    scripts/eval/lds-signal.py RUN_DIR QUERIES.jsonl [--json]
 
 Standard library only.
 """
