@@ -115,7 +115,7 @@ enum Command {
     ///
     ///   scripts/assets/fetch-test-assets.sh
     ///   source-tda convert-gguf .cache/test-assets/SmolLM2-135M-Instruct.Q4_1.gguf \
-    ///       models/smollm2-135m --tokenizer ../shared/reference/kronfluence-smollm2-2l/tokenizer.json
+    ///       models/smollm2-135m --tokenizer tests/data/kronfluence-smollm2-2l/tokenizer.json
     #[command(verbatim_doc_comment)]
     ConvertGguf {
         /// The GGUF file.

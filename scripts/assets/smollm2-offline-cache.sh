@@ -11,19 +11,18 @@
 #
 # COMMIT is derived from the files' sha256 (the hub's real commit is unknown offline). The
 # weights are the GGUF's Q4_1 values dequantised to f32, not the hub's bf16 weights. The
-# tokenizer is the reference pack's (shared/reference/kronfluence-smollm2-2l/tokenizer.json,
-# at $SOURCE_TDA_SHARED or ../shared), checked against the GGUF's vocabulary by convert-gguf.
+# tokenizer is the reference pack's (tests/data/kronfluence-smollm2-2l/tokenizer.json), checked
+# against the GGUF's vocabulary by convert-gguf.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 CACHE="${1:-.cache/hf}"
-SHARED="${SOURCE_TDA_SHARED:-../shared}"
-TOKENIZER="$SHARED/reference/kronfluence-smollm2-2l/tokenizer.json"
+TOKENIZER="tests/data/kronfluence-smollm2-2l/tokenizer.json"
 GGUF="${SOURCE_TDA_TEST_ASSETS:-.cache/test-assets}/SmolLM2-135M-Instruct.Q4_1.gguf"
 REPO="$CACHE/models--HuggingFaceTB--SmolLM2-135M-Instruct"
 
 if [[ ! -f "$TOKENIZER" ]]; then
-    echo "smollm2-offline-cache: $TOKENIZER is missing; set SOURCE_TDA_SHARED to the shared folder" >&2
+    echo "smollm2-offline-cache: $TOKENIZER is missing (it is committed in the repository)" >&2
     exit 1
 fi
 scripts/assets/fetch-test-assets.sh

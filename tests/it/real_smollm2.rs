@@ -8,9 +8,9 @@
 //! * the full 30-layer model: greedy generation and the loss of an English sentence.
 //!
 //! Assets: the GGUF from `scripts/assets/fetch-test-assets.sh` (`$SOURCE_TDA_TEST_ASSETS`, else
-//! `.cache/test-assets/`), and the reference pack in `$SOURCE_TDA_SHARED`, else `../shared`
-//! beside the repository. When one is missing, the tests fail under CI (`CI` set) and print
-//! `SKIPPED` otherwise.
+//! `.cache/test-assets/`; when it is missing, the tests fail under CI (`CI` set) and print
+//! `SKIPPED` otherwise), and the reference pack committed in
+//! `tests/data/kronfluence-smollm2-2l/`.
 
 use std::path::Path;
 
@@ -77,9 +77,8 @@ fn two_layer_cut_has_reference_shapes_exact_dequantisation_and_hf_qk_rows() {
 
 #[test]
 fn two_layer_losses_match_the_kronfluence_reference_via_candle_transformers() {
-    let (Some(gguf), Some(reference)) = (gguf_path(), reference_dir()) else {
-        return;
-    };
+    let Some(gguf) = gguf_path() else { return };
+    let reference = reference_dir();
     let t0 = std::time::Instant::now();
     let model = GgufLlama::read(&gguf, &ReadOptions { layers: Some(2) }).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -119,9 +118,8 @@ fn two_layer_losses_match_the_kronfluence_reference_via_candle_transformers() {
 
 #[test]
 fn written_checkpoint_reloads_bit_identical_and_qk_order_matters() {
-    let (Some(gguf), Some(reference)) = (gguf_path(), reference_dir()) else {
-        return;
-    };
+    let Some(gguf) = gguf_path() else { return };
+    let reference = reference_dir();
     let model = GgufLlama::read(&gguf, &ReadOptions { layers: Some(2) }).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let tok_src = reference.join("tokenizer.json");
@@ -194,9 +192,8 @@ fn written_checkpoint_reloads_bit_identical_and_qk_order_matters() {
 
 #[test]
 fn full_model_answers_paris_and_scores_english_plausibly() {
-    let (Some(gguf), Some(reference)) = (gguf_path(), reference_dir()) else {
-        return;
-    };
+    let Some(gguf) = gguf_path() else { return };
+    let reference = reference_dir();
     let t0 = std::time::Instant::now();
     let model = GgufLlama::read(&gguf, &ReadOptions::default()).unwrap();
     assert_eq!(model.config.num_hidden_layers, 30);
@@ -275,9 +272,8 @@ fn full_model_answers_paris_and_scores_english_plausibly() {
 #[test]
 fn project_model_on_converted_checkpoint_matches_the_reference_losses() {
     use source_tda::model::{LoadOptions, Model, TokenBatch};
-    let (Some(gguf), Some(reference)) = (gguf_path(), reference_dir()) else {
-        return;
-    };
+    let Some(gguf) = gguf_path() else { return };
+    let reference = reference_dir();
     let tok = reference.join("tokenizer.json");
     let two = tempfile::tempdir().unwrap();
     GgufLlama::read(&gguf, &ReadOptions { layers: Some(2) })
@@ -345,9 +341,8 @@ fn project_model_on_converted_checkpoint_matches_the_reference_losses() {
 
 #[test]
 fn cli_convert_gguf_writes_a_checkpoint_and_explains_bad_requests() {
-    let (Some(gguf), Some(reference)) = (gguf_path(), reference_dir()) else {
-        return;
-    };
+    let Some(gguf) = gguf_path() else { return };
+    let reference = reference_dir();
     let out = tempfile::tempdir().unwrap();
     let dir = out.path().join("smollm2-1l");
     let run = |args: &[&std::ffi::OsStr]| {

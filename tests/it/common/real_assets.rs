@@ -2,10 +2,10 @@
 //!
 //! * The SmolLM2 GGUF from `scripts/assets/fetch-test-assets.sh` (`$SOURCE_TDA_TEST_ASSETS`, else
 //!   `.cache/test-assets/`).
-//! * The kronfluence reference pack in `$SOURCE_TDA_SHARED`, else `../shared` beside the
-//!   repository.
+//! * The kronfluence reference pack, committed in `tests/data/kronfluence-smollm2-2l/` (its
+//!   README says what it holds and how it was made).
 //!
-//! A missing asset fails the test under CI (`CI` set) and prints a loud `SKIPPED` line
+//! A missing GGUF fails the test under CI (`CI` set) and prints a loud `SKIPPED` line
 //! elsewhere.
 #![allow(dead_code)]
 
@@ -44,15 +44,9 @@ pub fn gguf_path() -> Option<PathBuf> {
     )
 }
 
-/// `reference/kronfluence-smollm2-2l` of the shared folder.
-pub fn reference_dir() -> Option<PathBuf> {
-    let shared = std::env::var_os("SOURCE_TDA_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    require(
-        shared.join("reference/kronfluence-smollm2-2l"),
-        "set SOURCE_TDA_SHARED to the shared folder holding reference/kronfluence-smollm2-2l",
-    )
+/// The kronfluence reference pack, `tests/data/kronfluence-smollm2-2l` of the repository.
+pub fn reference_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/kronfluence-smollm2-2l")
 }
 
 /// An int64 tensor: (shape, values).
