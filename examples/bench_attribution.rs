@@ -1,4 +1,4 @@
-//! Our side of `scripts/bench-vs-kronfluence.sh`: the influence method (EK-FAC, empirical
+//! Our side of `scripts/bench/vs-kronfluence.sh`: the influence method (EK-FAC, empirical
 //! Fisher, damping 0.1 × mean Λ per layer) on the exact token ids of a workload file, stage
 //! by stage, with wall time and peak RSS of each (the peak is reset between stages through
 //! `/proc/self/clear_refs`).

@@ -1,4 +1,4 @@
-//! GPU benchmark of the project's CUDA kernels (scripts/gpu-check.sh runs it on the GPU
+//! GPU benchmark of the project's CUDA kernels (scripts/gpu/gpu-check.sh runs it on the GPU
 //! machine). Measures the device's cuBLAS SGEMM rate (f32 and TF32 tensor cores) and copy
 //! bandwidth, then times every kernel on the linear-layer shapes of one transformer block of
 //! SmolLM2-135M and of Llama-3.2-1B and reports:

@@ -1,4 +1,4 @@
-//! End-to-end GPU benchmark of the wired-in path (scripts/gpu-check.sh runs it): fit + score
+//! End-to-end GPU benchmark of the wired-in path (scripts/gpu/gpu-check.sh runs it): fit + score
 //! through `backend::CudaBackend` on random-weight Llama-family models of real shapes
 //! (SmolLM2-135M at full depth, and a Llama-3.2-1B shape with 2048-wide factor blocks), the
 //! model's forward/backward included. Reports tokens/s of fit (covariance pass, f64

@@ -118,9 +118,9 @@ enum Command {
     ///
     /// Example (SmolLM2-135M-Instruct, offline; see docs/real-models.md):
     ///
-    ///   scripts/fetch-test-assets.sh
+    ///   scripts/assets/fetch-test-assets.sh
     ///   source-tda convert-gguf .cache/test-assets/SmolLM2-135M-Instruct.Q4_1.gguf \
-    ///       models/smollm2-135m --tokenizer ../shared/reference/kronfluence-smollm2-2l/tokenizer.json
+    ///       models/smollm2-135m --tokenizer tests/data/kronfluence-smollm2-2l/tokenizer.json
     #[command(verbatim_doc_comment)]
     ConvertGguf {
         /// The GGUF file.

@@ -2,7 +2,7 @@
 //! itself tested against the project's CPU code) or, for the eigenbasis primitive, against
 //! linalg's CPU form, in each precision. Runs when a CUDA device is
 //! present; otherwise each test prints SKIPPED to stderr, and fails instead when
-//! SOURCE_TDA_REQUIRE_GPU=1 (scripts/gpu-check.sh sets it, so a GPU run cannot pass by
+//! SOURCE_TDA_REQUIRE_GPU=1 (scripts/gpu/gpu-check.sh sets it, so a GPU run cannot pass by
 //! skipping).
 //!
 //! Tolerances (relative: max |gpu − ref| / max |ref|): f32 1e-5 against the f64 reference;
@@ -10,7 +10,9 @@
 //! error) and 1e-2 (TF32) / 3e-2 (bf16) against the f32 inputs (the precision's error).
 #![cfg(any(feature = "cuda", feature = "cuda-kernels"))]
 
-#[path = "common/model_fixtures.rs"]
+// The integration tests' model fixtures, shared with this separate (CUDA-only) binary: a test
+// binary sees only the modules beside its own root, so this one names the file.
+#[path = "it/common/model_fixtures.rs"]
 mod fixtures;
 
 use candle_core::{Device, Tensor};

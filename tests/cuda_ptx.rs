@@ -1,6 +1,6 @@
 //! Every CUDA kernel compiles to PTX for sm_90 (H100/H200) through the code path the GPU run
 //! uses (`compile_kernels`), on a machine without a GPU: a kernel that does not compile fails
-//! here, not on the GPU. Needs NVRTC (`scripts/cuda-toolkit.sh nvrtc`, then the folder it
+//! here, not on the GPU. Needs NVRTC (`scripts/gpu/cuda-toolkit.sh nvrtc`, then the folder it
 //! prints in LD_LIBRARY_PATH); without it the test fails with that advice (CI installs it).
 #![cfg(any(feature = "cuda", feature = "cuda-kernels"))]
 

@@ -19,9 +19,10 @@
 //! documents with the recorded mass (`[pretrain] lr_mass = "from_model"`). The planted facts
 //! appear only in the fine-tuning set, so the pretrained model does not know them.
 //!
-//! Run with `scripts/make-demo-assets` (or `cargo run --release --example make_demo_assets --
-//! OUT`). Same output bytes on every run (on a given machine: the weights come out of floating-
-//! point training, whose last bits may depend on the CPU's vector instructions).
+//! Run with `scripts/assets/make-demo-assets.sh` (or `cargo run --release --example
+//! make_demo_assets -- OUT`). Same output bytes on every run (on a given machine: the weights
+//! come out of floating-point training, whose last bits may depend on the CPU's vector
+//! instructions).
 
 mod pretrain;
 
@@ -346,11 +347,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let model_card = format!(
         "---\nlicense: apache-2.0\n---\n# source-tda demo model\n\nA small \
-        Llama-architecture model ({params} parameters) made by `scripts/make-demo-assets`. The \
-        tokenizer is a byte-level BPE trained on the demo's pretraining text \
-        (`source-tda/demo-facts`, `data/pretrain.jsonl`, {} documents). The weights are \
-        initialised from a fixed seed and pretrained on that text by source-tda's own training \
-        loop: AdamW (β = 0.9, 0.999, ε = 1e-8, no weight decay), cosine schedule with peak \
+        Llama-architecture model ({params} parameters) made by \
+        `scripts/assets/make-demo-assets.sh`. The tokenizer is a byte-level BPE trained on the \
+        demo's pretraining text (`source-tda/demo-facts`, `data/pretrain.jsonl`, {} documents). \
+        The weights are initialised from a fixed seed and pretrained on that text by \
+        source-tda's own training loop: AdamW (β = 0.9, 0.999, ε = 1e-8, no weight decay), \
+        cosine schedule with peak \
         η = {PRETRAIN_LR} and {PRETRAIN_WARMUP} warm-up steps, {PRETRAIN_BATCH} documents per step, \
         {PRETRAIN_EPOCHS} epochs, gradients clipped to norm 1, loss summed per document and \
         averaged over the step's documents.\n\nTraining loss (per document): {curve}.\n\n{table}\n\

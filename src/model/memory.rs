@@ -1,5 +1,5 @@
 //! Predicted peak memory of the attribution passes (fit, query, score), printed before a
-//! stage starts and compared with the measured peak RSS by `scripts/bench-vs-kronfluence.sh`.
+//! stage starts and compared with the measured peak RSS by `scripts/bench/vs-kronfluence.sh`.
 //!
 //! The model, for a batch of n tokens (the token budget) and P parameters:
 //!
@@ -16,7 +16,7 @@
 //!   queries 4 Q i o (the factors are read one layer at a time).
 //!
 //! The two constants count the tensors the implementation keeps alive; the benchmark
-//! (`scripts/bench-vs-kronfluence.sh`) prints this prediction next to the measured peak RSS.
+//! (`scripts/bench/vs-kronfluence.sh`) prints this prediction next to the measured peak RSS.
 
 use super::capture::Labels;
 use super::head_loss::BLOCK_ROWS;

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 
 /// What to tell a user whose NVRTC library cannot be loaded.
 pub const NVRTC_HELP: &str = "the NVRTC library (libnvrtc.so.13 and libnvrtc-builtins.so.13) \
-    was not found: run `scripts/cuda-toolkit.sh nvrtc` and add the folder it prints to \
+    was not found: run `scripts/gpu/cuda-toolkit.sh nvrtc` and add the folder it prints to \
     LD_LIBRARY_PATH (or point LD_LIBRARY_PATH at a CUDA 13 toolkit's lib64)";
 
 /// Whether the NVRTC library can be loaded (always true when it is linked, feature `cuda`).

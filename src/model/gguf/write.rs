@@ -165,7 +165,7 @@ pub fn check_tokenizer(
                 return Err(err(format!(
                     "token id {id} is {got:?} here but {want:?} in the GGUF's \
                      tokenizer.ggml.tokens; it is not this model's tokenizer (for \
-                     SmolLM2-135M use shared/reference/kronfluence-smollm2-2l/tokenizer.json)"
+                     SmolLM2-135M use tests/data/kronfluence-smollm2-2l/tokenizer.json)"
                 )));
             }
         }

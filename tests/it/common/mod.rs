@@ -1,0 +1,105 @@
+//! Helpers shared by the integration tests: paths to shipped assets, a hand-built Hugging
+//! Face cache, and running the CLI binary; the submodules hold a mock hub, small model
+//! fixtures, the real-model assets and the SmolLM2 reference helpers.
+#![allow(dead_code)]
+
+pub mod mock_hub;
+pub mod model_fixtures;
+pub mod real_assets;
+pub mod smollm2;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The demo tokenizer shipped in assets/hf-cache (a byte-level BPE).
+pub fn demo_tokenizer() -> PathBuf {
+    let snaps = repo_root().join("assets/hf-cache/models--source-tda--demo-llama/snapshots");
+    let snap = std::fs::read_dir(&snaps)
+        .expect("demo assets are committed under assets/hf-cache")
+        .next()
+        .expect("one snapshot")
+        .unwrap()
+        .path();
+    snap.join("tokenizer.json")
+}
+
+/// Writes `bytes` to `path`, creating parent folders.
+pub fn write(path: &Path, bytes: impl AsRef<[u8]>) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Builds one repo of the standard hub cache layout by hand, the way huggingface_hub lays it
+/// out: `ROOT/{models,datasets}--ORG--NAME/blobs/ETAG`, `snapshots/COMMIT/PATH` as relative
+/// symlinks into blobs, and `refs/REVISION` holding COMMIT.
+pub fn hand_made_repo(
+    cache: &Path,
+    kind: &str,
+    id: &str,
+    revision: &str,
+    commit: &str,
+    files: &[(&str, Vec<u8>)],
+) {
+    let folder = cache.join(format!("{kind}s--{}", id.replace('/', "--")));
+    for (i, (name, bytes)) in files.iter().enumerate() {
+        let etag = format!("{:064x}", i as u128 * 7919 + bytes.len() as u128);
+        write(&folder.join("blobs").join(&etag), bytes);
+        let link = folder.join("snapshots").join(commit).join(name);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        let up = "../".repeat(name.matches('/').count() + 2);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(format!("{up}blobs/{etag}"), &link).unwrap();
+    }
+    write(&folder.join("refs").join(revision), commit);
+}
+
+/// A minimal safetensors file with one f32 tensor of `n` elements.
+pub fn tiny_safetensors(name: &str, n: usize) -> Vec<u8> {
+    let data: Vec<u8> = (0..n).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n], &data).unwrap();
+    safetensors::serialize(vec![(name.to_string(), view)], None).unwrap()
+}
+
+/// config.json + tokenizer.json (the demo's) + one safetensors file: a model folder's files.
+pub fn model_files() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("config.json", br#"{"model_type": "llama"}"#.to_vec()),
+        ("tokenizer.json", std::fs::read(demo_tokenizer()).unwrap()),
+        ("model.safetensors", tiny_safetensors("w", 6)),
+    ]
+}
+
+/// Runs the source-tda binary with `args` and extra environment, in `cwd`.
+pub fn cli(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_source-tda"));
+    cmd.current_dir(cwd).args(args);
+    for var in [
+        "HF_HUB_OFFLINE",
+        "HF_HOME",
+        "HF_HUB_CACHE",
+        "HF_ENDPOINT",
+        "RUST_LOG",
+    ] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("runs the binary")
+}
+
+/// Every record batch of a Parquet file (through the library's non-generic reader).
+pub fn batches(path: &Path) -> Vec<arrow_array::RecordBatch> {
+    source_tda::output::parquet::read_batches(path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// stderr of an output, as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

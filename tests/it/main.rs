@@ -1,0 +1,46 @@
+//! The integration tests, linked as one test binary (`it`): each `tests/it/NAME.rs` is the
+//! module `NAME` declared below, and `tests/it/common/` holds the helpers they share. Run them
+//! all with `cargo test --release --test it`, one module with
+//! `cargo test --release --test it NAME::` (e.g. `config_errors::`). Cargo finds this binary
+//! by the standard layout (`tests/it/main.rs`); a new test module is a new file here plus its
+//! `mod NAME;` line. The CUDA tests (`tests/cuda_ptx.rs`, `tests/cuda_parity.rs`) are separate
+//! binaries, empty unless a CUDA feature is on.
+//!
+//! Why one binary: the 29 separate ones took 332 s to rebuild on 2 cores, most of it six of
+//! them instantiating parquet's generic reader and writer again; with one binary and Parquet
+//! read and written through the library's non-generic `output::parquet::{read_batches,
+//! write_batches}`, 42 s.
+
+// Shared helpers (tests/it/common/).
+mod common;
+
+// One module per test file.
+mod attribution_engine;
+mod attribution_options;
+mod config_errors;
+mod config_train;
+mod demo;
+mod eval;
+mod fetch;
+mod fetch_real_cache;
+mod finetune;
+mod finetune_checkpoint_compat;
+mod finetune_cli;
+mod finetune_stages;
+mod generated_queries;
+mod import_trainer;
+mod model_capture;
+mod model_finite_diff;
+mod model_generate;
+mod model_gpt2_reference;
+mod model_llama_reference;
+mod model_loading;
+mod prepare;
+mod pretrain_from_model;
+mod real_smollm2;
+mod reference_kronfluence;
+mod report;
+mod resume;
+mod source_exact;
+mod stages_attribution;
+mod train_optim;
