@@ -17,10 +17,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
-use source_tda::attribution::{apply_in_basis, token_scores};
-use source_tda::curvature::{
-    eigh, eigh_f64_with, eigh_with, CovarianceSums, EigenBasis, EigenPrecision, LambdaSums,
-};
+use source_tda::config::EigenPrecision;
+use source_tda::linalg::{apply_in_basis, token_scores};
+use source_tda::linalg::{eigh, eigh_f64_with, eigh_with, CovarianceSums, EigenBasis, LambdaSums};
 use source_tda::model::{Labels, LoadOptions, Model, ModelSpec, TensorMap, TokenBatch};
 
 fn arg(args: &[String], name: &str, default: &str) -> String {

@@ -18,7 +18,7 @@
 //! `BENCH_ONE_PASS=1` runs only the `pairwise_and_per_token` pass after the fit (its scores
 //! stand for all three). `BENCH_EIGEN=f32` runs the factor eigendecompositions in f32 (`[attribution] eigendecomposition`).
 //! `BENCH_RECOMPUTE_CAPTURES=1` makes the fit's eigenvalue correction run the model again
-//! instead of reading back the covariance pass's captures (`FitOptions::capture_dir`).
+//! instead of reading back the covariance pass's captures (`PassOptions::capture_dir`).
 //! `CANDLE_BARRIER_POOL_SPIN_LIMIT=25000` restores candle's default spinning of its elementwise workers
 //! (this binary, like the CLI, sets 0 when the variable is unset: see `util::threads`).
 //!
@@ -32,11 +32,11 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use source_tda::attribution::{precondition_inverse, query_gradients, score_pass, Damping};
-use source_tda::curvature::{
-    fit_factors, save_factors, EigenPrecision, FactorFile, Fisher, FitOptions,
-};
+use source_tda::config::EigenPrecision;
+use source_tda::curvature::{fit_factors, save_factors, FactorFile};
 use source_tda::data::PreparedDoc;
 use source_tda::model::{memory, LoadOptions, Model};
+use source_tda::passes::{Fisher, PassOptions};
 use source_tda::util::{mem, phase};
 
 fn i64_tensor(st: &safetensors::SafeTensors, name: &str) -> (Vec<usize>, Vec<i64>) {
@@ -144,7 +144,7 @@ fn main() {
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("inputs: safetensors");
     let (train, max_len) = docs(&st, "train");
     let (queries, _) = docs(&st, "query");
-    let opts = FitOptions {
+    let opts = PassOptions {
         fisher: Fisher::Empirical,
         block_size: None,
         token_budget: tokens.max(max_len),

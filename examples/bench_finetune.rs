@@ -11,11 +11,12 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use source_tda::config::BatchingConfig;
+use source_tda::config::LossNormalization;
 use source_tda::data::PreparedDoc;
 use source_tda::model::{LoadOptions, Model, ModelSpec, TensorMap};
 use source_tda::train::finetune::step_gradients;
 use source_tda::train::optim::global_norm;
-use source_tda::train::{LossNormalization, Optimizer, OptimizerInfo};
+use source_tda::train::{Optimizer, OptimizerInfo};
 use source_tda::util::rng::SplitMix64;
 
 fn randn(rng: &mut SplitMix64, shape: &[usize], std: f32) -> Tensor {

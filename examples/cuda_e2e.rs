@@ -33,13 +33,15 @@ mod e2e {
     use serde_json::json;
     use source_tda::attribution::OnBackend;
     use source_tda::attribution::{
-        query_gradients, score_pass_on, Curvature, Damping, LayerQuery, TrainScores,
+        query_gradients, score_pass_on, Curvature, Damping, TrainScores,
     };
     use source_tda::backend::{Backend, CudaBackend};
     use source_tda::config::PrecisionKind;
-    use source_tda::curvature::{fit_factors_on, Fisher, FitOptions};
+    use source_tda::curvature::fit_factors_on;
     use source_tda::data::PreparedDoc;
+    use source_tda::linalg::LayerQuery;
     use source_tda::model::{LoadOptions, Model, ModelSpec, TensorMap};
+    use source_tda::passes::{Fisher, PassOptions};
 
     struct Shape {
         name: &'static str,
@@ -141,7 +143,7 @@ mod e2e {
         let w = weights(&s, &Device::Cpu)?;
         let train = docs(12, 40, s.vocab, 3, None);
         let queries = docs(n_queries, 24, s.vocab, 5, Some(12));
-        let o = FitOptions {
+        let o = PassOptions {
             fisher: Fisher::Empirical,
             block_size: None,
             token_budget: 160,
@@ -283,7 +285,7 @@ mod e2e {
             let train = docs(tokens / seq, seq, s.vocab, 7, None);
             let queries = docs(n_queries, 64, s.vocab, 9, Some(32));
             let n_tok = (tokens / seq) * seq;
-            let o = FitOptions {
+            let o = PassOptions {
                 fisher: Fisher::Empirical,
                 block_size: s.block,
                 token_budget: 4096,

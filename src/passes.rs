@@ -4,9 +4,9 @@
 
 use std::path::PathBuf;
 
+use crate::config::EigenPrecision;
 use crate::data::{plan_batches, BatchOrder, PreparedDoc};
 use crate::error::Result;
-use crate::linalg::EigenPrecision;
 use crate::model::{Labels, Model, TokenBatch};
 use crate::util::progress;
 

@@ -33,7 +33,7 @@ use source_tda::linalg::{
     SpectralFn,
 };
 use source_tda::model::{LoadOptions, Model};
-use source_tda::passes::{Fisher, PassOptions as FitOptions};
+use source_tda::passes::{Fisher, PassOptions};
 
 fn gpu(test: &str) -> Option<Gpu> {
     match Gpu::new(0) {
@@ -545,7 +545,7 @@ fn fit_and_score_of_a_tiny_model_on_the_gpu_match_the_cpu_path() {
         .collect();
     // Blocks of 20 split the 32-wide and 48-wide factors: the per-block path is covered.
     for block_size in [None, Some(20)] {
-        let o = FitOptions {
+        let o = PassOptions {
             fisher: Fisher::Empirical,
             block_size,
             token_budget: 48,

@@ -9,12 +9,13 @@
 use std::path::Path;
 
 use candle_core::Device;
-use source_tda::config::{BatchingConfig, OptimizerKind, ScheduleKind, TrainConfig};
+use source_tda::config::{
+    BatchingConfig, LossNormalization, OptimizerKind, ScheduleKind, TrainConfig,
+};
 use source_tda::data::PreparedDoc;
 use source_tda::model::{LoadOptions, Model, TokenBatch};
 use source_tda::train::{
-    train, CheckpointRef, LossNormalization, LrMass, Segment, TrainJob, Trajectory,
-    TRAJECTORY_VERSION,
+    train, CheckpointRef, LrMass, Segment, TrainJob, Trajectory, TRAJECTORY_VERSION,
 };
 
 /// The pretraining recipe: AdamW with a cosine schedule over a few epochs.

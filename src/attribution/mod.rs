@@ -18,10 +18,3 @@ pub use score::{
     query_gradients, score_pass, score_pass_on, score_pass_queries, QueryGradients, TrainScores,
 };
 pub use source::{source_walk, SegmentCurvature};
-
-// Re-exports of the items that moved down to `linalg`.
-pub use crate::linalg::{
-    apply_in_basis, doc_scores, eigenbasis_diagonal, ekfac_diagonal, inject, low_rank,
-    low_rank_token_scores, phi, spectral_weights, token_scores, LayerQuery, LowRankQuery,
-    SpectralFn,
-};

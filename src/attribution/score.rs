@@ -8,7 +8,7 @@ use crate::data::PreparedDoc;
 use crate::error::Result;
 use crate::linalg::LayerQuery;
 use crate::model::{Labels, Model};
-use crate::passes::{for_each_batch, PassOptions as FitOptions};
+use crate::passes::{for_each_batch, PassOptions};
 use crate::util::phase;
 
 /// Per-layer query gradients ∇_W f(q) = Σ_t δ_t a_tᵀ, each [Q, d_out, d_in] in query order,
@@ -25,7 +25,7 @@ pub struct QueryGradients {
 pub fn query_gradients(
     model: &Model,
     queries: &[PreparedDoc],
-    opts: &FitOptions,
+    opts: &PassOptions,
 ) -> Result<QueryGradients> {
     let q = queries.len();
     let mut parts: Vec<Vec<(usize, Tensor)>> = vec![Vec::new(); model.tracked_layers().len()];
@@ -81,7 +81,7 @@ pub fn score_pass(
     model: &Model,
     train: &[PreparedDoc],
     u: &[Tensor],
-    opts: &FitOptions,
+    opts: &PassOptions,
     keep_tokens: bool,
 ) -> Result<TrainScores> {
     let forms: Vec<LayerQuery> = u.iter().cloned().map(LayerQuery::Dense).collect();
@@ -93,7 +93,7 @@ pub fn score_pass_queries(
     model: &Model,
     train: &[PreparedDoc],
     u: &[LayerQuery],
-    opts: &FitOptions,
+    opts: &PassOptions,
     keep_tokens: bool,
 ) -> Result<TrainScores> {
     score_pass_on(&CpuBackend::new(), model, train, u, opts, keep_tokens)
@@ -106,7 +106,7 @@ pub fn score_pass_on(
     model: &Model,
     train: &[PreparedDoc],
     u: &[LayerQuery],
-    opts: &FitOptions,
+    opts: &PassOptions,
     keep_tokens: bool,
 ) -> Result<TrainScores> {
     let out = score_pass_inner(backend, model, train, u, opts, keep_tokens);
@@ -119,7 +119,7 @@ fn score_pass_inner(
     model: &Model,
     train: &[PreparedDoc],
     u: &[LayerQuery],
-    opts: &FitOptions,
+    opts: &PassOptions,
     keep_tokens: bool,
 ) -> Result<TrainScores> {
     let u: Vec<LayerQuery> = u

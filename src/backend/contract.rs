@@ -3,10 +3,9 @@
 
 use candle_core::{Device, Tensor};
 
+use crate::config::EigenPrecision;
 use crate::error::Result;
-use crate::linalg::{
-    apply_in_basis, Eigen, EigenBasis, EigenPrecision, FactorSum, LambdaSums, LayerQuery,
-};
+use crate::linalg::{apply_in_basis, Eigen, EigenBasis, FactorSum, LambdaSums, LayerQuery};
 
 /// The device-specific operations of the fit and score passes. Tensors in and out are candle
 /// tensors on [`Backend::device`] (or the CPU); the results are the same math on every backend

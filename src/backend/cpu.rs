@@ -4,8 +4,9 @@
 use candle_core::{Device, Tensor, TensorId};
 use rayon::prelude::*;
 
+use crate::config::EigenPrecision;
 use crate::error::Result;
-use crate::linalg::{eigh_with, Eigen, EigenBasis, EigenPrecision, FactorSum, LambdaSums};
+use crate::linalg::{eigh_with, Eigen, EigenBasis, FactorSum, LambdaSums};
 use crate::util::phase;
 use crate::util::tensors::with_f32;
 

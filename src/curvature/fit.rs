@@ -9,13 +9,12 @@
 use candle_core::{Device, Tensor};
 
 use crate::backend::{Backend, CpuBackend};
+use crate::config::EigenPrecision;
 use crate::data::PreparedDoc;
 use crate::error::{Error, Result};
-use crate::linalg::{
-    BlockDiag, Covariances, EigenBasis, EigenPrecision, FactorSum, LambdaSums, LayerFactors,
-};
+use crate::linalg::{BlockDiag, Covariances, EigenBasis, FactorSum, LambdaSums, LayerFactors};
 use crate::model::{Capture, Model};
-use crate::passes::{for_each_batch, PassOptions as FitOptions};
+use crate::passes::{for_each_batch, PassOptions};
 use crate::util::{phase, progress};
 
 use super::spill::{CaptureSpill, Spills};
@@ -78,7 +77,7 @@ fn accumulate_covariances(
     backend: &dyn Backend,
     model: &Model,
     docs: &[PreparedDoc],
-    opts: &FitOptions,
+    opts: &PassOptions,
     sums: &mut Option<FitSums>,
     what: &str,
     spills: &mut Spills,
@@ -229,7 +228,7 @@ fn accumulate_lambda(
     backend: &dyn Backend,
     model: &Model,
     docs: &[PreparedDoc],
-    opts: &FitOptions,
+    opts: &PassOptions,
     bases: &[EigenBasis],
     sums: &FitSums,
     lambda: &mut [LambdaSums],
@@ -292,7 +291,7 @@ fn lambda_from_spill(
 pub fn fit_factors(
     checkpoints: &[&Model],
     docs: &[PreparedDoc],
-    opts: &FitOptions,
+    opts: &PassOptions,
     what: &str,
 ) -> Result<Vec<LayerFactors>> {
     fit(&CpuBackend::new(), checkpoints, docs, opts, what, false)
@@ -304,7 +303,7 @@ pub fn fit_factors_on(
     backend: &dyn Backend,
     checkpoints: &[&Model],
     docs: &[PreparedDoc],
-    opts: &FitOptions,
+    opts: &PassOptions,
     what: &str,
 ) -> Result<Vec<LayerFactors>> {
     let out = fit(backend, checkpoints, docs, opts, what, false);
@@ -317,7 +316,7 @@ pub fn fit_factors_on(
 pub fn fit_factors_with_covariances(
     checkpoints: &[&Model],
     docs: &[PreparedDoc],
-    opts: &FitOptions,
+    opts: &PassOptions,
     what: &str,
 ) -> Result<Vec<LayerFactors>> {
     fit(&CpuBackend::new(), checkpoints, docs, opts, what, true)
@@ -327,7 +326,7 @@ fn fit(
     backend: &dyn Backend,
     checkpoints: &[&Model],
     docs: &[PreparedDoc],
-    opts: &FitOptions,
+    opts: &PassOptions,
     what: &str,
     keep_covariances: bool,
 ) -> Result<Vec<LayerFactors>> {

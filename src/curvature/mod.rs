@@ -11,10 +11,3 @@ pub use cache::{checkpoint_hash, docs_hash, factor_key, FactorCache, Lookup};
 pub use fit::{fit_factors, fit_factors_on, fit_factors_with_covariances};
 pub use spill::CaptureSpill;
 pub use store::{load_factors, save_factors, FactorFile};
-
-// Re-exports of the items that moved down to `linalg` and `passes`.
-pub use crate::linalg::{
-    eigh, eigh_f64, eigh_f64_with, eigh_with, masked_rows, BlockDiag, BlockLayout, CovarianceSums,
-    Covariances, Eigen, EigenBasis, EigenPrecision, FactorSum, LambdaSums, LayerFactors,
-};
-pub use crate::passes::{Fisher, PassOptions as FitOptions};

@@ -23,7 +23,7 @@ pub fn read_known_sources(
     for file in files {
         let name = file.display().to_string();
         let json = matches!(
-            crate::hub::format_of(&name, ds.format),
+            crate::data::format_of(&name, ds.format),
             Some(DataFormat::Jsonl)
         );
         let rows: Vec<(Option<String>, Vec<String>)> = if json {

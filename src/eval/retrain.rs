@@ -14,11 +14,11 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{BatchingConfig, TrainConfig};
-use crate::curvature::FitOptions;
 use crate::data::PreparedDoc;
 use crate::error::{Error, IoContext, Result};
 use crate::model::Model;
 use crate::passes::for_each_batch;
+use crate::passes::PassOptions;
 use crate::train::train_in_memory;
 use crate::util::fsx::write_json_atomic;
 use crate::util::progress;
@@ -140,7 +140,7 @@ impl JobResult {
 pub fn measure_queries(
     model: &Model,
     queries: &[PreparedDoc],
-    opts: &FitOptions,
+    opts: &PassOptions,
 ) -> Result<Vec<f32>> {
     let mut out = vec![0f32; queries.len()];
     for_each_batch(model, queries, opts, "measure", |batch, idx| {
@@ -198,7 +198,7 @@ impl Retrain<'_> {
     }
 
     /// Trains and measures one job, writing its result atomically.
-    pub fn run(&self, job: Job, opts: &FitOptions) -> Result<JobResult> {
+    pub fn run(&self, job: Job, opts: &PassOptions) -> Result<JobResult> {
         let t0 = std::time::Instant::now();
         let idx = self.subset(job.subset);
         let docs: Vec<PreparedDoc> = idx.iter().map(|&i| self.train_docs[i].clone()).collect();
@@ -231,7 +231,7 @@ impl Retrain<'_> {
     pub fn run_missing(
         &self,
         jobs: &[Job],
-        opts: &FitOptions,
+        opts: &PassOptions,
         hook: &dyn Fn(Job) -> Result<()>,
     ) -> Result<usize> {
         let mut todo = Vec::new();

@@ -26,9 +26,6 @@ use crate::error::{Error, Result};
 use crate::util::hash::sha256_file_with;
 use crate::util::progress;
 
-/// Which files are data is the readers' knowledge (`data::read`); re-exported for the
-/// callers that select files.
-pub use crate::data::read::{format_of, DATA_EXTENSIONS};
 use repo::Listing;
 pub use repo::{RepoKind, RepoRequest, Resolution, ResolvedFile, ResolvedRepo};
 pub use select::{dataset_files, model_files, shards_of_index};

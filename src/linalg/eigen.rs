@@ -1,7 +1,7 @@
 //! Symmetric eigendecomposition (faer): A = Q diag(λ) Qᵀ, eigenvalues ascending, computed in
 //! f64 (the reference) or, on request, in f32.
 
-pub use crate::config::EigenPrecision;
+use crate::config::EigenPrecision;
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use faer::diag::Diag;

@@ -23,7 +23,7 @@ pub use basis::{
 pub use blocks::{BlockDiag, BlockLayout};
 pub use contract::{doc_scores, token_scores};
 pub use covariance::{masked_rows, CovarianceSums, Covariances, FactorSum};
-pub use eigen::{eigh, eigh_f64, eigh_f64_with, eigh_with, Eigen, EigenPrecision};
+pub use eigen::{eigh, eigh_f64, eigh_f64_with, eigh_with, Eigen};
 pub use factors::{ekfac_diagonal, LayerFactors};
 pub use lambda::LambdaSums;
 pub use query::{low_rank, low_rank_token_scores, LayerQuery, LowRankQuery};

@@ -6,7 +6,7 @@ use candle_transformers::generation::{LogitsProcessor, Sampling as CtSampling};
 
 use crate::error::{Error, Result};
 
-pub use super::kv_cache::KvCache;
+use super::kv_cache::KvCache;
 use super::lm::Model;
 
 /// How the next token is chosen.

@@ -47,7 +47,7 @@ pub use write::{check_tokenizer, WrittenCheckpoint};
 
 /// The conversion's error type lives in the ground floor ([`crate::error`]) so that the
 /// library's [`Error`](crate::error::Error) can wrap it without importing the model.
-pub use crate::error::GgufError;
+use crate::error::GgufError;
 
 /// Options for [`GgufLlama::read`].
 #[derive(Debug, Clone, Default)]

@@ -12,7 +12,6 @@ mod stage;
 mod status;
 
 /// Re-exported for the layers above that order stages by name (e.g. the report's timings).
-pub use crate::config::STAGE_ORDER;
 pub use manifest::{Manifest, OutputFile, StageRecord, StageStatus};
 pub use rundir::{RunDir, RunLock};
 pub use runner::{run_stages, stage_key, staleness, Outcome, RunOptions, StageKey};

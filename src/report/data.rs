@@ -6,8 +6,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
+use crate::config::STAGE_ORDER;
 use crate::error::Result;
-use crate::pipeline::{RunDir, StageStatus, STAGE_ORDER};
+use crate::pipeline::{RunDir, StageStatus};
 
 use super::eval::{read_lds, read_recall, EvalResults, LDS_STAGE, RECALL_STAGE};
 use super::table::Table;

@@ -7,7 +7,7 @@ use std::fmt::Write;
 use super::colour::{legend_gradient, Diverging};
 use super::data::{DocEntry, QueryReport, ReportData, StageTiming};
 use super::eval_html::eval_section;
-pub use super::text::{escape, num};
+use super::text::{escape, num};
 use crate::util::mem::human_bytes;
 
 const CSS: &str = include_str!("page.css");

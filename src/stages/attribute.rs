@@ -12,10 +12,10 @@ use candle_core::Device;
 
 use crate::attribution::plan::{plan_segments, AttributionPlan, PlanSource};
 use crate::config::{Config, FisherKind};
-use crate::curvature::{Fisher, FitOptions};
 use crate::data::{read_prepared, PreparedDoc};
 use crate::error::{Error, Result};
 use crate::model::{LoadOptions, Model};
+use crate::passes::{Fisher, PassOptions};
 use crate::pipeline::RunDir;
 use crate::train::Trajectory;
 
@@ -61,8 +61,8 @@ pub fn plan(config: &Config, run: &RunDir) -> Result<AttributionPlan> {
 }
 
 /// Fit/score options from the config.
-pub fn fit_options(config: &Config) -> FitOptions {
-    FitOptions {
+pub fn fit_options(config: &Config) -> PassOptions {
+    PassOptions {
         fisher: match config.attribution.fisher {
             FisherKind::True => Fisher::True {
                 seed: config.run.seed,
@@ -111,7 +111,7 @@ pub fn memory_estimate(model: &Model, config: &Config) -> u64 {
         config.batching.token_budget,
         config.attribution.block_size,
         fit_options(config).fisher.labels(),
-        // The fit stage keeps its captures for Λ on the CPU (`FitOptions::capture_dir`).
+        // The fit stage keeps its captures for Λ on the CPU (`PassOptions::capture_dir`).
         model.device().is_cpu(),
     )
 }

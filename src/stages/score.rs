@@ -21,14 +21,16 @@ use crate::attribution::method::{preconditioned, query_forms};
 use crate::attribution::plan::{
     plan_score_memory, AttributionPlan, FactorGroups, PlannedSegment, ScoreNeeds,
 };
-use crate::attribution::{score_pass_on, LayerQuery};
+use crate::attribution::score_pass_on;
 use crate::backend::Backend;
 use crate::config::{Config, MethodKind};
-use crate::curvature::{FactorFile, FitOptions};
+use crate::curvature::FactorFile;
 use crate::data::tokenize::load_tokenizer;
 use crate::data::PreparedDoc;
 use crate::error::{Error, IoContext, Result};
+use crate::linalg::LayerQuery;
 use crate::output::{write_table, Column};
+use crate::passes::PassOptions;
 use crate::pipeline::{Stage, StageContext};
 use crate::train::{OptimizerInfo, Trajectory};
 use crate::util::hash::sha256_json;
@@ -284,7 +286,7 @@ fn score_segment(
     seg: &PlannedSegment,
     u_seg: &[LayerQuery],
     r: &mut RoleScores,
-    opts: &FitOptions,
+    opts: &PassOptions,
     q: usize,
 ) -> Result<Vec<Vec<f64>>> {
     let c = seg.checkpoints.len() as f64;

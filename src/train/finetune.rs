@@ -27,7 +27,8 @@ use super::checkpoint::{
 use super::optim::{clip_global_norm, global_norm, Optimizer};
 use super::plan::{plan_segments, total_steps, SegmentPlan, VisitOrder};
 use super::schedule::Schedule;
-use super::trajectory::{LossNormalization, OptimizerInfo};
+use super::trajectory::OptimizerInfo;
+use crate::config::LossNormalization;
 
 /// What a training run needs.
 pub struct TrainJob<'a> {

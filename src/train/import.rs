@@ -29,7 +29,8 @@ use crate::error::{Error, IoContext, Result};
 use super::checkpoint::{read_safetensors, write_safetensors};
 use super::finetune::optimizer_info;
 use super::schedule::Schedule;
-use super::trajectory::{CheckpointRef, LossNormalization, LrMass, OptimizerInfo, Segment};
+use super::trajectory::{CheckpointRef, LrMass, OptimizerInfo, Segment};
+use crate::config::LossNormalization;
 
 /// The fine-tuning segments built from a Trainer folder.
 #[derive(Debug, Clone)]

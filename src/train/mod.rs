@@ -18,6 +18,5 @@ pub use finetune::{optimizer_info, train, train_in_memory, TrainJob, TrainOutcom
 pub use optim::Optimizer;
 pub use schedule::Schedule;
 pub use trajectory::{
-    CheckpointRef, LossNormalization, LrMass, OptimizerInfo, Segment, Trajectory,
-    TRAJECTORY_VERSION,
+    CheckpointRef, LrMass, OptimizerInfo, Segment, Trajectory, TRAJECTORY_VERSION,
 };

@@ -19,7 +19,7 @@ pub const TRAJECTORY_VERSION: u32 = 1;
 
 /// The loss normalisation is a `[train]` key, so its type lives in the ground floor's
 /// config; the trajectory records it.
-pub use crate::config::LossNormalization;
+use crate::config::LossNormalization;
 
 /// The optimizer of a segment with its hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

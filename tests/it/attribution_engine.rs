@@ -7,12 +7,12 @@ use crate::common::model_fixtures as fixtures;
 
 use candle_core::{Device, Tensor};
 use fixtures::*;
-use source_tda::attribution::{
-    apply_in_basis, query_gradients, score_pass, spectral_weights, SpectralFn,
-};
-use source_tda::curvature::{fit_factors, Fisher, FitOptions};
+use source_tda::attribution::{query_gradients, score_pass};
+use source_tda::curvature::fit_factors;
 use source_tda::data::PreparedDoc;
+use source_tda::linalg::{apply_in_basis, spectral_weights, SpectralFn};
 use source_tda::model::{Labels, LoadOptions, Model, TokenBatch};
+use source_tda::passes::{Fisher, PassOptions};
 
 fn doc(ids: Vec<u32>, prompt_len: Option<usize>) -> PreparedDoc {
     let n = ids.len();
@@ -55,8 +55,8 @@ fn setup(family: &str) -> (tempfile::TempDir, Model, Vec<PreparedDoc>, Vec<Prepa
     (dir, model, train, queries)
 }
 
-fn opts(budget: usize, max_batch: usize) -> FitOptions {
-    FitOptions {
+fn opts(budget: usize, max_batch: usize) -> PassOptions {
+    PassOptions {
         fisher: Fisher::Empirical,
         block_size: None,
         token_budget: budget,
@@ -122,7 +122,7 @@ fn scores_equal_gradient_inner_products_and_tokens_add_up() {
 #[test]
 fn influence_scores_are_invariant_to_batching_and_duplicate_checkpoints() {
     let (_dir, model, train, queries) = setup("llama");
-    let run = |o: &FitOptions, ckpts: &[&Model]| -> Vec<Vec<f64>> {
+    let run = |o: &PassOptions, ckpts: &[&Model]| -> Vec<Vec<f64>> {
         let factors = fit_factors(ckpts, &train, o, "test").unwrap();
         let qg = query_gradients(&model, &queries, o).unwrap();
         let u: Vec<Tensor> = factors
@@ -158,14 +158,14 @@ fn influence_scores_are_invariant_to_batching_and_duplicate_checkpoints() {
 fn true_fisher_is_seeded_and_block_size_of_the_whole_layer_changes_nothing() {
     let (_dir, model, train, _) = setup("llama");
     let fit = |fisher, block| {
-        let o = FitOptions {
+        let o = PassOptions {
             fisher,
             block_size: block,
             ..opts(64, 4)
         };
         fit_factors(&[&model], &train, &o, "t").unwrap()
     };
-    let lam = |f: &[source_tda::curvature::LayerFactors]| -> Vec<f64> {
+    let lam = |f: &[source_tda::linalg::LayerFactors]| -> Vec<f64> {
         f.iter()
             .flat_map(|l| l.lambda.flatten_all().unwrap().to_vec1::<f64>().unwrap())
             .collect()
@@ -240,7 +240,7 @@ fn fitted_factors_equal_brute_force_with_shared_inputs_blocks_and_checkpoints() 
         .map(|l| l.name.clone())
         .collect();
     for (block, ckpts) in [(None, 1), (Some(5), 1), (None, 2)] {
-        let o = FitOptions {
+        let o = PassOptions {
             block_size: block,
             ..opts(64, 4)
         };
@@ -338,11 +338,11 @@ fn captures_kept_for_the_eigenvalue_correction_give_the_same_factors_bitwise() {
     write_checkpoint(other_dir.path(), &l.config_json(), &l.tensors(8));
     let other = Model::load(other_dir.path(), &LoadOptions::default(), &Device::Cpu).unwrap();
     let spill_dir = tempfile::tempdir().unwrap();
-    let base = FitOptions {
+    let base = PassOptions {
         fisher: Fisher::True { seed: 5 },
         ..opts(40, 3)
     };
-    let kept = FitOptions {
+    let kept = PassOptions {
         capture_dir: Some(spill_dir.path().to_path_buf()),
         ..base.clone()
     };

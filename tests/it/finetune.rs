@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use fixtures::*;
+use source_tda::config::LossNormalization;
 use source_tda::config::{BatchingConfig, OptimizerKind, ScheduleKind, TrainConfig};
 use source_tda::data::PreparedDoc;
 use source_tda::error::Error;
 use source_tda::model::{LoadOptions, Model, TokenBatch};
 use source_tda::train::checkpoint::read_safetensors;
 use source_tda::train::finetune::{plan, step_gradients};
-use source_tda::train::{train, train_in_memory, LossNormalization, TrainJob, TrainOutcome};
+use source_tda::train::{train, train_in_memory, TrainJob, TrainOutcome};
 
 const VOCAB: usize = 61;
 

@@ -8,10 +8,11 @@ use std::path::Path;
 
 use crate::common::write;
 use candle_core::{Device, Tensor};
+use source_tda::config::LossNormalization;
 use source_tda::config::{OptimizerKind, ScheduleKind, TrainConfig};
 use source_tda::train::checkpoint::{read_safetensors, write_safetensors};
 use source_tda::train::import::import_trainer;
-use source_tda::train::{LossNormalization, LrMass, OptimizerInfo};
+use source_tda::train::{LrMass, OptimizerInfo};
 
 const LR: f64 = 1e-3;
 const T: u64 = 6;

@@ -29,6 +29,7 @@ mod finetune_cli;
 mod finetune_stages;
 mod generated_queries;
 mod import_trainer;
+mod layers;
 mod model_capture;
 mod model_finite_diff;
 mod model_generate;

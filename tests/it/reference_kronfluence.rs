@@ -9,10 +9,12 @@ use crate::common::real_assets;
 
 use candle_core::{DType, Device, Tensor};
 use source_tda::attribution::{precondition_inverse, query_gradients, score_pass, Damping};
-use source_tda::curvature::{fit_factors_with_covariances, Fisher, FitOptions, LayerFactors};
+use source_tda::curvature::fit_factors_with_covariances;
 use source_tda::data::PreparedDoc;
+use source_tda::linalg::LayerFactors;
 use source_tda::model::gguf::{GgufLlama, ReadOptions};
 use source_tda::model::{LoadOptions, Model};
+use source_tda::passes::{Fisher, PassOptions};
 
 /// Rows of `{split}_input_ids` as documents: real tokens only, loss mask from the labels
 /// (`labels[t] ≠ −100` ⇔ token t is a target).
@@ -167,7 +169,7 @@ fn influence_method_reproduces_kronfluence_ekfac_on_smollm2_two_layers() {
     assert_eq!(train.iter().map(|d| d.n_tokens()).sum::<usize>(), 817);
 
     // Batches of 8 documents, as the reference; padding id 2.
-    let opts = FitOptions {
+    let opts = PassOptions {
         fisher: Fisher::Empirical,
         block_size: None,
         token_budget: 8 * 48,

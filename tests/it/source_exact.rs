@@ -5,9 +5,8 @@
 //! document gradient; both vanish as segments shorten (docs/design.md §2).
 
 use candle_core::{Device, Tensor};
-use source_tda::attribution::{
-    source_walk, Curvature, Damping, DenseCurvature, SegmentCurvature, SpectralFn,
-};
+use source_tda::attribution::{source_walk, Curvature, Damping, DenseCurvature, SegmentCurvature};
+use source_tda::linalg::SpectralFn;
 use source_tda::train::LrMass;
 
 const P: usize = 6;

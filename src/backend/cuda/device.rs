@@ -11,11 +11,10 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor, TensorId};
 
 use crate::backend::contract::Backend;
+use crate::config::EigenPrecision;
 use crate::config::PrecisionKind;
 use crate::error::{Error, Result};
-use crate::linalg::{
-    BlockDiag, Eigen, EigenBasis, EigenPrecision, FactorSum, LambdaSums, LayerQuery,
-};
+use crate::linalg::{BlockDiag, Eigen, EigenBasis, FactorSum, LambdaSums, LayerQuery};
 
 use super::eigh::eigh_gpu;
 use super::gpu::{Gpu, GpuBuffer};

@@ -1,6 +1,6 @@
 //! The f64 symmetric eigendecomposition of a Kronecker factor on the GPU (cuSOLVER
 //! `syevd`, docs/design.md §3.2): A = Q diag(λ) Qᵀ, λ ascending, the same contract as
-//! [`crate::curvature::eigh`] (CPU, faer).
+//! [`crate::linalg::eigh`] (CPU, faer).
 
 use cudarc::cusolver::{sys, DnHandle};
 use cudarc::driver::{DevicePtr, DevicePtrMut};

@@ -338,7 +338,7 @@ impl Gpu {
     /// tok[q, t] += m_t Σ_k (δ_tᵀ P_q)[k] (a_tᵀ R_q)[k] and doc[q, b] += its sum over
     /// document b, for the low-rank query U_q = P_q R_qᵀ with `p` [Q, d_out, r] (σ-scaled
     /// left singular vectors) and `r` [Q, d_in, r]: the token contraction of
-    /// [`crate::attribution::LowRankQuery`] in one pass.
+    /// [`crate::linalg::LowRankQuery`] in one pass.
     #[allow(clippy::too_many_arguments)]
     pub fn score_tokens_lowrank<T: KernelInput>(
         &self,
