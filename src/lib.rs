@@ -9,27 +9,25 @@
 //! fetch ─► prepare ─► finetune ─► fit ─► query ─► score ─► report
 //! ```
 //!
-//! The library does the work; `src/main.rs` is a thin command line over it.
+//! The library does the work; `src/main.rs` is a thin command line over it. Its modules
+//! stand on floors, and each imports only from its own floor and those below
+//! (`tests/it/layers.rs` checks it on the sources; docs/design.md §4):
 //!
-//! * [`config`]: typed, validated parameter sets (`configs/*.toml`) and pipelines
-//!   (`pipelines/*.toml`).
-//! * [`pipeline`]: the stage contract, run directories, the manifest and resume logic.
-//! * [`hub`]: model and dataset resolution through the `hf-hub` crate (online, offline
-//!   cache, or local paths).
-//! * [`data`]: dataset readers (Parquet, JSONL, CSV), tokenisation into documents with
-//!   loss masks, and deterministic token-budget batching.
-//! * [`model`]: transformer families (Llama, GPT-2) on candle with tracked linear layers:
-//!   the layer inputs `a` and output gradients `δ` that all attribution is computed from. GGUF files
-//!   convert to Hugging Face checkpoints ([`model::gguf`]).
-//! * [`stages`]: the stage implementations the runner knows.
-//! * [`curvature`]: EK-FAC factors per layer (covariances, eigenbasis, eigenvalue correction).
-//! * [`attribution`]: F_S, F_r, the eigenbasis primitive and the token-level contraction.
-//! * [`report`]: the HTML report, terminal summary and summary.json of a run.
-//! * [`backend`]: where `fit` and `score` run (CPU reference or CUDA kernels), behind one
-//!   trait.
-//! * [`cuda`]: the project's CUDA kernels (features `cuda` / `cuda-kernels`) and their CPU
-//!   references.
-//! * [`util`]: hashing, atomic writes, memory measurement, progress bars.
+//! | floor | modules | what they own |
+//! |---|---|---|
+//! | ground | [`error`], [`util`], [`config`], [`output`] | errors, hashing and atomic writes, typed configs and pipelines, Parquet |
+//! | linalg | [`linalg`] | eigenbases, block-diagonal factors, covariance and Λ sums, F(σ), the one eigenbasis primitive, query forms |
+//! | backend | [`backend`] | where the heavy operations run: CPU, or the project's CUDA kernels ([`backend::cuda`]) |
+//! | model | [`model`] | transformer families on candle with tracked linear layers (a, δ); GGUF conversion |
+//! | data | [`data`] | dataset readers, tokenisation with loss masks, token-budget batching |
+//! | hub | [`hub`] | model and dataset resolution through `hf-hub` (online, offline cache, local paths) |
+//! | train | [`train`] | fine-tuning with a recorded trajectory, checkpoints, optimizers |
+//! | passes | [`passes`] | the one batch loop every pass over data runs on |
+//! | math | [`curvature`], then [`attribution`] above it | EK-FAC fits and factor files; F_S, F_r, Source, the influence function, scoring |
+//! | eval | [`eval`] | attribution-quality statistics (recall, LDS) |
+//! | pipeline | [`pipeline`] | run directories, the manifest, the runner given a stage registry |
+//! | report | [`report`] | the HTML report, terminal summary and summary.json |
+//! | stages | [`stages`] | the stage implementations: I/O and orchestration |
 
 pub mod attribution;
 pub mod backend;

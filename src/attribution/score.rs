@@ -66,11 +66,11 @@ pub fn query_gradients(
 /// Scores of every training document against every query.
 #[derive(Debug, Clone)]
 pub struct TrainScores {
-    /// ⟨U_q, G_m⟩ summed over layers: [Q][N] (f64 sums of f32 terms).
+    /// ⟨U_q, G_m⟩ summed over layers: `[Q][N]` (f64 sums of f32 terms).
     pub docs: Vec<Vec<f64>>,
-    /// The same per layer: [L][Q][N].
+    /// The same per layer: `[L][Q][N]`.
     pub per_layer: Vec<Vec<Vec<f64>>>,
-    /// Per-token scores δ_tᵀ U_q a_t summed over layers, when asked: [N][Q][T_m], where
+    /// Per-token scores δ_tᵀ U_q a_t summed over layers, when asked: `[N][Q][T_m]`, where
     /// T_m is document m's length.
     pub tokens: Option<Vec<Vec<Vec<f32>>>>,
 }

@@ -9,7 +9,7 @@
 //! |---|---|---|---|
 //! | [`Backend::add_covariances`] | Σ_t m_t a_t a_tᵀ, Σ_t m_t δ_t δ_tᵀ (§3.1) | faer, one triangle, in place | `masked_syrk`, all layers and blocks in one launch |
 //! | [`Backend::eigh_many`] | A = Q diag(λ) Qᵀ in f64 or f32 (§3.2) | faer, side by side | cuSOLVER `syevd` (f64) |
-//! | [`Backend::add_lambdas`] | Σ_m ((Q_Sᵀ G_m Q_A)[i,j])² (§3.3) | candle rotation + faer per document | `rotate_rows` + `eig_correction` |
+//! | [`Backend::add_lambdas`] | Σ_m ((Q_Sᵀ G_m Q_A)\[i,j\])² (§3.3) | candle rotation + faer per document | `rotate_rows` + `eig_correction` |
 //! | [`Backend::apply_in_basis`] | Q_S (W ⊙ (Q_Sᵀ V Q_A)) Q_Aᵀ (§3.4) | candle | `gemm_weighted` ×4 |
 //! | [`Backend::token_scores`] | m_t δ_tᵀ U_q a_t (§2, token level) | candle | `score_tokens` / `score_tokens_lowrank` |
 

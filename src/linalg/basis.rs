@@ -106,7 +106,7 @@ pub fn apply_in_basis(basis: &EigenBasis, weights: &Tensor, v: &Tensor) -> Resul
 }
 
 /// W = F(σ_e, p_e) per eigen-direction e, in f64, returned as f32 [d_out, d_in]: a function of
-/// each eigenvalue σ_e = Λ[e] and of p_e = q_eᵀ diag(p) q_e, the diagonal of a diagonal
+/// each eigenvalue σ_e = Λ\[e\] and of p_e = q_eᵀ diag(p) q_e, the diagonal of a diagonal
 /// preconditioner `p` [d_out, d_in] in the basis ([`eigenbasis_diagonal`]).
 pub fn preconditioned_weights(
     basis: &EigenBasis,

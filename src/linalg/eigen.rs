@@ -10,7 +10,7 @@ use faer::linalg::evd;
 use faer::traits::RealField;
 use faer::{Mat, MatRef, Par};
 
-/// Eigenvalues λ [n] (ascending) and eigenvectors Q [n, n] (columns) of a symmetric matrix.
+/// Eigenvalues λ \[n\] (ascending) and eigenvectors Q [n, n] (columns) of a symmetric matrix.
 #[derive(Debug, Clone)]
 pub struct Eigen {
     /// λ, ascending, f64.
@@ -30,7 +30,7 @@ impl Eigen {
         )
     }
 
-    /// λ as an f32 tensor [n] on `device`.
+    /// λ as an f32 tensor \[n\] on `device`.
     pub fn values_tensor(&self, device: &Device) -> Result<Tensor> {
         Ok(Tensor::from_vec(self.values.clone(), self.n, device)?.to_dtype(DType::F32)?)
     }

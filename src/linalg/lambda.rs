@@ -1,5 +1,5 @@
 //! The EK-FAC eigenvalue correction of one layer (docs/design.md §3.3): in the layer's eigenbasis,
-//! Λ[i,j] = E_documents[((Q_Sᵀ G_m Q_A)[i,j])²] with G_m = Σ_t δ_t a_tᵀ, normalised per
+//! Λ\[i,j\] = E_documents[((Q_Sᵀ G_m Q_A)\[i,j\])²] with G_m = Σ_t δ_t a_tᵀ, normalised per
 //! document.
 
 use candle_core::{DType, Device, Tensor, D};
@@ -124,7 +124,7 @@ impl LambdaSums {
     }
 
     /// Adds squared rotated document gradients summed elsewhere (a GPU backend): `squares`
-    /// [d_out, d_in] = Σ_m ((Q_Sᵀ G_m Q_A)[i,j])² over `docs` documents (any float dtype and
+    /// [d_out, d_in] = Σ_m ((Q_Sᵀ G_m Q_A)\[i,j\])² over `docs` documents (any float dtype and
     /// device).
     pub fn add_squares(&mut self, squares: &Tensor, docs: u64) -> Result<()> {
         if squares.dims() != [self.d_out, self.d_in] {

@@ -6,7 +6,7 @@
 //! Features: `cuda-kernels` builds the GPU code with the CUDA libraries loaded at run time
 //! (no toolkit needed to build: CI checks it); `cuda` adds candle's CUDA backend (needs the
 //! toolkit from `scripts/gpu/build-cuda.sh`). Without either, only the CPU references
-//! ([`reference`]) and the kernel source are compiled.
+//! ([`reference`](mod@reference)) and the kernel source are compiled.
 //! Layer: backend — may import only the ground floor and linalg.
 
 pub mod precision;

@@ -6,7 +6,7 @@
 #![allow(clippy::needless_range_loop)] // brute-force references index like the math
 
 /// Σ_t m_t x_t x_tᵀ (the unnormalised covariance A or S of docs/design.md §3.1) for `x` [n, d]
-/// and token weights `mask` [n]; returns the full symmetric [d, d].
+/// and token weights `mask` \[n\]; returns the full symmetric [d, d].
 pub fn masked_syrk(x: &[f32], mask: &[f32], n: usize, d: usize) -> Vec<f64> {
     assert_eq!(x.len(), n * d, "masked_syrk: x is not [n, d]");
     assert_eq!(mask.len(), n, "masked_syrk: mask is not [n]");
@@ -121,7 +121,7 @@ pub fn score_tokens(
     (tok, doc)
 }
 
-/// Per-token scores tok[q, t] = m_t Σ_k (δ_tᵀ P_q)[k] (a_tᵀ R_q)[k] and per-document sums
+/// Per-token scores tok[q, t] = m_t Σ_k (δ_tᵀ P_q)\[k\] (a_tᵀ R_q)\[k\] and per-document sums
 /// doc[q, b] for a low-rank query U_q = P_q R_qᵀ, `p` [queries, d_out, rank] (σ-scaled left
 /// singular vectors), `r` [queries, d_in, rank]: the `score_tokens_lowrank` kernel's math
 /// (the low-rank form of the token contraction, docs/design.md §2).
