@@ -124,7 +124,7 @@ mod e2e {
 
     /// The wired-in GPU path against the CPU path on a small model: the same weights on both
     /// devices, fit + inverse + score, document and token scores compared (f32, tolerance
-    /// 2e-3 as in tests/cuda_parity.rs). In a `--features cuda` build this is the parity
+    /// 2e-3 as in tests/it/cuda_parity.rs). In a `--features cuda` build this is the parity
     /// check of the model on candle's CUDA device.
     fn parity(n_queries: usize) -> anyhow::Result<()> {
         let s = Shape {

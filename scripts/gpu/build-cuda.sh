@@ -61,8 +61,8 @@ fi
 
 if [ "$mode" = all ] || [ "$mode" = kernels ]; then
   # (4) the GPU check's tests and kernel benchmark.
-  cargo test --release --features cuda-kernels --no-run --lib \
-    --test cuda_parity --test cuda_ptx --message-format=json > "$kernels_tests.tmp"
+  cargo test --release --features cuda-kernels --no-run --lib --test it \
+    --message-format=json > "$kernels_tests.tmp"
   mv "$kernels_tests.tmp" "$kernels_tests"
   cargo build --release --features cuda-kernels --example cuda_bench
 fi

@@ -13,8 +13,8 @@
 #   1. the CUDA binary loads (libraries found);                                   ~1 s
 #   2. every kernel compiles with NVRTC for this GPU;                             ~5 s
 #   3. parity: kernels vs CPU references, and fit + score of a tiny model through the
-#      wired-in backend vs the CPU path (tests/cuda_parity.rs);                  ~30 s
-#   4. library tests of src/cuda and src/backend;                                ~10 s
+#      wired-in backend vs the CPU path (tests/it/cuda_parity.rs);               ~30 s
+#   4. library tests of src/backend (the CUDA references included);              ~10 s
 #   5. end-to-end: GPU-vs-CPU parity of the `--features cuda` model path, then fit and
 #      score tokens/s for SmolLM2-135M and a Llama-3.2-1B shape, and the TF32/bf16 error
 #      against f32 (examples/cuda_e2e.rs);                                      ~2-3 min
@@ -117,11 +117,11 @@ PY
 }
 
 step "the --features cuda binary loads" version 20 "$dist/source-tda" --version
-step "PTX compilation (NVRTC)" ptx 40 "$dist/tests/cuda_ptx" --test-threads 1
+step "PTX compilation (NVRTC)" ptx 40 "$dist/tests/it" cuda_ptx:: --test-threads 1
 step "parity: kernels and the wired-in fit + score vs the CPU" parity 150 \
-  "$dist/tests/cuda_parity" --test-threads 1 --nocapture
-step "library tests of src/cuda and src/backend" lib 40 \
-  "$dist/tests/source_tda" cuda:: backend:: --test-threads 1
+  "$dist/tests/it" cuda_parity:: --test-threads 1 --nocapture
+step "library tests of src/backend (incl. the CUDA references)" lib 40 \
+  "$dist/tests/source_tda" backend:: --test-threads 1
 step "end-to-end fit + score on the GPU (SmolLM2-135M, Llama-1B shape)" e2e 180 "$dist/cuda_e2e"
 export -f demo
 export root dist out

@@ -9,7 +9,7 @@ use crate::linalg::{apply_in_basis, Eigen, EigenBasis, FactorSum, LambdaSums, La
 
 /// The device-specific operations of the fit and score passes. Tensors in and out are candle
 /// tensors on [`Backend::device`] (or the CPU); the results are the same math on every backend
-/// within the tolerances of the GPU parity tests (tests/cuda_parity.rs).
+/// within the tolerances of the GPU parity tests (tests/it/cuda_parity.rs).
 pub trait Backend {
     /// `cpu` or `cuda` (for logs and stage summaries).
     fn name(&self) -> &'static str;

@@ -3,8 +3,8 @@
 //! all with `cargo test --release --test it`, one module with
 //! `cargo test --release --test it NAME::` (e.g. `config_errors::`). Cargo finds this binary
 //! by the standard layout (`tests/it/main.rs`); a new test module is a new file here plus its
-//! `mod NAME;` line. The CUDA tests (`tests/cuda_ptx.rs`, `tests/cuda_parity.rs`) are separate
-//! binaries, empty unless a CUDA feature is on.
+//! `mod NAME;` line. The CUDA modules (`cuda_ptx`, `cuda_parity`) are empty unless a CUDA
+//! feature is on: `cargo test --release --features cuda-kernels --test it cuda_` runs them.
 //!
 //! Why one binary: the 29 separate ones took 332 s to rebuild on 2 cores, most of it six of
 //! them instantiating parquet's generic reader and writer again; with one binary and Parquet
@@ -19,6 +19,8 @@ mod attribution_engine;
 mod attribution_options;
 mod config_errors;
 mod config_train;
+mod cuda_parity;
+mod cuda_ptx;
 mod demo;
 mod eval;
 mod fetch;

@@ -1,6 +1,6 @@
 //! Compiling [`KERNELS_CU`](super::KERNELS_CU) with NVRTC: at run time for the GPU found
 //! ([`Gpu::new`](super::Gpu::new)), and to PTX for sm_90 on CPU-only machines (the test
-//! tests/cuda_ptx.rs), through the same function, so a kernel that does not compile fails
+//! tests/it/cuda_ptx.rs), through the same function, so a kernel that does not compile fails
 //! before it reaches a GPU.
 
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};

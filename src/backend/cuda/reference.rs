@@ -1,6 +1,6 @@
 //! CPU references of the CUDA kernels (kernels.cu), on plain row-major slices, accumulated
 //! in f64. Each is tested here against the project's CPU code (linalg) or brute force, and
-//! the GPU parity tests (tests/cuda_parity.rs) compare the kernels against these; the
+//! the GPU parity tests (tests/it/cuda_parity.rs) compare the kernels against these; the
 //! eigenbasis kernel is compared with linalg's primitive itself.
 //! Layer: backend — may import only the ground floor and linalg.
 #![allow(clippy::needless_range_loop)] // brute-force references index like the math

@@ -12,8 +12,7 @@
 
 // The integration tests' model fixtures, shared with this separate (CUDA-only) binary: a test
 // binary sees only the modules beside its own root, so this one names the file.
-#[path = "it/common/model_fixtures.rs"]
-mod fixtures;
+use crate::common::model_fixtures as fixtures;
 
 use candle_core::{Device, Tensor};
 use source_tda::attribution::{
