@@ -1,3 +1,7 @@
+//! Owns the library's root: every floor's module (table below), `VERSION` and `GIT_COMMIT`.
+//! Layer: the root, over every floor — may import any module; imports only error (re-exports
+//! `Error`, `Result`).
+//!
 //! # source-tda
 //!
 //! Training data attribution for fine-tuned language models: *which fine-tuning documents,

@@ -1,3 +1,7 @@
+//! Owns Source's Adam variant: `AdamCurvature` (P = diag(p̄) in the EK-FAC basis), `adam_p_eff`.
+//! Layer: attribution — may import every floor from the ground up to curvature and, in this folder,
+//! curvature.rs.
+//!
 //! Source's Adam variant. With an Adam update (Adam's v̂ held fixed within a segment) the
 //! linearised step is δθ ← (I − η P H) δθ − η P δg, P = diag(p̄), p̄ = the segment average of
 //! 1/(√v̂ + ε). Over a segment of mass s that gives, on the query side,

@@ -1,3 +1,7 @@
+//! Owns `DenseCurvature`: the exact dense H̄ of one layer, F(H̄) by f64 eigendecomposition.
+//! Layer: attribution — may import every floor from the ground up to curvature and, in this folder,
+//! curvature.rs.
+//!
 //! Exact curvature for tiny problems and tests: a dense symmetric H̄ over the flattened
 //! parameters of one layer, F(H̄) applied through its f64 eigendecomposition. It follows the
 //! same [`Curvature`] contract as EK-FAC, so the Source walk runs unchanged on it.

@@ -1,3 +1,6 @@
+//! Owns query gradients (`query_gradients`) and the scoring pass (`score_pass*`, `TrainScores`).
+//! Layer: attribution — may import every floor from the ground up to curvature; no sibling.
+//!
 //! Query gradients and the training pass that scores documents against preconditioned
 //! queries, per document, per layer and per token, in one pass (docs/design.md §2).
 

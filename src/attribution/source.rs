@@ -1,3 +1,7 @@
+//! Owns the Source walk over segments: `source_walk` and `SegmentCurvature`.
+//! Layer: attribution — may import every floor from the ground up to curvature and, in this folder,
+//! curvature.rs.
+//!
 //! The Source walk over segments (docs/design.md §2): the query side of Source, and of the
 //! influence function as its one-segment, converged case.
 //!

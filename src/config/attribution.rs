@@ -1,3 +1,6 @@
+//! Owns `[attribution]`: `AttributionConfig` and its kinds (method, Fisher, Adam response, eigh).
+//! Layer: ground — may import error and util; no sibling.
+//!
 //! `[attribution]`: how the `fit`, `query` and `score` stages attribute (docs/design.md §2–3).
 //!
 //! ```toml

@@ -1,3 +1,6 @@
+//! Owns `[data.NAME]`: `DataConfig`, `DatasetConfig`, `DataFormat`, `DocShape` and role names.
+//! Layer: ground — may import error, util and, in this folder, source.rs.
+//!
 //! `[data.NAME]`: the data sets of a run. `train` (required), `query` and `pretrain` have
 //! fixed meanings; any other name declares an extra data set (for example the documents of a
 //! second fine-tuning stage, `[[train.stages]] dataset = "NAME"`). Every set is fetched and

@@ -1,3 +1,6 @@
+//! Owns `[run] device` and `[run] precision`: `DeviceKind` and `PrecisionKind`.
+//! Layer: ground — may import error and util; no sibling.
+//!
 //! `[run] device` and `[run] precision`: where the `fit` and `score` stages run, and the input
 //! precision of the CUDA kernels (docs/gpu.md). The CPU is the reference; the CUDA path is
 //! checked against it by the GPU parity tests.

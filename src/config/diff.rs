@@ -1,3 +1,6 @@
+//! Owns `diff_values` and `KeyChange`: key-by-key differences between two configs.
+//! Layer: ground — may import error and util; no sibling.
+//!
 //! Key-by-key differences between two configs, for the message that refuses to reuse a run
 //! directory made with a different config.
 

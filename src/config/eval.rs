@@ -1,3 +1,6 @@
+//! Owns `[eval]`: `EvalConfig`, the settings of the `eval-recall` and `eval-lds` stages.
+//! Layer: ground — may import error, util and, in this folder, attribution.rs.
+//!
 //! `[eval]`: the attribution-quality evaluation stages `eval-recall` and `eval-lds`.
 //!
 //! ```toml

@@ -1,3 +1,6 @@
+//! Owns `read_toml` and `parse_toml`: a TOML file into a typed struct, with located errors.
+//! Layer: ground — may import error and util; no sibling.
+//!
 //! Reading a TOML file into a typed struct, with errors that name the file, the line, the
 //! key and what is allowed.
 

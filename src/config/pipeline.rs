@@ -1,3 +1,6 @@
+//! Owns pipeline files (`pipelines/*.toml`): `Pipeline` and the stage order `STAGE_ORDER`.
+//! Layer: ground — may import error, util and, in this folder, load.rs.
+//!
 //! Pipeline files (`pipelines/*.toml`): a config and the ordered stages to run.
 //!
 //! ```toml

@@ -1,3 +1,6 @@
+//! Owns `[query]`: `QueryConfig`, how the `query` stage completes prompt-only queries.
+//! Layer: ground — may import error and util; no sibling.
+//!
 //! `[query]`: how the `query` stage completes prompt-only queries (`[data.query] shape =
 //! "prompt"`) with the final fine-tuned model before measuring f = −log p(completion | prompt)
 //! on the generated completion (docs/design.md §2).

@@ -1,3 +1,6 @@
+//! Owns `[[train.stages]]`: `TrainStage` and each stage's settings merged over `[train]`.
+//! Layer: ground — may import error, util and, in this folder, data.rs, train.rs.
+//!
 //! `[[train.stages]]`: a sequence of fine-tuning stages (pretrain → fine-tune A → fine-tune
 //! B). Each stage trains on its own data role from the previous stage's final weights, with
 //! its own optimizer, schedule, steps and segments; every key it leaves out comes from

@@ -1,3 +1,6 @@
+//! Owns `[train]` and `[pretrain]`: `TrainConfig`, `StageConfig`, `PretrainConfig` and their kinds.
+//! Layer: ground — may import error and util; no sibling.
+//!
 //! `[train]` and `[pretrain]`: how the `finetune` stage trains (optimizer, learning-rate
 //! schedule, batches, segments and checkpoints) and how the pretrained model enters the
 //! trajectory as a `pretrain` segment (docs/design.md §2).

@@ -1,3 +1,7 @@
+//! Owns `FactorCache`: the content-addressed cache of fitted factor sets, and its key hashes.
+//! Layer: curvature — may import every floor from the ground up to passes and, in this folder,
+//! store.rs.
+//!
 //! A content-addressed cache of fitted factor sets shared between runs (docs/design.md §8): a
 //! factor set is reused by later runs with the same model, data and settings.
 //!

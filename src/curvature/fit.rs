@@ -1,3 +1,7 @@
+//! Owns fitting EK-FAC factors: `fit_factors*` (covariance pass, eigenbasis, Λ pass).
+//! Layer: curvature — may import every floor from the ground up to passes and, in this folder,
+//! spill.rs.
+//!
 //! Fitting EK-FAC factors of every tracked layer over a data set at one or more checkpoints
 //! (docs/design.md §3): a covariance pass per checkpoint (averaged), one f64
 //! eigendecomposition, then an eigenvalue-correction pass per checkpoint in that shared basis

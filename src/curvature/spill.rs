@@ -1,4 +1,5 @@
-//! A fit's captures kept on disk between its two passes.
+//! Owns `CaptureSpill`: a fit's captures kept on disk between its two passes.
+//! Layer: curvature — may import every floor from the ground up to passes; no sibling.
 //!
 //! The covariance pass and the eigenvalue-correction pass of a checkpoint run the same
 //! forward and backward over the same batches with the same labels (sampled ones are keyed

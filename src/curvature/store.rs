@@ -1,3 +1,6 @@
+//! Owns factor files on disk: `save_factors`, `load_factors` and `FactorFile`.
+//! Layer: curvature — may import every floor from the ground up to passes; no sibling.
+//!
 //! Factor sets on disk: one safetensors file per segment holding, for every layer, the
 //! eigenvectors Q_A, Q_S (per block), the eigenvalues and Λ, with JSON metadata (layer names,
 //! block layouts, what they were fitted on) so a later run can reuse them.

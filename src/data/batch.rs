@@ -1,3 +1,6 @@
+//! Owns token-budget batching: `plan_batches`, `Batch`, `BatchOrder` and `plan_stats`.
+//! Layer: data — may import the ground, linalg, backend and model; no sibling.
+//!
 //! Token-budget batching: documents grouped so that batch size × padded length stays under a
 //! budget, deterministically.
 //!

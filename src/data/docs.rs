@@ -1,3 +1,6 @@
+//! Owns `RawDoc` and `load_docs`: documents as the data set defines them, checked.
+//! Layer: data — may import the ground, linalg, backend, model and, in this folder, read.rs.
+//!
 //! Documents as the data set defines them: an id and either a text, or a prompt and a
 //! completion. Built from the rows of the data files, with the checks that make bad input a
 //! clear error (empty documents, missing columns, duplicate ids).

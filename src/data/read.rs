@@ -1,3 +1,6 @@
+//! Owns `read_rows` and `format_of`: rows of named string columns from JSONL, CSV and Parquet.
+//! Layer: data — may import the ground, linalg, backend and model; no sibling.
+//!
 //! Reading rows of named string columns from JSONL, CSV and Parquet files, with errors that
 //! name the file and the line (or row) that is wrong.
 

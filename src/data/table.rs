@@ -1,3 +1,6 @@
+//! Owns the prepared-documents table: `write_prepared` and `read_prepared`.
+//! Layer: data — may import the ground, linalg, backend, model and, in this folder, tokenize.rs.
+//!
 //! The prepared-documents table (`prepare/ROLE.parquet`, zstd):
 //!
 //! | column | type | meaning |

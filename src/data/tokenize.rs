@@ -1,3 +1,6 @@
+//! Owns tokenisation into ids and loss masks: `PreparedDoc`, `tokenize_docs`, `load_tokenizer`.
+//! Layer: data — may import the ground, linalg, backend, model and, in this folder, docs.rs.
+//!
 //! Tokenisation with the model's `tokenizer.json` (tokenizers crate) into token ids and loss
 //! masks.
 //!

@@ -1,3 +1,7 @@
+//! Owns the offline side of hub: listing and checking a repo's files in the Hugging Face cache.
+//! Layer: hub — may import the ground, linalg, backend, model, data and, in this folder, repo.rs,
+//! settings.rs.
+//!
 //! The offline side: the standard Hugging Face cache, read through `hf_hub::Cache`.
 //!
 //! Layout: `CACHE/models--ORG--NAME/{refs/REVISION, snapshots/COMMIT/FILE, blobs/HASH}`

@@ -1,3 +1,7 @@
+//! Owns `Online`: resolving a revision to a commit and downloading into the standard cache.
+//! Layer: hub — may import the ground, linalg, backend, model, data and, in this folder, repo.rs,
+//! settings.rs.
+//!
 //! The online side: `hf_hub::api::sync`, downloading into the standard cache.
 //!
 //! The revision is first resolved to a commit (the repo info call), then every file is

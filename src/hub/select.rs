@@ -1,4 +1,5 @@
-//! Which files of a repo or folder a model or a dataset needs.
+//! Owns which files of a repo or folder a model or a dataset needs (`model_files`, …).
+//! Layer: hub — may import the ground, linalg, backend, model and data; no sibling.
 
 use std::path::Path;
 

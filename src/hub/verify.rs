@@ -1,3 +1,6 @@
+//! Owns `verify_model` and `safetensors_header`: cheap integrity checks of fetched model files.
+//! Layer: hub — may import the ground, linalg, backend, model, data and, in this folder, repo.rs.
+//!
 //! Cheap integrity checks of fetched model files: config.json parses, every safetensors file
 //! has a valid header whose tensors exactly fill the file (a truncated download fails here).
 

@@ -1,3 +1,6 @@
+//! Owns `BlockLayout` and `BlockDiag`: block-diagonal factors of a configured block size.
+//! Layer: linalg — may import the ground (error, util, config, output); no sibling.
+//!
 //! Block-diagonal matrices: a layer's factor split into diagonal blocks of a configured size
 //! (docs/design.md §3.5), so that very wide layers fit in memory. A whole (unsplit) factor is
 //! the one-block case.

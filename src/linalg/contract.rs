@@ -1,3 +1,6 @@
+//! Owns the scoring contraction: `token_scores` and `doc_scores` (δ_tᵀ U a_t per position).
+//! Layer: linalg — may import the ground (error, util, config, output); no sibling.
+//!
 //! The scoring contraction (docs/design.md §2, token level): a document's score against a
 //! preconditioned query gradient U [d_out, d_in] splits exactly into per-position terms
 //! δ_tᵀ U a_t; their sum is ⟨U, G_m⟩ with G_m = Σ_t δ_t a_tᵀ. Per-token gradients are never

@@ -1,3 +1,7 @@
+//! Owns the covariance sums: `CovarianceSums`, `Covariances`, `FactorSum` and `masked_rows`.
+//! Layer: linalg — may import the ground (error, util, config, output) and, in this folder,
+//! blocks.rs.
+//!
 //! Kronecker factors of one layer: A = E[a aᵀ] over kept token positions and S = E[δ δᵀ],
 //! normalised per token (docs/design.md §3.1), accumulated per diagonal block.
 

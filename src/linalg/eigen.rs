@@ -1,3 +1,6 @@
+//! Owns `Eigen` and the symmetric eigendecompositions `eigh*` (faer, in f64 or f32).
+//! Layer: linalg — may import the ground (error, util, config, output); no sibling.
+//!
 //! Symmetric eigendecomposition (faer): A = Q diag(λ) Qᵀ, eigenvalues ascending, computed in
 //! f64 (the reference) or, on request, in f32.
 

@@ -1,3 +1,7 @@
+//! Owns `LambdaSums`: the sums of one layer's EK-FAC eigenvalue correction Λ.
+//! Layer: linalg — may import the ground (error, util, config, output) and, in this folder,
+//! basis.rs.
+//!
 //! The EK-FAC eigenvalue correction of one layer (docs/design.md §3.3): in the layer's eigenbasis,
 //! Λ\[i,j\] = E_documents[((Q_Sᵀ G_m Q_A)\[i,j\])²] with G_m = Σ_t δ_t a_tᵀ, normalised per
 //! document.

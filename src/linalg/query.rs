@@ -1,3 +1,7 @@
+//! Owns the query forms: `LayerQuery` (exact or low rank), `LowRankQuery` and `low_rank`.
+//! Layer: linalg — may import the ground (error, util, config, output) and, in this folder,
+//! contract.rs.
+//!
 //! The low-rank form of a preconditioned query (docs/design.md §2, token level): each
 //! query's per-layer U [d_out, d_in] is replaced by its truncated SVD
 //! U ≈ Σ_{k<r} σ_k p_k r_kᵀ (computed in f64), and the token contraction δ_tᵀ U a_t becomes

@@ -1,4 +1,6 @@
-//! Test helpers: EK-FAC factors of one layer fitted on random (a, δ).
+//! Test helpers for linalg: EK-FAC factors of one layer fitted on random (a, δ), `max_abs_diff`.
+//! Layer: linalg (tests) — may import the ground and, in this folder, basis.rs, covariance.rs,
+//! factors.rs, lambda.rs.
 
 use candle_core::{DType, Device, Tensor};
 

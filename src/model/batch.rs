@@ -1,4 +1,5 @@
-//! A right-padded batch of documents on the model's device.
+//! Owns `TokenBatch`: a right-padded batch of documents on the model's device.
+//! Layer: model — may import the ground, linalg and backend; no sibling.
 //!
 //! Loss-mask convention (as `prepare` writes it): `loss_mask[t] = 1` when token t is a
 //! target, predicted from the logits at position t − 1; token 0 is never a target. The

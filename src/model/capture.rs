@@ -1,3 +1,7 @@
+//! Owns the capture: `Capture`, `LayerCapture` and `Labels` (a and δ per tracked layer, losses).
+//! Layer: model — may import the ground, linalg, backend and, in this folder, batch.rs,
+//! head_loss.rs, linear.rs, lm.rs, loss.rs.
+//!
 //! One forward + backward that returns, for every tracked layer, its inputs a and the
 //! gradients δ = ∂L/∂(layer output), plus per-document losses.
 //!

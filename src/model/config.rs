@@ -1,4 +1,5 @@
-//! Hugging Face `config.json` → a typed architecture spec.
+//! Owns `ModelSpec`: Hugging Face `config.json` → a typed architecture spec.
+//! Layer: model — may import the ground, linalg and backend; no sibling.
 //!
 //! Supported `model_type`s: the Llama family (`llama`, `mistral`, `qwen2`) and `gpt2`.
 //! Every error names the key that is missing or wrong.

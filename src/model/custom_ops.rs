@@ -1,3 +1,6 @@
+//! Owns the capture's custom ops: `linear_input_grad_only`, `cross_entropy_rows`, `gemm_into`.
+//! Layer: model — may import the ground, linalg, backend and, in this folder, fused.rs.
+//!
 //! Two candle custom ops with hand-written backward passes that make a capture (one forward +
 //! backward that only needs ∂L/∂(layer outputs)) cheaper in time and memory on the CPU:
 //!

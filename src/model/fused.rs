@@ -1,3 +1,6 @@
+//! Owns fused CPU RMSNorm and RoPE (`rms_norm`, `apply_rope`) and the f32 storage helpers.
+//! Layer: model — may import the ground, linalg and backend; no sibling.
+//!
 //! Fused RMSNorm and RoPE for f32 tensors on the CPU: one pass forward, one pass backward,
 //! with hand-written gradients. Composed from candle ops (see [`super::ops`]) each is six to
 //! eight elementwise tensors per call, every one of them kept by the autograd graph and

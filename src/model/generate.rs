@@ -1,3 +1,6 @@
+//! Owns text generation: `Model::generate`, `GenerateOptions`, `Sampling`, `Generation`.
+//! Layer: model — may import the ground, linalg, backend and, in this folder, kv_cache.rs, lm.rs.
+//!
 //! Text generation for the query stage: greedy or seeded sampling with a KV cache, a token
 //! budget and stop tokens. Sampling uses candle-transformers' `LogitsProcessor`.
 

@@ -1,3 +1,7 @@
+//! Owns `Gpt2`: the GPT-2 decoder's weights and forward with tracked layers and a KV cache.
+//! Layer: model — may import the ground, linalg, backend and, in this folder, config.rs,
+//! kv_cache.rs, linear.rs, ops.rs.
+//!
 //! GPT-2: pre-LayerNorm decoder with learned positions, biased Conv1D projections (stored
 //! [d_in, d_out] in Hugging Face checkpoints and transposed on load) and a GELU MLP; the
 //! head is tied to the token embeddings.

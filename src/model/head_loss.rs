@@ -1,3 +1,7 @@
+//! Owns `head_cross_entropy` and `BLOCK_ROWS`: the fused output head and cross-entropy.
+//! Layer: model — may import the ground, linalg, backend and, in this folder, custom_ops.rs,
+//! fused.rs.
+//!
 //! The output head and the cross-entropy as one op, for a capture with data labels.
 //!
 //! For final hidden states x [N, d], head weight W [V, d], targets y and mask m:

@@ -1,4 +1,6 @@
-//! Trainable parameters and the tracked linear layer.
+//! Owns `Param`, `TrackedLinear` and `Recorder`: trainable parameters and the tracked linear layer.
+//! Layer: model — may import the ground, linalg, backend and, in this folder, custom_ops.rs,
+//! weights.rs.
 //!
 //! A [`TrackedLinear`] computes y = a Wᵀ + b (W: [d_out, d_in]). When a [`Recorder`] is
 //! passed and the layer is tracked, it also keeps its input `a` and adds a zero `Var` ε of

@@ -1,3 +1,7 @@
+//! Owns `Llama`: the Llama-family decoder's weights and forward with tracked layers and KV cache.
+//! Layer: model — may import the ground, linalg, backend and, in this folder, config.rs,
+//! kv_cache.rs, linear.rs, ops.rs.
+//!
 //! The Llama family (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2): pre-norm decoder with
 //! RMSNorm, rotary positions, grouped-query attention and a SwiGLU MLP.
 //!

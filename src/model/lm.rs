@@ -1,3 +1,7 @@
+//! Owns `Model` and `LoadOptions`: loading a causal language model of any supported family.
+//! Layer: model — may import the ground, linalg, backend and, in this folder, batch.rs, config.rs,
+//! fused.rs, gpt2.rs, kv_cache.rs, linear.rs, llama.rs, loss.rs, tracking.rs, weights.rs.
+//!
 //! [`Model`]: a loaded causal language model of any supported family, with its trainable
 //! parameters and tracked linear layers.
 

@@ -1,4 +1,6 @@
-//! Per-document losses and sampled (true-Fisher) labels.
+//! Owns `doc_losses` and `sample_targets`: per-document losses and sampled (true-Fisher) labels.
+//! Layer: model — may import the ground, linalg, backend and, in this folder, batch.rs,
+//! custom_ops.rs, ops.rs.
 //!
 //! L(z) = −Σ_t m_t log softmax(logits_t)\[y_t\], with m the prediction mask and y the target
 //! of position t: the next token (training loss, and the query measurement on a

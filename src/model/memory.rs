@@ -1,3 +1,7 @@
+//! Owns the peak-memory predictions of fit, query and score (`capture_peak_bytes`, …).
+//! Layer: model — may import the ground, linalg, backend and, in this folder, capture.rs,
+//! head_loss.rs, lm.rs.
+//!
 //! Predicted peak memory of the attribution passes (fit, query, score), printed before a
 //! stage starts and compared with the measured peak RSS by `scripts/bench/vs-kronfluence.sh`.
 //!

@@ -1,3 +1,6 @@
+//! Owns the composed differentiable ops: norms, softmax, RoPE, the causal mask and attention.
+//! Layer: model — may import the ground, linalg, backend and, in this folder, config.rs, fused.rs.
+//!
 //! Differentiable building blocks written from plain candle tensor ops.
 //!
 //! candle-nn's fused `rms_norm`, `layer_norm` and `softmax_last_dim` pass no gradient

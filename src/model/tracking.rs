@@ -1,3 +1,6 @@
+//! Owns `Tracking`: which linear layers are tracked (name patterns, `glob_match`).
+//! Layer: model — may import the ground, linalg and backend; no sibling.
+//!
 //! Which linear layers are tracked: name patterns with `*` wildcards, matched against the
 //! layer's Hugging Face module name (the weight name without `.weight`, e.g.
 //! `model.layers.3.self_attn.q_proj` or `h.0.attn.c_attn`).

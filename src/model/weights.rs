@@ -1,3 +1,6 @@
+//! Owns reading weights: `TensorSource`, `SafetensorsDir` and `TensorMap`.
+//! Layer: model — may import the ground, linalg and backend; no sibling.
+//!
 //! Reading weights: a [`TensorSource`] hands out named f32 tensors of an expected shape.
 //! [`SafetensorsDir`] reads a Hugging Face checkpoint directory (`model.safetensors` or a
 //! sharded `model.safetensors.index.json`); [`TensorMap`] serves tensors already in memory

@@ -1,3 +1,6 @@
+//! Owns the tool's Parquet tables: `Column`, `write_table`, `write_batches`, `read_batches`.
+//! Layer: ground — may import error, util and config; no sibling.
+//!
 //! A small column-oriented Parquet writer (zstd, key-value metadata, row groups) for the
 //! tool's output tables.
 

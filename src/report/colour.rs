@@ -1,3 +1,6 @@
+//! Owns `Diverging` and `legend_gradient`: the report's colour scale for token scores.
+//! Layer: report — may import every floor from the ground up to pipeline; no sibling.
+//!
 //! The report's diverging colour scale for token scores: white at 0, blue for positive
 //! (the token pushed τ up: it helped produce the completion), red for negative, saturating at
 //! ±`max`. Piecewise linear in sRGB through five stops (ColorBrewer's RdBu).

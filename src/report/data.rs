@@ -1,3 +1,7 @@
+//! Owns `ReportData` and its loaders: everything the report shows, read from a run directory.
+//! Layer: report — may import every floor from the ground up to pipeline and, in this folder,
+//! eval.rs, table.rs.
+//!
 //! Everything the report shows, gathered from a run directory: the score stage's tables, the
 //! manifest's timings, the known sources of the queries and, when present, evaluation
 //! results.

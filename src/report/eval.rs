@@ -1,3 +1,7 @@
+//! Owns reading the eval stages' results: `EvalResults`, `read_recall` and `read_lds`.
+//! Layer: report — may import every floor from the ground up to pipeline and, in this folder,
+//! table.rs.
+//!
 //! The evaluation results the report shows when the `eval-recall` and `eval-lds` stages have
 //! completed in the run directory (their contract):
 //!

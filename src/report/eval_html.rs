@@ -1,3 +1,7 @@
+//! Owns `eval_section`: the report's evaluation section as HTML.
+//! Layer: report — may import every floor from the ground up to pipeline and, in this folder,
+//! eval.rs, svg.rs, text.rs.
+//!
 //! The report's evaluation section: one table of LDS and recall@k per method, and a
 //! predicted-versus-measured scatter plot per method (centred per query).
 

@@ -1,3 +1,7 @@
+//! Owns `render`: the report as one self-contained HTML page.
+//! Layer: report — may import every floor from the ground up to pipeline and, in this folder,
+//! colour.rs, data.rs, eval_html.rs, text.rs.
+//!
 //! Renders [`ReportData`] as one self-contained HTML page: inline CSS, a few lines of inline
 //! script (hover tooltips), inline SVG; no network needed to open it. All document text is
 //! HTML-escaped.

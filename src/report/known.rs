@@ -1,3 +1,6 @@
+//! Owns `read_known_sources`: the known source documents of queries, from the query data.
+//! Layer: report — may import every floor from the ground up to pipeline; no sibling.
+//!
 //! Known source documents of queries: an optional `known_sources` field in the query data
 //! set's JSONL (or JSON array) rows, listing the ids of the training documents that state the
 //! query's answer (the demo's planted facts). The report shows whether attribution finds them.

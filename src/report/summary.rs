@@ -1,3 +1,7 @@
+//! Owns `summary_json` and `terminal_lines`: the report's summaries.
+//! Layer: report — may import every floor from the ground up to pipeline and, in this folder,
+//! data.rs, text.rs.
+//!
 //! The report's machine- and human-readable summaries: `summary.json` and the lines printed
 //! at the end of the stage (top documents per query, one line each).
 

@@ -1,3 +1,7 @@
+//! Owns the report's SVG scatter plot: `scatter`, `Scatter`, `nice_ticks` and `tick_label`.
+//! Layer: report — may import every floor from the ground up to pipeline and, in this folder,
+//! text.rs.
+//!
 //! Inline SVG plots for the report: a scatter plot of predicted versus measured loss with
 //! axes, "nice" ticks and labels. Coordinates are computed here; no script is needed to draw.
 

@@ -1,3 +1,6 @@
+//! Owns `Table`: the tool's Parquet tables read back by column name.
+//! Layer: report — may import every floor from the ground up to pipeline; no sibling.
+//!
 //! Reading the tool's Parquet tables back by column name, with errors that name the file and
 //! the column (and say which stage to rerun).
 

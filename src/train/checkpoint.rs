@@ -1,3 +1,6 @@
+//! Owns checkpoints on disk: their layout, `save_checkpoint`, `latest_checkpoint`, `read_state`.
+//! Layer: train — may import the ground, linalg, backend, model, data and hub; no sibling.
+//!
 //! Checkpoints: Hugging Face folders that this tool and `transformers` both load, plus the
 //! optimizer state, written so that a crash never leaves one that looks complete.
 //!

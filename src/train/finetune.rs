@@ -1,3 +1,7 @@
+//! Owns the fine-tuning loop: `train`, `TrainJob`, `step_gradients` and `train_in_memory`.
+//! Layer: train — may import the ground, linalg, backend, model, data, hub and, in this folder,
+//! checkpoint.rs, optim.rs, plan.rs, schedule.rs, trajectory.rs.
+//!
 //! The fine-tuning loop: deterministic, resumable, with gradient accumulation.
 //!
 //! Step k (1-based) visits the documents [`VisitOrder`] assigns it, splits them into

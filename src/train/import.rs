@@ -1,3 +1,7 @@
+//! Owns `import_trainer`: a trajectory imported from a Hugging Face Trainer output folder.
+//! Layer: train — may import the ground, linalg, backend, model, data, hub and, in this folder,
+//! checkpoint.rs, finetune.rs, schedule.rs, trajectory.rs.
+//!
 //! Importing a trajectory from a Hugging Face Trainer output folder (`[train] import_from`).
 //!
 //! The Trainer saves `checkpoint-N/` folders (config.json, model.safetensors, tokenizer

@@ -1,3 +1,7 @@
+//! Owns the fine-tuning logs as Parquet: `write_loss_parquet` and `write_visits_parquet`.
+//! Layer: train — may import the ground, linalg, backend, model, data, hub and, in this folder,
+//! checkpoint.rs.
+//!
 //! The fine-tuning logs as Parquet (zstd): `loss.parquet`, one row per optimizer step
 //! (step, lr, loss, grad_norm, n_docs, n_tokens, micro_batches), and `visit_order.parquet`,
 //! one row per document visit (step, doc_index, doc_id) in the order training saw them.

@@ -1,3 +1,7 @@
+//! Owns `Optimizer` (SGD, momentum, AdamW), `global_norm` and `clip_global_norm`.
+//! Layer: train — may import the ground, linalg, backend, model, data, hub and, in this folder,
+//! trajectory.rs.
+//!
 //! Optimizers on candle tensors, with the state Source needs from them.
 //!
 //! * SGD: θ ← θ − η g.

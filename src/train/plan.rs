@@ -1,3 +1,6 @@
+//! Owns a fine-tuning run's plan: `total_steps`, `plan_segments`, `SegmentPlan`, `VisitOrder`.
+//! Layer: train — may import the ground, linalg, backend, model, data and hub; no sibling.
+//!
 //! The shape of a fine-tuning run, decided before the first step: T (total steps), which
 //! documents each step visits (a seeded shuffle per epoch), and where segments end and
 //! checkpoints are saved. Everything here is a pure function of the config and N, which is

@@ -1,3 +1,6 @@
+//! Owns `Schedule`: learning-rate schedules η_k as the Hugging Face Trainer computes them.
+//! Layer: train — may import the ground, linalg, backend, model, data and hub; no sibling.
+//!
 //! Learning-rate schedules: η_k for optimizer step k = 0 … T − 1, as the Hugging Face
 //! Trainer's `lr_lambda`s compute them (linear warm-up over W steps from 0, then constant,
 //! linear decay or cosine decay to 0 at step T), so trajectories trained here and imported

@@ -1,3 +1,6 @@
+//! Owns `Trajectory` (`trajectory.json`): its segments, `LrMass`, `OptimizerInfo`, checkpoints.
+//! Layer: train — may import the ground, linalg, backend, model, data and hub; no sibling.
+//!
 //! `trajectory.json`: the training trajectory that Source attributes through
 //! (docs/design.md §2).
 //!

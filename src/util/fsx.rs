@@ -1,4 +1,5 @@
-//! Filesystem helpers: atomic file writes (temp file + rename) and directory removal.
+//! Owns file helpers: atomic writes (temp file + rename), clean paths, listing, directory removal.
+//! Layer: ground — may import error; no sibling.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,5 @@
-//! SHA-256 of files and of canonical JSON values.
+//! Owns SHA-256 of bytes, files and canonical JSON values.
+//! Layer: ground — may import error; no sibling.
 
 use std::io::Read;
 use std::path::Path;

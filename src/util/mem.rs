@@ -1,3 +1,6 @@
+//! Owns this process's memory figures: peak and current RSS, available memory, `human_bytes`.
+//! Layer: ground — may import error; no sibling.
+//!
 //! Resident memory of this process, for the manifest's per-stage peak RSS.
 //!
 //! Linux exposes the peak resident set size as `VmHWM` in `/proc/self/status`, and lets a

@@ -1,3 +1,6 @@
+//! Owns the process-wide wall time per named phase: `timer` and `take`.
+//! Layer: ground — may import error; no sibling.
+//!
 //! Wall time per named phase of the hot loops (capture, covariance, eigendecomposition, …),
 //! accumulated process-wide. Benchmarks print the breakdown ([`take`]); the cost is two
 //! clock reads and a short lock per phase entry, negligible next to the work timed.

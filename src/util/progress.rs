@@ -1,4 +1,5 @@
-//! Progress bars (indicatif) that respect `--quiet` and stay out of the way of logs.
+//! Owns progress bars (indicatif) that respect `--quiet` and stay out of the way of logs.
+//! Layer: ground — may import error; no sibling.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -1,3 +1,6 @@
+//! Owns `SplitMix64`: the reproducible random-number generator for shuffles and sampled labels.
+//! Layer: ground — may import error; no sibling.
+//!
 //! A small reproducible random-number generator (SplitMix64, Steele, Lea & Flood 2014) for
 //! the choices a run must be able to repeat bit for bit: shuffles and sampled labels.
 

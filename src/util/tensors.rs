@@ -1,4 +1,5 @@
-//! Writing candle tensors to a safetensors file with string metadata, atomically.
+//! Owns writing candle tensors to safetensors (string metadata, atomically) and `with_f32`.
+//! Layer: ground — may import error and, in this folder, fsx.rs.
 
 use std::collections::HashMap;
 use std::path::Path;

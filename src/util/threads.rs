@@ -1,3 +1,6 @@
+//! Owns `configure_for_compute`: the thread settings made before the first tensor operation.
+//! Layer: ground — may import error; no sibling.
+//!
 //! Thread settings that must be made before the first tensor operation.
 //!
 //! candle's CPU backend runs elementwise operations on its own pool of `threads − 1` workers

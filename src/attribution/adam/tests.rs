@@ -1,3 +1,7 @@
+//! Tests for Source's Adam variant (adam.rs).
+//! Layer: attribution (tests) — may import every floor from the ground up to curvature; uses its
+//! parent adam.rs, attribution's dense.rs and linalg's test_support.rs.
+//!
 //! Tests of Source's Adam variant against dense linear algebra and its exact limits, and of
 //! P_eff (Adam's update's response to the gradient) against finite differences.
 

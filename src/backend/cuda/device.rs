@@ -1,3 +1,7 @@
+//! Owns `CudaBackend`: the `Backend` that runs fit and score on the project's CUDA kernels.
+//! Layer: backend — may import the ground and linalg and, in backend/, contract.rs; in this folder,
+//! eigh.rs, gpu.rs, precision.rs.
+//!
 //! The CUDA backend: the project's kernels ([`super`]) for every heavy operation of `fit`
 //! and `score`. In a `--features cuda` build the model runs on candle's CUDA device and
 //! the kernels share its stream: a and δ are copied device-to-device (never through the

@@ -1,3 +1,6 @@
+//! Owns `eigh_gpu`: the f64 symmetric eigendecomposition of a factor on the GPU (cuSOLVER).
+//! Layer: backend — may import the ground, linalg and, in this folder, gpu.rs.
+//!
 //! The f64 symmetric eigendecomposition of a Kronecker factor on the GPU (cuSOLVER
 //! `syevd`, docs/design.md §3.2): A = Q diag(λ) Qᵀ, λ ascending, the same contract as
 //! [`crate::linalg::eigh`] (CPU, faer).

@@ -1,3 +1,7 @@
+//! Owns `Gpu`: one GPU with the kernels loaded, its buffers and shape-checked kernel launchers.
+//! Layer: backend — may import the ground, linalg and, in this folder, mod.rs (`KERNEL_NAMES`),
+//! nvrtc.rs, precision.rs.
+//!
 //! One GPU with the kernels of [`KERNELS_CU`](super::KERNELS_CU) loaded, and host-side
 //! launchers that check shapes before launching. Buffers are cudarc device slices, row-major.
 

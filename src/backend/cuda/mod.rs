@@ -1,3 +1,6 @@
+//! Owns the project's CUDA kernels: their source `KERNELS_CU`, `KERNEL_NAMES` and cuda/'s files.
+//! Layer: backend — may import the ground and linalg; declares and re-exports the files of cuda/.
+//!
 //! The project's CUDA kernels (docs/design.md §2–§3 on the GPU): masked covariance accumulation,
 //! the eigenvalue correction, the fused token-level scoring contraction and the eigenbasis
 //! function application, written in CUDA C ([`KERNELS_CU`]) and compiled at run time by
@@ -7,7 +10,6 @@
 //! (no toolkit needed to build: CI checks it); `cuda` adds candle's CUDA backend (needs the
 //! toolkit from `scripts/gpu/build-cuda.sh`). Without either, only the CPU references
 //! ([`reference`](mod@reference)) and the kernel source are compiled.
-//! Layer: backend — may import only the ground floor and linalg.
 
 pub mod precision;
 pub mod reference;

@@ -1,3 +1,6 @@
+//! Owns compiling `KERNELS_CU` with NVRTC: `compile_kernels`, `compile_source`, `arch_name`.
+//! Layer: backend — may import the ground, linalg and, in this folder, mod.rs (`KERNELS_CU`).
+//!
 //! Compiling [`KERNELS_CU`](super::KERNELS_CU) with NVRTC: at run time for the GPU found
 //! ([`Gpu::new`](super::Gpu::new)), and to PTX for sm_90 on CPU-only machines (the test
 //! tests/it/cuda_ptx.rs), through the same function, so a kernel that does not compile fails

@@ -1,4 +1,5 @@
-//! GGUF ↔ Hugging Face tensor names, expected shapes, and llama.cpp's q/k row permutation.
+//! Owns GGUF ↔ Hugging Face tensor names, expected shapes, and llama.cpp's q/k row permutation.
+//! Layer: model — may import the ground, linalg, backend and, in gguf/, hf.rs.
 
 use super::hf::LlamaHfConfig;
 

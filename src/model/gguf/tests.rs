@@ -1,3 +1,6 @@
+//! Tests for GGUF conversion (gguf.rs).
+//! Layer: model (tests) — may import the ground, linalg and backend; uses its parent gguf.rs.
+//!
 //! Conversion of small synthetic GGUF files written with candle's GGUF writer: exact values,
 //! q/k rows, tied and untied heads, truncation, and the errors for bad files.
 

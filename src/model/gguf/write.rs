@@ -1,4 +1,5 @@
-//! Writing a converted GGUF model as a Hugging Face checkpoint directory.
+//! Owns writing a converted GGUF model as a Hugging Face checkpoint directory.
+//! Layer: model — may import the ground, linalg, backend and, in gguf/, hf.rs.
 
 use std::borrow::Cow;
 use std::collections::HashMap;

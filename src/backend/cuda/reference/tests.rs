@@ -1,3 +1,7 @@
+//! Tests for the kernels' CPU references (reference.rs) against the project's CPU code.
+//! Layer: backend (tests) — may import the ground and linalg; uses its parent reference.rs and
+//! linalg's test_support.rs.
+//!
 //! The CPU references against the project's own CPU code (the math the kernels must match)
 //! and against exact values.
 
