@@ -1,8 +1,8 @@
+//! # source-tda
+//!
 //! Owns the library's root: every floor's module (table below), `VERSION` and `GIT_COMMIT`.
 //! Layer: the root, over every floor — may import any module; imports only error (re-exports
 //! `Error`, `Result`).
-//!
-//! # source-tda
 //!
 //! Training data attribution for fine-tuned language models: *which fine-tuning documents,
 //! and which tokens in them, made my model generate this?* The method is Source

@@ -159,7 +159,7 @@ impl Gpu {
 
     /// Σ_t m_t x_t x_tᵀ added into each layer's `outs[l]` [d_l, d_l] (lower-triangle tiles;
     /// call [`mirror_lower`] on the downloaded result), for layers `xs[l]` [n, d_l] sharing
-    /// the token weights `mask` [n]: one launch for all layers (docs/design.md §3.1).
+    /// the token weights `mask` \[n\]: one launch for all layers (docs/design.md §3.1).
     pub fn masked_syrk<T: KernelInput>(
         &self,
         xs: &[(&GpuBuffer<T>, usize)],
@@ -339,7 +339,7 @@ impl Gpu {
         self.synchronize()
     }
 
-    /// tok[q, t] += m_t Σ_k (δ_tᵀ P_q)[k] (a_tᵀ R_q)[k] and doc[q, b] += its sum over
+    /// tok[q, t] += m_t Σ_k (δ_tᵀ P_q)\[k\] (a_tᵀ R_q)\[k\] and doc[q, b] += its sum over
     /// document b, for the low-rank query U_q = P_q R_qᵀ with `p` [Q, d_out, r] (σ-scaled
     /// left singular vectors) and `r` [Q, d_in, r]: the token contraction of
     /// [`crate::linalg::LowRankQuery`] in one pass.
