@@ -57,6 +57,7 @@ impl RankOne {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::linalg::test_support::max_abs_diff;
     use candle_core::Device;
 
     #[test]
@@ -78,42 +79,24 @@ mod tests {
             .unwrap();
         assert!(dots.iter().all(|d| d.abs() < 1e-5), "{dots:?}");
         let yy = p.apply(&y).unwrap();
-        let diff: f32 = (yy - &y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(diff < 1e-5);
-        // A vector orthogonal to g is unchanged; α u ⟨w, v⟩ matches the explicit form.
+        assert!(max_abs_diff(&yy, &y) < 1e-5, "the projection is idempotent");
+        // A vector orthogonal to g (here P v itself) is unchanged.
+        let y0 = y.get(0).unwrap();
+        assert!(max_abs_diff(&p.apply(&y0).unwrap(), &y0) < 1e-5);
+        // v + α u ⟨w, v⟩ against the explicit form.
         let r = RankOne {
             u: Tensor::randn(0f32, 1.0, (3, 4), &dev).unwrap(),
             w: g.clone(),
             alpha: 0.5,
         };
         let v0 = v.get(0).unwrap();
-        let want = (&v0
-            + (&r.u
-                * (0.5
-                    * (&r.w * &v0)
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap() as f64))
-                .unwrap())
-        .unwrap();
-        let got = r.apply(&v0).unwrap();
-        let diff: f32 = (got - want)
+        let dot: f32 = (&r.w * &v0)
             .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
+            .sum_all()
             .unwrap()
             .to_scalar()
             .unwrap();
-        assert!(diff < 1e-5);
+        let want = (&v0 + (&r.u * (0.5 * dot as f64)).unwrap()).unwrap();
+        assert!(max_abs_diff(&r.apply(&v0).unwrap(), &want) < 1e-5);
     }
 }
