@@ -12,7 +12,9 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use source_tda::config::{Config, Pipeline, STAGE_ORDER};
-use source_tda::pipeline::{run_stages, status_rows, Outcome, Registry, RunDir, RunOptions};
+use source_tda::pipeline::{
+    run_stages, status_rows, verify_run, Outcome, Registry, RunDir, RunOptions,
+};
 use source_tda::util::mem::human_bytes;
 use source_tda::util::progress::is_quiet;
 
@@ -99,6 +101,13 @@ enum Command {
     },
     /// Show what is done in a run directory, with timings and peak memory.
     Status {
+        /// The run directory.
+        #[arg(long)]
+        run_dir: PathBuf,
+    },
+    /// Check every file the manifest of a run directory records (presence, size, sha256);
+    /// exits non-zero naming each file that changed on disk.
+    Verify {
         /// The run directory.
         #[arg(long)]
         run_dir: PathBuf,
@@ -279,6 +288,7 @@ fn dispatch(command: Command, stages: &Registry) -> Result<()> {
             import_trainer(stages, &trainer_dir, stage)
         }
         Command::Status { run_dir } => status(stages, &run_dir),
+        Command::Verify { run_dir } => verify(&run_dir),
         Command::ConvertGguf {
             gguf,
             out_dir,
@@ -459,4 +469,20 @@ fn status(stages: &Registry, run_dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn verify(run_dir: &Path) -> Result<()> {
+    let v = verify_run(&RunDir::at(run_dir)?)?;
+    for m in &v.mismatches {
+        println!("{:<11} {}", m.stage, m.problem);
+    }
+    println!(
+        "{}: {} recorded file(s), {}, of {} complete stage(s) checked; {} differ",
+        v.run_dir.display(),
+        v.files,
+        human_bytes(v.bytes),
+        v.stages.len(),
+        v.mismatches.len()
+    );
+    Ok(v.into_result()?)
 }

@@ -1,4 +1,5 @@
-//! Owns declared pipelines: stage contract and registry, run dir, manifest, runner, status.
+//! Owns declared pipelines: stage contract and registry, run dir, manifest, runner, status,
+//! verification of recorded files.
 //! Layer: pipeline — may import ground (error, util, config, output) only; never
 //! stages, report or main (the runner is given its stages as a `Registry`).
 //!
@@ -10,6 +11,7 @@ mod rundir;
 mod runner;
 mod stage;
 mod status;
+mod verify;
 
 /// Re-exported for the layers above that order stages by name (e.g. the report's timings).
 pub use manifest::{Manifest, OutputFile, StageRecord, StageStatus};
@@ -17,3 +19,4 @@ pub use rundir::{RunDir, RunLock};
 pub use runner::{run_stages, stage_key, staleness, Outcome, RunOptions, StageKey};
 pub use stage::{Registry, Stage, StageContext};
 pub use status::{status_rows, StatusRow};
+pub use verify::{output_mismatch, verify_run, Mismatch, Verification};

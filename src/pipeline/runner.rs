@@ -5,8 +5,9 @@
 //! Runs stages in order, skipping completed ones whose inputs and config are unchanged.
 //!
 //! A stage is reused when its record is `complete`, its config hash and inputs hash equal
-//! what they would be now, its output files are present with their recorded sizes, and
-//! [`Stage::still_valid`] agrees. Otherwise it reruns: into `.staging/STAGE-PID/`, renamed to
+//! what they would be now, its output files are present with their recorded sizes and
+//! sha256 (see `verify`), and [`Stage::still_valid`] agrees. Before a stage runs, the
+//! recorded outputs of the stages it reads are checked the same way. Otherwise it reruns: into `.staging/STAGE-PID/`, renamed to
 //! `STAGE/` only after it returned successfully and its outputs were hashed. The manifest
 //! marks the stage `running` before it starts and `complete` only after the rename, so a
 //! process killed at any moment leaves nothing a later run trusts.
@@ -24,6 +25,7 @@ use crate::util::{mem, now_rfc3339};
 use super::manifest::{Manifest, OutputFile, StageRecord, StageStatus};
 use super::rundir::RunDir;
 use super::stage::{Registry, Stage, StageContext};
+use super::verify::{remember, stage_mismatch};
 
 /// What the runner did with one stage.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,12 +109,8 @@ pub fn staleness(
     if record.inputs_hash != key.inputs_hash {
         return Ok(Some("its inputs changed".into()));
     }
-    for out in &record.outputs {
-        let p = run.path().join(&out.path);
-        match std::fs::metadata(&p) {
-            Ok(m) if m.len() == out.bytes => {}
-            _ => return Ok(Some(format!("output {} is missing or changed", out.path))),
-        }
+    if let Some(why) = stage_mismatch(run, record)? {
+        return Ok(Some(why));
     }
     if !stage.still_valid(run, record)? {
         return Ok(Some(
@@ -166,10 +164,35 @@ pub fn run_stages(
                 }
             }
         }
+        verify_inputs(stage, run, &manifest)?;
         run_one(stage, registry, config, run, &mut manifest, key)?;
         outcomes.push((name.to_string(), Outcome::Ran));
     }
     Ok(outcomes)
+}
+
+/// Checks the recorded outputs of the stages `stage` reads against the manifest before it
+/// reads them. A changed file of a stage being run in this invocation was found stale and
+/// rerun already; one of a stage outside it is an error that says to rerun that stage.
+fn verify_inputs(stage: &dyn Stage, run: &RunDir, manifest: &Manifest) -> Result<()> {
+    for up in stage.inputs().iter().chain(stage.optional_inputs()) {
+        let Some(record) = manifest.stages.get(*up) else {
+            continue;
+        };
+        if record.status != StageStatus::Complete {
+            continue;
+        }
+        if let Some(why) = stage_mismatch(run, record)? {
+            return Err(Error::Pipeline(format!(
+                "stage `{}` reads the outputs of `{up}`, but {why}, so `{up}` is stale; rerun \
+                 `{up}` first (a run of a pipeline that lists it, or `source-tda {up}` with this \
+                 --run-dir, redoes it), then `{}`",
+                stage.name(),
+                stage.name()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn run_one(
@@ -260,6 +283,11 @@ fn run_one(
         std::fs::rename(&final_dir, &trash).ctx("moving aside", &final_dir)?;
     }
     std::fs::rename(&staging, &final_dir).ctx("renaming into place", &final_dir)?;
+    // A rename keeps size and modification time: later stages reading these files in this
+    // process need not hash them again.
+    for out in &outputs {
+        remember(&run.path().join(&out.path), &out.sha256)?;
+    }
 
     record.status = StageStatus::Complete;
     record.outputs = outputs;

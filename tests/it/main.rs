@@ -31,6 +31,7 @@ mod finetune_cli;
 mod finetune_stages;
 mod generated_queries;
 mod import_trainer;
+mod integrity;
 mod layers;
 mod model_capture;
 mod model_finite_diff;

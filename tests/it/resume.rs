@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 
 use crate::common::{cli, model_files, stderr, write};
 
-/// A run setup in a temp folder: a local model, a local data file, a config and a pipeline.
-struct Setup {
-    dir: tempfile::TempDir,
+/// A run setup in a temp folder: a local model, a local data file, a config and a pipeline
+/// (`fetch`, `prepare` into `run/`). Shared with `integrity`.
+pub(crate) struct Setup {
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Setup {
-    fn new() -> Setup {
+    pub(crate) fn new() -> Setup {
         let dir = tempfile::tempdir().unwrap();
         for (name, bytes) in model_files() {
             write(&dir.path().join("model").join(name), bytes);
@@ -31,7 +32,7 @@ impl Setup {
         s
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
 
@@ -44,13 +45,13 @@ impl Setup {
         );
     }
 
-    fn run(&self, extra: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    pub(crate) fn run(&self, extra: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         let mut args = vec!["run", "p.toml"];
         args.extend(extra);
         cli(self.dir.path(), &args, env)
     }
 
-    fn manifest(&self) -> serde_json::Value {
+    pub(crate) fn manifest(&self) -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(self.path("run/manifest.json")).unwrap())
             .unwrap()
     }
@@ -63,7 +64,7 @@ impl Setup {
     }
 }
 
-fn ok(o: &std::process::Output) -> String {
+pub(crate) fn ok(o: &std::process::Output) -> String {
     let e = stderr(o);
     assert!(o.status.success(), "command failed:\n{e}");
     e
