@@ -1,6 +1,7 @@
 //! # source-tda
 //!
-//! Owns the library's root: every floor's module (table below), `VERSION` and `GIT_COMMIT`.
+//! Owns the library's root: every floor's module (table below), `VERSION`, `GIT_COMMIT` and
+//! `FORMAT_VERSION`.
 //! Layer: the root, over every floor — may import any module; imports only error (re-exports
 //! `Error`, `Result`).
 //!
@@ -55,6 +56,14 @@ pub use error::{Error, Result};
 
 /// The tool's version, as recorded in every manifest and Parquet file.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The format of what a run writes: the run directory's layout (`manifest.json` and every
+/// stage's files) and the schemas of the tool's Parquet tables. Recorded in each manifest
+/// (`format_version`) and each Parquet file (`source_tda.format_version`); a run directory or
+/// table of another format is refused, never misread. Bump it with any change to a layout or
+/// schema that an earlier or later build would misread. (The factor cache has its own,
+/// `curvature::FACTOR_CACHE_FORMAT`.)
+pub const FORMAT_VERSION: u32 = 1;
 
 /// The git commit the binary was built from, when the build could read it.
 pub const GIT_COMMIT: Option<&str> = option_env!("SOURCE_TDA_GIT_COMMIT");

@@ -10,6 +10,9 @@
 //! (see [`factor_key`]). An entry is created in a temporary folder and renamed into place, so
 //! a crash never leaves a half-written entry under a key; a lookup re-hashes the stored file
 //! and opens it as a factor file, so a corrupt or partial entry is reported, never trusted.
+//! `entry.json` records the entry's [`FACTOR_CACHE_FORMAT`]; an entry of another format is
+//! never read: the lookup reports it ([`Lookup::OtherFormat`]) and removes it, so the fit
+//! refits and stores an entry of this build's format in its place.
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +28,11 @@ use super::store::FactorFile;
 
 const FACTORS: &str = "factors.safetensors";
 const ENTRY: &str = "entry.json";
+
+/// The format of a factor cache entry (`entry.json` and the factor file's layout), recorded
+/// as `format_version` in `entry.json` (entries from before the field existed are format 1).
+/// Bump it with any change to either that another build would misread.
+pub const FACTOR_CACHE_FORMAT: u32 = 1;
 
 /// The cache key: sha256 of the canonical JSON of `inputs` (what determines the factors).
 pub fn factor_key(inputs: &serde_json::Value) -> String {
@@ -81,6 +89,15 @@ pub enum Lookup {
     Miss,
     /// An entry that fails verification (why); it has been removed.
     Corrupt(String),
+    /// An entry of another [`FACTOR_CACHE_FORMAT`] (why): not read, and removed so that the
+    /// refitted factors take its place.
+    OtherFormat(String),
+}
+
+/// Why an entry was not used.
+enum Rejected {
+    Corrupt(String),
+    OtherFormat(String),
 }
 
 /// A factor cache folder.
@@ -102,8 +119,9 @@ impl FactorCache {
         self.dir.join(key)
     }
 
-    /// Looks `key` up and verifies the entry (recorded size and sha256, a readable factor
-    /// file). A corrupt entry is removed and reported as [`Lookup::Corrupt`].
+    /// Looks `key` up and verifies the entry (its format, recorded size and sha256, a
+    /// readable factor file). A corrupt entry is removed and reported as [`Lookup::Corrupt`];
+    /// an entry of another format is removed unread and reported as [`Lookup::OtherFormat`].
     pub fn lookup(&self, key: &str) -> Result<Lookup> {
         let dir = self.entry_dir(key);
         if !dir.exists() {
@@ -111,19 +129,39 @@ impl FactorCache {
         }
         match self.verify(&dir) {
             Ok(file) => Ok(Lookup::Hit(file)),
-            Err(why) => {
+            Err(rejected) => {
                 remove_dir_if_exists(&dir)?;
-                Ok(Lookup::Corrupt(why))
+                Ok(match rejected {
+                    Rejected::Corrupt(why) => Lookup::Corrupt(why),
+                    Rejected::OtherFormat(why) => Lookup::OtherFormat(why),
+                })
             }
         }
     }
 
-    fn verify(&self, dir: &Path) -> std::result::Result<PathBuf, String> {
+    fn verify(&self, dir: &Path) -> std::result::Result<PathBuf, Rejected> {
         let entry_path = dir.join(ENTRY);
         let text = std::fs::read_to_string(&entry_path)
-            .map_err(|e| format!("{}: {e}", entry_path.display()))?;
+            .map_err(|e| Rejected::Corrupt(format!("{}: {e}", entry_path.display())))?;
         let entry: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| format!("{}: not JSON ({e})", entry_path.display()))?;
+            .map_err(|e| Rejected::Corrupt(format!("{}: not JSON ({e})", entry_path.display())))?;
+        let format = entry.get("format_version").map_or(Some(1), |v| v.as_u64());
+        if format != Some(u64::from(FACTOR_CACHE_FORMAT)) {
+            let written = entry.get("format_version").cloned().unwrap_or_default();
+            return Err(Rejected::OtherFormat(format!(
+                "{} was written by factor cache format {written}, this build reads format \
+                 {FACTOR_CACHE_FORMAT}",
+                entry_path.display()
+            )));
+        }
+        self.verify_file(dir, &entry).map_err(Rejected::Corrupt)
+    }
+
+    fn verify_file(
+        &self,
+        dir: &Path,
+        entry: &serde_json::Value,
+    ) -> std::result::Result<PathBuf, String> {
         let file = dir.join(FACTORS);
         let size = std::fs::metadata(&file)
             .map_err(|e| format!("{}: {e}", file.display()))?
@@ -158,6 +196,7 @@ impl FactorCache {
         let file = tmp.join(FACTORS);
         std::fs::copy(factors, &file).ctx("copying into the factor cache", factors)?;
         let entry = json!({
+            "format_version": FACTOR_CACHE_FORMAT,
             "key": key, "inputs": inputs, "sha256": sha256_file(&file)?,
             "size": std::fs::metadata(&file).ctx("reading", &file)?.len(),
             "tool_version": crate::VERSION, "created": crate::util::now_rfc3339(),
@@ -222,5 +261,41 @@ mod tests {
             Lookup::Corrupt(why) => assert!(why.contains("bytes"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_entry_of_another_format_is_not_used_and_is_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = FactorCache::new(&tmp.path().join("cache"));
+        let src = factor_file(tmp.path(), "l");
+        let key = factor_key(&json!({"a": 1}));
+        let stored = cache.store(&key, &src, &json!({"a": 1})).unwrap();
+        let entry_path = cache.entry_dir(&key).join(ENTRY);
+        let mut entry: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&entry_path).unwrap()).unwrap();
+        assert_eq!(entry["format_version"], FACTOR_CACHE_FORMAT);
+
+        // Written before the field existed: the same layout, read as format 1.
+        entry.as_object_mut().unwrap().remove("format_version");
+        std::fs::write(&entry_path, entry.to_string()).unwrap();
+        assert_eq!(cache.lookup(&key).unwrap(), Lookup::Hit(stored.clone()));
+
+        // Another format, even with a file whose size and sha256 match, is never read.
+        let other = FACTOR_CACHE_FORMAT + 1;
+        entry["format_version"] = other.into();
+        std::fs::write(&entry_path, entry.to_string()).unwrap();
+        match cache.lookup(&key).unwrap() {
+            Lookup::OtherFormat(why) => assert!(
+                why.contains(&format!(
+                    "written by factor cache format {other}, this build reads format \
+                     {FACTOR_CACHE_FORMAT}"
+                )) && why.contains("entry.json"),
+                "{why}"
+            ),
+            found => panic!("{found:?}"),
+        }
+        assert!(!cache.entry_dir(&key).exists(), "removed, to be replaced");
+        let again = cache.store(&key, &src, &json!({"a": 1})).unwrap();
+        assert_eq!(cache.lookup(&key).unwrap(), Lookup::Hit(again));
     }
 }

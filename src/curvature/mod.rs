@@ -7,7 +7,7 @@ pub mod fit;
 pub mod spill;
 pub mod store;
 
-pub use cache::{checkpoint_hash, docs_hash, factor_key, FactorCache, Lookup};
+pub use cache::{checkpoint_hash, docs_hash, factor_key, FactorCache, Lookup, FACTOR_CACHE_FORMAT};
 pub use fit::{fit_factors, fit_factors_on, fit_factors_with_covariances};
 pub use spill::CaptureSpill;
 pub use store::{load_factors, save_factors, FactorFile};

@@ -63,12 +63,22 @@ impl Column {
     }
 }
 
-/// The project's Parquet writer settings: zstd level 3 and key-value `metadata`.
+/// The key-value metadata key holding a table's format, [`crate::FORMAT_VERSION`].
+pub const FORMAT_KEY: &str = "source_tda.format_version";
+
+/// The project's Parquet writer settings: zstd level 3 and key-value `metadata`, to which
+/// [`FORMAT_KEY`] is added (unless `metadata` has it).
 pub fn writer_properties(metadata: &[(String, String)]) -> WriterProperties {
-    let kv = metadata
+    let mut kv: Vec<KeyValue> = metadata
         .iter()
         .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
         .collect();
+    if !metadata.iter().any(|(k, _)| k == FORMAT_KEY) {
+        kv.push(KeyValue::new(
+            FORMAT_KEY.to_string(),
+            crate::FORMAT_VERSION.to_string(),
+        ));
+    }
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(3).expect("valid level"),
@@ -173,7 +183,8 @@ pub fn write_batches(
 }
 
 /// Opens a Parquet file for reading: the record-batch reader builder and the file's
-/// key-value metadata, with errors that name the file.
+/// key-value metadata, with errors that name the file. A table the tool wrote in another
+/// format ([`FORMAT_KEY`]) is refused; one without the key (written by other tools) is read.
 pub fn open_table(
     path: &Path,
 ) -> Result<(
@@ -193,12 +204,63 @@ pub fn open_table(
                 .collect()
         })
         .unwrap_or_default();
+    check_format(path, &metadata)?;
     Ok((builder, metadata))
+}
+
+fn check_format(path: &Path, metadata: &std::collections::HashMap<String, String>) -> Result<()> {
+    match metadata.get(FORMAT_KEY) {
+        Some(v) if v.trim() != crate::FORMAT_VERSION.to_string() => Err(Error::parquet(
+            path,
+            format!(
+                "written by source-tda's table format {v}, this build reads format {}: rerun \
+                 the stage that wrote it into a new --run-dir",
+                crate::FORMAT_VERSION
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_carry_the_format_and_another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        write_table(&path, &[("x", Column::U32(vec![1]))], &[]).unwrap();
+        let (_, metadata) = open_table(&path).unwrap();
+        assert_eq!(metadata[FORMAT_KEY], crate::FORMAT_VERSION.to_string());
+
+        let other = (crate::FORMAT_VERSION + 1).to_string();
+        write_table(
+            &path,
+            &[("x", Column::U32(vec![1]))],
+            &[(FORMAT_KEY.to_string(), other.clone())],
+        )
+        .unwrap();
+        let e = read_batches(&path).unwrap_err().to_string();
+        assert!(e.contains("t.parquet"), "{e}");
+        assert!(
+            e.contains(&format!(
+                "written by source-tda's table format {other}, this build reads format {}",
+                crate::FORMAT_VERSION
+            )),
+            "{e}"
+        );
+
+        // Another tool's table (no key) is read.
+        let plain = dir.path().join("plain.parquet");
+        let batch = RecordBatch::try_from_iter([(
+            "y",
+            Arc::new(UInt32Array::from(vec![1u32])) as ArrayRef,
+        )])
+        .unwrap();
+        write_batches(&plain, &[batch], None).unwrap();
+        assert_eq!(read_batches(&plain).unwrap()[0].num_rows(), 1);
+    }
 
     #[test]
     fn batches_round_trip_and_errors_name_the_file() {

@@ -86,6 +86,10 @@ impl StageRecord {
 pub struct Manifest {
     /// Always `source-tda`.
     pub tool: String,
+    /// The run directory's format ([`crate::FORMAT_VERSION`] of the build that created it;
+    /// manifests from before the field existed are format 1). Another format is refused.
+    #[serde(default = "first_format")]
+    pub format_version: u32,
     /// Version of the tool that created the run directory.
     pub created_by_version: String,
     /// RFC 3339 creation time.
@@ -104,6 +108,7 @@ impl Manifest {
     pub fn new(config_path: &Path, config_hash: String) -> Manifest {
         Manifest {
             tool: "source-tda".to_string(),
+            format_version: crate::FORMAT_VERSION,
             created_by_version: crate::VERSION.to_string(),
             created_at: crate::util::now_rfc3339(),
             config_path: config_path.display().to_string(),
@@ -112,20 +117,99 @@ impl Manifest {
         }
     }
 
-    /// Reads `manifest.json`.
+    /// Reads `manifest.json`. A run directory of another format ([`crate::FORMAT_VERSION`])
+    /// is refused with advice before anything else in it is read.
     pub fn load(path: &Path) -> Result<Manifest> {
         let text = std::fs::read_to_string(path).ctx("reading", path)?;
-        serde_json::from_str(&text).map_err(|e| {
+        let invalid = |e: &dyn std::fmt::Display| {
             Error::Pipeline(format!(
                 "{}: not a valid source-tda manifest ({e}); if the run directory is damaged, \
                  remove it or choose another --run-dir",
                 path.display()
             ))
-        })
+        };
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| invalid(&e))?;
+        let format = match value.get("format_version") {
+            None => first_format(),
+            Some(v) => v
+                .as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| invalid(&format!("`format_version` is {v}, not a whole number")))?,
+        };
+        check_format(path, format)?;
+        serde_json::from_value(value).map_err(|e| invalid(&e))
     }
 
     /// Writes `manifest.json` atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         write_json_atomic(path, self)
+    }
+}
+
+/// The format of manifests written before `format_version` existed (the same layout).
+fn first_format() -> u32 {
+    1
+}
+
+/// Refuses a run directory (whose manifest is `path`) of another format than this build's.
+fn check_format(path: &Path, format: u32) -> Result<()> {
+    if format == crate::FORMAT_VERSION {
+        return Ok(());
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let newer = if format > crate::FORMAT_VERSION {
+        format!(" (or read it with a newer source-tda, one that reads format {format})")
+    } else {
+        String::new()
+    };
+    Err(Error::Pipeline(format!(
+        "run directory {} was written by format {format}, this build reads format {}: rerun \
+         into a new --run-dir or delete it{newer}",
+        dir.display(),
+        crate::FORMAT_VERSION
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_records_its_format_and_another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manifest.json");
+        let m = Manifest::new(Path::new("c.toml"), "h".into());
+        m.save(&path).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(v["format_version"], crate::FORMAT_VERSION);
+        assert_eq!(Manifest::load(&path).unwrap(), m);
+
+        // Written before the field existed: the same layout, read as format 1.
+        v.as_object_mut().unwrap().remove("format_version");
+        std::fs::write(&path, v.to_string()).unwrap();
+        assert_eq!(Manifest::load(&path).unwrap().format_version, 1);
+
+        for other in [crate::FORMAT_VERSION + 1, 0] {
+            v["format_version"] = other.into();
+            // Even a layout this build cannot parse is refused by its format first.
+            v["stages"] = serde_json::json!(["not", "a", "map"]);
+            std::fs::write(&path, v.to_string()).unwrap();
+            let e = Manifest::load(&path).unwrap_err().to_string();
+            let want = format!(
+                "run directory {} was written by format {other}, this build reads format {}: \
+                 rerun into a new --run-dir or delete it",
+                dir.path().display(),
+                crate::FORMAT_VERSION
+            );
+            assert!(e.contains(&want), "{e}");
+        }
+        v["format_version"] = "two".into();
+        std::fs::write(&path, v.to_string()).unwrap();
+        let e = Manifest::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("`format_version` is \"two\", not a whole number"),
+            "{e}"
+        );
     }
 }

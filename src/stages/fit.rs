@@ -94,6 +94,11 @@ impl Stage for FitStage {
                         "fit: {what}: the cache entry {} is corrupt ({why}); removed, fitting again",
                         cache.entry_dir(&key).display()
                     ),
+                    Lookup::OtherFormat(why) => tracing::warn!(
+                        "fit: {what}: the cache entry {} is not used ({why}); removed, fitting \
+                         again and storing this build's format in its place",
+                        cache.entry_dir(&key).display()
+                    ),
                     Lookup::Miss => {}
                 }
             }

@@ -12,8 +12,6 @@ use std::sync::Arc;
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 
 use crate::error::{Error, IoContext, Result};
 
@@ -21,13 +19,10 @@ use super::checkpoint::StepLog;
 
 fn write(path: &Path, schema: Arc<Schema>, columns: Vec<ArrayRef>) -> Result<()> {
     let file = std::fs::File::create(path).ctx("creating", path)?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid")))
-        .set_key_value_metadata(Some(vec![parquet::file::metadata::KeyValue::new(
-            "source_tda.version".into(),
-            crate::VERSION.to_string(),
-        )]))
-        .build();
+    let props = crate::output::parquet::writer_properties(&[(
+        "source_tda.version".into(),
+        crate::VERSION.to_string(),
+    )]);
     let batch =
         RecordBatch::try_new(schema.clone(), columns).map_err(|e| Error::parquet(path, e))?;
     let mut w =

@@ -129,3 +129,40 @@ fn a_stage_never_reads_a_changed_output_of_a_stage_outside_the_run() {
     assert!(e.contains("fetch: done"), "{e}");
     assert!(verify(&s).status.success());
 }
+
+#[test]
+fn a_run_directory_of_another_format_is_refused_with_advice() {
+    let s = Setup::new();
+    ok(&s.run(&[], &[]));
+    // The manifest and the tables carry the format.
+    let mut m = s.manifest();
+    assert_eq!(m["format_version"], source_tda::FORMAT_VERSION);
+    let (_, metadata) =
+        source_tda::output::parquet::open_table(&s.path("run/prepare/train.parquet")).unwrap();
+    assert_eq!(
+        metadata[source_tda::output::parquet::FORMAT_KEY],
+        source_tda::FORMAT_VERSION.to_string()
+    );
+
+    let other = source_tda::FORMAT_VERSION + 1;
+    m["format_version"] = other.into();
+    std::fs::write(s.path("run/manifest.json"), m.to_string()).unwrap();
+    let run_dir = std::path::absolute(s.path("run")).unwrap();
+    let want = format!(
+        "run directory {} was written by format {other}, this build reads format {}: rerun \
+         into a new --run-dir or delete it",
+        run_dir.display(),
+        source_tda::FORMAT_VERSION
+    );
+    let refused = |o: std::process::Output, what: &str| {
+        assert!(!o.status.success(), "{what} accepted another format");
+        assert!(stderr(&o).contains(&want), "{what}: {}", stderr(&o));
+    };
+    refused(s.run(&[], &[]), "run");
+    refused(
+        cli(s.dir.path(), &["status", "--run-dir", "run"], &[]),
+        "status",
+    );
+    refused(verify(&s), "verify");
+    assert_eq!(s.manifest()["format_version"], other, "left as it was");
+}
