@@ -21,16 +21,17 @@ pub enum Error {
         message: String,
     },
 
-    /// A file could not be read or written.
-    #[error("{action} {path}: {source}")]
+    /// A file could not be read or written. The message holds the operating system's error,
+    /// so it is not also this error's `source()`: a chain printed with `{:#}` (as the CLI does)
+    /// shows it once.
+    #[error("{action} {path}: {os_error}")]
     Io {
         /// What the tool was doing ("reading", "writing", "creating directory", ...).
         action: &'static str,
         /// The path involved.
         path: PathBuf,
         /// The operating system's error.
-        #[source]
-        source: std::io::Error,
+        os_error: std::io::Error,
     },
 
     /// A model or dataset could not be resolved through the hub, its cache, or a local path.
@@ -96,7 +97,7 @@ impl Error {
         Error::Io {
             action,
             path: path.as_ref().to_path_buf(),
-            source,
+            os_error: source,
         }
     }
 
@@ -171,5 +172,24 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, action: &'static str, path: impl AsRef<Path>) -> Result<T> {
         self.map_err(|e| Error::io(action, path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_prints_its_os_error_once() {
+        let path = Path::new("/no/such/dir/file.toml");
+        let e = std::fs::read_to_string(path)
+            .ctx("reading", path)
+            .unwrap_err();
+        let os = std::fs::read_to_string(path).unwrap_err().to_string();
+        assert!(e.to_string().contains(&os), "{e}");
+        // As the CLI prints it: the whole chain, `{:#}` of an anyhow error.
+        let shown = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(shown.matches(&os).count(), 1, "{shown}");
+        assert_eq!(shown, format!("reading {}: {os}", path.display()));
     }
 }

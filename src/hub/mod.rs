@@ -10,6 +10,9 @@
 //!    when the hub cannot be reached;
 //! 3. **local**: a plain folder or file.
 //!
+//! Files from the hub or its cache are checked against their blobs' content addresses
+//! (`cache::verify_blobs`); local folders are hashed and recorded only.
+//!
 //! hf-hub 0.5 has no notion of `HF_HUB_OFFLINE` or `HF_HUB_CACHE`; [`HubSettings`] adds them.
 
 mod cache;
@@ -97,6 +100,9 @@ fn resolve(settings: &HubSettings, req: &RepoRequest, select: &Selector) -> Resu
         }
     };
     let files = hash_files(&root, &wanted)?;
+    if listing.resolution != Resolution::Local {
+        cache::verify_blobs(req, &files)?;
+    }
     Ok(ResolvedRepo {
         kind: req.kind,
         id: req.id.to_string(),

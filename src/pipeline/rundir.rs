@@ -13,7 +13,7 @@
 //!   .staging/          stages being written (never trusted; cleared on the next run)
 //!   .resume/STAGE-KEY/ a stage's resume state across interrupted runs (see
 //!                      `StageContext::resume_dir`); deleted when the stage completes
-//!   .lock              pid of the process using the directory
+//!   .lock              the process using the directory: pid, start time, boot id
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -174,28 +174,31 @@ impl RunDir {
         Ok(serde_json::to_value(value).expect("TOML values convert to JSON"))
     }
 
-    /// Takes the directory's lock (`RUN_DIR/.lock` with this process's pid). A lock left by
-    /// a process that no longer exists is taken over. The lock appears with its pid already
-    /// in it (written to a file of this process's own, then hard-linked into place), so a
-    /// process starting at the same moment never sees an empty lock and takes it for stale.
+    /// Takes the directory's lock (`RUN_DIR/.lock` naming this process: its pid and, on
+    /// Linux, its start time and the boot id, see [`LockHolder`]). A lock whose holder no
+    /// longer exists is taken over: a dead pid, or a live pid whose start time or boot differs
+    /// (the pid now belongs to another process). The lock appears with its content already in
+    /// it (written to a file of this process's own, then hard-linked into place), so a process
+    /// starting at the same moment never sees an empty lock and takes it for stale.
     pub fn lock(&self) -> Result<RunLock> {
         let path = self.path.join(".lock");
         let mine = self.path.join(format!(".lock.{}", std::process::id()));
+        let me = LockHolder::current().to_string();
         for _ in 0..3 {
-            write_atomic(&mine, std::process::id().to_string().as_bytes())?;
+            write_atomic(&mine, me.as_bytes())?;
             let linked = std::fs::hard_link(&mine, &path);
             let _ = std::fs::remove_file(&mine);
             let taken = match linked {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
-                // A file system without hard links: create the lock, then write the pid.
+                // A file system without hard links: create the lock, then write the holder.
                 Err(_) => std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .open(&path)
                     .and_then(|mut f| {
                         use std::io::Write;
-                        write!(f, "{}", std::process::id())
+                        write!(f, "{me}")
                     }),
             };
             match taken {
@@ -203,13 +206,17 @@ impl RunDir {
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     let holder = std::fs::read_to_string(&path)
                         .ok()
-                        .and_then(|s| s.trim().parse::<u32>().ok());
+                        .and_then(|s| LockHolder::parse(&s));
                     match holder {
-                        Some(pid) if pid != std::process::id() && process_alive(pid) => {
+                        Some(h) if h.pid != std::process::id() && h.is_running() => {
                             return Err(Error::Pipeline(format!(
-                                "{} is in use by another source-tda process (pid {pid}); wait \
-                                 for it to finish or stop it",
-                                self.path.display()
+                                "{dir} is in use by another source-tda process (pid {pid}); wait \
+                                 for it to finish or stop it. If no source-tda process is using \
+                                 this directory (check with `ps -p {pid}`), the lock is stale: \
+                                 delete {lock} and run again",
+                                dir = self.path.display(),
+                                pid = h.pid,
+                                lock = path.display(),
                             )));
                         }
                         _ => {
@@ -222,8 +229,10 @@ impl RunDir {
             }
         }
         Err(Error::Pipeline(format!(
-            "could not take the lock {}",
-            path.display()
+            "could not take the lock {}; if no source-tda process is using {}, delete the lock \
+             file and run again",
+            path.display(),
+            self.path.display()
         )))
     }
 
@@ -233,8 +242,107 @@ impl RunDir {
     }
 }
 
+/// Who holds a run directory's lock, as written in `.lock`: `PID [START BOOT]`, where START is
+/// the process's start time (field 22 of `/proc/PID/stat`, clock ticks since boot) and BOOT
+/// the kernel's boot id. A pid alone (an older lock, or a system without `/proc`) is checked by
+/// the pid being alive; with START and BOOT, the process must also be the same one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockHolder {
+    /// The holder's process id.
+    pub pid: u32,
+    /// Its start time in clock ticks since boot, when known.
+    pub start: Option<u64>,
+    /// The boot id of the system it ran on, when known.
+    pub boot: Option<String>,
+}
+
+impl LockHolder {
+    /// This process.
+    pub fn current() -> LockHolder {
+        let pid = std::process::id();
+        LockHolder {
+            pid,
+            start: process_start(pid),
+            boot: boot_id(),
+        }
+    }
+
+    /// Parses a lock file's content; `None` when it names no pid (empty, another tool's).
+    pub fn parse(text: &str) -> Option<LockHolder> {
+        let mut words = text.split_whitespace();
+        let pid = words.next()?.parse::<u32>().ok()?;
+        let start = words.next().and_then(|w| w.parse::<u64>().ok());
+        let boot = words.next().map(str::to_string);
+        Some(LockHolder { pid, start, boot })
+    }
+
+    /// Whether the process that wrote the lock is still running: its pid is alive and, where
+    /// the lock and this system both say, it started at the same time in the same boot.
+    pub fn is_running(&self) -> bool {
+        if let (Some(theirs), Some(now)) = (&self.boot, boot_id()) {
+            if *theirs != now {
+                return false; // written before a reboot
+            }
+        }
+        if !process_alive(self.pid) {
+            return false;
+        }
+        match (self.start, process_start(self.pid)) {
+            (Some(theirs), Some(now)) => theirs == now,
+            _ => true,
+        }
+    }
+}
+
+impl std::fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.pid)?;
+        if let (Some(start), Some(boot)) = (self.start, &self.boot) {
+            write!(f, " {start} {boot}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Start time of process `pid` (clock ticks since boot, field 22 of `/proc/PID/stat`); `None`
+/// without `/proc` or when the process is gone.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 2 (the command) is in parentheses and may hold spaces and parentheses itself:
+    // the fields after it start after the last ')', with field 3 (the state) first.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// The kernel's boot id (Linux), which changes on every boot.
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (!id.is_empty() && !id.contains(char::is_whitespace)).then(|| id.to_string())
+}
+
+#[cfg(target_os = "linux")]
 fn process_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Without `/proc`: `ps -p PID` succeeds for a live process, whoever owns it. When `ps` cannot
+/// be run the lock is respected (its message says how to clear it).
+#[cfg(all(unix, not(target_os = "linux")))]
+fn process_alive(pid: u32) -> bool {
+    let status = std::process::Command::new("ps")
+        .args(["-p", &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    !matches!(status, Ok(s) if !s.success())
+}
+
+/// Elsewhere the pid cannot be checked: the lock is respected, and its message says how to
+/// clear it.
+#[cfg(not(unix))]
+fn process_alive(_pid: u32) -> bool {
+    true
 }
 
 /// Holds a run directory's lock; released on drop.
@@ -267,8 +375,9 @@ mod tests {
         };
         let lock = run.lock().unwrap();
         assert_eq!(names(), [".lock"]);
-        let pid = std::fs::read_to_string(dir.path().join(".lock")).unwrap();
-        assert_eq!(pid, std::process::id().to_string());
+        let text = std::fs::read_to_string(dir.path().join(".lock")).unwrap();
+        assert_eq!(LockHolder::parse(&text), Some(LockHolder::current()));
+        assert_eq!(LockHolder::current().pid, std::process::id());
         drop(lock);
         assert!(names().is_empty(), "released");
         // An empty or unreadable lock (a crash, another tool) is stale: taken over.
@@ -288,5 +397,71 @@ mod tests {
             [".lock"],
             "the refused attempt left nothing behind"
         );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_live_pid_of_another_process_is_a_stale_lock_and_the_message_says_how_to_clear_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::at(dir.path()).unwrap();
+        let lock = dir.path().join(".lock");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let real = LockHolder {
+            pid: child.id(),
+            start: process_start(child.id()),
+            boot: boot_id(),
+        };
+        assert!(real.start.is_some() && real.boot.is_some(), "{real:?}");
+        // The holder itself, same pid, start time and boot: respected, with the way out named.
+        std::fs::write(&lock, real.to_string()).unwrap();
+        let e = run.lock().unwrap_err().to_string();
+        assert!(e.contains(&format!("(pid {})", real.pid)), "{e}");
+        assert!(
+            e.contains(&format!(
+                "the lock is stale: delete {} and run again",
+                lock.display()
+            )),
+            "{e}"
+        );
+        // The same live pid with another start time: the pid was reused, the lock is stale.
+        let reused = LockHolder {
+            start: real.start.map(|s| s + 1),
+            ..real.clone()
+        };
+        std::fs::write(&lock, reused.to_string()).unwrap();
+        let held = run.lock().unwrap();
+        let text = std::fs::read_to_string(&lock).unwrap();
+        assert_eq!(LockHolder::parse(&text), Some(LockHolder::current()));
+        drop(held);
+        // Written before a reboot (another boot id): stale too.
+        let rebooted = LockHolder {
+            boot: Some("00000000-0000-0000-0000-000000000000".into()),
+            ..real.clone()
+        };
+        std::fs::write(&lock, rebooted.to_string()).unwrap();
+        drop(run.lock().unwrap());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Its pid gone: stale.
+        std::fs::write(&lock, real.to_string()).unwrap();
+        drop(run.lock().unwrap());
+    }
+
+    #[test]
+    fn lock_files_parse() {
+        let h = LockHolder::parse("42 1234 abc-def\n").unwrap();
+        assert_eq!(
+            (h.pid, h.start, h.boot.as_deref()),
+            (42, Some(1234), Some("abc-def"))
+        );
+        assert_eq!(h.to_string(), "42 1234 abc-def");
+        let old = LockHolder::parse("42").unwrap();
+        assert_eq!((old.pid, old.start, old.boot.as_deref()), (42, None, None));
+        assert_eq!(old.to_string(), "42");
+        assert_eq!(LockHolder::parse(""), None);
+        assert_eq!(LockHolder::parse("x 1 2"), None);
     }
 }

@@ -20,8 +20,9 @@
 //!
 //! Checkpoints are written into the stage's resume folder (`RUN_DIR/.resume/finetune-KEY/`,
 //! one sub-folder per training stage) as training goes, so that a killed run resumes from its
-//! last checkpoint; on success they are hard-linked (or copied) into the stage's output
-//! without the resume-only state.
+//! last checkpoint whose checksums hold (a damaged one is discarded with a warning, and
+//! training falls back to the one before); on success they are hard-linked (or copied) into
+//! the stage's output without the resume-only state.
 
 use std::path::{Path, PathBuf};
 
@@ -65,13 +66,14 @@ pub fn base_model_dir(fetched: &Fetched) -> Result<PathBuf> {
         .ok_or_else(|| Error::Pipeline("fetch/resolved.json lists no config.json".into()))
 }
 
-/// Links (or copies) `src/*` except `resume.safetensors` into `dst/`.
+/// Links (or copies) `src/*` except `resume.safetensors` and `checksums.json` (which lists it;
+/// the manifest records the published files' hashes) into `dst/`.
 fn publish_checkpoint(src: &Path, dst: &Path) -> Result<()> {
     std::fs::create_dir_all(dst).ctx("creating", dst)?;
     for entry in std::fs::read_dir(src).ctx("listing", src)? {
         let entry = entry.ctx("listing", src)?;
         let name = entry.file_name();
-        if name == "resume.safetensors" {
+        if name == "resume.safetensors" || name == crate::train::checkpoint::CHECKSUMS {
             continue;
         }
         let to = dst.join(&name);

@@ -13,11 +13,14 @@
 //!                            for SGD
 //!   resume.safetensors       the rest of the optimizer state (exp_avg, raw exp_avg_sq)
 //!   state.json               the global step, the optimizer's step count and the step log
+//!   checksums.json           the SHA-256 of every other file, written last
 //! ```
 //!
 //! A checkpoint is written into `.tmp-step-N-PID/` and renamed to `step-N/` when every file
 //! is on disk: the rename is the completion marker. Folders named otherwise are ignored by
-//! [`latest_checkpoint`] and removed by [`remove_incomplete`].
+//! [`latest_checkpoint`] and removed by [`remove_incomplete`]. A complete folder whose files
+//! no longer match `checksums.json` (torn by a crash of the file system, or damaged) fails
+//! [`verify_checkpoint`]; [`latest_good_checkpoint`] discards it, with every later one.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -29,6 +32,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::model::Model;
 use crate::util::fsx::remove_dir_if_exists;
+use crate::util::hash::sha256_file;
+
+/// The file of a checkpoint that holds the SHA-256 of each of its other files.
+pub const CHECKSUMS: &str = "checksums.json";
 
 /// Files copied from the base model folder into every checkpoint, when present.
 const COPIED: [&str; 5] = [
@@ -238,6 +245,7 @@ pub fn save_checkpoint(
     let mut f = std::fs::File::create(&sp).ctx("creating", &sp)?;
     f.write_all(&state).ctx("writing", &sp)?;
     f.sync_all().ctx("syncing", &sp)?;
+    write_checksums(&tmp)?;
     before_commit()?;
     remove_dir_if_exists(&fin)?;
     std::fs::rename(&tmp, &fin).ctx("renaming into place", &fin)?;
@@ -245,6 +253,105 @@ pub fn save_checkpoint(
         let _ = d.sync_all();
     }
     Ok(fin)
+}
+
+/// `checksums.json`: file name → hex SHA-256, for every file of a checkpoint folder.
+#[derive(Debug, Serialize, Deserialize)]
+struct Checksums {
+    sha256: std::collections::BTreeMap<String, String>,
+}
+
+/// Writes `dir/checksums.json` with the SHA-256 of every other file in `dir`, synced.
+fn write_checksums(dir: &Path) -> Result<()> {
+    let mut sha256 = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).ctx("listing", dir)? {
+        let entry = entry.ctx("listing", dir)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name != CHECKSUMS && entry.path().is_file() {
+            sha256.insert(name, sha256_file(&entry.path())?);
+        }
+    }
+    let p = dir.join(CHECKSUMS);
+    let bytes = serde_json::to_vec_pretty(&Checksums { sha256 }).expect("plain data serialises");
+    let mut f = std::fs::File::create(&p).ctx("creating", &p)?;
+    f.write_all(&bytes).ctx("writing", &p)?;
+    f.sync_all().ctx("syncing", &p)?;
+    Ok(())
+}
+
+/// Checks a checkpoint folder's files against its `checksums.json`: `Err` says which file is
+/// missing or changed. A folder without `checksums.json` (written before checkpoints carried
+/// one) is accepted unchecked.
+pub fn verify_checkpoint(dir: &Path) -> Result<(), String> {
+    let p = dir.join(CHECKSUMS);
+    let text = match std::fs::read(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{CHECKSUMS} cannot be read ({e})")),
+    };
+    let sums: Checksums =
+        serde_json::from_slice(&text).map_err(|e| format!("{CHECKSUMS} is damaged ({e})"))?;
+    for (name, want) in &sums.sha256 {
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Err(format!("{name} is missing"));
+        }
+        let got = sha256_file(&path).map_err(|e| e.to_string())?;
+        if got != *want {
+            return Err(format!(
+                "{name} does not match its checksum (SHA-256 {got}, recorded {want})"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The newest checkpoint under `root` such that it and every earlier one pass
+/// [`verify_checkpoint`]. The first one that fails is discarded with a warning, together with
+/// every later one (training from the good one before rewrites them, bitwise), so that no
+/// damaged checkpoint is ever resumed from or published. `None` when no good one is left:
+/// the stage starts from its beginning.
+pub fn latest_good_checkpoint(root: &Path) -> Result<Option<(u64, PathBuf)>> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(None);
+    };
+    let mut complete: Vec<(u64, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
+            e.path()
+                .join("state.json")
+                .is_file()
+                .then(|| (step, e.path()))
+        })
+        .collect();
+    complete.sort();
+    let mut good: Option<(u64, PathBuf)> = None;
+    for (i, (step, dir)) in complete.iter().enumerate() {
+        let Err(why) = verify_checkpoint(dir) else {
+            good = Some((*step, dir.clone()));
+            continue;
+        };
+        let later = complete.len() - i - 1;
+        tracing::warn!(
+            "checkpoint {} is damaged ({why}); discarding it{} and resuming from {}",
+            dir.display(),
+            match later {
+                0 => String::new(),
+                n => format!(" and the {n} later one(s)"),
+            },
+            match &good {
+                Some((s, _)) => format!("the checkpoint of step {s}"),
+                None => "the start of the stage".to_string(),
+            }
+        );
+        for (_, d) in &complete[i..] {
+            remove_dir_if_exists(d)?;
+        }
+        break;
+    }
+    Ok(good)
 }
 
 /// The complete checkpoint with the most steps under `root` (folders `step-N` with a

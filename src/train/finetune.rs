@@ -9,7 +9,8 @@
 //! J_k = (1/n_k) Σ_m L(z_m) (`sum_per_document`) or Σ_m L(z_m) / (loss tokens of the step)
 //! (`mean_per_token`). The gradient is optionally clipped to a global norm, then the
 //! optimizer steps with η_{k−1} of the schedule. Checkpoints are saved at the planned steps
-//! into a work folder; a rerun resumes from the newest complete one and, because the visit
+//! into a work folder; a rerun resumes from the newest complete one whose checksums hold
+//! (a damaged one is discarded with a warning) and, because the visit
 //! order, schedule and arithmetic are fixed functions of the config, ends bitwise where an
 //! uninterrupted run would.
 
@@ -25,7 +26,7 @@ use crate::model::{LoadOptions, Model, TokenBatch};
 use crate::util::progress;
 
 use super::checkpoint::{
-    latest_checkpoint, read_safetensors, read_state, remove_incomplete, save_checkpoint,
+    latest_good_checkpoint, read_safetensors, read_state, remove_incomplete, save_checkpoint,
     CheckpointContent, CheckpointState, StepLog,
 };
 use super::optim::{clip_global_norm, global_norm, Optimizer};
@@ -299,7 +300,7 @@ pub fn train(job: &TrainJob<'_>) -> Result<TrainOutcome> {
         let t = state.optimizer_steps.unwrap_or(state.step);
         opt.restore(model.params(), t, tensors)
     };
-    let (model, mut opt, mut log, start) = match latest_checkpoint(job.work_dir)? {
+    let (model, mut opt, mut log, start) = match latest_good_checkpoint(job.work_dir)? {
         Some((step, dir)) if step > off && step <= off + total => {
             let model = Model::load(&dir, &LoadOptions::default(), job.device)?;
             let state = read_state(&dir)?;

@@ -52,7 +52,7 @@ pub fn save_typed_tensors(
         safetensors::SafeTensorError::IoError(io) => Error::Io {
             action: "writing",
             path: tmp.clone(),
-            source: io,
+            os_error: io,
         },
         other => Error::Numeric(format!("{}: {other:?}", path.display())),
     })?;

@@ -528,3 +528,114 @@ fn cli_honours_hf_hub_offline_and_hf_hub_cache() {
         "{e}"
     );
 }
+
+/// A copy of the shipped demo cache (assets/hf-cache, blobs named by their SHA-256) in a temp
+/// folder, symlinks kept.
+fn demo_cache() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(common::repo_root().join("assets/hf-cache"))
+        .arg(dir.path().join("cache"))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    dir
+}
+
+fn demo_model(cache: &Path) -> source_tda::Result<source_tda::hub::ResolvedRepo> {
+    resolve_model(
+        &offline(cache),
+        &model_req("source-tda/demo-llama", "main", SourceKind::Hub),
+    )
+}
+
+/// The snapshot link of `file` in the demo model and the blob it points to.
+fn demo_blob(cache: &Path, file: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let repo = cache.join("models--source-tda--demo-llama");
+    let commit = std::fs::read_to_string(repo.join("refs/main")).unwrap();
+    let link = repo.join("snapshots").join(commit.trim()).join(file);
+    let blob = std::fs::canonicalize(&link).unwrap();
+    (link, blob)
+}
+
+fn flip_a_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let i = bytes.len() - 3;
+    bytes[i] ^= 0x40;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_damaged_cache_blob_is_refused_naming_the_repo_file_and_fix() {
+    let dir = demo_cache();
+    let cache = dir.path().join("cache");
+    let r = demo_model(&cache).unwrap();
+    assert_eq!(r.resolution, Resolution::Cache);
+    let (_, blob) = demo_blob(&cache, "model.safetensors");
+    assert_eq!(
+        r.file("model.safetensors").unwrap().sha256,
+        blob.file_name().unwrap().to_string_lossy(),
+        "the demo's blobs are named by their SHA-256"
+    );
+
+    // Same size, one byte flipped: the weights still parse, but the blob is not its name.
+    flip_a_byte(&blob);
+    let e = demo_model(&cache).unwrap_err().to_string();
+    assert!(e.contains("model `source-tda/demo-llama`"), "{e}");
+    assert!(e.contains("file `model.safetensors`"), "{e}");
+    assert!(e.contains("is damaged"), "{e}");
+    assert!(
+        e.contains(&format!(
+            "Delete the blob {} and fetch again",
+            blob.display()
+        )),
+        "{e}"
+    );
+    assert!(
+        e.contains("huggingface-cli download source-tda/demo-llama model.safetensors"),
+        "{e}"
+    );
+
+    // A local folder holding the same damaged file is hashed and recorded, not judged.
+    let (link, _) = demo_blob(&cache, "model.safetensors");
+    let local = resolve_model(
+        &offline(&cache),
+        &model_req(
+            link.parent().unwrap().to_str().unwrap(),
+            "main",
+            SourceKind::Local,
+        ),
+    )
+    .unwrap();
+    assert_eq!(local.resolution, Resolution::Local);
+    assert_eq!(
+        local.file("model.safetensors").unwrap().sha256,
+        sha(&std::fs::read(&blob).unwrap())
+    );
+}
+
+#[test]
+fn a_blob_stored_in_git_is_checked_against_its_git_blob_hash() {
+    let dir = demo_cache();
+    let cache = dir.path().join("cache");
+    // Lay config.json out as a real cache does for a file stored in git (not LFS): its blob
+    // is named by the git object id, SHA-1 of "blob LEN\0" + content.
+    let (link, blob) = demo_blob(&cache, "config.json");
+    let bytes = std::fs::read(&blob).unwrap();
+    // (git_blob_sha1_file's own tests check it against `git hash-object`.)
+    let git_id = source_tda::util::hash::git_blob_sha1_file(&blob).unwrap();
+    assert_eq!(git_id.len(), 40);
+    let git_blob = blob.with_file_name(&git_id);
+    std::fs::rename(&blob, &git_blob).unwrap();
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(format!("../../blobs/{git_id}"), &link).unwrap();
+    let r = demo_model(&cache).unwrap();
+    assert_eq!(r.file("config.json").unwrap().sha256, sha(&bytes));
+
+    flip_a_byte(&git_blob);
+    let e = demo_model(&cache).unwrap_err().to_string();
+    assert!(e.contains("file `config.json`"), "{e}");
+    assert!(e.contains("git blob hash"), "{e}");
+    assert!(e.contains(&git_blob.display().to_string()), "{e}");
+}

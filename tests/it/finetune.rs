@@ -498,3 +498,56 @@ fn a_second_stage_continues_from_the_first_with_a_fresh_or_continued_optimizer()
     assert_eq!(resumed.log, cont.log);
     assert!(weights_bytes(&resumed.checkpoints[1].1) == weights_bytes(&cont.checkpoints[1].1));
 }
+
+#[test]
+fn a_damaged_or_torn_checkpoint_is_discarded_and_training_falls_back_to_the_one_before() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_model(tmp.path());
+    let d = docs(20);
+    let t = config(OptimizerKind::AdamW, 8); // checkpoints at 2, 4, 6, 8
+    let full = run(&base, &tmp.path().join("full"), &t, &d, &no_hook).unwrap();
+    let want = weights_bytes(&full.checkpoints[3].1);
+    let crash = |p: &str| {
+        if p == "step-5" {
+            Err(Error::Injected(p.into()))
+        } else {
+            Ok(())
+        }
+    };
+    // Killed after step 5 (checkpoints 2 and 4 on disk), then checkpoint 4 (or 2) damaged:
+    // one byte flipped, or the file cut short (torn).
+    for (ckpt, file, torn, from) in [
+        (4, "resume.safetensors", false, 2),
+        (4, "model.safetensors", false, 2),
+        (4, "model.safetensors", true, 2),
+        (4, "state.json", true, 2),
+        (2, "optimizer.safetensors", false, 0),
+    ] {
+        let case = format!("{ckpt}-{file}-{}", if torn { "torn" } else { "flipped" });
+        let work = tmp.path().join(&case);
+        run(&base, &work, &t, &d, &crash).unwrap_err();
+        let p = work.join(format!("step-{ckpt:06}")).join(file);
+        let mut bytes = std::fs::read(&p).unwrap();
+        if torn {
+            bytes.truncate(bytes.len() / 2);
+        } else {
+            let i = bytes.len() - 5;
+            bytes[i] ^= 0x10;
+        }
+        std::fs::write(&p, bytes).unwrap();
+        assert!(
+            source_tda::train::checkpoint::verify_checkpoint(p.parent().unwrap()).is_err(),
+            "{case}"
+        );
+        let resumed = run(&base, &work, &t, &d, &no_hook).unwrap();
+        assert_eq!(resumed.resumed_from, from, "{case}: falls back");
+        assert_eq!(resumed.log, full.log, "{case}: same log");
+        assert!(
+            weights_bytes(&resumed.checkpoints[3].1) == want,
+            "{case}: same final weights"
+        );
+        for (_, dir) in &resumed.checkpoints {
+            source_tda::train::checkpoint::verify_checkpoint(dir).unwrap();
+        }
+    }
+}

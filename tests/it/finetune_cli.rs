@@ -188,3 +188,47 @@ fn a_config_change_never_reuses_stale_resume_state() {
     assert!(!old[0].exists(), "stale resume state removed");
     assert!(resume_dirs(&run).is_empty());
 }
+
+#[test]
+fn a_damaged_resume_checkpoint_is_discarded_with_a_warning() {
+    let s = setup("3e-3");
+    let d = s.path();
+    ok(&cli(d, &["-q", "run", "p.toml", "--run-dir", "full"], &[]));
+    let want = final_weights(&d.join("full"));
+    // Killed right after checkpoint 4; then one byte of its optimizer state flipped, or its
+    // weights cut short.
+    for (run, file, torn) in [
+        ("flipped", "resume.safetensors", false),
+        ("torn", "model.safetensors", true),
+    ] {
+        kill_at(d, run, "after-checkpoint-4");
+        let ck = resume_dirs(&d.join(run))[0].join("checkpoints/step-000004");
+        let p = ck.join(file);
+        let mut bytes = std::fs::read(&p).unwrap();
+        if torn {
+            bytes.truncate(100);
+        } else {
+            let i = bytes.len() - 7;
+            bytes[i] ^= 0x01;
+        }
+        std::fs::write(&p, bytes).unwrap();
+        let e = ok(&cli(d, &["run", "p.toml", "--run-dir", run], &[]));
+        assert!(
+            e.contains(&format!("checkpoint {} is damaged ({file}", ck.display())),
+            "{e}"
+        );
+        assert!(e.contains("resuming from the checkpoint of step 2"), "{e}");
+        assert!(!e.contains("invalid header length"), "{e}");
+        assert_eq!(
+            manifest(&d.join(run))["stages"]["finetune"]["summary"]["resumed_from_step"],
+            2
+        );
+        assert!(final_weights(&d.join(run)) == want, "{run}: weights differ");
+        assert!(
+            !d.join(run)
+                .join("finetune/checkpoints/step-000004/checksums.json")
+                .exists(),
+            "the checksums stay with the resume state"
+        );
+    }
+}

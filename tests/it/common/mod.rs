@@ -11,6 +11,8 @@ pub mod smollm2;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use sha2::Digest;
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -46,8 +48,9 @@ pub fn hand_made_repo(
     files: &[(&str, Vec<u8>)],
 ) {
     let folder = cache.join(format!("{kind}s--{}", id.replace('/', "--")));
-    for (i, (name, bytes)) in files.iter().enumerate() {
-        let etag = format!("{:064x}", i as u128 * 7919 + bytes.len() as u128);
+    for (name, bytes) in files {
+        // The blob's name is its content's SHA-256, as for LFS files in a real cache.
+        let etag = hex::encode(sha2::Sha256::digest(bytes));
         write(&folder.join("blobs").join(&etag), bytes);
         let link = folder.join("snapshots").join(commit).join(name);
         std::fs::create_dir_all(link.parent().unwrap()).unwrap();
