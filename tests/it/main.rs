@@ -21,6 +21,7 @@ mod config_errors;
 mod config_train;
 mod cuda_parity;
 mod cuda_ptx;
+mod data_codecs;
 mod demo;
 mod eval;
 mod fetch;
