@@ -33,6 +33,7 @@ mod finetune_stages;
 mod generated_queries;
 mod import_trainer;
 mod layers;
+mod loader_fuzz;
 mod model_capture;
 mod model_finite_diff;
 mod model_generate;
