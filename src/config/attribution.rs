@@ -30,8 +30,10 @@ pub enum MethodKind {
     GradientDot,
 }
 
-/// Which Fisher the EK-FAC factors estimate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// Which Fisher the EK-FAC factors estimate. Written `true` (the TOML boolean, as
+/// configs/README.md's table shows it), `"true"` or `"empirical"`; resolved configs write the
+/// string form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum FisherKind {
     /// Labels sampled from the model's predictive distribution (seeded by `run.seed`).
@@ -39,6 +41,41 @@ pub enum FisherKind {
     True,
     /// The data's own labels (deterministic; what kronfluence's reference pack uses).
     Empirical,
+}
+
+/// The spellings `[attribution] fisher` accepts, for error messages.
+const FISHER_ALLOWED: &str = "true, \"true\" (labels sampled from the model) or \"empirical\" \
+                              (the data's labels)";
+
+impl<'de> Deserialize<'de> for FisherKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = FisherKind;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "one of {FISHER_ALLOWED}")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<FisherKind, E> {
+                if v {
+                    Ok(FisherKind::True)
+                } else {
+                    Err(E::custom(format!(
+                        "`false` is not a Fisher; allowed: {FISHER_ALLOWED}"
+                    )))
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FisherKind, E> {
+                match v {
+                    "true" => Ok(FisherKind::True),
+                    "empirical" => Ok(FisherKind::Empirical),
+                    _ => Err(E::custom(format!(
+                        "`{v}` is not a Fisher; allowed: {FISHER_ALLOWED}"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// How Source's Adam variant models an AdamW step's response to a perturbation δg of the
@@ -137,6 +174,19 @@ impl Default for AttributionConfig {
 }
 
 impl AttributionConfig {
+    /// What the `score` stage warns when `top_k` is more than the `n_docs` documents scored per
+    /// query (only then known): every document's per-token scores are written.
+    pub fn top_k_note(&self, n_docs: usize) -> Option<String> {
+        (!self.all_token_scores && self.top_k > n_docs).then(|| {
+            format!(
+                "key `attribution.top_k` = {} is more than the {n_docs} documents scored per \
+                 query, so per-token scores are written for all {n_docs}; set top_k to at most \
+                 {n_docs} (or 0: all documents) to silence this",
+                self.top_k
+            )
+        })
+    }
+
     /// Range checks: (key, message) of the first problem.
     pub fn check(&self) -> Result<(), (String, String)> {
         let k = |s: &str| format!("attribution.{s}");

@@ -49,7 +49,7 @@ pub use source::SourceKind;
 pub use stages::TrainStage;
 pub use train::{
     LossNormalization, MassSpec, OptimizerKind, PretrainConfig, ScheduleKind, StageConfig,
-    TrainConfig, FROM_MODEL,
+    TrainConfig, FROM_MODEL, MAX_TOTAL_STEPS,
 };
 
 use crate::error::{Error, Result};

@@ -204,6 +204,20 @@ pub struct StageConfig {
     pub segment_boundaries: Option<Vec<u64>>,
 }
 
+/// The most optimizer steps T a fine-tuning stage may have: the trajectory holds every step's
+/// η (`trajectory.json`) and every visit, and the schedule is materialised per step, so a
+/// larger T (e.g. `max_steps = 4294967295`) would fail allocating after the run had started.
+/// 1,000,000 steps is far beyond a fine-tune (the demo takes 57) and keeps those in the tens
+/// of MB. Checked at load for `max_steps` and `segment_boundaries`, and where the schedule is
+/// built (`train::finetune::plan`) for T = epochs × ⌈N / batch_size⌉.
+pub const MAX_TOTAL_STEPS: u64 = 1_000_000;
+
+/// The ends of `segments` even segments of T steps (the l-th at ⌊l T / L⌋), as
+/// `train::plan::plan_segments` cuts them.
+fn even_ends(total: u64, segments: usize) -> impl Iterator<Item = u64> {
+    (1..=segments as u64).map(move |l| ((l as u128 * total as u128) / segments as u128) as u64)
+}
+
 fn default_dataset() -> String {
     "train".into()
 }
@@ -402,6 +416,27 @@ impl TrainConfig {
                 "is 0; allowed: 1 or more (remove it to train for `epochs`)".into(),
             );
         }
+        if let Some(t) = self.max_steps {
+            if t > MAX_TOTAL_STEPS {
+                return e(
+                    "max_steps",
+                    format!(
+                        "{t} is more steps than a trajectory holds; allowed: 1 ..= \
+                         {MAX_TOTAL_STEPS} (docs/design.md §2)"
+                    ),
+                );
+            }
+        }
+        if self.warmup_steps > MAX_TOTAL_STEPS {
+            return e(
+                "warmup_steps",
+                format!(
+                    "{} is more steps than a trajectory holds; allowed: 0 ..= the total \
+                     steps T ≤ {MAX_TOTAL_STEPS}",
+                    self.warmup_steps
+                ),
+            );
+        }
         if let Some(m) = self.max_grad_norm {
             if !(m.is_finite() && m > 0.0) {
                 return e(
@@ -426,6 +461,17 @@ impl TrainConfig {
                     ),
                 );
             }
+            if let Some(&last) = b.last() {
+                if last >= MAX_TOTAL_STEPS {
+                    return e(
+                        "segment_boundaries",
+                        format!(
+                            "ends at step {last}, beyond the {MAX_TOTAL_STEPS} steps a \
+                             trajectory holds; allowed: steps 0 < b₁ < … < T ≤ {MAX_TOTAL_STEPS}"
+                        ),
+                    );
+                }
+            }
             if let Some(l) = self.segments {
                 if l != b.len() + 1 {
                     return e(
@@ -439,6 +485,93 @@ impl TrainConfig {
                     );
                 }
             }
+        }
+        if let Some(t) = self.max_steps {
+            self.check_steps(t, "`max_steps`")
+                .map_err(|(k, m)| (format!("train.{k}"), m))?;
+        }
+        Ok(())
+    }
+
+    /// The checks that need T, the total number of steps: warm-up, segments and checkpoints
+    /// fit inside it. `source` says where T came from (for messages). Errors are `(key
+    /// without the `train.` prefix, message)`. Called at load when `max_steps` gives T, and
+    /// where the schedule is built (`train::finetune::plan`) when T = epochs × ⌈N / batch⌉.
+    pub fn check_steps(
+        &self,
+        total: u64,
+        source: &str,
+    ) -> std::result::Result<(), (String, String)> {
+        let e = |k: &str, m: String| Err((k.to_string(), m));
+        if total > MAX_TOTAL_STEPS {
+            return e(
+                if self.max_steps.is_some() {
+                    "max_steps"
+                } else {
+                    "epochs"
+                },
+                format!(
+                    "training would take T = {total} steps ({source}), more than the \
+                     {MAX_TOTAL_STEPS} a trajectory holds; lower `epochs` or set `max_steps` \
+                     (docs/design.md §2)"
+                ),
+            );
+        }
+        if self.warmup_steps > total {
+            return e(
+                "warmup_steps",
+                format!(
+                    "{} is more than the T = {total} steps of training ({source}), so η would \
+                     never reach `lr`; allowed: 0 ..= {total} (lower warmup_steps or train \
+                     longer)",
+                    self.warmup_steps
+                ),
+            );
+        }
+        let ends: Vec<u64> = match &self.segment_boundaries {
+            Some(b) => {
+                if let Some(&last) = b.last() {
+                    if last >= total {
+                        return e(
+                            "segment_boundaries",
+                            format!(
+                                "ends at step {last}, but training has only T = {total} steps \
+                                 ({source}); allowed: steps inside (0, {total})"
+                            ),
+                        );
+                    }
+                }
+                b.iter().copied().chain(std::iter::once(total)).collect()
+            }
+            None => {
+                let l = self.segments.unwrap_or(3);
+                if l as u64 > total {
+                    return e(
+                        "segments",
+                        format!(
+                            "{l} is more than the T = {total} steps of training ({source}); \
+                             allowed: 1 ..= {total} (lower segments or train longer)"
+                        ),
+                    );
+                }
+                even_ends(total, l).collect()
+            }
+        };
+        let c = self.checkpoints_per_segment as u64;
+        let mut start = 0;
+        for (i, end) in ends.into_iter().enumerate() {
+            let k = end - start;
+            if c > k {
+                return e(
+                    "checkpoints_per_segment",
+                    format!(
+                        "{c} is more than the K = {k} steps of segment {i} (T = {total} steps \
+                         {source}, cut into segments); allowed: 1 ..= {k} (lower \
+                         checkpoints_per_segment, use fewer segments, or train longer)"
+                    ),
+                );
+            }
+            start = end;
         }
         Ok(())
     }

@@ -235,6 +235,10 @@ pub fn load_scores(
         .collect();
     let q_ids = scores.strings("query_id")?;
     let t_ids = scores.strings("train_id")?;
+    let scored: std::collections::HashSet<&str> = t_ids.iter().map(String::as_str).collect();
+    if let Some(note) = super::known::unknown_known_sources_note(known, &scored) {
+        tracing::warn!("report: {note}");
+    }
     let dataset = scores.strings("dataset")?;
     let score = scores.floats("score")?;
     let tau = scores.floats("tau")?;

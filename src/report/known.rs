@@ -85,6 +85,38 @@ pub fn read_known_sources(path: &Path, id_field: &str) -> Result<BTreeMap<String
     Ok(out)
 }
 
+/// The known source ids that name no scored document, as `(query id, source id)` in query
+/// order: a typo there would otherwise count silently as a miss in the report (`eval-recall`
+/// refuses them outright).
+pub fn unknown_known_sources<'a>(
+    known: &'a BTreeMap<String, Vec<String>>,
+    scored: &std::collections::HashSet<&str>,
+) -> Vec<(&'a str, &'a str)> {
+    known
+        .iter()
+        .flat_map(|(q, ids)| ids.iter().map(move |id| (q.as_str(), id.as_str())))
+        .filter(|(_, id)| !scored.contains(id))
+        .collect()
+}
+
+/// The warning the report gives for [`unknown_known_sources`], or `None` when every id names
+/// a scored document.
+pub fn unknown_known_sources_note(
+    known: &BTreeMap<String, Vec<String>>,
+    scored: &std::collections::HashSet<&str>,
+) -> Option<String> {
+    let bad = unknown_known_sources(known, scored);
+    let first = bad.first()?;
+    Some(format!(
+        "{} known source id(s) in the query data's `{KNOWN_SOURCES_FIELD}` name no scored \
+         document (first: query `{}` lists `{}`); they count as not found — fix the ids, or \
+         check the data set's `max_documents`",
+        bad.len(),
+        first.0,
+        first.1
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,5 +22,5 @@ pub mod text;
 pub use data::{load_eval, load_scores, load_timings, QueryReport, ReportData};
 pub use eval::{EvalResults, LDS_STAGE, RECALL_STAGE};
 pub use html::render;
-pub use known::read_known_sources;
+pub use known::{read_known_sources, unknown_known_sources, unknown_known_sources_note};
 pub use summary::{summary_json, terminal_lines};

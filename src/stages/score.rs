@@ -481,6 +481,10 @@ fn write_token_scores(
 ) -> Result<usize> {
     let top_k = ctx.config.attribution.top_k;
     let keep_all = ctx.config.attribution.all_token_scores || top_k == 0;
+    let n_docs: usize = ranked.roles.values().map(|r| r.docs.len()).sum();
+    if let Some(note) = ctx.config.attribution.top_k_note(n_docs) {
+        tracing::warn!("{note}");
+    }
     let (mut tq, mut tid, mut tidx, mut ttok, mut ttext, mut tscore) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     for (r, &k) in ranked.rows.iter().zip(&ranked.rank) {

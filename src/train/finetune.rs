@@ -102,9 +102,27 @@ pub fn optimizer_info(t: &TrainConfig) -> OptimizerInfo {
     }
 }
 
-/// T, the schedule and the segment plan of `train` over N documents.
+/// T, the schedule and the segment plan of `train` over N documents, after checking that T is
+/// within [`crate::config::MAX_TOTAL_STEPS`] and that warm-up, segments and checkpoints fit in
+/// it (errors name the key).
 pub fn plan(train: &TrainConfig, n_docs: usize) -> Result<(Schedule, Vec<SegmentPlan>)> {
     let total = total_steps(n_docs, train.batch_size, train.epochs, train.max_steps);
+    // With `max_steps` the config's load checked these; with `epochs`, T is known only now
+    // that N is, so they are checked here, before the first step.
+    let source = match train.max_steps {
+        Some(_) => "`max_steps`".to_string(),
+        None => format!(
+            "{} epochs × ⌈{n_docs} documents / batch_size {}⌉",
+            train.epochs, train.batch_size
+        ),
+    };
+    train.check_steps(total, &source).map_err(|(k, m)| {
+        Error::Pipeline(format!(
+            "key `train.{k}` (of [train], or of the [[train.stages]] entry training on \
+             `{}`): {m}",
+            train.dataset
+        ))
+    })?;
     let schedule = Schedule {
         kind: train.schedule,
         peak: train.lr,
@@ -242,7 +260,21 @@ pub fn train_in_memory(
             t.dataset
         )));
     }
-    let (schedule, _) = plan(t, docs.len())?;
+    // A subset's T is shorter than the full run's, which [`plan`] checked: only the bound
+    // applies here (warm-up may then outlast a subset's steps, as in the Trainer).
+    let total = total_steps(docs.len(), t.batch_size, t.epochs, t.max_steps);
+    if total > crate::config::MAX_TOTAL_STEPS {
+        return Err(Error::Pipeline(format!(
+            "key `train.epochs`: T = {total} steps is more than the {} a trajectory holds",
+            crate::config::MAX_TOTAL_STEPS
+        )));
+    }
+    let schedule = Schedule {
+        kind: t.schedule,
+        peak: t.lr,
+        warmup: t.warmup_steps,
+        total,
+    };
     let rates = schedule.rates();
     let model = Model::load(base_dir, &LoadOptions::default(), device)?;
     let mut opt = Optimizer::new(optimizer_info(t), model.params().len())?;

@@ -348,3 +348,159 @@ fn run_device_and_precision_are_checked_and_left_out_of_cpu_configs() {
     assert!(e.contains("key `run.precision`"), "{e}");
     assert!(e.contains("needs `device = \"cuda\"`"), "{e}");
 }
+
+#[test]
+fn fisher_is_accepted_as_the_readme_writes_it() {
+    use source_tda::config::FisherKind;
+    for (text, want) in [
+        ("true", FisherKind::True),
+        ("\"true\"", FisherKind::True),
+        ("\"empirical\"", FisherKind::Empirical),
+    ] {
+        let c = load(&format!("{GOOD}\n[attribution]\nfisher = {text}\n"))
+            .unwrap_or_else(|e| panic!("fisher = {text}: {e}"));
+        assert_eq!(c.attribution.fisher, want, "fisher = {text}");
+        // The resolved config writes the string form, which reads back the same.
+        let again: Config = source_tda::config::parse_toml(Path::new("r.toml"), &c.to_toml())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(again.attribution.fisher, want);
+    }
+    for text in ["false", "\"sampled\"", "1"] {
+        let e = load(&format!("{GOOD}\n[attribution]\nfisher = {text}\n")).unwrap_err();
+        assert!(e.contains("key `attribution.fisher`"), "{text}: {e}");
+        assert!(
+            e.contains("true, \"true\"") && e.contains("\"empirical\""),
+            "names the accepted spellings: {e}"
+        );
+    }
+}
+
+#[test]
+fn warmup_segments_and_checkpoints_must_fit_in_max_steps() {
+    let train = |keys: &str| load(&format!("{GOOD}\n[train]\n{keys}\n"));
+    let e = train("max_steps = 57\nwarmup_steps = 1000").unwrap_err();
+    assert!(e.contains("key `train.warmup_steps`"), "{e}");
+    assert!(
+        e.contains("T = 57") && e.contains("allowed: 0 ..= 57"),
+        "{e}"
+    );
+    train("max_steps = 57\nwarmup_steps = 57").unwrap();
+
+    let e = train("max_steps = 2\nsegments = 3").unwrap_err();
+    assert!(e.contains("key `train.segments`"), "{e}");
+    assert!(e.contains("allowed: 1 ..= 2"), "{e}");
+
+    // 10 steps in 3 segments: K = 3, 3, 4.
+    let e = train("max_steps = 10\nsegments = 3\ncheckpoints_per_segment = 4").unwrap_err();
+    assert!(e.contains("key `train.checkpoints_per_segment`"), "{e}");
+    assert!(e.contains("K = 3 steps of segment 0"), "{e}");
+    train("max_steps = 10\nsegments = 3\ncheckpoints_per_segment = 3").unwrap();
+
+    let e = train("max_steps = 10\nsegment_boundaries = [2, 9]\ncheckpoints_per_segment = 2")
+        .unwrap_err();
+    assert!(e.contains("key `train.checkpoints_per_segment`"), "{e}");
+    assert!(e.contains("K = 1 steps of segment 2"), "{e}");
+    let e = train("max_steps = 10\nsegment_boundaries = [2, 10]").unwrap_err();
+    assert!(e.contains("key `train.segment_boundaries`"), "{e}");
+
+    // A stage's own steps: the key names the stage entry.
+    let e = load(&format!(
+        "{GOOD}\n[train]\nwarmup_steps = 20\n\n[[train.stages]]\nname = \"a\"\nmax_steps = 5\n"
+    ))
+    .unwrap_err();
+    assert!(e.contains("key `train.stages[0].warmup_steps`"), "{e}");
+    assert!(e.contains("(stage `a`)"), "{e}");
+}
+
+#[test]
+fn total_steps_are_bounded_by_what_a_trajectory_holds() {
+    use source_tda::config::MAX_TOTAL_STEPS;
+    let train = |keys: &str| load(&format!("{GOOD}\n[train]\n{keys}\n"));
+    let e = train("max_steps = 4294967295").unwrap_err();
+    assert!(e.contains("key `train.max_steps`"), "{e}");
+    assert!(
+        e.contains(&format!("allowed: 1 ..= {MAX_TOTAL_STEPS}")),
+        "{e}"
+    );
+    train(&format!("max_steps = {MAX_TOTAL_STEPS}")).unwrap();
+    let e = train(&format!("max_steps = {}", MAX_TOTAL_STEPS + 1)).unwrap_err();
+    assert!(e.contains("key `train.max_steps`"), "{e}");
+    let e = train("segment_boundaries = [5, 4294967295]").unwrap_err();
+    assert!(e.contains("key `train.segment_boundaries`"), "{e}");
+    let e = train("warmup_steps = 4294967295").unwrap_err();
+    assert!(e.contains("key `train.warmup_steps`"), "{e}");
+}
+
+/// With `epochs`, T is known once `prepare` has counted the documents: the schedule's
+/// builder (`plan`, before the first step) refuses a warm-up longer than T and a T beyond the
+/// bound, naming the key.
+#[test]
+fn steps_from_epochs_are_checked_where_the_schedule_is_built() {
+    use source_tda::train::finetune::plan;
+    let c = load(&format!(
+        "{GOOD}\n[train]\nwarmup_steps = 1000\nbatch_size = 8\nepochs = 1\n"
+    ))
+    .unwrap();
+    let e = plan(&c.train, 57 * 8).unwrap_err().to_string();
+    assert!(e.contains("key `train.warmup_steps`"), "{e}");
+    assert!(e.contains("T = 57"), "{e}");
+    assert!(
+        e.contains("1 epochs × ⌈456 documents / batch_size 8⌉"),
+        "{e}"
+    );
+    let (schedule, _) = plan(&c.train, 1000 * 8).unwrap();
+    assert_eq!(schedule.total, 1000);
+
+    let c = load(&format!(
+        "{GOOD}\n[train]\nbatch_size = 1\nepochs = 4000000\n"
+    ))
+    .unwrap();
+    let e = plan(&c.train, 1).unwrap_err().to_string();
+    assert!(e.contains("key `train.epochs`"), "{e}");
+    assert!(e.contains("T = 4000000"), "{e}");
+    let c = load(&format!(
+        "{GOOD}\n[train]\nepochs = 1\nsegments = 3\ncheckpoints_per_segment = 2\n"
+    ))
+    .unwrap();
+    let e = plan(&c.train, 8 * 5).unwrap_err().to_string();
+    assert!(e.contains("key `train.checkpoints_per_segment`"), "{e}");
+}
+
+#[test]
+fn top_k_above_the_document_count_is_noted() {
+    let c = load(&format!("{GOOD}\n[attribution]\ntop_k = 50\n")).unwrap();
+    let note = c.attribution.top_k_note(24).expect("a note");
+    assert!(note.contains("key `attribution.top_k` = 50"), "{note}");
+    assert!(note.contains("24 documents"), "{note}");
+    assert_eq!(c.attribution.top_k_note(50), None);
+    let c = load(&format!("{GOOD}\n[attribution]\ntop_k = 0\n")).unwrap();
+    assert_eq!(c.attribution.top_k_note(3), None, "0 means all documents");
+    let c = load(&format!(
+        "{GOOD}\n[attribution]\ntop_k = 50\nall_token_scores = true\n"
+    ))
+    .unwrap();
+    assert_eq!(c.attribution.top_k_note(3), None);
+}
+
+#[test]
+fn known_source_ids_that_name_no_document_are_reported() {
+    use source_tda::report::{unknown_known_sources, unknown_known_sources_note};
+    let known: std::collections::BTreeMap<String, Vec<String>> = [
+        (
+            "q0".to_string(),
+            vec!["d1".to_string(), "d-typo".to_string()],
+        ),
+        ("q1".to_string(), vec!["d2".to_string()]),
+    ]
+    .into_iter()
+    .collect();
+    let scored: std::collections::HashSet<&str> = ["d1", "d2", "d3"].into_iter().collect();
+    assert_eq!(
+        unknown_known_sources(&known, &scored),
+        vec![("q0", "d-typo")]
+    );
+    let note = unknown_known_sources_note(&known, &scored).unwrap();
+    assert!(note.contains("query `q0` lists `d-typo`"), "{note}");
+    let all: std::collections::HashSet<&str> = ["d1", "d2", "d-typo"].into_iter().collect();
+    assert_eq!(unknown_known_sources_note(&known, &all), None);
+}
