@@ -4,6 +4,7 @@
 use std::io::Read;
 use std::path::Path;
 
+use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
 use crate::error::{IoContext, Result};
@@ -50,6 +51,7 @@ pub fn git_blob_sha1_file(path: &Path) -> Result<String> {
         .ctx("reading metadata of", path)?
         .len();
     let mut file = std::fs::File::open(path).ctx("opening", path)?;
+    // SHA-1 only to check content addresses that are SHA-1 (git object ids).
     let mut hasher = Sha1::new();
     hasher.update(format!("blob {len}\0").as_bytes());
     let mut buf = vec![0u8; 1 << 20];
@@ -61,90 +63,6 @@ pub fn git_blob_sha1_file(path: &Path) -> Result<String> {
         hasher.update(&buf[..n]);
     }
     Ok(hex::encode(hasher.finalize()))
-}
-
-/// SHA-1 (FIPS 180-4), streamed: only to check content addresses that are SHA-1 (git object
-/// ids), never to protect anything new.
-struct Sha1 {
-    h: [u32; 5],
-    block: [u8; 64],
-    filled: usize,
-    len: u64,
-}
-
-impl Sha1 {
-    fn new() -> Sha1 {
-        Sha1 {
-            h: [
-                0x6745_2301,
-                0xEFCD_AB89,
-                0x98BA_DCFE,
-                0x1032_5476,
-                0xC3D2_E1F0,
-            ],
-            block: [0; 64],
-            filled: 0,
-            len: 0,
-        }
-    }
-
-    fn update(&mut self, mut data: &[u8]) {
-        self.len += data.len() as u64;
-        while !data.is_empty() {
-            let take = (64 - self.filled).min(data.len());
-            self.block[self.filled..self.filled + take].copy_from_slice(&data[..take]);
-            self.filled += take;
-            data = &data[take..];
-            if self.filled == 64 {
-                let block = self.block;
-                self.compress(&block);
-                self.filled = 0;
-            }
-        }
-    }
-
-    fn compress(&mut self, block: &[u8; 64]) {
-        let mut w = [0u32; 80];
-        for (i, c) in block.chunks_exact(4).enumerate() {
-            w[i] = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
-        }
-        for i in 16..80 {
-            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
-        }
-        let [mut a, mut b, mut c, mut d, mut e] = self.h;
-        for (i, wi) in w.iter().enumerate() {
-            let (f, k) = match i {
-                0..=19 => ((b & c) | (!b & d), 0x5A82_7999),
-                20..=39 => (b ^ c ^ d, 0x6ED9_EBA1),
-                40..=59 => ((b & c) | (b & d) | (c & d), 0x8F1B_BCDC),
-                _ => (b ^ c ^ d, 0xCA62_C1D6),
-            };
-            let t = a
-                .rotate_left(5)
-                .wrapping_add(f)
-                .wrapping_add(e)
-                .wrapping_add(k)
-                .wrapping_add(*wi);
-            (e, d, c, b, a) = (d, c, b.rotate_left(30), a, t);
-        }
-        for (h, x) in self.h.iter_mut().zip([a, b, c, d, e]) {
-            *h = h.wrapping_add(x);
-        }
-    }
-
-    fn finalize(mut self) -> [u8; 20] {
-        let bits = self.len.wrapping_mul(8);
-        self.update(&[0x80]);
-        while self.filled != 56 {
-            self.update(&[0]);
-        }
-        self.update(&bits.to_be_bytes());
-        let mut out = [0u8; 20];
-        for (o, h) in out.chunks_exact_mut(4).zip(self.h) {
-            o.copy_from_slice(&h.to_be_bytes());
-        }
-        out
-    }
 }
 
 #[cfg(test)]
@@ -166,30 +84,6 @@ mod tests {
         assert_eq!(sha256_json(&a), sha256_json(&b));
         let c: serde_json::Value = serde_json::from_str(r#"{"a":1,"b":{"c":2,"d":4}}"#).unwrap();
         assert_ne!(sha256_json(&a), sha256_json(&c));
-    }
-
-    fn sha1(bytes: &[u8]) -> String {
-        let mut h = Sha1::new();
-        h.update(bytes);
-        hex::encode(h.finalize())
-    }
-
-    #[test]
-    fn sha1_known_digests() {
-        assert_eq!(sha1(b""), "da39a3ee5e6b4b0d3255bfef95601890afd80709");
-        assert_eq!(sha1(b"abc"), "a9993e364706816aba3e25717850c26c9cd0d89d");
-        let long = b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
-        assert_eq!(sha1(long), "84983e441c3bd26ebaae4aa1f95129e5e54670f1");
-        // Fed in pieces across block boundaries: the same digest.
-        let a = vec![b'a'; 1_000_000];
-        let mut h = Sha1::new();
-        for c in a.chunks(777) {
-            h.update(c);
-        }
-        assert_eq!(
-            hex::encode(h.finalize()),
-            "34aa973cd4c4daa4f61eeb2bdbad27316534016f"
-        );
     }
 
     #[test]
