@@ -17,18 +17,25 @@ pub fn sha256_bytes(bytes: &[u8]) -> String {
 /// Hex SHA-256 of a file's content, streamed; `on_bytes` is called with each chunk's size
 /// (for a progress bar).
 pub fn sha256_file_with(path: &Path, mut on_bytes: impl FnMut(u64)) -> Result<String> {
-    let mut file = std::fs::File::open(path).ctx("opening", path)?;
     let mut hasher = Sha256::new();
+    stream(path, |chunk| {
+        hasher.update(chunk);
+        on_bytes(chunk.len() as u64);
+    })?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Feeds a file's content to `f` in chunks of at most 1 MiB.
+fn stream(path: &Path, mut f: impl FnMut(&[u8])) -> Result<()> {
+    let mut file = std::fs::File::open(path).ctx("opening", path)?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = file.read(&mut buf).ctx("reading", path)?;
         if n == 0 {
-            break;
+            return Ok(());
         }
-        hasher.update(&buf[..n]);
-        on_bytes(n as u64);
+        f(&buf[..n]);
     }
-    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Hex SHA-256 of a file's content.
@@ -50,18 +57,10 @@ pub fn git_blob_sha1_file(path: &Path) -> Result<String> {
     let len = std::fs::metadata(path)
         .ctx("reading metadata of", path)?
         .len();
-    let mut file = std::fs::File::open(path).ctx("opening", path)?;
     // SHA-1 only to check content addresses that are SHA-1 (git object ids).
     let mut hasher = Sha1::new();
     hasher.update(format!("blob {len}\0").as_bytes());
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).ctx("reading", path)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
+    stream(path, |chunk| hasher.update(chunk))?;
     Ok(hex::encode(hasher.finalize()))
 }
 

@@ -83,36 +83,13 @@ fn every_codec_written_by_the_parquet_crate_reads() {
     }
 }
 
-/// The Python reference environment's interpreter, or `None` (with a loud `SKIPPED` line)
-/// outside CI.
-fn python() -> Option<PathBuf> {
-    let env = std::env::var_os("SOURCE_TDA_PYTHON_ENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| common::repo_root().join(".cache/py"));
-    let py = env.join("bin/python");
-    if py.exists() {
-        return Some(py);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "{} is missing: run scripts/assets/setup-test-python.sh",
-            py.display()
-        );
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n=== SKIPPED (pyarrow codecs): {} is missing: run scripts/assets/setup-test-python.sh ===\n",
-        py.display()
-    );
-    None
-}
-
 /// pyarrow writes the rows with each codec it offers (its default, snappy, first; its `lz4` is
 /// LZ4_RAW) and DuckDB with its default (snappy) and zstd; every file reads with the same rows.
 #[test]
 fn every_codec_pyarrow_and_duckdb_write_reads() {
-    let Some(py) = python() else { return };
+    let Some(py) = common::reference_python("pyarrow and DuckDB codecs") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let rows = expected();
     let json = serde_json::to_string(&rows).unwrap();

@@ -8,7 +8,6 @@
 use crate::common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -21,23 +20,10 @@ const COMMIT: &str = "1111111111222222222233333333334444444444";
 const DATA_COMMIT: &str = "aaaaaaaaaabbbbbbbbbbccccccccccdddddddddd";
 const CONV_COMMIT: &str = "9999999999888888888877777777776666666666";
 
-fn python() -> Option<PathBuf> {
-    let p = std::env::var_os("SOURCE_TDA_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| common::repo_root().join(".cache/py/bin/python"));
-    p.exists().then_some(p)
-}
-
 #[test]
 fn cache_written_by_huggingface_hub_resolves_offline() {
-    let Some(py) = python() else {
-        if std::env::var_os("CI").is_some() {
-            panic!("the Python reference environment is missing: run scripts/assets/setup-test-python.sh");
-        }
-        eprintln!(
-            "\n*** SKIPPED cache_written_by_huggingface_hub_resolves_offline: no Python env with \
-             huggingface_hub; run scripts/assets/setup-test-python.sh ***\n"
-        );
+    let Some(py) = common::reference_python("cache_written_by_huggingface_hub_resolves_offline")
+    else {
         return;
     };
     let model: BTreeMap<String, Vec<u8>> = common::model_files()

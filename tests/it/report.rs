@@ -444,32 +444,11 @@ fn malformed_eval_results_are_an_error_naming_the_file() {
     );
 }
 
-fn python() -> Option<PathBuf> {
-    let env = std::env::var_os("SOURCE_TDA_PYTHON_ENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| common::repo_root().join(".cache/py"));
-    let py = env.join("bin/python");
-    if py.exists() {
-        return Some(py);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "{} is missing: run scripts/assets/setup-test-python.sh",
-            py.display()
-        );
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n=== SKIPPED (DuckDB example): {} is missing: run scripts/assets/setup-test-python.sh ===\n",
-        py.display()
-    );
-    None
-}
-
 #[test]
 fn duckdb_example_joins_the_top_documents_to_their_text() {
-    let Some(py) = python() else { return };
+    let Some(py) = common::reference_python("the DuckDB example") else {
+        return;
+    };
     let d = demo();
     let script = common::repo_root().join("scripts/eval/query-results.py");
     let out = Command::new(&py)

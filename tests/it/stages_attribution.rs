@@ -223,17 +223,9 @@ fn thread_count_changes_nothing() {
 
 #[test]
 fn duckdb_and_pyarrow_read_the_outputs() {
-    let py = std::env::var_os("SOURCE_TDA_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| common::repo_root().join(".cache/py/bin/python"));
-    if !py.exists() {
-        if std::env::var_os("CI").is_some() {
-            panic!("the Python environment is missing: run scripts/assets/setup-test-python.sh");
-        }
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "\n=== SKIPPED duckdb_and_pyarrow_read_the_outputs: run scripts/assets/setup-test-python.sh ===\n");
+    let Some(py) = common::reference_python("duckdb_and_pyarrow_read_the_outputs") else {
         return;
-    }
+    };
     let dir = setup("influence", "");
     run(dir.path());
     let out = dir.path().join("run/score");

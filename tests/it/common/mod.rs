@@ -18,6 +18,28 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The interpreter of the Python reference environment (pyarrow, DuckDB, huggingface_hub)
+/// that `scripts/assets/setup-test-python.sh` makes in `$SOURCE_TDA_PYTHON_ENV`, default
+/// `.cache/py`. Missing: under CI the test `what` fails; elsewhere it prints a loud `SKIPPED`
+/// line and gets `None`.
+pub fn reference_python(what: &str) -> Option<PathBuf> {
+    let env = std::env::var_os("SOURCE_TDA_PYTHON_ENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".cache/py"));
+    let py = env.join("bin/python");
+    if py.exists() {
+        return Some(py);
+    }
+    let msg = format!(
+        "{what}: {} is missing: run scripts/assets/setup-test-python.sh",
+        py.display()
+    );
+    assert!(std::env::var_os("CI").is_none(), "{msg}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "\n=== SKIPPED {msg} ===\n");
+    None
+}
+
 /// The demo tokenizer shipped in assets/hf-cache (a byte-level BPE).
 pub fn demo_tokenizer() -> PathBuf {
     let snaps = repo_root().join("assets/hf-cache/models--source-tda--demo-llama/snapshots");
