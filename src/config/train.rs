@@ -493,6 +493,31 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// T ≤ [`MAX_TOTAL_STEPS`], the bound a trajectory holds; `source` says where T came from.
+    /// Errors are `(key without the `train.` prefix, message)`.
+    pub fn check_total(
+        &self,
+        total: u64,
+        source: &str,
+    ) -> std::result::Result<(), (String, String)> {
+        if total <= MAX_TOTAL_STEPS {
+            return Ok(());
+        }
+        let key = if self.max_steps.is_some() {
+            "max_steps"
+        } else {
+            "epochs"
+        };
+        Err((
+            key.to_string(),
+            format!(
+                "training would take T = {total} steps ({source}), more than the \
+                 {MAX_TOTAL_STEPS} a trajectory holds; lower `epochs` or set `max_steps` \
+                 (docs/design.md §2)"
+            ),
+        ))
+    }
+
     /// The checks that need T, the total number of steps: warm-up, segments and checkpoints
     /// fit inside it. `source` says where T came from (for messages). Errors are `(key
     /// without the `train.` prefix, message)`. Called at load when `max_steps` gives T, and
@@ -503,20 +528,7 @@ impl TrainConfig {
         source: &str,
     ) -> std::result::Result<(), (String, String)> {
         let e = |k: &str, m: String| Err((k.to_string(), m));
-        if total > MAX_TOTAL_STEPS {
-            return e(
-                if self.max_steps.is_some() {
-                    "max_steps"
-                } else {
-                    "epochs"
-                },
-                format!(
-                    "training would take T = {total} steps ({source}), more than the \
-                     {MAX_TOTAL_STEPS} a trajectory holds; lower `epochs` or set `max_steps` \
-                     (docs/design.md §2)"
-                ),
-            );
-        }
+        self.check_total(total, source)?;
         if self.warmup_steps > total {
             return e(
                 "warmup_steps",

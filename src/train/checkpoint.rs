@@ -1,4 +1,4 @@
-//! Owns checkpoints on disk: their layout, `save_checkpoint`, `latest_checkpoint`, `read_state`.
+//! Owns checkpoints on disk: layout, `save_checkpoint`, `latest_good_checkpoint`, `read_state`.
 //! Layer: train — may import the ground, linalg, backend, model, data and hub; no sibling.
 //!
 //! Checkpoints: Hugging Face folders that this tool and `transformers` both load, plus the
@@ -18,7 +18,7 @@
 //!
 //! A checkpoint is written into `.tmp-step-N-PID/` and renamed to `step-N/` when every file
 //! is on disk: the rename is the completion marker. Folders named otherwise are ignored by
-//! [`latest_checkpoint`] and removed by [`remove_incomplete`]. A complete folder whose files
+//! [`latest_good_checkpoint`] and removed by [`remove_incomplete`]. A complete folder whose files
 //! no longer match `checksums.json` (torn by a crash of the file system, or damaged) fails
 //! [`verify_checkpoint`]; [`latest_good_checkpoint`] discards it, with every later one.
 
@@ -306,14 +306,10 @@ pub fn verify_checkpoint(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The newest checkpoint under `root` such that it and every earlier one pass
-/// [`verify_checkpoint`]. The first one that fails is discarded with a warning, together with
-/// every later one (training from the good one before rewrites them, bitwise), so that no
-/// damaged checkpoint is ever resumed from or published. `None` when no good one is left:
-/// the stage starts from its beginning.
-pub fn latest_good_checkpoint(root: &Path) -> Result<Option<(u64, PathBuf)>> {
+/// The complete checkpoints under `root` (folders `step-N` with a `state.json`), by step.
+fn complete_checkpoints(root: &Path) -> Vec<(u64, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(root) else {
-        return Ok(None);
+        return Vec::new();
     };
     let mut complete: Vec<(u64, PathBuf)> = entries
         .flatten()
@@ -327,6 +323,16 @@ pub fn latest_good_checkpoint(root: &Path) -> Result<Option<(u64, PathBuf)>> {
         })
         .collect();
     complete.sort();
+    complete
+}
+
+/// The newest checkpoint under `root` such that it and every earlier one pass
+/// [`verify_checkpoint`]. The first one that fails is discarded with a warning, together with
+/// every later one (training from the good one before rewrites them, bitwise), so that no
+/// damaged checkpoint is ever resumed from or published. `None` when no good one is left:
+/// the stage starts from its beginning.
+pub fn latest_good_checkpoint(root: &Path) -> Result<Option<(u64, PathBuf)>> {
+    let complete = complete_checkpoints(root);
     let mut good: Option<(u64, PathBuf)> = None;
     for (i, (step, dir)) in complete.iter().enumerate() {
         let Err(why) = verify_checkpoint(dir) else {
@@ -352,28 +358,6 @@ pub fn latest_good_checkpoint(root: &Path) -> Result<Option<(u64, PathBuf)>> {
         break;
     }
     Ok(good)
-}
-
-/// The complete checkpoint with the most steps under `root` (folders `step-N` with a
-/// `state.json`), if any.
-pub fn latest_checkpoint(root: &Path) -> Result<Option<(u64, PathBuf)>> {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return Ok(None);
-    };
-    let mut best: Option<(u64, PathBuf)> = None;
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(step) = name
-            .strip_prefix("step-")
-            .and_then(|s| s.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        if e.path().join("state.json").is_file() && best.as_ref().is_none_or(|b| step > b.0) {
-            best = Some((step, e.path()));
-        }
-    }
-    Ok(best)
 }
 
 /// Removes half-written checkpoint folders (`.tmp-*`) under `root`.

@@ -106,29 +106,9 @@ pub fn optimizer_info(t: &TrainConfig) -> OptimizerInfo {
 /// within [`crate::config::MAX_TOTAL_STEPS`] and that warm-up, segments and checkpoints fit in
 /// it (errors name the key).
 pub fn plan(train: &TrainConfig, n_docs: usize) -> Result<(Schedule, Vec<SegmentPlan>)> {
-    let total = total_steps(n_docs, train.batch_size, train.epochs, train.max_steps);
     // With `max_steps` the config's load checked these; with `epochs`, T is known only now
     // that N is, so they are checked here, before the first step.
-    let source = match train.max_steps {
-        Some(_) => "`max_steps`".to_string(),
-        None => format!(
-            "{} epochs × ⌈{n_docs} documents / batch_size {}⌉",
-            train.epochs, train.batch_size
-        ),
-    };
-    train.check_steps(total, &source).map_err(|(k, m)| {
-        Error::Pipeline(format!(
-            "key `train.{k}` (of [train], or of the [[train.stages]] entry training on \
-             `{}`): {m}",
-            train.dataset
-        ))
-    })?;
-    let schedule = Schedule {
-        kind: train.schedule,
-        peak: train.lr,
-        warmup: train.warmup_steps,
-        total,
-    };
+    let total = checked_total(train, n_docs, TrainConfig::check_steps)?;
     let segments = plan_segments(
         total,
         train.segments.unwrap_or(3),
@@ -136,7 +116,40 @@ pub fn plan(train: &TrainConfig, n_docs: usize) -> Result<(Schedule, Vec<Segment
         train.checkpoints_per_segment,
     )
     .map_err(Error::Pipeline)?;
-    Ok((schedule, segments))
+    Ok((schedule(train, total), segments))
+}
+
+/// A config check over T ([`TrainConfig::check_steps`] or [`TrainConfig::check_total`]).
+type StepsCheck = fn(&TrainConfig, u64, &str) -> std::result::Result<(), (String, String)>;
+
+/// T of `train` over N documents, passed through `check`; errors name the key.
+fn checked_total(train: &TrainConfig, n_docs: usize, check: StepsCheck) -> Result<u64> {
+    let total = total_steps(n_docs, train.batch_size, train.epochs, train.max_steps);
+    let source = match train.max_steps {
+        Some(_) => "`max_steps`".to_string(),
+        None => format!(
+            "{} epochs × ⌈{n_docs} documents / batch_size {}⌉",
+            train.epochs, train.batch_size
+        ),
+    };
+    check(train, total, &source).map_err(|(k, m)| {
+        Error::Pipeline(format!(
+            "key `train.{k}` (of [train], or of the [[train.stages]] entry training on \
+             `{}`): {m}",
+            train.dataset
+        ))
+    })?;
+    Ok(total)
+}
+
+/// The learning-rate schedule of `train` over T = `total` steps.
+fn schedule(train: &TrainConfig, total: u64) -> Schedule {
+    Schedule {
+        kind: train.schedule,
+        peak: train.lr,
+        warmup: train.warmup_steps,
+        total,
+    }
 }
 
 /// Gradients of one step's objective, accumulated over micro-batches, and its value.
@@ -262,19 +275,8 @@ pub fn train_in_memory(
     }
     // A subset's T is shorter than the full run's, which [`plan`] checked: only the bound
     // applies here (warm-up may then outlast a subset's steps, as in the Trainer).
-    let total = total_steps(docs.len(), t.batch_size, t.epochs, t.max_steps);
-    if total > crate::config::MAX_TOTAL_STEPS {
-        return Err(Error::Pipeline(format!(
-            "key `train.epochs`: T = {total} steps is more than the {} a trajectory holds",
-            crate::config::MAX_TOTAL_STEPS
-        )));
-    }
-    let schedule = Schedule {
-        kind: t.schedule,
-        peak: t.lr,
-        warmup: t.warmup_steps,
-        total,
-    };
+    let total = checked_total(t, docs.len(), TrainConfig::check_total)?;
+    let schedule = schedule(t, total);
     let rates = schedule.rates();
     let model = Model::load(base_dir, &LoadOptions::default(), device)?;
     let mut opt = Optimizer::new(optimizer_info(t), model.params().len())?;
