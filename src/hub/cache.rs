@@ -16,7 +16,7 @@ use hf_hub::{Cache, Repo};
 
 use std::path::{Path, PathBuf};
 
-use super::repo::{Listing, RepoKind, RepoRequest, Resolution, ResolvedFile};
+use super::repo::{Listing, RepoRequest, Resolution, ResolvedFile};
 use super::settings::HubSettings;
 use crate::error::{Error, Result};
 use crate::util::hash::git_blob_sha1_file;
@@ -52,11 +52,7 @@ pub(crate) fn listing(settings: &HubSettings, req: &RepoRequest) -> Result<Listi
                 } else {
                     " and the hub could not be reached"
                 },
-                repo_type = if req.kind == RepoKind::Dataset {
-                    " --repo-type dataset"
-                } else {
-                    ""
-                },
+                repo_type = req.kind.cli_flag(),
             )))
         }
     };
@@ -179,11 +175,7 @@ pub(crate) fn verify_blobs(req: &RepoRequest, files: &[ResolvedFile]) -> Result<
                 file = f.name,
                 blob = blob.display(),
                 rev = req.revision,
-                repo_type = if req.kind == RepoKind::Dataset {
-                    " --repo-type dataset"
-                } else {
-                    ""
-                },
+                repo_type = req.kind.cli_flag(),
             )));
         }
     }

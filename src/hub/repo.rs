@@ -32,6 +32,14 @@ impl RepoKind {
             RepoKind::Dataset => "dataset",
         }
     }
+
+    /// What `huggingface-cli download` needs to name this kind (after the repo id).
+    pub(super) fn cli_flag(self) -> &'static str {
+        match self {
+            RepoKind::Model => "",
+            RepoKind::Dataset => " --repo-type dataset",
+        }
+    }
 }
 
 /// How a repo was resolved.
