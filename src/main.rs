@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 
 use source_tda::config::{Config, Pipeline, STAGE_ORDER};
 use source_tda::pipeline::{
-    run_stages, status_rows, verify_run, Outcome, Registry, RunDir, RunOptions,
+    run_stages, status_rows, verify_run, Outcome, Registry, RunDir, RunOptions, Workers,
 };
 use source_tda::util::mem::human_bytes;
 use source_tda::util::progress::is_quiet;
@@ -54,6 +54,8 @@ enum Command {
         run_dir: Option<PathBuf>,
         #[command(flatten)]
         opts: StageOpts,
+        #[command(flatten)]
+        workers: WorkerOpts,
     },
     /// Resolve the model and data sets (hub, hub cache or local paths) and hash every file.
     Fetch(OneStage),
@@ -158,9 +160,13 @@ enum EvalCommand {
     /// correlates it with −Σ τ over the subset; writes RUN_DIR/eval-lds/{summary.json,
     /// points.parquet}. Finished retraining jobs are kept and skipped on a rerun.
     ///
-    /// With --shard i/n only every n-th job (starting at job i − 1) is trained, without
-    /// locking the run directory, so shards may run at the same time; the last shard (or a
-    /// later run without --shard) merges once every job is done.
+    /// Retraining runs in worker processes, one single-threaded retraining per core for a
+    /// small model (see --workers); the results do not depend on how many.
+    ///
+    /// With --shard i/n only every n-th job (starting at job i − 1) is trained, in this
+    /// process, without locking the run directory, so shards may run at the same time (on
+    /// several machines); the last shard (or a later run without --shard) merges once every
+    /// job is done.
     #[command(verbatim_doc_comment)]
     Lds {
         #[command(flatten)]
@@ -168,6 +174,11 @@ enum EvalCommand {
         /// Run only shard i of n (1 ≤ i ≤ n), e.g. --shard 2/4.
         #[arg(long, value_name = "i/n")]
         shard: Option<String>,
+        #[command(flatten)]
+        workers: WorkerOpts,
+        /// With --shard: never merge (a worker of a running eval-lds stage).
+        #[arg(long, hide = true, requires = "shard")]
+        no_merge: bool,
     },
 }
 
@@ -194,28 +205,55 @@ struct StageOpts {
     allow_config_change: bool,
 }
 
-impl StageOpts {
-    fn into_options(self) -> RunOptions {
-        RunOptions {
-            force: self.force,
-            allow_config_change: self.allow_config_change,
+#[derive(Args, Debug, Clone, Copy)]
+struct WorkerOpts {
+    /// Worker processes for eval-lds's retrainings, each on cores / N threads. Default: one
+    /// per core when the base model's weights are under 256 MiB (a small model's steps are
+    /// bound by per-operation overhead, which threads do not share), else 1 (this process).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
+}
+
+impl WorkerOpts {
+    fn workers(self) -> Workers {
+        Workers {
+            exe: std::env::current_exe().ok(),
+            count: self.workers.map(usize::from),
         }
     }
 }
 
-/// The table of subcommands that run one stage: each one's arguments and stage. Any other
-/// command comes back as it is.
-fn one_stage(command: Command) -> std::result::Result<(OneStage, &'static str), Command> {
+impl StageOpts {
+    fn into_options(self, workers: Workers) -> RunOptions {
+        RunOptions {
+            force: self.force,
+            allow_config_change: self.allow_config_change,
+            workers,
+        }
+    }
+}
+
+/// A subcommand that runs one stage: its arguments, stage and worker processes.
+type OneStageRun = (OneStage, &'static str, Workers);
+
+/// The table of subcommands that run one stage. Any other command comes back as it is.
+fn one_stage(command: Command) -> std::result::Result<OneStageRun, Command> {
+    let here = Workers::default;
     Ok(match command {
-        Command::Fetch(s) => (s, "fetch"),
-        Command::Prepare(s) => (s, "prepare"),
-        Command::Finetune(s) => (s, "finetune"),
-        Command::Fit(s) => (s, "fit"),
-        Command::Query(s) => (s, "query"),
-        Command::Score(s) => (s, "score"),
-        Command::Eval(EvalCommand::Recall(s)) => (s, "eval-recall"),
-        Command::Eval(EvalCommand::Lds { stage, shard: None }) => (stage, "eval-lds"),
-        Command::Report(s) => (s, "report"),
+        Command::Fetch(s) => (s, "fetch", here()),
+        Command::Prepare(s) => (s, "prepare", here()),
+        Command::Finetune(s) => (s, "finetune", here()),
+        Command::Fit(s) => (s, "fit", here()),
+        Command::Query(s) => (s, "query", here()),
+        Command::Score(s) => (s, "score", here()),
+        Command::Eval(EvalCommand::Recall(s)) => (s, "eval-recall", here()),
+        Command::Eval(EvalCommand::Lds {
+            stage,
+            shard: None,
+            workers,
+            ..
+        }) => (stage, "eval-lds", workers.workers()),
+        Command::Report(s) => (s, "report", here()),
         other => return Err(other),
     })
 }
@@ -261,9 +299,15 @@ fn init_logging(quiet: bool, verbose: u8) {
 
 fn dispatch(command: Command, stages: &Registry) -> Result<()> {
     let command = match one_stage(command) {
-        Ok((s, stage)) => {
+        Ok((s, stage, workers)) => {
             let names = [stage.to_string()];
-            run(stages, &s.config, &s.run_dir, &names, s.opts.into_options())?;
+            run(
+                stages,
+                &s.config,
+                &s.run_dir,
+                &names,
+                s.opts.into_options(workers),
+            )?;
             return print_summary(&s.run_dir, stage);
         }
         Err(other) => other,
@@ -273,17 +317,26 @@ fn dispatch(command: Command, stages: &Registry) -> Result<()> {
             pipeline,
             run_dir,
             opts,
+            workers,
         } => {
             let p = Pipeline::load(&pipeline)?;
             let run_dir = run_dir
                 .or_else(|| p.run_dir.clone())
                 .unwrap_or_else(|| PathBuf::from("runs").join(p.name()));
-            run(stages, &p.config, &run_dir, &p.stages, opts.into_options())
+            run(
+                stages,
+                &p.config,
+                &run_dir,
+                &p.stages,
+                opts.into_options(workers.workers()),
+            )
         }
         Command::Eval(EvalCommand::Lds {
             stage,
             shard: Some(shard),
-        }) => eval_lds_shard(stages, &stage, &shard),
+            no_merge,
+            ..
+        }) => eval_lds_shard(stages, &stage, &shard, !no_merge),
         Command::ImportTrainer { trainer_dir, stage } => {
             import_trainer(stages, &trainer_dir, stage)
         }
@@ -364,12 +417,12 @@ fn print_summary(run_dir: &Path, stage: &str) -> Result<()> {
     Ok(())
 }
 
-fn eval_lds_shard(stages: &Registry, s: &OneStage, shard: &str) -> Result<()> {
+fn eval_lds_shard(stages: &Registry, s: &OneStage, shard: &str, merge: bool) -> Result<()> {
     use source_tda::stages::{run_shard, ShardOutcome};
     let shard = source_tda::eval::Shard::parse(shard)?;
     let config = Config::load(&s.config)?;
     let run = RunDir::at(&s.run_dir)?;
-    match run_shard(stages, &config, &s.config, &run, shard)
+    match run_shard(stages, &config, &s.config, &run, shard, merge)
         .with_context(|| format!("run directory {}", run.path().display()))?
     {
         ShardOutcome::Merged { ran } => {
@@ -411,7 +464,7 @@ fn import_trainer(stages: &Registry, trainer_dir: &Path, s: OneStage) -> Result<
         &s.config,
         &run,
         &names,
-        s.opts.into_options(),
+        s.opts.into_options(Workers::default()),
     )?;
     let trajectory = run.path().join("finetune/trajectory.json");
     print_outcomes(&outcomes, &format!("trajectory: {}", trajectory.display()));

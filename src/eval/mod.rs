@@ -13,6 +13,7 @@ pub mod methods;
 pub mod retrain;
 pub mod stats;
 pub mod table;
+pub mod workers;
 
 pub use known::read_known_sources;
 pub use lds::{draw_subset, lds, predicted_losses, subset_size, Lds};
@@ -21,4 +22,7 @@ pub use retrain::{all_jobs, measure_queries, Job, JobResult, Retrain, Shard};
 pub use stats::{
     average_ranks, bootstrap_ci95, bootstrap_difference_ci95, pearson, recall_at, reciprocal_rank,
     source_ranks, spearman,
+};
+pub use workers::{
+    auto_workers, available_cores, model_weight_bytes, run_workers, threads_each, Worker,
 };

@@ -225,6 +225,17 @@ impl Retrain<'_> {
         Ok(r)
     }
 
+    /// The jobs of `jobs` without a (matching) result yet.
+    pub fn missing(&self, jobs: &[Job]) -> Result<Vec<Job>> {
+        let mut todo = Vec::new();
+        for &job in jobs {
+            if self.load(job)?.is_none() {
+                todo.push(job);
+            }
+        }
+        Ok(todo)
+    }
+
     /// Runs every job of `jobs` that has no result yet (skipping finished ones), with a
     /// progress bar and ETA. `hook` is called after each job (tests use it to interrupt).
     /// Returns how many jobs ran.
@@ -234,12 +245,7 @@ impl Retrain<'_> {
         opts: &PassOptions,
         hook: &dyn Fn(Job) -> Result<()>,
     ) -> Result<usize> {
-        let mut todo = Vec::new();
-        for &job in jobs {
-            if self.load(job)?.is_none() {
-                todo.push(job);
-            }
-        }
+        let todo = self.missing(jobs)?;
         if todo.len() < jobs.len() {
             tracing::info!(
                 "eval-lds: {} of {} retraining jobs already finished; {} to run",

@@ -17,6 +17,6 @@ mod verify;
 pub use manifest::{Manifest, OutputFile, StageRecord, StageStatus};
 pub use rundir::{RunDir, RunLock};
 pub use runner::{run_stages, stage_key, staleness, Outcome, RunOptions, StageKey};
-pub use stage::{Registry, Stage, StageContext};
+pub use stage::{Registry, Stage, StageContext, Workers};
 pub use status::{status_rows, StatusRow};
 pub use verify::{output_mismatch, verify_run, Mismatch, Verification};

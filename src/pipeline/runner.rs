@@ -24,7 +24,7 @@ use crate::util::{mem, now_rfc3339};
 
 use super::manifest::{Manifest, OutputFile, StageRecord, StageStatus};
 use super::rundir::RunDir;
-use super::stage::{Registry, Stage, StageContext};
+use super::stage::{Registry, Stage, StageContext, Workers};
 use super::verify::{remember, stage_mismatch};
 
 /// What the runner did with one stage.
@@ -43,6 +43,8 @@ pub struct RunOptions {
     pub force: Option<String>,
     /// Accept a run directory made with a different config (rerun what the change affects).
     pub allow_config_change: bool,
+    /// The worker processes stages may start.
+    pub workers: Workers,
 }
 
 /// The hashes that decide whether a stage's record is current.
@@ -165,7 +167,15 @@ pub fn run_stages(
             }
         }
         verify_inputs(stage, run, &manifest)?;
-        run_one(stage, registry, config, run, &mut manifest, key)?;
+        run_one(
+            stage,
+            registry,
+            config,
+            (config_file, opts),
+            run,
+            &mut manifest,
+            key,
+        )?;
         outcomes.push((name.to_string(), Outcome::Ran));
     }
     Ok(outcomes)
@@ -199,6 +209,7 @@ fn run_one(
     stage: &dyn Stage,
     registry: &Registry,
     config: &Config,
+    (config_file, opts): (&Path, &RunOptions),
     run: &RunDir,
     manifest: &mut Manifest,
     key: StageKey,
@@ -243,6 +254,8 @@ fn run_one(
         out_dir: staging.clone(),
         stage: name,
         resume_key,
+        config_file,
+        workers: &opts.workers,
     };
     let result = stage.run(&ctx).and_then(|summary| {
         ctx.failpoint("before-commit")?;

@@ -119,6 +119,21 @@ pub struct StageContext<'a> {
     /// The first 16 hex digits of SHA-256(inputs hash, config hash): names the stage's
     /// resume folder, so state saved under another config or other inputs is never reused.
     pub resume_key: String,
+    /// The config file the run was started with (a worker process is given the same one).
+    pub config_file: &'a Path,
+    /// The worker processes the stage may start.
+    pub workers: &'a Workers,
+}
+
+/// Worker processes a stage may start for work that splits into independent jobs (the
+/// `eval-lds` retrainings): each is this program run again on a share of the jobs.
+#[derive(Debug, Clone, Default)]
+pub struct Workers {
+    /// The executable to start (the CLI passes itself); `None`: everything runs in this
+    /// process (a library caller, the tests).
+    pub exe: Option<PathBuf>,
+    /// How many; `None`: the stage decides (see `eval-lds`).
+    pub count: Option<usize>,
 }
 
 impl StageContext<'_> {

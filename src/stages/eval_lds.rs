@@ -19,6 +19,7 @@
 //! seed, predicted, measured).
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use serde_json::json;
 
@@ -26,13 +27,16 @@ use crate::config::Config;
 use crate::data::PreparedDoc;
 use crate::error::{Error, Result};
 use crate::eval::{
-    all_jobs, bootstrap_difference_ci95, lds, method_name, predicted_losses, subset_size,
-    table::lds_table, Job, Retrain, Shard,
+    all_jobs, auto_workers, available_cores, bootstrap_difference_ci95, lds, method_name,
+    model_weight_bytes, predicted_losses, run_workers, subset_size, table::lds_table, threads_each,
+    Job, Retrain, Shard, Worker,
 };
 use crate::output::{write_table, Column};
 use crate::pipeline::{run_stages, Registry, RunDir, RunOptions, Stage, StageContext, StageStatus};
 use crate::util::fsx::write_json_atomic;
 use crate::util::hash::sha256_json;
+use crate::util::progress;
+use crate::util::threads::pin_threads;
 
 use super::attribute::{fit_options, role_docs};
 use super::eval_methods::method_scores;
@@ -127,6 +131,59 @@ fn subset_seed(c: &Config) -> u64 {
     c.eval.subset_seed.unwrap_or(c.run.seed)
 }
 
+/// How many worker processes retrain `todo` jobs: 1 (this process) without a worker
+/// executable or with fewer than 2 jobs; else `--workers`, or [`auto_workers`] (one per core
+/// for a small model).
+fn worker_count(ctx: &StageContext, base_dir: &Path, todo: usize) -> Result<usize> {
+    if ctx.workers.exe.is_none() || todo < 2 {
+        return Ok(1);
+    }
+    Ok(match ctx.workers.count {
+        Some(n) => n.clamp(1, todo),
+        None => auto_workers(available_cores(), todo, model_weight_bytes(base_dir)?),
+    })
+}
+
+/// Trains the `todo` jobs in `n` worker processes, `eval lds --shard i/n --no-merge` of the
+/// run's config, each pinned to ⌊cores / n⌋ threads, with a progress bar fed by the jobs'
+/// result files. A worker's log is kept in `eval-work/workers/` only if it fails.
+fn retrain_in_workers(ctx: &StageContext, retrain: &Retrain, todo: &[Job], n: usize) -> Result<()> {
+    let exe = ctx
+        .workers
+        .exe
+        .as_ref()
+        .ok_or_else(|| Error::Pipeline("eval-lds: no worker executable".into()))?;
+    let threads = threads_each(available_cores(), n);
+    tracing::info!(
+        "eval-lds: {} retraining jobs in {n} worker processes of {threads} thread(s) each",
+        todo.len()
+    );
+    let logs = ctx.run.path().join("eval-work").join("workers");
+    let workers = (1..=n)
+        .map(|i| {
+            let mut cmd = Command::new(exe);
+            cmd.args(["-q", "eval", "lds", "--config"])
+                .arg(ctx.config_file)
+                .arg("--run-dir")
+                .arg(ctx.run.path())
+                .args(["--shard", &format!("{i}/{n}"), "--no-merge"]);
+            pin_threads(&mut cmd, threads);
+            Worker {
+                command: cmd,
+                log: logs.join(format!("worker-{i}-of-{n}.log")),
+            }
+        })
+        .collect();
+    let pb = progress::bar(todo.len() as u64, "retrain");
+    run_workers(workers, || {
+        let done = todo.iter().filter(|&&j| retrain.path(j).is_file()).count();
+        pb.set_position(done as u64);
+    })?;
+    pb.finish_and_clear();
+    let _ = std::fs::remove_dir(&logs);
+    Ok(())
+}
+
 /// What a `--shard` run did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ShardOutcome {
@@ -145,15 +202,16 @@ pub enum ShardOutcome {
 }
 
 /// `source-tda eval lds --shard i/n`: trains this shard's jobs (skipping finished ones)
-/// without locking the run directory; the last shard then merges (runs the `eval-lds` stage)
-/// if every job is done, with the `eval-lds` stage of `registry`. `config` must be the run's
-/// config.
+/// without locking the run directory; with `merge`, the last shard then merges (runs the
+/// `eval-lds` stage) if every job is done, with the `eval-lds` stage of `registry` (a worker
+/// of a running `eval-lds` stage does not). `config` must be the run's config.
 pub fn run_shard(
     registry: &Registry,
     config: &Config,
     config_file: &Path,
     run: &RunDir,
     shard: Shard,
+    merge: bool,
 ) -> Result<ShardOutcome> {
     if run.manifest()?.config_hash != sha256_json(&config.to_json()) {
         return Err(Error::Pipeline(format!(
@@ -185,7 +243,7 @@ pub fn run_shard(
             missing += 1;
         }
     }
-    if !shard.is_last() || missing > 0 {
+    if !merge || !shard.is_last() || missing > 0 {
         return Ok(ShardOutcome::Partial { ran, missing });
     }
     run_stages(
@@ -230,9 +288,23 @@ impl Stage for EvalLdsStage {
         let inputs = Inputs::load(c, ctx.run)?;
         let retrain = inputs.retrain(c);
         let jobs = all_jobs(c.eval.subsets, c.eval.seeds);
-        let hook =
-            |j: Job| ctx.failpoint(&format!("after-job-{}", j.subset * c.eval.seeds + j.seed));
-        retrain.run_missing(&jobs, &fit_options(c), &hook)?;
+        let todo = retrain.missing(&jobs)?;
+        let workers = worker_count(ctx, &inputs.base_dir, todo.len())?;
+        if workers > 1 {
+            if todo.len() < jobs.len() {
+                tracing::info!(
+                    "eval-lds: {} of {} retraining jobs already finished; {} to run",
+                    jobs.len() - todo.len(),
+                    jobs.len(),
+                    todo.len()
+                );
+            }
+            retrain_in_workers(ctx, &retrain, &todo, workers)?;
+        } else {
+            let hook =
+                |j: Job| ctx.failpoint(&format!("after-job-{}", j.subset * c.eval.seeds + j.seed));
+            retrain.run_missing(&jobs, &fit_options(c), &hook)?;
+        }
 
         let (q, m, r) = (inputs.queries.len(), c.eval.subsets, c.eval.seeds);
         // measured[q][j]: f(q) averaged over seeds; raw[j][r][q] kept for the points table.

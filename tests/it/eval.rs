@@ -1,8 +1,8 @@
 //! The evaluation stages end to end through the CLI: `eval recall` and `eval lds` compare
 //! the three methods side by side in their output formats; a document identical to a query
 //! is found at rank 1; retraining is resumable (an interrupted run redoes only unfinished
-//! jobs) and shardable (two shards + merge = one run, bitwise); and the demo meets the
-//! recall target with a small M.
+//! jobs), shardable and parallel (two shards + merge, or worker processes = one run, bitwise);
+//! and the demo meets the recall target with a small M.
 
 use crate::common;
 
@@ -176,10 +176,11 @@ fn recall_and_lds_compare_three_methods_and_resume() {
     );
 
     // LDS, interrupted after its second job: the rerun trains only the rest.
+    // In this process (the failpoint is the stage's own hook after each job).
     let o = eval(
         dir.path(),
         "run",
-        &["lds"],
+        &["lds", "--workers", "1"],
         &[("SOURCE_TDA_FAIL_IN_STAGE", "eval-lds:after-job-1")],
     );
     assert!(!o.status.success());
@@ -257,7 +258,7 @@ fn recall_and_lds_compare_three_methods_and_resume() {
 }
 
 #[test]
-fn two_shards_and_a_merge_equal_one_run_bitwise() {
+fn two_shards_a_merge_and_worker_processes_equal_one_run_bitwise() {
     let dir = setup(3);
     let copy = |to: &str| {
         let st = std::process::Command::new("cp")
@@ -268,8 +269,21 @@ fn two_shards_and_a_merge_equal_one_run_bitwise() {
         assert!(st.success());
     };
     copy("sharded");
-    let o = eval(dir.path(), "run", &["lds"], &[]);
+    copy("workers");
+    let o = eval(dir.path(), "run", &["lds", "--workers", "1"], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // Three single-threaded worker processes against one process on every core.
+    let o = eval(dir.path(), "workers", &["lds", "--workers", "3"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("3 retraining jobs in 3 worker processes of 1 thread(s) each"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !dir.path().join("workers/eval-work/workers").exists(),
+        "the logs of workers that succeeded are removed"
+    );
 
     let o = eval(dir.path(), "sharded", &["lds", "--shard", "2/2"], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -291,17 +305,19 @@ fn two_shards_and_a_merge_equal_one_run_bitwise() {
     );
 
     let a = points(&dir.path().join("run/eval-lds/points.parquet"));
-    let b = points(&dir.path().join("sharded/eval-lds/points.parquet"));
     assert_eq!(a.len(), 3 * 3 * 3);
-    assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter().zip(&b) {
-        assert_eq!((&x.0, &x.1, x.2, x.3), (&y.0, &y.1, y.2, y.3));
-        assert_eq!(x.4.to_bits(), y.4.to_bits(), "{x:?} vs {y:?}");
-        assert_eq!(x.5.to_bits(), y.5.to_bits(), "{x:?} vs {y:?}");
-    }
     let sa = json(&dir.path().join("run/eval-lds/summary.json"));
-    let sb = json(&dir.path().join("sharded/eval-lds/summary.json"));
-    assert_eq!(sa["methods"], sb["methods"]);
+    for other in ["sharded", "workers"] {
+        let b = points(&dir.path().join(other).join("eval-lds/points.parquet"));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!((&x.0, &x.1, x.2, x.3), (&y.0, &y.1, y.2, y.3));
+            assert_eq!(x.4.to_bits(), y.4.to_bits(), "{other}: {x:?} vs {y:?}");
+            assert_eq!(x.5.to_bits(), y.5.to_bits(), "{other}: {x:?} vs {y:?}");
+        }
+        let sb = json(&dir.path().join(other).join("eval-lds/summary.json"));
+        assert_eq!(sa["methods"], sb["methods"], "{other}");
+    }
 
     // Bad shard specs are errors that say what is allowed.
     for bad in ["0/2", "3/2", "1-2", "a/b"] {
