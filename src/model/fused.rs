@@ -1,12 +1,14 @@
-//! Owns fused CPU RMSNorm and RoPE (`rms_norm`, `apply_rope`) and the f32 storage helpers.
+//! Owns fused CPU RMSNorm, RoPE and masked softmax (`rms_norm`, `apply_rope`,
+//! `masked_softmax`) and the f32 storage helpers.
 //! Layer: model — may import the ground, linalg and backend; no sibling.
 //!
-//! Fused RMSNorm and RoPE for f32 tensors on the CPU: one pass forward, one pass backward,
-//! with hand-written gradients. Composed from candle ops (see [`super::ops`]) each is six to
-//! eight elementwise tensors per call, every one of them kept by the autograd graph and
-//! swept again by the backward; fused, the graph keeps the input and one scalar per row
-//! (RMSNorm) or nothing (RoPE). Both give the values and gradients of the composed forms
-//! (tests below; the finite-difference and reference tests of whole models).
+//! Fused RMSNorm, RoPE and attention's masked softmax for f32 tensors on the CPU: one pass
+//! forward, one pass backward, with hand-written gradients. Composed from candle ops (see
+//! [`super::ops`]) each is five to eight elementwise tensors per call, every one of them kept
+//! by the autograd graph and swept again by the backward; fused, the graph keeps the input
+//! and one scalar per row (RMSNorm), nothing (RoPE) or the probabilities (softmax). All give
+//! the values and gradients of the composed forms to rounding (tests in `ops.rs`; the
+//! finite-difference and reference tests of whole models).
 
 use std::sync::Mutex;
 
@@ -241,6 +243,108 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         cos: f32_vec(cos)?,
         sin: f32_vec(sin)?,
         d,
+    };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+struct MaskedSoftmax {
+    /// The additive mask [T, S] (0 or −∞), row-major.
+    mask: Vec<f32>,
+    /// s, the scale of the scores.
+    scale: f32,
+    /// S, the row length.
+    s: usize,
+}
+
+impl MaskedSoftmax {
+    /// p = softmax(s·x + m) over rows of S, the mask row of row r being r mod T. A row whose
+    /// every entry is masked gives zeros.
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let (s, t) = (self.s, self.mask.len() / self.s);
+        let mut p = vec![0f32; x.len()];
+        p.par_chunks_mut(ROWS_PER_TASK * s)
+            .zip(x.par_chunks(ROWS_PER_TASK * s))
+            .enumerate()
+            .for_each(|(task, (p, x))| {
+                for (k, (p, x)) in p.chunks_mut(s).zip(x.chunks(s)).enumerate() {
+                    let m = &self.mask[((task * ROWS_PER_TASK + k) % t) * s..][..s];
+                    let mut max = f32::NEG_INFINITY;
+                    for ((p, &x), &m) in p.iter_mut().zip(x).zip(m) {
+                        *p = self.scale * x + m;
+                        max = max.max(*p);
+                    }
+                    if max == f32::NEG_INFINITY {
+                        p.fill(0.0);
+                        continue;
+                    }
+                    let mut sum = 0f32;
+                    for p in p.iter_mut() {
+                        *p = (*p - max).exp();
+                        sum += *p;
+                    }
+                    let inv = 1.0 / sum;
+                    p.iter_mut().for_each(|p| *p *= inv);
+                }
+            });
+        p
+    }
+
+    /// ∂L/∂x = s · p ⊙ (g − Σ_j g_j p_j) per row.
+    fn backward(&self, p: &[f32], g: &[f32]) -> Vec<f32> {
+        let s = self.s;
+        let mut dx = vec![0f32; p.len()];
+        dx.par_chunks_mut(ROWS_PER_TASK * s)
+            .zip(p.par_chunks(ROWS_PER_TASK * s))
+            .zip(g.par_chunks(ROWS_PER_TASK * s))
+            .for_each(|((dx, p), g)| {
+                for ((dx, p), g) in dx.chunks_mut(s).zip(p.chunks(s)).zip(g.chunks(s)) {
+                    let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+                    for ((dx, &p), &g) in dx.iter_mut().zip(p).zip(g) {
+                        *dx = self.scale * p * (g - dot);
+                    }
+                }
+            });
+        dx
+    }
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(st, l, "fused-masked-softmax scores")?;
+        Ok((CpuStorage::F32(self.forward(x)), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, p: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (pv, gv) = (f32_vec(p)?, f32_vec(g)?);
+        Ok(Some(Tensor::from_vec(
+            self.backward(&pv, &gv),
+            x.shape(),
+            x.device(),
+        )?))
+    }
+}
+
+/// Attention probabilities p = softmax(s·x + m) over the last dimension, fused: one pass
+/// forward, one backward (∂L/∂x = s · p ⊙ (g − Σ g ⊙ p)), and the graph keeps p alone instead
+/// of the five tensors of scale, mask, max, exp and normalisation. x: [B, H, T, S] f32 on
+/// the CPU (see [`applies`]), mask: [T, S] additive (0 or −∞).
+pub fn masked_softmax(x: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (_, _, t, s) = x.dims4()?;
+    if mask.dims() != [t, s] {
+        return Err(crate::error::Error::Model(format!(
+            "attention: mask {:?} does not fit scores {:?}",
+            mask.dims(),
+            x.dims()
+        )));
+    }
+    let op = MaskedSoftmax {
+        mask: f32_vec(mask)?,
+        scale: scale as f32,
+        s,
     };
     Ok(x.contiguous()?.apply_op1(op)?)
 }

@@ -136,8 +136,8 @@ impl Llama {
             ops::rope_tables(offset + t, s.head_dim, s.rope_theta, &s.rope_scaling, dev)?;
         let (cos, sin) = (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?);
         let mask = ops::causal_mask(t, offset, s.sliding_window, dev)?;
-        // A capture (`rec` given) uses the fused RMSNorm and RoPE (same values to rounding,
-        // a fraction of the graph). Training and generation keep the composed ops, whose
+        // A capture (`rec` given) uses the fused RMSNorm, RoPE and attention softmax (same
+        // values to rounding, a fraction of the graph). Training and generation keep the composed ops, whose
         // exact rounding the committed demo assets (trained by this code) reproduce.
         let fused = rec.is_some();
         // A capture needs no embedding gradient: the lookup is detached.
@@ -165,7 +165,7 @@ impl Llama {
                 Some(c) => c.append(li, k, v)?,
                 None => (k, v),
             };
-            let y = ops::attention(&q, &k, &v, &mask)?;
+            let y = ops::attention(&q, &k, &v, &mask, fused)?;
             h = (h + blk.o.forward(&y, rec.as_deref_mut())?)?;
             let x = ops::rms_norm(&h, blk.post_norm.as_tensor(), s.rms_norm_eps, fused)?;
             let g = blk.gate.forward(&x, rec.as_deref_mut())?.silu()?;

@@ -151,8 +151,10 @@ pub fn causal_mask(
 
 /// Scaled dot-product attention with an additive mask.
 /// q: [B, H, T, D]; k, v: [B, H_kv, S, D] (H_kv divides H, grouped-query heads repeat;
-/// S ≥ T keys, earlier ones from a KV cache); mask: [T, S]. Returns [B, T, H·D].
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+/// S ≥ T keys, earlier ones from a KV cache); mask: [T, S]. Returns [B, T, H·D]. `fused`:
+/// softmax(scores/√D + mask) as one custom op ([`super::fused::masked_softmax`]) where it
+/// applies (f32 on the CPU), else composed ops.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, fused: bool) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let (h_kv, s) = (k.dim(1)?, k.dim(2)?);
     let (k, v) = if h_kv == h {
@@ -167,9 +169,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
         };
         (expand(k)?, expand(v)?)
     };
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-    let scores = scores.broadcast_add(mask)?;
-    let p = softmax_last(&scores)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let p = if fused && super::fused::applies(q) {
+        super::fused::masked_softmax(&q.matmul(&k.t()?)?, mask, scale)?
+    } else {
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        softmax_last(&scores.broadcast_add(mask)?)?
+    };
     let y = p.matmul(&v.contiguous()?)?;
     Ok(y.transpose(1, 2)?.reshape((b, t, h * d))?)
 }
@@ -179,7 +185,7 @@ mod tests {
     //! The fused kernels (`fused.rs`) against the composed ops they replace.
     use super::*;
     use crate::model::fused::{self, tests::max_abs_diff};
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn rms_norm_matches_the_composed_ops_in_value_and_both_gradients() {
@@ -200,6 +206,48 @@ mod tests {
             );
             assert!(max_abs_diff(a, b) < 1e-4, "{}", max_abs_diff(a, b));
         }
+    }
+
+    #[test]
+    fn masked_softmax_matches_the_composed_ops_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        // 2·3·40 = 240 rows: several parallel tasks; keys 0..45 with 5 cached (offset 5), a
+        // sliding window of 7 (rows see 1–7 keys).
+        let (b, h, t, off) = (2, 3, 40, 5);
+        let x = Var::randn(0f32, 3.0, (b, h, t, off + t), &dev).unwrap();
+        let mask = causal_mask(t, off, Some(7), &dev).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (b, h, t, off + t), &dev).unwrap();
+        let scale = 0.125;
+        let got = fused::masked_softmax(x.as_tensor(), &mask, scale).unwrap();
+        let want = softmax_last(
+            &(x.as_tensor() * scale)
+                .unwrap()
+                .broadcast_add(&mask)
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-6);
+        let g = (got * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gw = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, c) = (
+            g.get(x.as_tensor()).unwrap(),
+            gw.get(x.as_tensor()).unwrap(),
+        );
+        assert!(max_abs_diff(a, c) < 1e-6, "{}", max_abs_diff(a, c));
+        // A row with every key masked gives zeros, not NaN.
+        let all = Tensor::full(f32::NEG_INFINITY, (1, 3), &dev).unwrap();
+        let p = fused::masked_softmax(
+            &Tensor::ones((1, 1, 1, 3), DType::F32, &dev).unwrap(),
+            &all,
+            1.0,
+        )
+        .unwrap();
+        assert_eq!(p.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [0.0; 3]);
+        // A mask of the wrong shape is an error that says so.
+        let e = fused::masked_softmax(x.as_tensor(), &all, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not fit"), "{e}");
     }
 
     #[test]
