@@ -1,7 +1,8 @@
 //! Owns `ModelSpec`: Hugging Face `config.json` → a typed architecture spec.
 //! Layer: model — may import the ground, linalg and backend; no sibling.
 //!
-//! Supported `model_type`s: the Llama family (`llama`, `mistral`, `qwen2`) and `gpt2`.
+//! Supported `model_type`s: the Llama family (`llama`, `mistral`, `qwen2`, `qwen3`, `phi3`)
+//! and `gpt2`.
 //! Every error names the key that is missing or wrong.
 
 use std::path::Path;
@@ -11,12 +12,12 @@ use serde_json::{Map, Value};
 use crate::error::{Error, IoContext, Result};
 
 /// The `model_type`s this crate can build.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "gpt2"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"];
 
 /// A parsed architecture.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSpec {
-    /// Llama, Mistral, Qwen2: RMSNorm, RoPE, GQA attention, SwiGLU MLP.
+    /// Llama, Mistral, Qwen2, Qwen3, Phi-3: RMSNorm, RoPE, GQA attention, SwiGLU MLP.
     Llama(LlamaSpec),
     /// GPT-2: LayerNorm, learned positions, Conv1D layers with biases, GELU MLP.
     Gpt2(Gpt2Spec),
@@ -48,7 +49,7 @@ pub enum RopeScaling {
 /// Llama-family hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaSpec {
-    /// `model_type` as written (llama, mistral, qwen2).
+    /// `model_type` as written (llama, mistral, qwen2, qwen3, phi3).
     pub model_type: String,
     /// Residual width d.
     pub hidden_size: usize,
@@ -80,8 +81,12 @@ pub struct LlamaSpec {
     pub mlp_bias: bool,
     /// Longest context.
     pub max_position_embeddings: usize,
-    /// Sliding attention window (mistral; qwen2 with `use_sliding_window`).
+    /// Sliding attention window (mistral, phi3; qwen2/qwen3 with `use_sliding_window`).
     pub sliding_window: Option<usize>,
+    /// RMSNorm over each head's queries and keys before RoPE (`q_norm`, `k_norm`: qwen3).
+    pub qk_norm: bool,
+    /// q, k, v in one `qkv_proj` and gate, up in one `gate_up_proj` (phi3).
+    pub fused_projections: bool,
 }
 
 /// MLP activation of GPT-2 (`activation_function`).
@@ -130,7 +135,9 @@ impl ModelSpec {
             .ok_or_else(|| Error::Model("config.json must be a JSON object".into()))?;
         let model_type = req_str(obj, "model_type")?;
         match model_type {
-            "llama" | "mistral" | "qwen2" => Ok(ModelSpec::Llama(parse_llama(obj, model_type)?)),
+            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" => {
+                Ok(ModelSpec::Llama(parse_llama(obj, model_type)?))
+            }
             "gpt2" => Ok(ModelSpec::Gpt2(parse_gpt2(obj)?)),
             other => Err(Error::Model(format!(
                 "key `model_type`: unsupported model type `{other}`; supported: {}",
@@ -203,12 +210,19 @@ fn parse_llama(obj: &Map<String, Value>, model_type: &str) -> Result<LlamaSpec> 
     let attention_bias = opt_bool(obj, "attention_bias")?.unwrap_or(false);
     let is_qwen2 = model_type == "qwen2";
     let sliding_window = match model_type {
-        "mistral" => opt_usize(obj, "sliding_window")?,
-        "qwen2" if opt_bool(obj, "use_sliding_window")?.unwrap_or(false) => {
+        "mistral" | "phi3" => opt_usize(obj, "sliding_window")?,
+        "qwen2" | "qwen3" if opt_bool(obj, "use_sliding_window")?.unwrap_or(false) => {
             opt_usize(obj, "sliding_window")?
         }
         _ => None,
     };
+    if let Some(f) = opt_f64(obj, "partial_rotary_factor")? {
+        if f != 1.0 {
+            return Err(Error::Model(format!(
+                "key `partial_rotary_factor`: {f} (RoPE on part of each head) is not supported;                  supported: 1.0"
+            )));
+        }
+    }
     Ok(LlamaSpec {
         model_type: model_type.to_string(),
         hidden_size,
@@ -227,6 +241,8 @@ fn parse_llama(obj: &Map<String, Value>, model_type: &str) -> Result<LlamaSpec> 
         mlp_bias: opt_bool(obj, "mlp_bias")?.unwrap_or(false),
         max_position_embeddings: opt_usize(obj, "max_position_embeddings")?.unwrap_or(2048),
         sliding_window,
+        qk_norm: model_type == "qwen3",
+        fused_projections: model_type == "phi3",
     })
 }
 

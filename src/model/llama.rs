@@ -2,11 +2,14 @@
 //! Layer: model — may import the ground, linalg, backend and, in this folder, config.rs,
 //! kv_cache.rs, linear.rs, ops.rs.
 //!
-//! The Llama family (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2): pre-norm decoder with
-//! RMSNorm, rotary positions, grouped-query attention and a SwiGLU MLP.
+//! The Llama family (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2, Qwen3, Phi-3): pre-norm
+//! decoder with RMSNorm, rotary positions, grouped-query attention and a SwiGLU MLP.
 //!
-//! h⁰ = E[ids]; for each block: h += o(attn(rope(q(x)), rope(k(x)), v(x))) with
+//! h⁰ = E[ids]; for each block: h += o(attn(rope(n_q(q(x))), rope(n_k(k(x))), v(x))) with
 //! x = rms(h); h += down(silu(gate(x)) ⊙ up(x)) with x = rms(h); logits = rms(h) Wₗₘᵀ.
+//! n_q, n_k: Qwen3's RMSNorm over each head (identity elsewhere). Phi-3 computes q, k, v
+//! with one layer `qkv_proj` ([q; k; v] rows) and gate, up with one `gate_up_proj`
+//! ([gate; up] rows); each is one tracked layer.
 
 use candle_core::{Device, Tensor, Var};
 
@@ -17,17 +20,83 @@ use super::kv_cache::KvCache;
 use super::linear::{ParamLoader, Recorder, TrackedLinear};
 use super::ops;
 
+/// Layers that read the same input: separate, or one layer whose output rows are theirs
+/// stacked (Phi-3's `qkv_proj` [q; k; v] and `gate_up_proj` [gate; up]).
+#[derive(Debug, Clone)]
+enum Projections {
+    /// One layer per output.
+    Separate(Vec<TrackedLinear>),
+    /// One layer; output j is columns offsets[j]..offsets[j] + widths[j] of its output.
+    Fused(TrackedLinear, Vec<usize>),
+}
+
+impl Projections {
+    /// Loads `names` (widths `widths`) from `d_in`, or the one layer `fused` when given.
+    fn load(
+        p: &mut ParamLoader<'_>,
+        fused: Option<&str>,
+        names: &[String],
+        d_in: usize,
+        widths: &[usize],
+        bias: bool,
+    ) -> Result<Self> {
+        Ok(match fused {
+            Some(name) => Projections::Fused(
+                lin(p, name, d_in, widths.iter().sum(), bias)?,
+                widths.to_vec(),
+            ),
+            None => Projections::Separate(
+                names
+                    .iter()
+                    .zip(widths)
+                    .map(|(n, &w)| lin(p, n, d_in, w, bias))
+                    .collect::<Result<_>>()?,
+            ),
+        })
+    }
+
+    /// Every output for input x [B, T, d_in], in order.
+    fn forward(&self, x: &Tensor, mut rec: Option<&mut Recorder>) -> Result<Vec<Tensor>> {
+        match self {
+            Projections::Separate(ls) => ls
+                .iter()
+                .map(|l| l.forward(x, rec.as_deref_mut()))
+                .collect(),
+            Projections::Fused(l, widths) => {
+                let y = l.forward(x, rec)?;
+                let mut start = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        let part = y.narrow(2, start, w)?;
+                        start += w;
+                        Ok(part)
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut TrackedLinear> {
+        match self {
+            Projections::Separate(ls) => ls.iter_mut().collect(),
+            Projections::Fused(l, _) => vec![l],
+        }
+    }
+}
+
 /// One decoder block.
 #[derive(Debug, Clone)]
 pub(crate) struct LlamaBlock {
     input_norm: Var,
     post_norm: Var,
-    q: TrackedLinear,
-    k: TrackedLinear,
-    v: TrackedLinear,
+    /// q, k, v.
+    qkv: Projections,
+    /// Qwen3's per-head RMSNorm weights [D] of queries and keys.
+    qk_norm: Option<(Var, Var)>,
     o: TrackedLinear,
-    gate: TrackedLinear,
-    up: TrackedLinear,
+    /// gate, up.
+    gate_up: Projections,
     down: TrackedLinear,
 }
 
@@ -55,24 +124,42 @@ impl Llama {
             let pre = format!("model.layers.{i}");
             let input_norm = p.var(&format!("{pre}.input_layernorm.weight"), &[d])?;
             let at = format!("{pre}.self_attn");
-            let q = lin(p, &format!("{at}.q_proj"), d, dq, spec.qkv_bias)?;
-            let k = lin(p, &format!("{at}.k_proj"), d, dkv, spec.qkv_bias)?;
-            let vv = lin(p, &format!("{at}.v_proj"), d, dkv, spec.qkv_bias)?;
+            let fused = spec.fused_projections;
+            let qkv = Projections::load(
+                p,
+                fused.then(|| format!("{at}.qkv_proj")).as_deref(),
+                &["q_proj", "k_proj", "v_proj"].map(|n| format!("{at}.{n}")),
+                d,
+                &[dq, dkv, dkv],
+                spec.qkv_bias,
+            )?;
+            let qk_norm = if spec.qk_norm {
+                Some((
+                    p.var(&format!("{at}.q_norm.weight"), &[spec.head_dim])?,
+                    p.var(&format!("{at}.k_norm.weight"), &[spec.head_dim])?,
+                ))
+            } else {
+                None
+            };
             let o = lin(p, &format!("{at}.o_proj"), dq, d, spec.o_bias)?;
             let post_norm = p.var(&format!("{pre}.post_attention_layernorm.weight"), &[d])?;
             let mlp = format!("{pre}.mlp");
-            let gate = lin(p, &format!("{mlp}.gate_proj"), d, f, spec.mlp_bias)?;
-            let up = lin(p, &format!("{mlp}.up_proj"), d, f, spec.mlp_bias)?;
+            let gate_up = Projections::load(
+                p,
+                fused.then(|| format!("{mlp}.gate_up_proj")).as_deref(),
+                &["gate_proj", "up_proj"].map(|n| format!("{mlp}.{n}")),
+                d,
+                &[f, f],
+                spec.mlp_bias,
+            )?;
             let down = lin(p, &format!("{mlp}.down_proj"), f, d, spec.mlp_bias)?;
             blocks.push(LlamaBlock {
                 input_norm,
                 post_norm,
-                q,
-                k,
-                v: vv,
+                qkv,
+                qk_norm,
                 o,
-                gate,
-                up,
+                gate_up,
                 down,
             });
         }
@@ -101,15 +188,10 @@ impl Llama {
     pub fn linears_mut(&mut self) -> Vec<&mut TrackedLinear> {
         let mut out = Vec::new();
         for b in self.blocks.iter_mut() {
-            out.extend([
-                &mut b.q,
-                &mut b.k,
-                &mut b.v,
-                &mut b.o,
-                &mut b.gate,
-                &mut b.up,
-                &mut b.down,
-            ]);
+            out.extend(b.qkv.linears_mut());
+            out.push(&mut b.o);
+            out.extend(b.gate_up.linears_mut());
+            out.push(&mut b.down);
         }
         out.push(&mut self.lm_head);
         out
@@ -156,9 +238,20 @@ impl Llama {
                     .transpose(1, 2)?
                     .contiguous()?)
             };
-            let q = heads(blk.q.forward(&x, rec.as_deref_mut())?, s.num_heads)?;
-            let k = heads(blk.k.forward(&x, rec.as_deref_mut())?, s.num_kv_heads)?;
-            let v = heads(blk.v.forward(&x, rec.as_deref_mut())?, s.num_kv_heads)?;
+            let [q, k, v]: [Tensor; 3] = blk
+                .qkv
+                .forward(&x, rec.as_deref_mut())?
+                .try_into()
+                .map_err(|_| crate::error::Error::Model("q, k, v: expected 3 outputs".into()))?;
+            let (mut q, mut k, v) = (
+                heads(q, s.num_heads)?,
+                heads(k, s.num_kv_heads)?,
+                heads(v, s.num_kv_heads)?,
+            );
+            if let Some((nq, nk)) = &blk.qk_norm {
+                q = ops::rms_norm(&q, nq.as_tensor(), s.rms_norm_eps, fused)?;
+                k = ops::rms_norm(&k, nk.as_tensor(), s.rms_norm_eps, fused)?;
+            }
             let q = ops::apply_rope(&q, &cos, &sin, fused)?;
             let k = ops::apply_rope(&k, &cos, &sin, fused)?;
             let (k, v) = match cache.as_deref_mut() {
@@ -168,9 +261,12 @@ impl Llama {
             let y = ops::attention(&q, &k, &v, &mask, fused)?;
             h = (h + blk.o.forward(&y, rec.as_deref_mut())?)?;
             let x = ops::rms_norm(&h, blk.post_norm.as_tensor(), s.rms_norm_eps, fused)?;
-            let g = blk.gate.forward(&x, rec.as_deref_mut())?.silu()?;
-            let u = blk.up.forward(&x, rec.as_deref_mut())?;
-            h = (h + blk.down.forward(&(g * u)?, rec.as_deref_mut())?)?;
+            let [g, u]: [Tensor; 2] = blk
+                .gate_up
+                .forward(&x, rec.as_deref_mut())?
+                .try_into()
+                .map_err(|_| crate::error::Error::Model("gate, up: expected 2 outputs".into()))?;
+            h = (h + blk.down.forward(&(g.silu()? * u)?, rec.as_deref_mut())?)?;
         }
         if let Some(c) = cache {
             c.offset += t;

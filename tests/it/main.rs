@@ -36,6 +36,7 @@ mod integrity;
 mod layers;
 mod loader_fuzz;
 mod model_capture;
+mod model_families_reference;
 mod model_finite_diff;
 mod model_generate;
 mod model_gpt2_reference;

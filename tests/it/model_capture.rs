@@ -31,8 +31,19 @@ fn variants() -> Vec<(
         kv_heads: 4,
         ..LlamaCfg::default()
     };
+    let qwen3 = LlamaCfg {
+        model_type: "qwen3",
+        head_dim: Some(16),
+        ..LlamaCfg::default()
+    };
+    let phi3 = LlamaCfg {
+        model_type: "phi3",
+        ..LlamaCfg::default()
+    };
     let gpt2 = Gpt2Cfg::default();
     vec![
+        ("qwen3", qwen3.config_json(), qwen3.tensors(26)),
+        ("phi3", phi3.config_json(), phi3.tensors(27)),
         ("llama", llama.config_json(), llama.tensors(21)),
         ("llama-tied", tied.config_json(), tied.tensors(22)),
         ("qwen2+mlp_bias", qwen2.config_json(), qwen2.tensors(23)),
@@ -78,7 +89,12 @@ fn assembled_gradients_equal_autograd_per_document() {
         let batch = TokenBatch::new(&doc_refs(&docs), 0, None, &Device::Cpu).unwrap();
         let cap = model.capture(&batch, Labels::Data).unwrap();
         assert_eq!(cap.layers.len(), model.tracked_layers().len());
-        let per_block = if label == "gpt2" { 4 } else { 7 };
+        // GPT-2: c_attn, c_proj, c_fc, mlp c_proj; Phi-3: qkv, o, gate_up, down.
+        let per_block = if label == "gpt2" || label == "phi3" {
+            4
+        } else {
+            7
+        };
         assert_eq!(cap.layers.len(), 2 * per_block, "{label}");
         let params = model.params();
         let var = |n: &str| params.iter().find(|p| p.name == n).unwrap().var.clone();

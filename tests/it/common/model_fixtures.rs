@@ -59,6 +59,8 @@ pub struct LlamaCfg {
     pub attention_bias: bool,
     pub mlp_bias: bool,
     pub rope_scaling: Value,
+    /// `head_dim` written into config.json (else d / H).
+    pub head_dim: Option<usize>,
 }
 
 impl Default for LlamaCfg {
@@ -75,13 +77,14 @@ impl Default for LlamaCfg {
             attention_bias: false,
             mlp_bias: false,
             rope_scaling: Value::Null,
+            head_dim: None,
         }
     }
 }
 
 impl LlamaCfg {
     pub fn config_json(&self) -> Value {
-        json!({
+        let mut c = json!({
             "model_type": self.model_type, "hidden_size": self.hidden,
             "intermediate_size": self.inter, "vocab_size": self.vocab,
             "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
@@ -89,14 +92,28 @@ impl LlamaCfg {
             "rope_theta": 10000.0, "tie_word_embeddings": self.tied,
             "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
             "max_position_embeddings": 256, "rope_scaling": self.rope_scaling,
-        })
+            "hidden_act": "silu",
+        });
+        if let Some(hd) = self.head_dim {
+            c["head_dim"] = json!(hd);
+        }
+        if self.model_type == "qwen3" {
+            c["max_window_layers"] = json!(self.layers);
+            c["use_sliding_window"] = json!(false);
+            c["sliding_window"] = Value::Null;
+        }
+        if self.model_type == "phi3" {
+            c["sliding_window"] = json!(2047);
+            c["original_max_position_embeddings"] = json!(256);
+        }
+        c
     }
 
     /// Random weights named as in Hugging Face checkpoints.
     pub fn tensors(&self, seed: u64) -> HashMap<String, Tensor> {
         let mut rng = Rng::new(seed);
         let (d, f, v) = (self.hidden, self.inter, self.vocab);
-        let hd = d / self.heads;
+        let hd = self.head_dim.unwrap_or(d / self.heads);
         let (dq, dkv) = (self.heads * hd, self.kv_heads * hd);
         let qkv_bias = self.attention_bias || self.model_type == "qwen2";
         let mut m = HashMap::new();
@@ -141,6 +158,29 @@ impl LlamaCfg {
                 if bias {
                     put(&mut m, format!("{p}.{n}.bias"), &[dout], 0.0, 0.1);
                 }
+            }
+        }
+        for i in 0..self.layers {
+            let p = format!("model.layers.{i}");
+            if self.model_type == "qwen3" {
+                for n in ["q_norm", "k_norm"] {
+                    put(&mut m, format!("{p}.self_attn.{n}.weight"), &[hd], 1.0, 0.3);
+                }
+            }
+            if self.model_type == "phi3" {
+                // Phi-3 stacks q, k, v and gate, up into one layer each.
+                let mut fuse = |parts: &[&str], into: &str| {
+                    let ts: Vec<Tensor> = parts
+                        .iter()
+                        .map(|n| m.remove(&format!("{p}.{n}.weight")).unwrap())
+                        .collect();
+                    m.insert(format!("{p}.{into}.weight"), Tensor::cat(&ts, 0).unwrap());
+                };
+                fuse(
+                    &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                    "self_attn.qkv_proj",
+                );
+                fuse(&["mlp.gate_proj", "mlp.up_proj"], "mlp.gate_up_proj");
             }
         }
         put(&mut m, "model.norm.weight".into(), &[d], 1.0, 0.1);

@@ -1,0 +1,123 @@
+//! Qwen3 and Phi-3 forwards equal candle-transformers' `models::qwen3` and `models::phi3` on
+//! the same randomly initialised weights (no download). candle's models return only the
+//! last position's logits, so every prefix of every document is run through them and
+//! compared with our logits at that position of a padded batch.
+
+use crate::common::model_fixtures as fixtures;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_transformers::models::{phi3, qwen3};
+use fixtures::*;
+use source_tda::model::{LoadOptions, Model, TokenBatch};
+
+/// max |ours − reference| / max |reference| over every prefix of three documents, where
+/// `reference(ids)` gives the reference's last-position logits [V] of a fresh model.
+fn worst_relative(cfg: &LlamaCfg, seed: u64, mut reference: impl FnMut(&[u32]) -> Tensor) -> f32 {
+    let dev = Device::Cpu;
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &cfg.config_json(), &cfg.tensors(seed));
+    let ours = Model::load(dir.path(), &LoadOptions::default(), &dev).unwrap();
+    let mut rng = Rng::new(seed + 100);
+    let docs = random_docs(&mut rng, &[9, 5, 12], cfg.vocab);
+    let batch = TokenBatch::new(&doc_refs(&docs), 0, None, &dev).unwrap();
+    let logits = ours.forward(&batch.input_ids).unwrap();
+    assert!(max_abs(&logits) > 0.1, "logits are degenerate");
+    let (mut diff, mut scale) = (0f32, 0f32);
+    for (b, (ids, _)) in docs.iter().enumerate() {
+        for len in 1..=ids.len() {
+            let want = reference(&ids[..len]);
+            diff = diff.max(max_abs_diff(&logits.i((b, len - 1)).unwrap(), &want));
+            scale = scale.max(max_abs(&want));
+        }
+    }
+    diff / scale
+}
+
+fn ids_tensor(ids: &[u32]) -> Tensor {
+    Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+}
+
+fn qwen3_parity(cfg: LlamaCfg, seed: u64) {
+    let ref_cfg: qwen3::Config = serde_json::from_value(cfg.config_json()).unwrap();
+    let tensors = cfg.tensors(seed);
+    let worst = worst_relative(&cfg, seed, |ids| {
+        let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+        let mut m = qwen3::ModelForCausalLM::new(&ref_cfg, vb).unwrap();
+        m.forward(&ids_tensor(ids), 0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+    });
+    assert!(
+        worst <= 1e-5,
+        "qwen3: max relative |ours − candle-transformers| = {worst}"
+    );
+}
+
+#[test]
+fn qwen3_with_qk_norm_and_explicit_head_dim_matches_candle_transformers() {
+    // head_dim 16 ≠ hidden / heads = 8, as in the Qwen3 checkpoints.
+    qwen3_parity(
+        LlamaCfg {
+            model_type: "qwen3",
+            head_dim: Some(16),
+            ..LlamaCfg::default()
+        },
+        31,
+    );
+}
+
+#[test]
+fn qwen3_tied_matches_candle_transformers() {
+    qwen3_parity(
+        LlamaCfg {
+            model_type: "qwen3",
+            tied: true,
+            kv_heads: 1,
+            head_dim: Some(8),
+            ..LlamaCfg::default()
+        },
+        32,
+    );
+}
+
+#[test]
+fn phi3_with_fused_projections_matches_candle_transformers() {
+    let cfg = LlamaCfg {
+        model_type: "phi3",
+        ..LlamaCfg::default()
+    };
+    let ref_cfg: phi3::Config = serde_json::from_value(cfg.config_json()).unwrap();
+    let tensors = cfg.tensors(33);
+    let worst = worst_relative(&cfg, 33, |ids| {
+        let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+        let mut m = phi3::Model::new(&ref_cfg, vb).unwrap();
+        m.forward(&ids_tensor(ids), 0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+    });
+    assert!(
+        worst <= 1e-5,
+        "phi3: max relative |ours − candle-transformers| = {worst}"
+    );
+}
+
+#[test]
+fn unsupported_family_particulars_are_refused_with_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LlamaCfg {
+        model_type: "phi3",
+        ..LlamaCfg::default()
+    };
+    let mut json = cfg.config_json();
+    json["partial_rotary_factor"] = serde_json::json!(0.75);
+    write_checkpoint(dir.path(), &json, &cfg.tensors(34));
+    let e = Model::load(dir.path(), &LoadOptions::default(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("partial_rotary_factor"), "{e}");
+}
