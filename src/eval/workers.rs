@@ -68,7 +68,7 @@ pub fn model_weight_bytes(dir: &Path) -> Result<u64> {
             .iter()
             .any(|ext| name.ends_with(ext))
         {
-            total += e.metadata().ctx("reading", &e.path())?.len();
+            total += e.metadata().ctx("reading", e.path())?.len();
         }
     }
     Ok(total)

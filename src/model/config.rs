@@ -1,8 +1,8 @@
 //! Owns `ModelSpec`: Hugging Face `config.json` → a typed architecture spec.
 //! Layer: model — may import the ground, linalg and backend; no sibling.
 //!
-//! Supported `model_type`s: the Llama family (`llama`, `mistral`, `qwen2`, `qwen3`, `phi3`)
-//! and `gpt2`.
+//! Supported `model_type`s: the Llama family (`llama`, `mistral`, `qwen2`, `qwen3`, `phi3`,
+//! `gemma2`) and `gpt2`.
 //! Every error names the key that is missing or wrong.
 
 use std::path::Path;
@@ -12,12 +12,14 @@ use serde_json::{Map, Value};
 use crate::error::{Error, IoContext, Result};
 
 /// The `model_type`s this crate can build.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2",
+];
 
 /// A parsed architecture.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSpec {
-    /// Llama, Mistral, Qwen2, Qwen3, Phi-3: RMSNorm, RoPE, GQA attention, SwiGLU MLP.
+    /// Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2: RMSNorm, RoPE, GQA attention, gated MLP.
     Llama(LlamaSpec),
     /// GPT-2: LayerNorm, learned positions, Conv1D layers with biases, GELU MLP.
     Gpt2(Gpt2Spec),
@@ -49,7 +51,7 @@ pub enum RopeScaling {
 /// Llama-family hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaSpec {
-    /// `model_type` as written (llama, mistral, qwen2, qwen3, phi3).
+    /// `model_type` as written (llama, mistral, qwen2, qwen3, phi3, gemma2).
     pub model_type: String,
     /// Residual width d.
     pub hidden_size: usize,
@@ -87,6 +89,29 @@ pub struct LlamaSpec {
     pub qk_norm: bool,
     /// q, k, v in one `qkv_proj` and gate, up in one `gate_up_proj` (phi3).
     pub fused_projections: bool,
+    /// Gemma's particulars: RMSNorm scales by (1 + w); the embeddings are multiplied by √d;
+    /// each block also normalises its attention output (`post_attention_layernorm`), its MLP
+    /// input (`pre_feedforward_layernorm`) and output (`post_feedforward_layernorm`); the
+    /// sliding window applies to even layers only.
+    pub gemma: bool,
+    /// The gated MLP's activation on the gate.
+    pub mlp_activation: MlpActivation,
+    /// Attention scores s = scale · q kᵀ: `query_pre_attn_scalar`^{−1/2} (gemma2), else
+    /// head_dim^{−1/2}.
+    pub attn_scale: f64,
+    /// Attention scores soft-capped to c·tanh(s/c) (`attn_logit_softcapping`, gemma2).
+    pub attn_softcap: Option<f64>,
+    /// Logits soft-capped to c·tanh(z/c) (`final_logit_softcapping`, gemma2).
+    pub final_softcap: Option<f64>,
+}
+
+/// The activation of a gated MLP: down(act(gate(x)) ⊙ up(x)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpActivation {
+    /// x σ(x) (SwiGLU: Llama, Mistral, Qwen, Phi-3).
+    Silu,
+    /// The tanh approximation of GELU (`gelu_pytorch_tanh`: Gemma's GeGLU).
+    GeluTanh,
 }
 
 /// MLP activation of GPT-2 (`activation_function`).
@@ -135,7 +160,7 @@ impl ModelSpec {
             .ok_or_else(|| Error::Model("config.json must be a JSON object".into()))?;
         let model_type = req_str(obj, "model_type")?;
         match model_type {
-            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" => {
+            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma2" => {
                 Ok(ModelSpec::Llama(parse_llama(obj, model_type)?))
             }
             "gpt2" => Ok(ModelSpec::Gpt2(parse_gpt2(obj)?)),
@@ -151,6 +176,14 @@ impl ModelSpec {
         match self {
             ModelSpec::Llama(s) => s.num_layers,
             ModelSpec::Gpt2(s) => s.n_layer,
+        }
+    }
+
+    /// c of the logits' soft-capping c·tanh(z/c), when the model has one.
+    pub fn final_softcap(&self) -> Option<f64> {
+        match self {
+            ModelSpec::Llama(s) => s.final_softcap,
+            ModelSpec::Gpt2(_) => None,
         }
     }
 
@@ -209,8 +242,26 @@ fn parse_llama(obj: &Map<String, Value>, model_type: &str) -> Result<LlamaSpec> 
     }
     let attention_bias = opt_bool(obj, "attention_bias")?.unwrap_or(false);
     let is_qwen2 = model_type == "qwen2";
+    let gemma = model_type == "gemma2";
+    // Gemma writes `hidden_activation` (older files `hidden_act`); the others `hidden_act`.
+    let act_key = if obj.contains_key("hidden_activation") {
+        "hidden_activation"
+    } else {
+        "hidden_act"
+    };
+    let mlp_activation = match obj.get(act_key).and_then(Value::as_str) {
+        None if gemma => MlpActivation::GeluTanh,
+        None | Some("silu") | Some("swish") => MlpActivation::Silu,
+        Some("gelu_pytorch_tanh") | Some("gelu_new") => MlpActivation::GeluTanh,
+        Some(other) => {
+            return Err(Error::Model(format!(
+                "key `{act_key}`: unsupported activation `{other}`; supported: silu, \
+                 gelu_pytorch_tanh"
+            )))
+        }
+    };
     let sliding_window = match model_type {
-        "mistral" | "phi3" => opt_usize(obj, "sliding_window")?,
+        "mistral" | "phi3" | "gemma2" => opt_usize(obj, "sliding_window")?,
         "qwen2" | "qwen3" if opt_bool(obj, "use_sliding_window")?.unwrap_or(false) => {
             opt_usize(obj, "sliding_window")?
         }
@@ -235,7 +286,8 @@ fn parse_llama(obj: &Map<String, Value>, model_type: &str) -> Result<LlamaSpec> 
         rope_theta: opt_f64(obj, "rope_theta")?.unwrap_or(10000.0),
         rope_scaling: parse_rope_scaling(obj)?,
         rms_norm_eps: opt_f64(obj, "rms_norm_eps")?.unwrap_or(1e-6),
-        tie_word_embeddings: opt_bool(obj, "tie_word_embeddings")?.unwrap_or(false),
+        // Gemma ties by default (transformers' Gemma2Config), the others do not.
+        tie_word_embeddings: opt_bool(obj, "tie_word_embeddings")?.unwrap_or(gemma),
         qkv_bias: attention_bias || is_qwen2,
         o_bias: attention_bias,
         mlp_bias: opt_bool(obj, "mlp_bias")?.unwrap_or(false),
@@ -243,6 +295,20 @@ fn parse_llama(obj: &Map<String, Value>, model_type: &str) -> Result<LlamaSpec> 
         sliding_window,
         qk_norm: model_type == "qwen3",
         fused_projections: model_type == "phi3",
+        gemma,
+        mlp_activation,
+        attn_scale: 1.0
+            / (opt_f64(obj, "query_pre_attn_scalar")?.unwrap_or(head_dim as f64)).sqrt(),
+        attn_softcap: if gemma {
+            opt_f64(obj, "attn_logit_softcapping")?
+        } else {
+            None
+        },
+        final_softcap: if gemma {
+            opt_f64(obj, "final_logit_softcapping")?
+        } else {
+            None
+        },
     })
 }
 
@@ -400,6 +466,34 @@ mod tests {
         };
         assert!(s.qkv_bias && !s.o_bias);
         assert_eq!(s.head_dim, 32);
+    }
+
+    #[test]
+    fn gemma2_reads_its_particulars_as_transformers_does() {
+        // google/gemma-2-2b's values: scores scaled by query_pre_attn_scalar^-1/2 (not
+        // head_dim's), both soft caps, a tied head unless the file says otherwise, GeGLU.
+        let mut v = smollm();
+        v["model_type"] = json!("gemma2");
+        v["head_dim"] = json!(256);
+        v["query_pre_attn_scalar"] = json!(224);
+        v["attn_logit_softcapping"] = json!(50.0);
+        v["final_logit_softcapping"] = json!(30.0);
+        v["hidden_activation"] = json!("gelu_pytorch_tanh");
+        v["sliding_window"] = json!(4096);
+        v.as_object_mut().unwrap().remove("tie_word_embeddings");
+        let ModelSpec::Llama(s) = ModelSpec::from_json(&v).unwrap() else {
+            panic!()
+        };
+        assert!(s.gemma && s.tie_word_embeddings);
+        assert_eq!(s.attn_scale, 1.0 / 224f64.sqrt());
+        assert_eq!((s.attn_softcap, s.final_softcap), (Some(50.0), Some(30.0)));
+        assert_eq!(s.mlp_activation, MlpActivation::GeluTanh);
+        assert_eq!(s.sliding_window, Some(4096));
+        // Elsewhere the scale is head_dim's and an unknown activation names its key.
+        let mut w = smollm();
+        w["hidden_act"] = json!("relu2");
+        let e = ModelSpec::from_json(&w).unwrap_err().to_string();
+        assert!(e.contains("hidden_act") && e.contains("relu2"), "{e}");
     }
 
     #[test]

@@ -175,7 +175,14 @@ impl Gpt2 {
                 Some(c) => c.append(li, heads(1)?, heads(2)?)?,
                 None => (heads(1)?, heads(2)?),
             };
-            let y = ops::attention(&heads(0)?, &k, &v, &mask, rec.is_some())?;
+            let y = ops::attention(
+                &heads(0)?,
+                &k,
+                &v,
+                &mask,
+                ops::Scores::standard(hd),
+                rec.is_some(),
+            )?;
             h = (h + blk.attn_proj.forward(&y, rec.as_deref_mut())?)?;
             let x = blk.ln_2.forward(&h, s.layer_norm_epsilon)?;
             let z = blk.c_fc.forward(&x, rec.as_deref_mut())?;

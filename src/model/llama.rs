@@ -9,13 +9,17 @@
 //! x = rms(h); h += down(silu(gate(x)) ⊙ up(x)) with x = rms(h); logits = rms(h) Wₗₘᵀ.
 //! n_q, n_k: Qwen3's RMSNorm over each head (identity elsewhere). Phi-3 computes q, k, v
 //! with one layer `qkv_proj` ([q; k; v] rows) and gate, up with one `gate_up_proj`
-//! ([gate; up] rows); each is one tracked layer.
+//! ([gate; up] rows); each is one tracked layer. Gemma 2: h⁰ = √d E[ids], RMSNorm weights
+//! 1 + w, the attention and MLP outputs normalised before they are added
+//! (`post_attention_layernorm`, `post_feedforward_layernorm`; the MLP reads
+//! `pre_feedforward_layernorm`), GeGLU, soft-capped scores and logits, and the sliding window
+//! on even layers only.
 
 use candle_core::{Device, Tensor, Var};
 
 use crate::error::Result;
 
-use super::config::LlamaSpec;
+use super::config::{LlamaSpec, MlpActivation};
 use super::kv_cache::KvCache;
 use super::linear::{ParamLoader, Recorder, TrackedLinear};
 use super::ops;
@@ -98,6 +102,9 @@ pub(crate) struct LlamaBlock {
     /// gate, up.
     gate_up: Projections,
     down: TrackedLinear,
+    /// Gemma's `pre_feedforward_layernorm` and `post_feedforward_layernorm`
+    /// (`post_norm` then normalises the attention output).
+    ff_norms: Option<(Var, Var)>,
 }
 
 /// A Llama-family model's parameters.
@@ -153,6 +160,14 @@ impl Llama {
                 spec.mlp_bias,
             )?;
             let down = lin(p, &format!("{mlp}.down_proj"), f, d, spec.mlp_bias)?;
+            let ff_norms = if spec.gemma {
+                Some((
+                    p.var(&format!("{pre}.pre_feedforward_layernorm.weight"), &[d])?,
+                    p.var(&format!("{pre}.post_feedforward_layernorm.weight"), &[d])?,
+                ))
+            } else {
+                None
+            };
             blocks.push(LlamaBlock {
                 input_norm,
                 post_norm,
@@ -161,6 +176,7 @@ impl Llama {
                 o,
                 gate_up,
                 down,
+                ff_norms,
             });
         }
         let norm = p.var("model.norm.weight", &[d])?;
@@ -218,6 +234,23 @@ impl Llama {
             ops::rope_tables(offset + t, s.head_dim, s.rope_theta, &s.rope_scaling, dev)?;
         let (cos, sin) = (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?);
         let mask = ops::causal_mask(t, offset, s.sliding_window, dev)?;
+        // Gemma 2: odd layers attend to every earlier key.
+        let full_mask = match (s.gemma, s.sliding_window) {
+            (true, Some(_)) => Some(ops::causal_mask(t, offset, None, dev)?),
+            _ => None,
+        };
+        let scores = ops::Scores {
+            scale: s.attn_scale,
+            softcap: s.attn_softcap,
+        };
+        // RMSNorm's weight: w, or Gemma's 1 + w.
+        let nw = |w: &Var| -> Result<Tensor> {
+            Ok(if s.gemma {
+                w.as_tensor().affine(1.0, 1.0)?
+            } else {
+                w.as_tensor().clone()
+            })
+        };
         // A capture (`rec` given) uses the fused RMSNorm, RoPE and attention softmax (same
         // values to rounding, a fraction of the graph). Training and generation keep the composed ops, whose
         // exact rounding the committed demo assets (trained by this code) reproduce.
@@ -231,8 +264,11 @@ impl Llama {
         let mut h = embed
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, s.hidden_size))?;
+        if s.gemma {
+            h = h.affine((s.hidden_size as f64).sqrt(), 0.0)?;
+        }
         for (li, blk) in self.blocks.iter().enumerate() {
-            let x = ops::rms_norm(&h, blk.input_norm.as_tensor(), s.rms_norm_eps, fused)?;
+            let x = ops::rms_norm(&h, &nw(&blk.input_norm)?, s.rms_norm_eps, fused)?;
             let heads = |y: Tensor, n: usize| -> Result<Tensor> {
                 Ok(y.reshape((b, t, n, s.head_dim))?
                     .transpose(1, 2)?
@@ -249,8 +285,8 @@ impl Llama {
                 heads(v, s.num_kv_heads)?,
             );
             if let Some((nq, nk)) = &blk.qk_norm {
-                q = ops::rms_norm(&q, nq.as_tensor(), s.rms_norm_eps, fused)?;
-                k = ops::rms_norm(&k, nk.as_tensor(), s.rms_norm_eps, fused)?;
+                q = ops::rms_norm(&q, &nw(nq)?, s.rms_norm_eps, fused)?;
+                k = ops::rms_norm(&k, &nw(nk)?, s.rms_norm_eps, fused)?;
             }
             let q = ops::apply_rope(&q, &cos, &sin, fused)?;
             let k = ops::apply_rope(&k, &cos, &sin, fused)?;
@@ -258,20 +294,43 @@ impl Llama {
                 Some(c) => c.append(li, k, v)?,
                 None => (k, v),
             };
-            let y = ops::attention(&q, &k, &v, &mask, fused)?;
-            h = (h + blk.o.forward(&y, rec.as_deref_mut())?)?;
-            let x = ops::rms_norm(&h, blk.post_norm.as_tensor(), s.rms_norm_eps, fused)?;
+            let layer_mask = match &full_mask {
+                Some(full) if li % 2 == 1 => full,
+                _ => &mask,
+            };
+            let y = ops::attention(&q, &k, &v, layer_mask, scores, fused)?;
+            let y = blk.o.forward(&y, rec.as_deref_mut())?;
+            let x = match &blk.ff_norms {
+                None => {
+                    h = (h + y)?;
+                    ops::rms_norm(&h, &nw(&blk.post_norm)?, s.rms_norm_eps, fused)?
+                }
+                Some((pre_ff, _)) => {
+                    let y = ops::rms_norm(&y, &nw(&blk.post_norm)?, s.rms_norm_eps, fused)?;
+                    h = (h + y)?;
+                    ops::rms_norm(&h, &nw(pre_ff)?, s.rms_norm_eps, fused)?
+                }
+            };
             let [g, u]: [Tensor; 2] = blk
                 .gate_up
                 .forward(&x, rec.as_deref_mut())?
                 .try_into()
                 .map_err(|_| crate::error::Error::Model("gate, up: expected 2 outputs".into()))?;
-            h = (h + blk.down.forward(&(g.silu()? * u)?, rec.as_deref_mut())?)?;
+            let g = match s.mlp_activation {
+                MlpActivation::Silu => g.silu()?,
+                MlpActivation::GeluTanh => g.gelu()?,
+            };
+            let y = blk.down.forward(&(g * u)?, rec.as_deref_mut())?;
+            let y = match &blk.ff_norms {
+                Some((_, post_ff)) => ops::rms_norm(&y, &nw(post_ff)?, s.rms_norm_eps, fused)?,
+                None => y,
+            };
+            h = (h + y)?;
         }
         if let Some(c) = cache {
             c.offset += t;
         }
-        ops::rms_norm(&h, self.norm.as_tensor(), s.rms_norm_eps, fused)
+        ops::rms_norm(&h, &nw(&self.norm)?, s.rms_norm_eps, fused)
     }
 }
 

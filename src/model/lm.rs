@@ -152,7 +152,11 @@ impl Model {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let x = self.hidden_inner(ids, rec.as_deref_mut(), cache)?;
-        self.head().forward(&x, rec)
+        let z = self.head().forward(&x, rec)?;
+        match self.spec.final_softcap() {
+            Some(c) => super::ops::softcap(&z, c),
+            None => Ok(z),
+        }
     }
 
     /// ids: [B, T] u32 → the final normalised hidden states [B, T, d] that the head reads.
@@ -183,11 +187,16 @@ impl Model {
 
     /// The head's weight W [V, d] when a capture may fuse the head with its loss
     /// ([`super::head_loss`]): the head is not tracked (its δ would be the [N, V] logit
-    /// gradient the fused op never forms), has no bias, and is f32 on the CPU.
+    /// gradient the fused op never forms), has no bias, its logits are not soft-capped, and
+    /// it is f32 on the CPU.
     pub(crate) fn fusable_head(&self) -> Option<Tensor> {
         let head = self.head();
         let w = head.weight.as_tensor();
-        (head.slot.is_none() && head.bias.is_none() && super::fused::applies(w)).then(|| w.clone())
+        (head.slot.is_none()
+            && head.bias.is_none()
+            && self.spec.final_softcap().is_none()
+            && super::fused::applies(w))
+        .then(|| w.clone())
     }
 
     fn check_ids(&self, ids: &Tensor) -> Result<()> {

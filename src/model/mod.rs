@@ -38,7 +38,7 @@ pub mod weights;
 
 pub use batch::TokenBatch;
 pub use capture::{Capture, Labels, LayerCapture};
-pub use config::{Gpt2Spec, LlamaSpec, ModelSpec, RopeScaling};
+pub use config::{Gpt2Spec, LlamaSpec, MlpActivation, ModelSpec, RopeScaling};
 pub use generate::{GenerateOptions, Generation, Sampling};
 pub use linear::Param;
 pub use lm::{LayerInfo, LoadOptions, Model};

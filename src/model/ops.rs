@@ -126,6 +126,11 @@ pub fn apply_rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Ten
     Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
 }
 
+/// Soft-capping c·tanh(x/c) (Gemma 2's attention scores and logits).
+pub fn softcap(x: &Tensor, c: f64) -> Result<Tensor> {
+    Ok(((x / c)?.tanh()? * c)?)
+}
+
 /// Additive causal mask [T, offset + T] for T queries at absolute positions offset..offset+T
 /// over all keys so far: 0 where key j ≤ query position p (and p − j < window, when
 /// given), −∞ elsewhere.
@@ -149,12 +154,38 @@ pub fn causal_mask(
     Ok(Tensor::from_vec(m, (t, s), device)?)
 }
 
+/// How attention scores are formed: s = scale · q kᵀ, then c·tanh(s/c) with a soft cap c.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scores {
+    /// The scale, usually D^{−1/2}.
+    pub scale: f64,
+    /// c of the soft-capping (Gemma 2), if any.
+    pub softcap: Option<f64>,
+}
+
+impl Scores {
+    /// s = q kᵀ / √D, no soft cap.
+    pub fn standard(head_dim: usize) -> Scores {
+        Scores {
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            softcap: None,
+        }
+    }
+}
+
 /// Scaled dot-product attention with an additive mask.
 /// q: [B, H, T, D]; k, v: [B, H_kv, S, D] (H_kv divides H, grouped-query heads repeat;
 /// S ≥ T keys, earlier ones from a KV cache); mask: [T, S]. Returns [B, T, H·D]. `fused`:
-/// softmax(scores/√D + mask) as one custom op ([`super::fused::masked_softmax`]) where it
-/// applies (f32 on the CPU), else composed ops.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, fused: bool) -> Result<Tensor> {
+/// softmax(s + mask) as one custom op ([`super::fused::masked_softmax`]) where it applies
+/// (f32 on the CPU, no soft cap), else composed ops.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scores: Scores,
+    fused: bool,
+) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let (h_kv, s) = (k.dim(1)?, k.dim(2)?);
     let (k, v) = if h_kv == h {
@@ -169,12 +200,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, fused: bool)
         };
         (expand(k)?, expand(v)?)
     };
-    let scale = 1.0 / (d as f64).sqrt();
-    let p = if fused && super::fused::applies(q) {
-        super::fused::masked_softmax(&q.matmul(&k.t()?)?, mask, scale)?
-    } else {
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        softmax_last(&scores.broadcast_add(mask)?)?
+    let p = match scores.softcap {
+        None if fused && super::fused::applies(q) => {
+            super::fused::masked_softmax(&q.matmul(&k.t()?)?, mask, scores.scale)?
+        }
+        None => softmax_last(&(q.matmul(&k.t()?)? * scores.scale)?.broadcast_add(mask)?)?,
+        Some(c) => {
+            let s = (q.matmul(&k.t()?)? * scores.scale)?;
+            softmax_last(&softcap(&s, c)?.broadcast_add(mask)?)?
+        }
     };
     let y = p.matmul(&v.contiguous()?)?;
     Ok(y.transpose(1, 2)?.reshape((b, t, h * d))?)

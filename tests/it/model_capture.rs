@@ -40,9 +40,15 @@ fn variants() -> Vec<(
         model_type: "phi3",
         ..LlamaCfg::default()
     };
+    let gemma2 = LlamaCfg {
+        model_type: "gemma2",
+        tied: true,
+        ..LlamaCfg::default()
+    };
     let gpt2 = Gpt2Cfg::default();
     vec![
         ("qwen3", qwen3.config_json(), qwen3.tensors(26)),
+        ("gemma2", gemma2.config_json(), gemma2.tensors(28)),
         ("phi3", phi3.config_json(), phi3.tensors(27)),
         ("llama", llama.config_json(), llama.tensors(21)),
         ("llama-tied", tied.config_json(), tied.tensors(22)),

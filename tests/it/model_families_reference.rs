@@ -1,12 +1,13 @@
-//! Qwen3 and Phi-3 forwards equal candle-transformers' `models::qwen3` and `models::phi3` on
-//! the same randomly initialised weights (no download). candle's models return only the
+//! Qwen3, Phi-3 and Gemma 2 forwards equal candle-transformers' `models::qwen3`,
+//! `models::phi3` and `models::gemma2` on the same randomly initialised weights (no
+//! download). candle's models return only the
 //! last position's logits, so every prefix of every document is run through them and
 //! compared with our logits at that position of a padded batch.
 
 use crate::common::model_fixtures as fixtures;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_transformers::models::{phi3, qwen3};
+use candle_transformers::models::{gemma2, phi3, qwen3};
 use fixtures::*;
 use source_tda::model::{LoadOptions, Model, TokenBatch};
 
@@ -104,6 +105,48 @@ fn phi3_with_fused_projections_matches_candle_transformers() {
         worst <= 1e-5,
         "phi3: max relative |ours − candle-transformers| = {worst}"
     );
+}
+
+#[test]
+fn gemma2_with_soft_capping_and_sandwich_norms_matches_candle_transformers() {
+    // Tied head (Gemma's default), GQA 2:1, head_dim 16 ≠ d / H.
+    let cfg = LlamaCfg {
+        model_type: "gemma2",
+        tied: true,
+        head_dim: Some(16),
+        ..LlamaCfg::default()
+    };
+    let ref_cfg: gemma2::Config = serde_json::from_value(cfg.config_json()).unwrap();
+    let tensors = cfg.tensors(35);
+    let worst = worst_relative(&cfg, 35, |ids| {
+        let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+        let mut m = gemma2::Model::new(false, &ref_cfg, vb).unwrap();
+        m.forward(&ids_tensor(ids), 0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+    });
+    assert!(
+        worst <= 1e-5,
+        "gemma2: max relative |ours − candle-transformers| = {worst}"
+    );
+}
+
+#[test]
+fn gemma2_soft_caps_bound_the_logits() {
+    let dev = Device::Cpu;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LlamaCfg {
+        model_type: "gemma2",
+        tied: true,
+        ..LlamaCfg::default()
+    };
+    write_checkpoint(dir.path(), &cfg.config_json(), &cfg.tensors(36));
+    let m = Model::load(dir.path(), &LoadOptions::default(), &dev).unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 9, 2, 7]], &dev).unwrap();
+    let z = m.forward(&ids).unwrap();
+    // |c·tanh(z/c)| < c = 3, and the cap bends (some |z| above 1).
+    assert!(max_abs(&z) < 3.0 && max_abs(&z) > 1.0, "{}", max_abs(&z));
 }
 
 #[test]

@@ -106,6 +106,17 @@ impl LlamaCfg {
             c["sliding_window"] = json!(2047);
             c["original_max_position_embeddings"] = json!(256);
         }
+        if self.model_type == "gemma2" {
+            // Caps small enough that tanh bends; the window longer than any test sequence
+            // (candle-transformers applies it to every layer, transformers to even ones).
+            let hd = self.head_dim.unwrap_or(self.hidden / self.heads);
+            c["hidden_activation"] = json!("gelu_pytorch_tanh");
+            c["query_pre_attn_scalar"] = json!(hd);
+            c["attn_logit_softcapping"] = json!(2.0);
+            c["final_logit_softcapping"] = json!(3.0);
+            c["sliding_window"] = json!(4096);
+            c["head_dim"] = json!(hd);
+        }
         c
     }
 
@@ -143,6 +154,11 @@ impl LlamaCfg {
                 1.0,
                 0.1,
             );
+            if self.model_type == "gemma2" {
+                for n in ["pre_feedforward_layernorm", "post_feedforward_layernorm"] {
+                    put(&mut m, format!("{p}.{n}.weight"), &[d], 0.0, 0.3);
+                }
+            }
             let lin = [
                 ("self_attn.q_proj", d, dq, qkv_bias),
                 ("self_attn.k_proj", d, dkv, qkv_bias),
