@@ -86,12 +86,90 @@ pub enum Error {
     #[error(transparent)]
     Gguf(#[from] GgufError),
 
+    /// A memory or disk limit would be (or was) exceeded: names the estimate, the limit and
+    /// the settings that lower it.
+    #[error("{0}")]
+    Resource(String),
+
     /// A failure injected on purpose by a test (`SOURCE_TDA_FAIL_IN_STAGE`).
     #[error("injected failure in stage `{0}` (SOURCE_TDA_FAIL_IN_STAGE is set)")]
     Injected(String),
 }
 
+/// The process exit status of the command line: what kind of failure it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    /// 1: anything else.
+    Other = 1,
+    /// 2: the command line is wrong (unknown option, missing argument).
+    Usage = 2,
+    /// 3: a config, pipeline, data set, model or run directory cannot be used as given.
+    ConfigOrData = 3,
+    /// 4: a stage started and failed (numerics, tensors, a kernel, writing its outputs).
+    StageFailed = 4,
+    /// 5: a memory or disk limit.
+    Resource = 5,
+}
+
+impl ExitKind {
+    /// The exit status.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+/// Whether a message reports running out of memory or disk (CUDA, candle, the OS).
+fn says_out_of_resources(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "out of memory",
+        "no space left",
+        "disk quota exceeded",
+        "cannot allocate memory",
+    ]
+    .iter()
+    .any(|w| m.contains(w))
+}
+
 impl Error {
+    /// What kind of failure this is, for the exit status: config and data problems (a file,
+    /// key, data set or run directory to fix) are [`ExitKind::ConfigOrData`]; failures while
+    /// computing are [`ExitKind::StageFailed`]; out-of-memory and full disks are
+    /// [`ExitKind::Resource`].
+    pub fn exit_kind(&self) -> ExitKind {
+        use std::io::ErrorKind as K;
+        match self {
+            Error::Resource(_) => ExitKind::Resource,
+            Error::Config { .. }
+            | Error::Fetch(_)
+            | Error::Data(_)
+            | Error::Pipeline(_)
+            | Error::Tokenizer { .. }
+            | Error::Gguf(_) => ExitKind::ConfigOrData,
+            Error::Io { os_error, .. } => match os_error.kind() {
+                K::StorageFull | K::QuotaExceeded | K::OutOfMemory => ExitKind::Resource,
+                K::NotFound
+                | K::PermissionDenied
+                | K::InvalidData
+                | K::IsADirectory
+                | K::NotADirectory
+                | K::AlreadyExists => ExitKind::ConfigOrData,
+                _ => ExitKind::StageFailed,
+            },
+            Error::Cuda(m) | Error::Numeric(m) | Error::Model(m) if says_out_of_resources(m) => {
+                ExitKind::Resource
+            }
+            Error::Tensor(e) if says_out_of_resources(&e.to_string()) => ExitKind::Resource,
+            Error::Parquet { message, .. } if says_out_of_resources(message) => ExitKind::Resource,
+            Error::Cuda(_)
+            | Error::Numeric(_)
+            | Error::Model(_)
+            | Error::Tensor(_)
+            | Error::Parquet { .. }
+            | Error::Injected(_) => ExitKind::StageFailed,
+        }
+    }
+
     /// An I/O error with the path and the action that failed.
     pub fn io(action: &'static str, path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io {
@@ -191,5 +269,30 @@ mod tests {
         let shown = format!("{:#}", anyhow::Error::from(e));
         assert_eq!(shown.matches(&os).count(), 1, "{shown}");
         assert_eq!(shown, format!("reading {}: {os}", path.display()));
+    }
+
+    #[test]
+    fn exit_kinds_separate_config_stage_and_resource_failures() {
+        let io = |k: std::io::ErrorKind| Error::io("writing", "/x", std::io::Error::from(k));
+        assert_eq!(Error::config("c.toml", "bad").exit_kind().code(), 3);
+        assert_eq!(Error::Data("line 3".into()).exit_kind().code(), 3);
+        assert_eq!(
+            Error::Pipeline("run `fit` first".into()).exit_kind().code(),
+            3
+        );
+        assert_eq!(io(std::io::ErrorKind::NotFound).exit_kind().code(), 3);
+        assert_eq!(
+            Error::Numeric("NaN in layer 3".into()).exit_kind().code(),
+            4
+        );
+        assert_eq!(Error::Injected("fit".into()).exit_kind().code(), 4);
+        assert_eq!(io(std::io::ErrorKind::BrokenPipe).exit_kind().code(), 4);
+        assert_eq!(
+            Error::Resource("over the limit".into()).exit_kind().code(),
+            5
+        );
+        assert_eq!(io(std::io::ErrorKind::StorageFull).exit_kind().code(), 5);
+        let oom = Error::Cuda("CUDA_ERROR_OUT_OF_MEMORY: out of memory".into());
+        assert_eq!(oom.exit_kind(), ExitKind::Resource);
     }
 }

@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use source_tda::config::{Config, Pipeline, STAGE_ORDER};
+use source_tda::error::ExitKind;
 use source_tda::pipeline::{
     run_stages, status_rows, verify_run, Outcome, Registry, RunDir, RunOptions, Workers,
 };
@@ -29,7 +30,16 @@ use source_tda::util::progress::is_quiet;
 /// A run is declared by a config (configs/*.toml: model, data, training, attribution) and a
 /// pipeline (pipelines/*.toml: a config and the stages to run). Every stage writes into the
 /// run directory, records itself in manifest.json, and is skipped on a rerun when its inputs
-/// and config are unchanged.
+/// and config are unchanged. A single-stage command, `report` and `status` read the run
+/// directory's resolved config.toml when --config is not given.
+///
+/// Exit status:
+///   0  done
+///   1  any other error
+///   2  usage: the command line is wrong (unknown option, missing argument, no config)
+///   3  config or data: a config, pipeline, data set, model or run directory to fix
+///   4  a stage failed while it ran (numerics, tensors, kernels, writing outputs)
+///   5  a resource limit: attribution.memory_limit_gib, out of memory, disk full
 #[derive(Parser, Debug)]
 #[command(name = "source-tda", version, about, long_about, verbatim_doc_comment)]
 struct Cli {
@@ -52,6 +62,9 @@ enum Command {
         /// Run directory. Default: the pipeline's `run_dir`, else runs/NAME.
         #[arg(long)]
         run_dir: Option<PathBuf>,
+        /// Run the pipeline's stages up to and including STAGE only.
+        #[arg(long, value_name = "STAGE")]
+        until: Option<String>,
         #[command(flatten)]
         opts: StageOpts,
         #[command(flatten)]
@@ -102,10 +115,18 @@ enum Command {
         stage: OneStage,
     },
     /// Show what is done in a run directory, with timings and peak memory.
+    ///
+    /// With --json, prints one JSON object: {"run_dir", "stages": [{"stage", "status"
+    /// (complete, stale, failed, interrupted or not_run), "state" (with the reason),
+    /// "wall_s", "peak_rss_bytes", "finished_at"}]}, every stage in pipeline order.
+    #[command(verbatim_doc_comment)]
     Status {
         /// The run directory.
         #[arg(long)]
         run_dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Check every file the manifest of a run directory records (presence, size, sha256);
     /// exits non-zero naming each file that changed on disk.
@@ -184,9 +205,10 @@ enum EvalCommand {
 
 #[derive(Args, Debug)]
 struct OneStage {
-    /// The config file (configs/NAME.toml).
+    /// The config file (configs/NAME.toml). Default: the run directory's resolved
+    /// config.toml, the one it was last run with.
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// The run directory.
     #[arg(long)]
     run_dir: PathBuf,
@@ -221,6 +243,44 @@ impl WorkerOpts {
             count: self.workers.map(usize::from),
         }
     }
+}
+
+impl OneStage {
+    /// The config (`--config`, else the run directory's stored config.toml) and its path.
+    fn load_config(&self) -> Result<(Config, PathBuf)> {
+        if let Some(path) = &self.config {
+            return Ok((Config::load(path)?, path.clone()));
+        }
+        let path = self.run_dir.join("config.toml");
+        if !path.is_file() {
+            return Err(Usage(format!(
+                "no --config given, and {} does not exist (this run directory has not been \
+                 started); pass --config configs/NAME.toml",
+                path.display()
+            ))
+            .into());
+        }
+        Ok((Config::load(&path)?, path))
+    }
+}
+
+/// A command line that cannot be run as given (exit status 2, as clap's own usage errors).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+/// The exit status of a failed command: the first library error in the chain decides
+/// ([`source_tda::error::Error::exit_kind`]); a [`Usage`] error is 2; anything else 1.
+fn exit_status(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if let Some(lib) = cause.downcast_ref::<source_tda::Error>() {
+            return lib.exit_kind().code();
+        }
+        if cause.downcast_ref::<Usage>().is_some() {
+            return ExitKind::Usage.code();
+        }
+    }
+    ExitKind::Other.code()
 }
 
 impl StageOpts {
@@ -276,7 +336,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_status(&e))
         }
     }
 }
@@ -294,21 +354,34 @@ fn init_logging(quiet: bool, verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(use_colour())
         .init();
+}
+
+/// Colour only on a terminal, and not with `NO_COLOR` (see `colour_allowed`).
+fn use_colour() -> bool {
+    use source_tda::util::progress::{colour_allowed, stderr_is_terminal};
+    colour_allowed(
+        std::env::var_os("NO_COLOR").as_deref(),
+        stderr_is_terminal(),
+    )
 }
 
 fn dispatch(command: Command, stages: &Registry) -> Result<()> {
     let command = match one_stage(command) {
         Ok((s, stage, workers)) => {
             let names = [stage.to_string()];
+            let (config, config_path) = s.load_config()?;
+            let run_dir = s.run_dir.clone();
             run(
                 stages,
-                &s.config,
-                &s.run_dir,
+                &config,
+                &config_path,
+                &run_dir,
                 &names,
                 s.opts.into_options(workers),
             )?;
-            return print_summary(&s.run_dir, stage);
+            return print_summary(&run_dir, stage);
         }
         Err(other) => other,
     };
@@ -316,6 +389,7 @@ fn dispatch(command: Command, stages: &Registry) -> Result<()> {
         Command::Run {
             pipeline,
             run_dir,
+            until,
             opts,
             workers,
         } => {
@@ -323,11 +397,14 @@ fn dispatch(command: Command, stages: &Registry) -> Result<()> {
             let run_dir = run_dir
                 .or_else(|| p.run_dir.clone())
                 .unwrap_or_else(|| PathBuf::from("runs").join(p.name()));
+            let names = stages_until(&p.stages, until.as_deref(), &pipeline)?;
+            let config = Config::load(&p.config)?;
             run(
                 stages,
+                &config,
                 &p.config,
                 &run_dir,
-                &p.stages,
+                names,
                 opts.into_options(workers.workers()),
             )
         }
@@ -340,7 +417,10 @@ fn dispatch(command: Command, stages: &Registry) -> Result<()> {
         Command::ImportTrainer { trainer_dir, stage } => {
             import_trainer(stages, &trainer_dir, stage)
         }
-        Command::Status { run_dir } => status(stages, &run_dir),
+        Command::Status { run_dir, json } => match json {
+            true => status_json(stages, &run_dir),
+            false => status(stages, &run_dir),
+        },
         Command::Verify { run_dir } => verify(&run_dir),
         Command::ConvertGguf {
             gguf,
@@ -358,17 +438,35 @@ fn dispatch(command: Command, stages: &Registry) -> Result<()> {
     }
 }
 
-/// Runs `names` of the config at `config_path` in `run_dir` and prints the outcomes.
+/// The pipeline's stages up to and including `until` (all of them without it).
+fn stages_until<'a>(
+    all: &'a [String],
+    until: Option<&str>,
+    pipeline: &Path,
+) -> Result<&'a [String]> {
+    let Some(until) = until else { return Ok(all) };
+    match all.iter().position(|s| s == until) {
+        Some(i) => Ok(&all[..=i]),
+        None => Err(Usage(format!(
+            "--until {until}: `{until}` is not among the stages of {} ({})",
+            pipeline.display(),
+            all.join(", ")
+        ))
+        .into()),
+    }
+}
+
+/// Runs `names` of `config` (read from `config_path`) in `run_dir` and prints the outcomes.
 fn run(
     stages: &Registry,
+    config: &Config,
     config_path: &Path,
     run_dir: &Path,
     names: &[String],
     opts: RunOptions,
 ) -> Result<()> {
-    let config = Config::load(config_path)?;
     let run = RunDir::at(run_dir)?;
-    let outcomes = run_in(stages, &config, config_path, &run, names, opts)?;
+    let outcomes = run_in(stages, config, config_path, &run, names, opts)?;
     print_outcomes(
         &outcomes,
         &format!("run directory: {}", run.path().display()),
@@ -420,9 +518,9 @@ fn print_summary(run_dir: &Path, stage: &str) -> Result<()> {
 fn eval_lds_shard(stages: &Registry, s: &OneStage, shard: &str, merge: bool) -> Result<()> {
     use source_tda::stages::{run_shard, ShardOutcome};
     let shard = source_tda::eval::Shard::parse(shard)?;
-    let config = Config::load(&s.config)?;
+    let (config, config_path) = s.load_config()?;
     let run = RunDir::at(&s.run_dir)?;
-    match run_shard(stages, &config, &s.config, &run, shard, merge)
+    match run_shard(stages, &config, &config_path, &run, shard, merge)
         .with_context(|| format!("run directory {}", run.path().display()))?
     {
         ShardOutcome::Merged { ran } => {
@@ -445,23 +543,24 @@ fn eval_lds_shard(stages: &Registry, s: &OneStage, shard: &str, merge: bool) -> 
 }
 
 fn import_trainer(stages: &Registry, trainer_dir: &Path, s: OneStage) -> Result<()> {
-    let mut config = Config::load(&s.config)?;
+    let (mut config, config_path) = s.load_config()?;
     if !trainer_dir.is_dir() {
-        anyhow::bail!(
+        return Err(Usage(format!(
             "{}: no such folder; give the Trainer's output_dir (holding checkpoint-N/)",
             trainer_dir.display()
-        );
+        ))
+        .into());
     }
     config.train.import_from = Some(std::path::absolute(trainer_dir)?);
     // Re-check the config with import_from set (e.g. it excludes [[train.stages]]).
-    let base = s.config.parent().unwrap_or(Path::new("."));
-    let config = Config::from_str_at(&config.to_toml(), &s.config, base)?;
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    let config = Config::from_str_at(&config.to_toml(), &config_path, base)?;
     let run = RunDir::at(&s.run_dir)?;
     let names: Vec<String> = ["fetch", "prepare", "finetune"].map(String::from).into();
     let outcomes = run_in(
         stages,
         &config,
-        &s.config,
+        &config_path,
         &run,
         &names,
         s.opts.into_options(Workers::default()),
@@ -521,6 +620,28 @@ fn status(stages: &Registry, run_dir: &Path) -> Result<()> {
             None => println!("{name:<11} {:>9} {:>10}  {:<19}  not run", "", "", ""),
         }
     }
+    Ok(())
+}
+
+/// `status --json`: every stage in pipeline order, with a one-word `status` for scripts.
+fn status_json(stages: &Registry, run_dir: &Path) -> Result<()> {
+    let run = RunDir::at(run_dir)?;
+    let rows = status_rows(stages, &run)?;
+    let list: Vec<serde_json::Value> = STAGE_ORDER
+        .iter()
+        .map(|name| match rows.iter().find(|r| r.stage == *name) {
+            Some(r) => serde_json::json!({
+                "stage": r.stage, "status": r.kind(), "state": r.state, "wall_s": r.wall_s,
+                "peak_rss_bytes": r.peak_rss_bytes, "finished_at": r.finished_at,
+            }),
+            None => serde_json::json!({
+                "stage": name, "status": "not_run", "state": "not run", "wall_s": null,
+                "peak_rss_bytes": null, "finished_at": null,
+            }),
+        })
+        .collect();
+    let out = serde_json::json!({"run_dir": run.path(), "stages": list});
+    println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
 

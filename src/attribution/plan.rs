@@ -184,7 +184,7 @@ pub fn plan_factor_groups(
     let (mut start, mut acc) = (0usize, 0u64);
     for (i, (name, &b)) in layers.iter().zip(layer_bytes).enumerate() {
         if b > budget {
-            return Err(Error::Pipeline(format!(
+            return Err(Error::Resource(format!(
                 "score: the factors of layer `{name}` alone need {} (all segments), more than \
                  the {} left for factors under {limit}; raise the limit, lower \
                  batching.token_budget, or set attribution.block_size to store smaller \
@@ -278,7 +278,7 @@ pub fn plan_score_memory(
         }
     };
     if base > total && memory_limit_gib.is_some() {
-        return Err(Error::Pipeline(format!(
+        return Err(Error::Resource(format!(
             "score: the model pass and the queries alone are estimated at {} (before any \
              factors), more than {limit}; lower batching.token_budget, use fewer queries or \
              attribution.query_rank, or raise the limit",

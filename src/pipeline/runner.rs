@@ -216,6 +216,7 @@ fn run_one(
 ) -> Result<()> {
     let name = stage.name();
     tracing::info!("{name}: {}", stage.describe());
+    crate::util::progress::set_stage(name);
     let resume_key = crate::util::hash::sha256_bytes(
         format!("{}\n{}", key.inputs_hash, key.config_hash).as_bytes(),
     )[..16]
@@ -306,8 +307,8 @@ fn run_one(
     record.outputs = outputs;
     record.summary = summary;
     tracing::info!(
-        "{name}: done in {:.1} s, peak RSS {}",
-        record.wall_s.unwrap_or(0.0),
+        "{name}: done in {}, peak RSS {}",
+        crate::util::num::duration(record.wall_s.unwrap_or(0.0)),
         record
             .peak_rss_bytes
             .map(mem::human_bytes)

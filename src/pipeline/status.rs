@@ -29,6 +29,16 @@ pub struct StatusRow {
     pub finished_at: Option<String>,
 }
 
+impl StatusRow {
+    /// One word for scripts: `complete`, `stale`, `failed`, `interrupted` (or running now).
+    pub fn kind(&self) -> &'static str {
+        ["complete", "stale", "failed", "interrupted"]
+            .into_iter()
+            .find(|w| self.state.starts_with(w))
+            .unwrap_or("unknown")
+    }
+}
+
 /// The status of every stage recorded in `run`, in pipeline order; staleness is judged by
 /// the stages of `registry`.
 pub fn status_rows(registry: &Registry, run: &RunDir) -> Result<Vec<StatusRow>> {

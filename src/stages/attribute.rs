@@ -136,7 +136,7 @@ pub fn check_memory(stage: &str, model: &Model, config: &Config) -> Result<u64> 
     if let Some(limit) = config.attribution.memory_limit_gib {
         let limit_b = (limit * (1u64 << 30) as f64) as u64;
         if est > limit_b {
-            return Err(Error::Pipeline(format!(
+            return Err(Error::Resource(format!(
                 "{stage}: the estimated peak memory {} exceeds attribution.memory_limit_gib = \
                  {limit}; lower batching.token_budget, set attribution.block_size for wide \
                  layers, or raise the limit",

@@ -177,12 +177,12 @@ impl Stage for FetchStage {
         let data_summary: BTreeMap<&String, serde_json::Value> =
             fetched.data.iter().map(|(k, r)| (k, describe(r))).collect();
         tracing::info!(
-            "model {} ({:?}, commit {}): {} tensors, {} parameters",
+            "model {} ({}, commit {}): {} tensors, {} parameters",
             fetched.model.id,
-            fetched.model.resolution,
+            format!("{:?}", fetched.model.resolution).to_lowercase(),
             fetched.model.commit.as_deref().unwrap_or("-"),
-            fetched.model_facts.tensors,
-            fetched.model_facts.parameters
+            crate::util::num::count(fetched.model_facts.tensors as u64),
+            crate::util::num::count(fetched.model_facts.parameters as u64)
         );
         Ok(json!({
             "model": describe(&fetched.model),

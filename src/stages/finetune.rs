@@ -33,11 +33,13 @@ use crate::data::{read_prepared, PreparedDoc};
 use crate::error::{Error, IoContext, Result};
 use crate::pipeline::{Stage, StageContext};
 use crate::train::import::import_trainer;
-use crate::train::log::{write_loss_parquet, write_visits_parquet};
+use crate::train::log::{epoch_means, write_loss_parquet, write_visits_parquet};
+use crate::train::plan::steps_per_epoch;
 use crate::train::{
     train, CheckpointRef, LrMass, OptimizerInfo, Segment, TrainJob, TrainOutcome, Trajectory,
     TRAJECTORY_VERSION,
 };
+use crate::util::num::{count, sig};
 
 use super::fetch::Fetched;
 
@@ -184,10 +186,12 @@ impl Stage for FinetuneStage {
                 docs.len(),
                 &visits_rel,
             ));
+            let spe = steps_per_epoch(docs.len(), t.batch_size);
             summary.push(
                 json!({"stage": stage.name, "dataset": t.dataset, "n_docs": docs.len(),
                 "steps": out.log.len(), "first_step": offset + 1,
-                "resumed_from_step": offset + out.resumed_from}),
+                "resumed_from_step": offset + out.resumed_from,
+                "steps_per_epoch": spe, "epoch_mean_loss": epoch_means(&out.log, spe)}),
             );
             resumed_from += out.resumed_from;
             offset += out.log.len() as u64;
@@ -214,13 +218,27 @@ impl Stage for FinetuneStage {
         let first = log.first().map(|r| r.loss).unwrap_or(f64::NAN);
         let last = log.last().map(|r| r.loss).unwrap_or(f64::NAN);
         tracing::info!(
-            "fine-tuned {} steps in {} stage(s) ({trained} in this run, {:.2} steps/s, {:.0} \
-             tokens/s): loss {first:.4} → {last:.4}",
-            log.len(),
+            "fine-tuned {} steps in {} stage(s) ({} in this run, {} steps/s, {} tokens/s)",
+            count(log.len() as u64),
             stages.len(),
-            trained as f64 / secs.max(1e-9),
-            tokens as f64 / secs.max(1e-9)
+            count(trained),
+            sig(trained as f64 / secs.max(1e-9), 3),
+            count((tokens as f64 / secs.max(1e-9)).round() as u64)
         );
+        for s in &summary {
+            let means: Vec<String> = s["epoch_mean_loss"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_f64())
+                .map(|v| sig(v, 4))
+                .collect();
+            tracing::info!(
+                "fine-tune `{}`: mean loss per epoch {}",
+                s["stage"].as_str().unwrap_or_default(),
+                means.join(" → ")
+            );
+        }
         Ok(json!({
             "steps": log.len(),
             "resumed_from_step": resumed_from,
@@ -312,10 +330,10 @@ fn pretrain_segment(ctx: &StageContext, base_dir: &Path) -> Result<Vec<Segment>>
                 let fetched = Fetched::load(ctx.run)?;
                 let seg = super::pretrain_record::recorded_segment(&fetched, role, &ctx.out_dir)?;
                 tracing::info!(
-                    "pretrain segment from the model's recorded trajectory: s = {:?}, {:?}, N = {}",
-                    seg.lr_mass,
-                    seg.optimizer,
-                    seg.n_docs
+                    "pretrain segment from the model's recorded trajectory: s = {}, {}, N = {}",
+                    lr_mass_text(seg.lr_mass),
+                    optimizer_text(&seg.optimizer),
+                    count(seg.n_docs)
                 );
                 segments.push(seg);
             }
@@ -349,4 +367,39 @@ fn pretrain_segment(ctx: &StageContext, base_dir: &Path) -> Result<Vec<Segment>>
         }
     }
     Ok(segments)
+}
+
+/// s as people read it: a number, or ∞ for a converged segment.
+fn lr_mass_text(s: LrMass) -> String {
+    match s {
+        LrMass::Finite(v) => sig(v, 4),
+        LrMass::Converged => "∞ (converged)".into(),
+    }
+}
+
+/// The optimizer and its hyper-parameters in one short phrase.
+fn optimizer_text(o: &OptimizerInfo) -> String {
+    match o {
+        OptimizerInfo::Sgd { weight_decay } => {
+            format!("SGD (weight decay {})", sig(*weight_decay, 3))
+        }
+        OptimizerInfo::Momentum { beta, weight_decay } => format!(
+            "momentum SGD (β = {}, weight decay {})",
+            sig(*beta, 3),
+            sig(*weight_decay, 3)
+        ),
+        OptimizerInfo::AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } => format!(
+            "AdamW (β₁ = {}, β₂ = {}, ε = {}, weight decay {})",
+            sig(*beta1, 4),
+            sig(*beta2, 4),
+            sig(*eps, 2),
+            sig(*weight_decay, 3)
+        ),
+        OptimizerInfo::Unknown => "optimizer unknown".into(),
+    }
 }

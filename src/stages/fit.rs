@@ -69,7 +69,8 @@ impl Stage for FitStage {
             .as_deref()
             .map(FactorCache::new);
         let mut summary = Vec::new();
-        for seg in &p.segments {
+        for (k, seg) in p.segments.iter().enumerate() {
+            crate::util::progress::set_part(format!("segment {}/{}", k + 1, p.segments.len()));
             let docs = role_docs(ctx.run, &seg.role)?;
             let out = ctx.out(format!("segment-{}.safetensors", seg.index));
             let inputs = key_inputs(ctx.config, seg, &docs)?;

@@ -254,7 +254,8 @@ fn score_segments(
     let opts = fit_options(ctx.config);
     let q = queries.q;
     let mut roles: BTreeMap<String, RoleScores> = BTreeMap::new();
-    for (seg, u_seg) in p.segments.iter().zip(&queries.u) {
+    for (k, (seg, u_seg)) in p.segments.iter().zip(&queries.u).enumerate() {
+        crate::util::progress::set_part(format!("segment {}/{}", k + 1, p.segments.len()));
         if !roles.contains_key(&seg.role) {
             let docs = role_docs(ctx.run, &seg.role)?;
             let tokens = docs
@@ -398,7 +399,12 @@ fn write_outputs(
         })
         .collect();
     for t in &top {
-        tracing::info!("score: {} ← {} (τ = {})", t["query"], t["top"], t["tau"]);
+        tracing::info!(
+            "score: {} ← {} (τ = {})",
+            t["query"].as_str().unwrap_or_default(),
+            t["top"].as_str().unwrap_or_default(),
+            crate::util::num::sig(t["tau"].as_f64().unwrap_or(f64::NAN), 4)
+        );
     }
     Ok(json!({"pairs": ranked.rows.len(), "token_rows": n_token_rows, "top1": top}))
 }

@@ -365,11 +365,11 @@ pub fn train(job: &TrainJob<'_>) -> Result<TrainOutcome> {
     }
     tracing::info!(
         "fine-tuning: N = {n} documents, {} per step, T = {total} steps, {} segments, \
-         {:?} schedule peak η = {}",
+         {} schedule peak η = {}",
         t.batch_size,
         segments.len(),
-        schedule.kind,
-        schedule.peak
+        format!("{:?}", schedule.kind).to_lowercase(),
+        crate::util::num::sig(schedule.peak, 3)
     );
 
     let mut order = VisitOrder::new(t.seed.unwrap_or(0), n, t.batch_size);

@@ -4,7 +4,8 @@
 //!
 //! The fine-tuning logs as Parquet (zstd): `loss.parquet`, one row per optimizer step
 //! (step, lr, loss, grad_norm, n_docs, n_tokens, micro_batches), and `visit_order.parquet`,
-//! one row per document visit (step, doc_index, doc_id) in the order training saw them.
+//! one row per document visit (step, doc_index, doc_id) in the order training saw them; and
+//! the mean loss per epoch, [`epoch_means`].
 
 use std::path::Path;
 use std::sync::Arc;
@@ -61,6 +62,28 @@ pub fn write_loss_parquet(path: &Path, log: &[StepLog]) -> Result<()> {
     write(path, schema, columns)
 }
 
+/// The mean of the step losses J of each epoch of `log` (one stage's steps, in order from its
+/// first): epoch e holds the steps e·spe + 1 ..= (e + 1)·spe counted from the stage's start.
+/// A last, partial epoch (a `max_steps` cut) gets the mean of the steps it has.
+pub fn epoch_means(log: &[StepLog], steps_per_epoch: u64) -> Vec<f64> {
+    let spe = steps_per_epoch.max(1);
+    let Some(first) = log.first().map(|r| r.step) else {
+        return Vec::new();
+    };
+    let mut sums: Vec<(f64, u64)> = Vec::new();
+    for r in log {
+        let e = ((r.step - first) / spe) as usize;
+        if sums.len() <= e {
+            sums.resize(e + 1, (0.0, 0));
+        }
+        sums[e].0 += r.loss;
+        sums[e].1 += 1;
+    }
+    sums.iter()
+        .map(|&(s, n)| if n == 0 { f64::NAN } else { s / n as f64 })
+        .collect()
+}
+
 /// Writes the visit order: (step, doc_index) pairs with the document ids.
 pub fn write_visits_parquet(path: &Path, visits: &[(u64, u32)], doc_ids: &[String]) -> Result<()> {
     let schema = Arc::new(Schema::new(vec![
@@ -76,4 +99,31 @@ pub fn write_visits_parquet(path: &Path, visits: &[(u64, u32)], doc_ids: &[Strin
         )),
     ];
     write(path, schema, columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(step: u64, loss: f64) -> StepLog {
+        StepLog {
+            step,
+            lr: 0.1,
+            loss,
+            grad_norm: 1.0,
+            n_docs: 2,
+            n_tokens: 10,
+            micro_batches: 1,
+        }
+    }
+
+    #[test]
+    fn epoch_means_group_steps_from_the_stage_start() {
+        // A second stage starting at global step 11, 3 steps per epoch, 7 steps (max_steps).
+        let losses = [6.0, 3.0, 9.0, 2.0, 2.0, 5.0, 1.0];
+        let log: Vec<StepLog> = (0..7).map(|i| step(11 + i, losses[i as usize])).collect();
+        assert_eq!(epoch_means(&log, 3), vec![6.0, 3.0, 1.0]);
+        assert_eq!(epoch_means(&log, 100), vec![28.0 / 7.0]);
+        assert!(epoch_means(&[], 3).is_empty());
+    }
 }

@@ -1,9 +1,10 @@
-//! Util: hashing, atomic writes, memory, progress, phase timing, RNG, tensor files, threads.
+//! Util: hashing, atomic writes, memory, number formatting, progress, phase timing, RNG, tensor files, threads.
 //! Layer: ground — may import error only.
 
 pub mod fsx;
 pub mod hash;
 pub mod mem;
+pub mod num;
 pub mod phase;
 pub mod progress;
 pub mod rng;

@@ -151,7 +151,7 @@ fn demo_low_rank_queries_and_grouped_factors_match_the_exact_all_at_once_path() 
     // A limit that leaves less than the widest layer's factors: refused, naming both.
     let limit = gib(fixed as f64 + 0.5 * max_layer as f64);
     let o = rescore(dir.path(), &run, &format!("memory_limit_gib = {limit}"));
-    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(5), "a resource limit exits 5");
     let e = stderr(&o);
     assert!(e.contains("the factors of layer `model.layers."), "{e}");
     assert!(

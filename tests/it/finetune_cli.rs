@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::common::{cli, stderr, write};
 
 /// A run setup: the demo model as a local folder, 30 short documents, a config, a pipeline.
-fn setup(lr: &str) -> tempfile::TempDir {
+pub(crate) fn setup(lr: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let snap = common::demo_tokenizer().parent().unwrap().to_path_buf();
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {

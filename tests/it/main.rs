@@ -17,6 +17,8 @@ mod common;
 // One module per test file.
 mod attribution_engine;
 mod attribution_options;
+mod cli_logs;
+mod cli_scripting;
 mod config_errors;
 mod config_train;
 mod cuda_parity;
