@@ -56,6 +56,24 @@ pub struct DocEntry {
     pub tokens: Option<Vec<Token>>,
 }
 
+/// Where one known source of a query ranks among all scored documents.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KnownRank {
+    /// Training document id.
+    pub train_id: String,
+    /// Rank by τ (1 = strongest proponent).
+    pub rank: u32,
+    /// τ = score / n_train.
+    pub tau: f64,
+}
+
+/// How far down the ranking a known source must be to count as "near the bottom": the
+/// lowest [`BOTTOM_FRACTION`] of the scored documents.
+pub const BOTTOM_FRACTION: f64 = 0.02;
+
+/// Known sources ranking below this rank are flagged in the summary.
+pub const FLAG_BELOW_RANK: u32 = 10;
+
 /// One query and its top documents.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QueryReport {
@@ -71,6 +89,8 @@ pub struct QueryReport {
     pub known_sources: Vec<String>,
     /// The best rank of any known source among all scored documents.
     pub best_known_rank: Option<u32>,
+    /// Every known source that was scored, with its rank and τ, best rank first.
+    pub known_ranks: Vec<KnownRank>,
     /// Documents scored for this query.
     pub n_scored: usize,
     /// The highest-τ documents.
@@ -146,9 +166,69 @@ pub struct ReportData {
     pub eval: EvalResults,
     /// The sign convention the tables carry.
     pub sign_convention: String,
+    /// The fine-tune's loss, when the run fine-tuned here (not for an imported trajectory).
+    pub loss: Option<LossCurve>,
+}
+
+/// Counts of the known sources that attribution ranks badly, over all queries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct KnownFlags {
+    /// Known sources that were scored.
+    pub scored: usize,
+    /// Ranked below [`FLAG_BELOW_RANK`].
+    pub below_top_10: usize,
+    /// With τ < 0: they worked against the completion (opponents).
+    pub opponents: usize,
+    /// Among the lowest [`BOTTOM_FRACTION`] of their query's scored documents.
+    pub bottom_2_percent: usize,
+}
+
+impl KnownFlags {
+    /// The summary's warning ("8 of 24 known sources rank below the top 10: 8 as opponents
+    /// (τ < 0), 8 among the bottom 2%"), or `None` when every known source is in the top 10.
+    pub fn warning(&self) -> Option<String> {
+        if self.below_top_10 == 0 {
+            return None;
+        }
+        Some(format!(
+            "{} of {} known sources rank below the top {FLAG_BELOW_RANK}: {} as opponents \
+             (τ < 0), {} among the bottom {}%",
+            self.below_top_10,
+            self.scored,
+            self.opponents,
+            self.bottom_2_percent,
+            BOTTOM_FRACTION * 100.0
+        ))
+    }
+}
+
+/// The fine-tune's training loss: per optimizer step, and the mean of each epoch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LossCurve {
+    /// (global step, loss J of the step).
+    pub steps: Vec<(u64, f64)>,
+    /// (first step, last step, mean loss) of each epoch, per training stage.
+    pub epochs: Vec<(u64, u64, f64)>,
 }
 
 impl ReportData {
+    /// The known sources ranked below the top 10, as opponents, or near the bottom.
+    pub fn known_flags(&self) -> KnownFlags {
+        let mut f = KnownFlags::default();
+        for q in &self.queries {
+            let bottom = q.n_scored as f64 * (1.0 - BOTTOM_FRACTION);
+            for k in &q.known_ranks {
+                f.scored += 1;
+                if k.rank > FLAG_BELOW_RANK {
+                    f.below_top_10 += 1;
+                    f.opponents += usize::from(k.tau < 0.0);
+                    f.bottom_2_percent += usize::from(k.rank as f64 > bottom);
+                }
+            }
+        }
+        f
+    }
+
     /// Queries whose top proponent is a known source, out of those with known sources.
     pub fn found_counts(&self) -> (usize, usize) {
         let with: Vec<bool> = self
@@ -207,6 +287,48 @@ pub fn load_timings(run: &RunDir, skip: &str) -> Result<Vec<StageTiming>> {
             }
         })
         .collect())
+}
+
+/// The fine-tune's loss curve: `finetune/loss.parquet` per step, and the epoch means the
+/// stage recorded in its summary (`stages[].epoch_mean_loss`, epochs of `steps_per_epoch`
+/// steps from each training stage's `first_step`). `None` without a loss log.
+pub fn load_loss(run: &RunDir) -> Result<Option<LossCurve>> {
+    let path = run.stage_dir("finetune").join("loss.parquet");
+    if !completed(run, "finetune")? || !path.is_file() {
+        return Ok(None);
+    }
+    let t = Table::read(&path)?;
+    let steps: Vec<(u64, f64)> = t
+        .floats("step")?
+        .into_iter()
+        .map(|s| s as u64)
+        .zip(t.floats("loss")?)
+        .collect();
+    let manifest = run.manifest()?;
+    let summary = &manifest.stages["finetune"].summary;
+    let mut epochs = Vec::new();
+    for s in summary["stages"].as_array().into_iter().flatten() {
+        let (Some(first), Some(n), Some(spe)) = (
+            s["first_step"].as_u64(),
+            s["steps"].as_u64(),
+            s["steps_per_epoch"].as_u64(),
+        ) else {
+            continue;
+        };
+        let last = first + n.max(1) - 1;
+        for (e, m) in s["epoch_mean_loss"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let lo = first + e as u64 * spe.max(1);
+            if let Some(m) = m.as_f64().filter(|_| lo <= last) {
+                epochs.push((lo, (lo + spe.max(1) - 1).min(last), m));
+            }
+        }
+    }
+    Ok(Some(LossCurve { steps, epochs }))
 }
 
 /// The tables of the score stage, turned into per-query reports.
@@ -364,11 +486,17 @@ pub fn load_scores(
             let q = qids[qi].as_str();
             let ks = known.get(q).cloned().unwrap_or_default();
             let rows = by_query.get(q).map(Vec::as_slice).unwrap_or(&[]);
-            let best_known_rank = rows
+            let mut known_ranks: Vec<KnownRank> = rows
                 .iter()
                 .filter(|&&i| ks.contains(&t_ids[i]))
-                .map(|&i| rank[i])
-                .min();
+                .map(|&i| KnownRank {
+                    train_id: t_ids[i].clone(),
+                    rank: rank[i],
+                    tau: tau[i],
+                })
+                .collect();
+            known_ranks.sort_by_key(|k| k.rank);
+            let best_known_rank = known_ranks.first().map(|k| k.rank);
             QueryReport {
                 query_id: q.to_string(),
                 prompt: prompts[qi].clone(),
@@ -379,6 +507,7 @@ pub fn load_scores(
                 opponents: opp.iter().map(|&i| entry(q, i, &ks)).collect(),
                 known_sources: ks,
                 best_known_rank,
+                known_ranks,
             }
         })
         .collect();
@@ -482,6 +611,12 @@ mod tests {
         assert_eq!(ids(&a.proponents), ["d0", "d1", "d2", "d3"]);
         assert_eq!(ids(&a.opponents), ["d5", "d4"]);
         assert_eq!(a.best_known_rank, Some(3));
+        let kr: Vec<(&str, u32)> = a
+            .known_ranks
+            .iter()
+            .map(|k| (k.train_id.as_str(), k.rank))
+            .collect();
+        assert_eq!(kr, [("d2", 3)], "d9 was not scored");
         assert_eq!(a.found_at_top(), Some(false));
         assert!(a.proponents[2].known && !a.proponents[0].known);
         assert_eq!(a.proponents[0].text, "t0");

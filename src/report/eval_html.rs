@@ -191,6 +191,7 @@ pub fn eval_section(e: &EvalResults) -> String {
                 y_label: "measured loss (centred per query)",
                 points: pts,
                 colour: method_colour(m),
+                lines: Vec::new(),
             }));
         }
         o.push_str(

@@ -1,16 +1,22 @@
 //! Owns `render`: the report as one self-contained HTML page.
 //! Layer: report — may import every floor from the ground up to pipeline and, in this folder,
-//! colour.rs, data.rs, eval_html.rs, text.rs.
+//! colour.rs, data.rs, eval_html.rs, loss_html.rs, text.rs.
 //!
 //! Renders [`ReportData`] as one self-contained HTML page: inline CSS, a few lines of inline
 //! script (hover tooltips), inline SVG; no network needed to open it. All document text is
 //! HTML-escaped.
+//!
+//! One unit throughout a query's tables, bars and token colours: τ = score / N, the score of
+//! a document divided by the size N of its data set, so that documents of a large
+//! pretraining set and a small fine-tuning set compare on the ranking's own scale. Only the
+//! `score` column is in raw score units, and says so.
 
 use std::fmt::Write;
 
 use super::colour::{legend_gradient, Diverging};
 use super::data::{DocEntry, QueryReport, ReportData, StageTiming};
 use super::eval_html::eval_section;
+use super::loss_html::loss_section;
 use super::text::{escape, num};
 use crate::util::mem::human_bytes;
 
@@ -68,6 +74,9 @@ pub fn render(d: &ReportData, generated_at: &str) -> String {
         o.push_str(&query(d, q));
     }
     o.push_str("</section>");
+    if let Some(loss) = &d.loss {
+        o.push_str(&loss_section(loss));
+    }
     o.push_str(&timings(&d.stages));
     let _ = writeln!(
         o,
@@ -81,9 +90,13 @@ pub fn render(d: &ReportData, generated_at: &str) -> String {
 }
 
 fn card(o: &mut String, k: &str, v: &str, s: &str) {
+    card_in(o, "card", k, v, s)
+}
+
+fn card_in(o: &mut String, class: &str, k: &str, v: &str, s: &str) {
     let _ = write!(
         o,
-        "<div class=\"card\"><div class=\"k\">{}</div><div class=\"v\">{}</div><div \
+        "<div class=\"{class}\"><div class=\"k\">{}</div><div class=\"v\">{}</div><div \
          class=\"s\">{}</div></div>",
         escape(k),
         escape(v),
@@ -135,18 +148,47 @@ fn cards(d: &ReportData) -> String {
     );
     let (found, with) = d.found_counts();
     if with > 0 {
-        card(
-            &mut o,
-            "Known sources at #1",
-            &format!("{found} / {with}"),
-            "queries whose top proponent is a document known to state the answer",
-        );
+        let value = format!("{found} / {with}");
+        match d.known_flags().warning() {
+            Some(w) => card_in(
+                &mut o,
+                "card warn",
+                "Known sources at #1",
+                &value,
+                &format!("⚠ {w}"),
+            ),
+            None => card(
+                &mut o,
+                "Known sources at #1",
+                &value,
+                "queries whose top proponent is a document known to state the answer; every \
+                 known source ranks in the top 10",
+            ),
+        }
     }
     o.push_str("</section>");
     o
 }
 
 fn known_badge(q: &QueryReport) -> String {
+    let mut badge = top_badge(q);
+    if let Some(worst) = q
+        .known_ranks
+        .last()
+        .filter(|k| k.rank > super::data::FLAG_BELOW_RANK)
+    {
+        let _ = write!(
+            badge,
+            " <span class=\"badge miss\">⚠ a known source at #{} of {}{}</span>",
+            worst.rank,
+            q.n_scored,
+            if worst.tau < 0.0 { " (opponent)" } else { "" }
+        );
+    }
+    badge
+}
+
+fn top_badge(q: &QueryReport) -> String {
     match (q.found_at_top(), q.best_known_rank) {
         (None, _) => "<span class=\"badge none\">no known sources</span>".into(),
         (Some(true), _) => "<span class=\"badge found\">✓ known source at #1</span>".into(),
@@ -160,24 +202,31 @@ fn known_badge(q: &QueryReport) -> String {
 }
 
 fn overview(d: &ReportData) -> String {
-    let mut o = String::from(
+    // The known-sources column only when some query has known sources.
+    let known = d.found_counts().1 > 0;
+    let mut o = format!(
         "<section id=\"overview\"><h2>Queries at a glance</h2><div class=\"panel\"><table>\
          <thead><tr><th>Query</th><th>Prompt → completion</th><th>Top proponent</th>\
-         <th class=\"num nt\">τ</th><th>Known sources</th></tr></thead><tbody>",
+         <th class=\"num nt\">τ</th>{}</tr></thead><tbody>",
+        if known { "<th>Known sources</th>" } else { "" }
     );
     for q in &d.queries {
         let top = q.proponents.first();
         let _ = write!(
             o,
             "<tr><td><a class=\"id\" href=\"#{}\">{}</a></td><td>{} <b>{}</b></td><td class=\"id\">{}</td>\
-             <td class=\"num\">{}</td><td>{}</td></tr>",
+             <td class=\"num\">{}</td>{}</tr>",
             anchor(&q.query_id),
             escape(&q.query_id),
             escape(&q.prompt),
             escape(&q.completion),
             top.map(|t| escape(&t.train_id)).unwrap_or_else(|| "—".into()),
             top.map(|t| num(t.tau)).unwrap_or_default(),
-            known_badge(q)
+            if known {
+                format!("<td>{}</td>", known_badge(q))
+            } else {
+                String::new()
+            }
         );
     }
     o.push_str("</tbody></table></div></section>");
@@ -223,8 +272,17 @@ fn segment_bar(segments: &[f64], max: f64) -> String {
     o
 }
 
-fn doc_rows(o: &mut String, docs: &[DocEntry], nseg: usize, max: f64) {
+/// A document's per-segment contributions to τ (its segment scores over its data set's N).
+fn segment_taus(doc: &DocEntry) -> Vec<f64> {
+    let n = f64::from(doc.n_train.max(1));
+    doc.segments.iter().map(|v| v / n).collect()
+}
+
+/// The rows of a proponents or opponents table: rank, document, τ, score, the τ bar and the
+/// τ of each segment in `columns` (a document outside a segment's data set has a blank cell).
+fn doc_rows(o: &mut String, docs: &[DocEntry], columns: &[usize], max: f64) {
     for doc in docs {
+        let taus = segment_taus(doc);
         let _ = write!(
             o,
             "<tr><td class=\"num\">{}</td><td class=\"doc\"><span class=\"id\">{}</span>{}<span class=\"badge ds\">{}</span></td>\
@@ -239,13 +297,16 @@ fn doc_rows(o: &mut String, docs: &[DocEntry], nseg: usize, max: f64) {
             escape(&doc.dataset),
             num(doc.tau),
             num(doc.score),
-            segment_bar(&doc.segments, max)
+            segment_bar(&taus, max)
         );
-        for k in 0..nseg {
+        for &k in columns {
             let _ = write!(
                 o,
                 "<td class=\"num\">{}</td>",
-                doc.segments.get(k).map(|v| num(*v)).unwrap_or_default()
+                taus.get(k)
+                    .filter(|v| **v != 0.0)
+                    .map(|v| num(*v))
+                    .unwrap_or_default()
             );
         }
         o.push_str("</tr>");
@@ -265,15 +326,17 @@ fn doc_text(doc: &DocEntry, scale: &Diverging, open: bool) -> String {
         },
         num(doc.tau)
     );
+    let n = f64::from(doc.n_train.max(1));
     match &doc.tokens {
         Some(tokens) => {
             for t in tokens {
+                let tau = t.score / n;
                 let _ = write!(
                     o,
-                    "<span class=\"t\" style=\"background:{};color:{}\" data-s=\"{}\">{}</span>",
-                    scale.colour(t.score).hex(),
-                    scale.text_colour(t.score),
-                    num(t.score),
+                    "<span class=\"t\" style=\"background:{};color:{}\" data-s=\"τ {}\">{}</span>",
+                    scale.colour(tau).hex(),
+                    scale.text_colour(tau),
+                    num(tau),
                     escape(&t.text)
                 );
             }
@@ -296,7 +359,7 @@ fn doc_text(doc: &DocEntry, scale: &Diverging, open: bool) -> String {
 
 fn legend(scale: &Diverging) -> String {
     format!(
-        "<div class=\"legend\"><span>token score</span><span class=\"num\">{}</span>\
+        "<div class=\"legend\"><span>token τ (its score / N)</span><span class=\"num\">{}</span>\
          <span class=\"ramp\" style=\"background:{}\"></span><span class=\"num\">+{}</span>\
          <span>· red: pushed against the completion · blue: pushed towards it · white: 0 · \
          hover a token for its score</span></div>",
@@ -307,7 +370,6 @@ fn legend(scale: &Diverging) -> String {
 }
 
 fn query(d: &ReportData, q: &QueryReport) -> String {
-    let nseg = d.segment_columns.len();
     let mut o = format!(
         "<article class=\"query\" id=\"{}\"><h2><span class=\"id\">{}</span>{}</h2>\
          <div class=\"qa\"><span class=\"prompt\">{}</span><span class=\"completion\">{}</span></div>\
@@ -321,10 +383,25 @@ fn query(d: &ReportData, q: &QueryReport) -> String {
         q.n_scored
     );
     if !q.known_sources.is_empty() {
+        let ranked: Vec<String> = q
+            .known_sources
+            .iter()
+            .map(
+                |id| match q.known_ranks.iter().find(|k| &k.train_id == id) {
+                    Some(k) => format!(
+                        "{} (#{}{})",
+                        escape(id),
+                        k.rank,
+                        if k.tau < 0.0 { ", opponent" } else { "" }
+                    ),
+                    None => format!("{} (not scored)", escape(id)),
+                },
+            )
+            .collect();
         let _ = write!(
             o,
             " · known sources: <span class=\"id\">{}</span>",
-            escape(&q.known_sources.join(", "))
+            ranked.join(", ")
         );
     }
     o.push_str("</div>");
@@ -332,24 +409,33 @@ fn query(d: &ReportData, q: &QueryReport) -> String {
     let max = all
         .iter()
         .flat_map(|doc| {
-            let pos: f64 = doc.segments.iter().filter(|v| **v > 0.0).sum();
-            let neg: f64 = doc.segments.iter().filter(|v| **v < 0.0).sum();
+            let taus = segment_taus(doc);
+            let pos: f64 = taus.iter().filter(|v| **v > 0.0).sum();
+            let neg: f64 = taus.iter().filter(|v| **v < 0.0).sum();
             [pos, -neg]
         })
         .fold(0.0f64, f64::max);
+    // Segment columns with a contribution for some shown document; all-zero ones are hidden.
+    let columns: Vec<usize> = (0..d.segment_columns.len())
+        .filter(|&k| {
+            all.iter()
+                .any(|doc| doc.segments.get(k).is_some_and(|v| *v != 0.0))
+        })
+        .collect();
     let head = |o: &mut String, what: &str| {
         let _ = write!(
             o,
             "<h3>{what}</h3><div class=\"scroll\"><table><thead><tr><th class=\"num\">Rank</th>\
-             <th>Document</th><th class=\"num nt\">τ</th><th class=\"num\">score</th>\
-             <th>Segments</th>"
+             <th>Document</th><th class=\"num nt\">τ</th><th class=\"num\">score<br>\
+             <span class=\"nt\">= τ · N</span></th><th>τ by segment</th>"
         );
-        for c in &d.segment_columns {
+        for &k in &columns {
+            let c = &d.segment_columns[k];
             let rest = c.trim_start_matches("segment_");
             let (k, stage) = rest.split_once('_').unwrap_or((rest, ""));
             let _ = write!(
                 o,
-                "<th class=\"num seg\">segment {}<br>{}</th>",
+                "<th class=\"num seg\">τ, segment {}<br>{}</th>",
                 escape(k),
                 escape(stage)
             );
@@ -363,7 +449,7 @@ fn query(d: &ReportData, q: &QueryReport) -> String {
             &mut o,
             "Top proponents <span class=\"nt\">(τ &gt; 0: helped produce the completion)</span>",
         );
-        doc_rows(&mut o, &q.proponents, nseg, max);
+        doc_rows(&mut o, &q.proponents, &columns, max);
         o.push_str("</tbody></table></div>");
     }
     if !q.opponents.is_empty() {
@@ -371,11 +457,12 @@ fn query(d: &ReportData, q: &QueryReport) -> String {
             &mut o,
             "Top opponents <span class=\"nt\">(τ &lt; 0: worked against it)</span>",
         );
-        doc_rows(&mut o, &q.opponents, nseg, max);
+        doc_rows(&mut o, &q.opponents, &columns, max);
         o.push_str("</tbody></table></div>");
     }
     o.push_str("<div class=\"seglegend\">");
-    for (k, c) in d.segment_columns.iter().enumerate() {
+    for &k in &columns {
+        let c = &d.segment_columns[k];
         let _ = write!(
             o,
             "<span><i style=\"background:{}\"></i>{}</span>",
@@ -385,11 +472,11 @@ fn query(d: &ReportData, q: &QueryReport) -> String {
     }
     o.push_str("</div>");
 
-    let scale = Diverging::spanning(
-        all.iter()
-            .flat_map(|doc| doc.tokens.iter().flatten().map(|t| t.score)),
-    );
-    o.push_str("<h3>Documents, tokens shaded by score</h3>");
+    let scale = Diverging::spanning(all.iter().flat_map(|doc| {
+        let n = f64::from(doc.n_train.max(1));
+        doc.tokens.iter().flatten().map(move |t| t.score / n)
+    }));
+    o.push_str("<h3>Documents, tokens shaded by their τ</h3>");
     o.push_str(&legend(&scale));
     for (i, doc) in all.iter().enumerate() {
         o.push_str(&doc_text(doc, &scale, i < 2));
@@ -435,6 +522,7 @@ fn timings(stages: &[StageTiming]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::data::{LossCurve, Token};
     use super::*;
 
     #[test]
@@ -447,6 +535,87 @@ mod tests {
         assert_eq!(num(123456.0), "1.235e5");
         assert_eq!(anchor("q 1/é"), "query-q-1--");
         assert_eq!(segment_label("segment_2_finetune"), "segment 2 (finetune)");
+    }
+
+    fn doc(id: &str, n_train: u32, segments: Vec<f64>) -> DocEntry {
+        let score: f64 = segments.iter().sum();
+        DocEntry {
+            train_id: id.into(),
+            dataset: "train".into(),
+            rank: 1,
+            tau: score / n_train as f64,
+            score,
+            n_train,
+            segments,
+            known: false,
+            text: "a b".into(),
+            tokens: Some(vec![
+                Token {
+                    text: "a".into(),
+                    score: score - 1.0,
+                },
+                Token {
+                    text: "b".into(),
+                    score: 1.0,
+                },
+            ]),
+        }
+    }
+
+    /// A query whose shown documents are all fine-tuning documents: the pretraining segment's
+    /// column (all zero) is hidden, bars, segment cells and tokens are in τ = score / N, and
+    /// without known sources there is no known-sources column.
+    #[test]
+    fn one_unit_tau_and_no_empty_columns() {
+        let q = QueryReport {
+            query_id: "q".into(),
+            prompt: "P".into(),
+            completion: " c".into(),
+            measurement: 1.0,
+            known_sources: Vec::new(),
+            best_known_rank: None,
+            known_ranks: Vec::new(),
+            n_scored: 2,
+            proponents: vec![doc("d1", 10, vec![0.0, 50.0])],
+            opponents: Vec::new(),
+        };
+        let d = ReportData {
+            run_name: "r".into(),
+            model_id: "m".into(),
+            model_commit: String::new(),
+            method: "source".into(),
+            segments: serde_json::json!([]),
+            segment_columns: vec!["segment_0_pretrain".into(), "segment_1_finetune".into()],
+            datasets: Vec::new(),
+            n_docs: 2,
+            queries: vec![q],
+            stages: Vec::new(),
+            eval: Default::default(),
+            sign_convention: String::new(),
+            loss: Some(LossCurve {
+                steps: vec![(1, 4.0), (2, 2.0), (3, 3.0), (4, 1.0)],
+                epochs: vec![(1, 2, 3.0), (3, 4, 2.0)],
+            }),
+        };
+        let html = render(&d, "now");
+        let article = html.split("<article").nth(1).unwrap();
+        assert!(
+            !article.contains("segment 0<br>pretrain"),
+            "empty column shown"
+        );
+        assert!(article.contains("τ, segment 1<br>finetune"));
+        // The segment cell and bar carry τ = 50 / 10 = 5, not the score 50.
+        assert!(
+            article.contains("<td class=\"num\">5.000</td>"),
+            "{article}"
+        );
+        assert!(article.contains("<title>5.000</title>"));
+        assert!(article.contains("data-s=\"τ 4.900\""), "token τ = 49 / 10");
+        assert!(!html.contains("<th>Known sources</th>"));
+        // The loss section: the step line and one segment per epoch, means listed in order.
+        let loss = html.split("id=\"loss\"").nth(1).unwrap();
+        assert_eq!(loss.matches("<polyline").count(), 3);
+        assert!(loss.contains("3.000 → 2.000"), "{loss}");
     }
 
     #[test]

@@ -14,12 +14,13 @@ pub mod eval;
 pub mod eval_html;
 pub mod html;
 pub mod known;
+pub mod loss_html;
 pub mod summary;
 pub mod svg;
 pub mod table;
 pub mod text;
 
-pub use data::{load_eval, load_scores, load_timings, QueryReport, ReportData};
+pub use data::{load_eval, load_loss, load_scores, load_timings, QueryReport, ReportData};
 pub use eval::{EvalResults, LDS_STAGE, RECALL_STAGE};
 pub use html::render;
 pub use known::{read_known_sources, unknown_known_sources, unknown_known_sources_note};

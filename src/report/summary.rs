@@ -33,6 +33,11 @@ pub fn summary_json(d: &ReportData) -> serde_json::Value {
         "datasets": d.datasets,
         "n_docs": d.n_docs,
         "known_sources_found_at_1": {"found": found, "queries_with_known_sources": with},
+        "known_sources_flagged": d.known_flags(),
+        "loss": d.loss.as_ref().map(|l| json!({
+            "steps": l.steps.len(),
+            "epoch_mean_loss": l.epochs.iter().map(|e| e.2).collect::<Vec<_>>(),
+        })),
         "queries": d.queries.iter().map(|q| json!({
             "query_id": q.query_id,
             "prompt": q.prompt,
@@ -40,6 +45,7 @@ pub fn summary_json(d: &ReportData) -> serde_json::Value {
             "measurement": q.measurement,
             "known_sources": q.known_sources,
             "best_known_rank": q.best_known_rank,
+            "known_ranks": q.known_ranks,
             "found_at_top": q.found_at_top(),
             "proponents": docs(&q.proponents),
             "opponents": docs(&q.opponents),
@@ -84,6 +90,9 @@ pub fn terminal_lines(d: &ReportData) -> Vec<String> {
         out.push(format!(
             "known sources ranked #1 for {found} of {with} queries with known sources"
         ));
+        if let Some(w) = d.known_flags().warning() {
+            out.push(format!("warning: {w}"));
+        }
     }
     for q in &d.queries {
         let mark = match q.found_at_top() {

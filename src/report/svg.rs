@@ -1,4 +1,5 @@
-//! Owns the report's SVG scatter plot: `scatter`, `Scatter`, `nice_ticks` and `tick_label`.
+//! Owns the report's SVG plots: `scatter`, `Scatter` (points and lines), `nice_ticks` and
+//! `tick_label`.
 //! Layer: report — may import every floor from the ground up to pipeline and, in this folder,
 //! text.rs.
 //!
@@ -58,6 +59,8 @@ pub struct Scatter<'a> {
     pub points: Vec<(f64, f64, String)>,
     /// Fill colour of the points (CSS).
     pub colour: &'a str,
+    /// Lines drawn under the points: each its (x, y) vertices, stroke colour and width.
+    pub lines: Vec<(Vec<(f64, f64)>, &'a str, f64)>,
 }
 
 /// Panel size in SVG units.
@@ -75,10 +78,18 @@ pub fn scatter(s: &Scatter) -> String {
         .iter()
         .filter(|(x, y, _)| x.is_finite() && y.is_finite())
         .collect();
+    let vertices: Vec<(f64, f64, String)> = s
+        .lines
+        .iter()
+        .flat_map(|(v, _, _)| v.iter())
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .map(|&(x, y)| (x, y, String::new()))
+        .collect();
+    let all: Vec<&(f64, f64, String)> = pts.iter().copied().chain(&vertices).collect();
     let range = |f: &dyn Fn(&(f64, f64, String)) -> f64| {
-        let lo = pts.iter().map(|p| f(p)).fold(f64::INFINITY, f64::min);
-        let hi = pts.iter().map(|p| f(p)).fold(f64::NEG_INFINITY, f64::max);
-        if pts.is_empty() {
+        let lo = all.iter().map(|p| f(p)).fold(f64::INFINITY, f64::min);
+        let hi = all.iter().map(|p| f(p)).fold(f64::NEG_INFINITY, f64::max);
+        if all.is_empty() {
             (0.0, 1.0)
         } else if hi > lo {
             let pad = 0.05 * (hi - lo);
@@ -143,6 +154,19 @@ pub fn scatter(s: &Scatter) -> String {
         (TOP + H - BOTTOM) / 2.0,
         escape(s.y_label)
     );
+    for (v, colour, width) in &s.lines {
+        let path: Vec<String> = v
+            .iter()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+            .collect();
+        let _ = write!(
+            o,
+            r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="{width}"/>"#,
+            path.join(" "),
+            escape(colour)
+        );
+    }
     for (x, y, label) in &pts {
         let _ = write!(
             o,
@@ -153,7 +177,7 @@ pub fn scatter(s: &Scatter) -> String {
             escape(label)
         );
     }
-    if pts.is_empty() {
+    if all.is_empty() {
         let _ = write!(
             o,
             r#"<text x="{:.1}" y="{:.1}" class="axis" text-anchor="middle">no points</text>"#,
@@ -199,6 +223,7 @@ mod tests {
                 (f64::NAN, 1.0, "gone".into()),
             ],
             colour: "#123456",
+            lines: vec![(vec![(-1.0, 5.0), (2.0, 5.0)], "#abcdef", 2.0)],
         };
         let svg = scatter(&s);
         assert!(svg.contains("a&lt;b") && svg.contains("hi &amp; &lt;x&gt;"));
@@ -220,5 +245,15 @@ mod tests {
         }
         // Larger x is further right; larger y is higher up (smaller SVG y).
         assert!(circles[1].0 > circles[0].0 && circles[1].1 < circles[0].1);
+        // The line's vertices widen the range and land on the frame's corners' sides.
+        let line = svg.split("<polyline points=\"").nth(1).unwrap();
+        let first: Vec<f64> = line
+            .split(' ')
+            .next()
+            .unwrap()
+            .split(',')
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert!(first[0] < circles[0].0 && first[1] < circles[1].1, "{line}");
     }
 }

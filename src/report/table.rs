@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Float32Type, Float64Type, UInt32Type};
+use arrow_array::types::{Float32Type, Float64Type, UInt32Type, UInt64Type};
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::DataType;
 
@@ -107,7 +107,7 @@ impl Table {
         Ok(out)
     }
 
-    /// A numeric column (f64, f32 or u32) as f64 (nulls read as NaN).
+    /// A numeric column (f64, f32, u32 or u64) as f64 (nulls read as NaN).
     pub fn floats(&self, name: &str) -> Result<Vec<f64>> {
         let mut out = Vec::with_capacity(self.len());
         for a in self.arrays(name)? {
@@ -131,6 +131,18 @@ impl Table {
                 }
                 DataType::UInt32 => {
                     let p = a.as_primitive::<UInt32Type>();
+                    out.extend((0..p.len()).map(
+                        |i| {
+                            if at(i) {
+                                p.value(i) as f64
+                            } else {
+                                f64::NAN
+                            }
+                        },
+                    ));
+                }
+                DataType::UInt64 => {
+                    let p = a.as_primitive::<UInt64Type>();
                     out.extend((0..p.len()).map(
                         |i| {
                             if at(i) {

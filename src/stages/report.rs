@@ -15,15 +15,15 @@ use crate::error::Result;
 use crate::pipeline::{RunDir, Stage, StageContext};
 use crate::report::data::DatasetInfo;
 use crate::report::{
-    load_eval, load_scores, load_timings, read_known_sources, render, summary_json, terminal_lines,
-    ReportData, LDS_STAGE, RECALL_STAGE,
+    load_eval, load_loss, load_scores, load_timings, read_known_sources, render, summary_json,
+    terminal_lines, ReportData, LDS_STAGE, RECALL_STAGE,
 };
 use crate::util::fsx::{write_atomic, write_json_atomic};
 
 use super::fetch::Fetched;
 
 /// Bumped when the report's content changes, so that old reports are regenerated.
-const REPORT_LAYOUT: u32 = 1;
+const REPORT_LAYOUT: u32 = 2;
 
 /// The `report` stage.
 pub struct ReportStage;
@@ -125,6 +125,7 @@ pub fn gather(config: &Config, run: &RunDir) -> Result<ReportData> {
         queries: tables.queries,
         stages: load_timings(run, "report")?,
         eval: load_eval(run)?,
+        loss: load_loss(run)?,
         sign_convention: match meta("source_tda.sign_convention") {
             s if s.is_empty() => super::score::SIGN_CONVENTION.to_string(),
             s => s,

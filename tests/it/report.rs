@@ -107,6 +107,7 @@ fn report_shows_each_querys_known_source_at_the_top_in_a_self_contained_page() {
         assert!(opp.iter().all(|t| *t < 0.0) && opp.windows(2).all(|w| w[0] <= w[1]));
     }
     assert_eq!(summary["known_sources_found_at_1"]["found"], 8);
+    known_sources_far_down_are_flagged(&summary, &d.stdout);
     assert_eq!(summary["method"], "source");
     assert_eq!(summary["eval"]["lds"], false);
 
@@ -181,6 +182,66 @@ fn headless(browser: &Path, profile: &Path, args: &[&str]) -> std::process::Outp
         .expect("chromium runs")
 }
 
+/// The flags of summary.json counted again from each query's `known_ranks`, and shown in
+/// the page's summary card and the terminal summary when some known source ranks below 10.
+fn known_sources_far_down_are_flagged(summary: &Value, stdout: &str) {
+    let (mut below, mut opp, mut scored) = (0, 0, 0);
+    for q in summary["queries"].as_array().unwrap() {
+        let ranks = q["known_ranks"].as_array().unwrap();
+        assert_eq!(ranks.len(), 3, "{q}");
+        assert_eq!(ranks[0]["rank"], q["best_known_rank"]);
+        for k in ranks {
+            scored += 1;
+            let r = k["rank"].as_u64().unwrap();
+            if r > 10 {
+                below += 1;
+                opp += usize::from(k["tau"].as_f64().unwrap() < 0.0);
+            }
+        }
+    }
+    let f = &summary["known_sources_flagged"];
+    assert_eq!(f["scored"], scored);
+    assert_eq!(f["below_top_10"], below);
+    assert_eq!(f["opponents"], opp);
+    assert!(f["bottom_2_percent"].as_u64().unwrap() <= below as u64);
+    let html = std::fs::read_to_string(demo().run.join("report/report.html")).unwrap();
+    if below > 0 {
+        let w = format!("{below} of {scored} known sources rank below the top 10");
+        assert!(html.contains("card warn") && html.contains(&w), "{w}");
+        assert!(stdout.contains(&format!("warning: {w}")), "{stdout}");
+        assert!(html.contains("⚠ a known source at #"));
+    } else {
+        assert!(!html.contains("card warn"));
+    }
+}
+
+#[test]
+fn report_shows_the_finetune_loss_per_step_and_epoch_in_tau_units() {
+    let d = demo();
+    let summary = read_json(&d.run.join("report/summary.json"));
+    let manifest = read_json(&d.run.join("manifest.json"));
+    let ft = &manifest["stages"]["finetune"]["summary"];
+    assert_eq!(summary["loss"]["steps"], ft["steps"]);
+    let want: Vec<Value> = ft["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["epoch_mean_loss"].as_array().unwrap().clone())
+        .collect();
+    assert!(!want.is_empty());
+    assert_eq!(
+        summary["loss"]["epoch_mean_loss"].as_array().unwrap(),
+        &want
+    );
+    let html = std::fs::read_to_string(d.run.join("report/report.html")).unwrap();
+    let loss = html.split("id=\"loss\"").nth(1).expect("a loss section");
+    assert_eq!(loss.matches("<polyline").count(), 1 + want.len());
+    // One unit: τ labels on the bars, the segment columns and the token legend.
+    assert!(html.contains("<th>τ by segment</th>"));
+    assert!(html.contains("τ, segment "));
+    assert!(html.contains("token τ (its score / N)"));
+}
+
 #[test]
 fn report_renders_in_a_headless_browser() {
     let Some(browser) = chromium() else { return };
@@ -202,6 +263,10 @@ fn report_renders_in_a_headless_browser() {
     // The script ran (it marks the body) and the rendered page holds every query's top
     // document and its prompt.
     assert!(dom.contains("data-ready=\"1\""), "script did not run");
+    assert!(
+        dom.contains("id=\"loss\"") && dom.contains("<polyline"),
+        "loss plot"
+    );
     let summary = read_json(&d.run.join("report/summary.json"));
     for (q, top) in top_ids(&summary) {
         assert!(dom.contains(&format!("id=\"query-{q}\"")), "{q}");
