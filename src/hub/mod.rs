@@ -32,7 +32,7 @@ use crate::util::progress;
 use repo::Listing;
 pub use repo::{RepoKind, RepoRequest, Resolution, ResolvedFile, ResolvedRepo};
 pub use select::{dataset_files, model_files, shards_of_index};
-pub use settings::{HubSettings, DEFAULT_ENDPOINT};
+pub use settings::{token_from, HubSettings, DEFAULT_ENDPOINT};
 pub use verify::{safetensors_header, verify_model, ModelFacts};
 
 /// Resolves the model named by `[model]`: config.json, tokenizer.json, safetensors weights

@@ -10,7 +10,7 @@ use crate::config::HubConfig;
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
 /// Hub settings after applying the environment: `HF_HUB_CACHE`, `HF_HOME`,
-/// `HF_HUB_OFFLINE`, `HF_ENDPOINT`, `HF_TOKEN`. Config keys win over the environment, except
+/// `HF_HUB_OFFLINE`, `HF_ENDPOINT`, and the token as [`token_from`] finds it. Config keys win over the environment, except
 /// that `HF_HUB_OFFLINE=1` always forces offline.
 #[derive(Debug, Clone)]
 pub struct HubSettings {
@@ -24,6 +24,33 @@ pub struct HubSettings {
     pub connect_timeout: Duration,
     /// Access token for gated or private repos.
     pub token: Option<String>,
+}
+
+/// The access token as `huggingface_hub.get_token()` finds it: `HF_TOKEN`, else the file
+/// `HF_TOKEN_PATH`, else `HF_HOME/token` (`HF_HOME` defaulting to
+/// `$XDG_CACHE_HOME/huggingface`, then `~/.cache/huggingface`) — where `huggingface-cli
+/// login` writes it, whatever `HF_HUB_CACHE` says. Surrounding whitespace is dropped; an
+/// empty value counts as none. `env` reads a variable (the process environment in use).
+pub fn token_from(env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let nonempty = |s: String| Some(s.trim().to_string()).filter(|t| !t.is_empty());
+    if let Some(t) = env("HF_TOKEN").and_then(nonempty) {
+        return Some(t);
+    }
+    let set = |k: &str| env(k).filter(|v| !v.is_empty());
+    let path = set("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| {
+        set("HF_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                set("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| {
+                        PathBuf::from(set("HOME").unwrap_or_else(|| ".".into())).join(".cache")
+                    })
+                    .join("huggingface")
+            })
+            .join("token")
+    });
+    std::fs::read_to_string(path).ok().and_then(nonempty)
 }
 
 impl HubSettings {
@@ -49,7 +76,7 @@ impl HubSettings {
             .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
             .trim_end_matches('/')
             .to_string();
-        let token = env("HF_TOKEN").or_else(|| hf_hub::Cache::new(cache_dir.clone()).token());
+        let token = token_from(&|k| std::env::var(k).ok());
         HubSettings {
             cache_dir,
             offline: hub.offline || env_offline,
