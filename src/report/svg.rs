@@ -59,9 +59,12 @@ pub struct Scatter<'a> {
     pub points: Vec<(f64, f64, String)>,
     /// Fill colour of the points (CSS).
     pub colour: &'a str,
-    /// Lines drawn under the points: each its (x, y) vertices, stroke colour and width.
-    pub lines: Vec<(Vec<(f64, f64)>, &'a str, f64)>,
+    /// Lines drawn under the points.
+    pub lines: Vec<Line<'a>>,
 }
+
+/// A line of a plot: its (x, y) vertices, stroke colour (CSS) and width.
+pub type Line<'a> = (Vec<(f64, f64)>, &'a str, f64);
 
 /// Panel size in SVG units.
 const W: f64 = 340.0;

@@ -31,6 +31,9 @@ fn python_token(py: &Path, vars: &HashMap<String, String>) -> Option<String> {
     Some(String::from_utf8(out.stdout).unwrap()).filter(|t| !t.is_empty())
 }
 
+/// One environment: what it shows, its variables, the token expected.
+type Case<'a> = (&'a str, Vec<(&'a str, String)>, Option<&'a str>);
+
 #[test]
 fn token_lookup_matches_huggingface_hub() {
     let Some(py) = reference_python("token lookup against huggingface_hub") else {
@@ -45,7 +48,7 @@ fn token_lookup_matches_huggingface_hub() {
     write(&d.path().join("xdg/huggingface/token"), "hf_xdg");
     write(&d.path().join("hfhome/token"), "  hf_from_hf_home \n");
     write(&d.path().join("elsewhere/my-token"), "hf_from_token_path");
-    let cases: Vec<(&str, Vec<(&str, String)>, Option<&str>)> = vec![
+    let cases: Vec<Case> = vec![
         ("nothing anywhere", vec![("HOME", p("nobody"))], None),
         (
             "~/.cache",
