@@ -12,11 +12,13 @@ pub mod log;
 pub mod optim;
 pub mod plan;
 pub mod schedule;
+pub mod steps;
 pub mod trajectory;
 
 pub use finetune::{optimizer_info, train, train_in_memory, TrainJob, TrainOutcome};
 pub use optim::Optimizer;
 pub use schedule::Schedule;
+pub use steps::StepWeight;
 pub use trajectory::{
     CheckpointRef, LrMass, OptimizerInfo, Segment, Trajectory, TRAJECTORY_VERSION,
 };
