@@ -21,6 +21,12 @@
 //! as `exp_avg.NAME` in the same file (`[attribution] adam_response = "full"` reads them;
 //! without them it falls back to v̂ alone). Momentum SGD reads
 //! `momentum.safetensors` (`momentum_buffer`) the same way.
+//!
+//! Gradient clipping: the Trainer clips at `max_grad_norm` (1.0 by default) and logs each
+//! logged step's pre-clip norm as `grad_norm`. With `[train] max_grad_norm` declared and
+//! every step logged (`logging_steps = 1`), the clip factors c_k = min(1, max / (‖g_k‖ +
+//! 1e-6)) enter the trajectory; when a logged norm shows clipping but not every step is
+//! logged, the import refuses and says what to log.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -175,6 +181,8 @@ pub fn import_trainer(
         );
     }
 
+    let clip = clip_factors(dir, &logs, t.max_grad_norm, last_step)?;
+
     // Segment ends: explicit boundaries (each must be a checkpoint), else the checkpoints
     // split evenly by count into L groups.
     let steps: Vec<u64> = ckpts.iter().map(|c| c.0).collect();
@@ -244,7 +252,10 @@ pub fn import_trainer(
             step_start: start,
             step_end: end,
             lr_mass: LrMass::Finite(rates.iter().sum()),
-            clip_factors: Vec::new(),
+            clip_factors: clip
+                .as_ref()
+                .map(|c| c[start as usize..end as usize].to_vec())
+                .unwrap_or_default(),
             learning_rates: rates,
             optimizer: info.clone(),
             dataset: dataset.to_string(),
@@ -258,6 +269,97 @@ pub fn import_trainer(
         segments,
         checkpoint_steps: steps,
     })
+}
+
+/// The Trainer's default `max_grad_norm`.
+const TRAINER_DEFAULT_MAX_GRAD_NORM: f64 = 1.0;
+
+/// c_k for steps 1 … `last` from `log_history`'s `grad_norm` (the pre-clip ‖g‖ of the step it
+/// is logged at) and `max_grad_norm`: c_k = min(1, max / (‖g_k‖ + 1e-6)), as the Trainer's
+/// `clip_grad_norm_`. None when no step was clipped. Refuses when a logged norm shows that
+/// clipping happened but some step's norm is not logged (or `max_grad_norm` is undeclared).
+fn clip_factors(
+    dir: &Path,
+    logs: &[serde_json::Value],
+    max: Option<f64>,
+    last: u64,
+) -> Result<Option<Vec<f64>>> {
+    let norms: HashMap<u64, f64> = logs
+        .iter()
+        .filter_map(|e| Some((e["step"].as_u64()?, e["grad_norm"].as_f64()?)))
+        .collect();
+    let Some(max) = max else {
+        if let Some((s, g)) = norms
+            .iter()
+            .filter(|(_, g)| **g > TRAINER_DEFAULT_MAX_GRAD_NORM)
+            .min_by_key(|(s, _)| **s)
+        {
+            return Err(bad(
+                dir,
+                format!(
+                    "trainer_state.json logs grad_norm {g} at step {s}, above the Trainer's \
+                     default max_grad_norm = 1.0, so the Trainer clipped that step; set \
+                     `train.max_grad_norm` to the run's max_grad_norm so the clip factors are \
+                     attributed through"
+                ),
+            ));
+        }
+        if norms.is_empty() {
+            tracing::warn!(
+                "{}: no grad_norm logged and train.max_grad_norm unset: assuming no step was \
+                 clipped (the Trainer clips at max_grad_norm = 1.0 by default; declare it and \
+                 log every step to attribute through clipping)",
+                dir.display()
+            );
+        }
+        return Ok(None);
+    };
+    let missing: Vec<u64> = (1..=last).filter(|k| !norms.contains_key(k)).collect();
+    let clipped = norms
+        .iter()
+        .filter(|(s, g)| **s <= last && **g + 1e-6 > max);
+    if let Some((s, g)) = clipped.clone().min_by_key(|(s, _)| **s) {
+        if !missing.is_empty() {
+            return Err(bad(
+                dir,
+                format!(
+                    "the Trainer clipped step {s} (grad_norm {g} > max_grad_norm {max}), but \
+                     log_history has no grad_norm for {} of the {last} steps (first: step {}); \
+                     each clipped step's factor max_grad_norm / ‖g‖ is needed: rerun with \
+                     logging_steps = 1 (transformers ≥ 4.38 logs grad_norm), or set \
+                     train.max_grad_norm to none only if clipping was off",
+                    missing.len(),
+                    missing[0]
+                ),
+            ));
+        }
+    } else {
+        if norms.is_empty() {
+            return Err(bad(
+                dir,
+                format!(
+                    "train.max_grad_norm = {max}, but log_history records no grad_norm, so \
+                     whether and how much the Trainer clipped is unknown; rerun with \
+                     logging_steps = 1 (transformers ≥ 4.38 logs grad_norm), or remove \
+                     train.max_grad_norm if clipping was off"
+                ),
+            ));
+        }
+        if !missing.is_empty() {
+            tracing::warn!(
+                "{}: no logged grad_norm exceeds max_grad_norm {max}, but {} of {last} steps are \
+                 not logged; assuming they were not clipped",
+                dir.display(),
+                missing.len()
+            );
+        }
+        return Ok(None);
+    }
+    Ok(Some(
+        (1..=last)
+            .map(|k| (max / (norms[&k] + 1e-6)).min(1.0))
+            .collect(),
+    ))
 }
 
 /// The tensors of an exported optimizer state file as `PREFIX.NAME`, divided by 1 − βᵗ

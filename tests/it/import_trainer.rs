@@ -205,6 +205,79 @@ fn incomplete_or_inconsistent_folders_are_clear_errors() {
     assert!(err(d, &t).contains("no trainer_state.json"));
 }
 
+/// Rewrites checkpoint-6's trainer_state.json with `grad_norm` logged at `steps`
+/// (‖g_s‖ = 0.4 s).
+fn log_grad_norms(dir: &Path, steps: &[u64]) {
+    let logs: Vec<serde_json::Value> = steps
+        .iter()
+        .map(|&s| serde_json::json!({"step": s, "learning_rate": logged(s), "grad_norm": 0.4 * s as f64}))
+        .collect();
+    let state = serde_json::json!({"global_step": T, "max_steps": T, "log_history": logs});
+    write(
+        &dir.join("checkpoint-6/trainer_state.json"),
+        state.to_string(),
+    );
+}
+
+#[test]
+fn clip_factors_come_from_the_logged_grad_norms_or_the_import_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    trainer_dir(d);
+    // Every step logged: c_k = min(1, max / (‖g_k‖ + 1e-6)) per step, split by segment.
+    log_grad_norms(d, &[1, 2, 3, 4, 5, 6]);
+    let mut t = declared();
+    t.max_grad_norm = Some(1.0);
+    let imp = import(d, &t).unwrap();
+    let c: Vec<f64> = imp
+        .segments
+        .iter()
+        .flat_map(|s| s.clip_factors.clone())
+        .collect();
+    let want: Vec<f64> = (1..=T)
+        .map(|k| (1.0 / (0.4 * k as f64 + 1e-6)).min(1.0))
+        .collect();
+    assert_eq!(c, want);
+    assert_eq!(imp.segments[0].clip_factors.len(), 2);
+    let s = &imp.segments[2];
+    let LrMass::Finite(m) = s.effective_mass() else {
+        panic!("finite")
+    };
+    let direct: f64 = s
+        .learning_rates
+        .iter()
+        .zip(&want[4..])
+        .map(|(a, b)| a * b)
+        .sum();
+    assert!((m - direct).abs() < 1e-15, "{m} vs {direct}");
+    // Clipping happened (step 4: ‖g‖ = 1.6 > 1) but steps 1 and 3 were not logged: refused.
+    log_grad_norms(d, &[2, 4, 6]);
+    let e = err(d, &t);
+    assert!(
+        e.contains("clipped step 4") && e.contains("logging_steps = 1") && e.contains("step 1"),
+        "{e}"
+    );
+    // Undeclared max_grad_norm while the log shows norms above the Trainer's default 1.0.
+    let e = err(d, &declared());
+    assert!(
+        e.contains("train.max_grad_norm") && e.contains("step 4"),
+        "{e}"
+    );
+    // Declared, but no grad_norm logged at all: unknown, refused.
+    let mut t2 = declared();
+    t2.max_grad_norm = Some(1.0);
+    log_grad_norms(d, &[]);
+    assert!(err(d, &t2).contains("records no grad_norm"));
+    // A large max_grad_norm that no logged step reached: no clipping recorded.
+    log_grad_norms(d, &[2, 4, 6]);
+    t2.max_grad_norm = Some(10.0);
+    assert!(import(d, &t2)
+        .unwrap()
+        .segments
+        .iter()
+        .all(|s| s.clip_factors.is_empty()));
+}
+
 #[test]
 fn the_import_trainer_command_writes_the_trajectory_of_a_run() {
     let tmp = tempfile::tempdir().unwrap();
