@@ -19,7 +19,7 @@ use crate::linalg::{LayerFactors, LayerQuery};
 use super::adam::{adam_p_eff, AdamCurvature};
 use super::curvature::{Curvature, Damping, OnBackend};
 use super::plan::{AttributionPlan, FactorGroups, PlannedSegment};
-use super::source::{source_walk, SegmentCurvature};
+use super::source::{source_walk, SegmentCurvature, StepGroup};
 
 /// u_ℓ for every planned segment, computed one layer group at a time: for each group, only
 /// that group's factors of every segment are read (memory-mapped), the walk runs on the
@@ -34,10 +34,11 @@ pub fn preconditioned(
     layers: &[String],
     groups: &FactorGroups,
 ) -> Result<Vec<Vec<Tensor>>> {
+    let points = p.score_points();
     if p.method == MethodKind::GradientDot {
-        return Ok(vec![v.to_vec()]);
+        return Ok(vec![v.to_vec(); points.len()]);
     }
-    let mut out: Vec<Vec<Tensor>> = vec![Vec::with_capacity(layers.len()); p.segments.len()];
+    let mut out: Vec<Vec<Tensor>> = vec![Vec::with_capacity(layers.len()); points.len()];
     for &(start, end) in &groups.groups {
         let names = &layers[start..end];
         let f: Vec<Vec<LayerFactors>> = files
@@ -45,15 +46,31 @@ pub fn preconditioned(
             .map(|file| file.load_layers(names, &Device::Cpu))
             .collect::<Result<_>>()?;
         let u = precondition_group(a, backend, p, &f, &v[start..end], start == 0)?;
-        for (seg, u_seg) in out.iter_mut().zip(u) {
-            seg.extend(u_seg);
+        for (point, u_point) in out.iter_mut().zip(&points) {
+            for l in 0..end - start {
+                let mut acc: Option<Tensor> = None;
+                for &(j, c) in &u_point.terms {
+                    let t = (&u[u_point.segment][j][l] * c)?;
+                    acc = Some(match acc {
+                        None => t,
+                        Some(a) => (a + t)?,
+                    });
+                }
+                point.push(acc.ok_or_else(|| {
+                    Error::Pipeline(format!(
+                        "scoring at {} has no step group to contract with",
+                        u_point.model.display()
+                    ))
+                })?);
+            }
         }
     }
     Ok(out)
 }
 
-/// u_ℓ for every segment for one group of layers, given that group's factors `f` per segment.
-/// `first`: the first group (which logs what holds for every group).
+/// u for every segment and each of its step groups, for one group of layers, given that
+/// group's factors `f` per segment. `first`: the first group (which logs what holds for every
+/// group).
 fn precondition_group(
     a: &AttributionConfig,
     backend: &dyn Backend,
@@ -61,7 +78,7 @@ fn precondition_group(
     f: &[Vec<LayerFactors>],
     v: &[Tensor],
     first: bool,
-) -> Result<Vec<Vec<Tensor>>> {
+) -> Result<Vec<Vec<Vec<Tensor>>>> {
     // Every eigenbasis function application goes through the backend.
     let on: Vec<OnBackend> = f
         .iter()
@@ -72,8 +89,8 @@ fn precondition_group(
         None => Damping::MeanLambda(a.damping_factor),
     };
     Ok(match p.method {
-        MethodKind::GradientDot => vec![v.to_vec()],
-        MethodKind::Influence => vec![on[0].inverse(v, damping)?],
+        MethodKind::GradientDot => vec![vec![v.to_vec()]],
+        MethodKind::Influence => vec![vec![on[0].inverse(v, damping)?]],
         MethodKind::Source => {
             // Segments trained with AdamW see H̄ through Adam's preconditioner.
             let adam: Vec<Option<AdamCurvature>> = f
@@ -100,6 +117,16 @@ fn precondition_group(
                         None => f as &dyn Curvature,
                     },
                     mass: s.mass,
+                    groups: s
+                        .groups
+                        .iter()
+                        .map(|g| StepGroup {
+                            mass: g.mass,
+                            weight: g.weight,
+                            steps: g.steps,
+                            clip_direction: None,
+                        })
+                        .collect(),
                 })
                 .collect();
             source_walk(v, &segs, damping)?
@@ -112,7 +139,7 @@ fn precondition_group(
 /// column): of P = 1/(√v̂ + ε) (`fixed_v`), or of P_eff ([`adam_p_eff`], `full`) where the
 /// checkpoints carry m̂ (`exp_avg.NAME`; otherwise P, with a log line). Only the given
 /// layers' moments are read; `log`: say so when `full` falls back.
-fn adam_p_bar(
+pub fn adam_p_bar(
     seg: &PlannedSegment,
     factors: &[LayerFactors],
     eps: f64,
@@ -229,6 +256,7 @@ mod tests {
             mass: LrMass::Finite(1.0),
             checkpoints,
             adam_eps: Some(1e-8),
+            groups: Vec::new(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! query and scoring passes that turn them into scores.
 //! Layer: attribution — may import every layer below it (ground … passes, curvature).
 
+pub mod acting;
 pub mod adam;
 pub mod curvature;
 pub mod dense;
@@ -17,4 +18,4 @@ pub use dense::DenseCurvature;
 pub use score::{
     query_gradients, score_pass, score_pass_on, score_pass_queries, QueryGradients, TrainScores,
 };
-pub use source::{source_walk, SegmentCurvature};
+pub use source::{source_walk, SegmentCurvature, StepGroup};

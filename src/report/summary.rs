@@ -30,6 +30,7 @@ pub fn summary_json(d: &ReportData) -> serde_json::Value {
         "model": {"id": d.model_id, "commit": d.model_commit},
         "method": d.method,
         "segments": d.segments,
+        "curvature_acts": crate::attribution::acting::acting_sentence(&d.segments),
         "datasets": d.datasets,
         "n_docs": d.n_docs,
         "known_sources_found_at_1": {"found": found, "queries_with_known_sources": with},
@@ -85,6 +86,9 @@ pub fn terminal_lines(d: &ReportData) -> Vec<String> {
         d.n_docs,
         d.queries.len()
     )];
+    if let Some(line) = crate::attribution::acting::acting_sentence(&d.segments) {
+        out.push(line);
+    }
     let (found, with) = d.found_counts();
     if with > 0 {
         out.push(format!(

@@ -1,5 +1,6 @@
 //! Owns what `fit`, `query`, `score` read from the run: the plan, role documents, models.
-//! Layer: stages — may import every library layer (ground up to pipeline and report); no sibling.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); sibling
+//! `fetch`.
 //!
 //! What the `fit`, `query` and `score` stages read from the run directory: the trajectory
 //! the `finetune` stage recorded and the prepared data roles, from which
@@ -56,6 +57,24 @@ pub fn plan(config: &Config, run: &RunDir) -> Result<AttributionPlan> {
                     .exists()
             },
             n_train: &|| Ok(role_docs(run, "train")?.len() as u64),
+            base: &|| {
+                let fetched = super::fetch::Fetched::load(run)?;
+                fetched
+                    .model
+                    .file("config.json")
+                    .and_then(|f| f.path.parent().map(Path::to_path_buf))
+                    .ok_or_else(|| {
+                        Error::Pipeline(
+                            "fetch/resolved.json lists no config.json; rerun the fetch stage"
+                                .into(),
+                        )
+                    })
+            },
+            tokens_per_doc: &|role| {
+                let docs = role_docs(run, role)?;
+                let t: usize = docs.iter().map(|d| d.n_loss_tokens()).sum();
+                Ok(t as f64 / docs.len().max(1) as f64)
+            },
         },
     )
 }

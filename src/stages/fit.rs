@@ -7,14 +7,22 @@
 //! eigendecomposition, and the eigenvalue correction Λ per checkpoint in that basis
 //! (averaged). Writes `fit/segment-K.safetensors` and `fit/plan.json`. With
 //! `[attribution] factor_cache`, a segment whose inputs were fitted before (by any run) is
-//! copied from the cache instead of fitted again.
+//! copied from the cache instead of fitted again. For Source, each segment's summary carries
+//! `curvature_share`: the share of its curvature mass where s·σ·p > 1 (logged, and written
+//! with the summary to `fit/acting.json`).
 
 use serde_json::json;
 
-use crate::attribution::plan::PlannedSegment;
+use candle_core::Device;
+
+use crate::attribution::acting::{curvature_mass, share};
+use crate::attribution::method::adam_p_bar;
+use crate::attribution::plan::{AttributionPlan, PlannedSegment};
 use crate::config::Config;
+use crate::config::MethodKind;
 use crate::curvature::{
-    checkpoint_hash, docs_hash, factor_key, fit_factors_on, save_factors, FactorCache, Lookup,
+    checkpoint_hash, docs_hash, factor_key, fit_factors_on, save_factors, FactorCache, FactorFile,
+    Lookup,
 };
 use crate::data::PreparedDoc;
 use crate::error::{IoContext, Result};
@@ -84,10 +92,11 @@ impl Stage for FitStage {
                             "fit: {what}: factors reused from the cache ({}), no fit pass",
                             cache.entry_dir(&key).display()
                         );
+                        let share = curvature_share(ctx, &p, seg, &out)?;
                         summary.push(json!({
                             "segment": seg.index, "stage": seg.stage, "role": seg.role,
                             "documents": docs.len(), "checkpoints": seg.checkpoints.len(),
-                            "cache_key": key, "reused": true,
+                            "cache_key": key, "reused": true, "curvature_share": share,
                         }));
                         continue;
                     }
@@ -118,6 +127,7 @@ impl Stage for FitStage {
             );
             let refs: Vec<&_> = models.iter().collect();
             let factors = fit_factors_on(backend.as_ref(), &refs, &docs, &opts, &what)?;
+            let layers = factors.len();
             // Only what determines the factors (no segment index or run-directory paths),
             // so that the same inputs give the same bytes in every run and cache entry.
             let info = json!({"cache_key": key, "inputs": inputs});
@@ -130,15 +140,61 @@ impl Stage for FitStage {
                 );
             }
             ctx.failpoint(&format!("after-segment-{}", seg.index))?;
+            drop(factors);
+            let share = curvature_share(ctx, &p, seg, &out)?;
             summary.push(json!({
                 "segment": seg.index, "stage": seg.stage, "role": seg.role,
                 "documents": docs.len(), "checkpoints": seg.checkpoints.len(),
-                "layers": factors.len(), "estimated_peak_bytes": estimate,
+                "layers": layers, "estimated_peak_bytes": estimate,
                 "cache_key": key, "reused": false, "device": backend.name(),
+                "curvature_share": share,
             }));
         }
-        Ok(json!({ "segments": summary }))
+        let summary = json!({ "segments": summary });
+        // What `score` and the report read back (the segments with their curvature_share).
+        write_json_atomic(&ctx.out("acting.json"), &summary)?;
+        Ok(summary)
     }
+}
+
+/// The share of segment `seg`'s curvature mass where it acts, Σ_{sσp > 1} Λ / Σ Λ
+/// ([`crate::attribution::acting`]), from its factor file `path`, one layer at a time (with
+/// Adam's p̄ for an AdamW segment); logged. None for a method other than Source.
+fn curvature_share(
+    ctx: &StageContext,
+    p: &AttributionPlan,
+    seg: &PlannedSegment,
+    path: &std::path::Path,
+) -> Result<Option<f64>> {
+    if p.method != MethodKind::Source {
+        return Ok(None);
+    }
+    let file = FactorFile::open(path)?;
+    let names: Vec<String> = file.layer_names().map(String::from).collect();
+    let (mut a, mut b) = (0f64, 0f64);
+    for name in names {
+        let f = file.load_layers(std::slice::from_ref(&name), &Device::Cpu)?;
+        let pbar = match seg.adam_eps {
+            Some(eps) => Some(adam_p_bar(
+                seg,
+                &f,
+                eps,
+                ctx.config.attribution.adam_response,
+                false,
+            )?),
+            None => None,
+        };
+        let (x, y) = curvature_mass(&f, seg.mass, pbar.as_deref())?;
+        (a, b) = (a + x, b + y);
+    }
+    let s = share((a, b));
+    tracing::info!(
+        "fit: segment {} (`{}`): curvature acts (s·σ·p > 1) on {:.2}% of its curvature mass",
+        seg.index,
+        seg.stage,
+        100.0 * s
+    );
+    Ok(Some(s))
 }
 
 /// Everything that determines a segment's factors: the checkpoints' weights, the documents

@@ -17,10 +17,9 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
-use crate::attribution::method::{preconditioned, query_forms};
-use crate::attribution::plan::{
-    plan_score_memory, AttributionPlan, FactorGroups, PlannedSegment, ScoreNeeds,
-};
+use crate::attribution::acting::{acting_sentence, query_energy, share};
+use crate::attribution::method::{adam_p_bar, preconditioned, query_forms};
+use crate::attribution::plan::{plan_score_memory, AttributionPlan, FactorGroups, ScoreNeeds};
 use crate::attribution::score_pass_on;
 use crate::backend::Backend;
 use crate::config::{Config, MethodKind};
@@ -53,12 +52,29 @@ pub struct ScoreStage;
 pub fn table_metadata(ctx: &StageContext, table: &str) -> Result<Vec<(String, String)>> {
     let fetched = Fetched::load(ctx.run)?;
     let p = plan(ctx.config, ctx.run)?;
+    // The score stage's own tables carry where curvature acts (`acting.json`, written first).
+    let acting: serde_json::Value = match table {
+        "queries" => json!([]),
+        _ => std::fs::read_to_string(ctx.out("acting.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(json!([])),
+    };
     let segments: Vec<serde_json::Value> = p
         .segments
         .iter()
-        .map(|s| {
-            json!({"index": s.index, "stage": s.stage, "role": s.role, "n": s.n_docs,
-                        "mass": s.mass, "checkpoints": s.checkpoints.len()})
+        .enumerate()
+        .map(|(l, s)| {
+            let mut j = json!({"index": s.index, "stage": s.stage, "role": s.role,
+                "n": s.n_docs, "mass": s.mass, "checkpoints": s.checkpoints.len()});
+            if let Some(a) = acting.get(l) {
+                for k in ["curvature_share", "query_energy_share"] {
+                    if let Some(x) = a.get(k).filter(|x| !x.is_null()) {
+                        j[k] = x.clone();
+                    }
+                }
+            }
+            j
         })
         .collect();
     Ok(vec![
@@ -117,11 +133,13 @@ struct RoleScores {
 struct Queries {
     /// Q.
     q: usize,
-    /// u per segment and layer.
+    /// u per scoring pass ([`AttributionPlan::score_points`]) and layer.
     u: Vec<Vec<LayerQuery>>,
     /// The mean fraction of ‖u‖² a low-rank form kept.
     kept_energy: Option<f64>,
     backend: Box<dyn Backend>,
+    /// Per segment, the share of the queries' gradient energy where curvature acts (Source).
+    acting: Vec<Option<f64>>,
     /// The estimated peak, the needs it came from and the layer groups.
     estimate: u64,
     needs: ScoreNeeds,
@@ -151,6 +169,7 @@ impl Stage for ScoreStage {
         let p = plan(ctx.config, ctx.run)?;
         log_adam_variant(ctx, &p)?;
         let queries = precondition_queries(ctx, &p)?;
+        let acting = write_acting(ctx, &p, &queries.acting)?;
         let roles = score_segments(ctx, &p, &queries)?;
         let mut out = write_outputs(ctx, &p, queries.q, &roles)?;
         let Queries {
@@ -168,6 +187,7 @@ impl Stage for ScoreStage {
         out["query_rank"] = json!(ctx.config.attribution.query_rank);
         out["device"] = json!(queries.backend.name());
         out["query_rank_kept_energy"] = json!(queries.kept_energy);
+        out["acting"] = acting;
         Ok(out)
     }
 }
@@ -214,7 +234,7 @@ fn precondition_queries(ctx: &StageContext, p: &AttributionPlan) -> Result<Queri
     let v = load_query_gradients(ctx, &layers)?;
     let q = v.first().map(|t| t.dim(0)).transpose()?.unwrap_or(0);
     let files = open_factor_files(ctx, p)?;
-    let needs = ScoreNeeds::of(&files, &layers, &v, p.segments.len())?;
+    let needs = ScoreNeeds::of(&files, &layers, &v, p.score_points().len())?;
     let (estimate, groups) = plan_score_memory(
         model_and_batch_bytes(&final_model, ctx.config),
         ctx.config.attribution.memory_limit_gib,
@@ -222,6 +242,7 @@ fn precondition_queries(ctx: &StageContext, p: &AttributionPlan) -> Result<Queri
         &needs,
     )?;
     drop(final_model);
+    let acting = query_energy_shares(ctx, p, &files, &v, &layers, &groups)?;
     let backend = open_backend(ctx.config)?;
     let a = &ctx.config.attribution;
     let u = preconditioned(a, backend.as_ref(), p, &files, &v, &layers, &groups)?;
@@ -237,6 +258,7 @@ fn precondition_queries(ctx: &StageContext, p: &AttributionPlan) -> Result<Queri
         q,
         u,
         kept_energy,
+        acting,
         backend,
         estimate,
         needs,
@@ -244,8 +266,78 @@ fn precondition_queries(ctx: &StageContext, p: &AttributionPlan) -> Result<Queri
     })
 }
 
+/// Per segment of a Source plan, the share of the queries' gradient energy Σ‖Π_S v‖² / Σ‖v‖²
+/// in the directions where its curvature acts (s·σ·p > 1; [`crate::attribution::acting`]),
+/// one layer group at a time; None for the other methods.
+fn query_energy_shares(
+    ctx: &StageContext,
+    p: &AttributionPlan,
+    files: &[FactorFile],
+    v: &[Tensor],
+    layers: &[String],
+    groups: &FactorGroups,
+) -> Result<Vec<Option<f64>>> {
+    if p.method != MethodKind::Source {
+        return Ok(vec![None; p.segments.len()]);
+    }
+    let mut sums = vec![(0f64, 0f64); p.segments.len()];
+    for &(start, end) in &groups.groups {
+        for ((seg, file), sum) in p.segments.iter().zip(files).zip(sums.iter_mut()) {
+            let f = file.load_layers(&layers[start..end], &Device::Cpu)?;
+            let pbar = match seg.adam_eps {
+                Some(eps) => Some(adam_p_bar(
+                    seg,
+                    &f,
+                    eps,
+                    ctx.config.attribution.adam_response,
+                    false,
+                )?),
+                None => None,
+            };
+            let (a, b) = query_energy(&f, &v[start..end], seg.mass, pbar.as_deref())?;
+            (sum.0, sum.1) = (sum.0 + a, sum.1 + b);
+        }
+    }
+    Ok(sums.into_iter().map(|x| Some(share(x))).collect())
+}
+
+/// Writes `acting.json` (per segment: index, stage, the fit stage's `curvature_share` and the
+/// queries' `query_energy_share`) and logs the report's sentence; returns the list.
+fn write_acting(
+    ctx: &StageContext,
+    p: &AttributionPlan,
+    energy: &[Option<f64>],
+) -> Result<serde_json::Value> {
+    let fit: serde_json::Value =
+        std::fs::read_to_string(ctx.run.stage_dir("fit").join("acting.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(json!({}));
+    let list: Vec<serde_json::Value> = p
+        .segments
+        .iter()
+        .zip(energy)
+        .map(|(s, e)| {
+            let c = fit["segments"]
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["segment"] == json!(s.index)))
+                .map(|x| x["curvature_share"].clone())
+                .unwrap_or(serde_json::Value::Null);
+            json!({"index": s.index, "stage": s.stage, "curvature_share": c,
+                   "query_energy_share": e})
+        })
+        .collect();
+    let list = json!(list);
+    crate::util::fsx::write_json_atomic(&ctx.out("acting.json"), &list)?;
+    if let Some(line) = acting_sentence(&list) {
+        tracing::info!("score: {line}");
+    }
+    Ok(list)
+}
+
 /// Scores every document of every segment's data role against every query: per segment,
-/// the average over its checkpoints of one scoring pass each.
+/// the sum of its scoring passes ([`AttributionPlan::score_points`]: one per model its step
+/// groups took gradients at, or the average over its checkpoints for a declared segment).
 fn score_segments(
     ctx: &StageContext,
     p: &AttributionPlan,
@@ -254,8 +346,9 @@ fn score_segments(
     let opts = fit_options(ctx.config);
     let q = queries.q;
     let mut roles: BTreeMap<String, RoleScores> = BTreeMap::new();
-    for (k, (seg, u_seg)) in p.segments.iter().zip(&queries.u).enumerate() {
-        crate::util::progress::set_part(format!("segment {}/{}", k + 1, p.segments.len()));
+    let points = p.score_points();
+    for (l, seg) in p.segments.iter().enumerate() {
+        crate::util::progress::set_part(format!("segment {}/{}", l + 1, p.segments.len()));
         if !roles.contains_key(&seg.role) {
             let docs = role_docs(ctx.run, &seg.role)?;
             let tokens = docs
@@ -273,37 +366,41 @@ fn score_segments(
             );
         }
         let r = roles.get_mut(&seg.role).expect("inserted above");
-        let acc = score_segment(queries.backend.as_ref(), seg, u_seg, r, &opts, q)?;
+        let passes: Vec<(&std::path::Path, &[LayerQuery])> = points
+            .iter()
+            .zip(&queries.u)
+            .filter(|(pt, _)| pt.segment == l)
+            .map(|(pt, u)| (pt.model.as_path(), &u[..]))
+            .collect();
+        let acc = score_segment(queries.backend.as_ref(), &passes, r, &opts, q)?;
         r.per_segment.insert(seg.index, acc);
         ctx.failpoint(&format!("after-segment-{}", seg.index))?;
     }
     Ok(roles)
 }
 
-/// One segment's document scores [Q][N], averaged over its checkpoints (one scoring pass
-/// each); its per-token scores are added, averaged likewise, to `r.tokens`.
+/// One segment's document scores [Q][N], the sum of one scoring pass per (model, u) in
+/// `passes`; its per-token scores are added likewise to `r.tokens`.
 fn score_segment(
     backend: &dyn Backend,
-    seg: &PlannedSegment,
-    u_seg: &[LayerQuery],
+    passes: &[(&std::path::Path, &[LayerQuery])],
     r: &mut RoleScores,
     opts: &PassOptions,
     q: usize,
 ) -> Result<Vec<Vec<f64>>> {
-    let c = seg.checkpoints.len() as f64;
     let mut acc = vec![vec![0f64; r.docs.len()]; q];
-    for ckpt in &seg.checkpoints {
+    for (ckpt, u) in passes {
         let model = load_model_on(ckpt, backend.device())?;
-        let s = score_pass_on(backend, &model, &r.docs, u_seg, opts, true)?;
+        let s = score_pass_on(backend, &model, &r.docs, u, opts, true)?;
         for (qi, row) in s.docs.iter().enumerate() {
             for (m, v) in row.iter().enumerate() {
-                acc[qi][m] += v / c;
+                acc[qi][m] += v;
             }
         }
         for (m, per_q) in s.tokens.expect("asked for tokens").iter().enumerate() {
             for (qi, row) in per_q.iter().enumerate() {
                 for (t, v) in row.iter().enumerate() {
-                    r.tokens[m][qi][t] += (*v as f64 / c) as f32;
+                    r.tokens[m][qi][t] += *v;
                 }
             }
         }

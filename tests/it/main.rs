@@ -52,5 +52,6 @@ mod reference_kronfluence;
 mod report;
 mod resume;
 mod source_exact;
+mod source_steps;
 mod stages_attribution;
 mod train_optim;

@@ -9,25 +9,25 @@ use source_tda::attribution::{source_walk, Curvature, Damping, DenseCurvature, S
 use source_tda::linalg::SpectralFn;
 use source_tda::train::LrMass;
 
-const P: usize = 6;
-const N: usize = 12;
+pub const P: usize = 6;
+pub const N: usize = 12;
 
-struct Problem {
-    x: Vec<[f64; P]>,
-    y: Vec<f64>,
-    xq: [f64; P],
-    yq: f64,
-    theta0: [f64; P],
+pub struct Problem {
+    pub x: Vec<[f64; P]>,
+    pub y: Vec<f64>,
+    pub xq: [f64; P],
+    pub yq: f64,
+    pub theta0: [f64; P],
 }
 
-fn lcg(state: &mut u64) -> f64 {
+pub fn lcg(state: &mut u64) -> f64 {
     *state = state
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);
     ((*state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
 }
 
-fn problem() -> Problem {
+pub fn problem() -> Problem {
     let mut s = 42u64;
     let vec = |s: &mut u64| -> [f64; P] { std::array::from_fn(|_| lcg(s)) };
     let x: Vec<[f64; P]> = (0..N).map(|_| vec(&mut s)).collect();
@@ -44,12 +44,12 @@ fn problem() -> Problem {
     }
 }
 
-fn dot(a: &[f64; P], b: &[f64; P]) -> f64 {
+pub fn dot(a: &[f64; P], b: &[f64; P]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// ∇L_m(θ) = (x_mᵀθ − y_m) x_m.
-fn grad_doc(p: &Problem, m: usize, th: &[f64; P]) -> [f64; P] {
+pub fn grad_doc(p: &Problem, m: usize, th: &[f64; P]) -> [f64; P] {
     let r = dot(&p.x[m], th) - p.y[m];
     std::array::from_fn(|i| r * p.x[m][i])
 }
@@ -78,11 +78,11 @@ fn train(p: &Problem, lrs: &[f64], beta: f64, target: usize, eps: f64) -> Vec<[f
     out
 }
 
-fn f_query(p: &Problem, th: &[f64; P]) -> f64 {
+pub fn f_query(p: &Problem, th: &[f64; P]) -> f64 {
     0.5 * (dot(&p.xq, th) - p.yq).powi(2)
 }
 
-fn to_tensor(v: &[f64; P]) -> Tensor {
+pub fn to_tensor(v: &[f64; P]) -> Tensor {
     Tensor::from_vec(v.to_vec(), (1, 1, P), &Device::Cpu).unwrap()
 }
 
@@ -113,7 +113,7 @@ fn hessian(p: &Problem) -> Vec<f64> {
 
 /// τ(q, m) = Σ_ℓ (1/N) ⟨u_ℓ, ḡ_ℓ(m)⟩ with ḡ_ℓ the document gradient averaged over the points
 /// where segment ℓ's `per` steps evaluated it.
-fn taus(p: &Problem, traj: &[[f64; P]], u: &[Vec<Tensor>], per: usize) -> Vec<f64> {
+fn taus(p: &Problem, traj: &[[f64; P]], u: &[Vec<Vec<Tensor>>], per: usize) -> Vec<f64> {
     (0..N)
         .map(|m| {
             u.iter()
@@ -126,7 +126,7 @@ fn taus(p: &Problem, traj: &[[f64; P]], u: &[Vec<Tensor>], per: usize) -> Vec<f6
                             g[i] += gm[i] / per as f64;
                         }
                     }
-                    let ul: Vec<f64> = us[0].flatten_all().unwrap().to_vec1().unwrap();
+                    let ul: Vec<f64> = us[0][0].flatten_all().unwrap().to_vec1().unwrap();
                     ul.iter().zip(&g).map(|(a, b)| a * b).sum::<f64>() / N as f64
                 })
                 .sum()
@@ -146,6 +146,7 @@ fn source(p: &Problem, lrs: &[f64], beta: f64, segments: usize) -> Vec<f64> {
         .map(|s| SegmentCurvature {
             factors: &curv,
             mass: LrMass::Finite(lrs[s * per..(s + 1) * per].iter().sum::<f64>() / (1.0 - beta)),
+            groups: Vec::new(),
         })
         .collect();
     let th_final = traj[k];
@@ -155,7 +156,7 @@ fn source(p: &Problem, lrs: &[f64], beta: f64, segments: usize) -> Vec<f64> {
     taus(p, &traj, &u, per)
 }
 
-fn rel_err(got: &[f64], want: &[f64]) -> f64 {
+pub fn rel_err(got: &[f64], want: &[f64]) -> f64 {
     let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
     got.iter()
         .zip(want)
@@ -307,12 +308,14 @@ fn adam_vs_brute_force(steps: usize, lr: f64, segments: usize) -> (f64, f64) {
         .map(|s| SegmentCurvature {
             factors: &adams[s] as &dyn Curvature,
             mass: mass(s),
+            groups: Vec::new(),
         })
         .collect());
     let sgd = rho((0..segments)
         .map(|s| SegmentCurvature {
             factors: &dense as &dyn Curvature,
             mass: mass(s),
+            groups: Vec::new(),
         })
         .collect());
     (adam, sgd)
@@ -453,6 +456,7 @@ fn adam_variant_matches_preconditioned_descent_by_brute_force() {
                     .map(|s| SegmentCurvature {
                         factors: c,
                         mass: mass(s),
+                        groups: Vec::new(),
                     })
                     .collect();
                 let u = source_walk(&[to_tensor(&v)], &segs, Damping::Absolute(0.0)).unwrap();
