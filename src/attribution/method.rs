@@ -47,6 +47,8 @@ pub fn preconditioned(
             .collect::<Result<_>>()?;
         let u = precondition_group(a, backend, p, &f, &v[start..end], start == 0)?;
         for (point, u_point) in out.iter_mut().zip(&points) {
+            // Layer l of this group: Σ coefficient · u_{segment, group}[l].
+            #[allow(clippy::needless_range_loop)]
             for l in 0..end - start {
                 let mut acc: Option<Tensor> = None;
                 for &(j, c) in &u_point.terms {
