@@ -38,9 +38,10 @@ for name in $configs; do
                 "$name" "$round" "$label" "$jobs" "$secs" "$(echo "60 * $jobs / $secs" | bc -l)"
         done
     done
-    # The retrained losses of every mode and round, bitwise.
+    # The retrained losses (f32 bits) of every mode and round, bitwise.
     sums=$(for d in "$tmp/$name"-[0-9]*; do
-        cat "$d"/eval-work/lds-*/subset-*.json | grep -o '"measured_bits":\[[0-9,]*\]' | sha256sum
+        python3 -c 'import json, sys; print([json.load(open(f))["measured_bits"] for f in sorted(sys.argv[1:])])' \
+            "$d"/eval-work/lds-*/subset-*.json | sha256sum
     done | sort -u | wc -l)
     if [[ "$sums" != 1 ]]; then
         echo "$name: the retrained losses differ between modes or rounds" >&2
