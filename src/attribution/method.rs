@@ -136,6 +136,18 @@ fn precondition_group(
     })
 }
 
+/// [`adam_p_bar`] of a segment trained with AdamW (its ε from the plan), None for any other
+/// optimizer; quiet about falling back. What the fit and score diagnostics weigh σ with.
+pub fn segment_p_bar(
+    seg: &PlannedSegment,
+    factors: &[LayerFactors],
+    response: AdamResponse,
+) -> Result<Option<Vec<Tensor>>> {
+    seg.adam_eps
+        .map(|eps| adam_p_bar(seg, factors, eps, response, false))
+        .transpose()
+}
+
 /// p̄ = the segment's average of Adam's preconditioner over its checkpoints, per layer,
 /// shaped like the layer's gradient [d_out, d_in(+1)] (the bias's entries as the last
 /// column): of P = 1/(√v̂ + ε) (`fixed_v`), or of P_eff ([`adam_p_eff`], `full`) where the

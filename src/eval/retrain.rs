@@ -225,13 +225,21 @@ impl Retrain<'_> {
         Ok(r)
     }
 
-    /// The jobs of `jobs` without a (matching) result yet.
+    /// The jobs of `jobs` without a (matching) result yet; logs how many are finished.
     pub fn missing(&self, jobs: &[Job]) -> Result<Vec<Job>> {
         let mut todo = Vec::new();
         for &job in jobs {
             if self.load(job)?.is_none() {
                 todo.push(job);
             }
+        }
+        if todo.len() < jobs.len() {
+            tracing::info!(
+                "eval-lds: {} of {} retraining jobs already finished; {} to run",
+                jobs.len() - todo.len(),
+                jobs.len(),
+                todo.len()
+            );
         }
         Ok(todo)
     }
@@ -246,16 +254,20 @@ impl Retrain<'_> {
         hook: &dyn Fn(Job) -> Result<()>,
     ) -> Result<usize> {
         let todo = self.missing(jobs)?;
-        if todo.len() < jobs.len() {
-            tracing::info!(
-                "eval-lds: {} of {} retraining jobs already finished; {} to run",
-                jobs.len() - todo.len(),
-                jobs.len(),
-                todo.len()
-            );
-        }
+        self.run_all(&todo, opts, hook)?;
+        Ok(todo.len())
+    }
+
+    /// Runs every job of `todo` in this process, with a progress bar and ETA. `hook` is
+    /// called after each job (tests use it to interrupt).
+    pub fn run_all(
+        &self,
+        todo: &[Job],
+        opts: &PassOptions,
+        hook: &dyn Fn(Job) -> Result<()>,
+    ) -> Result<()> {
         let pb = progress::bar(todo.len() as u64, "retrain");
-        for &job in &todo {
+        for &job in todo {
             pb.set_message(format!("subset {} seed {}", job.subset, job.seed));
             let r = self.run(job, opts)?;
             tracing::debug!(
@@ -270,6 +282,6 @@ impl Retrain<'_> {
             hook(job)?;
         }
         pb.finish_and_clear();
-        Ok(todo.len())
+        Ok(())
     }
 }

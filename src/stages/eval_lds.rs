@@ -291,19 +291,11 @@ impl Stage for EvalLdsStage {
         let todo = retrain.missing(&jobs)?;
         let workers = worker_count(ctx, &inputs.base_dir, todo.len())?;
         if workers > 1 {
-            if todo.len() < jobs.len() {
-                tracing::info!(
-                    "eval-lds: {} of {} retraining jobs already finished; {} to run",
-                    jobs.len() - todo.len(),
-                    jobs.len(),
-                    todo.len()
-                );
-            }
             retrain_in_workers(ctx, &retrain, &todo, workers)?;
         } else {
             let hook =
                 |j: Job| ctx.failpoint(&format!("after-job-{}", j.subset * c.eval.seeds + j.seed));
-            retrain.run_missing(&jobs, &fit_options(c), &hook)?;
+            retrain.run_all(&todo, &fit_options(c), &hook)?;
         }
 
         let (q, m, r) = (inputs.queries.len(), c.eval.subsets, c.eval.seeds);

@@ -16,7 +16,7 @@ use serde_json::json;
 use candle_core::Device;
 
 use crate::attribution::acting::{curvature_mass, share};
-use crate::attribution::method::adam_p_bar;
+use crate::attribution::method::segment_p_bar;
 use crate::attribution::plan::{AttributionPlan, PlannedSegment};
 use crate::config::Config;
 use crate::config::MethodKind;
@@ -174,16 +174,7 @@ fn curvature_share(
     let (mut a, mut b) = (0f64, 0f64);
     for name in names {
         let f = file.load_layers(std::slice::from_ref(&name), &Device::Cpu)?;
-        let pbar = match seg.adam_eps {
-            Some(eps) => Some(adam_p_bar(
-                seg,
-                &f,
-                eps,
-                ctx.config.attribution.adam_response,
-                false,
-            )?),
-            None => None,
-        };
+        let pbar = segment_p_bar(seg, &f, ctx.config.attribution.adam_response)?;
         let (x, y) = curvature_mass(&f, seg.mass, pbar.as_deref())?;
         (a, b) = (a + x, b + y);
     }

@@ -18,7 +18,7 @@ use candle_core::{Device, Tensor};
 use serde_json::json;
 
 use crate::attribution::acting::{acting_sentence, query_energy, share};
-use crate::attribution::method::{adam_p_bar, preconditioned, query_forms};
+use crate::attribution::method::{preconditioned, query_forms, segment_p_bar};
 use crate::attribution::plan::{plan_score_memory, AttributionPlan, FactorGroups, ScoreNeeds};
 use crate::attribution::score_pass_on;
 use crate::backend::Backend;
@@ -284,16 +284,7 @@ fn query_energy_shares(
     for &(start, end) in &groups.groups {
         for ((seg, file), sum) in p.segments.iter().zip(files).zip(sums.iter_mut()) {
             let f = file.load_layers(&layers[start..end], &Device::Cpu)?;
-            let pbar = match seg.adam_eps {
-                Some(eps) => Some(adam_p_bar(
-                    seg,
-                    &f,
-                    eps,
-                    ctx.config.attribution.adam_response,
-                    false,
-                )?),
-                None => None,
-            };
+            let pbar = segment_p_bar(seg, &f, ctx.config.attribution.adam_response)?;
             let (a, b) = query_energy(&f, &v[start..end], seg.mass, pbar.as_deref())?;
             (sum.0, sum.1) = (sum.0 + a, sum.1 + b);
         }
