@@ -64,7 +64,7 @@ if [[ ! -f "$WN/usr/share/wordnet/data.noun" ]]; then
 fi
 INPUTS="$WORK/inputs.safetensors"
 if [[ ! -f "$INPUTS" ]]; then
-    "$PY" scripts/bench/kronfluence.py prepare --model "$MODEL" --wordnet "$WN/usr/share/wordnet" --out "$INPUTS"
+    "$PY" scripts/bench/run_kronfluence.py prepare --model "$MODEL" --wordnet "$WN/usr/share/wordnet" --out "$INPUTS"
 fi
 
 # 4. Alternate the two tools; each run is one process measured stage by stage.
@@ -75,10 +75,10 @@ for r in $(seq 1 "$REPS"); do
     echo "bench: round $r: source-tda"
     "$BIN_DIR/examples/bench_attribution" "$MODEL" "$INPUTS" "$OURS" 8
     echo "bench: round $r: kronfluence"
-    "$PY" scripts/bench/kronfluence.py run --model "$MODEL" --inputs "$INPUTS" --out "$THEIRS" --threads $THREADS
+    "$PY" scripts/bench/run_kronfluence.py run --model "$MODEL" --inputs "$INPUTS" --out "$THEIRS" --threads $THREADS
     rm -rf "$THEIRS/kronfluence"
     echo "bench: round $r: source-tda, f32 eigendecomposition (fit + the score stage's one pass)"
     BENCH_EIGEN=f32 BENCH_ONE_PASS=1 "$BIN_DIR/examples/bench_attribution" "$MODEL" "$INPUTS" "$OURS32" 8
-    "$PY" scripts/bench/kronfluence.py compare --ours "$OURS" --theirs "$THEIRS" --ours-f32 "$OURS32" \
+    "$PY" scripts/bench/run_kronfluence.py compare --ours "$OURS" --theirs "$THEIRS" --ours-f32 "$OURS32" \
         --label "$WORKLOAD (SmolLM2-135M, $LAYERS layers), round $r"
 done
