@@ -1,6 +1,6 @@
 //! Owns the `score` stage: preconditioned queries, scoring passes, and the score tables.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
-//! `attribute`, `fetch`.
+//! `attribute`, `fetch`, `score_acting`.
 //!
 //! `score`: the backwards walk over segments and the training passes that score every
 //! document of every segment's data against every query, per document and per token, in
@@ -17,8 +17,7 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
-use crate::attribution::acting::{acting_sentence, query_energy, share};
-use crate::attribution::method::{preconditioned, query_forms, segment_p_bar};
+use crate::attribution::method::{preconditioned, query_forms};
 use crate::attribution::plan::{plan_score_memory, AttributionPlan, FactorGroups, ScoreNeeds};
 use crate::attribution::score_pass_on;
 use crate::backend::Backend;
@@ -39,6 +38,7 @@ use super::attribute::{
     role_docs,
 };
 use super::fetch::Fetched;
+use super::score_acting::{query_energy_shares, write_acting};
 
 /// How τ's sign reads; stored in every output file.
 pub const SIGN_CONVENTION: &str = "tau = score / n_train approximates f(trained without m) - \
@@ -264,66 +264,6 @@ fn precondition_queries(ctx: &StageContext, p: &AttributionPlan) -> Result<Queri
         needs,
         groups,
     })
-}
-
-/// Per segment of a Source plan, the share of the queries' gradient energy Σ‖Π_S v‖² / Σ‖v‖²
-/// in the directions where its curvature acts (s·σ·p > 1; [`crate::attribution::acting`]),
-/// one layer group at a time; None for the other methods.
-fn query_energy_shares(
-    ctx: &StageContext,
-    p: &AttributionPlan,
-    files: &[FactorFile],
-    v: &[Tensor],
-    layers: &[String],
-    groups: &FactorGroups,
-) -> Result<Vec<Option<f64>>> {
-    if p.method != MethodKind::Source {
-        return Ok(vec![None; p.segments.len()]);
-    }
-    let mut sums = vec![(0f64, 0f64); p.segments.len()];
-    for &(start, end) in &groups.groups {
-        for ((seg, file), sum) in p.segments.iter().zip(files).zip(sums.iter_mut()) {
-            let f = file.load_layers(&layers[start..end], &Device::Cpu)?;
-            let pbar = segment_p_bar(seg, &f, ctx.config.attribution.adam_response)?;
-            let (a, b) = query_energy(&f, &v[start..end], seg.mass, pbar.as_deref())?;
-            (sum.0, sum.1) = (sum.0 + a, sum.1 + b);
-        }
-    }
-    Ok(sums.into_iter().map(|x| Some(share(x))).collect())
-}
-
-/// Writes `acting.json` (per segment: index, stage, the fit stage's `curvature_share` and the
-/// queries' `query_energy_share`) and logs the report's sentence; returns the list.
-fn write_acting(
-    ctx: &StageContext,
-    p: &AttributionPlan,
-    energy: &[Option<f64>],
-) -> Result<serde_json::Value> {
-    let fit: serde_json::Value =
-        std::fs::read_to_string(ctx.run.stage_dir("fit").join("acting.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(json!({}));
-    let list: Vec<serde_json::Value> = p
-        .segments
-        .iter()
-        .zip(energy)
-        .map(|(s, e)| {
-            let c = fit["segments"]
-                .as_array()
-                .and_then(|a| a.iter().find(|x| x["segment"] == json!(s.index)))
-                .map(|x| x["curvature_share"].clone())
-                .unwrap_or(serde_json::Value::Null);
-            json!({"index": s.index, "stage": s.stage, "curvature_share": c,
-                   "query_energy_share": e})
-        })
-        .collect();
-    let list = json!(list);
-    crate::util::fsx::write_json_atomic(&ctx.out("acting.json"), &list)?;
-    if let Some(line) = acting_sentence(&list) {
-        tracing::info!("score: {line}");
-    }
-    Ok(list)
 }
 
 /// Scores every document of every segment's data role against every query: per segment,
