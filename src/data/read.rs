@@ -47,7 +47,8 @@ pub struct Row {
 }
 
 /// Reads `columns` from every row of `path`. `required[i]` says whether column i must exist
-/// in the file (optional columns read as `None` when absent).
+/// in the file, and in JSON rows hold a value, not null (optional columns read as `None` when
+/// absent or null).
 pub fn read_rows(
     path: &Path,
     format: DataFormat,
@@ -153,6 +154,12 @@ fn json_row(
             None if *req => {
                 let keys: Vec<String> = obj.keys().cloned().collect();
                 return Err(missing_column(path, col, &keys, &format!(":{loc}")));
+            }
+            Some(serde_json::Value::Null) if *req => {
+                return Err(Error::Data(format!(
+                    "{}:{loc}: column `{col}` is null; every row needs a value there (a string)",
+                    path.display()
+                )))
             }
             None | Some(serde_json::Value::Null) => values.push(None),
             Some(serde_json::Value::String(s)) => values.push(Some(s.clone())),
