@@ -41,21 +41,30 @@ fn ids_tensor(ids: &[u32]) -> Tensor {
         .unwrap()
 }
 
-fn qwen3_parity(cfg: LlamaCfg, seed: u64) {
-    let ref_cfg: qwen3::Config = serde_json::from_value(cfg.config_json()).unwrap();
+/// Asserts that our logits equal the reference's to 1e-5 relative, `run(vb, ids)` giving the
+/// reference's last-position logits of a model freshly built from the same tensors.
+fn assert_parity(
+    family: &str,
+    cfg: &LlamaCfg,
+    seed: u64,
+    run: impl Fn(candle_nn::VarBuilder, &Tensor) -> candle_core::Result<Tensor>,
+) {
     let tensors = cfg.tensors(seed);
-    let worst = worst_relative(&cfg, seed, |ids| {
+    let worst = worst_relative(cfg, seed, |ids| {
         let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
-        let mut m = qwen3::ModelForCausalLM::new(&ref_cfg, vb).unwrap();
-        m.forward(&ids_tensor(ids), 0)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
+        run(vb, &ids_tensor(ids)).unwrap().flatten_all().unwrap()
     });
     assert!(
         worst <= 1e-5,
-        "qwen3: max relative |ours − candle-transformers| = {worst}"
+        "{family}: max relative |ours − candle-transformers| = {worst}"
     );
+}
+
+fn qwen3_parity(cfg: LlamaCfg, seed: u64) {
+    let ref_cfg: qwen3::Config = serde_json::from_value(cfg.config_json()).unwrap();
+    assert_parity("qwen3", &cfg, seed, |vb, ids| {
+        qwen3::ModelForCausalLM::new(&ref_cfg, vb)?.forward(ids, 0)
+    });
 }
 
 #[test]
@@ -92,19 +101,9 @@ fn phi3_with_fused_projections_matches_candle_transformers() {
         ..LlamaCfg::default()
     };
     let ref_cfg: phi3::Config = serde_json::from_value(cfg.config_json()).unwrap();
-    let tensors = cfg.tensors(33);
-    let worst = worst_relative(&cfg, 33, |ids| {
-        let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
-        let mut m = phi3::Model::new(&ref_cfg, vb).unwrap();
-        m.forward(&ids_tensor(ids), 0)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
+    assert_parity("phi3", &cfg, 33, |vb, ids| {
+        phi3::Model::new(&ref_cfg, vb)?.forward(ids, 0)
     });
-    assert!(
-        worst <= 1e-5,
-        "phi3: max relative |ours − candle-transformers| = {worst}"
-    );
 }
 
 #[test]
@@ -117,19 +116,9 @@ fn gemma2_with_soft_capping_and_sandwich_norms_matches_candle_transformers() {
         ..LlamaCfg::default()
     };
     let ref_cfg: gemma2::Config = serde_json::from_value(cfg.config_json()).unwrap();
-    let tensors = cfg.tensors(35);
-    let worst = worst_relative(&cfg, 35, |ids| {
-        let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
-        let mut m = gemma2::Model::new(false, &ref_cfg, vb).unwrap();
-        m.forward(&ids_tensor(ids), 0)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
+    assert_parity("gemma2", &cfg, 35, |vb, ids| {
+        gemma2::Model::new(false, &ref_cfg, vb)?.forward(ids, 0)
     });
-    assert!(
-        worst <= 1e-5,
-        "gemma2: max relative |ours − candle-transformers| = {worst}"
-    );
 }
 
 #[test]
