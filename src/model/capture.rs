@@ -127,22 +127,7 @@ impl Model {
             let (a, source) = slot.ok_or_else(|| {
                 Error::Model(format!("tracked layer `{}` was not run", info.name))
             })?;
-            let delta = match source {
-                DeltaSource::Slot(slot, shape) => {
-                    let got = slot
-                        .lock()
-                        .map_err(|_| Error::Model("capture: δ slot lock poisoned".into()))?
-                        .take();
-                    match got {
-                        Some(g) => g,
-                        None => Tensor::zeros(shape, a.dtype(), a.device())?,
-                    }
-                }
-                DeltaSource::Perturbation(eps) => match grads.get(eps.as_tensor()) {
-                    Some(g) => g.clone(),
-                    None => eps.as_tensor().zeros_like()?,
-                },
-            };
+            let delta = take_delta(source, &grads, &a)?;
             let key = (a.id(), info.has_bias);
             let a = match prepared.iter().find(|(id, b, _)| (*id, *b) == key) {
                 Some((_, _, t)) => t.clone(),
@@ -178,4 +163,30 @@ impl Model {
             prediction_mask: batch.prediction_mask.clone(),
         })
     }
+}
+
+/// δ of a tracked layer after the backward that produced `grads`: from the custom op's
+/// slot or the gradient of the zero perturbation (zeros where the output reached no loss,
+/// shaped like the output; `a` gives the dtype and device).
+pub(crate) fn take_delta(
+    source: DeltaSource,
+    grads: &candle_core::backprop::GradStore,
+    a: &Tensor,
+) -> Result<Tensor> {
+    Ok(match source {
+        DeltaSource::Slot(slot, shape) => {
+            let got = slot
+                .lock()
+                .map_err(|_| Error::Model("capture: δ slot lock poisoned".into()))?
+                .take();
+            match got {
+                Some(g) => g,
+                None => Tensor::zeros(shape, a.dtype(), a.device())?,
+            }
+        }
+        DeltaSource::Perturbation(eps) => match grads.get(eps.as_tensor()) {
+            Some(g) => g.clone(),
+            None => eps.as_tensor().zeros_like()?,
+        },
+    })
 }

@@ -18,6 +18,8 @@ use super::kv_cache::KvCache;
 use super::linear::{ParamLoader, Recorder, TrackedLinear};
 use super::ops;
 
+mod tangent;
+
 #[derive(Debug, Clone)]
 struct Norm {
     w: Var,

@@ -24,6 +24,8 @@ use super::kv_cache::KvCache;
 use super::linear::{ParamLoader, Recorder, TrackedLinear};
 use super::ops;
 
+mod tangent;
+
 /// Layers that read the same input: separate, or one layer whose output rows are theirs
 /// stacked (Phi-3's `qkv_proj` [q; k; v] and `gate_up_proj` [gate; up]).
 #[derive(Debug, Clone)]

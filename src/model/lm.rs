@@ -1,6 +1,6 @@
 //! Owns `Model` and `LoadOptions`: loading a causal language model of any supported family.
 //! Layer: model — may import the ground, linalg, backend and, in this folder, batch.rs, config.rs,
-//! fused.rs, gpt2.rs, kv_cache.rs, linear.rs, llama.rs, loss.rs, tracking.rs, weights.rs.
+//! dual.rs, fused.rs, gpt2.rs, kv_cache.rs, linear.rs, llama.rs, loss.rs, tracking.rs, weights.rs.
 //!
 //! [`Model`]: a loaded causal language model of any supported family, with its trainable
 //! parameters and tracked linear layers.
@@ -177,8 +177,22 @@ impl Model {
         }
     }
 
+    /// ids [K·B, T] → the final normalised hidden states and their tangents along `dirs`
+    /// (K copies of B documents; [`super::dual`]).
+    pub(super) fn hidden_tangent(
+        &self,
+        ids: &Tensor,
+        dirs: super::dual::Directions,
+    ) -> Result<super::dual::Dual> {
+        self.check_ids(ids)?;
+        match &self.net {
+            Net::Llama(m) => m.hidden_tangent(ids, dirs),
+            Net::Gpt2(m) => m.hidden_tangent(ids, dirs),
+        }
+    }
+
     /// The output head (lm_head; tied to the embeddings when the checkpoint ties them).
-    fn head(&self) -> &TrackedLinear {
+    pub(super) fn head(&self) -> &TrackedLinear {
         match &self.net {
             Net::Llama(m) => m.head(),
             Net::Gpt2(m) => m.head(),

@@ -15,14 +15,18 @@
 //!   [`head_loss`]: the output head fused with the data-label loss for a capture.
 //! * [`gguf`]: Llama-family weights from a local GGUF file (llama.cpp's format), converted
 //!   to a Hugging Face checkpoint directory.
+//! * [`dual`] and `ggn`: forward-mode tangents J v and exact Gauss–Newton products
+//!   [`Model::gauss_newton`] (G v = Jᵀ H J v).
 //! * [`generate`]: greedy / seeded sampling with a KV cache and stop tokens.
 
 pub mod batch;
 pub mod capture;
 pub mod config;
 pub mod custom_ops;
+pub mod dual;
 pub mod fused;
 pub mod generate;
+mod ggn;
 pub mod gguf;
 mod gpt2;
 pub mod head_loss;

@@ -42,6 +42,7 @@ mod model_capture;
 mod model_families_reference;
 mod model_finite_diff;
 mod model_generate;
+mod model_ggn;
 mod model_gpt2_reference;
 mod model_llama_reference;
 mod model_loading;

@@ -10,58 +10,6 @@ use candle_core::{Device, IndexOp, Tensor};
 use fixtures::*;
 use source_tda::model::{Labels, LoadOptions, Model, TokenBatch, Tracking};
 
-/// The families and variants every check runs on: (label, config.json, tensors).
-fn variants() -> Vec<(
-    &'static str,
-    serde_json::Value,
-    std::collections::HashMap<String, Tensor>,
-)> {
-    let llama = LlamaCfg::default();
-    let tied = LlamaCfg {
-        tied: true,
-        ..LlamaCfg::default()
-    };
-    let qwen2 = LlamaCfg {
-        model_type: "qwen2",
-        mlp_bias: true,
-        ..LlamaCfg::default()
-    };
-    let biased = LlamaCfg {
-        attention_bias: true,
-        kv_heads: 4,
-        ..LlamaCfg::default()
-    };
-    let qwen3 = LlamaCfg {
-        model_type: "qwen3",
-        head_dim: Some(16),
-        ..LlamaCfg::default()
-    };
-    let phi3 = LlamaCfg {
-        model_type: "phi3",
-        ..LlamaCfg::default()
-    };
-    let gemma2 = LlamaCfg {
-        model_type: "gemma2",
-        tied: true,
-        ..LlamaCfg::default()
-    };
-    let gpt2 = Gpt2Cfg::default();
-    vec![
-        ("qwen3", qwen3.config_json(), qwen3.tensors(26)),
-        ("gemma2", gemma2.config_json(), gemma2.tensors(28)),
-        ("phi3", phi3.config_json(), phi3.tensors(27)),
-        ("llama", llama.config_json(), llama.tensors(21)),
-        ("llama-tied", tied.config_json(), tied.tensors(22)),
-        ("qwen2+mlp_bias", qwen2.config_json(), qwen2.tensors(23)),
-        (
-            "llama+attention_bias",
-            biased.config_json(),
-            biased.tensors(24),
-        ),
-        ("gpt2", gpt2.config_json(), gpt2.tensors(25)),
-    ]
-}
-
 fn load(dir: &Path, tracking: Tracking) -> Model {
     let opts = LoadOptions {
         tracking,
@@ -85,7 +33,7 @@ fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
 
 #[test]
 fn assembled_gradients_equal_autograd_per_document() {
-    for (label, config, tensors) in variants() {
+    for (label, config, tensors) in family_variants() {
         let dir = tempfile::tempdir().unwrap();
         write_checkpoint(dir.path(), &config, &tensors);
         let model = load(dir.path(), Tracking::BlockLinears);
@@ -139,7 +87,7 @@ fn assembled_gradients_equal_autograd_per_document() {
 
 #[test]
 fn every_trainable_weight_receives_a_gradient() {
-    for (label, config, tensors) in variants() {
+    for (label, config, tensors) in family_variants() {
         let dir = tempfile::tempdir().unwrap();
         write_checkpoint(dir.path(), &config, &tensors);
         let model = load(dir.path(), Tracking::None);
@@ -178,7 +126,7 @@ fn rows(cap: &source_tda::model::Capture, b: usize, n: usize) -> Vec<(Tensor, Te
 
 #[test]
 fn capture_is_invariant_to_batch_mates_and_padding() {
-    for (label, config, tensors) in variants() {
+    for (label, config, tensors) in family_variants() {
         let dir = tempfile::tempdir().unwrap();
         write_checkpoint(dir.path(), &config, &tensors);
         let model = load(dir.path(), Tracking::BlockLinears);

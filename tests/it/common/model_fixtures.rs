@@ -343,3 +343,55 @@ pub fn doc_refs(docs: &[(Vec<u32>, Vec<u8>)]) -> Vec<(&[u32], &[u8])> {
         .map(|(i, m)| (i.as_slice(), m.as_slice()))
         .collect()
 }
+
+/// The families and variants every check runs on: (label, config.json, tensors).
+pub fn family_variants() -> Vec<(
+    &'static str,
+    serde_json::Value,
+    std::collections::HashMap<String, Tensor>,
+)> {
+    let llama = LlamaCfg::default();
+    let tied = LlamaCfg {
+        tied: true,
+        ..LlamaCfg::default()
+    };
+    let qwen2 = LlamaCfg {
+        model_type: "qwen2",
+        mlp_bias: true,
+        ..LlamaCfg::default()
+    };
+    let biased = LlamaCfg {
+        attention_bias: true,
+        kv_heads: 4,
+        ..LlamaCfg::default()
+    };
+    let qwen3 = LlamaCfg {
+        model_type: "qwen3",
+        head_dim: Some(16),
+        ..LlamaCfg::default()
+    };
+    let phi3 = LlamaCfg {
+        model_type: "phi3",
+        ..LlamaCfg::default()
+    };
+    let gemma2 = LlamaCfg {
+        model_type: "gemma2",
+        tied: true,
+        ..LlamaCfg::default()
+    };
+    let gpt2 = Gpt2Cfg::default();
+    vec![
+        ("qwen3", qwen3.config_json(), qwen3.tensors(26)),
+        ("gemma2", gemma2.config_json(), gemma2.tensors(28)),
+        ("phi3", phi3.config_json(), phi3.tensors(27)),
+        ("llama", llama.config_json(), llama.tensors(21)),
+        ("llama-tied", tied.config_json(), tied.tensors(22)),
+        ("qwen2+mlp_bias", qwen2.config_json(), qwen2.tensors(23)),
+        (
+            "llama+attention_bias",
+            biased.config_json(),
+            biased.tensors(24),
+        ),
+        ("gpt2", gpt2.config_json(), gpt2.tensors(25)),
+    ]
+}
