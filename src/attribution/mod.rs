@@ -1,5 +1,6 @@
 //! Attribution math (docs/design.md §2): the segment functions F_S and F_r applied through a
-//! segment's curvature, the influence function's damped inverse, Source's Adam form, and the
+//! segment's curvature, the influence function's damped inverse (and its refinement with
+//! exact Gauss–Newton products, §9), Source's Adam form, and the
 //! query and scoring passes that turn them into scores.
 //! Layer: attribution — may import every layer below it (ground … passes, curvature).
 
@@ -9,12 +10,14 @@ pub mod curvature;
 pub mod dense;
 pub mod method;
 pub mod plan;
+pub mod refine;
 pub mod score;
 pub mod source;
 
 pub use adam::{adam_p_eff, AdamCurvature};
 pub use curvature::{precondition_inverse, Curvature, Damping, OnBackend};
 pub use dense::DenseCurvature;
+pub use refine::{layer_dampings, refine_inverse, GaussNewtonSample};
 pub use score::{
     query_gradients, score_pass, score_pass_on, score_pass_queries, QueryGradients, TrainScores,
 };

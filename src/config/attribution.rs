@@ -13,6 +13,7 @@
 //! # factor_cache = "cache"  # reuse fitted factors across runs (default: none)
 //! # eigendecomposition = "f32"  # factor eigendecompositions in f32 (default: f64)
 //! # adam_response = "full"  # AdamW segments: full (P_eff, needs m̂) | fixed_v (P)
+//! # refine = { method = "cg", iterations = 20, documents = 1024, tolerance = 1e-2 }
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -145,6 +146,60 @@ pub struct AttributionConfig {
     /// resume instead of keeping scores of the other form.
     #[serde(default)]
     pub adam_response: AdamResponse,
+    /// Refine the influence function's damped inverse (H̄ + λ)⁻¹ v by conjugate gradients
+    /// with exact Gauss–Newton products, EK-FAC as the preconditioner (docs/design.md §9).
+    /// Default: none (the EK-FAC answer). Left out of resolved configs when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine: Option<RefineConfig>,
+}
+
+/// The iteration that refines a preconditioned query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RefineMethod {
+    /// Conjugate gradients on (G + λ) x = v preconditioned by (H̄ + λ)⁻¹, from x₀ = (H̄ + λ)⁻¹ v.
+    #[default]
+    Cg,
+}
+
+/// `[attribution.refine]` (or `refine = { … }` inline).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefineConfig {
+    /// `cg`. Default `cg`.
+    #[serde(default)]
+    pub method: RefineMethod,
+    /// At most this many Gauss–Newton products per query (0: the EK-FAC answer). Default 20.
+    #[serde(default = "default_refine_iterations")]
+    pub iterations: usize,
+    /// Fine-tuning documents in G's sample, drawn with `run.seed` (all when fewer). Default
+    /// 1024.
+    #[serde(default = "default_refine_documents")]
+    pub documents: usize,
+    /// Stop a query once ‖v − (G + λ) x‖ / ‖v‖ is at most this. Default 1e-2.
+    #[serde(default = "default_refine_tolerance")]
+    pub tolerance: f64,
+}
+
+fn default_refine_iterations() -> usize {
+    20
+}
+fn default_refine_documents() -> usize {
+    1024
+}
+fn default_refine_tolerance() -> f64 {
+    1e-2
+}
+
+impl Default for RefineConfig {
+    fn default() -> Self {
+        RefineConfig {
+            method: RefineMethod::default(),
+            iterations: default_refine_iterations(),
+            documents: default_refine_documents(),
+            tolerance: default_refine_tolerance(),
+        }
+    }
 }
 
 fn default_damping_factor() -> f64 {
@@ -169,6 +224,7 @@ impl Default for AttributionConfig {
             factor_cache: None,
             eigendecomposition: EigenPrecision::F64,
             adam_response: AdamResponse::default(),
+            refine: None,
         }
     }
 }
@@ -215,6 +271,20 @@ impl AttributionConfig {
                 k("query_rank"),
                 "is 0; allowed: 1 or more (remove it for the exact query)".into(),
             ));
+        }
+        if let Some(r) = &self.refine {
+            if r.documents == 0 {
+                return Err((
+                    k("refine.documents"),
+                    "is 0; allowed: 1 or more (the size of Gauss–Newton's document sample)".into(),
+                ));
+            }
+            if !(r.tolerance.is_finite() && r.tolerance >= 0.0) {
+                return Err((
+                    k("refine.tolerance"),
+                    format!("{} is invalid; allowed: a number ≥ 0", r.tolerance),
+                ));
+            }
         }
         if let Some(m) = self.memory_limit_gib {
             if !(m.is_finite() && m > 0.0) {

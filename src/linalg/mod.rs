@@ -1,10 +1,12 @@
 //! The linear algebra of EK-FAC: symmetric eigendecompositions, block-diagonal factors, the
 //! covariance and Λ sums, a layer's eigenbasis and fitted factors, the spectral functions
-//! F(σ), the one eigenbasis primitive, query forms and the token contraction.
+//! F(σ), the one eigenbasis primitive, query forms, the token contraction and preconditioned
+//! conjugate gradients.
 //! Layer: linalg — may import only the ground floor (error, util, config, output).
 
 pub mod basis;
 pub mod blocks;
+pub mod cg;
 pub mod contract;
 pub mod covariance;
 pub mod eigen;
@@ -21,6 +23,7 @@ pub use basis::{
     spectral_weights, EigenBasis,
 };
 pub use blocks::{BlockDiag, BlockLayout};
+pub use cg::{pcg, CgOptions, CgOutcome};
 pub use contract::{doc_scores, token_scores};
 pub use covariance::{masked_rows, CovarianceSums, Covariances, FactorSum};
 pub use eigen::{eigh, eigh_f64, eigh_f64_with, eigh_with, Eigen};

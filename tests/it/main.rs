@@ -50,6 +50,7 @@ mod prepare;
 mod pretrain_from_model;
 mod real_smollm2;
 mod reference_kronfluence;
+mod refine;
 mod report;
 mod resume;
 mod source_exact;
