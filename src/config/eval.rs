@@ -5,7 +5,8 @@
 //!
 //! ```toml
 //! [eval]
-//! methods = ["source", "influence", "gradient_dot"]   # compared side by side
+//! methods = ["source", "influence", "gradient_dot"]   # compared side by side; also
+//!                                # "influence+refined" (the inverse refined, §9)
 //! k = [1, 5, 10]                 # recall@k
 //! known_sources_column = "known_sources"   # query column listing each query's source documents
 //! subsets = 64                   # M: random fine-tuning subsets retrained for the LDS
@@ -19,13 +20,85 @@ use serde::{Deserialize, Serialize};
 
 use super::attribution::MethodKind;
 
+/// A method the evaluations compare: an attribution method, and for the influence function
+/// whether its inverse is refined with exact Gauss–Newton products (`"influence+refined"`,
+/// with the run's `[attribution] refine` settings or their defaults). Written as its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvalMethod {
+    /// The attribution method.
+    pub kind: MethodKind,
+    /// Refined inverse (influence only).
+    pub refined: bool,
+}
+
+/// The names `[eval] methods` accepts, for error messages.
+const METHODS_ALLOWED: &str = "\"source\", \"influence\", \"influence+refined\", \"gradient_dot\"";
+
+impl EvalMethod {
+    /// The plain method.
+    pub fn plain(kind: MethodKind) -> EvalMethod {
+        EvalMethod {
+            kind,
+            refined: false,
+        }
+    }
+
+    /// The name as configs and evaluation tables spell it.
+    pub fn name(&self) -> String {
+        let base = match self.kind {
+            MethodKind::Source => "source",
+            MethodKind::Influence => "influence",
+            MethodKind::GradientDot => "gradient_dot",
+        };
+        if self.refined {
+            format!("{base}+refined")
+        } else {
+            base.to_string()
+        }
+    }
+
+    /// Parses a name ([`EvalMethod::name`]'s spelling).
+    pub fn parse(s: &str) -> Result<EvalMethod, String> {
+        let (base, refined) = match s.strip_suffix("+refined") {
+            Some(b) => (b, true),
+            None => (s, false),
+        };
+        let kind = match base {
+            "source" => MethodKind::Source,
+            "influence" => MethodKind::Influence,
+            "gradient_dot" => MethodKind::GradientDot,
+            _ => return Err(format!("`{s}` is not a method; allowed: {METHODS_ALLOWED}")),
+        };
+        if refined && kind != MethodKind::Influence {
+            return Err(format!(
+                "`{s}`: only the influence function's inverse is refined; allowed: \
+                 {METHODS_ALLOWED}"
+            ));
+        }
+        Ok(EvalMethod { kind, refined })
+    }
+}
+
+impl Serialize for EvalMethod {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for EvalMethod {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        EvalMethod::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// `[eval]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
     /// Methods compared side by side. Default: source, influence, gradient_dot.
     #[serde(default = "default_methods")]
-    pub methods: Vec<MethodKind>,
+    pub methods: Vec<EvalMethod>,
     /// The k of recall@k. Default [1, 5, 10].
     #[serde(default = "default_k")]
     pub k: Vec<usize>,
@@ -52,12 +125,14 @@ pub struct EvalConfig {
     pub subset_seed: Option<u64>,
 }
 
-fn default_methods() -> Vec<MethodKind> {
-    vec![
+fn default_methods() -> Vec<EvalMethod> {
+    [
         MethodKind::Source,
         MethodKind::Influence,
         MethodKind::GradientDot,
     ]
+    .map(EvalMethod::plain)
+    .to_vec()
 }
 fn default_k() -> Vec<usize> {
     vec![1, 5, 10]
@@ -100,18 +175,14 @@ impl EvalConfig {
         if self.methods.is_empty() {
             return Err((
                 k("methods"),
-                "is empty; allowed: one or more of \"source\", \"influence\", \"gradient_dot\""
-                    .into(),
+                format!("is empty; allowed: one or more of {METHODS_ALLOWED}"),
             ));
         }
         for (i, m) in self.methods.iter().enumerate() {
             if self.methods[..i].contains(m) {
                 return Err((
                     k("methods"),
-                    format!(
-                        "lists {:?} twice; name each method once",
-                        format!("{m:?}").to_lowercase()
-                    ),
+                    format!("lists \"{}\" twice; name each method once", m.name()),
                 ));
             }
         }

@@ -44,7 +44,7 @@ pub use data::{
 };
 pub use device::{DeviceKind, PrecisionKind};
 pub use diff::{diff_values, KeyChange};
-pub use eval::EvalConfig;
+pub use eval::{EvalConfig, EvalMethod};
 pub use load::{parse_toml, read_toml};
 pub use pipeline::{Pipeline, STAGE_ORDER};
 pub use query::QueryConfig;

@@ -325,7 +325,7 @@ impl Stage for EvalLdsStage {
         let mut methods = Vec::new();
         // Every later method is compared with the first on the same subsets (paired).
         // (name, LDS) of the first method, and its predicted losses.
-        let mut first: Option<(&str, Option<f64>)> = None;
+        let mut first: Option<(String, Option<f64>)> = None;
         let mut first_predicted: Vec<Vec<f64>> = Vec::new();
         for &method in &c.eval.methods {
             let name = method_name(method);
@@ -356,7 +356,7 @@ impl Stage for EvalLdsStage {
                     first = Some((name, res.lds));
                     first_predicted = predicted;
                 }
-                Some((base, base_lds)) => {
+                Some((ref base, base_lds)) => {
                     let ci = bootstrap_difference_ci95(
                         &predicted,
                         &first_predicted,

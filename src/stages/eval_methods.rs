@@ -18,7 +18,7 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::Float64Type;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use crate::config::{Config, MethodKind};
+use crate::config::{Config, EvalMethod, MethodKind};
 use crate::error::{Error, IoContext, Result};
 use crate::eval::method_name;
 use crate::pipeline::{run_stages, Registry, RunDir, RunOptions, StageContext, StageStatus};
@@ -30,7 +30,7 @@ const SHARED: [&str; 3] = ["fetch", "prepare", "finetune"];
 #[derive(Debug, Clone)]
 pub struct MethodScores {
     /// The method.
-    pub method: MethodKind,
+    pub method: EvalMethod,
     /// Where its scores were read.
     pub scores_path: PathBuf,
     /// `τ[q][m]`, rows in `query_ids` order, columns in `train_ids` order.
@@ -43,16 +43,23 @@ pub fn scored_run(
     registry: &Registry,
     config: &Config,
     run: &RunDir,
-    method: MethodKind,
+    method: EvalMethod,
 ) -> Result<RunDir> {
-    if method == config.attribution.method {
+    let own_refined = config.attribution.refine.is_some();
+    if method.kind == config.attribution.method
+        && (method.refined == own_refined || method.kind != MethodKind::Influence)
+    {
         return RunDir::at(run.path());
     }
     let sub = RunDir::at(&run.path().join("eval-methods").join(method_name(method)))?;
     let parent = run.manifest()?;
     let config_file = PathBuf::from(&parent.config_path);
     let mut c = config.clone();
-    c.attribution.method = method;
+    c.attribution.method = method.kind;
+    c.attribution.refine = match method.refined {
+        true => Some(config.attribution.refine.unwrap_or_default()),
+        false => None,
+    };
     std::fs::create_dir_all(sub.path()).ctx("creating", sub.path())?;
     {
         let _lock = sub.lock()?;
@@ -117,7 +124,7 @@ fn link_stage(link: &Path, stage: &str) -> Result<()> {
 /// missing from the scores is an error naming the file.
 pub fn method_scores(
     ctx: &StageContext,
-    method: MethodKind,
+    method: EvalMethod,
     role: &str,
     query_ids: &[String],
     train_ids: &[String],

@@ -1,7 +1,7 @@
 //! Owns the registry of every stage (`registry()`); each file is one stage's I/O and glue.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); the
 //! files here import only `fetch`, `attribute`, `eval_methods`, `finetune`, `pretrain_record`,
-//! `query_generate`, `score` and `score_acting` among themselves, never `mod.rs`.
+//! `query_generate`, `score`, `score_acting` and `score_refine` among themselves, never `mod.rs`.
 //!
 //! The stages the runner knows ([`Registry::new`] arranges them in the pipeline's order). Each
 //! file is one stage: it glues the library modules to the [`Stage`](crate::pipeline::Stage)
@@ -21,6 +21,7 @@ pub mod query_generate;
 mod report;
 mod score;
 mod score_acting;
+mod score_refine;
 
 pub use eval_lds::{run_shard, EvalLdsStage, ShardOutcome};
 pub use eval_methods::{method_scores, scored_run, MethodScores};

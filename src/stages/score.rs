@@ -1,6 +1,6 @@
 //! Owns the `score` stage: preconditioned queries, scoring passes, and the score tables.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
-//! `attribute`, `fetch`, `score_acting`.
+//! `attribute`, `fetch`, `score_acting`, `score_refine`.
 //!
 //! `score`: the backwards walk over segments and the training passes that score every
 //! document of every segment's data against every query, per document and per token, in
@@ -39,6 +39,7 @@ use super::attribute::{
 };
 use super::fetch::Fetched;
 use super::score_acting::{query_energy_shares, write_acting};
+use super::score_refine::refined_influence;
 
 /// How τ's sign reads; stored in every output file.
 pub const SIGN_CONVENTION: &str = "tau = score / n_train approximates f(trained without m) - \
@@ -98,8 +99,29 @@ pub fn table_metadata(ctx: &StageContext, table: &str) -> Result<Vec<(String, St
             format!("{:?}", p.method).to_lowercase(),
         ),
         ("source_tda.segments".into(), json!(segments).to_string()),
+        (
+            "source_tda.preconditioning".into(),
+            preconditioning(ctx, p.method, table).to_string(),
+        ),
         ("source_tda.sign_convention".into(), SIGN_CONVENTION.into()),
     ])
+}
+
+/// How the queries were preconditioned, for the tables' metadata: `none` (gradient dot
+/// product), `ekfac`, or the refinement's method, iterations, document sample and largest
+/// final relative residual (`refine.json`, written before the score tables).
+fn preconditioning(ctx: &StageContext, method: MethodKind, table: &str) -> serde_json::Value {
+    let refined: Option<serde_json::Value> = (table != "queries")
+        .then(|| std::fs::read_to_string(ctx.out("refine.json")).ok())
+        .flatten()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    match (method, refined) {
+        (MethodKind::GradientDot, _) => json!({"method": "none"}),
+        (_, Some(r)) => json!({"method": "ekfac+cg", "iterations": r["iterations"],
+            "tolerance": r["tolerance"], "documents": r["documents"],
+            "final_residual_max": r["final_residual_max"]}),
+        _ => json!({"method": "ekfac"}),
+    }
 }
 
 /// Query gradients written by the `query` stage, per layer in `layers` order.
@@ -245,7 +267,10 @@ fn precondition_queries(ctx: &StageContext, p: &AttributionPlan) -> Result<Queri
     let acting = query_energy_shares(ctx, p, &files, &v, &layers, &groups)?;
     let backend = open_backend(ctx.config)?;
     let a = &ctx.config.attribution;
-    let u = preconditioned(a, backend.as_ref(), p, &files, &v, &layers, &groups)?;
+    let u = match refined_influence(ctx, p, &files, &v, &layers, backend.as_ref())? {
+        Some(u) => vec![u],
+        None => preconditioned(a, backend.as_ref(), p, &files, &v, &layers, &groups)?,
+    };
     drop(files);
     let (u, kept_energy) = query_forms(u, a.query_rank)?;
     if let (Some(r), Some(e)) = (a.query_rank, kept_energy) {

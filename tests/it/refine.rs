@@ -175,3 +175,172 @@ fn refined_inverse_starts_at_ekfac_and_reaches_the_tolerance() {
         "the seed picks no other sample"
     );
 }
+
+mod pipeline {
+    //! Through the CLI on the demo model: zero iterations score exactly as EK-FAC, iterations
+    //! write their residuals and the tables say how the queries were preconditioned, and
+    //! `eval recall` compares `influence` with `influence+refined` side by side.
+
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::Float64Type;
+
+    use crate::common::{self, batches, cli, stderr, write};
+
+    fn config(dir: &Path, attribution_extra: &str) {
+        let model = common::demo_tokenizer().parent().unwrap().to_path_buf();
+        write(
+            &dir.join("c.toml"),
+            format!(
+                "[model]\nid = \"{}\"\n\
+                 [data.train]\nid = \"./train.jsonl\"\nid_column = \"id\"\nmax_length = 64\n\
+                 [data.query]\nid = \"./queries.jsonl\"\nid_column = \"id\"\nshape = \"prompt_completion\"\nmax_length = 64\n\
+                 [train]\noptimizer = \"sgd\"\nlr = 0.05\nbatch_size = 8\nepochs = 2\ncheckpoints_per_segment = 1\n\
+                 [attribution]\nmethod = \"influence\"\nfisher = \"empirical\"\ntop_k = 2\n{attribution_extra}\n\
+                 [eval]\nmethods = [\"influence\", \"influence+refined\"]\nk = [1]\n",
+                model.display()
+            ),
+        );
+    }
+
+    fn scores(run: &Path) -> BTreeMap<(String, String), f64> {
+        let mut out = BTreeMap::new();
+        for b in batches(&run.join("score/scores.parquet")) {
+            let q = b.column_by_name("query_id").unwrap().as_string::<i32>();
+            let d = b.column_by_name("train_id").unwrap().as_string::<i32>();
+            let s = b
+                .column_by_name("score")
+                .unwrap()
+                .as_primitive::<Float64Type>();
+            for i in 0..b.num_rows() {
+                out.insert((q.value(i).to_string(), d.value(i).to_string()), s.value(i));
+            }
+        }
+        out
+    }
+
+    fn metadata(path: &Path, key: &str) -> String {
+        let f = std::fs::File::open(path).unwrap();
+        let r = parquet::file::reader::SerializedFileReader::new(f).unwrap();
+        use parquet::file::reader::FileReader;
+        r.metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .unwrap()
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.clone())
+            .unwrap_or_else(|| panic!("{key} missing"))
+    }
+
+    fn run(dir: &Path) -> String {
+        let o = cli(dir, &["run", "p.toml", "--allow-config-change"], &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+    }
+
+    #[test]
+    fn refinement_starts_at_ekfac_records_residuals_and_is_compared_in_eval() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut docs = String::new();
+        for i in 0..15 {
+            docs += &format!(
+                "{{\"id\": \"d{i:02}\", \"text\": \"The city of Pokas{i} lies on the river Braen. Its markets sell blue glass.\"}}\n"
+            );
+        }
+        docs += "{\"id\": \"twin\", \"text\": \"The river Navo flows into Lake Tarsk.\"}\n";
+        write(&dir.path().join("train.jsonl"), docs);
+        write(
+            &dir.path().join("queries.jsonl"),
+            "{\"id\": \"q0\", \"prompt\": \"The river Navo flows into\", \"completion\": \" Lake Tarsk.\", \"known_sources\": [\"twin\"]}\n\
+             {\"id\": \"q1\", \"prompt\": \"Boats from Pokas3 carry\", \"completion\": \" blue glass.\", \"known_sources\": [\"d03\"]}\n",
+        );
+        write(
+            &dir.path().join("p.toml"),
+            "config = \"c.toml\"\nstages = [\"fetch\", \"prepare\", \"finetune\", \"fit\", \"query\", \"score\"]\nrun_dir = \"run\"\n",
+        );
+        let runp = dir.path().join("run");
+        config(dir.path(), "");
+        run(dir.path());
+        let ekfac = scores(&runp);
+        let table = runp.join("score/scores.parquet");
+        assert!(metadata(&table, "source_tda.preconditioning").contains("\"ekfac\""));
+
+        // Zero iterations: the EK-FAC answer, bit for bit; only `score` reran.
+        config(dir.path(), "refine = { iterations = 0 }");
+        let log = run(dir.path());
+        assert!(
+            log.contains("fit: up to date") || log.contains("fit"),
+            "{log}"
+        );
+        assert_eq!(scores(&runp), ekfac);
+
+        // Four iterations: residuals written per query, scores moved, the twin still first.
+        config(dir.path(), "refine = { iterations = 4, tolerance = 0.0 }");
+        run(dir.path());
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(runp.join("score/refine.json")).unwrap())
+                .unwrap();
+        let res = r["residuals"].as_array().unwrap();
+        assert_eq!(res.len(), 2);
+        for q in res {
+            let q: Vec<f64> = q
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            assert_eq!(q.len(), 5, "{q:?}");
+            assert!(q[4] < q[0], "the residual did not fall: {q:?}");
+        }
+        assert_eq!(r["documents"], 16);
+        let refined = scores(&runp);
+        assert_ne!(refined, ekfac);
+        let top = refined
+            .iter()
+            .filter(|((q, _), _)| q == "q0")
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap();
+        assert_eq!(top.0 .1, "twin");
+        let meta = metadata(&table, "source_tda.preconditioning");
+        assert!(
+            meta.contains("ekfac+cg") && meta.contains("final_residual_max"),
+            "{meta}"
+        );
+
+        // `eval recall` compares the two forms; the refined one is this run's own score.
+        let o = cli(
+            dir.path(),
+            &["eval", "recall", "--config", "c.toml", "--run-dir", "run"],
+            &[],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("influence+refined"), "{out}");
+        assert!(runp
+            .join("eval-methods/influence/score/scores.parquet")
+            .is_file());
+        assert!(!runp.join("eval-methods/influence+refined").exists());
+
+        // A refined Source is refused with the names that exist.
+        config(dir.path(), "");
+        let c = std::fs::read_to_string(dir.path().join("c.toml")).unwrap();
+        write(
+            &dir.path().join("c.toml"),
+            c.replace("\"influence+refined\"", "\"source+refined\""),
+        );
+        let o = cli(
+            dir.path(),
+            &["eval", "recall", "--config", "c.toml", "--run-dir", "run"],
+            &[],
+        );
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains("only the influence function"),
+            "{}",
+            stderr(&o)
+        );
+    }
+}
