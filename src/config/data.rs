@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::source::{default_revision, SourceKind};
+use super::split::SplitSpec;
 use crate::error::{Error, Result};
 
 /// The chat template preset for ChatML models (SmolLM2-Instruct, Qwen2).
@@ -108,11 +109,25 @@ impl DataConfig {
                     "is empty; allowed: a branch, tag or commit hash".into(),
                 ));
             }
-            if ds.split.trim().is_empty() {
-                return Err(err(
-                    &key("split"),
-                    "is empty; allowed: a split name such as `train`".into(),
-                ));
+            if let Err(e) = ds.split_spec() {
+                return Err(err(&key("split"), e));
+            }
+            if let Some(c) = &ds.config {
+                if c.trim().is_empty() || c.starts_with('/') || c.split('/').any(|p| p == "..") {
+                    return Err(err(
+                        &key("config"),
+                        format!(
+                            "`{c}` is not a config name; allowed: a name from the dataset card's \
+                             `configs:` or a folder of the repo (remove the key for the default)"
+                        ),
+                    ));
+                }
+                if ds.files.is_some() {
+                    return Err(err(
+                        &key("config"),
+                        "and `files` both choose the data files; keep one".into(),
+                    ));
+                }
             }
             if let Some(files) = &ds.files {
                 if files.is_empty() {
@@ -165,9 +180,31 @@ impl DataConfig {
                     ("completion_column", &ds.completion_column),
                 ];
             }
+            if ds.shape == DocShape::Messages {
+                columns = vec![("messages_column", &ds.messages_column)];
+            }
             for (k, v) in &columns {
                 if v.trim().is_empty() {
                     return Err(err(&key(k), "is empty; allowed: a column name".into()));
+                }
+            }
+            if ds.shape == DocShape::Messages {
+                if role == "query" {
+                    return Err(err(
+                        &key("shape"),
+                        "`messages` is for documents that are trained on; queries are \
+                         `prompt` or `prompt_completion`"
+                            .into(),
+                    ));
+                }
+                if ds.chat_template.is_some() {
+                    return Err(err(
+                        &key("chat_template"),
+                        "does not apply to shape `messages`: conversations are rendered with the \
+                         model's own chat template (tokenizer_config.json or \
+                         chat_template.jinja); remove chat_template"
+                            .into(),
+                    ));
                 }
             }
             if ds.shape == DocShape::PromptCompletion && ds.prompt_column == ds.completion_column {
@@ -230,6 +267,9 @@ pub enum DocShape {
     /// A prompt only (queries): the `query` stage generates the completion with the final
     /// fine-tuned model (`[query]`) and measures it.
     Prompt,
+    /// A conversation: a list of `{role, content}` messages rendered with the model's chat
+    /// template; the loss counts the assistant turns only.
+    Messages,
 }
 
 /// `[data.NAME]`: one data set.
@@ -245,8 +285,14 @@ pub struct DatasetConfig {
     /// `auto`, `hub` or `local`. Default `auto`.
     #[serde(default)]
     pub source: SourceKind,
-    /// Which split to read: files whose path has a folder named SPLIT, or whose name starts
-    /// with SPLIT followed by `-`, `_` or `.`. Default `train`.
+    /// The dataset's config (subset): a name from the dataset card's `configs:`, or a folder
+    /// of the repo. Default: the card's default config, or the whole repo.
+    #[serde(default)]
+    pub config: Option<String>,
+    /// Which split to read, as the `datasets` library finds it (shard names
+    /// `data/SPLIT-0000N-of-0000M.*`, folders and file names with the split's keywords, the
+    /// card's `data_files`), optionally sliced: `train[:2000]`, `train[10%:]`. Default
+    /// `train`.
     #[serde(default = "default_split")]
     pub split: String,
     /// Explicit files (relative to the repo or folder); overrides `split`.
@@ -267,6 +313,10 @@ pub struct DatasetConfig {
     /// Column with the completion (shape `prompt_completion`). Default `completion`.
     #[serde(default = "default_completion_column")]
     pub completion_column: String,
+    /// Column with the conversation (shape `messages`): a list of `{role, content}`.
+    /// Default `messages`.
+    #[serde(default = "default_messages_column")]
+    pub messages_column: String,
     /// Column with a document id; default: none, ids are `SPLIT-ROW`.
     #[serde(default)]
     pub id_column: Option<String>,
@@ -297,6 +347,9 @@ fn default_prompt_column() -> String {
 fn default_completion_column() -> String {
     "completion".to_string()
 }
+fn default_messages_column() -> String {
+    "messages".to_string()
+}
 fn default_true() -> bool {
     true
 }
@@ -305,6 +358,11 @@ fn default_max_length() -> usize {
 }
 
 impl DatasetConfig {
+    /// The split name and its slice (`train[:2000]`); the error shows the accepted forms.
+    pub fn split_spec(&self) -> std::result::Result<SplitSpec, String> {
+        SplitSpec::parse(&self.split)
+    }
+
     /// The prompt template, if any, with presets expanded (contains `{prompt}`).
     pub fn template(&self) -> Option<&str> {
         match self.chat_template.as_deref() {

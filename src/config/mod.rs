@@ -28,6 +28,7 @@ mod load;
 mod pipeline;
 mod query;
 mod source;
+mod split;
 mod stages;
 mod train;
 
@@ -49,6 +50,7 @@ pub use load::{parse_toml, read_toml};
 pub use pipeline::{Pipeline, STAGE_ORDER};
 pub use query::QueryConfig;
 pub use source::SourceKind;
+pub use split::{SliceUnit, SplitSlice, SplitSpec, SPLIT_FORMS};
 pub use stages::TrainStage;
 pub use train::{
     LossNormalization, MassSpec, OptimizerKind, PretrainConfig, ScheduleKind, StageConfig,

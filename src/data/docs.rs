@@ -11,7 +11,7 @@ use std::path::Path;
 use crate::config::{DatasetConfig, DocShape};
 use crate::error::{Error, Result};
 
-use super::read::read_rows;
+use super::read::read_rows_json;
 
 /// A document's content.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +25,9 @@ pub enum Content {
         /// The completion.
         completion: String,
     },
+    /// A conversation (`{role, content, …}` objects) for the model's chat template; the
+    /// loss counts the assistant turns only.
+    Messages(Vec<serde_json::Value>),
 }
 
 /// One document before tokenisation.
@@ -38,28 +41,95 @@ pub struct RawDoc {
     pub content: Content,
 }
 
-/// Reads every document of a data set from its resolved files (in order), applying
+/// A `messages` cell: a JSON list of objects with a string `role`, and at least one
+/// assistant message with a non-empty string `content`.
+fn parse_messages(location: &str, col: &str, text: &str) -> Result<Vec<serde_json::Value>> {
+    let bad = |why: String| {
+        Error::Data(format!(
+            "{location}: column `{col}` {why}; a conversation is a list of {{\"role\": …, \
+             \"content\": …}} with at least one assistant message"
+        ))
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| bad(format!("is not JSON ({e})")))?;
+    let list = v
+        .as_array()
+        .ok_or_else(|| bad("is not a list".to_string()))?;
+    let mut assistant = false;
+    for (i, m) in list.iter().enumerate() {
+        let role = m
+            .get("role")
+            .and_then(|r| r.as_str())
+            .ok_or_else(|| bad(format!("message {i} has no string `role`")))?;
+        let content = m.get("content");
+        if role == "assistant" {
+            match content.and_then(|c| c.as_str()) {
+                Some(c) if !c.trim().is_empty() => assistant = true,
+                Some(_) => return Err(bad(format!("message {i} (assistant) is empty"))),
+                None => {
+                    return Err(bad(format!(
+                        "message {i} (assistant) has no string `content`"
+                    )))
+                }
+            }
+        }
+    }
+    if !assistant {
+        return Err(bad(
+            "has no assistant message, so nothing to train on".into()
+        ));
+    }
+    Ok(list.clone())
+}
+
+/// Reads the documents of a data set from its resolved files (in order): the rows the
+/// split's slice keeps (`train[:2000]`, counted over all files), then at most
 /// `max_documents`.
 pub fn load_docs(files: &[&Path], ds: &DatasetConfig) -> Result<Vec<RawDoc>> {
+    let spec = ds
+        .split_spec()
+        .map_err(|e| Error::Data(format!("data set `{}`: split {e}", ds.id)))?;
     let mut columns: Vec<&str> = match ds.shape {
         DocShape::Text => vec![ds.text_column.as_str()],
         DocShape::PromptCompletion => {
             vec![ds.prompt_column.as_str(), ds.completion_column.as_str()]
         }
         DocShape::Prompt => vec![ds.prompt_column.as_str()],
+        DocShape::Messages => vec![ds.messages_column.as_str()],
     };
+    let mut json = vec![ds.shape == DocShape::Messages];
     let mut required = vec![true; columns.len()];
     if let Some(id) = &ds.id_column {
         columns.push(id.as_str());
         required.push(true);
+        json.push(false);
     }
+    let json = &json[..columns.len()];
+    let mut rows = Vec::new();
+    for file in files {
+        // Without a slice, the first max_documents rows are all that is needed.
+        if spec.slice.is_none() && ds.max_documents.is_some_and(|m| rows.len() >= m) {
+            break;
+        }
+        rows.extend(read_rows_json(file, ds.format, &columns, &required, json)?);
+    }
+    let keep = match &spec.slice {
+        Some(slice) => slice
+            .rows(rows.len())
+            .map_err(|e| Error::Data(format!("data set `{}` split `{}`: {e}", ds.id, ds.split)))?,
+        None => 0..rows.len(),
+    };
     let mut docs = Vec::new();
     let mut seen = HashSet::new();
-    let mut row_index = 0usize;
-    'files: for file in files {
-        for row in read_rows(file, ds.format, &columns, &required)? {
+    for (row_index, row) in rows
+        .into_iter()
+        .enumerate()
+        .skip(keep.start)
+        .take(keep.len())
+    {
+        {
             if ds.max_documents.is_some_and(|m| docs.len() >= m) {
-                break 'files;
+                break;
             }
             let value = |k: usize| -> Result<String> {
                 match &row.values[k] {
@@ -72,9 +142,8 @@ pub fn load_docs(files: &[&Path], ds: &DatasetConfig) -> Result<Vec<RawDoc>> {
             };
             let id = match &ds.id_column {
                 Some(_) => value(columns.len() - 1)?,
-                None => format!("{}-{row_index}", ds.split),
+                None => format!("{}-{row_index}", spec.name),
             };
-            row_index += 1;
             let content = match ds.shape {
                 DocShape::Text => {
                     let text = value(0)?;
@@ -97,6 +166,9 @@ pub fn load_docs(files: &[&Path], ds: &DatasetConfig) -> Result<Vec<RawDoc>> {
                         )));
                     }
                     Content::PromptCompletion { prompt, completion }
+                }
+                DocShape::Messages => {
+                    Content::Messages(parse_messages(&row.location, columns[0], &value(0)?)?)
                 }
                 DocShape::Prompt => {
                     let prompt = value(0)?;
@@ -130,7 +202,7 @@ pub fn load_docs(files: &[&Path], ds: &DatasetConfig) -> Result<Vec<RawDoc>> {
     }
     if docs.is_empty() {
         return Err(Error::Data(format!(
-            "data set `{}` (split `{}`) has no documents in {}",
+            "data set `{}` (split `{}`) has no documents in {} (a slice past the end keeps none)",
             ds.id,
             ds.split,
             files

@@ -6,12 +6,15 @@
 //! the stages that run the model.
 
 pub mod batch;
+pub mod cells;
+pub mod chat;
 pub mod docs;
 pub mod read;
 pub mod table;
 pub mod tokenize;
 
 pub use batch::{plan_batches, plan_stats, Batch, BatchOrder, BatchPlanStats};
+pub use chat::ChatTemplate;
 pub use docs::{load_docs, Content, RawDoc};
 pub use read::{format_of, DATA_EXTENSIONS};
 pub use table::{read_prepared, write_prepared};

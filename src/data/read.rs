@@ -1,5 +1,5 @@
 //! Owns `read_rows` and `format_of`: rows of named string columns from JSONL, CSV and Parquet.
-//! Layer: data — may import the ground, linalg, backend and model; no sibling.
+//! Layer: data — may import the ground, linalg, backend, model and, in this folder, cells.rs.
 //!
 //! Reading rows of named string columns from JSONL, CSV and Parquet files, with errors that
 //! name the file and the line (or row) that is wrong.
@@ -13,6 +13,8 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::config::DataFormat;
 use crate::error::{Error, IoContext, Result};
+
+use super::cells::json_value;
 
 /// File extensions read as data, by format.
 pub const DATA_EXTENSIONS: [(&str, DataFormat); 5] = [
@@ -55,6 +57,18 @@ pub fn read_rows(
     columns: &[&str],
     required: &[bool],
 ) -> Result<Vec<Row>> {
+    read_rows_json(path, format, columns, required, &vec![false; columns.len()])
+}
+
+/// [`read_rows`], with the columns where `json[i]` holds structured values (lists, objects:
+/// a `messages` conversation) read as their JSON text (a CSV cell is taken as JSON text).
+pub fn read_rows_json(
+    path: &Path,
+    format: DataFormat,
+    columns: &[&str],
+    required: &[bool],
+    json: &[bool],
+) -> Result<Vec<Row>> {
     let name = path.display().to_string();
     let format = format_of(&name, format).ok_or_else(|| {
         Error::Data(format!(
@@ -63,9 +77,9 @@ pub fn read_rows(
         ))
     })?;
     match format {
-        DataFormat::Jsonl => read_jsonl(path, columns, required),
+        DataFormat::Jsonl => read_jsonl(path, columns, required, json),
         DataFormat::Csv => read_csv(path, columns, required),
-        DataFormat::Parquet => read_parquet(path, columns, required),
+        DataFormat::Parquet => read_parquet(path, columns, required, json),
         DataFormat::Auto => unreachable!("format_of resolves auto"),
     }
 }
@@ -83,7 +97,7 @@ fn missing_column(path: &Path, col: &str, available: &[String], where_: &str) ->
     ))
 }
 
-fn read_jsonl(path: &Path, columns: &[&str], required: &[bool]) -> Result<Vec<Row>> {
+fn read_jsonl(path: &Path, columns: &[&str], required: &[bool], json: &[bool]) -> Result<Vec<Row>> {
     let bytes = std::fs::read(path).ctx("reading", path)?;
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     // A `.json` file holding one array of objects is accepted too.
@@ -105,7 +119,7 @@ fn read_jsonl(path: &Path, columns: &[&str], required: &[bool]) -> Result<Vec<Ro
         return items
             .iter()
             .enumerate()
-            .map(|(i, v)| json_row(path, &format!("item {i}"), v, columns, required))
+            .map(|(i, v)| json_row(path, &format!("item {i}"), v, columns, required, json))
             .collect();
     }
     let mut rows = Vec::new();
@@ -129,7 +143,14 @@ fn read_jsonl(path: &Path, columns: &[&str], required: &[bool]) -> Result<Vec<Ro
                 path.display()
             ))
         })?;
-        rows.push(json_row(path, &lineno.to_string(), &v, columns, required)?);
+        rows.push(json_row(
+            path,
+            &lineno.to_string(),
+            &v,
+            columns,
+            required,
+            json,
+        )?);
     }
     Ok(rows)
 }
@@ -140,6 +161,7 @@ fn json_row(
     v: &serde_json::Value,
     columns: &[&str],
     required: &[bool],
+    json: &[bool],
 ) -> Result<Row> {
     let obj = v.as_object().ok_or_else(|| {
         Error::Data(format!(
@@ -149,7 +171,7 @@ fn json_row(
         ))
     })?;
     let mut values = Vec::with_capacity(columns.len());
-    for (col, req) in columns.iter().zip(required) {
+    for ((col, req), as_json) in columns.iter().zip(required).zip(json) {
         match obj.get(*col) {
             None if *req => {
                 let keys: Vec<String> = obj.keys().cloned().collect();
@@ -163,6 +185,7 @@ fn json_row(
             }
             None | Some(serde_json::Value::Null) => values.push(None),
             Some(serde_json::Value::String(s)) => values.push(Some(s.clone())),
+            Some(other) if *as_json => values.push(Some(other.to_string())),
             Some(serde_json::Value::Number(n)) => values.push(Some(n.to_string())),
             Some(other) => {
                 return Err(Error::Data(format!(
@@ -255,7 +278,12 @@ fn read_csv(path: &Path, columns: &[&str], required: &[bool]) -> Result<Vec<Row>
     Ok(rows)
 }
 
-fn read_parquet(path: &Path, columns: &[&str], required: &[bool]) -> Result<Vec<Row>> {
+fn read_parquet(
+    path: &Path,
+    columns: &[&str],
+    required: &[bool],
+    json: &[bool],
+) -> Result<Vec<Row>> {
     let file = std::fs::File::open(path).ctx("opening", path)?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| {
         Error::Data(format!(
@@ -280,9 +308,23 @@ fn read_parquet(path: &Path, columns: &[&str], required: &[bool]) -> Result<Vec<
             batch.map_err(|e| Error::Data(format!("{}: reading rows: {e}", path.display())))?;
         let n = batch.num_rows();
         let mut cols: Vec<Vec<Option<String>>> = Vec::new();
-        for col in columns {
+        for (col, as_json) in columns.iter().zip(json) {
             match batch.column_by_name(col) {
                 None => cols.push(vec![None; n]),
+                Some(a) if *as_json => cols.push(
+                    (0..n)
+                        .map(|r| match json_value(a.as_ref(), r) {
+                            Ok(serde_json::Value::Null) => Ok(None),
+                            Ok(serde_json::Value::String(s)) => Ok(Some(s)),
+                            Ok(v) => Ok(Some(v.to_string())),
+                            Err(e) => Err(Error::Data(format!(
+                                "{}:row {}: column `{col}`: {e}",
+                                path.display(),
+                                base + r
+                            ))),
+                        })
+                        .collect::<Result<_>>()?,
+                ),
                 Some(a) => cols.push(string_values(path, col, a.as_ref(), base)?),
             }
         }

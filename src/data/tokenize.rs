@@ -1,5 +1,6 @@
 //! Owns tokenisation into ids and loss masks: `PreparedDoc`, `tokenize_docs`, `load_tokenizer`.
-//! Layer: data — may import the ground, linalg, backend, model and, in this folder, docs.rs.
+//! Layer: data — may import the ground, linalg, backend, model and, in this folder, docs.rs,
+//! chat.rs.
 //!
 //! Tokenisation with the model's `tokenizer.json` (tokenizers crate) into token ids and loss
 //! masks.
@@ -15,10 +16,11 @@ use std::path::Path;
 
 use tokenizers::Tokenizer;
 
-use crate::config::DatasetConfig;
+use crate::config::{DatasetConfig, DocShape};
 use crate::error::{Error, Result};
 use crate::util::progress;
 
+use super::chat::ChatTemplate;
 use super::docs::{Content, RawDoc};
 
 /// A tokenised document.
@@ -90,30 +92,86 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     })
 }
 
-/// Tokenises `docs` (in parallel, deterministic), truncating to `ds.max_length`.
+/// Which bytes of a document's text hold its loss targets.
+enum Targets {
+    /// Every token (text documents).
+    All,
+    /// The tokens ending after this byte (the completion).
+    After(usize),
+    /// The assistant turns (byte ranges from [`ChatTemplate::assistant_spans`]).
+    Turns(Vec<std::ops::Range<usize>>),
+}
+
+/// The loss mask of a conversation: the non-special tokens that overlap an assistant span,
+/// and the special token right after each span's end when there is one (the end-of-turn
+/// marker: `<|im_end|>`, `<|eot_id|>`), so the model learns to stop. Also returns how many
+/// tokens straddle a span's start.
+fn turn_mask(
+    offsets: &[(usize, usize)],
+    special: &[u32],
+    spans: &[std::ops::Range<usize>],
+) -> (Vec<u8>, usize) {
+    let mut mask = vec![0u8; offsets.len()];
+    let mut straddles = 0;
+    for span in spans {
+        for (t, &(s, e)) in offsets.iter().enumerate() {
+            if special[t] == 0 && s < span.end && e > span.start {
+                mask[t] = 1;
+                straddles += usize::from(s < span.start);
+            }
+        }
+        if let Some(t) = offsets.iter().position(|&(s, _)| s >= span.end) {
+            if special[t] != 0 {
+                mask[t] = 1;
+            }
+        }
+    }
+    (mask, straddles)
+}
+
+/// Tokenises `docs` (in parallel, deterministic), truncating to `ds.max_length`; `chat` is
+/// the model's chat template, which `messages` documents need.
 pub fn tokenize_docs(
     tokenizer: &Tokenizer,
     tokenizer_path: &Path,
     docs: &[RawDoc],
     ds: &DatasetConfig,
+    chat: Option<&ChatTemplate>,
     label: &str,
 ) -> Result<Prepared> {
     let template = ds.template();
-    // (full text, byte offset where the completion starts, or None for text documents)
-    let inputs: Vec<(String, Option<usize>)> = docs
+    // (full text, the byte ranges whose tokens are targets)
+    let inputs: Vec<(String, Targets)> = docs
         .iter()
         .map(|d| match &d.content {
-            Content::Text(t) => (t.clone(), None),
+            Content::Text(t) => Ok((t.clone(), Targets::All)),
             Content::PromptCompletion { prompt, completion } => {
                 let p = match template {
                     Some(t) => t.replace("{prompt}", prompt),
                     None => prompt.clone(),
                 };
                 let boundary = p.len();
-                (p + completion, Some(boundary))
+                Ok((p + completion, Targets::After(boundary)))
+            }
+            Content::Messages(messages) => {
+                let chat = chat.ok_or_else(|| {
+                    Error::Data(format!(
+                        "{}: a `messages` document needs the model's chat template, and the model \
+                         has none (no `chat_template` in tokenizer_config.json, no \
+                         chat_template.jinja); add one to the model folder",
+                        d.location
+                    ))
+                })?;
+                let (text, spans) = chat
+                    .assistant_spans(messages)
+                    .map_err(|e| Error::Data(format!("{}: {e}", d.location)))?;
+                Ok((text, Targets::Turns(spans)))
             }
         })
-        .collect();
+        .collect::<Result<_>>()?;
+    // A chat template writes the special tokens itself (transformers tokenises its text with
+    // add_special_tokens=False).
+    let add_special = ds.add_special_tokens && ds.shape != DocShape::Messages;
 
     let pb = progress::bar(docs.len() as u64, label);
     let mut out = Vec::with_capacity(docs.len());
@@ -121,20 +179,21 @@ pub fn tokenize_docs(
     const CHUNK: usize = 512;
     for (chunk_i, chunk) in inputs.chunks(CHUNK).enumerate() {
         let texts: Vec<&str> = chunk.iter().map(|(t, _)| t.as_str()).collect();
-        let encodings = tokenizer
-            .encode_batch(texts, ds.add_special_tokens)
-            .map_err(|e| Error::Tokenizer {
-                path: tokenizer_path.to_path_buf(),
-                message: format!("encoding failed: {e}"),
-            })?;
+        let encodings =
+            tokenizer
+                .encode_batch(texts, add_special)
+                .map_err(|e| Error::Tokenizer {
+                    path: tokenizer_path.to_path_buf(),
+                    message: format!("encoding failed: {e}"),
+                })?;
         for (k, (enc, (text, boundary))) in encodings.iter().zip(chunk).enumerate() {
             let doc = &docs[chunk_i * CHUNK + k];
             let mut ids = enc.get_ids().to_vec();
             let offsets = enc.get_offsets();
             let special = enc.get_special_tokens_mask();
             let mut mask: Vec<u8> = match boundary {
-                None => vec![1; ids.len()],
-                Some(b) => offsets
+                Targets::All => vec![1; ids.len()],
+                Targets::After(b) => offsets
                     .iter()
                     .zip(special)
                     .map(|(&(s, e), &sp)| {
@@ -145,6 +204,11 @@ pub fn tokenize_docs(
                         completion as u8
                     })
                     .collect(),
+                Targets::Turns(spans) => {
+                    let (mask, straddles) = turn_mask(offsets, special, spans);
+                    stats.boundary_straddles += straddles;
+                    mask
+                }
             };
             if let Some(m) = mask.first_mut() {
                 *m = 0; // token 0 has no context: never a target
@@ -163,7 +227,7 @@ pub fn tokenize_docs(
                 stats.truncated_tokens += truncated;
             }
             let (prompt, completion) = match &doc.content {
-                Content::Text(_) => (None, None),
+                Content::Text(_) | Content::Messages(_) => (None, None),
                 Content::PromptCompletion { prompt, completion } => {
                     (Some(prompt.clone()), Some(completion.clone()))
                 }
@@ -179,7 +243,7 @@ pub fn tokenize_docs(
                 source: doc.location.clone(),
             };
             // A prompt-only query has no completion yet (the query stage generates it).
-            if prepared.n_loss_tokens() == 0 && ds.shape != crate::config::DocShape::Prompt {
+            if prepared.n_loss_tokens() == 0 && ds.shape != DocShape::Prompt {
                 return Err(Error::Data(format!(
                     "{}: document `{}` has no loss tokens after tokenisation{} (it has {} tokens); \
                      raise max_length (now {}) or shorten the prompt",

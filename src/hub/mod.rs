@@ -16,7 +16,9 @@
 //! hf-hub 0.5 has no notion of `HF_HUB_OFFLINE` or `HF_HUB_CACHE`; [`HubSettings`] adds them.
 
 mod cache;
+mod configs;
 mod online;
+mod patterns;
 mod repo;
 mod select;
 mod settings;
@@ -29,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::util::hash::sha256_file_with;
 use crate::util::progress;
 
+pub use configs::{config_splits, ConfigSplits};
 use repo::Listing;
 pub use repo::{RepoKind, RepoRequest, Resolution, ResolvedFile, ResolvedRepo};
 pub use select::{dataset_files, model_files, shards_of_index};
@@ -68,8 +71,15 @@ pub fn resolve_dataset(
             files,
         });
     }
-    resolve(settings, req, &|names, _root| {
-        dataset_files(names, ds, req.id)
+    resolve(settings, req, &|names, root| {
+        // The dataset card's YAML header declares the configs and their data files.
+        let readme = names
+            .iter()
+            .any(|n| n == "README.md")
+            .then(|| std::fs::read_to_string(root.join("README.md")))
+            .transpose()
+            .map_err(|e| Error::io("reading", &root.join("README.md"), e))?;
+        dataset_files(names, ds, req.id, readme.as_deref())
     })
 }
 
@@ -84,14 +94,20 @@ fn resolve(settings: &HubSettings, req: &RepoRequest, select: &Selector) -> Resu
             None => (cache::listing(settings, req)?, None),
         },
     };
-    // A sharded checkpoint's index says which shards to take: download it before selecting.
+    // A sharded checkpoint's index says which shards to take, a dataset card which files
+    // make each config: download it before selecting.
+    let first = match req.kind {
+        RepoKind::Model => "model.safetensors.index.json",
+        RepoKind::Dataset => "README.md",
+    }
+    .to_string();
+    let mut select_root = listing.root.clone();
     if let Some(on) = &fetch_missing {
-        let index = "model.safetensors.index.json".to_string();
-        if req.kind == RepoKind::Model && listing.names.contains(&index) {
-            on.download(std::slice::from_ref(&index))?;
+        if listing.names.contains(&first) {
+            select_root = on.download(std::slice::from_ref(&first))?;
         }
     }
-    let wanted = select(&listing.names, &listing.root)?;
+    let wanted = select(&listing.names, &select_root)?;
     let root = match &fetch_missing {
         Some(on) => on.download(&wanted)?,
         None => {

@@ -1,10 +1,13 @@
 //! Owns which files of a repo or folder a model or a dataset needs (`model_files`, …).
-//! Layer: hub — may import the ground, linalg, backend, model and data; no sibling.
+//! Layer: hub — may import the ground, linalg, backend, model, data and, in this folder,
+//! configs.rs.
 
 use std::path::Path;
 
 use crate::config::{DataFormat, DatasetConfig};
 use crate::data::read::format_of;
+
+use super::configs::config_splits;
 use crate::error::{Error, Result};
 
 /// Optional model files taken when present (`training/*`: a recorded pretraining
@@ -130,17 +133,17 @@ pub fn shards_of_index(path: &Path) -> Result<Vec<String>> {
     Ok(shards)
 }
 
-/// The data files among `names` for the dataset's explicit `files` or its `split`.
-///
-/// A file belongs to split S when a folder in its path is named S (`default/train/0000.parquet`,
-/// the hub's Parquet conversion) or its name starts with S followed by `-`, `_` or `.`
-/// (`train-00000-of-00001.parquet`, `train.jsonl`).
-pub fn dataset_files(names: &[String], ds: &DatasetConfig, id: &str) -> Result<Vec<String>> {
-    let is_data = |n: &String| {
-        let ext_ok = format_of(n, DataFormat::Auto).is_some();
-        ext_ok
-            && (ds.format == DataFormat::Auto || format_of(n, DataFormat::Auto) == Some(ds.format))
-    };
+/// The data files among `names` for the dataset's explicit `files`, or for its `config` and
+/// `split` as the `datasets` library selects them ([`config_splits`]) from the names and the
+/// dataset card `readme` (README.md's text, when the repo has one). With `format` set, only
+/// files of that format are kept. Every file must be one this crate reads (JSONL, JSON, CSV,
+/// Parquet).
+pub fn dataset_files(
+    names: &[String],
+    ds: &DatasetConfig,
+    id: &str,
+    readme: Option<&str>,
+) -> Result<Vec<String>> {
     let shown = || {
         let data: Vec<&str> = names
             .iter()
@@ -165,33 +168,50 @@ pub fn dataset_files(names: &[String], ds: &DatasetConfig, id: &str) -> Result<V
         }
         return Ok(files.clone());
     }
-    let split = ds.split.as_str();
-    let mut out: Vec<String> = names
+    let spec = ds
+        .split_spec()
+        .map_err(|e| Error::Fetch(format!("dataset `{id}`: split {e}")))?;
+    let split = spec.name.as_str();
+    let config = config_splits(names, readme, ds.config.as_deref())
+        .map_err(|e| Error::Fetch(format!("dataset `{id}`: {e}")))?;
+    let Some((_, files)) = config.splits.iter().find(|(s, _)| s == split) else {
+        let splits: Vec<&str> = config.splits.iter().map(|(s, _)| s.as_str()).collect();
+        return Err(Error::Fetch(format!(
+            "dataset `{id}` (config `{}`): no split `{split}`; its splits are: {}. Set `split` \
+             to one of them (a split is found as the `datasets` library finds it: shard names \
+             `data/SPLIT-00000-of-0000N.*`, folders or file names with `train`/`training`, \
+             `validation`/`valid`/`dev`/`val`, `test`/`testing`/`eval`/`evaluation`, or the \
+             dataset card's `configs:`), or list the files in `files`",
+            config.name,
+            splits.join(", ")
+        )));
+    };
+    let out: Vec<String> = files
         .iter()
-        .filter(|n| is_data(n))
         .filter(|n| {
-            let p = Path::new(n.as_str());
-            let in_folder = p
-                .parent()
-                .is_some_and(|d| d.components().any(|c| c.as_os_str() == split));
-            let file = p
-                .file_name()
-                .map(|f| f.to_string_lossy())
-                .unwrap_or_default();
-            let by_name = file.len() > split.len()
-                && file.starts_with(split)
-                && matches!(file.as_bytes()[split.len()], b'-' | b'_' | b'.');
-            in_folder || by_name
+            ds.format == DataFormat::Auto || format_of(n, DataFormat::Auto) == Some(ds.format)
         })
         .cloned()
         .collect();
-    out.sort();
     if out.is_empty() {
         return Err(Error::Fetch(format!(
-            "dataset `{id}`: no data file for split `{split}` (a file in a folder named \
-             `{split}`, or named `{split}.*`, `{split}-*`, `{split}_*`); data files present: {}. \
-             Set `split` to one of them, or list them in `files`.",
-            shown()
+            "dataset `{id}` (config `{}`): split `{split}` has no {:?} file (its files: {}); \
+             remove `format` or change it",
+            config.name,
+            ds.format,
+            files.join(", ")
+        )));
+    }
+    if let Some(bad) = out
+        .iter()
+        .find(|n| format_of(n, DataFormat::Auto).is_none())
+    {
+        return Err(Error::Fetch(format!(
+            "dataset `{id}` (config `{}`): split `{split}` is made of files like `{bad}`, a \
+             format this tool does not read (it reads .jsonl, .json, .ndjson, .csv and .parquet); \
+             use the hub's Parquet conversion (`revision = \"refs/convert/parquet\"`) or convert \
+             the files",
+            config.name
         )));
     }
     Ok(out)
@@ -221,28 +241,27 @@ mod tests {
             "trainer.jsonl",
             "train.jsonl",
         ]);
-        let got = dataset_files(&n, &ds("train"), "x/y").unwrap();
+        // Shard names win over every other file, as in `datasets`.
+        let got = dataset_files(&n, &ds("train[:10]"), "x/y", None).unwrap();
         assert_eq!(
             got,
             names(&[
                 "data/train-00000-of-00002.parquet",
                 "data/train-00001-of-00002.parquet",
-                "default/train/0000.parquet",
-                "train.jsonl",
             ])
         );
-        let got = dataset_files(&n, &ds("test"), "x/y").unwrap();
+        let got = dataset_files(&n, &ds("test"), "x/y", None).unwrap();
         assert_eq!(got, names(&["data/test-00000-of-00001.parquet"]));
     }
 
     #[test]
     fn missing_split_lists_files() {
-        let n = names(&["train.jsonl"]);
-        let e = dataset_files(&n, &ds("validation"), "x/y")
+        let n = names(&["train.jsonl", "test.jsonl"]);
+        let e = dataset_files(&n, &ds("validation"), "x/y", None)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("no data file for split `validation`"), "{e}");
-        assert!(e.contains("train.jsonl"), "{e}");
+        assert!(e.contains("no split `validation`"), "{e}");
+        assert!(e.contains("train, test"), "{e}");
     }
 
     #[test]

@@ -11,10 +11,12 @@ use std::collections::BTreeMap;
 
 use serde_json::json;
 
-use crate::config::Config;
+use crate::config::{Config, DocShape};
 use crate::data::batch::plan_stats;
 use crate::data::tokenize::load_tokenizer;
-use crate::data::{load_docs, plan_batches, tokenize_docs, write_prepared, BatchOrder};
+use crate::data::{
+    load_docs, plan_batches, tokenize_docs, write_prepared, BatchOrder, ChatTemplate,
+};
 use crate::error::Result;
 use crate::pipeline::{Stage, StageContext};
 use crate::util::hash::sha256_json;
@@ -51,13 +53,29 @@ impl Stage for PrepareStage {
             .map(|f| f.sha256.clone())
             .unwrap_or_default();
         let view_hash = sha256_json(&self.config_view(ctx.config));
+        // `messages` data sets are rendered with the model's own chat template.
+        let model_file = |n: &str| fetched.model.file(n).map(|f| f.path.clone());
+        let chat = if ctx
+            .config
+            .data
+            .roles()
+            .iter()
+            .any(|(_, d)| d.shape == DocShape::Messages)
+        {
+            ChatTemplate::from_model_files(
+                model_file("tokenizer_config.json").as_deref(),
+                model_file("chat_template.jinja").as_deref(),
+            )?
+        } else {
+            None
+        };
         let mut summary = BTreeMap::new();
         for (role, ds) in ctx.config.data.roles() {
             let repo = &fetched.data[role];
             let files: Vec<&std::path::Path> =
                 repo.files.iter().map(|f| f.path.as_path()).collect();
             let docs = load_docs(&files, ds)?;
-            let prepared = tokenize_docs(&tokenizer, &tok_path, &docs, ds, role)?;
+            let prepared = tokenize_docs(&tokenizer, &tok_path, &docs, ds, chat.as_ref(), role)?;
             let metadata = vec![
                 ("source_tda.version".to_string(), crate::VERSION.to_string()),
                 ("source_tda.role".to_string(), role.to_string()),

@@ -38,6 +38,7 @@ fn texts(docs: &[source_tda::data::RawDoc]) -> Vec<String> {
         .map(|d| match &d.content {
             Content::Text(t) => t.clone(),
             Content::PromptCompletion { prompt, completion } => format!("{prompt}|{completion}"),
+            Content::Messages(m) => serde_json::to_string(m).unwrap(),
         })
         .collect()
 }
@@ -229,7 +230,7 @@ fn tokenize(d: &DatasetConfig, lines: &str) -> source_tda::data::Prepared {
     let docs = load_docs(&[&f], d).unwrap();
     let tok_path: PathBuf = demo_tokenizer();
     let tok = load_tokenizer(&tok_path).unwrap();
-    tokenize_docs(&tok, &tok_path, &docs, d, "test").unwrap()
+    tokenize_docs(&tok, &tok_path, &docs, d, None, "test").unwrap()
 }
 
 #[test]
@@ -332,7 +333,7 @@ fn truncation_is_counted_never_silent() {
     );
     let docs = load_docs(&[&f], &d).unwrap();
     let tok = load_tokenizer(&demo_tokenizer()).unwrap();
-    let e = tokenize_docs(&tok, &demo_tokenizer(), &docs, &d, "t")
+    let e = tokenize_docs(&tok, &demo_tokenizer(), &docs, &d, None, "t")
         .unwrap_err()
         .to_string();
     assert!(
@@ -371,8 +372,8 @@ fn tokenisation_is_deterministic_across_runs() {
     let d = ds("");
     let docs = load_docs(&[&f], &d).unwrap();
     let tok = load_tokenizer(&demo_tokenizer()).unwrap();
-    let a = tokenize_docs(&tok, &demo_tokenizer(), &docs, &d, "a").unwrap();
-    let b = tokenize_docs(&tok, &demo_tokenizer(), &docs, &d, "b").unwrap();
+    let a = tokenize_docs(&tok, &demo_tokenizer(), &docs, &d, None, "a").unwrap();
+    let b = tokenize_docs(&tok, &demo_tokenizer(), &docs, &d, None, "b").unwrap();
     assert_eq!(a.docs.len(), 1500);
     assert!(a.docs == b.docs, "tokenisation differs between two runs");
 }
