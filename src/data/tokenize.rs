@@ -205,7 +205,16 @@ pub fn tokenize_docs(
                     })
                     .collect(),
                 Targets::Turns(spans) => {
-                    let (mask, straddles) = turn_mask(offsets, special, spans);
+                    // Special: added by the post-processor, or a special added token in the
+                    // text (`<|im_end|>`, `<|eot_id|>`).
+                    let added = tokenizer.get_added_vocabulary();
+                    let special: Vec<u32> = enc
+                        .get_tokens()
+                        .iter()
+                        .zip(special)
+                        .map(|(t, &sp)| u32::from(sp != 0 || added.is_special_token(t)))
+                        .collect();
+                    let (mask, straddles) = turn_mask(offsets, &special, spans);
                     stats.boundary_straddles += straddles;
                     mask
                 }

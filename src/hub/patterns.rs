@@ -138,6 +138,8 @@ fn segment_match(pat: &[char], name: &[char]) -> bool {
 fn path_match(pat: &[&str], name: &[&str]) -> bool {
     match pat.first() {
         None => name.is_empty(),
+        // A trailing `**` matches the files below a folder, not the folder's name itself.
+        Some(&"**") if pat.len() == 1 => !name.is_empty(),
         Some(&"**") => (0..=name.len()).any(|k| path_match(&pat[1..], &name[k..])),
         Some(p) => {
             // `**` inside a segment (`**.csv`) is a plain `*` in fsspec ≥ 2023.12.
@@ -331,6 +333,7 @@ mod tests {
         assert!(glob_match("**/train/**", "train/a.parquet"));
         assert!(glob_match("**/train/**", "default/train/x/0.parquet"));
         assert!(!glob_match("**/train/**", "trainer/a.parquet"));
+        assert!(!glob_match("**/eval[-._ 0-9]*/**", "eval.jsonl"));
         assert!(glob_match(
             "**/*[-._ 0-9]train/**",
             "default/partial-train/0000.parquet"

@@ -33,6 +33,7 @@ mod finetune_checkpoint_compat;
 mod finetune_cli;
 mod finetune_stages;
 mod generated_queries;
+mod hf_data;
 mod hub_token;
 mod import_trainer;
 mod integrity;

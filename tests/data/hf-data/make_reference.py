@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes the reference expectations the Rust tests (tests/it/hf_data.rs) compare against.
 
-1. selection_expected.json: for every layout and (config, split) query in selection_cases.json,
+1. selection_expected.json (and slices_expected.json: the rows `datasets` keeps for split
+   slices like `train[10%:30%]`): for every layout and (config, split) query in selection_cases.json,
    the files the `datasets` library selects (`load_dataset_builder(...).config.data_files`), as
    paths relative to the repo root, and the builder module it infers (json, csv, parquet, ...),
    or the exception it raises.
@@ -81,8 +82,33 @@ def selection() -> dict:
     return out
 
 
+SLICES = ["train[:2000]", "train[5:10]", "train[-3:]", "train[:-3]", "train[8:2]", "train[10%:]",
+          "train[10%:30%]", "train[:50%]", "train[-25%:]", "train[33%:67%]", "train[1_0:]",
+          "train[:50%](pct1_dropremainder)", "train[10%:20](closest)"]
+SIZES = [0, 1, 7, 25, 99, 100, 250, 1001]
+
+
+def slices() -> dict:
+    """[from, to) of every slice in SLICES on splits of SIZES rows, as `datasets` computes it."""
+    import datasets
+    from datasets.arrow_reader import _rel_to_abs_instr, _str_to_read_instruction
+
+    out = {"datasets_version": datasets.__version__, "rows": []}
+    for spec in SLICES:
+        rel = _str_to_read_instruction(spec)
+        for n in SIZES:
+            try:
+                (a,) = [_rel_to_abs_instr(r, {"train": n}) for r in rel._relative_instructions]
+                out["rows"].append({"spec": spec, "n": n, "from": a.from_, "to": a.to})
+            except ValueError as e:
+                out["rows"].append({"spec": spec, "n": n, "error": str(e)})
+    return out
+
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["selection", "chat"]
+    which = sys.argv[1:] or ["selection", "slices", "chat"]
+    if "slices" in which:
+        (HERE / "slices_expected.json").write_text(json.dumps(slices(), indent=1) + "\n")
     if "selection" in which:
         (HERE / "selection_expected.json").write_text(json.dumps(selection(), indent=1) + "\n")
     if "chat" in which:
