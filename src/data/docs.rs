@@ -97,21 +97,20 @@ pub fn load_docs(files: &[&Path], ds: &DatasetConfig) -> Result<Vec<RawDoc>> {
         DocShape::Prompt => vec![ds.prompt_column.as_str()],
         DocShape::Messages => vec![ds.messages_column.as_str()],
     };
-    let mut json = vec![ds.shape == DocShape::Messages];
+    let mut json = vec![ds.shape == DocShape::Messages; columns.len()];
     let mut required = vec![true; columns.len()];
     if let Some(id) = &ds.id_column {
         columns.push(id.as_str());
         required.push(true);
         json.push(false);
     }
-    let json = &json[..columns.len()];
     let mut rows = Vec::new();
     for file in files {
         // Without a slice, the first max_documents rows are all that is needed.
         if spec.slice.is_none() && ds.max_documents.is_some_and(|m| rows.len() >= m) {
             break;
         }
-        rows.extend(read_rows_json(file, ds.format, &columns, &required, json)?);
+        rows.extend(read_rows_json(file, ds.format, &columns, &required, &json)?);
     }
     let keep = match &spec.slice {
         Some(slice) => slice

@@ -78,7 +78,7 @@ pub fn resolve_dataset(
             .any(|n| n == "README.md")
             .then(|| std::fs::read_to_string(root.join("README.md")))
             .transpose()
-            .map_err(|e| Error::io("reading", &root.join("README.md"), e))?;
+            .map_err(|e| Error::io("reading", root.join("README.md"), e))?;
         dataset_files(names, ds, req.id, readme.as_deref())
     })
 }

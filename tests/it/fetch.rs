@@ -300,8 +300,8 @@ fn dataset_splits_and_parquet_conversion_from_cache() {
     let e = resolve_dataset(&s, &req("main"), &dataset("validation"))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("no data file for split `validation`"), "{e}");
-    assert!(e.contains("data/test-00000-of-00001.parquet"), "{e}");
+    assert!(e.contains("no split `validation`"), "{e}");
+    assert!(e.contains("its splits are: train, test"), "{e}");
 }
 
 #[test]
