@@ -228,9 +228,38 @@ fn eval_section_has_defaults_and_bad_values_name_the_key() {
     }
     let e = load(&format!("{GOOD}\n[eval]\nmethods = [\"tracin\"]\n")).unwrap_err();
     assert!(e.contains("eval.methods"), "{e}");
-    assert!(e.contains("`gradient_dot`"), "lists what is allowed: {e}");
+    assert!(
+        e.contains("\"gradient_dot\"") && e.contains("\"influence+refined\""),
+        "lists what is allowed: {e}"
+    );
     let e = load(&format!("{GOOD}\n[eval]\nsubset = 3\n")).unwrap_err();
     assert!(e.contains("unknown field `subset`"), "{e}");
+}
+
+#[test]
+fn attribution_refine_is_checked() {
+    let c = load(&format!(
+        "{GOOD}\n[attribution]\nrefine = {{ iterations = 5 }}\n"
+    ))
+    .unwrap();
+    let r = c.attribution.refine.unwrap();
+    assert_eq!((r.iterations, r.documents, r.tolerance), (5, 1024, 1e-2));
+    assert!(load(GOOD).unwrap().attribution.refine.is_none());
+    for (line, want) in [
+        (
+            "refine = { documents = 0 }",
+            "key `attribution.refine.documents`: is 0",
+        ),
+        (
+            "refine = { tolerance = -1.0 }",
+            "key `attribution.refine.tolerance`",
+        ),
+        ("refine = { method = \"astra\" }", "`cg`"),
+        ("refine = { iteration = 3 }", "unknown field `iteration`"),
+    ] {
+        let e = load(&format!("{GOOD}\n[attribution]\n{line}\n")).unwrap_err();
+        assert!(e.contains(want), "{line}: {e}");
+    }
 }
 
 #[test]
