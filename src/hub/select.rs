@@ -174,7 +174,23 @@ pub fn dataset_files(
     let split = spec.name.as_str();
     let config = config_splits(names, readme, ds.config.as_deref())
         .map_err(|e| Error::Fetch(format!("dataset `{id}`: {e}")))?;
-    let Some((_, files)) = config.splits.iter().find(|(s, _)| s == split) else {
+    let named = named_split(names, split);
+    let found = config
+        .splits
+        .iter()
+        .find(|(s, _)| s == split)
+        .map(|(_, f)| f)
+        .or_else(|| {
+            (!named.is_empty()).then(|| {
+                tracing::info!(
+                    "dataset `{id}`: `{split}` is not a split the `datasets` library finds; \
+                     taking the files named after it: {}",
+                    named.join(", ")
+                );
+                &named
+            })
+        });
+    let Some(files) = found else {
         let splits: Vec<&str> = config.splits.iter().map(|(s, _)| s.as_str()).collect();
         return Err(Error::Fetch(format!(
             "dataset `{id}` (config `{}`): no split `{split}`; its splits are: {}. Set `split` \
@@ -217,6 +233,26 @@ pub fn dataset_files(
     Ok(out)
 }
 
+/// Data files named after `split` that the `datasets` rules do not make a split of: file
+/// stem `split` (`data/queries.jsonl` for `queries`) or a folder `split/` (the layout earlier
+/// versions of this tool, and datasets made for it, name custom splits by).
+fn named_split(names: &[String], split: &str) -> Vec<String> {
+    names
+        .iter()
+        .filter(|n| format_of(n, DataFormat::Auto).is_some())
+        .filter(|n| {
+            let path = Path::new(n.as_str());
+            let stem = path.file_stem().and_then(|s| s.to_str());
+            let folder = path
+                .parent()
+                .and_then(|p| p.file_name())
+                .and_then(|s| s.to_str());
+            stem == Some(split) || folder == Some(split)
+        })
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +288,23 @@ mod tests {
         );
         let got = dataset_files(&n, &ds("test"), "x/y", None).unwrap();
         assert_eq!(got, names(&["data/test-00000-of-00001.parquet"]));
+    }
+
+    #[test]
+    fn a_custom_split_is_the_file_named_after_it() {
+        let n = names(&[
+            "README.md",
+            "data/train-00000-of-00001.parquet",
+            "data/queries.jsonl",
+            "data/pretrain.jsonl",
+            "extra/0000.parquet",
+        ]);
+        let got = dataset_files(&n, &ds("queries"), "x/y", None).unwrap();
+        assert_eq!(got, names(&["data/queries.jsonl"]));
+        let got = dataset_files(&n, &ds("extra"), "x/y", None).unwrap();
+        assert_eq!(got, names(&["extra/0000.parquet"]));
+        let got = dataset_files(&n, &ds("train"), "x/y", None).unwrap();
+        assert_eq!(got, names(&["data/train-00000-of-00001.parquet"]));
     }
 
     #[test]
