@@ -1,5 +1,5 @@
 //! Owns declared pipelines: stage contract and registry, run dir, manifest, runner, status,
-//! verification of recorded files.
+//! named query sets, verification of recorded files.
 //! Layer: pipeline — may import ground (error, util, config, output) only; never
 //! stages, report or main (the runner is given its stages as a `Registry`).
 //!
@@ -7,6 +7,7 @@
 //! skips what is complete and reruns what changed.
 
 mod manifest;
+mod query_set;
 mod rundir;
 mod runner;
 mod stage;
@@ -16,7 +17,12 @@ mod verify;
 /// Re-exported for the layers above that order stages by name (e.g. the report's timings).
 pub use manifest::{Manifest, OutputFile, StageRecord, StageStatus};
 pub use rundir::{RunDir, RunLock};
-pub use runner::{run_stages, stage_key, staleness, Outcome, RunOptions, StageKey};
+pub use query_set::{
+    check_set_name, complete_sets, record_name, set_dir, QuerySet, QUERY_SET_STAGES,
+};
+pub use runner::{
+    run_stages, run_stages_for, stage_key, stage_key_for, staleness, Outcome, RunOptions, StageKey,
+};
 pub use stage::{Registry, Stage, StageContext, Workers};
 pub use status::{status_rows, StatusRow};
 pub use verify::{output_mismatch, verify_run, Mismatch, Verification};

@@ -23,6 +23,7 @@ use crate::util::hash::{sha256_file, sha256_json};
 use crate::util::{mem, now_rfc3339};
 
 use super::manifest::{Manifest, OutputFile, StageRecord, StageStatus};
+use super::query_set::{complete_sets, is_set_folder, record_name, QuerySet, QUERY_SET_STAGES};
 use super::rundir::RunDir;
 use super::stage::{Registry, Stage, StageContext, Workers};
 use super::verify::{remember, stage_mismatch};
@@ -56,23 +57,55 @@ pub struct StageKey {
     pub inputs: BTreeMap<String, String>,
     /// SHA-256 over `inputs`.
     pub inputs_hash: String,
+    /// `inputs_hash` as builds before [`Stage::unread_inputs`] computed it (every upstream
+    /// file counted): a record that matches it matches `inputs_hash` too (nothing it read
+    /// changed), so a run directory made by such a build is reused as it is, not recomputed.
+    pub legacy_inputs_hash: String,
 }
 
 /// Computes a stage's key from the config and its upstream records. Errors when an
 /// upstream stage is missing or incomplete; optional inputs count only when complete.
 pub fn stage_key(stage: &dyn Stage, config: &Config, manifest: &Manifest) -> Result<StageKey> {
+    stage_key_for(stage, config, manifest, None)
+}
+
+/// [`stage_key`] of the instance of `stage` for query set `set` (`None`: the default set).
+/// A per-set stage reads the per-set stages upstream of it in its own set
+/// (`stage:query/query_set=NAME`); the default `report` also reads every set's complete
+/// `score` (`set:score/query_set=NAME`), so it reruns when a set appears or changes.
+pub fn stage_key_for(
+    stage: &dyn Stage,
+    config: &Config,
+    manifest: &Manifest,
+    set: Option<&str>,
+) -> Result<StageKey> {
     let config_hash = sha256_json(&stage.config_view(config));
-    let mut inputs = BTreeMap::new();
+    let (mut inputs, mut legacy) = (BTreeMap::new(), BTreeMap::new());
+    let unread = |up: &str, path: &str| {
+        stage.unread_inputs().iter().any(|&(s, p)| {
+            s == up
+                && path
+                    .strip_prefix(up)
+                    .and_then(|r| r.strip_prefix('/'))
+                    .is_some_and(|r| r == p || (p.ends_with('/') && r.starts_with(p)))
+        })
+    };
+    let hash_of = |up: &str, r: &StageRecord| {
+        let read: Vec<&OutputFile> = r.outputs.iter().filter(|o| !unread(up, &o.path)).collect();
+        sha256_json(&serde_json::to_value(read).expect("outputs serialise"))
+    };
     for up in stage.inputs() {
-        match manifest.stages.get(*up) {
+        let name = record_name(up, set);
+        match manifest.stages.get(&name) {
             Some(r) if r.status == StageStatus::Complete => {
-                inputs.insert(format!("stage:{up}"), r.outputs_hash());
+                inputs.insert(format!("stage:{name}"), hash_of(up, r));
+                legacy.insert(format!("stage:{name}"), r.outputs_hash());
             }
             _ => {
                 return Err(Error::Pipeline(format!(
-                    "stage `{}` reads the outputs of `{up}`, which has not completed in this run \
-                     directory; run `{up}` first (or use `source-tda run` with a pipeline that \
-                     lists both)",
+                    "stage `{}` reads the outputs of `{name}`, which has not completed in this \
+                     run directory; run `{up}` first (or use `source-tda run` with a pipeline \
+                     that lists both)",
                     stage.name()
                 )))
             }
@@ -81,16 +114,38 @@ pub fn stage_key(stage: &dyn Stage, config: &Config, manifest: &Manifest) -> Res
     for up in stage.optional_inputs() {
         if let Some(r) = manifest.stages.get(*up) {
             if r.status == StageStatus::Complete {
-                inputs.insert(format!("optional:{up}"), r.outputs_hash());
+                inputs.insert(format!("optional:{up}"), hash_of(up, r));
+                legacy.insert(format!("optional:{up}"), r.outputs_hash());
             }
         }
     }
-    let inputs_hash = sha256_json(&serde_json::to_value(&inputs).expect("map serialises"));
+    if set.is_none() && stage.name() == "report" {
+        for name in complete_sets(manifest, "score") {
+            let rec = record_name("score", Some(&name));
+            let h = manifest.stages[&rec].outputs_hash();
+            inputs.insert(format!("set:{rec}"), h.clone());
+            legacy.insert(format!("set:{rec}"), h);
+        }
+    }
+    let hash = |m: &BTreeMap<String, String>| {
+        sha256_json(&serde_json::to_value(m).expect("map serialises"))
+    };
     Ok(StageKey {
         config_hash,
+        inputs_hash: hash(&inputs),
+        legacy_inputs_hash: hash(&legacy),
         inputs,
-        inputs_hash,
     })
+}
+
+impl StageKey {
+    /// Adds an input that is not an upstream stage (a query set's definition).
+    pub fn with_input(mut self, name: String, hash: String) -> StageKey {
+        self.inputs.insert(name.clone(), hash.clone());
+        self.inputs_hash = sha256_json(&serde_json::to_value(&self.inputs).expect("map"));
+        self.legacy_inputs_hash = self.inputs_hash.clone();
+        self
+    }
 }
 
 /// Why a completed record cannot be reused, or `None` when it can.
@@ -108,7 +163,7 @@ pub fn staleness(
     if record.config_hash != key.config_hash {
         return Ok(Some("its part of the config changed".into()));
     }
-    if record.inputs_hash != key.inputs_hash {
+    if record.inputs_hash != key.inputs_hash && record.inputs_hash != key.legacy_inputs_hash {
         return Ok(Some("its inputs changed".into()));
     }
     if let Some(why) = stage_mismatch(run, record)? {
@@ -131,6 +186,22 @@ pub fn run_stages(
     stages: &[String],
     opts: &RunOptions,
 ) -> Result<Vec<(String, Outcome)>> {
+    run_stages_for(registry, config, config_file, run, stages, opts, None)
+}
+
+/// [`run_stages`] with the per-set stages (`query`, `score`) run for the named query set
+/// `set` instead of the default one (each recorded as `STAGE/query_set=NAME`, written to
+/// `RUN_DIR/STAGE/query_set=NAME/`); the other stages run as usual. Outcomes are named by
+/// record (`score/query_set=NAME`).
+pub fn run_stages_for(
+    registry: &Registry,
+    config: &Config,
+    config_file: &Path,
+    run: &RunDir,
+    stages: &[String],
+    opts: &RunOptions,
+    set: Option<&QuerySet>,
+) -> Result<Vec<(String, Outcome)>> {
     let stage_objs: Vec<&dyn Stage> = stages
         .iter()
         .map(|s| registry.find(s))
@@ -152,21 +223,37 @@ pub fn run_stages(
     let mut outcomes = Vec::new();
     for &stage in &stage_objs {
         let name = stage.name();
+        let set = set.filter(|_| QUERY_SET_STAGES.contains(&name));
+        let record_key = record_name(name, set.map(|s| s.name.as_str()));
         forcing |= opts.force.as_deref() == Some(name);
-        let key = stage_key(stage, config, &manifest)?;
+        let mut key = stage_key_for(stage, config, &manifest, set.map(|s| s.name.as_str()))?;
+        if let Some(s) = set.filter(|_| name == QUERY_SET_STAGES[0]) {
+            key = key.with_input(format!("query_set:{}", s.name), s.spec_hash());
+        }
         if !forcing {
-            if let Some(record) = manifest.stages.get(name) {
+            if let Some(record) = manifest.stages.get(&record_key) {
                 match staleness(stage, run, record, &key)? {
                     None => {
-                        tracing::info!("{name}: complete, inputs and config unchanged; skipping");
-                        outcomes.push((name.to_string(), Outcome::Skipped));
+                        tracing::info!(
+                            "{record_key}: complete, inputs and config unchanged; skipping"
+                        );
+                        if record.inputs_hash != key.inputs_hash {
+                            // Current by the hash of a build that counted every upstream file:
+                            // record the precise inputs from now on.
+                            let mut upgraded = record.clone();
+                            upgraded.inputs = key.inputs;
+                            upgraded.inputs_hash = key.inputs_hash;
+                            manifest.stages.insert(record_key.clone(), upgraded);
+                            manifest.save(&run.manifest_path())?;
+                        }
+                        outcomes.push((record_key, Outcome::Skipped));
                         continue;
                     }
-                    Some(why) => tracing::info!("{name}: rerunning because {why}"),
+                    Some(why) => tracing::info!("{record_key}: rerunning because {why}"),
                 }
             }
         }
-        verify_inputs(stage, run, &manifest)?;
+        verify_inputs(stage, run, &manifest, set.map(|s| s.name.as_str()))?;
         run_one(
             stage,
             registry,
@@ -174,9 +261,9 @@ pub fn run_stages(
             (config_file, opts),
             run,
             &mut manifest,
-            key,
+            (key, set),
         )?;
-        outcomes.push((name.to_string(), Outcome::Ran));
+        outcomes.push((record_key, Outcome::Ran));
     }
     Ok(outcomes)
 }
@@ -184,9 +271,14 @@ pub fn run_stages(
 /// Checks the recorded outputs of the stages `stage` reads against the manifest before it
 /// reads them. A changed file of a stage being run in this invocation was found stale and
 /// rerun already; one of a stage outside it is an error that says to rerun that stage.
-fn verify_inputs(stage: &dyn Stage, run: &RunDir, manifest: &Manifest) -> Result<()> {
+fn verify_inputs(
+    stage: &dyn Stage,
+    run: &RunDir,
+    manifest: &Manifest,
+    set: Option<&str>,
+) -> Result<()> {
     for up in stage.inputs().iter().chain(stage.optional_inputs()) {
-        let Some(record) = manifest.stages.get(*up) else {
+        let Some(record) = manifest.stages.get(&record_name(up, set)) else {
             continue;
         };
         if record.status != StageStatus::Complete {
@@ -212,19 +304,27 @@ fn run_one(
     (config_file, opts): (&Path, &RunOptions),
     run: &RunDir,
     manifest: &mut Manifest,
-    key: StageKey,
+    (key, set): (StageKey, Option<&QuerySet>),
 ) -> Result<()> {
-    let name = stage.name();
+    let stage_name = stage.name();
+    let set_name = set.map(|s| s.name.as_str());
+    // The manifest record and folder (`score/query_set=NAME` for a set's instance), and a
+    // flat form of it for the staging and resume folders (`score@NAME`).
+    let name = record_name(stage_name, set_name);
+    let flat = match set_name {
+        Some(s) => format!("{stage_name}@{s}"),
+        None => stage_name.to_string(),
+    };
     tracing::info!("{name}: {}", stage.describe());
-    crate::util::progress::set_stage(name);
+    crate::util::progress::set_stage(stage_name);
     let resume_key = crate::util::hash::sha256_bytes(
         format!("{}\n{}", key.inputs_hash, key.config_hash).as_bytes(),
     )[..16]
         .to_string();
-    run.clear_resume(name, Some(&resume_key))?;
+    run.clear_resume(&flat, Some(&resume_key))?;
     let staging = run
         .staging_dir()
-        .join(format!("{name}-{}", std::process::id()));
+        .join(format!("{flat}-{}", std::process::id()));
     remove_dir_if_exists(&staging)?;
     std::fs::create_dir_all(&staging).ctx("creating", &staging)?;
 
@@ -243,7 +343,7 @@ fn run_one(
         summary: serde_json::Value::Null,
         error: None,
     };
-    manifest.stages.insert(name.to_string(), record.clone());
+    manifest.stages.insert(name.clone(), record.clone());
     manifest.save(&run.manifest_path())?;
 
     mem::reset_peak_rss();
@@ -253,10 +353,11 @@ fn run_one(
         run,
         registry,
         out_dir: staging.clone(),
-        stage: name,
+        stage: stage_name,
         resume_key,
         config_file,
         workers: &opts.workers,
+        query_set: set,
     };
     let result = stage.run(&ctx).and_then(|summary| {
         ctx.failpoint("before-commit")?;
@@ -271,7 +372,7 @@ fn run_one(
         Err(e) => {
             record.status = StageStatus::Failed;
             record.error = Some(e.to_string());
-            manifest.stages.insert(name.to_string(), record);
+            manifest.stages.insert(name.clone(), record);
             manifest.save(&run.manifest_path())?;
             let _ = remove_dir_if_exists(&staging);
             return Err(e);
@@ -284,19 +385,25 @@ fn run_one(
         let p = staging.join(&rel);
         let bytes = std::fs::metadata(&p).ctx("reading metadata of", &p)?.len();
         outputs.push(OutputFile {
-            path: Path::new(name).join(&rel).to_string_lossy().into_owned(),
+            path: Path::new(&name).join(&rel).to_string_lossy().into_owned(),
             bytes,
             sha256: sha256_file(&p)?,
         });
     }
-    let final_dir = run.stage_dir(name);
+    let final_dir = run.stage_dir(&name);
+    let trash = run
+        .staging_dir()
+        .join(format!("{flat}-old-{}", std::process::id()));
     if final_dir.exists() {
-        let trash = run
-            .staging_dir()
-            .join(format!("{name}-old-{}", std::process::id()));
         std::fs::rename(&final_dir, &trash).ctx("moving aside", &final_dir)?;
     }
+    if let Some(parent) = final_dir.parent() {
+        std::fs::create_dir_all(parent).ctx("creating", parent)?;
+    }
     std::fs::rename(&staging, &final_dir).ctx("renaming into place", &final_dir)?;
+    if set.is_none() {
+        keep_set_folders(&trash, &final_dir)?;
+    }
     // A rename keeps size and modification time: later stages reading these files in this
     // process need not hash them again.
     for out in &outputs {
@@ -314,10 +421,26 @@ fn run_one(
             .map(mem::human_bytes)
             .unwrap_or_else(|| "unknown".into())
     );
-    manifest.stages.insert(name.to_string(), record);
+    manifest.stages.insert(name, record);
     manifest.save(&run.manifest_path())?;
     run.clear_staging()?;
-    run.clear_resume(name, None)?;
+    run.clear_resume(&flat, None)?;
+    Ok(())
+}
+
+/// Moves the query sets' folders (`query_set=NAME/`, recorded on their own) from the default
+/// instance's previous folder `old` into its new one: a rerun of the default set keeps them.
+fn keep_set_folders(old: &Path, new: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(old) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        if is_set_folder(&file_name.to_string_lossy()) {
+            let to = new.join(&file_name);
+            std::fs::rename(entry.path(), &to).ctx("keeping query set folder", &to)?;
+        }
+    }
     Ok(())
 }
 

@@ -16,6 +16,7 @@ use crate::config::{Config, STAGE_ORDER};
 use crate::error::{Error, Result};
 
 use super::manifest::StageRecord;
+use super::query_set::{set_dir, QuerySet};
 use super::rundir::RunDir;
 
 /// One stage of the pipeline.
@@ -33,6 +34,15 @@ pub trait Stage {
     /// in the report). Not required; but when one has completed, its outputs hash is part of
     /// this stage's inputs, so the stage reruns when it appears, changes or goes away.
     fn optional_inputs(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Files of upstream stages this stage never reads, as (stage, path inside its folder;
+    /// a path ending in `/` names a folder): they are left out of the upstream outputs hash
+    /// this stage's key records, so a change to them alone does not rerun it. Each data set
+    /// has its own files upstream (`fetch/data/ROLE.json`, `prepare/ROLE.parquet`), so a stage
+    /// that does not read the queries names theirs here and survives new queries.
+    fn unread_inputs(&self) -> &'static [(&'static str, &'static str)] {
         &[]
     }
 
@@ -123,6 +133,9 @@ pub struct StageContext<'a> {
     pub config_file: &'a Path,
     /// The worker processes the stage may start.
     pub workers: &'a Workers,
+    /// The named query set this instance of a per-set stage (`query`, `score`) runs for;
+    /// `None`: the default set of `[data.query]`.
+    pub query_set: Option<&'a QuerySet>,
 }
 
 /// Worker processes a stage may start for work that splits into independent jobs (the
@@ -140,6 +153,12 @@ impl StageContext<'_> {
     /// A path inside the stage's output folder.
     pub fn out(&self, rel: impl AsRef<Path>) -> PathBuf {
         self.out_dir.join(rel)
+    }
+
+    /// The folder of upstream stage `up` as this instance reads it: a per-set stage's own
+    /// set's folder (`RUN_DIR/query/query_set=NAME/`), else `RUN_DIR/UP/`.
+    pub fn input_dir(&self, up: &str) -> PathBuf {
+        set_dir(self.run, up, self.query_set.map(|s| s.name.as_str()))
     }
 
     /// `RUN_DIR/.resume/STAGE-KEY/`: a scratch folder (created on first use) that survives an

@@ -11,7 +11,8 @@ use crate::error::Result;
 
 use super::manifest::StageStatus;
 use super::rundir::RunDir;
-use super::runner::{stage_key, staleness};
+use super::query_set::QUERY_SET_STAGES;
+use super::runner::{stage_key_for, staleness};
 use super::stage::Registry;
 
 /// One line of the status table.
@@ -48,8 +49,21 @@ pub fn status_rows(registry: &Registry, run: &RunDir) -> Result<Vec<StatusRow>> 
         .map_err(|e| crate::Error::io("reading", &config_path, e))?;
     let config = Config::from_str_at(&text, &config_path, Path::new("/"))?;
     let mut rows = Vec::new();
+    // Each stage, then its named query sets' instances (`score/query_set=NAME`).
+    let mut names: Vec<(String, &str, Option<&str>)> = Vec::new();
     for name in STAGE_ORDER {
-        let Some(record) = manifest.stages.get(name) else {
+        names.push((name.to_string(), name, None));
+        if QUERY_SET_STAGES.contains(&name) {
+            let prefix = format!("{name}/query_set=");
+            for k in manifest.stages.keys() {
+                if let Some(set) = k.strip_prefix(&prefix) {
+                    names.push((k.clone(), name, Some(set)));
+                }
+            }
+        }
+    }
+    for (record_name, name, set) in &names {
+        let Some(record) = manifest.stages.get(record_name) else {
             continue;
         };
         let state = match record.status {
@@ -59,7 +73,14 @@ pub fn status_rows(registry: &Registry, run: &RunDir) -> Result<Vec<StatusRow>> 
                 record.error.as_deref().unwrap_or("unknown error")
             ),
             StageStatus::Complete => match registry.find(name) {
-                Ok(stage) => match stage_key(stage, &config, &manifest) {
+                Ok(stage) => match stage_key_for(stage, &config, &manifest, *set).map(|k| {
+                    // A set's definition (its prompts file) is judged by `ask`, not here.
+                    let spec = set.map(|s| format!("query_set:{s}"));
+                    match spec.and_then(|n| record.inputs.get(&n).map(|h| (n, h.clone()))) {
+                        Some((n, h)) => k.with_input(n, h),
+                        None => k,
+                    }
+                }) {
                     Ok(key) => match staleness(stage, run, record, &key)? {
                         None => "complete".to_string(),
                         Some(why) => format!("stale: {why}"),
@@ -70,7 +91,7 @@ pub fn status_rows(registry: &Registry, run: &RunDir) -> Result<Vec<StatusRow>> 
             },
         };
         rows.push(StatusRow {
-            stage: name.to_string(),
+            stage: record_name.clone(),
             state,
             wall_s: record.wall_s,
             peak_rss_bytes: record.peak_rss_bytes,

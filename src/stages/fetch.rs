@@ -1,10 +1,14 @@
-//! Owns the `fetch` stage and `fetch/resolved.json` (`Fetched`), which later stages read.
+//! Owns the `fetch` stage and what it resolved (`Fetched`), which later stages read.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); no sibling.
 //!
 //! `fetch`: resolves the model and every data set to local files (hub download, hub cache,
-//! or local paths), hashes them, checks the model's files, and records the result in
-//! `fetch/resolved.json` for later stages. Nothing is copied: the files stay in the cache or
-//! folder they were found in, and later stages read them from there.
+//! or local paths), hashes them, checks the model's files, and records the result for later
+//! stages, one file per part: `fetch/model.json` (the model and its facts) and
+//! `fetch/data/ROLE.json` (each data set), so that a stage that does not read a data set does
+//! not depend on it (new queries leave `finetune` and `fit` current). Run directories of
+//! earlier builds hold all of it in one `fetch/resolved.json`, still read. Nothing is copied:
+//! the files stay in the cache or folder they were found in, and later stages read them from
+//! there.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,7 +25,7 @@ use crate::hub::{
 use crate::pipeline::{RunDir, Stage, StageContext, StageRecord};
 use crate::util::fsx::write_json_atomic;
 
-/// The content of `fetch/resolved.json`.
+/// What `fetch` resolved (`fetch/model.json` and `fetch/data/ROLE.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Fetched {
     /// The model.
@@ -33,15 +37,31 @@ pub struct Fetched {
 }
 
 impl Fetched {
-    /// Reads `RUN_DIR/fetch/resolved.json`.
+    /// Reads `RUN_DIR/fetch/model.json` and `RUN_DIR/fetch/data/*.json`, or the single
+    /// `fetch/resolved.json` of a run directory made before the parts were split.
     pub fn load(run: &RunDir) -> Result<Fetched> {
-        let path = run.stage_dir("fetch").join("resolved.json");
-        let text = std::fs::read_to_string(&path).ctx("reading", &path)?;
-        serde_json::from_str(&text).map_err(|e| {
-            Error::Pipeline(format!(
-                "{}: unreadable ({e}); rerun the fetch stage (`--force fetch`)",
-                path.display()
-            ))
+        let dir = run.stage_dir("fetch");
+        let legacy = dir.join("resolved.json");
+        if legacy.is_file() && !dir.join("model.json").exists() {
+            return read_json(&legacy);
+        }
+        let model: ModelPart = read_json(&dir.join("model.json"))?;
+        let mut data = BTreeMap::new();
+        let data_dir = dir.join("data");
+        if data_dir.is_dir() {
+            for entry in std::fs::read_dir(&data_dir).ctx("listing", &data_dir)? {
+                let path = entry.ctx("listing", &data_dir)?.path();
+                if let Some(role) = path.file_name().and_then(|n| n.to_str()) {
+                    if let Some(role) = role.strip_suffix(".json") {
+                        data.insert(role.to_string(), read_json(&path)?);
+                    }
+                }
+            }
+        }
+        Ok(Fetched {
+            model: model.model,
+            model_facts: model.model_facts,
+            data,
         })
     }
 
@@ -53,6 +73,23 @@ impl Fetched {
             .expect("fetch always resolves tokenizer.json")
             .path
     }
+}
+
+/// `fetch/model.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct ModelPart {
+    model: ResolvedRepo,
+    model_facts: ModelFacts,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).ctx("reading", path)?;
+    serde_json::from_str(&text).map_err(|e| {
+        Error::Pipeline(format!(
+            "{}: unreadable ({e}); rerun the fetch stage (`--force fetch`)",
+            path.display()
+        ))
+    })
 }
 
 /// File stats kept in the manifest summary, to notice files that changed after fetching.
@@ -162,7 +199,16 @@ impl Stage for FetchStage {
             model_facts,
             data,
         };
-        write_json_atomic(&ctx.out("resolved.json"), &fetched)?;
+        write_json_atomic(
+            &ctx.out("model.json"),
+            &ModelPart {
+                model: fetched.model.clone(),
+                model_facts: fetched.model_facts.clone(),
+            },
+        )?;
+        for (role, repo) in &fetched.data {
+            write_json_atomic(&ctx.out(format!("data/{role}.json")), repo)?;
+        }
 
         let all_files = std::iter::once(&fetched.model)
             .chain(fetched.data.values())

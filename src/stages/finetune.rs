@@ -99,6 +99,11 @@ impl Stage for FinetuneStage {
         &["fetch", "prepare"]
     }
 
+    /// The queries are not read here: new queries do not rerun this stage.
+    fn unread_inputs(&self) -> &'static [(&'static str, &'static str)] {
+        &[("fetch", "data/query.json"), ("prepare", "query.parquet")]
+    }
+
     fn config_view(&self, c: &Config) -> serde_json::Value {
         json!({"train": c.train, "pretrain": c.pretrain, "batching": c.batching})
     }

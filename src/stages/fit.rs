@@ -49,6 +49,11 @@ impl Stage for FitStage {
         &["prepare", "finetune"]
     }
 
+    /// The queries are not read here: new queries do not rerun this stage.
+    fn unread_inputs(&self) -> &'static [(&'static str, &'static str)] {
+        &[("prepare", "query.parquet")]
+    }
+
     fn config_view(&self, c: &Config) -> serde_json::Value {
         let mut v = json!({
             "method": c.attribution.method, "fisher": c.attribution.fisher,

@@ -52,7 +52,6 @@ impl Stage for PrepareStage {
             .file("tokenizer.json")
             .map(|f| f.sha256.clone())
             .unwrap_or_default();
-        let view_hash = sha256_json(&self.config_view(ctx.config));
         // `messages` data sets are rendered with the model's own chat template.
         let model_file = |n: &str| fetched.model.file(n).map(|f| f.path.clone());
         let chat = if ctx
@@ -76,6 +75,9 @@ impl Stage for PrepareStage {
                 repo.files.iter().map(|f| f.path.as_path()).collect();
             let docs = load_docs(&files, ds)?;
             let prepared = tokenize_docs(&tokenizer, &tok_path, &docs, ds, chat.as_ref(), role)?;
+            // Of this data set's part of the config alone: the table is then the same bytes
+            // whatever the other data sets are, and stages that do not read them stay current.
+            let view_hash = sha256_json(&json!({"data": {role: ds}, "batching": ctx.config.batching}));
             let metadata = vec![
                 ("source_tda.version".to_string(), crate::VERSION.to_string()),
                 ("source_tda.role".to_string(), role.to_string()),
@@ -83,7 +85,7 @@ impl Stage for PrepareStage {
                     "source_tda.shape".to_string(),
                     format!("{:?}", ds.shape).to_lowercase(),
                 ),
-                ("source_tda.config_hash".to_string(), view_hash.clone()),
+                ("source_tda.config_hash".to_string(), view_hash),
                 ("source_tda.tokenizer_sha256".to_string(), tok_sha.clone()),
                 ("source_tda.model_id".to_string(), fetched.model.id.clone()),
                 (
