@@ -11,6 +11,7 @@ pub mod chat;
 pub mod docs;
 pub mod read;
 pub mod table;
+pub mod token_text;
 pub mod tokenize;
 
 pub use batch::{plan_batches, plan_stats, Batch, BatchOrder, BatchPlanStats};
@@ -18,4 +19,5 @@ pub use chat::ChatTemplate;
 pub use docs::{load_docs, Content, RawDoc};
 pub use read::{format_of, DATA_EXTENSIONS};
 pub use table::{read_prepared, write_prepared};
+pub use token_text::token_texts;
 pub use tokenize::{tokenize_docs, Prepared, PreparedDoc, TokenizeStats};

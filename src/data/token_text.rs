@@ -1,0 +1,53 @@
+//! Owns the text of each token of a document as the tables and the report show it.
+//! Layer: data — may import the ground, linalg, backend, model and, in this folder, docs.rs.
+//!
+//! A token's text is cut from the document's own string at the tokenizer's byte offsets, not
+//! decoded from its id alone: a byte-level BPE token that holds part of a multi-byte
+//! character (an accent, a CJK character, an emoji) decodes alone to "�", while its offsets
+//! point at the whole character. Each byte of the string goes to the first token whose span
+//! reaches it, and a gap the offsets leave out (a space some tokenizers trim off a token's
+//! span) goes to the token after it, so the pieces of a document's tokens, joined, give back
+//! its text exactly (the second token of a split character is ""). A special token the
+//! tokenizer inserted (BOS; no span in the string) shows its vocabulary entry (`<s>`).
+
+use tokenizers::Tokenizer;
+
+/// The text of each of `ids`, the tokenisation of `text` (with `add_special_tokens` as it was
+/// tokenised; `ids` may be cut short by truncation). `None` when `text` does not tokenise to
+/// `ids` (another tokenizer made them): the caller decodes instead.
+pub fn token_texts(
+    tokenizer: &Tokenizer,
+    text: &str,
+    ids: &[u32],
+    add_special_tokens: bool,
+) -> Option<Vec<String>> {
+    let enc = tokenizer.encode(text, add_special_tokens).ok()?;
+    let all = enc.get_ids();
+    if all.len() < ids.len() || &all[..ids.len()] != ids {
+        return None;
+    }
+    let offsets = enc.get_offsets();
+    let special = enc.get_special_tokens_mask();
+    let mut cursor = 0usize;
+    let mut last_piece = None;
+    let mut out = Vec::with_capacity(ids.len());
+    for (t, &id) in ids.iter().enumerate() {
+        let (start, end) = offsets[t];
+        if start == end && special.get(t) == Some(&1) {
+            out.push(tokenizer.id_to_token(id).unwrap_or_default());
+            continue;
+        }
+        let mut stop = end.max(cursor).min(text.len());
+        while !text.is_char_boundary(stop) {
+            stop += 1;
+        }
+        out.push(text[cursor..stop].to_string());
+        last_piece = Some(t);
+        cursor = stop;
+    }
+    // Untruncated: what no span reaches at the end (trailing space) belongs to the last token.
+    if let (true, Some(t)) = (all.len() == ids.len(), last_piece) {
+        out[t].push_str(&text[cursor..]);
+    }
+    Some(out)
+}
