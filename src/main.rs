@@ -95,6 +95,33 @@ enum Command {
     /// proponents and opponents with segment contributions and token shading, timings and,
     /// when eval stages ran, LDS / recall), summary.json, and print the top documents.
     Report(OneStage),
+    /// Ask a finished run new questions: score a file of queries as a named query set,
+    /// reusing the run's fine-tune and fitted curvature (only `query` and `score` run, for
+    /// the set; then the report, which lists every set).
+    ///
+    /// FILE is JSONL, CSV or Parquet with a `prompt` column (the model completes each prompt
+    /// and its own completion is explained) or `prompt` and `completion` columns (the given
+    /// completion is explained), read with the run's [data.query] settings (column names,
+    /// chat_template, max_length) when it has them; an `id` column names the queries.
+    /// Writes RUN_DIR/query/query_set=NAME/ and RUN_DIR/score/query_set=NAME/ (the same tables
+    /// as score/). Several sets coexist; asking again with the same file skips what is done.
+    ///
+    /// Example:
+    ///
+    ///   source-tda ask --run-dir runs/demo --prompts my-questions.jsonl --name mine
+    #[command(verbatim_doc_comment)]
+    Ask {
+        /// The finished run directory (fit must be complete).
+        #[arg(long)]
+        run_dir: PathBuf,
+        /// The file of queries.
+        #[arg(long, value_name = "FILE")]
+        prompts: PathBuf,
+        /// The set's name (letters, digits, `_`, `-`, `.`). Default: FILE's name without its
+        /// extension.
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Import a Hugging Face Trainer run as the trajectory instead of fine-tuning here.
     ///
     /// Runs fetch, prepare and finetune (the ones not yet done) with `train.import_from` set
@@ -118,7 +145,8 @@ enum Command {
     ///
     /// With --json, prints one JSON object: {"run_dir", "stages": [{"stage", "status"
     /// (complete, stale, failed, interrupted or not_run), "state" (with the reason),
-    /// "wall_s", "peak_rss_bytes", "finished_at"}]}, every stage in pipeline order.
+    /// "wall_s", "peak_rss_bytes", "finished_at"}]}, every stage in pipeline order, each
+    /// followed by its named query sets' instances (`score/query_set=NAME`).
     #[command(verbatim_doc_comment)]
     Status {
         /// The run directory.
@@ -417,6 +445,30 @@ fn dispatch(command: Command, stages: &Registry) -> Result<()> {
         Command::ImportTrainer { trainer_dir, stage } => {
             import_trainer(stages, &trainer_dir, stage)
         }
+        Command::Ask {
+            run_dir,
+            prompts,
+            name,
+        } => {
+            let run = RunDir::at(&run_dir)?;
+            let asked = source_tda::stages::ask(
+                stages,
+                &run,
+                &prompts,
+                name.as_deref(),
+                &RunOptions::default(),
+            )
+            .with_context(|| format!("run directory {}", run.path().display()))?;
+            print_outcomes(
+                &asked.outcomes,
+                &format!(
+                    "query set {}: {}",
+                    asked.set.name,
+                    asked.scores_dir.display()
+                ),
+            );
+            Ok(())
+        }
         Command::Status { run_dir, json } => match json {
             true => status_json(stages, &run_dir),
             false => status(stages, &run_dir),
@@ -619,27 +671,44 @@ fn status(stages: &Registry, run_dir: &Path) -> Result<()> {
             ),
             None => println!("{name:<11} {:>9} {:>10}  {:<19}  not run", "", "", ""),
         }
+        for r in set_rows(&rows, name) {
+            println!("  {}: {}", r.stage, r.state);
+        }
     }
     Ok(())
+}
+
+/// The rows of the named query sets' instances of stage `name` (`score/query_set=NAME`).
+fn set_rows<'a>(
+    rows: &'a [source_tda::pipeline::StatusRow],
+    name: &str,
+) -> impl Iterator<Item = &'a source_tda::pipeline::StatusRow> {
+    let prefix = format!("{name}/");
+    rows.iter().filter(move |r| r.stage.starts_with(&prefix))
 }
 
 /// `status --json`: every stage in pipeline order, with a one-word `status` for scripts.
 fn status_json(stages: &Registry, run_dir: &Path) -> Result<()> {
     let run = RunDir::at(run_dir)?;
     let rows = status_rows(stages, &run)?;
-    let list: Vec<serde_json::Value> = STAGE_ORDER
-        .iter()
-        .map(|name| match rows.iter().find(|r| r.stage == *name) {
-            Some(r) => serde_json::json!({
-                "stage": r.stage, "status": r.kind(), "state": r.state, "wall_s": r.wall_s,
-                "peak_rss_bytes": r.peak_rss_bytes, "finished_at": r.finished_at,
-            }),
+    let row = |r: &source_tda::pipeline::StatusRow| {
+        serde_json::json!({
+            "stage": r.stage, "status": r.kind(), "state": r.state, "wall_s": r.wall_s,
+            "peak_rss_bytes": r.peak_rss_bytes, "finished_at": r.finished_at,
+        })
+    };
+    let mut list: Vec<serde_json::Value> = Vec::new();
+    for name in STAGE_ORDER {
+        list.push(match rows.iter().find(|r| r.stage == name) {
+            Some(r) => row(r),
             None => serde_json::json!({
                 "stage": name, "status": "not_run", "state": "not run", "wall_s": null,
                 "peak_rss_bytes": null, "finished_at": null,
             }),
-        })
-        .collect();
+        });
+        // Then the named query sets' instances of the stage (`score/query_set=NAME`).
+        list.extend(set_rows(&rows, name).map(row));
+    }
     let out = serde_json::json!({"run_dir": run.path(), "stages": list});
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

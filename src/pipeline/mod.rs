@@ -16,10 +16,10 @@ mod verify;
 
 /// Re-exported for the layers above that order stages by name (e.g. the report's timings).
 pub use manifest::{Manifest, OutputFile, StageRecord, StageStatus};
-pub use rundir::{RunDir, RunLock};
 pub use query_set::{
     check_set_name, complete_sets, record_name, set_dir, QuerySet, QUERY_SET_STAGES,
 };
+pub use rundir::{RunDir, RunLock};
 pub use runner::{
     run_stages, run_stages_for, stage_key, stage_key_for, staleness, Outcome, RunOptions, StageKey,
 };

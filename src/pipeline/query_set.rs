@@ -60,8 +60,8 @@ pub fn check_set_name(name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::Pipeline(format!(
-            "query set name `{name}` is not allowed; use letters, digits, `_`, `-` and `.` (not \
-             first): it names the folders STAGE/query_set=NAME/"
+            "query set name `{name}` is not allowed; allowed: letters, digits, `_`, `-` and `.` \
+             (not first), since it names the folders STAGE/query_set=NAME/"
         )))
     }
 }
@@ -113,7 +113,11 @@ mod tests {
         }
         assert_eq!(record_name("score", Some("x")), "score/query_set=x");
         assert_eq!(record_name("score", None), "score");
-        assert_eq!(record_name("fit", Some("x")), "fit", "fit is shared by every set");
+        assert_eq!(
+            record_name("fit", Some("x")),
+            "fit",
+            "fit is shared by every set"
+        );
         assert!(is_set_folder("query_set=x") && !is_set_folder("scores.parquet"));
     }
 }

@@ -10,8 +10,8 @@ use crate::config::{Config, STAGE_ORDER};
 use crate::error::Result;
 
 use super::manifest::StageStatus;
-use super::rundir::RunDir;
 use super::query_set::QUERY_SET_STAGES;
+use super::rundir::RunDir;
 use super::runner::{stage_key_for, staleness};
 use super::stage::Registry;
 

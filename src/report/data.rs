@@ -110,6 +110,18 @@ impl QueryReport {
     }
 }
 
+/// A named query set (`source-tda ask`): its queries, scored against the same run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QuerySetReport {
+    /// The set's name.
+    pub name: String,
+    /// Whether its scores are current (false: the run's fine-tune or curvature changed since;
+    /// its queries are then not shown).
+    pub current: bool,
+    /// Its queries (empty when not current).
+    pub queries: Vec<QueryReport>,
+}
+
 /// Wall time and peak memory of one stage, from the manifest.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StageTiming {
@@ -159,6 +171,8 @@ pub struct ReportData {
     pub n_docs: usize,
     /// The queries.
     pub queries: Vec<QueryReport>,
+    /// The named query sets, by name.
+    pub query_sets: Vec<QuerySetReport>,
     /// The stages' timings.
     pub stages: Vec<StageTiming>,
     /// Evaluation results, when eval stages completed.

@@ -74,6 +74,7 @@ pub fn render(d: &ReportData, generated_at: &str) -> String {
         o.push_str(&query(d, q));
     }
     o.push_str("</section>");
+    o.push_str(&super::sets_html::sections(&d.query_sets, &|q| query(d, q)));
     if let Some(loss) = &d.loss {
         o.push_str(&loss_section(loss));
     }
@@ -589,6 +590,7 @@ mod tests {
             datasets: Vec::new(),
             n_docs: 2,
             queries: vec![q],
+            query_sets: Vec::new(),
             stages: Vec::new(),
             eval: Default::default(),
             sign_convention: String::new(),

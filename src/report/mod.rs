@@ -15,12 +15,15 @@ pub mod eval_html;
 pub mod html;
 pub mod known;
 pub mod loss_html;
+pub mod sets_html;
 pub mod summary;
 pub mod svg;
 pub mod table;
 pub mod text;
 
-pub use data::{load_eval, load_loss, load_scores, load_timings, QueryReport, ReportData};
+pub use data::{
+    load_eval, load_loss, load_scores, load_timings, QueryReport, QuerySetReport, ReportData,
+};
 pub use eval::{EvalResults, LDS_STAGE, RECALL_STAGE};
 pub use html::render;
 pub use known::{read_known_sources, unknown_known_sources, unknown_known_sources_note};

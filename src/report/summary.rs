@@ -51,6 +51,18 @@ pub fn summary_json(d: &ReportData) -> serde_json::Value {
             "proponents": docs(&q.proponents),
             "opponents": docs(&q.opponents),
         })).collect::<Vec<_>>(),
+        "query_sets": d.query_sets.iter().map(|set| json!({
+            "name": set.name,
+            "current": set.current,
+            "queries": set.queries.iter().map(|q| json!({
+                "query_id": q.query_id,
+                "prompt": q.prompt,
+                "completion": q.completion,
+                "measurement": q.measurement,
+                "proponents": docs(&q.proponents),
+                "opponents": docs(&q.opponents),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         "eval": {
             "recall": d.eval.recall.is_some(),
             "lds": d.eval.lds.is_some(),
@@ -118,6 +130,26 @@ pub fn terminal_lines(d: &ReportData) -> Vec<String> {
                 doc.train_id,
                 if doc.known { " (known)" } else { "" },
                 clip(&doc.text, 60)
+            ));
+        }
+    }
+    for set in &d.query_sets {
+        out.push(match set.current {
+            true => format!("query set {}: {} queries", set.name, set.queries.len()),
+            false => format!(
+                "query set {}: stale (the run changed since); ask again to rescore it",
+                set.name
+            ),
+        });
+        for q in &set.queries {
+            let top = q.proponents.first();
+            out.push(format!(
+                "  {}: {}{} ← {}",
+                q.query_id,
+                clip(&q.prompt, 50),
+                clip(&q.completion, 30),
+                top.map(|t| format!("{} (τ = {})", t.train_id, num(t.tau)))
+                    .unwrap_or_else(|| "—".into())
             ));
         }
     }

@@ -1,12 +1,14 @@
 //! Owns the registry of every stage (`registry()`); each file is one stage's I/O and glue.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); the
 //! files here import only `fetch`, `attribute`, `eval_methods`, `finetune`, `pretrain_record`,
-//! `query_generate`, `score`, `score_acting` and `score_refine` among themselves, never `mod.rs`.
+//! `query_generate`, `score`, `score_acting`, `score_refine` and `score_text` among
+//! themselves, never `mod.rs`.
 //!
 //! The stages the runner knows ([`Registry::new`] arranges them in the pipeline's order). Each
 //! file is one stage: it glues the library modules to the [`Stage`](crate::pipeline::Stage)
 //! contract.
 
+pub mod ask;
 pub mod attribute;
 mod eval_lds;
 mod eval_methods;
@@ -22,7 +24,9 @@ mod report;
 mod score;
 mod score_acting;
 mod score_refine;
+mod score_text;
 
+pub use ask::{ask, define_set, Asked};
 pub use eval_lds::{run_shard, EvalLdsStage, ShardOutcome};
 pub use eval_methods::{method_scores, scored_run, MethodScores};
 pub use eval_recall::EvalRecallStage;

@@ -77,7 +77,8 @@ impl Stage for PrepareStage {
             let prepared = tokenize_docs(&tokenizer, &tok_path, &docs, ds, chat.as_ref(), role)?;
             // Of this data set's part of the config alone: the table is then the same bytes
             // whatever the other data sets are, and stages that do not read them stay current.
-            let view_hash = sha256_json(&json!({"data": {role: ds}, "batching": ctx.config.batching}));
+            let view_hash =
+                sha256_json(&json!({"data": {role: ds}, "batching": ctx.config.batching}));
             let metadata = vec![
                 ("source_tda.version".to_string(), crate::VERSION.to_string()),
                 ("source_tda.role".to_string(), role.to_string()),

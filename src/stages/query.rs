@@ -7,7 +7,9 @@
 //! Writes `query/gradients.safetensors` (one tensor [Q, d_out, d_in] per layer, in query
 //! order) and `query/queries.parquet`. Prompt-only queries (`[data.query] shape = "prompt"`)
 //! are first completed by the final model ([`super::query_generate`]); `queries.parquet`'s
-//! `generated` column says so.
+//! `generated` column says so. For a named query set (`source-tda ask`) the queries are read
+//! from the set's own file instead of `prepare/query.parquet`, and everything is written to
+//! `query/query_set=NAME/`.
 
 use std::collections::HashMap;
 
@@ -16,9 +18,11 @@ use serde_json::json;
 use crate::attribution::query_gradients;
 use crate::config::{Config, DocShape};
 use crate::data::tokenize::load_tokenizer;
+use crate::data::{load_docs, tokenize_docs, PreparedDoc};
 use crate::error::{Error, Result};
 use crate::output::{write_table, Column};
-use crate::pipeline::{Stage, StageContext};
+use crate::pipeline::{QuerySet, Stage, StageContext};
+use crate::util::fsx::write_json_atomic;
 
 use super::attribute::{check_memory, fit_options, load_model, plan, role_docs};
 use super::fetch::Fetched;
@@ -26,6 +30,21 @@ use super::query_generate::{complete_queries, eos_tokens, generate_options};
 
 /// The `query` stage.
 pub struct QueryStage;
+
+/// The queries of a named set, read from its files and tokenised as the set says; the set's
+/// definition is kept beside its outputs (`set.json`).
+fn set_queries(ctx: &StageContext, set: &QuerySet) -> Result<Vec<PreparedDoc>> {
+    let fetched = Fetched::load(ctx.run)?;
+    let tok_path = fetched.tokenizer_path();
+    let tokenizer = load_tokenizer(tok_path)?;
+    let files: Vec<&std::path::Path> = set.files.iter().map(|(p, _)| p.as_path()).collect();
+    let docs = load_docs(&files, &set.data)?;
+    let label = format!("query set {}", set.name);
+    // A set's rows are prompts (and completions), never `messages`: no chat template.
+    let prepared = tokenize_docs(&tokenizer, tok_path, &docs, &set.data, None, &label)?;
+    write_json_atomic(&ctx.out("set.json"), set)?;
+    Ok(prepared.docs)
+}
 
 impl Stage for QueryStage {
     fn name(&self) -> &'static str {
@@ -51,17 +70,24 @@ impl Stage for QueryStage {
 
     fn run(&self, ctx: &StageContext) -> Result<serde_json::Value> {
         let p = plan(ctx.config, ctx.run)?;
-        let queries = role_docs(ctx.run, "query").map_err(|_| {
-            Error::Pipeline(
-                "the query stage needs queries: add `[data.query]` (prompt + completion pairs, \
-                 shape = \"prompt_completion\", or prompts to complete, shape = \"prompt\") \
-                 to the config"
-                    .into(),
-            )
-        })?;
+        let (queries, shape) = match ctx.query_set {
+            Some(set) => (set_queries(ctx, set)?, Some(set.data.shape)),
+            None => (
+                role_docs(ctx.run, "query").map_err(|_| {
+                    Error::Pipeline(
+                        "the query stage needs queries: add `[data.query]` (prompt + completion \
+                         pairs, shape = \"prompt_completion\", or prompts to complete, shape = \
+                         \"prompt\") to the config, or ask about a file of prompts with \
+                         `source-tda ask`"
+                            .into(),
+                    )
+                })?,
+                ctx.config.data.query.as_ref().map(|d| d.shape),
+            ),
+        };
         let model = load_model(&p.final_checkpoint)?;
         check_memory("query", &model, ctx.config)?;
-        let generated = ctx.config.data.query.as_ref().map(|d| d.shape) == Some(DocShape::Prompt);
+        let generated = shape == Some(DocShape::Prompt);
         let queries = if generated {
             let eos = eos_tokens(&p.final_checkpoint)?;
             if ctx.config.query.stop_at_eos && eos.is_empty() {

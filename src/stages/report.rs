@@ -6,14 +6,17 @@
 //! `summary.json`, and a terminal summary of each query's top documents. Reads the score
 //! stage's tables, the manifest's timings, the queries' known sources and, when the
 //! `eval-recall` / `eval-lds` stages completed, their results (optional inputs: the report
-//! reruns when they appear or change).
+//! reruns when they appear or change), and the named query sets' scores (`source-tda ask`).
 
 use serde_json::json;
 
 use crate::config::Config;
 use crate::error::Result;
-use crate::pipeline::{RunDir, Stage, StageContext};
+use crate::pipeline::{
+    complete_sets, record_name, set_dir, stage_key_for, Registry, RunDir, Stage, StageContext,
+};
 use crate::report::data::DatasetInfo;
+use crate::report::QuerySetReport;
 use crate::report::{
     load_eval, load_loss, load_scores, load_timings, read_known_sources, render, summary_json,
     terminal_lines, ReportData, LDS_STAGE, RECALL_STAGE,
@@ -23,7 +26,7 @@ use crate::util::fsx::{write_atomic, write_json_atomic};
 use super::fetch::Fetched;
 
 /// Bumped when the report's content changes, so that old reports are regenerated.
-const REPORT_LAYOUT: u32 = 2;
+const REPORT_LAYOUT: u32 = 3;
 
 /// The `report` stage.
 pub struct ReportStage;
@@ -55,7 +58,7 @@ impl Stage for ReportStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<serde_json::Value> {
-        let data = gather(ctx.config, ctx.run)?;
+        let data = gather(ctx.config, ctx.run, ctx.registry)?;
         let html = render(&data, &crate::util::now_rfc3339());
         write_atomic(&ctx.out("report.html"), html.as_bytes())?;
         ctx.failpoint("after-html")?;
@@ -78,8 +81,9 @@ impl Stage for ReportStage {
     }
 }
 
-/// Everything the report shows, read from the run directory.
-pub fn gather(config: &Config, run: &RunDir) -> Result<ReportData> {
+/// Everything the report shows, read from the run directory (`registry` judges whether each
+/// named query set's scores are current).
+pub fn gather(config: &Config, run: &RunDir, registry: &Registry) -> Result<ReportData> {
     let fetched = Fetched::load(run)?;
     let mut known = std::collections::BTreeMap::new();
     if let (Some(qc), Some(repo)) = (&config.data.query, fetched.data.get("query")) {
@@ -123,6 +127,7 @@ pub fn gather(config: &Config, run: &RunDir) -> Result<ReportData> {
         n_docs: tables.docs_per_dataset.values().sum(),
         datasets,
         queries: tables.queries,
+        query_sets: query_sets(config, run, registry)?,
         stages: load_timings(run, "report")?,
         eval: load_eval(run)?,
         loss: load_loss(run)?,
@@ -131,4 +136,34 @@ pub fn gather(config: &Config, run: &RunDir) -> Result<ReportData> {
             s => s,
         },
     })
+}
+
+/// The named query sets with a complete `score`, each with its queries when its scores are
+/// current with the run's fine-tune and curvature (its score record's inputs and config are
+/// what they would be now).
+fn query_sets(config: &Config, run: &RunDir, registry: &Registry) -> Result<Vec<QuerySetReport>> {
+    let manifest = run.manifest()?;
+    let score = registry.find("score")?;
+    let mut out = Vec::new();
+    for name in complete_sets(&manifest, "score") {
+        let record = &manifest.stages[&record_name("score", Some(&name))];
+        let current = stage_key_for(score, config, &manifest, Some(&name)).is_ok_and(|k| {
+            k.config_hash == record.config_hash
+                && (k.inputs_hash == record.inputs_hash
+                    || k.legacy_inputs_hash == record.inputs_hash)
+        });
+        let queries = match current {
+            true => {
+                let known = std::collections::BTreeMap::new();
+                load_scores(&set_dir(run, "score", Some(&name)), &known)?.queries
+            }
+            false => Vec::new(),
+        };
+        out.push(QuerySetReport {
+            name,
+            current,
+            queries,
+        });
+    }
+    Ok(out)
 }

@@ -1,6 +1,6 @@
 //! Owns the `score` stage: preconditioned queries, scoring passes, and the score tables.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
-//! `attribute`, `fetch`, `score_acting`, `score_refine`.
+//! `attribute`, `fetch`, `score_acting`, `score_refine`, `score_text`.
 //!
 //! `score`: the backwards walk over segments and the training passes that score every
 //! document of every segment's data against every query, per document and per token, in
@@ -12,7 +12,7 @@
 //! τ = score / n_train; τ > 0 means the document helped the model produce the completion (a
 //! proponent). Per-segment columns `segment_K_STAGE` add up to `score`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{Device, Tensor};
 use serde_json::json;
@@ -40,6 +40,7 @@ use super::attribute::{
 use super::fetch::Fetched;
 use super::score_acting::{query_energy_shares, write_acting};
 use super::score_refine::refined_influence;
+use super::score_text::doc_token_texts;
 
 /// How τ's sign reads; stored in every output file.
 pub const SIGN_CONVENTION: &str = "tau = score / n_train approximates f(trained without m) - \
@@ -126,7 +127,7 @@ fn preconditioning(ctx: &StageContext, method: MethodKind, table: &str) -> serde
 
 /// Query gradients written by the `query` stage, per layer in `layers` order.
 fn load_query_gradients(ctx: &StageContext, layers: &[String]) -> Result<Vec<Tensor>> {
-    let path = ctx.run.stage_dir("query").join("gradients.safetensors");
+    let path = ctx.input_dir("query").join("gradients.safetensors");
     let bytes = std::fs::read(&path).ctx("reading", &path)?;
     let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
     layers
@@ -179,6 +180,12 @@ impl Stage for ScoreStage {
 
     fn inputs(&self) -> &'static [&'static str] {
         &["fetch", "prepare", "finetune", "fit", "query"]
+    }
+
+    /// The queries come from the `query` stage (or are not read at all): the query data set's
+    /// files upstream are not inputs, so new queries do not rerun this stage.
+    fn unread_inputs(&self) -> &'static [(&'static str, &'static str)] {
+        &[("fetch", "data/query.json"), ("prepare", "query.parquet")]
     }
 
     fn config_view(&self, c: &Config) -> serde_json::Value {
@@ -465,7 +472,7 @@ fn write_outputs(
 /// Copies the query stage's `queries.parquet` into the outputs and returns its query ids,
 /// which must be the `q` queries the gradients hold.
 fn copy_queries(ctx: &StageContext, q: usize) -> Result<Vec<String>> {
-    let queries_path = ctx.run.stage_dir("query").join("queries.parquet");
+    let queries_path = ctx.input_dir("query").join("queries.parquet");
     std::fs::copy(&queries_path, ctx.out("queries.parquet")).ctx("copying", &queries_path)?;
     let query_ids = read_query_ids(&queries_path)?;
     if query_ids.len() != q {
@@ -546,18 +553,22 @@ fn write_token_scores(
     }
     let (mut tq, mut tid, mut tidx, mut ttok, mut ttext, mut tscore) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    // Each kept document's token texts, cut from its text at the tokenizer's offsets.
+    let mut texts: HashMap<(&str, usize), Vec<String>> = HashMap::new();
     for (r, &k) in ranked.rows.iter().zip(&ranked.rank) {
         if !keep_all && k as usize > top_k {
             continue;
         }
         let doc = ranked.doc(r);
+        let pieces = texts
+            .entry((r.role, r.m))
+            .or_insert_with(|| doc_token_texts(ctx, r.role, doc, tokenizer));
         for (t, &s) in ranked.roles[r.role].tokens[r.m][r.q].iter().enumerate() {
-            let id = doc.input_ids[t];
             tq.push(ranked.query_ids[r.q].clone());
             tid.push(doc.doc_id.clone());
             tidx.push(t as u32);
-            ttok.push(id);
-            ttext.push(tokenizer.decode(&[id], false).unwrap_or_default());
+            ttok.push(doc.input_ids[t]);
+            ttext.push(pieces[t].clone());
             tscore.push(s);
         }
     }

@@ -37,4 +37,3 @@ pub fn doc_token_texts(
             .collect()
     })
 }
-

@@ -26,9 +26,7 @@ fn demo_pipeline_runs_offline_from_the_shipped_cache() {
     );
     assert!(out.status.success(), "{}", common::stderr(&out));
 
-    let resolved: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("fetch/resolved.json")).unwrap())
-            .unwrap();
+    let resolved = common::fetched(&run);
     assert_eq!(resolved["model"]["resolution"], "cache");
     assert_eq!(resolved["model"]["id"], "source-tda/demo-llama");
     assert_eq!(resolved["model_facts"]["model_type"], "llama");

@@ -492,10 +492,7 @@ fn cli_honours_hf_hub_offline_and_hf_hub_cache() {
         ],
     );
     assert!(out.status.success(), "{}", common::stderr(&out));
-    let resolved: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("run/fetch/resolved.json")).unwrap(),
-    )
-    .unwrap();
+    let resolved = common::fetched(&dir.path().join("run"));
     assert_eq!(resolved["model"]["resolution"], "cache");
     assert_eq!(resolved["model"]["commit"], COMMIT);
     assert_eq!(resolved["data"]["train"]["resolution"], "local");

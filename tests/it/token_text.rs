@@ -37,12 +37,14 @@ fn token_texts_join_back_to_the_text_and_never_show_a_replacement_character() {
 }
 
 #[test]
-fn decoding_a_byte_token_alone_shows_a_replacement_character_where_offsets_show_the_character()
-{
+fn decoding_a_byte_token_alone_shows_a_replacement_character_where_offsets_show_the_character() {
     let tok = tokenizer();
     for text in ["🦀", "東", "é"] {
         let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
-        let alone: Vec<String> = ids.iter().map(|&i| tok.decode(&[i], false).unwrap()).collect();
+        let alone: Vec<String> = ids
+            .iter()
+            .map(|&i| tok.decode(&[i], false).unwrap())
+            .collect();
         assert!(
             alone.iter().any(|s| s.contains('\u{FFFD}')),
             "{text:?} is split into byte tokens by this vocabulary: {alone:?}"
@@ -67,6 +69,10 @@ fn truncated_ids_give_a_prefix_and_foreign_ids_give_none() {
         text.starts_with(&joined) && joined.len() < text.len(),
         "{joined:?}"
     );
-    let other = tok.encode("something else", false).unwrap().get_ids().to_vec();
+    let other = tok
+        .encode("something else", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
     assert_eq!(token_texts(&tok, text, &other, false), None);
 }

@@ -128,3 +128,21 @@ pub fn batches(path: &Path) -> Vec<arrow_array::RecordBatch> {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// What the fetch stage of run directory `run` resolved, as one JSON object shaped
+/// `{"model", "model_facts", "data": {ROLE: …}}` (from `fetch/model.json` and
+/// `fetch/data/ROLE.json`).
+pub fn fetched(run: &Path) -> serde_json::Value {
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let mut v = read(&run.join("fetch/model.json"));
+    let mut data = serde_json::Map::new();
+    for entry in std::fs::read_dir(run.join("fetch/data")).unwrap() {
+        let p = entry.unwrap().path();
+        let role = p.file_stem().unwrap().to_string_lossy().into_owned();
+        data.insert(role, read(&p));
+    }
+    v["data"] = serde_json::Value::Object(data);
+    v
+}
