@@ -148,6 +148,15 @@ pub fn pcg(
         for &i in &active {
             residuals[i].push(res[i]);
         }
+        let worst = active.iter().map(|&i| res[i]).fold(0.0, f64::max);
+        tracing::info!(
+            "conjugate gradients: iteration {}/{}: {} of {q} queries ran, largest relative \
+             residual {}",
+            residuals[active[0]].len() - 1,
+            opts.iterations,
+            active.len(),
+            crate::util::num::sig(worst, 3)
+        );
         z = apply_m_inv(&r)?;
         let rz_new = dots(&r, &z)?;
         let beta: Vec<f64> = (0..q)
