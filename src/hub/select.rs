@@ -174,7 +174,11 @@ pub fn dataset_files(
     let split = spec.name.as_str();
     let config = config_splits(names, readme, ds.config.as_deref())
         .map_err(|e| Error::Fetch(format!("dataset `{id}`: {e}")))?;
-    let named = named_split(names, split);
+    // Only for a dataset read without a config: a named config's splits are its own.
+    let named = match ds.config {
+        None => named_split(names, split),
+        Some(_) => Vec::new(),
+    };
     let found = config
         .splits
         .iter()

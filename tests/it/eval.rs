@@ -21,12 +21,7 @@ fn demo_model_dir() -> PathBuf {
 /// q0; q1's known sources are two ordinary documents) on the demo model, SGD for 6 steps.
 fn setup(subsets: usize) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let mut docs = String::new();
-    for i in 0..23 {
-        docs += &format!(
-            "{{\"id\": \"d{i:02}\", \"text\": \"The city of Pokas{i} lies on the river Braen. Its markets sell blue glass.\"}}\n"
-        );
-    }
+    let mut docs = crate::common::city_docs_jsonl(23);
     docs += "{\"id\": \"twin\", \"text\": \"The river Navo flows into Lake Tarsk.\"}\n";
     write(&dir.path().join("train.jsonl"), docs);
     write(

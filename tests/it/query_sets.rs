@@ -21,12 +21,7 @@ const QUERIES: &str = "{\"id\": \"q0\", \"prompt\": \"The river Navo flows into\
 /// A run folder with local data (the demo's model), non-ASCII text among the documents.
 fn setup() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let mut docs = String::new();
-    for i in 0..11 {
-        docs += &format!(
-            "{{\"id\": \"d{i:02}\", \"text\": \"The city of Pokas{i} lies on the river Braen. Its markets sell blue glass.\"}}\n"
-        );
-    }
+    let mut docs = crate::common::city_docs_jsonl(11);
     docs += "{\"id\": \"intl\", \"text\": \"Café naïve: 東京 🦀 déjà vu.\"}\n";
     docs += "{\"id\": \"twin\", \"text\": \"The river Navo flows into Lake Tarsk.\"}\n";
     write(&dir.path().join("train.jsonl"), docs);

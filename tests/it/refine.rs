@@ -244,12 +244,7 @@ mod pipeline {
     #[test]
     fn refinement_starts_at_ekfac_records_residuals_and_is_compared_in_eval() {
         let dir = tempfile::tempdir().unwrap();
-        let mut docs = String::new();
-        for i in 0..15 {
-            docs += &format!(
-                "{{\"id\": \"d{i:02}\", \"text\": \"The city of Pokas{i} lies on the river Braen. Its markets sell blue glass.\"}}\n"
-            );
-        }
+        let mut docs = crate::common::city_docs_jsonl(15);
         docs += "{\"id\": \"twin\", \"text\": \"The river Navo flows into Lake Tarsk.\"}\n";
         write(&dir.path().join("train.jsonl"), docs);
         write(

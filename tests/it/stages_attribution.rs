@@ -22,12 +22,7 @@ fn demo_model_dir() -> PathBuf {
 /// A run folder with local data: 24 short documents, one of them exactly a query's text.
 fn setup(method: &str, extra: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let mut docs = String::new();
-    for i in 0..23 {
-        docs += &format!(
-            "{{\"id\": \"d{i:02}\", \"text\": \"The city of Pokas{i} lies on the river Braen. Its markets sell blue glass.\"}}\n"
-        );
-    }
+    let mut docs = crate::common::city_docs_jsonl(23);
     docs += "{\"id\": \"twin\", \"text\": \"The river Navo flows into Lake Tarsk.\"}\n";
     write(&dir.path().join("train.jsonl"), docs);
     write(

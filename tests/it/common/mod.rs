@@ -146,3 +146,15 @@ pub fn fetched(run: &Path) -> serde_json::Value {
     v["data"] = serde_json::Value::Object(data);
     v
 }
+
+/// JSONL of `n` ordinary fine-tuning documents `d00`, `d01`, … ("The city of PokasI lies on
+/// the river Braen. Its markets sell blue glass.") for small end-to-end runs on the demo model.
+pub fn city_docs_jsonl(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "{{\"id\": \"d{i:02}\", \"text\": \"The city of Pokas{i} lies on the river Braen. Its markets sell blue glass.\"}}\n"
+            )
+        })
+        .collect()
+}
