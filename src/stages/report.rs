@@ -121,7 +121,10 @@ pub fn gather(config: &Config, run: &RunDir, registry: &Registry) -> Result<Repo
         run_name: config.run.name.clone().unwrap_or_else(|| "run".into()),
         model_id,
         model_commit: meta("source_tda.model_commit"),
-        method: meta("source_tda.method"),
+        method: method_label(
+            &meta("source_tda.method"),
+            &meta("source_tda.preconditioning"),
+        ),
         segments,
         segment_columns: tables.segment_columns,
         n_docs: tables.docs_per_dataset.values().sum(),
@@ -166,4 +169,23 @@ fn query_sets(config: &Config, run: &RunDir, registry: &Registry) -> Result<Vec<
         });
     }
     Ok(out)
+}
+
+/// The method as the report names it: `influence`, or with a refined inverse
+/// `influence (EK-FAC refined by 30 CG iterations over 304 documents; largest final relative
+/// residual 1.89)` from the tables' `source_tda.preconditioning` (docs/design.md §9).
+fn method_label(method: &str, preconditioning: &str) -> String {
+    let p: serde_json::Value = serde_json::from_str(preconditioning).unwrap_or(json!({}));
+    if p["method"] != "ekfac+cg" {
+        return method.to_string();
+    }
+    let residual = p["final_residual_max"]
+        .as_f64()
+        .map(|r| crate::util::num::sig(r, 3))
+        .unwrap_or_else(|| "?".into());
+    format!(
+        "{method} (EK-FAC refined by {} CG iterations over {} documents; largest final \
+         relative residual {residual})",
+        p["iterations"], p["documents"]
+    )
 }

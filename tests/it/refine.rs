@@ -254,7 +254,7 @@ mod pipeline {
         );
         write(
             &dir.path().join("p.toml"),
-            "config = \"c.toml\"\nstages = [\"fetch\", \"prepare\", \"finetune\", \"fit\", \"query\", \"score\"]\nrun_dir = \"run\"\n",
+            "config = \"c.toml\"\nstages = [\"fetch\", \"prepare\", \"finetune\", \"fit\", \"query\", \"score\", \"report\"]\nrun_dir = \"run\"\n",
         );
         let runp = dir.path().join("run");
         config(dir.path(), "");
@@ -299,6 +299,15 @@ mod pipeline {
             .max_by(|a, b| a.1.total_cmp(b.1))
             .unwrap();
         assert_eq!(top.0 .1, "twin");
+        let summary: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(runp.join("report/summary.json")).unwrap(),
+        )
+        .unwrap();
+        let m = summary["method"].as_str().unwrap();
+        assert!(
+            m.starts_with("influence (EK-FAC refined by 4 CG iterations over 16 documents"),
+            "{m}"
+        );
         let meta = metadata(&table, "source_tda.preconditioning");
         assert!(
             meta.contains("ekfac+cg") && meta.contains("final_residual_max"),
