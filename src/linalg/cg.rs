@@ -8,9 +8,11 @@
 //! inverse, docs/design.md §9). Every query runs its own recurrence (its own α, β), in f64
 //! scalars:
 //!
-//!     x₀ = M⁻¹ b,  r₀ = b − A x₀,  z₀ = M⁻¹ r₀,  p₀ = z₀
-//!     α = ⟨r, z⟩ / ⟨p, A p⟩,  x ← x + α p,  r ← r − α A p
-//!     z ← M⁻¹ r,  β = ⟨r, z⟩_new / ⟨r, z⟩_old,  p ← z + β p
+//! ```text
+//! x₀ = M⁻¹ b,  r₀ = b − A x₀,  z₀ = M⁻¹ r₀,  p₀ = z₀
+//! α = ⟨r, z⟩ / ⟨p, A p⟩,  x ← x + α p,  r ← r − α A p
+//! z ← M⁻¹ r,  β = ⟨r, z⟩_new / ⟨r, z⟩_old,  p ← z + β p
+//! ```
 //!
 //! so zero iterations return the preconditioned b itself (today's EK-FAC answer), and a
 //! query stops once ‖r‖ / ‖b‖ ≤ tolerance (later products leave it out).

@@ -6,7 +6,9 @@
 //! For a document z with logits z_t at its loss positions t, the Gauss–Newton matrix of its
 //! summed cross-entropy in the tracked parameters is
 //!
-//!     G(z) = Σ_t m_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t,    p_t = softmax(z_t),
+//! ```text
+//! G(z) = Σ_t m_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t,    p_t = softmax(z_t),
+//! ```
 //!
 //! J_t = ∂z_t/∂θ (docs/design.md §9). It is the expectation of g gᵀ over labels drawn from
 //! the model (the true Fisher that EK-FAC estimates, §3), computed exactly: J v by the

@@ -1,6 +1,7 @@
 //! Exact Gauss–Newton products: the forward-mode tangent J v against central finite
-//! differences of the logits for every family variant, and G v = Jᵀ H J v against the same
-//! product built from a dense Jacobian taken row by row with autograd.
+//! differences of the logits for every family variant and on the demo model, and
+//! G v = Jᵀ H J v against the same product built from a dense Jacobian taken row by row with
+//! autograd.
 
 use crate::common::model_fixtures as fixtures;
 
@@ -321,5 +322,38 @@ fn gauss_newton_products_equal_the_dense_jacobian_product() {
         for i in 0..3 {
             assert!(dot(i, i) > 0.0, "{label}: ⟨v, G v⟩ = {}", dot(i, i));
         }
+    }
+}
+
+#[test]
+fn logit_tangents_match_central_differences_on_the_demo_model() {
+    let dir = crate::common::demo_tokenizer()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let model = Model::load(&dir, &LoadOptions::default(), &Device::Cpu).unwrap();
+    let mut rng = Rng::new(8);
+    let docs = random_docs(&mut rng, &[24, 17], model.spec().vocab_size());
+    let batch = TokenBatch::new(&doc_refs(&docs), 0, None, &Device::Cpu).unwrap();
+    let (k, h) = (2, 1e-2);
+    let v = directions(&model, k, &mut rng);
+    let z = model
+        .logits_tangent(&batch.input_ids.repeat((k, 1)).unwrap(), &v)
+        .unwrap();
+    let b = batch.batch_size();
+    for kk in 0..k {
+        shift(&model, &v, kk, h);
+        let plus = model.forward(&batch.input_ids).unwrap();
+        shift(&model, &v, kk, -2.0 * h);
+        let minus = model.forward(&batch.input_ids).unwrap();
+        shift(&model, &v, kk, h);
+        let fd = ((plus - minus).unwrap() / (2.0 * h)).unwrap();
+        let got = z.dx.narrow(0, kk * b, b).unwrap();
+        let (err, size) = (max_abs_diff(&got, &fd), max_abs(&fd));
+        assert!(size > 1e-2, "the direction moves no logit");
+        assert!(
+            err <= 1e-2 * size + 1e-3,
+            "demo direction {kk}: |J v − finite difference| = {err}, |J v| = {size}"
+        );
     }
 }
