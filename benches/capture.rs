@@ -1,12 +1,16 @@
 //! Throughput of capture vs a plain forward + backward on a SmolLM2-135M-shaped Llama with
-//! random weights (hidden 576, 9 heads, 3 kv heads, head_dim 64, MLP 1536, vocab 49152).
+//! random weights (hidden 576, 9 heads, 3 kv heads, head_dim 64, MLP 1536, vocab 49152), and
+//! of the exact Gauss–Newton product G v (docs/design.md §9) with `--ggn K` directions.
 //!
 //! ```text
-//! cargo bench --bench capture -- [--layers 4,30] [--batch 8] [--seq 128] [--reps 3]
+//! cargo bench --bench capture -- [--layers 4,30] [--batch 8] [--seq 128] [--reps 3] [--ggn K]
 //! ```
 //!
 //! Plain and capture runs alternate (the machine's speed drifts); each mode reports the best
-//! and mean tokens/s over `reps` and its peak RSS, and the capture/plain time ratio.
+//! and mean tokens/s over `reps` and its peak RSS, and the capture/plain time ratio. With
+//! `--ggn K`, one G v over the batch for K directions (a batch of K copies) runs after them:
+//! its time per direction (the cost of one refinement iteration per query and batch) and its
+//! ratio to the plain forward + backward.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -77,6 +81,7 @@ fn main() {
     let b: usize = arg(&args, "--batch", "8").parse().expect("--batch");
     let t: usize = arg(&args, "--seq", "128").parse().expect("--seq");
     let reps: usize = arg(&args, "--reps", "3").parse().expect("--reps");
+    let ggn: usize = arg(&args, "--ggn", "0").parse().expect("--ggn");
     let dev = Device::Cpu;
     for &n in &layers {
         let weights = random_weights(n, &dev);
@@ -131,5 +136,29 @@ fn main() {
             best(&tc) / best(&tp),
             mean(&tc) / mean(&tp),
         );
+        if ggn > 0 {
+            let v: Vec<Tensor> = model
+                .tracked_layers()
+                .iter()
+                .map(|l| Tensor::randn(0f32, 1e-3, (ggn, l.d_out, l.d_in), &dev).unwrap())
+                .collect();
+            let mut tg = Vec::new();
+            mem::reset_peak_rss();
+            for _ in 0..reps {
+                let s = Instant::now();
+                std::hint::black_box(model.gauss_newton(&batch, &v).unwrap());
+                tg.push(s.elapsed().as_secs_f64());
+            }
+            let rss = mem::peak_rss_bytes().unwrap_or(0);
+            println!(
+                "  G v, {ggn} directions: best {:.3} s  mean {:.3} s  = {:.3} s per direction \
+                 ({:.2}× plain fwd+bwd)  peak RSS {}",
+                best(&tg),
+                mean(&tg),
+                best(&tg) / ggn as f64,
+                best(&tg) / ggn as f64 / best(&tp),
+                mem::human_bytes(rss),
+            );
+        }
     }
 }
