@@ -96,34 +96,41 @@ fn logit_tangents_match_central_differences_for_every_family() {
         llama.tensors(31),
         Tracking::Patterns(vec!["*".into()]),
     ));
-    let (k, h) = (2, 1e-2);
     for (label, config, tensors, tracking) in cases {
         let (_dir, model) = load(&config, &tensors, tracking);
         let mut rng = Rng::new(5);
         let docs = random_docs(&mut rng, &[7, 5], model.spec().vocab_size());
-        let batch = TokenBatch::new(&doc_refs(&docs), 0, None, &Device::Cpu).unwrap();
-        let v = directions(&model, k, &mut rng);
-        let ids = batch.input_ids.repeat((k, 1)).unwrap();
-        let z = model.logits_tangent(&ids, &v).unwrap();
-        let plain = model.forward(&batch.input_ids).unwrap();
-        let b = batch.batch_size();
-        for kk in 0..k {
-            let zx = z.x.narrow(0, kk * b, b).unwrap();
-            assert!(max_abs_diff(&zx, &plain) < 1e-4, "{label}: logits differ");
-            shift(&model, &v, kk, h);
-            let plus = model.forward(&batch.input_ids).unwrap();
-            shift(&model, &v, kk, -2.0 * h);
-            let minus = model.forward(&batch.input_ids).unwrap();
-            shift(&model, &v, kk, h);
-            let fd = ((plus - minus).unwrap() / (2.0 * h)).unwrap();
-            let got = z.dx.narrow(0, kk * b, b).unwrap();
-            let (err, size) = (max_abs_diff(&got, &fd), max_abs(&fd));
-            assert!(size > 1e-2, "{label}: the direction moves no logit");
-            assert!(
-                err <= 1e-2 * size + 1e-3,
-                "{label} direction {kk}: |J v − finite difference| = {err}, |J v| = {size}"
-            );
-        }
+        check_tangents(&label, &model, &docs, &mut rng);
+    }
+}
+
+/// Two random directions: the tangent pass's logits equal the plain forward's, and its J v
+/// equals the central difference (f(θ + h v) − f(θ − h v)) / 2h of the logits, h = 1e-2, to
+/// 1% of |J v| + 1e-3.
+fn check_tangents(label: &str, model: &Model, docs: &[(Vec<u32>, Vec<u8>)], rng: &mut Rng) {
+    let (k, h) = (2, 1e-2);
+    let batch = TokenBatch::new(&doc_refs(docs), 0, None, &Device::Cpu).unwrap();
+    let v = directions(model, k, rng);
+    let ids = batch.input_ids.repeat((k, 1)).unwrap();
+    let z = model.logits_tangent(&ids, &v).unwrap();
+    let plain = model.forward(&batch.input_ids).unwrap();
+    let b = batch.batch_size();
+    for kk in 0..k {
+        let zx = z.x.narrow(0, kk * b, b).unwrap();
+        assert!(max_abs_diff(&zx, &plain) < 1e-4, "{label}: logits differ");
+        shift(model, &v, kk, h);
+        let plus = model.forward(&batch.input_ids).unwrap();
+        shift(model, &v, kk, -2.0 * h);
+        let minus = model.forward(&batch.input_ids).unwrap();
+        shift(model, &v, kk, h);
+        let fd = ((plus - minus).unwrap() / (2.0 * h)).unwrap();
+        let got = z.dx.narrow(0, kk * b, b).unwrap();
+        let (err, size) = (max_abs_diff(&got, &fd), max_abs(&fd));
+        assert!(size > 1e-2, "{label}: the direction moves no logit");
+        assert!(
+            err <= 1e-2 * size + 1e-3,
+            "{label} direction {kk}: |J v − finite difference| = {err}, |J v| = {size}"
+        );
     }
 }
 
@@ -334,26 +341,5 @@ fn logit_tangents_match_central_differences_on_the_demo_model() {
     let model = Model::load(&dir, &LoadOptions::default(), &Device::Cpu).unwrap();
     let mut rng = Rng::new(8);
     let docs = random_docs(&mut rng, &[24, 17], model.spec().vocab_size());
-    let batch = TokenBatch::new(&doc_refs(&docs), 0, None, &Device::Cpu).unwrap();
-    let (k, h) = (2, 1e-2);
-    let v = directions(&model, k, &mut rng);
-    let z = model
-        .logits_tangent(&batch.input_ids.repeat((k, 1)).unwrap(), &v)
-        .unwrap();
-    let b = batch.batch_size();
-    for kk in 0..k {
-        shift(&model, &v, kk, h);
-        let plus = model.forward(&batch.input_ids).unwrap();
-        shift(&model, &v, kk, -2.0 * h);
-        let minus = model.forward(&batch.input_ids).unwrap();
-        shift(&model, &v, kk, h);
-        let fd = ((plus - minus).unwrap() / (2.0 * h)).unwrap();
-        let got = z.dx.narrow(0, kk * b, b).unwrap();
-        let (err, size) = (max_abs_diff(&got, &fd), max_abs(&fd));
-        assert!(size > 1e-2, "the direction moves no logit");
-        assert!(
-            err <= 1e-2 * size + 1e-3,
-            "demo direction {kk}: |J v − finite difference| = {err}, |J v| = {size}"
-        );
-    }
+    check_tangents("demo", &model, &docs, &mut rng);
 }
