@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use arrow_array::cast::AsArray;
+use arrow_array::types::ArrowPrimitiveType;
 use arrow_array::types::{Float32Type, Float64Type, UInt32Type, UInt64Type};
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::DataType;
@@ -111,48 +112,11 @@ impl Table {
     pub fn floats(&self, name: &str) -> Result<Vec<f64>> {
         let mut out = Vec::with_capacity(self.len());
         for a in self.arrays(name)? {
-            let at = |i: usize| a.is_valid(i);
             match a.data_type() {
-                DataType::Float64 => {
-                    let p = a.as_primitive::<Float64Type>();
-                    out.extend((0..p.len()).map(|i| if at(i) { p.value(i) } else { f64::NAN }));
-                }
-                DataType::Float32 => {
-                    let p = a.as_primitive::<Float32Type>();
-                    out.extend((0..p.len()).map(
-                        |i| {
-                            if at(i) {
-                                p.value(i) as f64
-                            } else {
-                                f64::NAN
-                            }
-                        },
-                    ));
-                }
-                DataType::UInt32 => {
-                    let p = a.as_primitive::<UInt32Type>();
-                    out.extend((0..p.len()).map(
-                        |i| {
-                            if at(i) {
-                                p.value(i) as f64
-                            } else {
-                                f64::NAN
-                            }
-                        },
-                    ));
-                }
-                DataType::UInt64 => {
-                    let p = a.as_primitive::<UInt64Type>();
-                    out.extend((0..p.len()).map(
-                        |i| {
-                            if at(i) {
-                                p.value(i) as f64
-                            } else {
-                                f64::NAN
-                            }
-                        },
-                    ));
-                }
+                DataType::Float64 => out.extend(widened::<Float64Type>(a, |x| x)),
+                DataType::Float32 => out.extend(widened::<Float32Type>(a, f64::from)),
+                DataType::UInt32 => out.extend(widened::<UInt32Type>(a, f64::from)),
+                DataType::UInt64 => out.extend(widened::<UInt64Type>(a, |x| x as f64)),
                 other => return Err(self.wrong_type(name, "a number", other)),
             }
         }
@@ -173,6 +137,21 @@ impl Table {
         }
         Ok(out)
     }
+}
+
+/// The values of primitive array `a` (of type `T`) as f64 by `f`, nulls as NaN.
+fn widened<'a, T: ArrowPrimitiveType>(
+    a: &'a dyn Array,
+    f: impl Fn(T::Native) -> f64 + 'a,
+) -> impl Iterator<Item = f64> + 'a {
+    let p = a.as_primitive::<T>();
+    (0..p.len()).map(move |i| {
+        if p.is_valid(i) {
+            f(p.value(i))
+        } else {
+            f64::NAN
+        }
+    })
 }
 
 #[cfg(test)]
