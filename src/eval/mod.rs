@@ -9,7 +9,6 @@
 
 pub mod known;
 pub mod lds;
-pub mod methods;
 pub mod retrain;
 pub mod stats;
 pub mod table;
@@ -17,7 +16,6 @@ pub mod workers;
 
 pub use known::read_known_sources;
 pub use lds::{draw_subset, lds, predicted_losses, subset_size, Lds};
-pub use methods::method_name;
 pub use retrain::{all_jobs, measure_queries, Job, JobResult, Retrain, Shard};
 pub use stats::{
     average_ranks, bootstrap_ci95, bootstrap_difference_ci95, pearson, recall_at, reciprocal_rank,

@@ -27,9 +27,9 @@ use crate::config::Config;
 use crate::data::PreparedDoc;
 use crate::error::{Error, Result};
 use crate::eval::{
-    all_jobs, auto_workers, available_cores, bootstrap_difference_ci95, lds, method_name,
-    model_weight_bytes, predicted_losses, run_workers, subset_size, table::lds_table, threads_each,
-    Job, Retrain, Shard, Worker,
+    all_jobs, auto_workers, available_cores, bootstrap_difference_ci95, lds, model_weight_bytes,
+    predicted_losses, run_workers, subset_size, table::lds_table, threads_each, Job, Retrain,
+    Shard, Worker,
 };
 use crate::output::{write_table, Column};
 use crate::pipeline::{run_stages, Registry, RunDir, RunOptions, Stage, StageContext, StageStatus};
@@ -328,7 +328,7 @@ impl Stage for EvalLdsStage {
         let mut first: Option<(String, Option<f64>)> = None;
         let mut first_predicted: Vec<Vec<f64>> = Vec::new();
         for &method in &c.eval.methods {
-            let name = method_name(method);
+            let name = method.name();
             let scores = method_scores(ctx, method, &c.train.dataset, &query_ids, &train_ids)?;
             let predicted = predicted_losses(&scores.tau, &subsets);
             let res = lds(&predicted, &measured, c.eval.bootstrap, c.run.seed);

@@ -20,7 +20,6 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::config::{Config, EvalMethod, MethodKind};
 use crate::error::{Error, IoContext, Result};
-use crate::eval::method_name;
 use crate::pipeline::{run_stages, Registry, RunDir, RunOptions, StageContext, StageStatus};
 
 /// The stages a sub-run shares with its parent run (linked, records copied).
@@ -51,7 +50,7 @@ pub fn scored_run(
     {
         return RunDir::at(run.path());
     }
-    let sub = RunDir::at(&run.path().join("eval-methods").join(method_name(method)))?;
+    let sub = RunDir::at(&run.path().join("eval-methods").join(method.name()))?;
     let parent = run.manifest()?;
     let config_file = PathBuf::from(&parent.config_path);
     let mut c = config.clone();
@@ -82,7 +81,7 @@ pub fn scored_run(
     }
     tracing::info!(
         "eval: scoring with method `{}` in {}",
-        method_name(method),
+        method.name(),
         sub.path().display()
     );
     let stages: Vec<String> = ["fit", "query", "score"].map(String::from).into();

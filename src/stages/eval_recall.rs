@@ -22,7 +22,7 @@ use serde_json::json;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::eval::{
-    method_name, read_known_sources, recall_at, reciprocal_rank, source_ranks, table::recall_table,
+    read_known_sources, recall_at, reciprocal_rank, source_ranks, table::recall_table,
 };
 use crate::output::{write_table, Column};
 use crate::pipeline::{Stage, StageContext};
@@ -115,7 +115,7 @@ impl Stage for EvalRecallStage {
             (vec![], vec![], vec![], vec![], vec![]);
         let mut methods = Vec::new();
         for &method in &c.eval.methods {
-            let name = method_name(method);
+            let name = method.name();
             let scores = method_scores(ctx, method, role, &query_ids, &train_ids)?;
             let mut recall = vec![0.0; c.eval.k.len()];
             let mut mrr = 0.0;
