@@ -132,9 +132,9 @@ pub fn pcg(
             break;
         }
         // A p for the active queries only; the others get α = 0.
-        let ap_active = apply_a(&rows(&p, &active)?)?;
-        products += active.len();
         let p_active = rows(&p, &active)?;
+        let ap_active = apply_a(&p_active)?;
+        products += active.len();
         let pap = dots(&p_active, &ap_active)?;
         let mut alpha = vec![0.0; q];
         for (j, &i) in active.iter().enumerate() {

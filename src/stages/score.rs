@@ -270,11 +270,12 @@ fn precondition_queries(ctx: &StageContext, p: &AttributionPlan) -> Result<Queri
         &layers,
         &needs,
     )?;
-    drop(final_model);
     let acting = query_energy_shares(ctx, p, &files, &v, &layers, &groups)?;
     let backend = open_backend(ctx.config)?;
     let a = &ctx.config.attribution;
-    let u = match refined_influence(ctx, p, &files, &v, &layers, backend.as_ref())? {
+    let refined = refined_influence(ctx, p, &final_model, &files, &v, &layers, backend.as_ref())?;
+    drop(final_model);
+    let u = match refined {
         Some(u) => vec![u],
         None => preconditioned(a, backend.as_ref(), p, &files, &v, &layers, &groups)?,
     };

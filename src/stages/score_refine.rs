@@ -22,15 +22,18 @@ use crate::config::{MethodKind, RefineMethod};
 use crate::curvature::FactorFile;
 use crate::error::Result;
 use crate::linalg::CgOptions;
+use crate::model::Model;
 use crate::pipeline::StageContext;
 
-use super::attribute::{fit_options, load_model, role_docs};
+use super::attribute::{fit_options, role_docs};
 
-/// The refined u of the influence function's one scoring point (per layer), or None when
+/// The refined u of the influence function's one scoring point (per layer) with G at `model`
+/// (the final checkpoint), or None when
 /// refinement is off or does not apply (then a note is logged for Source).
 pub(super) fn refined_influence(
     ctx: &StageContext,
     p: &AttributionPlan,
+    model: &Model,
     files: &[FactorFile],
     v: &[Tensor],
     layers: &[String],
@@ -53,10 +56,9 @@ pub(super) fn refined_influence(
     }
     let RefineMethod::Cg = cfg.method;
     let started = Instant::now();
-    let model = load_model(&p.final_checkpoint)?;
     let docs = role_docs(ctx.run, &p.segments[0].role)?;
     let opts = fit_options(ctx.config);
-    let ggn = GaussNewtonSample::new(&model, &docs, cfg.documents, ctx.config.run.seed, &opts)?;
+    let ggn = GaussNewtonSample::new(model, &docs, cfg.documents, ctx.config.run.seed, &opts)?;
     let factors = files[0].load_layers(layers, &Device::Cpu)?;
     let damping = match a.damping {
         Some(d) => Damping::Absolute(d),
