@@ -31,7 +31,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use source_tda::attribution::{precondition_inverse, query_gradients, score_pass, Damping};
+use source_tda::attribution::{
+    precondition_inverse, precondition_inverse_factored, query_gradients, score_pass, Damping,
+};
 use source_tda::config::EigenPrecision;
 use source_tda::curvature::{fit_factors, save_factors, FactorFile};
 use source_tda::data::PreparedDoc;
@@ -199,21 +201,30 @@ fn main() {
         let qg = query_gradients(&model, &queries, &opts).expect("queries");
         let file = FactorFile::open(&factor_path).expect("factors");
         let names: Vec<String> = file.layer_names().map(str::to_string).collect();
+        // BENCH_DENSE_QUERIES=1: rotate the dense query gradients (the form before the
+        // token-factored one), for a side-by-side timing.
+        let dense = std::env::var("BENCH_DENSE_QUERIES").is_ok_and(|v| v == "1");
         let u: Vec<Tensor> = qg
             .layers
             .into_iter()
+            .zip(qg.factors)
             .zip(&names)
-            .map(|(g, name)| {
+            .map(|((g, tf), name)| {
                 let f = {
                     let _t = phase::timer("precondition: read factors");
                     file.load_layers(std::slice::from_ref(name), &dev)
                         .expect("layer")
                 };
                 let _t = phase::timer("precondition");
-                precondition_inverse(&f, &[g], Damping::MeanLambda(0.1))
-                    .expect("precondition")
-                    .pop()
-                    .expect("one layer")
+                let damping = Damping::MeanLambda(0.1);
+                if dense {
+                    precondition_inverse(&f, &[g], damping)
+                } else {
+                    precondition_inverse_factored(&f, &[tf], damping)
+                }
+                .expect("precondition")
+                .pop()
+                .expect("one layer")
             })
             .collect();
         score_pass(&model, &train, &u, &opts, keep_tokens).expect("score")

@@ -7,7 +7,9 @@ use candle_core::Tensor;
 
 use crate::backend::{Backend, CpuBackend};
 use crate::error::{Error, Result};
-use crate::linalg::{preconditioned_weights, spectral_weights, LayerFactors, SpectralFn};
+use crate::linalg::{
+    preconditioned_weights, spectral_weights, LayerFactors, SpectralFn, TokenFactors,
+};
 
 /// Damping of the influence-function inverse (H + λ)⁻¹.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -42,6 +44,16 @@ pub trait Curvature {
 
     /// The damped inverse (H̄ + λ)⁻¹ v.
     fn inverse(&self, v: &[Tensor], damping: Damping) -> Result<Vec<Tensor>>;
+
+    /// [`inverse`](Self::inverse) of per-layer gradients given as token factors
+    /// (V = Δᵀ A). The default forms V; EK-FAC rotates the factors where that is cheaper.
+    fn inverse_factored(&self, v: &[TokenFactors], damping: Damping) -> Result<Vec<Tensor>> {
+        let dense = v
+            .iter()
+            .map(TokenFactors::dense)
+            .collect::<Result<Vec<_>>>()?;
+        self.inverse(&dense, damping)
+    }
 
     /// Q diag(F(σ_e, p_e)) Qᵀ v: a function of each eigenvalue σ_e of H̄ (eigenvector q_e)
     /// and of p_e = q_eᵀ diag(p) q_e, the diagonal of a diagonal preconditioner `p` (per
@@ -92,6 +104,22 @@ impl Curvature for OnBackend<'_> {
         })
     }
 
+    fn inverse_factored(&self, v: &[TokenFactors], damping: Damping) -> Result<Vec<Tensor>> {
+        self.factors
+            .iter()
+            .zip(v)
+            .map(|(lf, g)| {
+                let w = spectral_weights(
+                    &lf.lambda,
+                    SpectralFn::Inverse {
+                        damping: damping.for_layer(&lf.lambda)?,
+                    },
+                )?;
+                self.backend.apply_in_basis_factored(&lf.basis, &w, g)
+            })
+            .collect()
+    }
+
     fn apply_preconditioned(
         &self,
         v: &[Tensor],
@@ -116,6 +144,10 @@ impl Curvature for Vec<LayerFactors> {
 
     fn inverse(&self, v: &[Tensor], damping: Damping) -> Result<Vec<Tensor>> {
         on_cpu(self).inverse(v, damping)
+    }
+
+    fn inverse_factored(&self, v: &[TokenFactors], damping: Damping) -> Result<Vec<Tensor>> {
+        on_cpu(self).inverse_factored(v, damping)
     }
 
     fn apply_preconditioned(
@@ -145,4 +177,15 @@ pub fn precondition_inverse(
     damping: Damping,
 ) -> Result<Vec<Tensor>> {
     on_cpu(factors).inverse(v, damping)
+}
+
+/// [`precondition_inverse`] of query gradients given as token factors (V = Δᵀ A per layer):
+/// the same value up to f32 rounding, with the rotation into the eigenbasis taken from the
+/// factors where that is cheaper.
+pub fn precondition_inverse_factored(
+    factors: &[LayerFactors],
+    v: &[TokenFactors],
+    damping: Damping,
+) -> Result<Vec<Tensor>> {
+    on_cpu(factors).inverse_factored(v, damping)
 }

@@ -14,7 +14,7 @@ use crate::backend::Backend;
 use crate::config::{AdamResponse, AttributionConfig, MethodKind};
 use crate::curvature::FactorFile;
 use crate::error::{Error, Result};
-use crate::linalg::{LayerFactors, LayerQuery};
+use crate::linalg::{LayerFactors, LayerQuery, TokenFactors};
 
 use super::adam::{adam_p_eff, AdamCurvature};
 use super::curvature::{Curvature, Damping, OnBackend};
@@ -24,13 +24,18 @@ use super::source::{source_walk, SegmentCurvature, StepGroup};
 /// u_ℓ for every planned segment, computed one layer group at a time: for each group, only
 /// that group's factors of every segment are read (memory-mapped), the walk runs on the
 /// group's layers (it is block-diagonal per layer) and the factors are dropped. `a`: the
-/// run's `[attribution]` (damping, Adam response).
+/// run's `[attribution]` (damping, Adam response). `tokens`: the same query gradients as
+/// token factors, when known; the influence function's inverse then rotates them into each
+/// eigenbasis instead of the dense `v` where that is cheaper (the same value up to f32
+/// rounding).
+#[allow(clippy::too_many_arguments)]
 pub fn preconditioned(
     a: &AttributionConfig,
     backend: &dyn Backend,
     p: &AttributionPlan,
     files: &[FactorFile],
     v: &[Tensor],
+    tokens: Option<&[TokenFactors]>,
     layers: &[String],
     groups: &FactorGroups,
 ) -> Result<Vec<Vec<Tensor>>> {
@@ -45,7 +50,8 @@ pub fn preconditioned(
             .iter()
             .map(|file| file.load_layers(names, &Device::Cpu))
             .collect::<Result<_>>()?;
-        let u = precondition_group(a, backend, p, &f, &v[start..end], start == 0)?;
+        let tokens = tokens.map(|t| &t[start..end]);
+        let u = precondition_group(a, backend, p, &f, &v[start..end], tokens, start == 0)?;
         for (point, u_point) in out.iter_mut().zip(&points) {
             // Layer l of this group: Σ coefficient · u_{segment, group}[l].
             #[allow(clippy::needless_range_loop)]
@@ -71,14 +77,15 @@ pub fn preconditioned(
 }
 
 /// u for every segment and each of its step groups, for one group of layers, given that
-/// group's factors `f` per segment. `first`: the first group (which logs what holds for every
-/// group).
+/// group's factors `f` per segment (`tokens`: `v` as token factors, if known). `first`: the
+/// first group (which logs what holds for every group).
 fn precondition_group(
     a: &AttributionConfig,
     backend: &dyn Backend,
     p: &AttributionPlan,
     f: &[Vec<LayerFactors>],
     v: &[Tensor],
+    tokens: Option<&[TokenFactors]>,
     first: bool,
 ) -> Result<Vec<Vec<Vec<Tensor>>>> {
     // Every eigenbasis function application goes through the backend.
@@ -92,7 +99,10 @@ fn precondition_group(
     };
     Ok(match p.method {
         MethodKind::GradientDot => vec![vec![v.to_vec()]],
-        MethodKind::Influence => vec![vec![on[0].inverse(v, damping)?]],
+        MethodKind::Influence => vec![vec![match tokens {
+            Some(t) => on[0].inverse_factored(t, damping)?,
+            None => on[0].inverse(v, damping)?,
+        }]],
         MethodKind::Source => {
             // Segments trained with AdamW see H̄ through Adam's preconditioner.
             let adam: Vec<Option<AdamCurvature>> = f

@@ -15,7 +15,9 @@ pub mod score;
 pub mod source;
 
 pub use adam::{adam_p_eff, AdamCurvature};
-pub use curvature::{precondition_inverse, Curvature, Damping, OnBackend};
+pub use curvature::{
+    precondition_inverse, precondition_inverse_factored, Curvature, Damping, OnBackend,
+};
 pub use dense::DenseCurvature;
 pub use refine::{layer_dampings, refine_inverse, GaussNewtonSample};
 pub use score::{

@@ -4,22 +4,26 @@
 //! Query gradients and the training pass that scores documents against preconditioned
 //! queries, per document, per layer and per token, in one pass (docs/design.md §2).
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::backend::{Backend, CpuBackend};
 use crate::data::PreparedDoc;
 use crate::error::Result;
-use crate::linalg::LayerQuery;
+use crate::linalg::{LayerQuery, TokenFactors};
 use crate::model::{Labels, Model};
 use crate::passes::{for_each_batch, PassOptions};
 use crate::util::phase;
 
 /// Per-layer query gradients ∇_W f(q) = Σ_t δ_t a_tᵀ, each [Q, d_out, d_in] in query order,
-/// and the measurements f(q) = −log p(completion | prompt).
+/// the same gradients as their token factors (Δ, A), and the measurements
+/// f(q) = −log p(completion | prompt).
 #[derive(Debug, Clone)]
 pub struct QueryGradients {
     /// One tensor per tracked layer: [Q, d_out, d_in(+1)].
     pub layers: Vec<Tensor>,
+    /// Per tracked layer, Δ [Q, T, d_out] and A [Q, T, d_in(+1)] with T the longest query
+    /// (rows past a query's length are zero): `layers[l] = Δᵀ A` per query.
+    pub factors: Vec<TokenFactors>,
     /// f(q) per query.
     pub measurements: Vec<f32>,
 }
@@ -31,7 +35,10 @@ pub fn query_gradients(
     opts: &PassOptions,
 ) -> Result<QueryGradients> {
     let q = queries.len();
-    let mut parts: Vec<Vec<(usize, Tensor)>> = vec![Vec::new(); model.tracked_layers().len()];
+    let n_layers = model.tracked_layers().len();
+    let mut parts: Vec<Vec<(usize, Tensor)>> = vec![Vec::new(); n_layers];
+    // Per layer, (query, δ rows, a rows) of the query's own tokens.
+    let mut rows: Vec<Vec<(usize, Tensor, Tensor)>> = vec![Vec::new(); n_layers];
     let mut measurements = vec![0f32; q];
     for_each_batch(model, queries, opts, "queries", |batch, idx| {
         let _t = phase::timer("query gradients");
@@ -48,6 +55,13 @@ pub fn query_gradients(
                 .matmul(&layer.a.contiguous()?)?;
             for (k, &i) in idx.iter().enumerate() {
                 parts[l].push((i, g.get(k)?));
+                // Padding sits after a document's tokens, and its a and δ are zero.
+                let n = queries[i].n_tokens();
+                rows[l].push((
+                    i,
+                    layer.delta.get(k)?.narrow(0, 0, n)?.to_dtype(DType::F32)?,
+                    layer.a.get(k)?.narrow(0, 0, n)?.to_dtype(DType::F32)?,
+                ));
             }
         }
         Ok(())
@@ -60,8 +74,31 @@ pub fn query_gradients(
             Ok(Tensor::stack(&ts, 0)?)
         })
         .collect::<Result<_>>()?;
+    let t_max = queries.iter().map(|d| d.n_tokens()).max().unwrap_or(0);
+    let factors = rows
+        .into_iter()
+        .map(|mut r| {
+            r.sort_by_key(|(i, _, _)| *i);
+            let pad = |t: &Tensor| -> Result<Tensor> {
+                let n = t.dim(0)?;
+                Ok(if n < t_max {
+                    t.pad_with_zeros(0, 0, t_max - n)?
+                } else {
+                    t.clone()
+                })
+            };
+            let (d, a): (Vec<Tensor>, Vec<Tensor>) = r
+                .iter()
+                .map(|(_, d, a)| Ok((pad(d)?, pad(a)?)))
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .unzip();
+            TokenFactors::new(Tensor::stack(&d, 0)?, Tensor::stack(&a, 0)?)
+        })
+        .collect::<Result<_>>()?;
     Ok(QueryGradients {
         layers,
+        factors,
         measurements,
     })
 }

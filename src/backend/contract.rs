@@ -5,7 +5,9 @@ use candle_core::{Device, Tensor};
 
 use crate::config::EigenPrecision;
 use crate::error::Result;
-use crate::linalg::{apply_in_basis, Eigen, EigenBasis, FactorSum, LambdaSums, LayerQuery};
+use crate::linalg::{
+    apply_in_basis, Eigen, EigenBasis, FactorSum, LambdaSums, LayerQuery, TokenFactors,
+};
 
 /// The device-specific operations of the fit and score passes. Tensors in and out are candle
 /// tensors on [`Backend::device`] (or the CPU); the results are the same math on every backend
@@ -53,6 +55,19 @@ pub trait Backend {
     /// tensor shaped like `v`. The default is the CPU form [`apply_in_basis`].
     fn apply_in_basis(&self, basis: &EigenBasis, weights: &Tensor, v: &Tensor) -> Result<Tensor> {
         apply_in_basis(basis, weights, v)
+    }
+
+    /// [`apply_in_basis`](Self::apply_in_basis) for V_q = Δ_qᵀ A_q given as token factors
+    /// (`v`: Δ [Q, T, d_out], A [Q, T, d_in]). The default forms V and calls
+    /// `apply_in_basis`; the CPU backend rotates the factors instead where that is cheaper
+    /// (`linalg::apply_in_basis_factored`).
+    fn apply_in_basis_factored(
+        &self,
+        basis: &EigenBasis,
+        weights: &Tensor,
+        v: &TokenFactors,
+    ) -> Result<Tensor> {
+        self.apply_in_basis(basis, weights, &v.dense()?)
     }
 
     /// Per-token scores s[q, b, t] = m_{b,t} δ_{b,t}ᵀ U_q a_{b,t} for a layer's query `u`

@@ -6,7 +6,9 @@ use rayon::prelude::*;
 
 use crate::config::EigenPrecision;
 use crate::error::Result;
-use crate::linalg::{eigh_with, Eigen, EigenBasis, FactorSum, LambdaSums};
+use crate::linalg::{
+    apply_in_basis_factored, eigh_with, Eigen, EigenBasis, FactorSum, LambdaSums, TokenFactors,
+};
 use crate::util::phase;
 use crate::util::tensors::with_f32;
 
@@ -51,6 +53,15 @@ impl Backend for CpuBackend {
             with_f32(x, |rows| sum.add_rows(rows))??;
         }
         Ok(())
+    }
+
+    fn apply_in_basis_factored(
+        &self,
+        basis: &EigenBasis,
+        weights: &Tensor,
+        v: &TokenFactors,
+    ) -> Result<Tensor> {
+        apply_in_basis_factored(basis, weights, v)
     }
 
     fn eigh_many(

@@ -1,6 +1,6 @@
 //! The linear algebra of EK-FAC: symmetric eigendecompositions, block-diagonal factors, the
 //! covariance and Λ sums, a layer's eigenbasis and fitted factors, the spectral functions
-//! F(σ), the one eigenbasis primitive, query forms, the token contraction and preconditioned
+//! F(σ), the one eigenbasis primitive (also on token-factored gradients), query forms, the token contraction and preconditioned
 //! conjugate gradients.
 //! Layer: linalg — may import only the ground floor (error, util, config, output).
 
@@ -10,6 +10,7 @@ pub mod cg;
 pub mod contract;
 pub mod covariance;
 pub mod eigen;
+pub mod factored;
 pub mod factors;
 pub mod lambda;
 pub mod query;
@@ -27,6 +28,7 @@ pub use cg::{pcg, CgOptions, CgOutcome};
 pub use contract::{doc_scores, token_scores};
 pub use covariance::{masked_rows, CovarianceSums, Covariances, FactorSum};
 pub use eigen::{eigh, eigh_f64, eigh_f64_with, eigh_with, Eigen};
+pub use factored::{apply_in_basis_factored, TokenFactors};
 pub use factors::{ekfac_diagonal, LayerFactors};
 pub use lambda::LambdaSums;
 pub use query::{low_rank, low_rank_token_scores, LayerQuery, LowRankQuery};

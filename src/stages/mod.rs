@@ -23,6 +23,7 @@ pub mod query_generate;
 mod report;
 mod score;
 mod score_acting;
+mod score_queries;
 mod score_refine;
 mod score_text;
 

@@ -5,7 +5,9 @@
 //! `query`: the query gradients v_L = ∇_θ f(q, θ_final) of every tracked layer at the final
 //! checkpoint, with the measurement f(q) = −log p(completion | prompt) (docs/design.md §2).
 //! Writes `query/gradients.safetensors` (one tensor [Q, d_out, d_in] per layer, in query
-//! order) and `query/queries.parquet`. Prompt-only queries (`[data.query] shape = "prompt"`)
+//! order), the same gradients as token factors V = Δᵀ A in `query/token_factors.safetensors`
+//! (`delta.LAYER` [Q, T, d_out] and `a.LAYER` [Q, T, d_in], which the influence function's
+//! preconditioning rotates more cheaply than V), and `query/queries.parquet`. Prompt-only queries (`[data.query] shape = "prompt"`)
 //! are first completed by the final model ([`super::query_generate`]); `queries.parquet`'s
 //! `generated` column says so. For a named query set (`source-tda ask`) the queries are read
 //! from the set's own file instead of `prepare/query.parquet`, and everything is written to
@@ -132,7 +134,23 @@ impl Stage for QueryStage {
             .to_string(),
         )]
         .into();
-        crate::util::tensors::save_tensors(&ctx.out("gradients.safetensors"), &entries, meta)?;
+        crate::util::tensors::save_tensors(
+            &ctx.out("gradients.safetensors"),
+            &entries,
+            meta.clone(),
+        )?;
+        let factors: Vec<(String, candle_core::Tensor)> = model
+            .tracked_layers()
+            .iter()
+            .zip(&qg.factors)
+            .flat_map(|(l, f)| {
+                [
+                    (format!("delta.{}", l.name), f.delta.clone()),
+                    (format!("a.{}", l.name), f.a.clone()),
+                ]
+            })
+            .collect();
+        crate::util::tensors::save_tensors(&ctx.out("token_factors.safetensors"), &factors, meta)?;
         write_table(
             &ctx.out("queries.parquet"),
             &[

@@ -1,6 +1,6 @@
 //! Owns the `score` stage: preconditioned queries, scoring passes, and the score tables.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
-//! `attribute`, `fetch`, `score_acting`, `score_refine`, `score_text`.
+//! `attribute`, `fetch`, `score_acting`, `score_queries`, `score_text`.
 //!
 //! `score`: the backwards walk over segments and the training passes that score every
 //! document of every segment's data against every query, per document and per token, in
@@ -14,15 +14,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use candle_core::{Device, Tensor};
 use serde_json::json;
 
-use crate::attribution::method::{preconditioned, query_forms};
-use crate::attribution::plan::{plan_score_memory, AttributionPlan, FactorGroups, ScoreNeeds};
+use crate::attribution::plan::AttributionPlan;
 use crate::attribution::score_pass_on;
 use crate::backend::Backend;
 use crate::config::{Config, MethodKind};
-use crate::curvature::FactorFile;
 use crate::data::tokenize::load_tokenizer;
 use crate::data::PreparedDoc;
 use crate::error::{Error, IoContext, Result};
@@ -33,13 +30,10 @@ use crate::pipeline::{Stage, StageContext};
 use crate::train::{OptimizerInfo, Trajectory};
 use crate::util::hash::sha256_json;
 
-use super::attribute::{
-    device_view, fit_options, load_model, load_model_on, model_and_batch_bytes, open_backend, plan,
-    role_docs,
-};
+use super::attribute::{device_view, fit_options, load_model_on, plan, role_docs};
 use super::fetch::Fetched;
-use super::score_acting::{query_energy_shares, write_acting};
-use super::score_refine::refined_influence;
+use super::score_acting::write_acting;
+use super::score_queries::{precondition_queries, Queries};
 use super::score_text::doc_token_texts;
 
 /// How τ's sign reads; stored in every output file.
@@ -125,48 +119,12 @@ fn preconditioning(ctx: &StageContext, method: MethodKind, table: &str) -> serde
     }
 }
 
-/// Query gradients written by the `query` stage, per layer in `layers` order.
-fn load_query_gradients(ctx: &StageContext, layers: &[String]) -> Result<Vec<Tensor>> {
-    let path = ctx.input_dir("query").join("gradients.safetensors");
-    let bytes = std::fs::read(&path).ctx("reading", &path)?;
-    let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
-    layers
-        .iter()
-        .map(|l| {
-            map.get(l).cloned().ok_or_else(|| {
-                Error::Pipeline(format!(
-                    "{}: no gradient for layer `{l}`; rerun the query stage",
-                    path.display()
-                ))
-            })
-        })
-        .collect()
-}
-
 /// Scores of one data role: per segment [Q][N] and per-token sums [N][Q][T].
 struct RoleScores {
     docs: Vec<PreparedDoc>,
     n_train: u64,
     per_segment: BTreeMap<usize, Vec<Vec<f64>>>,
     tokens: Vec<Vec<Vec<f32>>>,
-}
-
-/// The preconditioned queries in the form the scoring pass contracts with, the backend that
-/// computed them (and runs the scoring passes), and the memory plan they were computed under.
-struct Queries {
-    /// Q.
-    q: usize,
-    /// u per scoring pass ([`AttributionPlan::score_points`]) and layer.
-    u: Vec<Vec<LayerQuery>>,
-    /// The mean fraction of ‖u‖² a low-rank form kept.
-    kept_energy: Option<f64>,
-    backend: Box<dyn Backend>,
-    /// Per segment, the share of the queries' gradient energy where curvature acts (Source).
-    acting: Vec<Option<f64>>,
-    /// The estimated peak, the needs it came from and the layer groups.
-    estimate: u64,
-    needs: ScoreNeeds,
-    groups: FactorGroups,
 }
 
 impl Stage for ScoreStage {
@@ -232,71 +190,6 @@ fn log_adam_variant(ctx: &StageContext, p: &AttributionPlan) -> Result<()> {
         tracing::info!("score: AdamW segments use Source's Adam variant (saved second moments)");
     }
     Ok(())
-}
-
-/// The fitted factor files of the plan's segments (none when the method needs no factors).
-fn open_factor_files(ctx: &StageContext, p: &AttributionPlan) -> Result<Vec<FactorFile>> {
-    if !p.needs_factors() {
-        return Ok(Vec::new());
-    }
-    p.segments
-        .iter()
-        .map(|s| {
-            FactorFile::open(
-                &ctx.run
-                    .stage_dir("fit")
-                    .join(format!("segment-{}.safetensors", s.index)),
-            )
-        })
-        .collect()
-}
-
-/// Reads the query gradients, plans memory (refusing what does not fit), opens the backend,
-/// and computes u per segment in the form `[attribution] query_rank` asks for.
-fn precondition_queries(ctx: &StageContext, p: &AttributionPlan) -> Result<Queries> {
-    let final_model = load_model(&p.final_checkpoint)?;
-    let layers: Vec<String> = final_model
-        .tracked_layers()
-        .iter()
-        .map(|l| l.name.clone())
-        .collect();
-    let v = load_query_gradients(ctx, &layers)?;
-    let q = v.first().map(|t| t.dim(0)).transpose()?.unwrap_or(0);
-    let files = open_factor_files(ctx, p)?;
-    let needs = ScoreNeeds::of(&files, &layers, &v, p.score_points().len())?;
-    let (estimate, groups) = plan_score_memory(
-        model_and_batch_bytes(&final_model, ctx.config),
-        ctx.config.attribution.memory_limit_gib,
-        &layers,
-        &needs,
-    )?;
-    let acting = query_energy_shares(ctx, p, &files, &v, &layers, &groups)?;
-    let backend = open_backend(ctx.config)?;
-    let a = &ctx.config.attribution;
-    let refined = refined_influence(ctx, p, &final_model, &files, &v, &layers, backend.as_ref())?;
-    drop(final_model);
-    let u = match refined {
-        Some(u) => vec![u],
-        None => preconditioned(a, backend.as_ref(), p, &files, &v, &layers, &groups)?,
-    };
-    drop(files);
-    let (u, kept_energy) = query_forms(u, a.query_rank)?;
-    if let (Some(r), Some(e)) = (a.query_rank, kept_energy) {
-        tracing::info!(
-            "score: preconditioned queries in rank-{r} form ({:.4}% of ‖u‖² kept on average)",
-            100.0 * e
-        );
-    }
-    Ok(Queries {
-        q,
-        u,
-        kept_energy,
-        acting,
-        backend,
-        estimate,
-        needs,
-        groups,
-    })
 }
 
 /// Scores every document of every segment's data role against every query: per segment,

@@ -8,7 +8,9 @@
 use crate::common::real_assets;
 
 use candle_core::{DType, Device, Tensor};
-use source_tda::attribution::{precondition_inverse, query_gradients, score_pass, Damping};
+use source_tda::attribution::{
+    precondition_inverse, precondition_inverse_factored, query_gradients, score_pass, Damping,
+};
 use source_tda::curvature::fit_factors_with_covariances;
 use source_tda::data::PreparedDoc;
 use source_tda::linalg::LayerFactors;
@@ -240,11 +242,26 @@ fn influence_method_reproduces_kronfluence_ekfac_on_smollm2_two_layers() {
             }
         })
         .collect();
+    // The query gradients' token factors multiply out to the dense gradients.
+    for (l, (f, g)) in qg.factors.iter().zip(&qg.layers).enumerate() {
+        let d = f.dense().unwrap();
+        let scale: f32 = g.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let err: f32 = (&d - g)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(err <= 1e-5 * scale, "token factors of layer {l}: {err:e}");
+    }
     // One training pass scores all four methods: their preconditioned queries are stacked
-    // along the query axis (8 each): EK-FAC with the heuristic damping, EK-FAC with 1e-3,
-    // identity, KFAC.
+    // along the query axis (8 each): EK-FAC with the heuristic damping (preconditioned from
+    // the token factors, as the score stage does), EK-FAC with 1e-3 (from the dense
+    // gradients), identity, KFAC.
     let sets = [
-        precondition_inverse(&factors, &qg.layers, Damping::MeanLambda(0.1)).unwrap(),
+        precondition_inverse_factored(&factors, &qg.factors, Damping::MeanLambda(0.1)).unwrap(),
         precondition_inverse(&factors, &qg.layers, Damping::Absolute(1e-3)).unwrap(),
         qg.layers.clone(),
         precondition_inverse(&kfac, &qg.layers, Damping::MeanLambda(0.1)).unwrap(),

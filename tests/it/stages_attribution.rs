@@ -101,6 +101,37 @@ fn a_document_identical_to_the_query_is_its_top_proponent_for_every_method() {
             tau > 0.0 && score > 0.0,
             "{method}: a proponent has τ > 0 ({tau})"
         );
+        check_token_factors(&dir.path().join("run/query"));
+    }
+}
+
+/// The query stage's token factors multiply out to its dense gradients: Δ_qᵀ A_q = V_q for
+/// every tracked layer.
+fn check_token_factors(query: &Path) {
+    let dev = candle_core::Device::Cpu;
+    let dense = candle_core::safetensors::load(query.join("gradients.safetensors"), &dev).unwrap();
+    let tf = candle_core::safetensors::load(query.join("token_factors.safetensors"), &dev).unwrap();
+    assert_eq!(tf.len(), 2 * dense.len());
+    for (name, v) in &dense {
+        let f = source_tda::linalg::TokenFactors::new(
+            tf[&format!("delta.{name}")].clone(),
+            tf[&format!("a.{name}")].clone(),
+        )
+        .unwrap();
+        let d = f.dense().unwrap();
+        let scale: f32 = v.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let err: f32 = (&d - v)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            scale > 0.0 && err <= 1e-5 * scale,
+            "{name}: {err:e} of {scale:e}"
+        );
     }
 }
 
