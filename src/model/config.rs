@@ -2,7 +2,7 @@
 //! Layer: model — may import the ground, linalg and backend; no sibling.
 //!
 //! Supported `model_type`s: the Llama family (`llama`, `mistral`, `qwen2`, `qwen3`, `phi3`,
-//! `gemma2`) and `gpt2`.
+//! `gemma2`, `gemma3_text`) and `gpt2`.
 //! Every error names the key that is missing or wrong.
 
 use std::path::Path;
@@ -11,15 +11,29 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, IoContext, Result};
 
+mod attention;
+mod json;
+
+pub use attention::SlidingLayers;
+use json::{opt_bool, opt_f64, opt_usize, req_str, req_usize};
+
 /// The `model_type`s this crate can build.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
-    "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma2",
+    "gemma3_text",
+    "gpt2",
 ];
 
 /// A parsed architecture.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSpec {
-    /// Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2: RMSNorm, RoPE, GQA attention, gated MLP.
+    /// Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and 3: RMSNorm, RoPE, GQA attention, gated
+    /// MLP.
     Llama(LlamaSpec),
     /// GPT-2: LayerNorm, learned positions, Conv1D layers with biases, GELU MLP.
     Gpt2(Gpt2Spec),
@@ -51,7 +65,7 @@ pub enum RopeScaling {
 /// Llama-family hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaSpec {
-    /// `model_type` as written (llama, mistral, qwen2, qwen3, phi3, gemma2).
+    /// `model_type` as written (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text).
     pub model_type: String,
     /// Residual width d.
     pub hidden_size: usize,
@@ -83,16 +97,23 @@ pub struct LlamaSpec {
     pub mlp_bias: bool,
     /// Longest context.
     pub max_position_embeddings: usize,
-    /// Sliding attention window (mistral, phi3; qwen2/qwen3 with `use_sliding_window`).
+    /// Sliding attention window (mistral, phi3, gemma; qwen2/qwen3 with `use_sliding_window`):
+    /// a query at position p sees keys j with p − j < window.
     pub sliding_window: Option<usize>,
-    /// RMSNorm over each head's queries and keys before RoPE (`q_norm`, `k_norm`: qwen3).
+    /// Which layers use the window.
+    pub sliding_layers: SlidingLayers,
+    /// RoPE base of the sliding layers (`rope_local_base_freq`, Gemma 3), which use no RoPE
+    /// scaling; None: every layer uses `rope_theta` and `rope_scaling`.
+    pub rope_local_theta: Option<f64>,
+    /// RMSNorm over each head's queries and keys before RoPE (`q_norm`, `k_norm`: qwen3,
+    /// gemma3_text).
     pub qk_norm: bool,
     /// q, k, v in one `qkv_proj` and gate, up in one `gate_up_proj` (phi3).
     pub fused_projections: bool,
     /// Gemma's particulars: RMSNorm scales by (1 + w); the embeddings are multiplied by √d;
     /// each block also normalises its attention output (`post_attention_layernorm`), its MLP
-    /// input (`pre_feedforward_layernorm`) and output (`post_feedforward_layernorm`); the
-    /// sliding window applies to even layers only.
+    /// input (`pre_feedforward_layernorm`) and output (`post_feedforward_layernorm`)
+    /// (gemma2, gemma3_text).
     pub gemma: bool,
     /// The gated MLP's activation on the gate.
     pub mlp_activation: MlpActivation,
@@ -160,9 +181,16 @@ impl ModelSpec {
             .ok_or_else(|| Error::Model("config.json must be a JSON object".into()))?;
         let model_type = req_str(obj, "model_type")?;
         match model_type {
-            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma2" => {
+            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma2" | "gemma3_text" => {
                 Ok(ModelSpec::Llama(parse_llama(obj, model_type)?))
             }
+            "gemma3" => Err(Error::Model(
+                "key `model_type`: `gemma3` is Gemma 3's multimodal checkpoint (a vision tower \
+                 beside the language model, its settings under `text_config`); attribute a \
+                 text-only Gemma 3 checkpoint (model_type `gemma3_text`, e.g. \
+                 google/gemma-3-1b-pt or -1b-it) instead"
+                    .into(),
+            )),
             "gpt2" => Ok(ModelSpec::Gpt2(parse_gpt2(obj)?)),
             other => Err(Error::Model(format!(
                 "key `model_type`: unsupported model type `{other}`; supported: {}",
@@ -242,7 +270,9 @@ fn parse_llama(obj: &Map<String, Value>, model_type: &str) -> Result<LlamaSpec> 
     }
     let attention_bias = opt_bool(obj, "attention_bias")?.unwrap_or(false);
     let is_qwen2 = model_type == "qwen2";
-    let gemma = model_type == "gemma2";
+    let gemma = matches!(model_type, "gemma2" | "gemma3_text");
+    let gemma3 = model_type == "gemma3_text";
+    let num_layers = req_usize(obj, "num_hidden_layers")?;
     // Gemma writes `hidden_activation` (older files `hidden_act`); the others `hidden_act`.
     let act_key = if obj.contains_key("hidden_activation") {
         "hidden_activation"
@@ -262,6 +292,8 @@ fn parse_llama(obj: &Map<String, Value>, model_type: &str) -> Result<LlamaSpec> 
     };
     let sliding_window = match model_type {
         "mistral" | "phi3" | "gemma2" => opt_usize(obj, "sliding_window")?,
+        // transformers' Gemma3TextConfig: 4096 unless given.
+        "gemma3_text" => Some(opt_usize(obj, "sliding_window")?.unwrap_or(4096)),
         "qwen2" | "qwen3" if opt_bool(obj, "use_sliding_window")?.unwrap_or(false) => {
             opt_usize(obj, "sliding_window")?
         }
@@ -279,11 +311,12 @@ fn parse_llama(obj: &Map<String, Value>, model_type: &str) -> Result<LlamaSpec> 
         hidden_size,
         intermediate_size: req_usize(obj, "intermediate_size")?,
         vocab_size: req_usize(obj, "vocab_size")?,
-        num_layers: req_usize(obj, "num_hidden_layers")?,
+        num_layers,
         num_heads,
         num_kv_heads,
         head_dim,
-        rope_theta: opt_f64(obj, "rope_theta")?.unwrap_or(10000.0),
+        // Gemma 3's global layers default to 1e6 (Gemma3TextConfig), the others to 1e4.
+        rope_theta: opt_f64(obj, "rope_theta")?.unwrap_or(if gemma3 { 1e6 } else { 1e4 }),
         rope_scaling: parse_rope_scaling(obj)?,
         rms_norm_eps: opt_f64(obj, "rms_norm_eps")?.unwrap_or(1e-6),
         // Gemma ties by default (transformers' Gemma2Config), the others do not.
@@ -293,12 +326,24 @@ fn parse_llama(obj: &Map<String, Value>, model_type: &str) -> Result<LlamaSpec> 
         mlp_bias: opt_bool(obj, "mlp_bias")?.unwrap_or(false),
         max_position_embeddings: opt_usize(obj, "max_position_embeddings")?.unwrap_or(2048),
         sliding_window,
-        qk_norm: model_type == "qwen3",
+        sliding_layers: SlidingLayers::parse(obj, model_type, num_layers)?,
+        rope_local_theta: if gemma3 {
+            Some(opt_f64(obj, "rope_local_base_freq")?.unwrap_or(1e4))
+        } else {
+            None
+        },
+        qk_norm: model_type == "qwen3" || gemma3,
         fused_projections: model_type == "phi3",
         gemma,
         mlp_activation,
+        // Gemma3TextConfig's query_pre_attn_scalar defaults to 256, not head_dim.
         attn_scale: 1.0
-            / (opt_f64(obj, "query_pre_attn_scalar")?.unwrap_or(head_dim as f64)).sqrt(),
+            / (opt_f64(obj, "query_pre_attn_scalar")?.unwrap_or(if gemma3 {
+                256.0
+            } else {
+                head_dim as f64
+            }))
+            .sqrt(),
         attn_softcap: if gemma {
             opt_f64(obj, "attn_logit_softcapping")?
         } else {
@@ -391,48 +436,6 @@ fn parse_gpt2(obj: &Map<String, Value>) -> Result<Gpt2Spec> {
     })
 }
 
-fn req_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a str> {
-    obj.get(key)
-        .and_then(Value::as_str)
-        .ok_or_else(|| Error::Model(format!("key `{key}`: missing or not a string")))
-}
-
-fn req_usize(obj: &Map<String, Value>, key: &str) -> Result<usize> {
-    opt_usize(obj, key)?
-        .ok_or_else(|| Error::Model(format!("key `{key}`: missing (expected an integer)")))
-}
-
-fn opt_usize(obj: &Map<String, Value>, key: &str) -> Result<Option<usize>> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-            Error::Model(format!(
-                "key `{key}`: expected a non-negative integer, got {v}"
-            ))
-        }),
-    }
-}
-
-fn opt_f64(obj: &Map<String, Value>, key: &str) -> Result<Option<f64>> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| Error::Model(format!("key `{key}`: expected a number, got {v}"))),
-    }
-}
-
-fn opt_bool(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_bool()
-            .map(Some)
-            .ok_or_else(|| Error::Model(format!("key `{key}`: expected true or false, got {v}"))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,6 +457,26 @@ mod tests {
         assert!(s.tie_word_embeddings && !s.qkv_bias && !s.mlp_bias);
         assert_eq!(s.rope_theta, 100000.0);
         assert_eq!(s.rope_scaling, RopeScaling::None);
+    }
+
+    #[test]
+    fn gemma3_text_takes_transformers_defaults() {
+        // google/gemma-3-1b-pt's config.json writes these out; the defaults are
+        // Gemma3TextConfig's.
+        let v = json!({"model_type": "gemma3_text", "hidden_size": 1152,
+                       "intermediate_size": 6912, "vocab_size": 262144,
+                       "num_hidden_layers": 26, "num_attention_heads": 4,
+                       "num_key_value_heads": 1, "head_dim": 256});
+        let ModelSpec::Llama(s) = ModelSpec::from_json(&v).unwrap() else {
+            panic!()
+        };
+        assert!(s.gemma && s.qk_norm && s.tie_word_embeddings);
+        assert_eq!((s.rope_theta, s.rope_local_theta), (1e6, Some(1e4)));
+        assert_eq!(s.sliding_window, Some(4096));
+        assert_eq!(s.sliding_layers, SlidingLayers::AllButEvery(6));
+        assert_eq!(s.attn_scale, 1.0 / 16.0);
+        assert_eq!((s.attn_softcap, s.final_softcap), (None, None));
+        assert_eq!(s.mlp_activation, MlpActivation::GeluTanh);
     }
 
     #[test]

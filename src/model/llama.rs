@@ -13,18 +13,60 @@
 //! 1 + w, the attention and MLP outputs normalised before they are added
 //! (`post_attention_layernorm`, `post_feedforward_layernorm`; the MLP reads
 //! `pre_feedforward_layernorm`), GeGLU, soft-capped scores and logits, and the sliding window
-//! on even layers only.
+//! on even layers only. Gemma 3 (`gemma3_text`): Gemma 2's block with Qwen3's q/k norms
+//! (weights 1 + w), no soft caps by default, the window on all but every n-th layer, and the
+//! sliding layers' RoPE at their own base (`rope_local_base_freq`) without scaling.
 
 use candle_core::{Device, Tensor, Var};
 
 use crate::error::Result;
 
-use super::config::{LlamaSpec, MlpActivation};
+use super::config::{LlamaSpec, MlpActivation, RopeScaling};
 use super::kv_cache::KvCache;
 use super::linear::{ParamLoader, Recorder, TrackedLinear};
 use super::ops;
 
 mod tangent;
+
+/// What a layer's attention reads besides q, k, v: the RoPE tables cos, sin [T, D] and the
+/// additive mask [T, offset + T], for global layers and (when the model has a window) for
+/// sliding ones.
+struct AttnTables {
+    global: (Tensor, Tensor, Tensor),
+    sliding: Option<(Tensor, Tensor, Tensor)>,
+}
+
+impl AttnTables {
+    /// The tables for `t` new positions after `offset` cached ones.
+    fn new(s: &LlamaSpec, t: usize, offset: usize, dev: &Device) -> Result<AttnTables> {
+        let rope = |theta: f64, scaling: &RopeScaling| -> Result<(Tensor, Tensor)> {
+            let (cos, sin) = ops::rope_tables(offset + t, s.head_dim, theta, scaling, dev)?;
+            Ok((cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?))
+        };
+        let (cos, sin) = rope(s.rope_theta, &s.rope_scaling)?;
+        let global = (cos, sin, ops::causal_mask(t, offset, None, dev)?);
+        let sliding = match s.sliding_window {
+            None => None,
+            Some(w) => {
+                let (cos, sin) = match s.rope_local_theta {
+                    Some(theta) => rope(theta, &RopeScaling::None)?,
+                    None => (global.0.clone(), global.1.clone()),
+                };
+                Some((cos, sin, ops::causal_mask(t, offset, Some(w), dev)?))
+            }
+        };
+        Ok(AttnTables { global, sliding })
+    }
+
+    /// (cos, sin, mask) of layer `li`.
+    fn layer(&self, s: &LlamaSpec, li: usize) -> (&Tensor, &Tensor, &Tensor) {
+        let (cos, sin, mask) = match &self.sliding {
+            Some(sl) if s.sliding_layers.is_sliding(li) => sl,
+            _ => &self.global,
+        };
+        (cos, sin, mask)
+    }
+}
 
 /// Layers that read the same input: separate, or one layer whose output rows are theirs
 /// stacked (Phi-3's `qkv_proj` [q; k; v] and `gate_up_proj` [gate; up]).
@@ -232,15 +274,7 @@ impl Llama {
         let (b, t) = ids.dims2()?;
         let dev: &Device = ids.device();
         let offset = cache.as_ref().map_or(0, |c| c.offset);
-        let (cos, sin) =
-            ops::rope_tables(offset + t, s.head_dim, s.rope_theta, &s.rope_scaling, dev)?;
-        let (cos, sin) = (cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?);
-        let mask = ops::causal_mask(t, offset, s.sliding_window, dev)?;
-        // Gemma 2: odd layers attend to every earlier key.
-        let full_mask = match (s.gemma, s.sliding_window) {
-            (true, Some(_)) => Some(ops::causal_mask(t, offset, None, dev)?),
-            _ => None,
-        };
+        let tables = AttnTables::new(s, t, offset, dev)?;
         let scores = ops::Scores {
             scale: s.attn_scale,
             softcap: s.attn_softcap,
@@ -290,15 +324,12 @@ impl Llama {
                 q = ops::rms_norm(&q, &nw(nq)?, s.rms_norm_eps, fused)?;
                 k = ops::rms_norm(&k, &nw(nk)?, s.rms_norm_eps, fused)?;
             }
-            let q = ops::apply_rope(&q, &cos, &sin, fused)?;
-            let k = ops::apply_rope(&k, &cos, &sin, fused)?;
+            let (cos, sin, layer_mask) = tables.layer(s, li);
+            let q = ops::apply_rope(&q, cos, sin, fused)?;
+            let k = ops::apply_rope(&k, cos, sin, fused)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => c.append(li, k, v)?,
                 None => (k, v),
-            };
-            let layer_mask = match &full_mask {
-                Some(full) if li % 2 == 1 => full,
-                _ => &mask,
             };
             let y = ops::attention(&q, &k, &v, layer_mask, scores, fused)?;
             let y = blk.o.forward(&y, rec.as_deref_mut())?;

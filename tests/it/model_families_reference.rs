@@ -1,22 +1,33 @@
-//! Qwen3, Phi-3 and Gemma 2 forwards equal candle-transformers' `models::qwen3`,
-//! `models::phi3` and `models::gemma2` on the same randomly initialised weights (no
-//! download). candle's models return only the
+//! Qwen3, Phi-3, Gemma 2 and Gemma 3 forwards equal candle-transformers' `models::qwen3`,
+//! `models::phi3`, `models::gemma2` and `models::gemma3` on the same randomly initialised
+//! weights (no download). candle's models return only the
 //! last position's logits, so every prefix of every document is run through them and
 //! compared with our logits at that position of a padded batch.
 
 use crate::common::model_fixtures as fixtures;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_transformers::models::{gemma2, phi3, qwen3};
+use candle_transformers::models::{gemma2, gemma3, phi3, qwen3};
 use fixtures::*;
+use serde_json::json;
 use source_tda::model::{LoadOptions, Model, TokenBatch};
 
 /// max |ours − reference| / max |reference| over every prefix of three documents, where
 /// `reference(ids)` gives the reference's last-position logits [V] of a fresh model.
-fn worst_relative(cfg: &LlamaCfg, seed: u64, mut reference: impl FnMut(&[u32]) -> Tensor) -> f32 {
+fn worst_relative(cfg: &LlamaCfg, seed: u64, reference: impl FnMut(&[u32]) -> Tensor) -> f32 {
+    worst_relative_with(cfg, &cfg.config_json(), seed, reference)
+}
+
+/// [`worst_relative`] with our model built from `config` (and `cfg`'s tensors).
+fn worst_relative_with(
+    cfg: &LlamaCfg,
+    config: &serde_json::Value,
+    seed: u64,
+    mut reference: impl FnMut(&[u32]) -> Tensor,
+) -> f32 {
     let dev = Device::Cpu;
     let dir = tempfile::tempdir().unwrap();
-    write_checkpoint(dir.path(), &cfg.config_json(), &cfg.tensors(seed));
+    write_checkpoint(dir.path(), config, &cfg.tensors(seed));
     let ours = Model::load(dir.path(), &LoadOptions::default(), &dev).unwrap();
     let mut rng = Rng::new(seed + 100);
     let docs = random_docs(&mut rng, &[9, 5, 12], cfg.vocab);
@@ -119,6 +130,104 @@ fn gemma2_with_soft_capping_and_sandwich_norms_matches_candle_transformers() {
     assert_parity("gemma2", &cfg, 35, |vb, ids| {
         gemma2::Model::new(false, &ref_cfg, vb)?.forward(ids, 0)
     });
+}
+
+/// worst_relative of our Gemma 3 (config.json edited by `ours`) against candle-transformers'
+/// built from our config.json edited by `reference`.
+fn gemma3_gap(
+    cfg: &LlamaCfg,
+    seed: u64,
+    ours: &[(&str, serde_json::Value)],
+    reference: &[(&str, serde_json::Value)],
+) -> f32 {
+    let edited = |edits: &[(&str, serde_json::Value)]| {
+        let mut json = cfg.config_json();
+        for (k, v) in edits {
+            json[*k] = v.clone();
+        }
+        json
+    };
+    let mut ref_json = edited(reference);
+    // candle-transformers masks key j for query i when j + window < i (window + 1 keys),
+    // transformers (and we) when i − j ≥ window (window keys): the same mask at window − 1.
+    ref_json["sliding_window"] = json!(ref_json["sliding_window"].as_u64().unwrap() - 1);
+    let ref_cfg: gemma3::Config = serde_json::from_value(ref_json).unwrap();
+    let tensors = cfg.tensors(seed);
+    worst_relative_with(cfg, &edited(ours), seed, |ids| {
+        let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+        gemma3::Model::new(false, &ref_cfg, vb)
+            .and_then(|mut m| m.forward(&ids_tensor(ids), 0))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+    })
+}
+
+#[test]
+fn gemma3_sliding_and_global_layers_match_candle_transformers() {
+    // q/k norms with weights 1 + w, tied head, head_dim ≠ d / H, no soft caps, the sliding
+    // layers' RoPE base 1e4 and the global layers' 1e6, window 4 (shorter than the
+    // documents). candle-transformers 0.11.1's Gemma 3 fails on a global layer (its plain KV
+    // cache is handed a non-contiguous v), so each kind of layer is compared on its own:
+    let cfg = LlamaCfg {
+        model_type: "gemma3_text",
+        tied: true,
+        head_dim: Some(16),
+        ..LlamaCfg::default()
+    };
+    // (1) every layer sliding (pattern 3 > 2 layers) on both sides;
+    let every_sliding = [("sliding_window_pattern", json!(3))];
+    let sliding = gemma3_gap(&cfg, 37, &every_sliding, &every_sliding);
+    // (2) every layer global in ours (pattern 1) against the reference's sliding layers
+    // given a window longer than any document and the global RoPE base.
+    let global_ref = [
+        ("sliding_window_pattern", json!(3)),
+        ("sliding_window", json!(4096)),
+        ("rope_local_base_freq", json!(1_000_000.0)),
+    ];
+    let global = gemma3_gap(
+        &cfg,
+        37,
+        &[("sliding_window_pattern", json!(1))],
+        &global_ref,
+    );
+    for (what, gap) in [("sliding layers", sliding), ("global layers", global)] {
+        assert!(
+            gap <= 1e-5,
+            "gemma3 {what}: max relative |ours − candle| = {gap}"
+        );
+    }
+    // The comparison sees each particular: a reference with the other RoPE base, or
+    // without the window, differs.
+    let wrong_base = [
+        ("sliding_window_pattern", json!(3)),
+        ("rope_local_base_freq", json!(1_000_000.0)),
+    ];
+    let no_window = [
+        ("sliding_window_pattern", json!(3)),
+        ("sliding_window", json!(4096)),
+    ];
+    for (what, reference) in [("RoPE base", &wrong_base[..]), ("window", &no_window[..])] {
+        let gap = gemma3_gap(&cfg, 37, &every_sliding, reference);
+        assert!(gap > 1e-3, "{what}: the reference should differ, gap {gap}");
+    }
+}
+
+#[test]
+fn gemma3_multimodal_checkpoints_are_refused_with_advice() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LlamaCfg {
+        model_type: "gemma3_text",
+        tied: true,
+        ..LlamaCfg::default()
+    };
+    let mut json = cfg.config_json();
+    json["model_type"] = serde_json::json!("gemma3");
+    write_checkpoint(dir.path(), &json, &cfg.tensors(38));
+    let e = Model::load(dir.path(), &LoadOptions::default(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gemma3_text") && e.contains("multimodal"), "{e}");
 }
 
 #[test]

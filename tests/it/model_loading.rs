@@ -170,7 +170,8 @@ fn loading_errors_name_the_tensor_shape_and_key() {
     config["model_type"] = "t5".into();
     let e = load_err(&config, &cfg.tensors(54));
     assert!(
-        e.contains("t5") && e.contains("llama, mistral, qwen2, qwen3, phi3, gemma2, gpt2"),
+        e.contains("t5")
+            && e.contains("llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, gpt2"),
         "{e}"
     );
 

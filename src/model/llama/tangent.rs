@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use super::super::config::MlpActivation;
 use super::super::dual::{self, Directions, Dual};
 use super::super::ops;
-use super::{Llama, Projections};
+use super::{AttnTables, Llama, Projections};
 
 impl Projections {
     /// Every output along the directions, in order (see [`Projections::forward`]).
@@ -43,12 +43,7 @@ impl Llama {
         let s = &self.spec;
         let (n, t) = ids.dims2()?;
         let dev = ids.device();
-        let (cos, sin) = ops::rope_tables(t, s.head_dim, s.rope_theta, &s.rope_scaling, dev)?;
-        let mask = ops::causal_mask(t, 0, s.sliding_window, dev)?;
-        let full_mask = match (s.gemma, s.sliding_window) {
-            (true, Some(_)) => Some(ops::causal_mask(t, 0, None, dev)?),
-            _ => None,
-        };
+        let tables = AttnTables::new(s, t, 0, dev)?;
         let scores = ops::Scores {
             scale: s.attn_scale,
             softcap: s.attn_softcap,
@@ -89,11 +84,8 @@ impl Llama {
                 q = norm(&q, nq)?;
                 k = norm(&k, nk)?;
             }
-            let (q, k) = (q.rope(&cos, &sin)?, k.rope(&cos, &sin)?);
-            let layer_mask = match &full_mask {
-                Some(full) if li % 2 == 1 => full,
-                _ => &mask,
-            };
+            let (cos, sin, layer_mask) = tables.layer(s, li);
+            let (q, k) = (q.rope(cos, sin)?, k.rope(cos, sin)?);
             let y = dual::attention(&q, &k, &v, layer_mask, scores)?;
             let y = dual::linear(&blk.o, &y, dirs)?;
             let x = match &blk.ff_norms {

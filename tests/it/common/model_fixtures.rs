@@ -106,6 +106,22 @@ impl LlamaCfg {
             c["sliding_window"] = json!(2047);
             c["original_max_position_embeddings"] = json!(256);
         }
+        if self.model_type == "gemma3_text" {
+            // Two kinds of layers (pattern 2: layer 0 slides, layer 1 attends globally), a
+            // window shorter than the test documents, distinct RoPE bases, and (unlike
+            // Gemma 2) no soft caps. candle-transformers scales scores by head_dim^-1/2,
+            // transformers by query_pre_attn_scalar^-1/2: equal here.
+            let hd = self.head_dim.unwrap_or(self.hidden / self.heads);
+            c["hidden_activation"] = json!("gelu_pytorch_tanh");
+            c["query_pre_attn_scalar"] = json!(hd);
+            c["attn_logit_softcapping"] = Value::Null;
+            c["final_logit_softcapping"] = Value::Null;
+            c["sliding_window"] = json!(4);
+            c["sliding_window_pattern"] = json!(2);
+            c["rope_theta"] = json!(1_000_000.0);
+            c["rope_local_base_freq"] = json!(10_000.0);
+            c["head_dim"] = json!(hd);
+        }
         if self.model_type == "gemma2" {
             // Caps small enough that tanh bends; the window longer than any test sequence
             // (candle-transformers applies it to every layer, transformers to even ones).
@@ -154,7 +170,7 @@ impl LlamaCfg {
                 1.0,
                 0.1,
             );
-            if self.model_type == "gemma2" {
+            if matches!(self.model_type, "gemma2" | "gemma3_text") {
                 for n in ["pre_feedforward_layernorm", "post_feedforward_layernorm"] {
                     put(&mut m, format!("{p}.{n}.weight"), &[d], 0.0, 0.3);
                 }
@@ -178,9 +194,17 @@ impl LlamaCfg {
         }
         for i in 0..self.layers {
             let p = format!("model.layers.{i}");
-            if self.model_type == "qwen3" {
+            if matches!(self.model_type, "qwen3" | "gemma3_text") {
+                // Gemma's norms scale by 1 + w: weights around 0 there.
+                let mean = if self.model_type == "qwen3" { 1.0 } else { 0.0 };
                 for n in ["q_norm", "k_norm"] {
-                    put(&mut m, format!("{p}.self_attn.{n}.weight"), &[hd], 1.0, 0.3);
+                    put(
+                        &mut m,
+                        format!("{p}.self_attn.{n}.weight"),
+                        &[hd],
+                        mean,
+                        0.3,
+                    );
                 }
             }
             if self.model_type == "phi3" {
@@ -379,8 +403,15 @@ pub fn family_variants() -> Vec<(
         tied: true,
         ..LlamaCfg::default()
     };
+    let gemma3 = LlamaCfg {
+        model_type: "gemma3_text",
+        tied: true,
+        head_dim: Some(16),
+        ..LlamaCfg::default()
+    };
     let gpt2 = Gpt2Cfg::default();
     vec![
+        ("gemma3", gemma3.config_json(), gemma3.tensors(29)),
         ("qwen3", qwen3.config_json(), qwen3.tensors(26)),
         ("gemma2", gemma2.config_json(), gemma2.tensors(28)),
         ("phi3", phi3.config_json(), phi3.tensors(27)),
