@@ -15,7 +15,7 @@ use candle_core::Tensor;
 
 use crate::data::PreparedDoc;
 use crate::error::{Error, Result};
-use crate::linalg::{pcg, CgOptions, CgOutcome, LayerFactors};
+use crate::linalg::{pcg_from, CgOptions, CgOutcome, LayerFactors, TokenFactors};
 use crate::model::Model;
 use crate::passes::{for_each_batch, PassOptions};
 use crate::util::rng::SplitMix64;
@@ -110,13 +110,16 @@ pub fn layer_dampings(factors: &[LayerFactors], damping: Damping) -> Result<Vec<
 
 /// u = (G + λ)⁻¹ v by conjugate gradients preconditioned with (H̄ + λ)⁻¹ (`curvature`'s
 /// damped inverse with `damping`), `lambdas` the per-layer λ that inverse uses
-/// ([`layer_dampings`]). With zero iterations u is exactly `curvature.inverse(v, damping)`.
+/// ([`layer_dampings`]), started at EK-FAC's answer (H̄ + λ)⁻¹ v, taken from `tokens` (v as
+/// token factors) when given. With zero iterations u is exactly that answer: bit for bit
+/// `curvature.inverse(v, damping)`, or `curvature.inverse_factored(tokens, damping)`.
 pub fn refine_inverse(
     curvature: &dyn Curvature,
     lambdas: &[f64],
     damping: Damping,
     ggn: &GaussNewtonSample,
     v: &[Tensor],
+    tokens: Option<&[TokenFactors]>,
     opts: CgOptions,
 ) -> Result<CgOutcome> {
     let apply_a = |x: &[Tensor]| -> Result<Vec<Tensor>> {
@@ -128,5 +131,9 @@ pub fn refine_inverse(
             .collect()
     };
     let m_inv = |x: &[Tensor]| curvature.inverse(x, damping);
-    pcg(v, apply_a, m_inv, opts)
+    let x0 = match tokens {
+        Some(t) => curvature.inverse_factored(t, damping)?,
+        None => m_inv(v)?,
+    };
+    pcg_from(v, x0, apply_a, m_inv, opts)
 }

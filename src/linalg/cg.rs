@@ -89,11 +89,24 @@ fn rows(v: &[Tensor], idx: &[usize]) -> Result<Vec<Tensor>> {
 /// the same shapes; A must be symmetric positive definite, M⁻¹ too.
 pub fn pcg(
     b: &[Tensor],
+    apply_a: impl FnMut(&[Tensor]) -> Result<Vec<Tensor>>,
+    apply_m_inv: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>,
+    opts: CgOptions,
+) -> Result<CgOutcome> {
+    let x0 = apply_m_inv(b)?;
+    pcg_from(b, x0, apply_a, apply_m_inv, opts)
+}
+
+/// [`pcg`] started at a given x₀ = M⁻¹ b (computed by the caller, e.g. from a cheaper form of
+/// b); zero iterations return it as it is.
+pub fn pcg_from(
+    b: &[Tensor],
+    x0: Vec<Tensor>,
     mut apply_a: impl FnMut(&[Tensor]) -> Result<Vec<Tensor>>,
     apply_m_inv: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>,
     opts: CgOptions,
 ) -> Result<CgOutcome> {
-    let mut x = apply_m_inv(b)?;
+    let mut x = x0;
     if opts.iterations == 0 {
         return Ok(CgOutcome {
             x,

@@ -24,7 +24,7 @@ pub use basis::{
     spectral_weights, EigenBasis,
 };
 pub use blocks::{BlockDiag, BlockLayout};
-pub use cg::{pcg, CgOptions, CgOutcome};
+pub use cg::{pcg, pcg_from, CgOptions, CgOutcome};
 pub use contract::{doc_scores, token_scores};
 pub use covariance::{masked_rows, CovarianceSums, Covariances, FactorSum};
 pub use eigen::{eigh, eigh_f64, eigh_f64_with, eigh_with, Eigen};

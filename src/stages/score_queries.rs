@@ -121,15 +121,22 @@ pub(super) fn precondition_queries(ctx: &StageContext, p: &AttributionPlan) -> R
     let acting = query_energy_shares(ctx, p, &files, &v, &layers, &groups)?;
     let backend = open_backend(ctx.config)?;
     let a = &ctx.config.attribution;
-    let refined = refined_influence(ctx, p, &final_model, &files, &v, &layers, backend.as_ref())?;
+    let tokens = load_query_factors(ctx, &layers)?;
+    let tokens = tokens.as_deref();
+    let refined = refined_influence(
+        ctx,
+        p,
+        &final_model,
+        &files,
+        &v,
+        tokens,
+        &layers,
+        backend.as_ref(),
+    )?;
     drop(final_model);
     let u = match refined {
         Some(u) => vec![u],
-        None => {
-            let tokens = load_query_factors(ctx, &layers)?;
-            let tokens = tokens.as_deref();
-            preconditioned(a, backend.as_ref(), p, &files, &v, tokens, &layers, &groups)?
-        }
+        None => preconditioned(a, backend.as_ref(), p, &files, &v, tokens, &layers, &groups)?,
     };
     drop(files);
     let (u, kept_energy) = query_forms(u, a.query_rank)?;

@@ -21,21 +21,24 @@ use crate::backend::Backend;
 use crate::config::{MethodKind, RefineMethod};
 use crate::curvature::FactorFile;
 use crate::error::Result;
-use crate::linalg::CgOptions;
+use crate::linalg::{CgOptions, TokenFactors};
 use crate::model::Model;
 use crate::pipeline::StageContext;
 
 use super::attribute::{fit_options, role_docs};
 
 /// The refined u of the influence function's one scoring point (per layer) with G at `model`
-/// (the final checkpoint), or None when
+/// (the final checkpoint), started at EK-FAC's answer from the query's token factors
+/// `tokens` when given (as the unrefined influence function computes it), or None when
 /// refinement is off or does not apply (then a note is logged for Source).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn refined_influence(
     ctx: &StageContext,
     p: &AttributionPlan,
     model: &Model,
     files: &[FactorFile],
     v: &[Tensor],
+    tokens: Option<&[TokenFactors]>,
     layers: &[String],
     backend: &dyn Backend,
 ) -> Result<Option<Vec<Tensor>>> {
@@ -84,6 +87,7 @@ pub(super) fn refined_influence(
         damping,
         &ggn,
         v,
+        tokens,
         CgOptions {
             iterations: cfg.iterations,
             tolerance: cfg.tolerance,

@@ -78,7 +78,8 @@ fn refined_inverse_starts_at_ekfac_and_reaches_the_tolerance() {
         .collect();
     let o = opts();
     let factors = fit_factors(&[&model], &train, &o, "t").unwrap();
-    let v = query_gradients(&model, &queries, &o).unwrap().layers;
+    let qg = query_gradients(&model, &queries, &o).unwrap();
+    let v = qg.layers.clone();
     // A well-conditioned system (λ = 10 mean(Λ)): this random model's G is far from EK-FAC
     // (cross-layer terms about as large as the blocks), and the solver is what is checked.
     let damping = Damping::MeanLambda(10.0);
@@ -92,6 +93,7 @@ fn refined_inverse_starts_at_ekfac_and_reaches_the_tolerance() {
         damping,
         &ggn,
         &v,
+        None,
         CgOptions {
             iterations: 0,
             tolerance: 0.0,
@@ -99,6 +101,24 @@ fn refined_inverse_starts_at_ekfac_and_reaches_the_tolerance() {
     )
     .unwrap();
     let ekfac = factors.inverse(&v, damping).unwrap();
+    for (a, b) in zero.x.iter().zip(&ekfac) {
+        assert_eq!(max_abs_diff(a, b), 0.0);
+    }
+    // Started from the token factors, as the score stage's influence function computes it.
+    let zero = refine_inverse(
+        &factors,
+        &lambdas,
+        damping,
+        &ggn,
+        &v,
+        Some(&qg.factors),
+        CgOptions {
+            iterations: 0,
+            tolerance: 0.0,
+        },
+    )
+    .unwrap();
+    let ekfac = factors.inverse_factored(&qg.factors, damping).unwrap();
     for (a, b) in zero.x.iter().zip(&ekfac) {
         assert_eq!(max_abs_diff(a, b), 0.0);
     }
@@ -110,6 +130,7 @@ fn refined_inverse_starts_at_ekfac_and_reaches_the_tolerance() {
         damping,
         &ggn,
         &v,
+        None,
         CgOptions {
             iterations: 60,
             tolerance: tol,
