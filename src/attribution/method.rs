@@ -17,9 +17,10 @@ use crate::error::{Error, Result};
 use crate::linalg::{LayerFactors, LayerQuery, TokenFactors};
 
 use super::adam::{adam_p_eff, AdamCurvature};
+use super::clip::{has_clip_directions, step_groups};
 use super::curvature::{Curvature, Damping, OnBackend};
 use super::plan::{AttributionPlan, FactorGroups, PlannedSegment};
-use super::source::{source_walk, SegmentCurvature, StepGroup};
+use super::source::{source_walk, SegmentCurvature};
 
 /// u_ℓ for every planned segment, computed one layer group at a time: for each group, only
 /// that group's factors of every segment are read (memory-mapped), the walk runs on the
@@ -44,6 +45,18 @@ pub fn preconditioned(
         return Ok(vec![v.to_vec(); points.len()]);
     }
     let mut out: Vec<Vec<Tensor>> = vec![Vec::with_capacity(layers.len()); points.len()];
+    // The clip projection's ⟨ĝ, v⟩ sums over every tracked layer, so it needs the walk over
+    // all layers at once (one factor group).
+    let clipped = p.method == MethodKind::Source && p.segments.iter().any(has_clip_directions);
+    let project = clipped && groups.groups.len() == 1;
+    if clipped && !project {
+        tracing::warn!(
+            "score: the clipped steps' directions ĝ are saved, but the clip projection needs \
+             every layer's factors at once and the memory plan splits them into {} groups: \
+             clipped steps are scaled by c only (raise attribution.memory_limit_gib to project)",
+            groups.groups.len()
+        );
+    }
     for &(start, end) in &groups.groups {
         let names = &layers[start..end];
         let f: Vec<Vec<LayerFactors>> = files
@@ -51,7 +64,8 @@ pub fn preconditioned(
             .map(|file| file.load_layers(names, &Device::Cpu))
             .collect::<Result<_>>()?;
         let tokens = tokens.map(|t| &t[start..end]);
-        let u = precondition_group(a, backend, p, &f, &v[start..end], tokens, start == 0)?;
+        let clip = ClipDirections { project, names };
+        let u = precondition_group(a, backend, p, &f, &v[start..end], tokens, start == 0, &clip)?;
         for (point, u_point) in out.iter_mut().zip(&points) {
             // Layer l of this group: Σ coefficient · u_{segment, group}[l].
             #[allow(clippy::needless_range_loop)]
@@ -76,9 +90,17 @@ pub fn preconditioned(
     Ok(out)
 }
 
+/// Whether the walk projects clipped one-step groups along their saved ĝ, and the layers it
+/// runs on (all tracked layers when it does).
+struct ClipDirections<'a> {
+    project: bool,
+    names: &'a [String],
+}
+
 /// u for every segment and each of its step groups, for one group of layers, given that
 /// group's factors `f` per segment (`tokens`: `v` as token factors, if known). `first`: the
 /// first group (which logs what holds for every group).
+#[allow(clippy::too_many_arguments)]
 fn precondition_group(
     a: &AttributionConfig,
     backend: &dyn Backend,
@@ -87,6 +109,7 @@ fn precondition_group(
     v: &[Tensor],
     tokens: Option<&[TokenFactors]>,
     first: bool,
+    clip: &ClipDirections,
 ) -> Result<Vec<Vec<Vec<Tensor>>>> {
     // Every eigenbasis function application goes through the backend.
     let on: Vec<OnBackend> = f
@@ -119,28 +142,33 @@ fn precondition_group(
                     }))
                 })
                 .collect::<Result<_>>()?;
-            let segs: Vec<SegmentCurvature> = on
+            let shapes: Vec<(usize, usize)> = v
                 .iter()
-                .zip(&adam)
-                .zip(&p.segments)
-                .map(|((f, a), s)| SegmentCurvature {
+                .map(|t| {
+                    let d = t.dims();
+                    (d[d.len() - 2], d[d.len() - 1])
+                })
+                .collect();
+            let mut segs: Vec<SegmentCurvature> = Vec::with_capacity(p.segments.len());
+            for ((f, a), s) in on.iter().zip(&adam).zip(&p.segments) {
+                let (groups, projected) = step_groups(s, clip.project, clip.names, &shapes)?;
+                if first && projected > 0 {
+                    tracing::info!(
+                        "segment {} (`{}`): {projected} clipped step(s) projected along their \
+                         batch gradient ĝ (the clip's derivative c (I − ĝ ĝᵀ))",
+                        s.index,
+                        s.stage
+                    );
+                }
+                segs.push(SegmentCurvature {
                     factors: match a {
                         Some(a) => a as &dyn Curvature,
                         None => f as &dyn Curvature,
                     },
                     mass: s.mass,
-                    groups: s
-                        .groups
-                        .iter()
-                        .map(|g| StepGroup {
-                            mass: g.mass,
-                            weight: g.weight,
-                            steps: g.steps,
-                            clip_direction: None,
-                        })
-                        .collect(),
-                })
-                .collect();
+                    groups,
+                });
+            }
             source_walk(v, &segs, damping)?
         }
     })

@@ -6,6 +6,7 @@
 
 pub mod acting;
 pub mod adam;
+pub mod clip;
 pub mod curvature;
 pub mod dense;
 pub mod method;
@@ -15,6 +16,7 @@ pub mod score;
 pub mod source;
 
 pub use adam::{adam_p_eff, AdamCurvature};
+pub use clip::{clip_direction, has_clip_directions, step_groups};
 pub use curvature::{
     precondition_inverse, precondition_inverse_factored, Curvature, Damping, OnBackend,
 };

@@ -55,8 +55,10 @@ pub struct SegmentCurvature<'a> {
 ///
 /// A group of K steps with Σ μ = M and Σ ω = W injects u = (W / M) F_r(M) v and propagates
 /// v ← F_S(M) v; a one-step group with a clip direction (Π = I − ĝ ĝᵀ) injects
-/// u = (ω / μ) F_r(μ) Π v and propagates v ← ĝ⟨ĝ, v⟩ + F_S(μ) Π v, to first order
-/// (I − μ H Π) v, the transposed Jacobian of the clipped step.
+/// u = Π (ω / μ) F_r(μ) v and propagates v ← ĝ⟨ĝ, v⟩ + F_S(μ) Π v, to first order
+/// (I − μ H Π) v, the transposed Jacobian of the clipped step (for the Adam form
+/// (I − μ H P Π) v, where the step's is (I − μ H Π P) v: P and Π do not commute, a
+/// difference of order μ σ).
 pub fn source_walk(
     v_final: &[Tensor],
     segments: &[SegmentCurvature],
@@ -102,35 +104,32 @@ pub fn source_walk(
     Ok(out)
 }
 
-/// u of one group given the v that reaches its end: (W / M) F_r(M) (Π v), which at M σ → 0 is
-/// W Π v (W P Π v for the Adam form) and for one step differs from the exact ω Π v by
-/// O(μ σ). A group of zero mass but non-zero weight (η = 0 while momentum still carries
-/// earlier gradients) takes that limit.
+/// u of one group given the v that reaches its end: (W / M) F_r(M) v, which at M σ → 0 is
+/// W v (W P v for the Adam form) and for one step differs from the exact ω v by O(μ σ). A
+/// clipped one-step group projects the result, u = Π (ω / μ) F_r(μ) v: the clip acts on the
+/// gradient before the optimizer does, so δθ = −ω P Π δg and u = Π P v (to O(μ σ)), which
+/// for the Adam form differs from P Π v at first order. A group of zero mass but non-zero
+/// weight (η = 0 while momentum still carries earlier gradients) takes the M → 0 limit.
 fn inject(f: &dyn Curvature, v: &[Tensor], g: &StepGroup) -> Result<Vec<Tensor>> {
     if g.weight == 0.0 {
         return scale(v, 0.0);
     }
-    let projected;
-    let v = match &g.clip_direction {
-        Some(dir) => {
-            if g.steps != 1 {
-                return Err(Error::Numeric(format!(
-                    "a clip direction belongs to one step, not to a group of {}",
-                    g.steps
-                )));
-            }
-            projected = split_along(v, dir)?.1;
-            &projected[..]
-        }
-        None => v,
-    };
+    if g.clip_direction.is_some() && g.steps != 1 {
+        return Err(Error::Numeric(format!(
+            "a clip direction belongs to one step, not to a group of {}",
+            g.steps
+        )));
+    }
     let m = if g.mass > 0.0 {
         g.mass
     } else {
         1e-6 * g.weight.abs()
     };
-    let y = f.apply(v, SpectralFn::Inject { s: m })?;
-    scale(&y, g.weight / m)
+    let y = scale(&f.apply(v, SpectralFn::Inject { s: m })?, g.weight / m)?;
+    match &g.clip_direction {
+        Some(dir) => Ok(split_along(&y, dir)?.1),
+        None => Ok(y),
+    }
 }
 
 /// v carried back over one group.

@@ -37,6 +37,12 @@ use crate::util::hash::sha256_file;
 /// The file of a checkpoint that holds the SHA-256 of each of its other files.
 pub const CHECKSUMS: &str = "checksums.json";
 
+/// A checkpoint's clip direction file: ĝ_k = g_k / ‖g_k‖ of the clipped step k that produced
+/// it (g_k its batch gradient before clipping, taken at θ_{k−1}), one tensor per parameter
+/// named like the parameter, f32 — the model's size again. Written only where step k is a
+/// one-step group (checkpoints after steps k − 1 and k), the steps Source scores exactly.
+pub const CLIP_DIRECTION: &str = "clip_direction.safetensors";
+
 /// Files copied from the base model folder into every checkpoint, when present.
 const COPIED: [&str; 5] = [
     "config.json",
@@ -202,6 +208,9 @@ pub struct CheckpointContent<'a> {
     pub resume: Vec<(String, Tensor)>,
     /// Metadata recorded in optimizer.safetensors (optimizer kind, hyper-parameters).
     pub optimizer_metadata: HashMap<String, String>,
+    /// ĝ = g / ‖g‖ of the step that produced this model, per parameter (its own layout),
+    /// when that step was clipped and is scored alone: written to [`CLIP_DIRECTION`].
+    pub clip_direction: Vec<(String, Tensor)>,
     /// Step and log.
     pub state: &'a CheckpointState,
 }
@@ -239,6 +248,16 @@ pub fn save_checkpoint(
     }
     if !c.resume.is_empty() {
         write_safetensors(&tmp.join("resume.safetensors"), &c.resume, ometa)?;
+    }
+    if !c.clip_direction.is_empty() {
+        let meta = HashMap::from([
+            ("step".to_string(), c.state.step.to_string()),
+            (
+                "clip_direction".to_string(),
+                "unit batch gradient g/|g| of this step before clipping, per parameter".into(),
+            ),
+        ]);
+        write_safetensors(&tmp.join(CLIP_DIRECTION), &c.clip_direction, meta)?;
     }
     let state = serde_json::to_vec(c.state).expect("plain data serialises");
     let sp = tmp.join("state.json");

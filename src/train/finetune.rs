@@ -218,7 +218,10 @@ pub fn step_gradients(
 
 /// Optimizer step k (0-based): the documents the visit order gives it, the accumulated
 /// gradient of J_k, clipping, and the update with η_k. The one step both [`train`] and
-/// [`train_in_memory`] take. Its log entry numbers the step k + 1.
+/// [`train_stages_in_memory`] take. Its log entry numbers the step k + 1. With
+/// `want_direction`, a clipped step also returns ĝ_k = g_k / ‖g_k‖ per parameter (the unit
+/// batch gradient before clipping, in the parameters' own layout): the clip's derivative
+/// c (I − ĝ ĝᵀ) needs it (docs/design.md §2).
 #[allow(clippy::too_many_arguments)]
 fn take_step(
     model: &Model,
@@ -229,7 +232,8 @@ fn take_step(
     t: &TrainConfig,
     batching: &BatchingConfig,
     rates: &[f64],
-) -> Result<StepLog> {
+    want_direction: bool,
+) -> Result<(StepLog, Vec<(String, Tensor)>)> {
     let idx = order.step_docs(k);
     let docs: Vec<&PreparedDoc> = idx.iter().map(|&i| &all_docs[i]).collect();
     let (mut grads, loss, micro) = step_gradients(model, &docs, t.loss_normalization, batching)?;
@@ -239,13 +243,22 @@ fn take_step(
             k + 1
         )));
     }
+    let mut direction = Vec::new();
+    if let (true, Some(m)) = (want_direction, t.max_grad_norm) {
+        let norm = global_norm(&grads)?;
+        if m / (norm + 1e-6) < 1.0 {
+            for (p, g) in model.params().iter().zip(&grads) {
+                direction.push((p.name.clone(), g.affine(1.0 / norm, 0.0)?));
+            }
+        }
+    }
     let grad_norm = match t.max_grad_norm {
         Some(m) => clip_global_norm(&mut grads, m)?,
         None => global_norm(&grads)?,
     };
     let lr = rates[k as usize];
     opt.step(model.params(), &grads, lr)?;
-    Ok(StepLog {
+    let entry = StepLog {
         step: k + 1,
         lr,
         loss,
@@ -253,7 +266,18 @@ fn take_step(
         n_docs: docs.len() as u32,
         n_tokens: docs.iter().map(|d| d.n_tokens() as u64).sum(),
         micro_batches: micro,
-    })
+    };
+    Ok((entry, direction))
+}
+
+/// One fine-tuning stage of [`train_stages_in_memory`].
+pub struct StageRun<'a> {
+    /// The stage's resolved `[train]` (its schedule, optimizer, seed).
+    pub train: &'a TrainConfig,
+    /// The documents it trains on.
+    pub docs: &'a [PreparedDoc],
+    /// Start from the previous stage's optimizer state (moments and step count).
+    pub continue_optimizer: bool,
 }
 
 /// Fine-tunes the model in `base_dir` on `docs` with `train` in memory — no checkpoints,
@@ -267,25 +291,58 @@ pub fn train_in_memory(
     batching: &BatchingConfig,
     device: &Device,
 ) -> Result<(Model, Vec<StepLog>)> {
-    if docs.is_empty() {
-        return Err(Error::Pipeline(format!(
-            "data set `{}` has no documents to fine-tune on",
-            t.dataset
-        )));
-    }
-    // A subset's T is shorter than the full run's, which [`plan`] checked: only the bound
-    // applies here (warm-up may then outlast a subset's steps, as in the Trainer).
-    let total = checked_total(t, docs.len(), TrainConfig::check_total)?;
-    let schedule = schedule(t, total);
-    let rates = schedule.rates();
+    let stage = StageRun {
+        train: t,
+        docs,
+        continue_optimizer: false,
+    };
+    train_stages_in_memory(base_dir, &[stage], batching, device)
+}
+
+/// [`train_in_memory`] over a sequence of fine-tuning stages (`[[train.stages]]`): each
+/// stage trains the previous stage's final model on its own documents with its own
+/// schedule, optimizer and visit order, its steps numbered on from the previous stage's,
+/// exactly as the finetune stage chains [`train`] jobs (its checkpoints store f32 weights
+/// and optimizer state, which restore bit for bit, so the two end on bitwise equal weights).
+pub fn train_stages_in_memory(
+    base_dir: &Path,
+    stages: &[StageRun<'_>],
+    batching: &BatchingConfig,
+    device: &Device,
+) -> Result<(Model, Vec<StepLog>)> {
     let model = Model::load(base_dir, &LoadOptions::default(), device)?;
-    let mut opt = Optimizer::new(optimizer_info(t), model.params().len())?;
-    let mut order = VisitOrder::new(t.seed.unwrap_or(0), docs.len(), t.batch_size);
-    let mut log = Vec::with_capacity(schedule.total as usize);
-    for k in 0..schedule.total {
-        log.push(take_step(
-            &model, &mut opt, &mut order, k, docs, t, batching, &rates,
-        )?);
+    let mut log: Vec<StepLog> = Vec::new();
+    let mut previous: Option<Optimizer> = None;
+    for stage in stages {
+        let (t, docs) = (stage.train, stage.docs);
+        if docs.is_empty() {
+            return Err(Error::Pipeline(format!(
+                "data set `{}` has no documents to fine-tune on",
+                t.dataset
+            )));
+        }
+        // A subset's T is shorter than the full run's, which [`plan`] checked: only the
+        // bound applies here (warm-up may then outlast a subset's steps, as in the Trainer).
+        let total = checked_total(t, docs.len(), TrainConfig::check_total)?;
+        let schedule = schedule(t, total);
+        let rates = schedule.rates();
+        let mut opt = Optimizer::new(optimizer_info(t), model.params().len())?;
+        if let (true, Some(prev)) = (stage.continue_optimizer, &previous) {
+            let state = prev.resume_state(model.params()).into_iter().collect();
+            opt.restore(model.params(), prev.steps(), state)?;
+        }
+        let mut order = VisitOrder::new(t.seed.unwrap_or(0), docs.len(), t.batch_size);
+        let offset = log.len() as u64;
+        for k in 0..schedule.total {
+            let (entry, _) = take_step(
+                &model, &mut opt, &mut order, k, docs, t, batching, &rates, false,
+            )?;
+            log.push(StepLog {
+                step: offset + entry.step,
+                ..entry
+            });
+        }
+        previous = Some(opt);
     }
     Ok((model, log))
 }
@@ -376,7 +433,11 @@ pub fn train(job: &TrainJob<'_>) -> Result<TrainOutcome> {
     let pb = progress::bar(total, "finetune");
     pb.set_position(start);
     for k in start..total {
-        let entry = take_step(
+        // ĝ_k is kept where step k alone lies between two saved models (a one-step group,
+        // scored exactly; docs/design.md §2): a checkpoint after it and one (or the start)
+        // before it.
+        let one_step_group = ckpt_steps.contains(&(k + 1)) && (k == 0 || ckpt_steps.contains(&k));
+        let (entry, clip_direction) = take_step(
             &model,
             &mut opt,
             &mut order,
@@ -385,6 +446,7 @@ pub fn train(job: &TrainJob<'_>) -> Result<TrainOutcome> {
             t,
             job.batching,
             &rates,
+            one_step_group,
         )?;
         let (step, loss) = (off + entry.step, entry.loss);
         log.push(StepLog { step, ..entry });
@@ -401,6 +463,7 @@ pub fn train(job: &TrainJob<'_>) -> Result<TrainOutcome> {
                 optimizer: opt.attribution_state(model.params())?,
                 resume: opt.resume_state(model.params()),
                 optimizer_metadata: ometa.clone(),
+                clip_direction,
                 state: &state,
             };
             let hook = || (job.hook)(&format!("in-checkpoint-{step}"));

@@ -15,7 +15,10 @@ pub mod schedule;
 pub mod steps;
 pub mod trajectory;
 
-pub use finetune::{optimizer_info, train, train_in_memory, TrainJob, TrainOutcome};
+pub use finetune::{
+    optimizer_info, train, train_in_memory, train_stages_in_memory, StageRun, TrainJob,
+    TrainOutcome,
+};
 pub use optim::Optimizer;
 pub use schedule::Schedule;
 pub use steps::StepWeight;

@@ -551,3 +551,94 @@ fn a_damaged_or_torn_checkpoint_is_discarded_and_training_falls_back_to_the_one_
         }
     }
 }
+
+/// A clipped step scored alone (checkpoints after it and before it) saves its unit batch
+/// gradient ĝ = g / ‖g‖ before clipping in the checkpoint after it: recomputed here from
+/// the checkpoint before it and the documents the step visited, per parameter, with
+/// ‖ĝ‖ = 1. Steps inside longer groups, and unclipped runs, save none.
+#[test]
+fn clipped_one_step_groups_save_their_batch_gradient_direction() {
+    use source_tda::train::checkpoint::CLIP_DIRECTION;
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_model(tmp.path());
+    let d = docs(20);
+    // T = 4 in 2 segments of 2 checkpoints: a checkpoint after every step; max_norm 1e-3
+    // clips every step.
+    let mut t = config(OptimizerKind::Momentum, 4);
+    t.max_grad_norm = Some(1e-3);
+    let out = run(&base, &tmp.path().join("every"), &t, &d, &no_hook).unwrap();
+    assert_eq!(out.checkpoints.len(), 4);
+    for (k, (step, dir)) in out.checkpoints.iter().enumerate() {
+        assert_eq!(*step, k as u64 + 1);
+        let before = match k {
+            0 => base.clone(),
+            _ => out.checkpoints[k - 1].1.clone(),
+        };
+        let model = Model::load(&before, &LoadOptions::default(), &Device::Cpu).unwrap();
+        let visited: Vec<&PreparedDoc> = out
+            .visits
+            .iter()
+            .filter(|(s, _)| s == step)
+            .map(|(_, i)| &d[*i as usize])
+            .collect();
+        let (g, _, _) = step_gradients(
+            &model,
+            &visited,
+            LossNormalization::SumPerDocument,
+            &batching(64),
+        )
+        .unwrap();
+        let norm = g
+            .iter()
+            .map(|x| {
+                x.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap() as f64
+            })
+            .sum::<f64>()
+            .sqrt();
+        assert!(norm > 1e-3 * 10.0, "the step is clipped: ‖g‖ = {norm}");
+        let saved = read_safetensors(&dir.join(CLIP_DIRECTION), &Device::Cpu).unwrap();
+        assert_eq!(saved.len(), model.params().len());
+        let mut sq = 0f64;
+        for (p, gp) in model.params().iter().zip(&g) {
+            let s = &saved[&p.name];
+            let want = (gp / norm).unwrap();
+            let diff: f32 = (s - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-6, "step {step} `{}`: {diff}", p.name);
+            sq += s
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
+        }
+        assert!((sq - 1.0).abs() < 1e-4, "‖ĝ‖² = {sq}");
+    }
+    // Checkpoints every 2 steps (groups of 2), or no clipping: nothing saved.
+    let mut sparse = t.clone();
+    sparse.checkpoints_per_segment = 1;
+    let mut unclipped = t.clone();
+    unclipped.max_grad_norm = None;
+    for (name, t) in [("sparse", sparse), ("unclipped", unclipped)] {
+        let out = run(&base, &tmp.path().join(name), &t, &d, &no_hook).unwrap();
+        for (_, dir) in &out.checkpoints {
+            assert!(
+                !dir.join(CLIP_DIRECTION).exists(),
+                "{name}: {}",
+                dir.display()
+            );
+        }
+    }
+}

@@ -6,16 +6,21 @@
 //! re-trained by brute force, against the pipeline's own plan (per-step weights, step groups,
 //! gradient points) and walk with the exact Hessian. Each run is also scored the way Source
 //! scored it before (segment-average weights, scale-only clipping, gradients at the
-//! segment's checkpoints θ_1 … θ_T, per-document units), which these runs contradict.
+//! segment's checkpoints θ_1 … θ_T, per-document units), which these runs contradict. The
+//! clip directions ĝ_k reach the walk the way the score stage reads them: written into the
+//! checkpoint folders as the finetune stage saves them, read back by
+//! `attribution::step_groups`.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use source_tda::attribution::plan::{plan_segments, AttributionPlan, PlanSource};
 use source_tda::attribution::{
-    source_walk, AdamCurvature, Curvature, Damping, DenseCurvature, SegmentCurvature, StepGroup,
+    source_walk, step_groups, AdamCurvature, Curvature, Damping, DenseCurvature, SegmentCurvature,
 };
 use source_tda::config::{LossNormalization, MethodKind};
+use source_tda::train::checkpoint::{write_safetensors, CLIP_DIRECTION};
 use source_tda::train::{CheckpointRef, LrMass, OptimizerInfo, Segment, Trajectory};
 
 use super::source_exact::{dot, f_query, grad_doc, problem, rel_err, to_tensor, Problem, N, P};
@@ -24,11 +29,18 @@ use super::source_exact::{dot, f_query, grad_doc, problem, rel_err, to_tensor, P
 enum Opt {
     Sgd,
     Momentum(f64),
-    /// θ ← θ − η P m̂ with m̂ Adam's bias-corrected first moment (β₁) and P = p I fixed.
+    /// θ ← θ − η P m̂ with m̂ Adam's bias-corrected first moment (β₁) and P fixed:
+    /// P_i = p (1 + spread (2i/(P−1) − 1)), even for spread = 0.
     AdamFixedP {
         beta1: f64,
         p: f64,
+        spread: f64,
     },
+}
+
+/// Adam's fixed P_i.
+fn p_i(p: f64, spread: f64, i: usize) -> f64 {
+    p * (1.0 + spread * (2.0 * i as f64 / (P - 1) as f64 - 1.0))
 }
 
 #[derive(Clone)]
@@ -91,9 +103,9 @@ fn train(
                         buf[i] = beta * buf[i] + gi;
                         buf[i]
                     }
-                    Opt::AdamFixedP { beta1, p } => {
+                    Opt::AdamFixedP { beta1, p, spread } => {
                         buf[i] = beta1 * buf[i] + (1.0 - beta1) * gi;
-                        p * buf[i] / (1.0 - beta1.powi(k as i32 + 1))
+                        p_i(p, spread, i) * buf[i] / (1.0 - beta1.powi(k as i32 + 1))
                     }
                 };
         }
@@ -115,8 +127,8 @@ fn brute_force(p: &Problem, run: &Run) -> Vec<f64> {
 }
 
 /// The recorded trajectory of the unperturbed run (one fine-tuning segment, a checkpoint
-/// every `run.every` steps and at the end, folders named by step) and its Source plan.
-fn plan(run: &Run, clip: &[f64]) -> (Trajectory, AttributionPlan) {
+/// every `run.every` steps and at the end, folders `root/STEP`) and its Source plan.
+fn plan(run: &Run, clip: &[f64], root: &Path) -> (Trajectory, AttributionPlan) {
     let t = run.lrs.len() as u64;
     let mut steps: Vec<u64> = (1..=t).filter(|k| k % run.every as u64 == 0).collect();
     if steps.last() != Some(&t) {
@@ -174,10 +186,10 @@ fn plan(run: &Run, clip: &[f64]) -> (Trajectory, AttributionPlan) {
         MethodKind::Source,
         &PlanSource {
             trajectory: &traj,
-            resolve: &|s| PathBuf::from(s),
+            resolve: &|s| root.join(s),
             prepared: &|_| true,
             n_train: &|| Ok(N as u64),
-            base: &|| Ok(PathBuf::from("0")),
+            base: &|| Ok(root.join("0")),
             tokens_per_doc: &|_| Ok(t_bar),
         },
     )
@@ -185,9 +197,22 @@ fn plan(run: &Run, clip: &[f64]) -> (Trajectory, AttributionPlan) {
     (traj, plan)
 }
 
+/// The step a plan folder `root/STEP` holds the model after.
+fn step_of(folder: &Path) -> usize {
+    folder
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// Scores of `plan` on the run: the walk with the exact Hessian H̄ = (1/N) Σ ∇²L_m (seen
-/// through P for the Adam form), clip directions ĝ_k on one-step groups when `project`, and
-/// the scoring passes at the plan's gradient points.
+/// through P for the Adam form), clip directions ĝ_k on one-step groups when `project`
+/// (saved in the checkpoint after each clipped step, as the finetune stage does, and read
+/// back with the score stage's `step_groups`), and the scoring passes at the plan's
+/// gradient points.
 fn scores(p: &Problem, run: &Run, plan: &AttributionPlan, project: bool) -> Vec<f64> {
     let (traj, clip, dirs) = train(p, run, usize::MAX, 0.0);
     let mut h = vec![0f64; P * P];
@@ -200,9 +225,14 @@ fn scores(p: &Problem, run: &Run, plan: &AttributionPlan, project: bool) -> Vec<
     }
     let dense = DenseCurvature::new(&Tensor::from_vec(h, (P, P), &Device::Cpu).unwrap()).unwrap();
     let adam = match run.opt {
-        Opt::AdamFixedP { p: pv, .. } => Some(AdamCurvature {
+        Opt::AdamFixedP { p: pv, spread, .. } => Some(AdamCurvature {
             inner: &dense,
-            p_bar: vec![Tensor::from_vec(vec![pv; P], (1, P), &Device::Cpu).unwrap()],
+            p_bar: vec![Tensor::from_vec(
+                (0..P).map(|i| p_i(pv, spread, i)).collect::<Vec<_>>(),
+                (1, P),
+                &Device::Cpu,
+            )
+            .unwrap()],
         }),
         _ => None,
     };
@@ -211,21 +241,24 @@ fn scores(p: &Problem, run: &Run, plan: &AttributionPlan, project: bool) -> Vec<
         None => &dense,
     };
     let seg = &plan.segments[0];
-    let groups = seg
+    for g in &seg.groups {
+        let k0 = step_of(&g.from);
+        let to = g.to.as_ref().unwrap();
+        std::fs::create_dir_all(to).unwrap();
+        let file = to.join(CLIP_DIRECTION);
+        let _ = std::fs::remove_file(&file);
+        if g.steps == 1 && clip[k0] < 1.0 {
+            let dir = Tensor::from_vec(dirs[k0].to_vec(), (1, P), &Device::Cpu).unwrap();
+            write_safetensors(&file, &[("l.weight".into(), dir)], HashMap::new()).unwrap();
+        }
+    }
+    let (groups, projected) = step_groups(seg, project, &["l".into()], &[(1, P)]).unwrap();
+    let one_step_clipped = seg
         .groups
         .iter()
-        .map(|g| {
-            let k0: usize = g.from.to_str().unwrap().parse().unwrap();
-            StepGroup {
-                mass: g.mass,
-                weight: g.weight,
-                steps: g.steps,
-                clip_direction: (project && g.steps == 1 && clip[k0] < 1.0).then(|| {
-                    vec![Tensor::from_vec(dirs[k0].to_vec(), (1, P), &Device::Cpu).unwrap()]
-                }),
-            }
-        })
-        .collect();
+        .filter(|g| g.steps == 1 && clip[step_of(&g.from)] < 1.0)
+        .count();
+    assert_eq!(projected, if project { one_step_clipped } else { 0 });
     let segs = [SegmentCurvature {
         factors,
         mass: seg.mass,
@@ -237,7 +270,7 @@ fn scores(p: &Problem, run: &Run, plan: &AttributionPlan, project: bool) -> Vec<
     let u = source_walk(&[to_tensor(&v)], &segs, Damping::Absolute(0.0)).unwrap();
     let mut tau = vec![0f64; N];
     for pt in plan.score_points() {
-        let k: usize = pt.model.to_str().unwrap().parse().unwrap();
+        let k = step_of(&pt.model);
         let mut ut = [0f64; P];
         for (j, c) in pt.terms {
             let uj: Vec<f64> = u[0][j][0].flatten_all().unwrap().to_vec1().unwrap();
@@ -258,7 +291,8 @@ fn errors(run: &Run) -> (f64, f64) {
     let p = problem();
     let truth = brute_force(&p, run);
     let (_, clip, _) = train(&p, run, usize::MAX, 0.0);
-    let (traj, plan_now) = plan(run, &clip);
+    let root = tempfile::tempdir().unwrap();
+    let (traj, plan_now) = plan(run, &clip, root.path());
     let now = scores(&p, run, &plan_now, true);
     // Before: one group per segment weighted by its effective mass, gradients averaged
     // over its checkpoints, clipping as a scale, per-document units.
@@ -296,7 +330,8 @@ fn clipped_steps_match_brute_force_with_the_clip_derivative() {
     let (now, old) = errors(&run);
     // Scale-only clipping (the projection left out), everything else as now.
     let truth = brute_force(&p, &run);
-    let (_, plan_now) = plan(&run, &clip);
+    let root = tempfile::tempdir().unwrap();
+    let (_, plan_now) = plan(&run, &clip, root.path());
     let scale_only = rel_err(&scores(&p, &run, &plan_now, false), &truth);
     // Measured: now 1.5e-2, scale-only 0.50, before 0.88.
     eprintln!("clipped SGD: now {now:.2e}, scale-only {scale_only:.2e}, before {old:.2e}");
@@ -343,7 +378,11 @@ fn momentum_and_weight_decay_use_exact_finite_horizon_weights() {
 fn adam_first_moment_weights_and_decoupled_decay_match_brute_force() {
     for (lr, tol) in [(0.004, 2.5e-2), (0.02, 1.0), (0.05, 1.0)] {
         let run = Run {
-            opt: Opt::AdamFixedP { beta1: 0.9, p: 1.7 },
+            opt: Opt::AdamFixedP {
+                beta1: 0.9,
+                p: 1.7,
+                spread: 0.0,
+            },
             weight_decay: 1.0,
             ..sgd(vec![lr; 16])
         };
@@ -351,6 +390,41 @@ fn adam_first_moment_weights_and_decoupled_decay_match_brute_force() {
         eprintln!("Adam m̂ (fixed P) + decay, T = 16, η = {lr}: now {now:.2e}, before {old:.2e}");
         assert!(now < tol && now < old, "{now} {old}");
     }
+}
+
+/// Clipping under Adam with an uneven P: the clip acts on the gradient before P, so a clipped
+/// step injects u = Π P v, not P Π v (which differs at first order when P is not a multiple
+/// of I); the walk projects after the injection.
+#[test]
+fn clipped_adam_steps_project_after_the_preconditioner() {
+    let run = Run {
+        opt: Opt::AdamFixedP {
+            beta1: 0.9,
+            p: 1.7,
+            spread: 0.8,
+        },
+        max_norm: Some(0.05),
+        ..sgd(vec![0.004; 16])
+    };
+    let p = problem();
+    let (_, clip, _) = train(&p, &run, usize::MAX, 0.0);
+    assert!(
+        clip.iter().all(|c| *c < 0.5),
+        "clipping is active: {clip:?}"
+    );
+    let (now, old) = errors(&run);
+    let truth = brute_force(&p, &run);
+    let root = tempfile::tempdir().unwrap();
+    let (_, plan_now) = plan(&run, &clip, root.path());
+    let scale_only = rel_err(&scores(&p, &run, &plan_now, false), &truth);
+    eprintln!(
+        "clipped Adam, uneven P: now {now:.2e}, scale-only {scale_only:.2e}, before {old:.2e}"
+    );
+    assert!(now < 5e-2, "{now}");
+    assert!(
+        scale_only > 5.0 * now && old > 5.0 * now,
+        "{scale_only} {old}"
+    );
 }
 
 #[test]
