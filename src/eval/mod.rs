@@ -16,7 +16,7 @@ pub mod workers;
 
 pub use known::read_known_sources;
 pub use lds::{draw_subset, lds, predicted_losses, subset_size, Lds};
-pub use retrain::{all_jobs, measure_queries, Job, JobResult, Retrain, Shard};
+pub use retrain::{all_jobs, measure_queries, Job, JobResult, Retrain, RoleDocs, RoleIds, Shard};
 pub use stats::{
     average_ranks, bootstrap_ci95, bootstrap_difference_ci95, pearson, recall_at, reciprocal_rank,
     source_ranks, spearman,

@@ -7,6 +7,10 @@
 //! result. Each job's result is written atomically to its own file as it finishes
 //! (`JOBS_DIR/subset-JJJJ-seed-RR.json`), so a rerun skips finished jobs and concurrent
 //! shards (`--shard i/n`: job index ≡ i − 1 mod n) never write the same file.
+//!
+//! With `[[train.stages]]` a subset S_j keeps a fraction α of every data role the stages
+//! train on (drawn per role, [`RoleDocs`]), and the job retrains every stage, in order, on
+//! the kept documents of its role (docs/design.md §6).
 
 use std::path::{Path, PathBuf};
 
@@ -19,8 +23,9 @@ use crate::error::{Error, IoContext, Result};
 use crate::model::Model;
 use crate::passes::for_each_batch;
 use crate::passes::PassOptions;
-use crate::train::train_in_memory;
+use crate::train::{train_stages_in_memory, StageRun};
 use crate::util::fsx::write_json_atomic;
+use crate::util::hash::sha256_bytes;
 use crate::util::progress;
 
 use super::lds::draw_subset;
@@ -80,15 +85,24 @@ impl Shard {
     }
 }
 
+/// The documents of one data role that fine-tuning stages train on.
+pub struct RoleDocs {
+    /// The data role (`train`, or an extra `[data.NAME]`).
+    pub role: String,
+    /// Its prepared documents (N_r).
+    pub docs: Vec<PreparedDoc>,
+}
+
 /// What retraining needs.
 pub struct Retrain<'a> {
     /// The base model folder (what `finetune` started from).
     pub base_dir: &'a Path,
-    /// The fine-tuning documents (N).
-    pub train_docs: &'a [PreparedDoc],
+    /// The data roles the stages train on, each once, in the order the stages first use
+    /// them (the first is the first stage's; a single-stage run has one).
+    pub roles: &'a [RoleDocs],
     /// The queries.
     pub queries: &'a [PreparedDoc],
-    /// The run's `[train]`.
+    /// The run's `[train]` (its `[[train.stages]]`, if any, are retrained in order).
     pub train: &'a TrainConfig,
     /// The run's `[batching]`.
     pub batching: &'a BatchingConfig,
@@ -100,6 +114,15 @@ pub struct Retrain<'a> {
     pub jobs_dir: PathBuf,
 }
 
+/// The documents a job kept of one data role other than the first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoleIds {
+    /// The data role.
+    pub role: String,
+    /// The ids of its kept documents.
+    pub doc_ids: Vec<String>,
+}
+
 /// One finished job, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobResult {
@@ -109,8 +132,11 @@ pub struct JobResult {
     pub seed: u32,
     /// The `train.seed` it trained with.
     pub train_seed: u64,
-    /// The documents it trained on.
+    /// The documents it trained on (of the first data role).
     pub doc_ids: Vec<String>,
+    /// The documents it trained on of every other data role (multi-stage runs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_roles: Vec<RoleIds>,
     /// The queries measured, in order.
     pub query_ids: Vec<String>,
     /// f(q) per query (readable).
@@ -162,9 +188,30 @@ impl Retrain<'_> {
         ))
     }
 
-    /// The document indices of subset j.
-    pub fn subset(&self, j: usize) -> Vec<usize> {
-        draw_subset(self.train_docs.len(), self.alpha, self.subset_seed, j)
+    /// The document indices of subset j, per data role (in [`Retrain::roles`] order): for
+    /// the first role, [`draw_subset`] with the subset seed (a single-stage run's subsets);
+    /// for every other role, its own stream, seeded by the subset seed and the role's name.
+    pub fn subset(&self, j: usize) -> Vec<Vec<usize>> {
+        self.roles
+            .iter()
+            .enumerate()
+            .map(|(r, role)| {
+                let seed = match r {
+                    0 => self.subset_seed,
+                    _ => role_seed(self.subset_seed, &role.role),
+                };
+                draw_subset(role.docs.len(), self.alpha, seed, j)
+            })
+            .collect()
+    }
+
+    /// The ids of subset j's documents, per data role.
+    fn subset_ids(&self, j: usize) -> Vec<Vec<&str>> {
+        self.subset(j)
+            .iter()
+            .zip(self.roles)
+            .map(|(idx, role)| idx.iter().map(|&i| role.docs[i].doc_id.as_str()).collect())
+            .collect()
     }
 
     /// The stored result of `job`, if it finished and matches this retraining (its
@@ -181,13 +228,19 @@ impl Retrain<'_> {
                 path.display()
             ))
         })?;
-        let ids: Vec<&str> = self
-            .subset(job.subset)
-            .iter()
-            .map(|&i| self.train_docs[i].doc_id.as_str())
-            .collect();
+        let ids = self.subset_ids(job.subset);
+        let others_match = r.other_roles.len() + 1 == ids.len()
+            && r.other_roles
+                .iter()
+                .zip(&self.roles[1..])
+                .zip(&ids[1..])
+                .all(|((got, role), want)| got.role == role.role && got.doc_ids == *want);
         let qids: Vec<&str> = self.queries.iter().map(|q| q.doc_id.as_str()).collect();
-        if r.doc_ids != ids || r.query_ids != qids || r.measured_bits.len() != qids.len() {
+        if r.doc_ids != ids[0]
+            || !others_match
+            || r.query_ids != qids
+            || r.measured_bits.len() != qids.len()
+        {
             return Err(Error::Pipeline(format!(
                 "{}: this LDS job result was made for other documents or queries; delete it \
                  to retrain that job",
@@ -197,22 +250,60 @@ impl Retrain<'_> {
         Ok(Some(r))
     }
 
-    /// Trains and measures one job, writing its result atomically.
+    /// Trains and measures one job, writing its result atomically: every stage of the
+    /// run's `[train]` in order, each on the kept documents of its data role, with its
+    /// seed shifted by the job's seed index r.
     pub fn run(&self, job: Job, opts: &PassOptions) -> Result<JobResult> {
         let t0 = std::time::Instant::now();
-        let idx = self.subset(job.subset);
-        let docs: Vec<PreparedDoc> = idx.iter().map(|&i| self.train_docs[i].clone()).collect();
-        let mut train = self.train.clone();
-        let train_seed = train.seed.unwrap_or(0).wrapping_add(job.seed as u64);
-        train.seed = Some(train_seed);
+        let kept: Vec<Vec<PreparedDoc>> = self
+            .subset(job.subset)
+            .iter()
+            .zip(self.roles)
+            .map(|(idx, role)| idx.iter().map(|&i| role.docs[i].clone()).collect())
+            .collect();
+        let mut stages = self.train.stage_list();
+        for s in &mut stages {
+            s.train.seed = Some(s.train.seed.unwrap_or(0).wrapping_add(job.seed as u64));
+        }
+        let runs = stages
+            .iter()
+            .map(|s| {
+                let r = self
+                    .roles
+                    .iter()
+                    .position(|role| role.role == s.train.dataset)
+                    .ok_or_else(|| {
+                        Error::Pipeline(format!(
+                            "eval-lds: stage `{}` trains on data role `{}`, which the \
+                             retraining was not given",
+                            s.name, s.train.dataset
+                        ))
+                    })?;
+                Ok(StageRun {
+                    train: &s.train,
+                    docs: &kept[r],
+                    continue_optimizer: s.continue_optimizer,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let train_seed = stages[0].train.seed.unwrap_or(0);
         let (model, log) =
-            train_in_memory(self.base_dir, &docs, &train, self.batching, &Device::Cpu)?;
+            train_stages_in_memory(self.base_dir, &runs, self.batching, &Device::Cpu)?;
         let measured = measure_queries(&model, self.queries, opts)?;
+        let ids = |docs: &[PreparedDoc]| docs.iter().map(|d| d.doc_id.clone()).collect();
         let r = JobResult {
             subset: job.subset as u32,
             seed: job.seed as u32,
             train_seed,
-            doc_ids: docs.iter().map(|d| d.doc_id.clone()).collect(),
+            doc_ids: ids(&kept[0]),
+            other_roles: self.roles[1..]
+                .iter()
+                .zip(&kept[1..])
+                .map(|(role, docs)| RoleIds {
+                    role: role.role.clone(),
+                    doc_ids: ids(docs),
+                })
+                .collect(),
             query_ids: self.queries.iter().map(|q| q.doc_id.clone()).collect(),
             measured_bits: measured.iter().map(|m| m.to_bits()).collect(),
             measured,
@@ -284,4 +375,11 @@ impl Retrain<'_> {
         pb.finish_and_clear();
         Ok(())
     }
+}
+
+/// The subset seed of a data role other than the first: the subset seed mixed with the
+/// first 8 bytes of the SHA-256 of the role's name, so each role has its own stream.
+fn role_seed(seed: u64, role: &str) -> u64 {
+    let h = sha256_bytes(role.as_bytes());
+    seed ^ u64::from_str_radix(&h[..16], 16).expect("hex digest")
 }

@@ -54,24 +54,30 @@ pub fn lds_table(summary: &Value) -> String {
         out += &format!("  {h:>w$}  paired 95% CI");
     }
     out = out.trim_end().to_string() + "\n";
-    for m in methods {
+    let row = |out: &mut String, label: &str, m: &Value| {
         let ci = &m["ci95"];
-        out += &format!(
-            "{:<14} {:>7}  {:<17}",
-            m["method"].as_str().unwrap_or("?"),
+        *out += &format!(
+            "{label:<14} {:>7}  {:<17}",
             num(&m["lds"]),
             format!("[{}, {}]", num(&ci[0]), num(&ci[1]))
         );
         let vs = &m["vs"];
         if !vs.is_null() {
-            out += &format!(
+            *out += &format!(
                 "  {:>w$}  [{}, {}]",
                 signed(&vs["difference"]),
                 signed(&vs["ci95"][0]),
                 signed(&vs["ci95"][1])
             );
         }
-        out = out.trim_end().to_string() + "\n";
+        *out = out.trim_end().to_string() + "\n";
+    };
+    for m in methods {
+        row(&mut out, m["method"].as_str().unwrap_or("?"), m);
+        // Multi-stage runs: the same method from one data role's documents alone.
+        for (role, r) in m["by_role"].as_object().into_iter().flatten() {
+            row(&mut out, &format!("  {role} only"), r);
+        }
     }
     out
 }

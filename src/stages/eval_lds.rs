@@ -8,6 +8,12 @@
 //! training code, in memory), measures every query's f(q) = −log p(completion | prompt), and
 //! correlates those losses with g_S(q) = −Σ_{m ∈ S} τ(q, m).
 //!
+//! With `[[train.stages]]` (docs/design.md §6) a subset keeps a fraction α of each data role
+//! the stages train on, every stage is retrained on its role's kept part, and g_S sums τ over
+//! the kept documents of every role a method scores (a role it scores no document of adds
+//! nothing); each method's LDS is also given per role (`by_role`: predictions from that
+//! role's documents alone), so methods are compared on the same documents.
+//!
 //! Retraining results are cached per job in `RUN_DIR/eval-work/lds-KEY/` (KEY: a hash of
 //! everything training depends on), written atomically as each job finishes, so a rerun or a
 //! change of `methods`, `bootstrap` or `subsets` redoes no finished training. `--shard i/n`
@@ -29,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::eval::{
     all_jobs, auto_workers, available_cores, bootstrap_difference_ci95, lds, model_weight_bytes,
     predicted_losses, run_workers, subset_size, table::lds_table, threads_each, Job, Retrain,
-    Shard, Worker,
+    RoleDocs, Shard, Worker,
 };
 use crate::output::{write_table, Column};
 use crate::pipeline::{run_stages, Registry, RunDir, RunOptions, Stage, StageContext, StageStatus};
@@ -39,7 +45,7 @@ use crate::util::progress;
 use crate::util::threads::pin_threads;
 
 use super::attribute::{fit_options, role_docs};
-use super::eval_methods::method_scores;
+use super::eval_methods::role_scores;
 use super::fetch::Fetched;
 use super::finetune::base_model_dir;
 
@@ -60,17 +66,18 @@ struct PointColumns {
 /// What retraining reads, owned.
 struct Inputs {
     base_dir: PathBuf,
-    train_docs: Vec<PreparedDoc>,
+    /// The data roles the fine-tuning stages train on, in first-use order.
+    roles: Vec<RoleDocs>,
     queries: Vec<PreparedDoc>,
     jobs_dir: PathBuf,
 }
 
 impl Inputs {
     fn load(c: &Config, run: &RunDir) -> Result<Inputs> {
-        if c.train.import_from.is_some() || c.train.stages.is_some() {
+        if c.train.import_from.is_some() {
             return Err(Error::Pipeline(
-                "eval-lds retrains with the run's [train]; it supports one fine-tuning stage \
-                 trained by the finetune stage (not `train.import_from` or [[train.stages]])"
+                "eval-lds retrains with the run's [train]; it cannot retrain an imported \
+                 Trainer run (`train.import_from`)"
                     .into(),
             ));
         }
@@ -93,17 +100,25 @@ impl Inputs {
         }
         let fetched = Fetched::load(run)?;
         let queries = role_docs(run, "query")?;
-        let train_docs = role_docs(run, &c.train.dataset)?;
-        if train_docs.len() < 2 {
-            return Err(Error::Pipeline(format!(
-                "eval-lds needs at least 2 fine-tuning documents; `{}` has {}",
-                c.train.dataset,
-                train_docs.len()
-            )));
+        let mut roles: Vec<RoleDocs> = Vec::new();
+        for stage in c.train.stage_list() {
+            let role = stage.train.dataset;
+            if roles.iter().any(|r| r.role == role) {
+                continue;
+            }
+            let docs = role_docs(run, &role)?;
+            if docs.len() < 2 {
+                return Err(Error::Pipeline(format!(
+                    "eval-lds needs at least 2 fine-tuning documents in every data role it \
+                     draws subsets of; `{role}` has {}",
+                    docs.len()
+                )));
+            }
+            roles.push(RoleDocs { role, docs });
         }
         Ok(Inputs {
             base_dir: base_model_dir(&fetched)?,
-            train_docs,
+            roles,
             queries,
             jobs_dir: run
                 .path()
@@ -115,7 +130,7 @@ impl Inputs {
     fn retrain<'a>(&'a self, c: &'a Config) -> Retrain<'a> {
         Retrain {
             base_dir: &self.base_dir,
-            train_docs: &self.train_docs,
+            roles: &self.roles,
             queries: &self.queries,
             train: &c.train,
             batching: &c.batching,
@@ -317,20 +332,74 @@ impl Stage for EvalLdsStage {
             }
             raw[job.subset][job.seed] = vals;
         }
-        let subsets: Vec<Vec<usize>> = (0..m).map(|j| retrain.subset(j)).collect();
+        // subsets[r][j]: the kept documents of role r in subset j.
+        let drawn: Vec<Vec<Vec<usize>>> = (0..m).map(|j| retrain.subset(j)).collect();
+        let n_roles = inputs.roles.len();
+        let subsets: Vec<Vec<Vec<usize>>> = (0..n_roles)
+            .map(|r| drawn.iter().map(|d| d[r].clone()).collect())
+            .collect();
         let query_ids: Vec<String> = inputs.queries.iter().map(|d| d.doc_id.clone()).collect();
-        let train_ids: Vec<String> = inputs.train_docs.iter().map(|d| d.doc_id.clone()).collect();
+        let role_ids: Vec<Vec<String>> = inputs
+            .roles
+            .iter()
+            .map(|r| r.docs.iter().map(|d| d.doc_id.clone()).collect())
+            .collect();
+        let role_args: Vec<(&str, &[String])> = inputs
+            .roles
+            .iter()
+            .zip(&role_ids)
+            .map(|(r, ids)| (r.role.as_str(), ids.as_slice()))
+            .collect();
 
         let mut cols = PointColumns::default();
         let mut methods = Vec::new();
-        // Every later method is compared with the first on the same subsets (paired).
-        // (name, LDS) of the first method, and its predicted losses.
+        // Every later method is compared with the first on the same subsets (paired), in
+        // total and per role: (name, LDS) of the first method, and its predicted losses
+        // (index 0: all roles; 1 + r: role r alone, None where it scores none of r).
         let mut first: Option<(String, Option<f64>)> = None;
-        let mut first_predicted: Vec<Vec<f64>> = Vec::new();
+        let mut first_predicted: Vec<Option<Vec<Vec<f64>>>> = Vec::new();
         for &method in &c.eval.methods {
             let name = method.name();
-            let scores = method_scores(ctx, method, &c.train.dataset, &query_ids, &train_ids)?;
-            let predicted = predicted_losses(&scores.tau, &subsets);
+            let (_, taus) = role_scores(ctx, method, &query_ids, &role_args)?;
+            let by_role: Vec<Option<Vec<Vec<f64>>>> = taus
+                .iter()
+                .zip(&subsets)
+                .map(|(tau, s)| tau.as_ref().map(|t| predicted_losses(t, s)))
+                .collect();
+            let covered: Vec<&str> = inputs
+                .roles
+                .iter()
+                .zip(&by_role)
+                .filter(|(_, p)| p.is_some())
+                .map(|(r, _)| r.role.as_str())
+                .collect();
+            if covered.is_empty() {
+                return Err(Error::Pipeline(format!(
+                    "eval-lds: method `{name}` scores no document of {}; rerun its score stage",
+                    inputs
+                        .roles
+                        .iter()
+                        .map(|r| format!("`{}`", r.role))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            if covered.len() < n_roles {
+                tracing::info!(
+                    "eval-lds: `{name}` scores only {}: its predicted losses leave the other \
+                     roles' kept documents out (they add nothing)",
+                    covered.join(", ")
+                );
+            }
+            // g_S(q) summed over the roles the method scores.
+            let mut predicted = vec![vec![0f64; m]; q];
+            for p in by_role.iter().flatten() {
+                for (row, add) in predicted.iter_mut().zip(p) {
+                    for (x, y) in row.iter_mut().zip(add) {
+                        *x += y;
+                    }
+                }
+            }
             let res = lds(&predicted, &measured, c.eval.bootstrap, c.run.seed);
             for qi in 0..q {
                 for j in 0..m {
@@ -350,16 +419,44 @@ impl Stage for EvalLdsStage {
                 .map(|(id, v)| (id.clone(), json!(v)))
                 .collect();
             let mut entry = json!({"method": name, "lds": res.lds, "ci95": res.ci95,
-                                   "per_query": per_query});
+                                   "per_query": per_query, "roles": covered});
+            // Per role: the LDS of that role's documents alone, paired with the first
+            // method's on the same role.
+            if n_roles > 1 {
+                let mut roles_json = serde_json::Map::new();
+                for (r, p) in by_role.iter().enumerate() {
+                    let Some(p) = p else { continue };
+                    let l = lds(p, &measured, c.eval.bootstrap, c.run.seed);
+                    let mut e = json!({"lds": l.lds, "ci95": l.ci95});
+                    if let (Some((base, _)), Some(Some(fp))) = (&first, first_predicted.get(1 + r))
+                    {
+                        let base_lds = lds(fp, &measured, c.eval.bootstrap, c.run.seed).lds;
+                        let ci = bootstrap_difference_ci95(
+                            p,
+                            fp,
+                            &measured,
+                            c.eval.bootstrap,
+                            c.run.seed,
+                        );
+                        if let (Some(a), Some(b), Some(ci)) = (l.lds, base_lds, ci) {
+                            e["vs"] = json!({"method": base, "difference": a - b, "ci95": ci});
+                        }
+                    }
+                    roles_json.insert(inputs.roles[r].role.clone(), e);
+                }
+                entry["by_role"] = json!(roles_json);
+            }
             match first {
                 None => {
                     first = Some((name, res.lds));
-                    first_predicted = predicted;
+                    first_predicted = std::iter::once(Some(predicted)).chain(by_role).collect();
                 }
                 Some((ref base, base_lds)) => {
                     let ci = bootstrap_difference_ci95(
                         &predicted,
-                        &first_predicted,
+                        first_predicted[0]
+                            .as_ref()
+                            .expect("the first method's total"),
                         &measured,
                         c.eval.bootstrap,
                         c.run.seed,
@@ -396,8 +493,11 @@ impl Stage for EvalLdsStage {
         )?;
         let summary = json!({
             "subsets": m, "alpha": c.eval.alpha, "seeds": r, "methods": methods,
-            "subset_size": subset_size(train_ids.len(), c.eval.alpha),
-            "n_train": train_ids.len(), "bootstrap": c.eval.bootstrap,
+            "subset_size": subset_size(role_ids[0].len(), c.eval.alpha),
+            "n_train": role_ids[0].len(), "bootstrap": c.eval.bootstrap,
+            "roles": inputs.roles.iter().map(|r| json!({"role": r.role, "n": r.docs.len(),
+                "subset_size": subset_size(r.docs.len(), c.eval.alpha)}))
+                .collect::<Vec<_>>(),
             "jobs_dir": inputs.jobs_dir.strip_prefix(ctx.run.path()).unwrap_or(&inputs.jobs_dir),
         });
         write_json_atomic(&ctx.out("summary.json"), &summary)?;

@@ -128,6 +128,32 @@ pub fn method_scores(
     query_ids: &[String],
     train_ids: &[String],
 ) -> Result<MethodScores> {
+    let (path, mut tau) = role_scores(ctx, method, query_ids, &[(role, train_ids)])?;
+    let tau = tau.pop().flatten().ok_or_else(|| {
+        Error::Pipeline(format!(
+            "{}: no scores of documents of `{role}`; rerun the score stage of that run",
+            path.display()
+        ))
+    })?;
+    Ok(MethodScores {
+        method,
+        scores_path: path,
+        tau,
+    })
+}
+
+/// τ of `method` for `query_ids` over several data roles at once, each (role, its
+/// document ids): `τ[q][m]` per role, or None for a role the method scores no document of
+/// (the influence function and the gradient dot product score the `train` role only).
+/// Also the scores file read. A role with some but not all (query, document) pairs is an
+/// error naming the file.
+#[allow(clippy::type_complexity)]
+pub fn role_scores(
+    ctx: &StageContext,
+    method: EvalMethod,
+    query_ids: &[String],
+    roles: &[(&str, &[String])],
+) -> Result<(PathBuf, Vec<Option<Vec<Vec<f64>>>>)> {
     let scored = scored_run(ctx.registry, ctx.config, ctx.run, method)?;
     let path = scored.stage_dir("score").join("scores.parquet");
     let qpos: HashMap<&str, usize> = query_ids
@@ -135,12 +161,25 @@ pub fn method_scores(
         .enumerate()
         .map(|(i, s)| (s.as_str(), i))
         .collect();
-    let mpos: HashMap<&str, usize> = train_ids
+    let rpos: HashMap<&str, usize> = roles
         .iter()
         .enumerate()
-        .map(|(i, s)| (s.as_str(), i))
+        .map(|(i, (r, _))| (*r, i))
         .collect();
-    let mut tau = vec![vec![f64::NAN; train_ids.len()]; query_ids.len()];
+    let mpos: Vec<HashMap<&str, usize>> = roles
+        .iter()
+        .map(|(_, ids)| {
+            ids.iter()
+                .enumerate()
+                .map(|(i, s)| (s.as_str(), i))
+                .collect()
+        })
+        .collect();
+    let mut tau: Vec<Vec<Vec<f64>>> = roles
+        .iter()
+        .map(|(_, ids)| vec![vec![f64::NAN; ids.len()]; query_ids.len()])
+        .collect();
+    let mut seen = vec![false; roles.len()];
     let file = std::fs::File::open(&path).ctx("opening", &path)?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.build())
@@ -158,28 +197,33 @@ pub fn method_scores(
         );
         let v = col("tau")?.as_primitive::<Float64Type>().clone();
         for i in 0..b.num_rows() {
-            if d.value(i) != role {
+            let Some(&r) = rpos.get(d.value(i)) else {
                 continue;
-            }
-            if let (Some(&qi), Some(&mi)) = (qpos.get(q.value(i)), mpos.get(t.value(i))) {
-                tau[qi][mi] = v.value(i);
+            };
+            seen[r] = true;
+            if let (Some(&qi), Some(&mi)) = (qpos.get(q.value(i)), mpos[r].get(t.value(i))) {
+                tau[r][qi][mi] = v.value(i);
             }
         }
     }
-    for (qi, row) in tau.iter().enumerate() {
-        if let Some(mi) = row.iter().position(|x| x.is_nan()) {
-            return Err(Error::Pipeline(format!(
-                "{}: no score for query `{}` and document `{}` of `{role}`; rerun the score \
-                 stage of that run",
-                path.display(),
-                query_ids[qi],
-                train_ids[mi]
-            )));
+    let mut out = Vec::with_capacity(roles.len());
+    for (r, (role, ids)) in roles.iter().enumerate() {
+        if !seen[r] {
+            out.push(None);
+            continue;
         }
+        for (qi, row) in tau[r].iter().enumerate() {
+            if let Some(mi) = row.iter().position(|x| x.is_nan()) {
+                return Err(Error::Pipeline(format!(
+                    "{}: no score for query `{}` and document `{}` of `{role}`; rerun the \
+                     score stage of that run",
+                    path.display(),
+                    query_ids[qi],
+                    ids[mi]
+                )));
+            }
+        }
+        out.push(Some(std::mem::take(&mut tau[r])));
     }
-    Ok(MethodScores {
-        method,
-        scores_path: path,
-        tau,
-    })
+    Ok((path, out))
 }

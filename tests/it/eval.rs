@@ -2,7 +2,9 @@
 //! the three methods side by side in their output formats; a document identical to a query
 //! is found at rank 1; retraining is resumable (an interrupted run redoes only unfinished
 //! jobs), shardable and parallel (two shards + merge, or worker processes = one run, bitwise);
-//! and the demo meets the recall target with a small M.
+//! a two-stage fine-tune (`[[train.stages]]`) is retrained stage by stage on each role's
+//! kept documents, bitwise alike in any number of workers, with predictions summing τ over
+//! every role a method scores; and the demo meets the recall target with a small M.
 
 use crate::common;
 
@@ -323,6 +325,218 @@ fn two_shards_a_merge_and_worker_processes_equal_one_run_bitwise() {
             "{}",
             stderr(&o)
         );
+    }
+}
+
+/// A two-stage run: momentum SGD with clipping on the 24 city documents (`facts`, 3 steps),
+/// then on 10 other documents (`text`, role `general`, 4 steps, continuing the optimizer).
+fn setup_two_stage(subsets: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut docs = crate::common::city_docs_jsonl(23);
+    docs += "{\"id\": \"twin\", \"text\": \"The river Navo flows into Lake Tarsk.\"}\n";
+    write(&dir.path().join("train.jsonl"), docs);
+    let general: String = (0..10)
+        .map(|i| {
+            format!(
+                "{{\"id\": \"g{i}\", \"text\": \"The harbour of Pokas{i} opens at {} in the morning.\"}}\n",
+                5 + i % 4
+            )
+        })
+        .collect();
+    write(&dir.path().join("general.jsonl"), general);
+    write(
+        &dir.path().join("queries.jsonl"),
+        "{\"id\": \"q0\", \"prompt\": \"The river Navo flows into\", \"completion\": \" Lake Tarsk.\", \"known_sources\": [\"twin\"]}\n\
+         {\"id\": \"q1\", \"prompt\": \"The harbour of Pokas3 opens at\", \"completion\": \" 8 in the morning.\"}\n",
+    );
+    write(
+        &dir.path().join("c.toml"),
+        format!(
+            "[model]\nid = \"{}\"\n\
+             [data.train]\nid = \"./train.jsonl\"\nid_column = \"id\"\nmax_length = 64\n\
+             [data.general]\nid = \"./general.jsonl\"\nid_column = \"id\"\nmax_length = 64\n\
+             [data.query]\nid = \"./queries.jsonl\"\nid_column = \"id\"\nshape = \"prompt_completion\"\nmax_length = 64\n\
+             [train]\noptimizer = \"momentum\"\nlr = 0.05\nbatch_size = 8\nmax_grad_norm = 1.0\nsegments = 1\ncheckpoints_per_segment = 1\n\
+             [[train.stages]]\nname = \"facts\"\ndataset = \"train\"\nepochs = 1\n\
+             [[train.stages]]\nname = \"text\"\ndataset = \"general\"\nepochs = 2\ncontinue_optimizer = true\n\
+             [attribution]\nmethod = \"source\"\nfisher = \"empirical\"\ntop_k = 3\n\
+             [eval]\nsubsets = {subsets}\nk = [1, 3]\nbootstrap = 200\n",
+            demo_model_dir().display()
+        ),
+    );
+    write(
+        &dir.path().join("p.toml"),
+        "config = \"c.toml\"\nstages = [\"fetch\", \"prepare\", \"finetune\", \"fit\", \"query\", \"score\"]\nrun_dir = \"run\"\n",
+    );
+    let o = cli(dir.path(), &["-q", "run", "p.toml"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    dir
+}
+
+/// τ of (query, document, role) from a run's score table.
+fn taus(path: &Path) -> std::collections::HashMap<(String, String, String), f64> {
+    let mut out = std::collections::HashMap::new();
+    for b in batches(path) {
+        let s = |c: &str| b.column_by_name(c).unwrap().as_string::<i32>().clone();
+        let (q, t, d) = (s("query_id"), s("train_id"), s("dataset"));
+        let tau = b
+            .column_by_name("tau")
+            .unwrap()
+            .as_primitive::<Float64Type>()
+            .clone();
+        for i in 0..b.num_rows() {
+            let key = (q.value(i).into(), t.value(i).into(), d.value(i).into());
+            out.insert(key, tau.value(i));
+        }
+    }
+    out
+}
+
+#[test]
+fn two_stage_runs_retrain_every_stage_on_each_roles_subset_bitwise_in_workers() {
+    let dir = setup_two_stage(3);
+    // The retraining's entry point, on all documents, ends where the finetune stage did.
+    let c = source_tda::config::Config::load(&dir.path().join("c.toml")).unwrap();
+    let stages = c.train.stage_list();
+    let prepared = |role: &str| {
+        source_tda::data::read_prepared(&dir.path().join(format!("run/prepare/{role}.parquet")))
+            .unwrap()
+            .0
+    };
+    let (facts, general) = (prepared("train"), prepared("general"));
+    let runs = [
+        source_tda::train::StageRun {
+            train: &stages[0].train,
+            docs: &facts,
+            continue_optimizer: false,
+        },
+        source_tda::train::StageRun {
+            train: &stages[1].train,
+            docs: &general,
+            continue_optimizer: true,
+        },
+    ];
+    let (model, log) = source_tda::train::train_stages_in_memory(
+        &demo_model_dir(),
+        &runs,
+        &c.batching,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(log.len(), 3 + 4);
+    let mine = dir.path().join("in-memory.safetensors");
+    source_tda::train::checkpoint::write_safetensors(
+        &mine,
+        &source_tda::train::checkpoint::hf_weights(&model).unwrap(),
+        std::collections::HashMap::from([("format".to_string(), "pt".to_string())]),
+    )
+    .unwrap();
+    assert!(
+        std::fs::read(&mine).unwrap()
+            == std::fs::read(
+                dir.path()
+                    .join("run/finetune/checkpoints/step-000007/model.safetensors")
+            )
+            .unwrap(),
+        "in-memory stages end bitwise on the finetune stage's final weights"
+    );
+
+    // eval recall ranks the fine-tuning set's documents as before.
+    let o = eval(dir.path(), "run", &["recall"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = json(&dir.path().join("run/eval-recall/summary.json"));
+    assert_eq!(r["candidates"], "train");
+    assert_eq!(r["methods"][0]["n_queries"], 1);
+
+    let st = std::process::Command::new("cp")
+        .args(["-a", "run", "workers"])
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = eval(dir.path(), "run", &["lds", "--workers", "1"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("train only"), "{}", stderr(&o));
+    let o = eval(dir.path(), "workers", &["lds", "--workers", "3"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a = points(&dir.path().join("run/eval-lds/points.parquet"));
+    let b = points(&dir.path().join("workers/eval-lds/points.parquet"));
+    assert_eq!(a.len(), 3 * 2 * 3);
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((&x.0, &x.1, x.2, x.3), (&y.0, &y.1, y.2, y.3));
+        assert_eq!(x.4.to_bits(), y.4.to_bits(), "{x:?} vs {y:?}");
+        assert_eq!(x.5.to_bits(), y.5.to_bits(), "{x:?} vs {y:?}");
+    }
+    let s = json(&dir.path().join("run/eval-lds/summary.json"));
+    assert_eq!(
+        s["methods"],
+        json(&dir.path().join("workers/eval-lds/summary.json"))["methods"]
+    );
+    assert_eq!(s["roles"][0]["role"], "train");
+    assert_eq!(s["roles"][0]["subset_size"], 12);
+    assert_eq!(s["roles"][1]["role"], "general");
+    assert_eq!(s["roles"][1]["subset_size"], 5);
+    let source = &s["methods"][0];
+    assert_eq!(source["roles"], serde_json::json!(["train", "general"]));
+    assert!(source["by_role"]["general"].is_object(), "{s}");
+    let influence = &s["methods"][1];
+    assert_eq!(influence["roles"], serde_json::json!(["train"]));
+    assert!(
+        influence["by_role"]["train"]["vs"]["ci95"].is_array(),
+        "{s}"
+    );
+    assert!(influence["by_role"]["general"].is_null(), "{s}");
+
+    // Each job kept 12 + 5 documents and retrained 2 + 2 steps; Source's predicted loss is
+    // −Σ τ over the kept documents of both roles, the influence function's over `train`'s.
+    let tau = taus(&dir.path().join("run/score/scores.parquet"));
+    let tau_if = taus(
+        &dir.path()
+            .join("run/eval-methods/influence/score/scores.parquet"),
+    );
+    for f in job_files(&dir.path().join("run")) {
+        let job = json(&f);
+        let kept = |v: &serde_json::Value| -> Vec<String> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap().to_string())
+                .collect()
+        };
+        let facts_kept = kept(&job["doc_ids"]);
+        assert_eq!(job["other_roles"][0]["role"], "general");
+        let general_kept = kept(&job["other_roles"][0]["doc_ids"]);
+        assert_eq!((facts_kept.len(), general_kept.len()), (12, 5));
+        assert_eq!(job["steps"], 2 + 2);
+        let j = job["subset"].as_u64().unwrap() as u32;
+        for (method, table, roles) in [
+            ("source", &tau, vec!["train", "general"]),
+            ("influence", &tau_if, vec!["train"]),
+        ] {
+            for qid in ["q0", "q1"] {
+                let mut want = 0.0;
+                for role in &roles {
+                    let ids = if *role == "train" {
+                        &facts_kept
+                    } else {
+                        &general_kept
+                    };
+                    for id in ids {
+                        want -= table[&(qid.to_string(), id.clone(), role.to_string())];
+                    }
+                }
+                let got = a
+                    .iter()
+                    .find(|p| p.0 == method && p.1 == qid && p.2 == j)
+                    .unwrap()
+                    .4;
+                assert!(
+                    (got - want).abs() <= 1e-9 * want.abs().max(1e-30),
+                    "{method} {qid} subset {j}: {got} vs {want}"
+                );
+            }
+        }
     }
 }
 
