@@ -2,10 +2,11 @@
 """Paired comparison of two eval-lds runs that share their retraining jobs (the same subsets
 and measured losses) but scored with different settings, e.g. two `adam_response` values:
 
-    scripts/eval/lds-compare.py RUN_A RUN_B [FIRST LAST] [--resamples N]
+    scripts/eval/lds-compare.py RUN_A RUN_B [FIRST LAST] [--resamples=N] [--method-b=NAME]
 
-Reads RUN_{A,B}/eval-lds/points.parquet, takes every method of A and A's `source` relabelled
-from B as `source@B`, restricted to subsets FIRST..LAST-1 (default: all), and prints each
+Reads RUN_{A,B}/eval-lds/points.parquet, takes every method of A and B's `source` (or B's
+method NAME with --method-b=NAME, e.g. an influence function with another damping)
+relabelled as `source@B` (`NAME@B`), restricted to subsets FIRST..LAST-1 (default: all), and prints each
 method's LDS (mean over queries of Spearman's rho between predicted and measured loss) and
 the paired percentile-bootstrap 95% interval of the differences (each resample draws one
 set of subsets for all methods, as `eval-lds` does for its `- first` column). Refuses runs
@@ -75,20 +76,23 @@ def lds(method, pick):
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     resamples = 500
+    mb = "source"
     for a in sys.argv[1:]:
         if a.startswith("--resamples="):
             resamples = int(a.split("=", 1)[1])
+        if a.startswith("--method-b="):
+            mb = a.split("=", 1)[1]
     if len(args) not in (2, 4):
         sys.exit(__doc__)
     a, b = load(args[0]), load(args[1])
-    if "source" not in b:
-        sys.exit(f"{args[1]}: no `source` method in eval-lds/points.parquet")
+    if mb not in b:
+        sys.exit(f"{args[1]}: no `{mb}` method in eval-lds/points.parquet")
     methods = dict(a)
-    methods["source@B"] = b["source"]
+    methods[f"{mb}@B"] = b[mb]
     some = next(iter(a.values()))
     for q, subs in some.items():
         for s, (_, y) in subs.items():
-            yb = b["source"].get(q, {}).get(s)
+            yb = b[mb].get(q, {}).get(s)
             if yb is None or abs(yb[1] - y) > 1e-9 * max(1.0, abs(y)):
                 sys.exit(f"the runs' measured losses differ at query {q}, subset {s}")
     subsets = sorted(next(iter(some.values())).keys())
@@ -112,9 +116,9 @@ def main():
         d = sorted(x - y for x, y in zip(boots[m], boots[first]))
         print(f"  {m} - {first}: {base[m] - base[first]:+.3f} [{d[lo_i]:+.3f}, {d[hi_i]:+.3f}]")
     if "influence" in names and first != "influence":
-        d = sorted(x - y for x, y in zip(boots["source@B"], boots["influence"]))
+        d = sorted(x - y for x, y in zip(boots[f"{mb}@B"], boots["influence"]))
         print(
-            f"  source@B - influence: {base['source@B'] - base['influence']:+.3f} "
+            f"  {mb}@B - influence: {base[f'{mb}@B'] - base['influence']:+.3f} "
             f"[{d[lo_i]:+.3f}, {d[hi_i]:+.3f}]"
         )
 
