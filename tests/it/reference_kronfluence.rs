@@ -244,17 +244,7 @@ fn influence_method_reproduces_kronfluence_ekfac_on_smollm2_two_layers() {
         .collect();
     // The query gradients' token factors multiply out to the dense gradients.
     for (l, (f, g)) in qg.factors.iter().zip(&qg.layers).enumerate() {
-        let d = f.dense().unwrap();
-        let scale: f32 = g.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-        let err: f32 = (&d - g)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(err <= 1e-5 * scale, "token factors of layer {l}: {err:e}");
+        crate::common::assert_factors_are_dense(f, g, &format!("layer {l}"));
     }
     // One training pass scores all four methods: their preconditioned queries are stacked
     // along the query axis (8 each): EK-FAC with the heuristic damping (preconditioned from

@@ -118,20 +118,7 @@ fn check_token_factors(query: &Path) {
             tf[&format!("a.{name}")].clone(),
         )
         .unwrap();
-        let d = f.dense().unwrap();
-        let scale: f32 = v.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-        let err: f32 = (&d - v)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(
-            scale > 0.0 && err <= 1e-5 * scale,
-            "{name}: {err:e} of {scale:e}"
-        );
+        common::assert_factors_are_dense(&f, v, name);
     }
 }
 

@@ -158,3 +158,20 @@ pub fn city_docs_jsonl(n: usize) -> String {
         })
         .collect()
 }
+
+/// Asserts that token factors multiply out to the dense gradients they stand for:
+/// max |Δ_qᵀ A_q − V_q| ≤ 1e-5 max |V| (and V is not all zero); `what` names the layer.
+pub fn assert_factors_are_dense(
+    f: &source_tda::linalg::TokenFactors,
+    v: &candle_core::Tensor,
+    what: &str,
+) {
+    let max = |t: &candle_core::Tensor| -> f32 {
+        t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    };
+    let (scale, err) = (max(v), max(&(f.dense().unwrap() - v).unwrap()));
+    assert!(
+        scale > 0.0 && err <= 1e-5 * scale,
+        "token factors of {what}: {err:e} of {scale:e}"
+    );
+}
