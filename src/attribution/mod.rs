@@ -9,6 +9,7 @@ pub mod adam;
 pub mod clip;
 pub mod curvature;
 pub mod dense;
+pub mod gen_tokens;
 pub mod method;
 pub mod plan;
 pub mod refine;
@@ -21,6 +22,7 @@ pub use curvature::{
     precondition_inverse, precondition_inverse_factored, Curvature, Damping, OnBackend,
 };
 pub use dense::DenseCurvature;
+pub use gen_tokens::{gen_token_docs, gen_token_gradients, GenToken, GenTokenGradients};
 pub use refine::{layer_dampings, refine_inverse, GaussNewtonSample};
 pub use score::{
     query_gradients, score_pass, score_pass_on, score_pass_queries, QueryGradients, TrainScores,

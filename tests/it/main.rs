@@ -32,6 +32,7 @@ mod finetune;
 mod finetune_checkpoint_compat;
 mod finetune_cli;
 mod finetune_stages;
+mod gen_tokens;
 mod generated_queries;
 mod hf_data;
 mod hub_token;
