@@ -14,6 +14,7 @@
 //! # eigendecomposition = "f32"  # factor eigendecompositions in f32 (default: f64)
 //! # adam_response = "full"  # AdamW segments: full (P_eff, needs m̂) | fixed_v (P)
 //! # refine = { method = "cg", iterations = 30, documents = 1024, tolerance = 1e-2 }
+//! # generated = { enabled = true, top_k = 5, detail_docs = 3, detail_budget = 200000 }
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -151,6 +152,66 @@ pub struct AttributionConfig {
     /// Default: none (the EK-FAC answer). Left out of resolved configs when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refine: Option<RefineConfig>,
+    /// Per-generated-token attribution of prompt-only queries (`[attribution.generated]`).
+    /// Left out of resolved configs when default, so that runs made before it keep their
+    /// `score` records.
+    #[serde(default, skip_serializing_if = "GeneratedConfig::is_default")]
+    pub generated: GeneratedConfig,
+}
+
+/// `[attribution.generated]` (or `generated = { … }` inline): attribution of each generated
+/// token of prompt-only queries (`[data.query] shape = "prompt"`) on its own, f_j =
+/// −log p(y_j | prompt, y_<j), beside the whole completion's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratedConfig {
+    /// Attribute each generated token (one backward pass per token in `query`, one more
+    /// scoring pass over the training data in `score`). Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Documents per generated token in `score/gen_scores.parquet` (0: all). Default 5.
+    #[serde(default = "default_gen_top_k")]
+    pub top_k: usize,
+    /// Of those, the top documents of each generated token whose per-token scores are
+    /// written to `score/gen_token_scores.parquet`. Default 3.
+    #[serde(default = "default_gen_detail_docs")]
+    pub detail_docs: usize,
+    /// At most this many rows (training tokens) in `gen_token_scores.parquet`; generated
+    /// tokens are taken first tokens first (every query's token 0, then every query's token
+    /// 1, …) while their documents fit. Default 200000 (≈ 4 MB of Parquet).
+    #[serde(default = "default_gen_detail_budget")]
+    pub detail_budget: usize,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_gen_top_k() -> usize {
+    5
+}
+fn default_gen_detail_docs() -> usize {
+    3
+}
+fn default_gen_detail_budget() -> usize {
+    200_000
+}
+
+impl Default for GeneratedConfig {
+    fn default() -> Self {
+        GeneratedConfig {
+            enabled: true,
+            top_k: default_gen_top_k(),
+            detail_docs: default_gen_detail_docs(),
+            detail_budget: default_gen_detail_budget(),
+        }
+    }
+}
+
+impl GeneratedConfig {
+    /// Whether every key has its default (then it is left out of resolved configs).
+    pub fn is_default(&self) -> bool {
+        *self == GeneratedConfig::default()
+    }
 }
 
 /// The iteration that refines a preconditioned query.
@@ -227,6 +288,7 @@ impl Default for AttributionConfig {
             eigendecomposition: EigenPrecision::F64,
             adam_response: AdamResponse::default(),
             refine: None,
+            generated: GeneratedConfig::default(),
         }
     }
 }
@@ -287,6 +349,25 @@ impl AttributionConfig {
                     format!("{} is invalid; allowed: a number ≥ 0", r.tolerance),
                 ));
             }
+        }
+        let g = &self.generated;
+        if g.top_k > 0 && g.detail_docs > g.top_k {
+            return Err((
+                k("generated.detail_docs"),
+                format!(
+                    "{} is more than attribution.generated.top_k = {}; allowed: 0 ..= top_k \
+                     (the documents with per-token scores are among the top_k listed)",
+                    g.detail_docs, g.top_k
+                ),
+            ));
+        }
+        if g.detail_docs > 0 && g.detail_budget == 0 {
+            return Err((
+                k("generated.detail_budget"),
+                "is 0 while attribution.generated.detail_docs > 0; allowed: 1 or more rows \
+                 (or set detail_docs = 0 for no per-token scores)"
+                    .into(),
+            ));
         }
         if let Some(m) = self.memory_limit_gib {
             if !(m.is_finite() && m > 0.0) {

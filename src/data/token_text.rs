@@ -51,3 +51,33 @@ pub fn token_texts(
     }
     Some(out)
 }
+
+/// The text of each generated token of `ids` (a completion the model produced, which has no
+/// source string to cut): token j's text is what decoding `ids[..=j]` adds to decoding
+/// `ids[..j]`. A token that ends inside a multi-byte character adds nothing ("") and the
+/// token that completes the character shows it whole, so the pieces, joined, give back
+/// `decode(ids)`; a decoder whose prefixes are not prefixes of longer decodes (not expected)
+/// falls back to decoding the rest one id at a time.
+pub fn generated_token_texts(tokenizer: &Tokenizer, ids: &[u32]) -> Vec<String> {
+    let decode = |s: &[u32]| tokenizer.decode(s, false).unwrap_or_default();
+    let mut out = Vec::with_capacity(ids.len());
+    let mut shown = String::new();
+    for j in 0..ids.len() {
+        let full = decode(&ids[..=j]);
+        if full.ends_with('\u{FFFD}') && j + 1 < ids.len() {
+            out.push(String::new());
+            continue;
+        }
+        match full.strip_prefix(shown.as_str()) {
+            Some(rest) => {
+                out.push(rest.to_string());
+                shown = full;
+            }
+            None => {
+                out.extend(ids[j..].iter().map(|&id| decode(&[id])));
+                return out;
+            }
+        }
+    }
+    out
+}

@@ -1,6 +1,6 @@
 //! Owns the `query` stage: query gradients and `queries.parquet`.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
-//! `attribute`, `fetch`, `query_generate`, `score` (its table metadata).
+//! `attribute`, `fetch`, `query_generate`, `query_tokens`, `score` (its table metadata).
 //!
 //! `query`: the query gradients v_L = ∇_θ f(q, θ_final) of every tracked layer at the final
 //! checkpoint, with the measurement f(q) = −log p(completion | prompt) (docs/design.md §2).
@@ -11,7 +11,8 @@
 //! are first completed by the final model ([`super::query_generate`]); `queries.parquet`'s
 //! `generated` column says so. For a named query set (`source-tda ask`) the queries are read
 //! from the set's own file instead of `prepare/query.parquet`, and everything is written to
-//! `query/query_set=NAME/`.
+//! `query/query_set=NAME/`. Generated queries also get one gradient per generated token
+//! ([`super::query_tokens`]).
 
 use std::collections::HashMap;
 
@@ -29,6 +30,7 @@ use crate::util::fsx::write_json_atomic;
 use super::attribute::{check_memory, fit_options, load_model, plan, role_docs};
 use super::fetch::Fetched;
 use super::query_generate::{complete_queries, eos_tokens, generate_options};
+use super::query_tokens::write_gen_tokens;
 
 /// The `query` stage.
 pub struct QueryStage;
@@ -66,6 +68,7 @@ impl Stage for QueryStage {
         if c.data.query.as_ref().map(|d| d.shape) == Some(DocShape::Prompt) {
             v["generate"] = json!(c.query);
             v["seed"] = json!(c.run.seed);
+            v["generated_tokens"] = json!(c.attribution.generated.enabled);
         }
         v
     }
@@ -121,6 +124,9 @@ impl Stage for QueryStage {
             queries
         };
         let qg = query_gradients(&model, &queries, &fit_options(ctx.config))?;
+        let gen_tokens = (generated && ctx.config.attribution.generated.enabled)
+            .then(|| write_gen_tokens(ctx, &model, &queries, &fit_options(ctx.config)))
+            .transpose()?;
         let entries: Vec<(String, candle_core::Tensor)> = model
             .tracked_layers()
             .iter()
@@ -204,6 +210,7 @@ impl Stage for QueryStage {
         Ok(json!({
             "queries": queries.len(), "measurements": qg.measurements, "generated": generated,
             "completions": queries.iter().map(|q| &q.completion).collect::<Vec<_>>(),
+            "gen_tokens": gen_tokens,
         }))
     }
 }
