@@ -1,12 +1,13 @@
 //! Owns the `score` stage: preconditioned queries, scoring passes, and the score tables.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
-//! `attribute`, `fetch`, `score_acting`, `score_queries`, `score_text`.
+//! `attribute`, `fetch`, `score_acting`, `score_gen`, `score_queries`, `score_text`.
 //!
 //! `score`: the backwards walk over segments and the training passes that score every
 //! document of every segment's data against every query, per document and per token, in
 //! one pass per checkpoint (docs/design.md §2, §5). Writes `scores.parquet`,
 //! `token_scores.parquet` (top-k documents per query, or all), `queries.parquet` and
-//! `train_docs.parquet`.
+//! `train_docs.parquet`; for generated queries also the per-generated-token tables
+//! ([`super::score_gen`]).
 //!
 //! `score` is the raw Σ_ℓ ⟨u_ℓ, ḡ_ℓ(m)⟩ and `n_train` the N of the document's data set, so
 //! τ = score / n_train; τ > 0 means the document helped the model produce the completion (a
@@ -159,6 +160,10 @@ impl Stage for ScoreStage {
         let acting = write_acting(ctx, &p, &queries.acting)?;
         let roles = score_segments(ctx, &p, &queries)?;
         let mut out = write_outputs(ctx, &p, queries.q, &roles)?;
+        drop(roles);
+        if let Some(g) = super::score_gen::score_generated(ctx, &p, queries.backend.as_ref())? {
+            out["generated_tokens"] = g;
+        }
         let Queries {
             estimate,
             needs,

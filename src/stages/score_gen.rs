@@ -1,0 +1,303 @@
+//! Owns the `score` stage's per-generated-token scores: `score_generated`.
+//! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
+//! `attribute`, `query_tokens`, `score_gen_out`.
+//!
+//! Each generated token's gradient ∇f_j (`query/gen_gradients.safetensors`) is preconditioned
+//! like a query (the method's u_ℓ, [`preconditioned`], in the form `query_rank` asks for) and
+//! scored against every training document of every segment's data, per document: one
+//! scoring pass per scoring point for all generated tokens at once (in chunks that fit in
+//! memory). Then the top documents of the generated tokens picked within
+//! `[attribution.generated] detail_budget` are scored again per training token, in one pass
+//! over those documents only. The preconditioning is linear in the gradient (exact dense u),
+//! so the tokens' document scores add up to the whole completion's (Σ_j f_j = f); with
+//! `query_rank` (a truncated SVD per query) or `refine` (conjugate gradients, whose
+//! iterations depend on the right-hand side) they do only approximately, and the refinement
+//! is not applied to the tokens (EK-FAC's u; a warning says so).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use candle_core::{Device, Tensor};
+use serde_json::json;
+
+use crate::attribution::method::{preconditioned, query_forms};
+use crate::attribution::plan::{plan_score_memory, AttributionPlan, ScoreNeeds};
+use crate::attribution::score_pass_on;
+use crate::backend::Backend;
+use crate::config::MethodKind;
+use crate::curvature::FactorFile;
+use crate::data::PreparedDoc;
+use crate::error::{Error, IoContext, Result};
+use crate::linalg::LayerQuery;
+use crate::pipeline::StageContext;
+
+use super::attribute::{fit_options, load_model, load_model_on, model_and_batch_bytes, role_docs};
+use super::query_tokens::GEN_GRADIENTS;
+use super::score_gen_out::{write_gen_outputs, GenScores};
+
+/// The documents of one data role and the generated tokens' scores against them.
+pub(super) struct GenRole {
+    /// The role's documents.
+    pub docs: Vec<PreparedDoc>,
+    /// N of the role's data set.
+    pub n_train: u64,
+    /// Σ over the role's segments and scoring points: `[K][N]`.
+    pub scores: Vec<Vec<f64>>,
+}
+
+/// Scores the query stage's generated tokens (when it wrote their gradients and
+/// `[attribution.generated] enabled`) and writes `gen_tokens.parquet`, `gen_scores.parquet`
+/// and `gen_token_scores.parquet`; returns the stage summary's part.
+pub(super) fn score_generated(
+    ctx: &StageContext,
+    p: &AttributionPlan,
+    backend: &dyn Backend,
+) -> Result<Option<serde_json::Value>> {
+    let g = &ctx.config.attribution.generated;
+    let path = ctx.input_dir("query").join(GEN_GRADIENTS);
+    if !g.enabled || !path.exists() {
+        return Ok(None);
+    }
+    let started = std::time::Instant::now();
+    let a = &ctx.config.attribution;
+    if a.refine.is_some() && p.method == MethodKind::Influence {
+        tracing::warn!(
+            "score: generated tokens use EK-FAC's inverse, not the refined one; their scores \
+             add up to the whole completion's only approximately"
+        );
+    }
+    let final_model = load_model(&p.final_checkpoint)?;
+    let layers: Vec<String> = final_model
+        .tracked_layers()
+        .iter()
+        .map(|l| l.name.clone())
+        .collect();
+    let model_bytes = model_and_batch_bytes(&final_model, ctx.config);
+    drop(final_model);
+    let v = load_gradients(&path, &layers)?;
+    let k = v.first().map(|t| t.dim(0)).transpose()?.unwrap_or(0);
+    let files = open_factor_files(ctx, p)?;
+    let chunk = chunk_size(&files, &layers, &v, p, model_bytes, a.memory_limit_gib)?;
+    let mut roles: BTreeMap<String, GenRole> = BTreeMap::new();
+    for seg in &p.segments {
+        if !roles.contains_key(&seg.role) {
+            let docs = role_docs(ctx.run, &seg.role)?;
+            let n = docs.len();
+            roles.insert(
+                seg.role.clone(),
+                GenRole {
+                    docs,
+                    n_train: seg.n_docs,
+                    scores: vec![vec![0f64; n]; k],
+                },
+            );
+        }
+    }
+    // Document scores of every generated token, a chunk of tokens at a time.
+    let all: Vec<usize> = (0..k).collect();
+    for part in all.chunks(chunk) {
+        let u = precondition(ctx, p, backend, &files, &v, part, &layers, model_bytes)?;
+        for (role, _, s) in score_at_points(ctx, p, backend, &u, &roles, None, false)? {
+            let r = roles.get_mut(&role).expect("every segment's role");
+            for (i, &t) in part.iter().enumerate() {
+                for (m, x) in s.docs[i].iter().enumerate() {
+                    r.scores[t][m] += x;
+                }
+            }
+        }
+    }
+    let mut scores = GenScores::new(ctx, roles)?;
+    // Per-training-token scores of the picked tokens' top documents.
+    let picked = scores.pick_detail(g.detail_docs, g.detail_budget);
+    let picked_tokens: Vec<usize> = picked.keys().copied().collect();
+    for part in picked_tokens.chunks(chunk) {
+        let u = precondition(ctx, p, backend, &files, &v, part, &layers, model_bytes)?;
+        // Per role, the union of the documents any token of this part shows in detail.
+        let mut wanted: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
+        for t in part {
+            for (role, m) in &picked[t] {
+                wanted.entry(role.clone()).or_default().insert(*m);
+            }
+        }
+        let subsets: BTreeMap<String, Vec<usize>> = wanted
+            .into_iter()
+            .map(|(r, s)| (r, s.into_iter().collect()))
+            .collect();
+        for (role, docs, s) in score_at_points(
+            ctx,
+            p,
+            backend,
+            &u,
+            &scores.roles,
+            Some(&subsets),
+            true,
+        )? {
+            let tokens = s.tokens.expect("asked for tokens");
+            for (i, &t) in part.iter().enumerate() {
+                for (d, &m) in docs.iter().enumerate() {
+                    if picked[&t].contains(&(role.clone(), m)) {
+                        scores.add_detail(t, &role, m, &tokens[d][i]);
+                    }
+                }
+            }
+        }
+    }
+    drop(files);
+    let mut out = write_gen_outputs(ctx, &scores, g.top_k)?;
+    out["chunks"] = json!(k.div_ceil(chunk));
+    out["seconds"] = json!(started.elapsed().as_secs_f64());
+    out["seconds_per_token"] = json!(started.elapsed().as_secs_f64() / k.max(1) as f64);
+    Ok(Some(out))
+}
+
+/// u of the generated tokens `part` per scoring point, in the form the scoring pass takes.
+#[allow(clippy::too_many_arguments)]
+fn precondition(
+    ctx: &StageContext,
+    p: &AttributionPlan,
+    backend: &dyn Backend,
+    files: &[FactorFile],
+    v: &[Tensor],
+    part: &[usize],
+    layers: &[String],
+    model_bytes: u64,
+) -> Result<Vec<Vec<LayerQuery>>> {
+    let a = &ctx.config.attribution;
+    let idx = Tensor::new(
+        part.iter().map(|&t| t as u32).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )?;
+    let vp: Vec<Tensor> = v
+        .iter()
+        .map(|t| t.index_select(&idx, 0))
+        .collect::<candle_core::Result<_>>()?;
+    let needs = ScoreNeeds::of(files, layers, &vp, p.score_points().len())?;
+    let (_, groups) = plan_score_memory(model_bytes, a.memory_limit_gib, layers, &needs)?;
+    let u = preconditioned(a, backend, p, files, &vp, None, layers, &groups)?;
+    Ok(query_forms(u, a.query_rank)?.0)
+}
+
+/// One role's documents scored (their indices within the role) and the summed pass result.
+type RolePass = (String, Vec<usize>, crate::attribution::TrainScores);
+
+/// Scores the documents of every segment's role (or only `subsets` of them) against `u`
+/// (per scoring point), summing the passes of each role; per token when `keep_tokens`.
+fn score_at_points(
+    ctx: &StageContext,
+    p: &AttributionPlan,
+    backend: &dyn Backend,
+    u: &[Vec<LayerQuery>],
+    roles: &BTreeMap<String, GenRole>,
+    subsets: Option<&BTreeMap<String, Vec<usize>>>,
+    keep_tokens: bool,
+) -> Result<Vec<RolePass>> {
+    let opts = fit_options(ctx.config);
+    let mut out: Vec<RolePass> = Vec::new();
+    for (pt, u_pt) in p.score_points().iter().zip(u) {
+        let role = &p.segments[pt.segment].role;
+        let all = &roles[role].docs;
+        let idx: Vec<usize> = match subsets {
+            Some(s) => match s.get(role) {
+                Some(v) => v.clone(),
+                None => continue,
+            },
+            None => (0..all.len()).collect(),
+        };
+        let docs: Vec<PreparedDoc> = match subsets {
+            Some(_) => idx.iter().map(|&m| all[m].clone()).collect(),
+            None => all.clone(),
+        };
+        let model = load_model_on(&pt.model, backend.device())?;
+        let s = score_pass_on(backend, &model, &docs, u_pt, &opts, keep_tokens)?;
+        match out.iter_mut().find(|(r, _, _)| r == role) {
+            Some((_, _, acc)) => add_scores(acc, &s)?,
+            None => out.push((role.clone(), idx, s)),
+        }
+    }
+    Ok(out)
+}
+
+/// acc += s (document and token scores).
+fn add_scores(
+    acc: &mut crate::attribution::TrainScores,
+    s: &crate::attribution::TrainScores,
+) -> Result<()> {
+    for (a, b) in acc.docs.iter_mut().zip(&s.docs) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x += y;
+        }
+    }
+    if let (Some(a), Some(b)) = (acc.tokens.as_mut(), s.tokens.as_ref()) {
+        for (a, b) in a.iter_mut().zip(b) {
+            for (a, b) in a.iter_mut().zip(b) {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How many generated tokens are preconditioned and scored at once: as many as a quarter of
+/// the memory budget (`memory_limit_gib`, else the available memory) holds after the model
+/// pass, at least one.
+fn chunk_size(
+    files: &[FactorFile],
+    layers: &[String],
+    v: &[Tensor],
+    p: &AttributionPlan,
+    model_bytes: u64,
+    limit_gib: Option<f64>,
+) -> Result<usize> {
+    let k = v.first().map(|t| t.dim(0)).transpose()?.unwrap_or(0);
+    if k == 0 {
+        return Ok(1);
+    }
+    let one: Vec<Tensor> = v
+        .iter()
+        .map(|t| t.narrow(0, 0, 1))
+        .collect::<candle_core::Result<_>>()?;
+    let per_token = ScoreNeeds::of(files, layers, &one, p.score_points().len())?
+        .query_bytes
+        .max(1);
+    let total = match limit_gib {
+        Some(l) => (l * (1u64 << 30) as f64) as u64,
+        None => crate::util::mem::available_memory_bytes().unwrap_or(8 << 30),
+    };
+    let room = total.saturating_sub(model_bytes) / 4;
+    Ok(((room / per_token) as usize).clamp(1, k))
+}
+
+/// The generated tokens' gradients, per layer in `layers` order.
+fn load_gradients(path: &std::path::Path, layers: &[String]) -> Result<Vec<Tensor>> {
+    let bytes = std::fs::read(path).ctx("reading", path)?;
+    let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+    layers
+        .iter()
+        .map(|l| {
+            map.get(l).cloned().ok_or_else(|| {
+                Error::Pipeline(format!(
+                    "{}: no gradient for layer `{l}`; rerun the query stage",
+                    path.display()
+                ))
+            })
+        })
+        .collect()
+}
+
+/// The fitted factor files of the plan's segments (none when the method needs no factors).
+fn open_factor_files(ctx: &StageContext, p: &AttributionPlan) -> Result<Vec<FactorFile>> {
+    if !p.needs_factors() {
+        return Ok(Vec::new());
+    }
+    p.segments
+        .iter()
+        .map(|s| {
+            FactorFile::open(
+                &ctx.run
+                    .stage_dir("fit")
+                    .join(format!("segment-{}.safetensors", s.index)),
+            )
+        })
+        .collect()
+}
