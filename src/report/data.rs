@@ -1,6 +1,6 @@
 //! Owns `ReportData` and its loaders: everything the report shows, read from a run directory.
 //! Layer: report — may import every floor from the ground up to pipeline and, in this folder,
-//! eval.rs, table.rs.
+//! eval.rs, gen_data.rs, table.rs.
 //!
 //! Everything the report shows, gathered from a run directory: the score stage's tables, the
 //! manifest's timings, the known sources of the queries and, when present, evaluation
@@ -97,6 +97,11 @@ pub struct QueryReport {
     pub proponents: Vec<DocEntry>,
     /// The lowest-τ documents with τ < 0.
     pub opponents: Vec<DocEntry>,
+    /// A generated query's own generation, token by token with its top proponents.
+    pub generation: Option<Vec<super::gen_data::Generated>>,
+    /// A given completion's mean −log p per token, when above
+    /// [`super::gen_data::IMPROBABLE_NATS_PER_TOKEN`] (the model would not say it).
+    pub improbable: Option<f64>,
 }
 
 impl QueryReport {
@@ -522,9 +527,17 @@ pub fn load_scores(
                 known_sources: ks,
                 best_known_rank,
                 known_ranks,
+                generation: None,
+                improbable: None,
             }
         })
-        .collect();
+        .collect::<Vec<_>>();
+    let mut queries = queries;
+    let mut gens = super::gen_data::load_generations(dir)?;
+    for q in queries.iter_mut() {
+        q.generation = gens.by_query.remove(&q.query_id);
+        q.improbable = gens.improbable.get(&q.query_id).copied();
+    }
     Ok(ScoreTables {
         metadata: scores.metadata.clone(),
         segment_columns,

@@ -1,6 +1,6 @@
 //! Owns `render`: the report as one self-contained HTML page.
 //! Layer: report — may import every floor from the ground up to pipeline and, in this folder,
-//! colour.rs, data.rs, eval_html.rs, loss_html.rs, text.rs.
+//! colour.rs, data.rs, eval_html.rs, gen_html.rs, loss_html.rs, text.rs.
 //!
 //! Renders [`ReportData`] as one self-contained HTML page: inline CSS, a few lines of inline
 //! script (hover tooltips), inline SVG; no network needed to open it. All document text is
@@ -377,7 +377,7 @@ fn query(d: &ReportData, q: &QueryReport) -> String {
          <div class=\"meta\">−log p(completion | prompt) = {} · {} documents scored",
         anchor(&q.query_id),
         escape(&q.query_id),
-        known_badge(q),
+        known_badge(q) + &super::gen_html::improbable_badge(q),
         escape(&q.prompt),
         escape(&q.completion),
         num(q.measurement),
@@ -406,6 +406,7 @@ fn query(d: &ReportData, q: &QueryReport) -> String {
         );
     }
     o.push_str("</div>");
+    o.push_str(&super::gen_html::generation(q));
     let all: Vec<&DocEntry> = q.proponents.iter().chain(&q.opponents).collect();
     let max = all
         .iter()
@@ -579,6 +580,8 @@ mod tests {
             n_scored: 2,
             proponents: vec![doc("d1", 10, vec![0.0, 50.0])],
             opponents: Vec::new(),
+            generation: None,
+            improbable: None,
         };
         let d = ReportData {
             run_name: "r".into(),

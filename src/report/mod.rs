@@ -12,6 +12,8 @@ pub mod colour;
 pub mod data;
 pub mod eval;
 pub mod eval_html;
+pub mod gen_data;
+pub mod gen_html;
 pub mod html;
 pub mod known;
 pub mod loss_html;

@@ -58,6 +58,8 @@ mod tests {
             n_scored: 3,
             proponents: Vec::new(),
             opponents: Vec::new(),
+            generation: None,
+            improbable: None,
         };
         let sets = [
             QuerySetReport {

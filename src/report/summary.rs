@@ -50,6 +50,8 @@ pub fn summary_json(d: &ReportData) -> serde_json::Value {
             "found_at_top": q.found_at_top(),
             "proponents": docs(&q.proponents),
             "opponents": docs(&q.opponents),
+            "improbable": q.improbable,
+            "generation": generation(q),
         })).collect::<Vec<_>>(),
         "query_sets": d.query_sets.iter().map(|set| json!({
             "name": set.name,
@@ -61,6 +63,8 @@ pub fn summary_json(d: &ReportData) -> serde_json::Value {
                 "measurement": q.measurement,
                 "proponents": docs(&q.proponents),
                 "opponents": docs(&q.opponents),
+                "improbable": q.improbable,
+                "generation": generation(q),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "eval": {
@@ -69,6 +73,21 @@ pub fn summary_json(d: &ReportData) -> serde_json::Value {
             "lds_points": d.eval.points.len(),
         },
     })
+}
+
+/// A generated query's tokens with log p and their top proponents' ids (null otherwise).
+fn generation(q: &super::data::QueryReport) -> serde_json::Value {
+    match &q.generation {
+        Some(g) => g
+            .iter()
+            .map(|t| {
+                json!({"gen_index": t.gen_index, "text": t.text, "logprob": t.logprob,
+                       "proponents": t.docs.iter().map(|d| &d.train_id).collect::<Vec<_>>(),
+                       "token_scores": t.docs.iter().filter(|d| d.tokens.is_some()).count()})
+            })
+            .collect(),
+        None => serde_json::Value::Null,
+    }
 }
 
 /// Shortens `s` to at most `n` characters (with an ellipsis), on one line.

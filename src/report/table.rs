@@ -123,6 +123,21 @@ impl Table {
         Ok(out)
     }
 
+    /// A boolean column (nulls read as false).
+    pub fn bools(&self, name: &str) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(self.len());
+        for a in self.arrays(name)? {
+            match a.data_type() {
+                DataType::Boolean => {
+                    let b = a.as_boolean();
+                    out.extend((0..b.len()).map(|i| b.is_valid(i) && b.value(i)));
+                }
+                other => return Err(self.wrong_type(name, "a boolean", other)),
+            }
+        }
+        Ok(out)
+    }
+
     /// An unsigned integer column (u32; nulls read as 0).
     pub fn u32s(&self, name: &str) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(self.len());

@@ -144,7 +144,7 @@ fn report_shows_each_querys_known_source_at_the_top_in_a_self_contained_page() {
     }
 }
 
-fn chromium() -> Option<PathBuf> {
+pub(crate) fn chromium() -> Option<PathBuf> {
     for name in ["chromium", "chromium-browser", "google-chrome"] {
         for dir in std::env::var("PATH").unwrap_or_default().split(':') {
             let p = Path::new(dir).join(name);
@@ -165,7 +165,7 @@ fn chromium() -> Option<PathBuf> {
     None
 }
 
-fn headless(browser: &Path, profile: &Path, args: &[&str]) -> std::process::Output {
+pub(crate) fn headless(browser: &Path, profile: &Path, args: &[&str]) -> std::process::Output {
     Command::new(browser)
         .args([
             "--headless",
