@@ -1,8 +1,8 @@
 //! Owns the registry of every stage (`registry()`); each file is one stage's I/O and glue.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); the
 //! files here import only `fetch`, `attribute`, `eval_methods`, `finetune`, `pretrain_record`,
-//! `query_generate`, `query_tokens`, `score`, `score_acting`, `score_gen`, `score_gen_out`,
-//! `score_refine` and `score_text` among themselves, never `mod.rs`.
+//! `query_generate`, `query_tokens`, `score`, `score_acting`, `score_gen`, `score_gen_detail`,
+//! `score_gen_out`, `score_refine` and `score_text` among themselves, never `mod.rs`.
 //!
 //! The stages the runner knows ([`Registry::new`] arranges them in the pipeline's order). Each
 //! file is one stage: it glues the library modules to the [`Stage`](crate::pipeline::Stage)
@@ -25,6 +25,7 @@ mod report;
 mod score;
 mod score_acting;
 mod score_gen;
+mod score_gen_detail;
 mod score_gen_out;
 mod score_queries;
 mod score_refine;

@@ -1,27 +1,27 @@
 //! Owns the `score` stage's per-generated-token scores: `score_generated`.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
-//! `attribute`, `query_tokens`, `score_gen_out`.
+//! `attribute`, `query_tokens`, `score_gen_detail`, `score_gen_out`.
 //!
 //! Each generated token's gradient ∇f_j (`query/gen_gradients.safetensors`) is preconditioned
 //! like a query (the method's u_ℓ, [`preconditioned`], in the form `query_rank` asks for) and
 //! scored against every training document of every segment's data, per document: one
 //! scoring pass per scoring point for all generated tokens at once (in chunks that fit in
 //! memory). Then the top documents of the generated tokens picked within
-//! `[attribution.generated] detail_budget` are scored again per training token, in one pass
-//! over those documents only. The preconditioning is linear in the gradient (exact dense u),
+//! `[attribution.generated] detail_budget` are scored again per training token, each
+//! document against only the tokens that show it ([`super::score_gen_detail`]). The preconditioning is linear in the gradient (exact dense u),
 //! so the tokens' document scores add up to the whole completion's (Σ_j f_j = f); with
 //! `query_rank` (a truncated SVD per query) or `refine` (conjugate gradients, whose
 //! iterations depend on the right-hand side) they do only approximately, and the refinement
 //! is not applied to the tokens (EK-FAC's u; a warning says so).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
 use crate::attribution::method::{preconditioned, query_forms};
 use crate::attribution::plan::{plan_score_memory, AttributionPlan, ScoreNeeds};
-use crate::attribution::score_pass_on;
+use crate::attribution::{score_pass_on, TrainScores};
 use crate::backend::Backend;
 use crate::config::MethodKind;
 use crate::curvature::FactorFile;
@@ -32,6 +32,7 @@ use crate::pipeline::StageContext;
 
 use super::attribute::{fit_options, load_model, load_model_on, model_and_batch_bytes, role_docs};
 use super::query_tokens::GEN_GRADIENTS;
+use super::score_gen_detail::pair_token_scores;
 use super::score_gen_out::{write_gen_outputs, GenScores};
 
 /// The documents of one data role and the generated tokens' scores against them.
@@ -77,6 +78,15 @@ pub(super) fn score_generated(
     let k = v.first().map(|t| t.dim(0)).transpose()?.unwrap_or(0);
     let files = open_factor_files(ctx, p)?;
     let chunk = chunk_size(&files, &layers, &v, p, model_bytes, a.memory_limit_gib)?;
+    if chunk < k {
+        tracing::warn!(
+            "score: the preconditioned queries of the {k} generated tokens do not fit in memory \
+             at once: {} scoring passes over the training data, {chunk} tokens each (set \
+             attribution.generated.enabled = false, lower query.max_new_tokens, or raise \
+             attribution.memory_limit_gib)",
+            k.div_ceil(chunk)
+        );
+    }
     let mut roles: BTreeMap<String, GenRole> = BTreeMap::new();
     for seg in &p.segments {
         if !roles.contains_key(&seg.role) {
@@ -94,9 +104,18 @@ pub(super) fn score_generated(
     }
     // Document scores of every generated token, a chunk of tokens at a time.
     let all: Vec<usize> = (0..k).collect();
+    let mut seconds = [0f64; 3]; // preconditioning, document scores, per-token details
+    let mut timed = |i: usize, t: std::time::Instant| seconds[i] += t.elapsed().as_secs_f64();
+    // With one chunk, its u serves the per-token details too.
+    let mut kept: Option<Vec<Vec<LayerQuery>>> = None;
     for part in all.chunks(chunk) {
+        let t = std::time::Instant::now();
         let u = precondition(ctx, p, backend, &files, &v, part, &layers, model_bytes)?;
-        for (role, _, s) in score_at_points(ctx, p, backend, &u, &roles, None, false)? {
+        timed(0, t);
+        let t = std::time::Instant::now();
+        let passes = score_at_points(ctx, p, backend, &u, &roles)?;
+        timed(1, t);
+        for (role, s) in passes {
             let r = roles.get_mut(&role).expect("every segment's role");
             for (i, &t) in part.iter().enumerate() {
                 for (m, x) in s.docs[i].iter().enumerate() {
@@ -104,47 +123,45 @@ pub(super) fn score_generated(
                 }
             }
         }
+        if part.len() == k {
+            kept = Some(u);
+        }
     }
     let mut scores = GenScores::new(ctx, roles)?;
     // Per-training-token scores of the picked tokens' top documents.
     let picked = scores.pick_detail(g.detail_docs, g.detail_budget);
     let picked_tokens: Vec<usize> = picked.keys().copied().collect();
-    for part in picked_tokens.chunks(chunk) {
-        let u = precondition(ctx, p, backend, &files, &v, part, &layers, model_bytes)?;
-        // Per role, the union of the documents any token of this part shows in detail.
-        let mut wanted: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
-        for t in part {
-            for (role, m) in &picked[t] {
-                wanted.entry(role.clone()).or_default().insert(*m);
+    let parts: Vec<(Vec<usize>, Option<Vec<Vec<LayerQuery>>>)> = match kept {
+        Some(u) if !picked.is_empty() => vec![(all.clone(), Some(u))],
+        _ => picked_tokens
+            .chunks(chunk)
+            .map(|c| (c.to_vec(), None))
+            .collect(),
+    };
+    for (part, u) in parts {
+        let u = match u {
+            Some(u) => u,
+            None => {
+                let t = std::time::Instant::now();
+                let u = precondition(ctx, p, backend, &files, &v, &part, &layers, model_bytes)?;
+                timed(0, t);
+                u
             }
-        }
-        let subsets: BTreeMap<String, Vec<usize>> = wanted
-            .into_iter()
-            .map(|(r, s)| (r, s.into_iter().collect()))
-            .collect();
-        for (role, docs, s) in score_at_points(
-            ctx,
-            p,
-            backend,
-            &u,
-            &scores.roles,
-            Some(&subsets),
-            true,
-        )? {
-            let tokens = s.tokens.expect("asked for tokens");
-            for (i, &t) in part.iter().enumerate() {
-                for (d, &m) in docs.iter().enumerate() {
-                    if picked[&t].contains(&(role.clone(), m)) {
-                        scores.add_detail(t, &role, m, &tokens[d][i]);
-                    }
-                }
-            }
+        };
+        let t = std::time::Instant::now();
+        let d = pair_token_scores(ctx, p, backend, &u, &part, &picked, &scores.roles)?;
+        timed(2, t);
+        for ((t, role, m), x) in d {
+            scores.add_detail(t, &role, m, &x);
         }
     }
     drop(files);
     let mut out = write_gen_outputs(ctx, &scores, g.top_k)?;
     out["chunks"] = json!(k.div_ceil(chunk));
     out["seconds"] = json!(started.elapsed().as_secs_f64());
+    out["seconds_precondition"] = json!(seconds[0]);
+    out["seconds_document_scores"] = json!(seconds[1]);
+    out["seconds_token_scores"] = json!(seconds[2]);
     out["seconds_per_token"] = json!(started.elapsed().as_secs_f64() / k.max(1) as f64);
     Ok(Some(out))
 }
@@ -176,66 +193,33 @@ fn precondition(
     Ok(query_forms(u, a.query_rank)?.0)
 }
 
-/// One role's documents scored (their indices within the role) and the summed pass result.
-type RolePass = (String, Vec<usize>, crate::attribution::TrainScores);
-
-/// Scores the documents of every segment's role (or only `subsets` of them) against `u`
-/// (per scoring point), summing the passes of each role; per token when `keep_tokens`.
+/// Scores the documents of every segment's role against `u` (per scoring point), per
+/// document, summing the passes of each role.
 fn score_at_points(
     ctx: &StageContext,
     p: &AttributionPlan,
     backend: &dyn Backend,
     u: &[Vec<LayerQuery>],
     roles: &BTreeMap<String, GenRole>,
-    subsets: Option<&BTreeMap<String, Vec<usize>>>,
-    keep_tokens: bool,
-) -> Result<Vec<RolePass>> {
+) -> Result<Vec<(String, TrainScores)>> {
     let opts = fit_options(ctx.config);
-    let mut out: Vec<RolePass> = Vec::new();
+    let mut out: Vec<(String, TrainScores)> = Vec::new();
     for (pt, u_pt) in p.score_points().iter().zip(u) {
         let role = &p.segments[pt.segment].role;
-        let all = &roles[role].docs;
-        let idx: Vec<usize> = match subsets {
-            Some(s) => match s.get(role) {
-                Some(v) => v.clone(),
-                None => continue,
-            },
-            None => (0..all.len()).collect(),
-        };
-        let docs: Vec<PreparedDoc> = match subsets {
-            Some(_) => idx.iter().map(|&m| all[m].clone()).collect(),
-            None => all.clone(),
-        };
         let model = load_model_on(&pt.model, backend.device())?;
-        let s = score_pass_on(backend, &model, &docs, u_pt, &opts, keep_tokens)?;
-        match out.iter_mut().find(|(r, _, _)| r == role) {
-            Some((_, _, acc)) => add_scores(acc, &s)?,
-            None => out.push((role.clone(), idx, s)),
+        let s = score_pass_on(backend, &model, &roles[role].docs, u_pt, &opts, false)?;
+        match out.iter_mut().find(|(r, _)| r == role) {
+            Some((_, acc)) => {
+                for (a, b) in acc.docs.iter_mut().zip(&s.docs) {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x += y;
+                    }
+                }
+            }
+            None => out.push((role.clone(), s)),
         }
     }
     Ok(out)
-}
-
-/// acc += s (document and token scores).
-fn add_scores(
-    acc: &mut crate::attribution::TrainScores,
-    s: &crate::attribution::TrainScores,
-) -> Result<()> {
-    for (a, b) in acc.docs.iter_mut().zip(&s.docs) {
-        for (x, y) in a.iter_mut().zip(b) {
-            *x += y;
-        }
-    }
-    if let (Some(a), Some(b)) = (acc.tokens.as_mut(), s.tokens.as_ref()) {
-        for (a, b) in a.iter_mut().zip(b) {
-            for (a, b) in a.iter_mut().zip(b) {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// How many generated tokens are preconditioned and scored at once: as many as a quarter of

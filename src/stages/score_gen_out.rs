@@ -83,9 +83,10 @@ impl GenScores {
                 let mut rows: Vec<(String, usize, f64, f64)> = roles
                     .iter()
                     .flat_map(|(role, r)| {
-                        r.scores[t].iter().enumerate().map(move |(m, &s)| {
-                            (role.clone(), m, s, s / r.n_train.max(1) as f64)
-                        })
+                        r.scores[t]
+                            .iter()
+                            .enumerate()
+                            .map(move |(m, &s)| (role.clone(), m, s, s / r.n_train.max(1) as f64))
                     })
                     .collect();
                 rows.sort_by(|a, b| b.3.total_cmp(&a.3));
@@ -158,7 +159,14 @@ pub(super) fn write_gen_outputs(
         let keep = if top_k == 0 { rows.len() } else { top_k };
         for (rank, (role, m, score, tau)) in rows.iter().take(keep).enumerate() {
             let r = &s.roles[role];
-            c.push(&s.tokens[t], &r.docs[*m].doc_id, role, *score, r.n_train, *tau);
+            c.push(
+                &s.tokens[t],
+                &r.docs[*m].doc_id,
+                role,
+                *score,
+                r.n_train,
+                *tau,
+            );
             c.rank.push(rank as u32 + 1);
         }
     }
@@ -171,8 +179,16 @@ pub(super) fn write_gen_outputs(
     // gen_token_scores.parquet
     let tokenizer = load_tokenizer(Fetched::load(ctx.run)?.tokenizer_path())?;
     let mut texts: HashMap<(String, usize), Vec<String>> = HashMap::new();
-    let (mut q, mut gi, mut tid, mut ds, mut ti, mut tok, mut tt, mut sc) =
-        (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut q, mut gi, mut tid, mut ds, mut ti, mut tok, mut tt, mut sc) = (
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+    );
     for ((t, role, m), scores) in &s.detail {
         let doc = &s.roles[role].docs[*m];
         let pieces = texts
@@ -205,8 +221,10 @@ pub(super) fn write_gen_outputs(
         &table_metadata(ctx, "gen_token_scores")?,
     )?;
     let detailed: std::collections::BTreeSet<usize> = s.detail.keys().map(|k| k.0).collect();
-    Ok(json!({"tokens": s.tokens.len(), "rows": n_rows, "detail_tokens": detailed.len(),
-              "detail_rows": n_detail}))
+    Ok(
+        json!({"tokens": s.tokens.len(), "rows": n_rows, "detail_tokens": detailed.len(),
+              "detail_rows": n_detail}),
+    )
 }
 
 /// The columns of `gen_scores.parquet`.
