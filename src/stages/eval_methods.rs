@@ -59,6 +59,8 @@ pub fn scored_run(
         true => Some(config.attribution.refine.unwrap_or_default()),
         false => None,
     };
+    // The evaluations read the whole completions' scores; the tokens' would be unused work.
+    c.attribution.generated.enabled = false;
     std::fs::create_dir_all(sub.path()).ctx("creating", sub.path())?;
     {
         let _lock = sub.lock()?;
