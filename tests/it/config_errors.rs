@@ -262,6 +262,39 @@ fn attribution_refine_is_checked() {
     }
 }
 
+/// `[attribution.generated]`: defaults, partial tables, and errors that name the key; the
+/// default is left out of the resolved config (older runs keep their `score` records).
+#[test]
+fn attribution_generated_is_checked() {
+    let c = load(GOOD).unwrap();
+    let g = c.attribution.generated;
+    assert!(g.enabled);
+    assert_eq!((g.top_k, g.detail_docs, g.detail_budget), (5, 3, 200_000));
+    let resolved = serde_json::to_value(&c.attribution).unwrap();
+    assert!(resolved.get("generated").is_none(), "{resolved}");
+    let c = load(&format!(
+        "{GOOD}\n[attribution.generated]\nenabled = false\ntop_k = 0\n"
+    ))
+    .unwrap();
+    assert!(!c.attribution.generated.enabled);
+    assert_eq!(c.attribution.generated.top_k, 0);
+    assert_eq!(c.attribution.generated.detail_docs, 3, "0 = all documents");
+    for (line, want) in [
+        (
+            "generated = { top_k = 2, detail_docs = 3 }",
+            "key `attribution.generated.detail_docs`: 3 is more than",
+        ),
+        (
+            "generated = { detail_budget = 0 }",
+            "key `attribution.generated.detail_budget`: is 0",
+        ),
+        ("generated = { topk = 3 }", "unknown field `topk`"),
+    ] {
+        let e = load(&format!("{GOOD}\n[attribution]\n{line}\n")).unwrap_err();
+        assert!(e.contains(want), "{line}: {e}");
+    }
+}
+
 #[test]
 fn attribution_query_rank_and_factor_cache_are_checked_and_resolved() {
     let e = load(&format!("{GOOD}\n[attribution]\nquery_rank = 0\n")).unwrap_err();

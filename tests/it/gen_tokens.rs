@@ -41,10 +41,17 @@ fn query(id: &str, ids: Vec<u32>, prompt_len: usize) -> PreparedDoc {
 
 /// −log p(ids[pos] | ids[..pos]) from one forward pass over the whole of `ids`.
 fn nll_at(model: &Model, ids: &[u32], pos: usize) -> f64 {
-    let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits = model.forward(&x).unwrap().i((0, pos - 1)).unwrap();
     let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
-    -(lsm.i(ids[pos] as usize).unwrap().to_scalar::<f32>().unwrap() as f64)
+    -(lsm
+        .i(ids[pos] as usize)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64)
 }
 
 fn dot(a: &Tensor, b: &Tensor) -> f64 {
@@ -89,7 +96,10 @@ fn token_gradients_sum_to_the_completion_and_match_finite_differences() {
             .filter(|(t, _)| t.query == qi)
             .map(|(_, &l)| l as f64)
             .sum();
-        assert!((sum + *f as f64).abs() <= 1e-4 * f.abs() as f64, "{sum} vs {f}");
+        assert!(
+            (sum + *f as f64).abs() <= 1e-4 * f.abs() as f64,
+            "{sum} vs {f}"
+        );
     }
 
     // Σ_j ∇f_j = ∇f(q), per layer and query.

@@ -196,7 +196,10 @@ fn per_token_scores_add_up(run: &std::path::Path, completions: &[String]) {
         assert_eq!(text, s[1][qi], "{q}");
         assert_eq!(text, completions[qi]);
         let lp: f64 = toks.iter().map(|t| t.2).sum();
-        assert!((lp + n[0][qi]).abs() <= 1e-3 * (1.0 + n[0][qi]), "{q}: {lp}");
+        assert!(
+            (lp + n[0][qi]).abs() <= 1e-3 * (1.0 + n[0][qi]),
+            "{q}: {lp}"
+        );
     }
     let (ws, wn) = table(
         &score.join("scores.parquet"),
@@ -210,9 +213,15 @@ fn per_token_scores_add_up(run: &std::path::Path, completions: &[String]) {
     );
     let mut sums: HashMap<(String, String), f64> = HashMap::new();
     for i in 0..ps[0].len() {
-        *sums.entry((ps[0][i].clone(), ps[1][i].clone())).or_default() += pn[1][i];
+        *sums
+            .entry((ps[0][i].clone(), ps[1][i].clone()))
+            .or_default() += pn[1][i];
     }
-    assert_eq!(sums.len(), ws[0].len(), "top_k = 0: every document per token");
+    assert_eq!(
+        sums.len(),
+        ws[0].len(),
+        "top_k = 0: every document per token"
+    );
     let max = wn[0].iter().fold(0f64, |m, x| m.max(x.abs()));
     assert!(max > 0.0);
     for i in 0..ws[0].len() {
@@ -237,7 +246,11 @@ fn per_token_scores_add_up(run: &std::path::Path, completions: &[String]) {
             .or_default() += tn[1][i];
     }
     let n_tokens = gs[0].len();
-    assert_eq!(tok_sums.len(), 2 * n_tokens, "detail_docs = 2 for every token");
+    assert_eq!(
+        tok_sums.len(),
+        2 * n_tokens,
+        "detail_docs = 2 for every token"
+    );
     for i in 0..ps[0].len() {
         if let Some(t) = tok_sums.get(&(ps[0][i].clone(), pn[0][i] as u32, ps[1][i].clone())) {
             assert!((t - pn[1][i]).abs() <= 1e-3 * max, "{t} vs {}", pn[1][i]);
@@ -256,7 +269,10 @@ fn the_report_shows_the_generation(run: &std::path::Path, n_queries: usize) {
         let text: String = g.iter().map(|t| t["text"].as_str().unwrap()).collect();
         assert_eq!(text, q["completion"].as_str().unwrap());
         assert!(g.iter().all(|t| t["logprob"].as_f64().unwrap() <= 0.0));
-        assert!(q["improbable"].is_null(), "a generated query is never improbable");
+        assert!(
+            q["improbable"].is_null(),
+            "a generated query is never improbable"
+        );
     }
     let page = run.join("report/report.html");
     let html = std::fs::read_to_string(&page).unwrap();
@@ -283,7 +299,8 @@ fn the_report_shows_the_generation(run: &std::path::Path, n_queries: usize) {
     assert_eq!(dom.matches("class=\"g on\"").count(), n_queries);
     // The first token's panel is shown, the others stay hidden.
     assert_eq!(
-        dom.matches("<div class=\"genpanel\" data-gi=\"0\">").count(),
+        dom.matches("<div class=\"genpanel\" data-gi=\"0\">")
+            .count(),
         n_queries,
         "first panels shown"
     );

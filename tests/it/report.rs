@@ -182,6 +182,47 @@ pub(crate) fn headless(browser: &Path, profile: &Path, args: &[&str]) -> std::pr
         .expect("chromium runs")
 }
 
+/// A given completion is flagged improbable exactly when its mean −log p per token
+/// (queries.parquet's measurement / n_completion_tokens) is above ln 10, and the page says so
+/// beside the query. The demo's given completions are facts its fine-tune barely learnt.
+#[test]
+fn improbable_given_completions_are_flagged() {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float64Type, UInt32Type};
+    let d = demo();
+    let mut per_token = std::collections::HashMap::new();
+    for b in common::batches(&d.run.join("score/queries.parquet")) {
+        let id = b.column_by_name("query_id").unwrap().as_string::<i32>();
+        let m = b.column_by_name("measurement").unwrap();
+        let n = b.column_by_name("n_completion_tokens").unwrap();
+        for i in 0..b.num_rows() {
+            let (m, n) = (
+                m.as_primitive::<Float64Type>().value(i),
+                n.as_primitive::<UInt32Type>().value(i),
+            );
+            per_token.insert(id.value(i).to_string(), m / f64::from(n));
+        }
+    }
+    let summary = read_json(&d.run.join("report/summary.json"));
+    let mut flagged = 0;
+    for q in summary["queries"].as_array().unwrap() {
+        let want = per_token[q["query_id"].as_str().unwrap()];
+        if want > std::f64::consts::LN_10 {
+            flagged += 1;
+            let got = q["improbable"].as_f64().unwrap();
+            assert!((got - want).abs() <= 1e-9 * want, "{got} vs {want}");
+        } else {
+            assert!(q["improbable"].is_null(), "{q}");
+        }
+        assert!(
+            q["generation"].is_null(),
+            "given completions are not generated"
+        );
+    }
+    let html = std::fs::read_to_string(d.run.join("report/report.html")).unwrap();
+    assert_eq!(html.matches("⚠ improbable completion").count(), flagged);
+}
+
 /// The flags of summary.json counted again from each query's `known_ranks`, and shown in
 /// the page's summary card and the terminal summary when some known source ranks below 10.
 fn known_sources_far_down_are_flagged(summary: &Value, stdout: &str) {
