@@ -2,7 +2,8 @@
 //! Layer: stages — may import every library layer (ground up to pipeline and report); the
 //! files here import only `fetch`, `attribute`, `eval_methods`, `finetune`, `pretrain_record`,
 //! `query_generate`, `query_tokens`, `score`, `score_acting`, `score_gen`, `score_gen_detail`,
-//! `score_gen_out`, `score_refine` and `score_text` among themselves, never `mod.rs`.
+//! `score_gen_out`, `score_queries`, `score_refine` and `score_text` among themselves, never
+//! `mod.rs`.
 //!
 //! The stages the runner knows ([`Registry::new`] arranges them in the pipeline's order). Each
 //! file is one stage: it glues the library modules to the [`Stage`](crate::pipeline::Stage)

@@ -125,7 +125,10 @@ impl Stage for QueryStage {
         };
         let qg = query_gradients(&model, &queries, &fit_options(ctx.config))?;
         let gen_tokens = (generated && ctx.config.attribution.generated.enabled)
-            .then(|| write_gen_tokens(ctx, &model, &queries, &fit_options(ctx.config)))
+            .then(|| -> Result<serde_json::Value> {
+                let meta = super::score::table_metadata(ctx, "gen_tokens")?;
+                write_gen_tokens(ctx, &model, &queries, &fit_options(ctx.config), &meta)
+            })
             .transpose()?;
         let entries: Vec<(String, candle_core::Tensor)> = model
             .tracked_layers()

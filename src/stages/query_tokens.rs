@@ -31,17 +31,23 @@ pub const GEN_GRADIENTS: &str = "gen_gradients.safetensors";
 pub const GEN_TOKENS: &str = "gen_tokens.parquet";
 
 /// Computes and writes the per-token gradients and the token table of the completed
-/// `queries`; returns the stage summary's part (tokens, seconds per token).
+/// `queries` (the table with key-value `metadata`); returns the stage summary's part (tokens,
+/// seconds per token).
 pub fn write_gen_tokens(
     ctx: &StageContext,
     model: &Model,
     queries: &[PreparedDoc],
     opts: &PassOptions,
+    metadata: &[(String, String)],
 ) -> Result<serde_json::Value> {
     let started = std::time::Instant::now();
     if queries.iter().all(|q| q.n_loss_tokens() == 0) {
         tracing::warn!("query: no query generated a token; nothing to attribute per token");
         return Ok(json!({"tokens": 0}));
+    }
+    if let Some(note) = too_large(ctx, model, queries) {
+        tracing::warn!("{note}");
+        return Ok(json!({"tokens": 0, "skipped": note}));
     }
     let g = gen_token_gradients(model, queries, opts)?;
     let seconds = started.elapsed().as_secs_f64();
@@ -105,7 +111,7 @@ pub fn write_gen_tokens(
                 Column::F64(g.logprobs.iter().map(|&l| l as f64).collect()),
             ),
         ],
-        &super::score::table_metadata(ctx, "gen_tokens")?,
+        metadata,
     )?;
     tracing::info!(
         "query: gradients of {} generated tokens in {:.1} s ({:.3} s per token)",
@@ -115,4 +121,31 @@ pub fn write_gen_tokens(
     );
     Ok(json!({"tokens": t.len(), "seconds": seconds,
               "seconds_per_token": seconds / t.len() as f64}))
+}
+
+/// Why the generated tokens' dense gradients (K × the tracked parameters, f32, kept in memory
+/// and written to disk) are not computed, when they would take more than half the memory
+/// budget (`attribution.memory_limit_gib`, else the available memory); None when they fit.
+fn too_large(ctx: &StageContext, model: &Model, queries: &[PreparedDoc]) -> Option<String> {
+    let k: usize = queries.iter().map(|q| q.n_loss_tokens()).sum();
+    let params: u64 = model
+        .tracked_layers()
+        .iter()
+        .map(|l| (l.d_out * (l.d_in + usize::from(l.has_bias))) as u64)
+        .sum();
+    let bytes = 4 * k as u64 * params;
+    let budget = match ctx.config.attribution.memory_limit_gib {
+        Some(l) => (l * (1u64 << 30) as f64) as u64,
+        None => crate::util::mem::available_memory_bytes().unwrap_or(8 << 30),
+    };
+    (bytes > budget / 2).then(|| {
+        format!(
+            "query: per-token attribution skipped: the gradients of the {k} generated tokens \
+             would take {} (each token's is as large as the tracked weights), more than half \
+             of {}; lower query.max_new_tokens, raise attribution.memory_limit_gib, or set \
+             attribution.generated.enabled = false to silence this",
+            crate::util::mem::human_bytes(bytes),
+            crate::util::mem::human_bytes(budget)
+        )
+    })
 }

@@ -161,7 +161,10 @@ impl Stage for ScoreStage {
         let roles = score_segments(ctx, &p, &queries)?;
         let mut out = write_outputs(ctx, &p, queries.q, &roles)?;
         drop(roles);
-        if let Some(g) = super::score_gen::score_generated(ctx, &p, queries.backend.as_ref())? {
+        let meta = |table: &str| table_metadata(ctx, table);
+        if let Some(g) =
+            super::score_gen::score_generated(ctx, &p, queries.backend.as_ref(), &meta)?
+        {
             out["generated_tokens"] = g;
         }
         let Queries {

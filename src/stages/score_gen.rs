@@ -25,7 +25,6 @@ use crate::attribution::{score_pass_on, TrainScores};
 use crate::backend::Backend;
 use crate::config::MethodKind;
 use crate::curvature::FactorFile;
-use crate::data::PreparedDoc;
 use crate::error::{Error, IoContext, Result};
 use crate::linalg::LayerQuery;
 use crate::pipeline::StageContext;
@@ -33,25 +32,17 @@ use crate::pipeline::StageContext;
 use super::attribute::{fit_options, load_model, load_model_on, model_and_batch_bytes, role_docs};
 use super::query_tokens::GEN_GRADIENTS;
 use super::score_gen_detail::pair_token_scores;
-use super::score_gen_out::{write_gen_outputs, GenScores};
-
-/// The documents of one data role and the generated tokens' scores against them.
-pub(super) struct GenRole {
-    /// The role's documents.
-    pub docs: Vec<PreparedDoc>,
-    /// N of the role's data set.
-    pub n_train: u64,
-    /// Σ over the role's segments and scoring points: `[K][N]`.
-    pub scores: Vec<Vec<f64>>,
-}
+use super::score_gen_out::{write_gen_outputs, GenRole, GenScores, Metadata};
 
 /// Scores the query stage's generated tokens (when it wrote their gradients and
 /// `[attribution.generated] enabled`) and writes `gen_tokens.parquet`, `gen_scores.parquet`
-/// and `gen_token_scores.parquet`; returns the stage summary's part.
+/// and `gen_token_scores.parquet` (with the key-value `metadata` of each table); returns the
+/// stage summary's part.
 pub(super) fn score_generated(
     ctx: &StageContext,
     p: &AttributionPlan,
     backend: &dyn Backend,
+    metadata: &Metadata,
 ) -> Result<Option<serde_json::Value>> {
     let g = &ctx.config.attribution.generated;
     let path = ctx.input_dir("query").join(GEN_GRADIENTS);
@@ -107,7 +98,7 @@ pub(super) fn score_generated(
     let mut seconds = [0f64; 3]; // preconditioning, document scores, per-token details
     let mut timed = |i: usize, t: std::time::Instant| seconds[i] += t.elapsed().as_secs_f64();
     // With one chunk, its u serves the per-token details too.
-    let mut kept: Option<Vec<Vec<LayerQuery>>> = None;
+    let mut kept: Option<Forms> = None;
     for part in all.chunks(chunk) {
         let t = std::time::Instant::now();
         let u = precondition(ctx, p, backend, &files, &v, part, &layers, model_bytes)?;
@@ -131,7 +122,7 @@ pub(super) fn score_generated(
     // Per-training-token scores of the picked tokens' top documents.
     let picked = scores.pick_detail(g.detail_docs, g.detail_budget);
     let picked_tokens: Vec<usize> = picked.keys().copied().collect();
-    let parts: Vec<(Vec<usize>, Option<Vec<Vec<LayerQuery>>>)> = match kept {
+    let parts: Vec<(Vec<usize>, Option<Forms>)> = match kept {
         Some(u) if !picked.is_empty() => vec![(all.clone(), Some(u))],
         _ => picked_tokens
             .chunks(chunk)
@@ -156,7 +147,7 @@ pub(super) fn score_generated(
         }
     }
     drop(files);
-    let mut out = write_gen_outputs(ctx, &scores, g.top_k)?;
+    let mut out = write_gen_outputs(ctx, &scores, g.top_k, metadata)?;
     out["chunks"] = json!(k.div_ceil(chunk));
     out["seconds"] = json!(started.elapsed().as_secs_f64());
     out["seconds_precondition"] = json!(seconds[0]);
@@ -165,6 +156,9 @@ pub(super) fn score_generated(
     out["seconds_per_token"] = json!(started.elapsed().as_secs_f64() / k.max(1) as f64);
     Ok(Some(out))
 }
+
+/// u per scoring point and layer, in the form the scoring pass takes.
+type Forms = Vec<Vec<LayerQuery>>;
 
 /// u of the generated tokens `part` per scoring point, in the form the scoring pass takes.
 #[allow(clippy::too_many_arguments)]

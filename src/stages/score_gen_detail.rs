@@ -1,6 +1,6 @@
 //! Owns the per-training-token scores of generated tokens: `pair_token_scores`.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
-//! `attribute`, `score_gen` (its role scores).
+//! `attribute`, `score_gen_out` (the role scores).
 //!
 //! The score of training position t of document m for generated token j is
 //! Σ_ℓ δ_{m,t}ᵀ U_{j,ℓ} a_{m,t} (docs/design.md §2, token level). Only the pairs (j, m) shown
@@ -23,7 +23,7 @@ use crate::passes::for_each_batch;
 use crate::pipeline::StageContext;
 
 use super::attribute::{fit_options, load_model_on};
-use super::score_gen::GenRole;
+use super::score_gen_out::GenRole;
 
 /// (generated token, role, document index within the role) → its per-token scores.
 pub(super) type PairScores = BTreeMap<(usize, String, usize), Vec<f32>>;

@@ -1,7 +1,6 @@
 //! Owns the generated tokens' score tables: `GenScores` and `write_gen_outputs`.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
-//! `fetch`, `query_tokens`, `score` (its table metadata), `score_gen` (its role scores),
-//! `score_text`.
+//! `fetch`, `query_tokens`, `score_text`.
 //!
 //! Writes, beside the whole-completion tables, `gen_tokens.parquet` (every generated token:
 //! query_id, gen_index, gen_token_id, gen_token_text, logprob = log p(y_j | prompt, y_<j)),
@@ -14,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::json;
 
 use crate::data::tokenize::load_tokenizer;
+use crate::data::PreparedDoc;
 use crate::error::{Error, IoContext, Result};
 use crate::output::{write_table, Column};
 use crate::pipeline::StageContext;
@@ -21,9 +21,20 @@ use crate::report::table::Table;
 
 use super::fetch::Fetched;
 use super::query_tokens::GEN_TOKENS;
-use super::score::table_metadata;
-use super::score_gen::GenRole;
 use super::score_text::doc_token_texts;
+
+/// The documents of one data role and the generated tokens' scores against them.
+pub(super) struct GenRole {
+    /// The role's documents.
+    pub docs: Vec<PreparedDoc>,
+    /// N of the role's data set.
+    pub n_train: u64,
+    /// Σ over the role's segments and scoring points: `[K][N]`.
+    pub scores: Vec<Vec<f64>>,
+}
+
+/// The key-value metadata of a table, by the table's name (the score stage's).
+pub(super) type Metadata<'a> = dyn Fn(&str) -> Result<Vec<(String, String)>> + 'a;
 
 /// One generated token as the query stage recorded it.
 struct GenTokenRow {
@@ -150,6 +161,7 @@ pub(super) fn write_gen_outputs(
     ctx: &StageContext,
     s: &GenScores,
     top_k: usize,
+    metadata: &Metadata,
 ) -> Result<serde_json::Value> {
     let from = ctx.input_dir("query").join(GEN_TOKENS);
     std::fs::copy(&from, ctx.out(GEN_TOKENS)).ctx("copying", &from)?;
@@ -174,7 +186,7 @@ pub(super) fn write_gen_outputs(
     write_table(
         &ctx.out("gen_scores.parquet"),
         &c.columns(),
-        &table_metadata(ctx, "gen_scores")?,
+        &metadata("gen_scores")?,
     )?;
     // gen_token_scores.parquet
     let tokenizer = load_tokenizer(Fetched::load(ctx.run)?.tokenizer_path())?;
@@ -218,7 +230,7 @@ pub(super) fn write_gen_outputs(
             ("token_text", Column::Str(tt)),
             ("score", Column::F32(sc)),
         ],
-        &table_metadata(ctx, "gen_token_scores")?,
+        &metadata("gen_token_scores")?,
     )?;
     let detailed: std::collections::BTreeSet<usize> = s.detail.keys().map(|k| k.0).collect();
     Ok(
