@@ -1,6 +1,6 @@
 //! Owns the `score` stage's per-generated-token scores: `score_generated`.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
-//! `attribute`, `query_tokens`, `score_gen_detail`, `score_gen_out`.
+//! `attribute`, `query_tokens`, `score_gen_detail`, `score_gen_out`, `score_queries`.
 //!
 //! Each generated token's gradient ∇f_j (`query/gen_gradients.safetensors`) is preconditioned
 //! like a query (the method's u_ℓ, [`preconditioned`], in the form `query_rank` asks for) and
@@ -25,7 +25,7 @@ use crate::attribution::{score_pass_on, TrainScores};
 use crate::backend::Backend;
 use crate::config::MethodKind;
 use crate::curvature::FactorFile;
-use crate::error::{Error, IoContext, Result};
+use crate::error::Result;
 use crate::linalg::LayerQuery;
 use crate::pipeline::StageContext;
 
@@ -33,6 +33,7 @@ use super::attribute::{fit_options, load_model, load_model_on, model_and_batch_b
 use super::query_tokens::GEN_GRADIENTS;
 use super::score_gen_detail::pair_token_scores;
 use super::score_gen_out::{write_gen_outputs, GenRole, GenScores, Metadata};
+use super::score_queries::{load_gradients, open_factor_files};
 
 /// Scores the query stage's generated tokens (when it wrote their gradients and
 /// `[attribution.generated] enabled`) and writes `gen_tokens.parquet`, `gen_scores.parquet`
@@ -244,38 +245,4 @@ fn chunk_size(
     };
     let room = total.saturating_sub(model_bytes) / 4;
     Ok(((room / per_token) as usize).clamp(1, k))
-}
-
-/// The generated tokens' gradients, per layer in `layers` order.
-fn load_gradients(path: &std::path::Path, layers: &[String]) -> Result<Vec<Tensor>> {
-    let bytes = std::fs::read(path).ctx("reading", path)?;
-    let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
-    layers
-        .iter()
-        .map(|l| {
-            map.get(l).cloned().ok_or_else(|| {
-                Error::Pipeline(format!(
-                    "{}: no gradient for layer `{l}`; rerun the query stage",
-                    path.display()
-                ))
-            })
-        })
-        .collect()
-}
-
-/// The fitted factor files of the plan's segments (none when the method needs no factors).
-fn open_factor_files(ctx: &StageContext, p: &AttributionPlan) -> Result<Vec<FactorFile>> {
-    if !p.needs_factors() {
-        return Ok(Vec::new());
-    }
-    p.segments
-        .iter()
-        .map(|s| {
-            FactorFile::open(
-                &ctx.run
-                    .stage_dir("fit")
-                    .join(format!("segment-{}.safetensors", s.index)),
-            )
-        })
-        .collect()
 }

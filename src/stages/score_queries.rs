@@ -42,8 +42,16 @@ pub(super) struct Queries {
 
 /// Query gradients written by the `query` stage, per layer in `layers` order.
 fn load_query_gradients(ctx: &StageContext, layers: &[String]) -> Result<Vec<Tensor>> {
-    let path = ctx.input_dir("query").join("gradients.safetensors");
-    let bytes = std::fs::read(&path).ctx("reading", &path)?;
+    load_gradients(
+        &ctx.input_dir("query").join("gradients.safetensors"),
+        layers,
+    )
+}
+
+/// Per-layer gradients [K, d_out, d_in(+1)] stored by name in `path` (the query stage's
+/// query or generated-token gradients), in `layers` order.
+pub(super) fn load_gradients(path: &std::path::Path, layers: &[String]) -> Result<Vec<Tensor>> {
+    let bytes = std::fs::read(path).ctx("reading", path)?;
     let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
     layers
         .iter()
@@ -83,7 +91,10 @@ fn load_query_factors(ctx: &StageContext, layers: &[String]) -> Result<Option<Ve
 }
 
 /// The fitted factor files of the plan's segments (none when the method needs no factors).
-fn open_factor_files(ctx: &StageContext, p: &AttributionPlan) -> Result<Vec<FactorFile>> {
+pub(super) fn open_factor_files(
+    ctx: &StageContext,
+    p: &AttributionPlan,
+) -> Result<Vec<FactorFile>> {
     if !p.needs_factors() {
         return Ok(Vec::new());
     }
