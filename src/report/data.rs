@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::pipeline::{RunDir, StageStatus};
 
 use super::eval::{read_lds, read_recall, EvalResults, LDS_STAGE, RECALL_STAGE};
-use super::table::Table;
+use super::table::{doc_texts, Table};
 
 /// How many proponents (highest τ) the report shows per query.
 pub const PROPONENTS: usize = 5;
@@ -439,19 +439,7 @@ pub fn load_scores(
         .flat_map(|(_, p, o)| p.iter().chain(o))
         .map(|&i| (dataset[i].clone(), t_ids[i].clone()))
         .collect();
-    let docs = Table::read(&dir.join("train_docs.parquet"))?;
-    let mut texts: HashMap<(String, String), String> = HashMap::new();
-    for ((d, t), text) in docs
-        .strings("dataset")?
-        .into_iter()
-        .zip(docs.strings("train_id")?)
-        .zip(docs.strings("text")?)
-    {
-        let key = (d, t);
-        if wanted.contains(&key) {
-            texts.insert(key, text);
-        }
-    }
+    let texts = doc_texts(dir, &wanted)?;
     let mut wanted_pairs: HashSet<(String, String)> = HashSet::new();
     for (qi, p, o) in &picked {
         for &i in p.iter().chain(o) {

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 
-use super::table::Table;
+use super::table::{doc_texts, Table};
 
 /// One token of a shown document with its score (the scores add up to the document's).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -150,18 +150,7 @@ fn attach_docs(dir: &Path, by_query: &mut BTreeMap<String, Vec<Generated>>) -> R
             });
         }
     }
-    let docs = Table::read(&dir.join("train_docs.parquet"))?;
-    let mut texts: HashMap<(String, String), String> = HashMap::new();
-    for ((d, t), text) in docs
-        .strings("dataset")?
-        .into_iter()
-        .zip(docs.strings("train_id")?)
-        .zip(docs.strings("text")?)
-    {
-        if wanted.contains(&(d.clone(), t.clone())) {
-            texts.insert((d, t), text);
-        }
-    }
+    let texts = doc_texts(dir, &wanted)?;
     let mut tokens: HashMap<(String, u32, String), Vec<(u32, Shade)>> = HashMap::new();
     let tpath = dir.join("gen_token_scores.parquet");
     if tpath.exists() {

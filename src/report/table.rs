@@ -4,7 +4,7 @@
 //! Reading the tool's Parquet tables back by column name, with errors that name the file and
 //! the column (and say which stage to rerun).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use arrow_array::cast::AsArray;
@@ -167,6 +167,28 @@ fn widened<'a, T: ArrowPrimitiveType>(
             f64::NAN
         }
     })
+}
+
+/// The text of each `wanted` (dataset, train_id) document, from the score stage's
+/// `train_docs.parquet` in `dir`.
+pub fn doc_texts(
+    dir: &Path,
+    wanted: &HashSet<(String, String)>,
+) -> Result<HashMap<(String, String), String>> {
+    let docs = Table::read(&dir.join("train_docs.parquet"))?;
+    let mut texts = HashMap::new();
+    for ((d, t), text) in docs
+        .strings("dataset")?
+        .into_iter()
+        .zip(docs.strings("train_id")?)
+        .zip(docs.strings("text")?)
+    {
+        let key = (d, t);
+        if wanted.contains(&key) {
+            texts.insert(key, text);
+        }
+    }
+    Ok(texts)
 }
 
 #[cfg(test)]
