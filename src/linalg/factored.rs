@@ -122,27 +122,19 @@ mod tests {
             let v = factors(3, t, d_out, d_in);
             assert!(v.rotation_is_cheaper().unwrap());
             let dense = v.dense().unwrap();
-            let want = f.basis.rotate(&dense).unwrap();
-            let got = v.rotate(&f.basis).unwrap();
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(max_abs_diff(&got, &want) <= 1e-5 * scale, "rotation");
+            let close = |got: &Tensor, want: &Tensor| {
+                let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                max_abs_diff(got, want) <= 1e-5 * scale
+            };
+            let rotated = v.rotate(&f.basis).unwrap();
+            assert!(
+                close(&rotated, &f.basis.rotate(&dense).unwrap()),
+                "rotation"
+            );
             let w = Tensor::rand(0.1f32, 2.0, (d_out, d_in), &Device::Cpu).unwrap();
-            let want = apply_in_basis(&f.basis, &w, &dense).unwrap();
             let got = apply_in_basis_factored(&f.basis, &w, &v).unwrap();
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(max_abs_diff(&got, &want) <= 1e-5 * scale, "primitive");
+            let want = apply_in_basis(&f.basis, &w, &dense).unwrap();
+            assert!(close(&got, &want), "primitive");
         }
     }
 

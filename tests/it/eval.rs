@@ -44,13 +44,7 @@ fn setup(subsets: usize) -> tempfile::TempDir {
             demo_model_dir().display()
         ),
     );
-    write(
-        &dir.path().join("p.toml"),
-        "config = \"c.toml\"\nstages = [\"fetch\", \"prepare\", \"finetune\", \"fit\", \"query\", \"score\"]\nrun_dir = \"run\"\n",
-    );
-    let o = cli(dir.path(), &["-q", "run", "p.toml"], &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    dir
+    run_to_score(dir)
 }
 
 fn eval(dir: &Path, run: &str, what: &[&str], env: &[(&str, &str)]) -> std::process::Output {
@@ -364,13 +358,7 @@ fn setup_two_stage(subsets: usize) -> tempfile::TempDir {
             demo_model_dir().display()
         ),
     );
-    write(
-        &dir.path().join("p.toml"),
-        "config = \"c.toml\"\nstages = [\"fetch\", \"prepare\", \"finetune\", \"fit\", \"query\", \"score\"]\nrun_dir = \"run\"\n",
-    );
-    let o = cli(dir.path(), &["-q", "run", "p.toml"], &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    dir
+    run_to_score(dir)
 }
 
 /// τ of (query, document, role) from a run's score table.
@@ -570,4 +558,15 @@ fn demo_meets_the_recall_target_and_runs_lds() {
     let l = json(&dir.path().join("run/eval-lds/summary.json"));
     assert_eq!(l["subset_size"], 152);
     assert_eq!(l["methods"].as_array().unwrap().len(), 3);
+}
+
+/// Runs `dir/c.toml` through `score` (a pipeline `p.toml` written beside it) and returns `dir`.
+fn run_to_score(dir: tempfile::TempDir) -> tempfile::TempDir {
+    write(
+        &dir.path().join("p.toml"),
+        "config = \"c.toml\"\nstages = [\"fetch\", \"prepare\", \"finetune\", \"fit\", \"query\", \"score\"]\nrun_dir = \"run\"\n",
+    );
+    let o = cli(dir.path(), &["-q", "run", "p.toml"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    dir
 }

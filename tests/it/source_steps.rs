@@ -314,6 +314,23 @@ fn sgd(lrs: Vec<f64>) -> Run {
     }
 }
 
+/// For a run whose every step is clipped (asserted): the relative errors of (now, the earlier
+/// segment-average form, now with the clip as a scale only — the projection left out).
+fn clipped_errors(run: &Run) -> (f64, f64, f64) {
+    let p = problem();
+    let (_, clip, _) = train(&p, run, usize::MAX, 0.0);
+    assert!(
+        clip.iter().all(|c| *c < 0.5),
+        "clipping is active: {clip:?}"
+    );
+    let (now, old) = errors(run);
+    let truth = brute_force(&p, run);
+    let root = tempfile::tempdir().unwrap();
+    let (_, plan_now) = plan(run, &clip, root.path());
+    let scale_only = rel_err(&scores(&p, run, &plan_now, false), &truth);
+    (now, old, scale_only)
+}
+
 #[test]
 fn clipped_steps_match_brute_force_with_the_clip_derivative() {
     // ‖g‖ ≈ 0.3–1 on this problem: max_norm 0.05 clips every step (c ≈ 0.05–0.2).
@@ -321,18 +338,7 @@ fn clipped_steps_match_brute_force_with_the_clip_derivative() {
         max_norm: Some(0.05),
         ..sgd(vec![0.2; 100])
     };
-    let p = problem();
-    let (_, clip, _) = train(&p, &run, usize::MAX, 0.0);
-    assert!(
-        clip.iter().all(|c| *c < 0.5),
-        "clipping is active: {clip:?}"
-    );
-    let (now, old) = errors(&run);
-    // Scale-only clipping (the projection left out), everything else as now.
-    let truth = brute_force(&p, &run);
-    let root = tempfile::tempdir().unwrap();
-    let (_, plan_now) = plan(&run, &clip, root.path());
-    let scale_only = rel_err(&scores(&p, &run, &plan_now, false), &truth);
+    let (now, old, scale_only) = clipped_errors(&run);
     // Measured: now 7.0e-3 (1.5e-2 with the projection before the injection), scale-only
     // 0.50, before 0.88.
     eprintln!("clipped SGD: now {now:.2e}, scale-only {scale_only:.2e}, before {old:.2e}");
@@ -408,17 +414,7 @@ fn clipped_adam_steps_project_after_the_preconditioner() {
         max_norm: Some(0.05),
         ..sgd(vec![0.004; 16])
     };
-    let p = problem();
-    let (_, clip, _) = train(&p, &run, usize::MAX, 0.0);
-    assert!(
-        clip.iter().all(|c| *c < 0.5),
-        "clipping is active: {clip:?}"
-    );
-    let (now, old) = errors(&run);
-    let truth = brute_force(&p, &run);
-    let root = tempfile::tempdir().unwrap();
-    let (_, plan_now) = plan(&run, &clip, root.path());
-    let scale_only = rel_err(&scores(&p, &run, &plan_now, false), &truth);
+    let (now, old, scale_only) = clipped_errors(&run);
     eprintln!(
         "clipped Adam, uneven P: now {now:.2e}, scale-only {scale_only:.2e}, before {old:.2e}"
     );
