@@ -13,6 +13,7 @@ use candle_core::{Device, Tensor};
 use crate::attribution::method::{preconditioned, query_forms};
 use crate::attribution::plan::{plan_score_memory, AttributionPlan, FactorGroups, ScoreNeeds};
 use crate::backend::Backend;
+use crate::config::MethodKind;
 use crate::curvature::FactorFile;
 use crate::error::{Error, IoContext, Result};
 use crate::linalg::{LayerQuery, TokenFactors};
@@ -132,7 +133,11 @@ pub(super) fn precondition_queries(ctx: &StageContext, p: &AttributionPlan) -> R
     let acting = query_energy_shares(ctx, p, &files, &v, &layers, &groups)?;
     let backend = open_backend(ctx.config)?;
     let a = &ctx.config.attribution;
-    let tokens = load_query_factors(ctx, &layers)?;
+    // Only the influence function's inverse (refined or not) reads the token factors.
+    let tokens = match p.method {
+        MethodKind::Influence => load_query_factors(ctx, &layers)?,
+        MethodKind::Source | MethodKind::GradientDot => None,
+    };
     let tokens = tokens.as_deref();
     let refined = refined_influence(
         ctx,
