@@ -163,6 +163,22 @@ enum Command {
         #[arg(long)]
         run_dir: PathBuf,
     },
+    /// Predict each heavy stage's peak memory and disk before running it.
+    ///
+    /// Builds the model from its config.json alone (no weights are read or downloaded) and
+    /// prints, for finetune, fit, query and score, the peak memory the stage will predict
+    /// for itself and the bytes it leaves on disk (checkpoints, factor files, query
+    /// gradients), with score's layer groups under the memory limit. Exits with status 5,
+    /// naming each stage and what to change, when a stage does not fit
+    /// --memory-limit-gib (default: the config's attribution.memory_limit_gib).
+    ///
+    /// The model and counts come from --run-dir (after `fetch` and `prepare`), or from
+    /// --model-config and --documents / --queries, e.g. for a model not yet downloaded:
+    ///
+    ///   source-tda plan configs/my-run.toml --model-config Llama-3.2-1B/config.json \
+    ///       --documents 20000 --queries 64 --memory-limit-gib 64
+    #[command(verbatim_doc_comment)]
+    Plan(Box<PlanArgs>),
     /// Check a config file and print it resolved (defaults filled in, paths absolute).
     Validate {
         /// The config file (configs/NAME.toml).
@@ -319,6 +335,32 @@ impl StageOpts {
             workers,
         }
     }
+}
+
+/// `source-tda plan`'s arguments.
+#[derive(Args, Debug)]
+struct PlanArgs {
+    /// The config file (configs/NAME.toml).
+    config: PathBuf,
+    /// A run directory where `fetch` and `prepare` ran: its model and data counts.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// The model's config.json (or the folder holding it), instead of the run's.
+    #[arg(long, value_name = "PATH")]
+    model_config: Option<PathBuf>,
+    /// Fine-tuning documents, one count per fine-tuning stage (comma-separated), instead
+    /// of the run's prepared data.
+    #[arg(long, value_name = "N[,N…]", value_delimiter = ',')]
+    documents: Vec<usize>,
+    /// Queries, instead of the run's prepared query set.
+    #[arg(long, value_name = "Q")]
+    queries: Option<usize>,
+    /// Check against this memory limit instead of attribution.memory_limit_gib.
+    #[arg(long, value_name = "GIB")]
+    memory_limit_gib: Option<f64>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 /// A subcommand that runs one stage: its arguments, stage and worker processes.
@@ -480,6 +522,7 @@ fn dispatch(command: Command, stages: &Registry) -> Result<()> {
             tokenizer,
             layers,
         } => convert_gguf(&gguf, &out_dir, tokenizer.as_deref(), layers),
+        Command::Plan(args) => plan(&args),
         Command::Validate { config } => {
             let c = Config::load(&config)?;
             print!("{}", c.to_toml());
@@ -488,6 +531,61 @@ fn dispatch(command: Command, stages: &Registry) -> Result<()> {
         }
         one => unreachable!("{one:?} runs one stage"),
     }
+}
+
+/// `source-tda plan`: the counts and model from the flags, else from the run directory.
+fn plan(args: &PlanArgs) -> Result<()> {
+    use source_tda::stages::plan::{inputs_from_run, plan_run, PlanInputs};
+    let config = Config::load(&args.config)?;
+    let (model_config, documents) = (args.model_config.as_deref(), args.documents.clone());
+    let from_run = match &args.run_dir {
+        Some(r) => Some(inputs_from_run(&config, &RunDir::at(r)?)?),
+        None => None,
+    };
+    let model_config = match (model_config, &from_run) {
+        (Some(p), _) if p.is_dir() => p.join("config.json"),
+        (Some(p), _) => p.to_path_buf(),
+        (None, Some((p, _, _))) => p.clone(),
+        (None, None) => {
+            return Err(Usage(
+                "plan: pass --model-config PATH/config.json, or --run-dir of a run where \
+             `fetch` ran"
+                    .into(),
+            )
+            .into())
+        }
+    };
+    let documents = match (documents.is_empty(), &from_run) {
+        (false, _) => documents,
+        (true, Some((_, d, _))) => d.clone(),
+        (true, None) => {
+            return Err(Usage(
+                "plan: pass --documents N (one count per fine-tuning stage), or --run-dir of \
+                 a run where `prepare` ran"
+                    .into(),
+            )
+            .into())
+        }
+    };
+    let queries = args.queries.or(from_run.as_ref().map(|r| r.2)).unwrap_or(1);
+    let inputs = PlanInputs {
+        documents,
+        queries,
+        memory_limit_gib: args
+            .memory_limit_gib
+            .or(config.attribution.memory_limit_gib),
+    };
+    let plan = plan_run(&config, &model_config, &inputs)?;
+    match args.json {
+        true => {
+            let mut v = plan.to_json();
+            // The planner's own peak: the model of zeros is never backed by memory.
+            v["planner_peak_rss_bytes"] = source_tda::util::mem::peak_rss_bytes().into();
+            println!("{}", serde_json::to_string_pretty(&v)?)
+        }
+        false => print!("{}", plan.to_table()),
+    }
+    Ok(plan.check()?)
 }
 
 /// The pipeline's stages up to and including `until` (all of them without it).

@@ -20,6 +20,20 @@ use crate::error::{Error, IoContext, Result};
 
 use crate::linalg::{BlockDiag, BlockLayout, Covariances, EigenBasis, LayerFactors};
 
+/// Bytes [`save_factors`] stores for one layer of input width `d_in` (its bias column
+/// included) and `d_out` outputs under `attribution.block_size` = `block`: the eigenvector
+/// blocks Q_A, Q_S in f32 (4 Σ_b b² per side), the eigenvalues in f64 (8 (d_in + d_out)) and
+/// Λ in f32 (4 d_in d_out). What [`FactorFile::layer_bytes`] reads back, before the file's
+/// header.
+pub fn predicted_layer_bytes(d_in: usize, d_out: usize, block: Option<usize>) -> u64 {
+    let squares = |d: usize| -> u64 {
+        (BlockLayout::new(d, block).ranges.iter())
+            .map(|&(_, b)| (b * b) as u64)
+            .sum()
+    };
+    4 * (squares(d_in) + squares(d_out)) + 8 * (d_in + d_out) as u64 + 4 * (d_in * d_out) as u64
+}
+
 /// What the metadata records about one layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct LayerMeta {

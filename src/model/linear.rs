@@ -56,8 +56,12 @@ impl<'a> ParamLoader<'a> {
 
     /// A Conv1D weight stored as [d_in, d_out]: loaded and transposed to [d_out, d_in].
     pub fn var_transposed(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Var> {
-        let t = self.source.get(name, &[d_in, d_out], self.device)?;
-        let var = Var::from_tensor(&t.t()?.contiguous()?)?;
+        let var = if self.source.zero_filled() {
+            Var::from_tensor(&self.source.get(name, &[d_out, d_in], self.device)?)?
+        } else {
+            let t = self.source.get(name, &[d_in, d_out], self.device)?;
+            Var::from_tensor(&t.t()?.contiguous()?)?
+        };
         self.params.push(Param {
             name: name.to_string(),
             var: var.clone(),

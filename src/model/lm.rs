@@ -67,6 +67,14 @@ impl Model {
         Self::from_source(&spec, &source, opts, device)
     }
 
+    /// The model of `spec` with zero weights that occupy (almost) no memory
+    /// ([`super::weights::ShapeOnly`]): its parameters, tracked layers and vocabulary have
+    /// their real shapes, for the memory and storage plan of a model whose weights are not
+    /// here (`source-tda plan`). Never run it: every output would be zero.
+    pub fn shape_only(spec: &ModelSpec, opts: &LoadOptions) -> Result<Self> {
+        Self::from_source(spec, &super::weights::ShapeOnly, opts, &Device::Cpu)
+    }
+
     /// Builds the model of `spec` from tensors named as in Hugging Face checkpoints.
     pub fn from_source(
         spec: &ModelSpec,

@@ -110,6 +110,31 @@ pub fn fit_peak_bytes(
     4 * params(model) + covariance.max(eigen).max(correction).max(f + 2 * lambda)
 }
 
+/// Predicted peak bytes of fine-tuning with micro-batches of `tokens` tokens and an optimizer
+/// that keeps `state_floats` floats per parameter (AdamW 2: m and v; SGD with momentum 1;
+/// SGD 0): the weights, the step's accumulated gradient and one micro-batch's gradient
+/// (4 P each), the optimizer state (4 P per float), and one forward + backward
+/// ([`capture_graph_bytes`] over every linear layer of the blocks, which training
+/// differentiates whatever is tracked; `model` should be loaded with
+/// [`super::Tracking::BlockLinears`]). On SmolLM2-135M (1,024-token micro-batches, AdamW) this
+/// predicts 6.0 GiB against a measured peak RSS of 6.4 GiB (docs/performance.md).
+pub fn finetune_peak_bytes(model: &Model, tokens: usize, state_floats: u64) -> u64 {
+    4 * params(model) * (3 + state_floats) + capture_graph_bytes(model, tokens, Labels::Data)
+}
+
+/// Number of trainable parameters P (a tied head counted once).
+pub fn param_count(model: &Model) -> u64 {
+    params(model)
+}
+
+/// Σ_l d_in,l d_out,l (bias columns included) over the tracked layers: the floats of one
+/// query's gradient, of one layer-set of Λ, of one preconditioned query.
+pub fn tracked_weight_floats(model: &Model) -> u64 {
+    (model.tracked_layers().iter())
+        .map(|l| (l.d_in + l.has_bias as usize) as u64 * l.d_out as u64)
+        .sum()
+}
+
 /// Predicted peak bytes of scoring `queries` queries with batches of `tokens` tokens
 /// (`per_token`: the [Q, B, T] per-token scores of a batch are kept as well): the
 /// preconditioned queries U (4 Q i o per layer, f32), formed layer by layer from the query

@@ -47,4 +47,4 @@ pub use generate::{GenerateOptions, Generation, Sampling};
 pub use linear::Param;
 pub use lm::{LayerInfo, LoadOptions, Model};
 pub use tracking::Tracking;
-pub use weights::{SafetensorsDir, TensorMap, TensorSource};
+pub use weights::{SafetensorsDir, ShapeOnly, TensorMap, TensorSource};

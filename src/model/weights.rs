@@ -23,6 +23,36 @@ pub trait TensorSource {
     /// Whether the source holds `name` (used to detect naming variants such as GPT-2's
     /// optional `transformer.` prefix and an untied `lm_head`).
     fn contains(&self, name: &str) -> bool;
+
+    /// True for [`ShapeOnly`]: every tensor is zeros, so a loader may create a tensor of the
+    /// final shape directly instead of transforming what `get` returns.
+    fn zero_filled(&self) -> bool {
+        false
+    }
+}
+
+/// Zeros of every requested shape, as trainable `Var`s whose memory the kernel has not yet
+/// backed (a zeroed allocation is not touched until written): loading a model from
+/// `config.json` alone with it gives the real parameter and layer shapes at almost no
+/// resident memory, for planning memory and storage before any weight is downloaded
+/// ([`super::Model::shape_only`]). Such a model must never be run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShapeOnly;
+
+impl TensorSource for ShapeOnly {
+    fn get(&self, _name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        Ok(candle_core::Var::zeros(shape, DType::F32, device)?
+            .as_tensor()
+            .clone())
+    }
+
+    fn contains(&self, _name: &str) -> bool {
+        false
+    }
+
+    fn zero_filled(&self) -> bool {
+        true
+    }
 }
 
 /// A checkpoint directory with safetensors weights, memory-mapped.

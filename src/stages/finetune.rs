@@ -31,6 +31,7 @@ use serde_json::json;
 use crate::config::{Config, MassSpec, FROM_MODEL};
 use crate::data::{read_prepared, PreparedDoc};
 use crate::error::{Error, IoContext, Result};
+use crate::model::memory::finetune_peak_bytes;
 use crate::pipeline::{Stage, StageContext};
 use crate::train::import::import_trainer;
 use crate::train::log::{epoch_means, write_loss_parquet, write_visits_parquet};
@@ -57,6 +58,37 @@ fn prepared(ctx: &StageContext, role: &str) -> Result<Vec<PreparedDoc>> {
         )));
     }
     Ok(read_prepared(&path)?.0)
+}
+
+/// Logs the predicted peak memory of fine-tuning ([`finetune_peak_bytes`], with the stage
+/// whose optimizer keeps the most state) and refuses when it exceeds
+/// `attribution.memory_limit_gib`, before any step is taken.
+fn check_finetune_memory(c: &Config, base_dir: &Path) -> Result<()> {
+    use crate::config::OptimizerKind as K;
+    let spec = crate::model::ModelSpec::from_file(&base_dir.join("config.json"))?;
+    let shapes = crate::model::Model::shape_only(&spec, &crate::model::LoadOptions::default())?;
+    let floats = (c.train.stage_list().iter())
+        .map(|s| match s.train.optimizer {
+            K::Sgd => 0,
+            K::Momentum => 1,
+            K::AdamW => 2,
+        })
+        .max()
+        .unwrap_or(0);
+    let est = finetune_peak_bytes(&shapes, c.batching.token_budget, floats);
+    let h = crate::util::mem::human_bytes;
+    tracing::info!("finetune: estimated peak memory {}", h(est));
+    if let Some(limit) = c.attribution.memory_limit_gib {
+        if est as f64 > limit * (1u64 << 30) as f64 {
+            return Err(Error::Resource(format!(
+                "finetune: the estimated peak memory {} exceeds attribution.memory_limit_gib = \
+                 {limit}; lower batching.token_budget (micro-batches accumulate to the same \
+                 step) or raise the limit (`source-tda plan` shows every stage's need)",
+                h(est)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The folder holding the fetched model's config.json.
@@ -144,6 +176,7 @@ impl Stage for FinetuneStage {
             );
         }
         let stages = c.train.stage_list();
+        check_finetune_memory(c, &base_dir)?;
         let single = c.train.stages.is_none();
         let resume = ctx.resume_dir()?;
         let hook = |p: &str| ctx.failpoint(p);

@@ -17,6 +17,7 @@ mod eval_recall;
 mod fetch;
 mod finetune;
 mod fit;
+pub mod plan;
 mod prepare;
 mod pretrain_record;
 mod query;

@@ -48,6 +48,7 @@ mod model_ggn;
 mod model_gpt2_reference;
 mod model_llama_reference;
 mod model_loading;
+mod plan;
 mod prepare;
 mod pretrain_from_model;
 mod query_sets;
