@@ -132,6 +132,12 @@ pub struct AttributionConfig {
     /// and layer, U ≈ Σ_k σ_k p_k r_kᵀ). Default: none, the exact dense query.
     #[serde(default)]
     pub query_rank: Option<usize>,
+    /// The linear layers attributed through: Hugging Face module names with `*` wildcards
+    /// (e.g. `["model.layers.*.mlp.*"]`), each of which must match a linear layer of the
+    /// model. Default: every linear layer of the transformer blocks. Left out of resolved
+    /// configs when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<String>>,
     /// Folder of a content-addressed cache of fitted factors shared between runs (relative to
     /// the config file). Default: none, always fit.
     #[serde(default)]
@@ -284,6 +290,7 @@ impl Default for AttributionConfig {
             all_token_scores: false,
             memory_limit_gib: None,
             query_rank: None,
+            layers: None,
             factor_cache: None,
             eigendecomposition: EigenPrecision::F64,
             adam_response: AdamResponse::default(),
@@ -368,6 +375,17 @@ impl AttributionConfig {
                  (or set detail_docs = 0 for no per-token scores)"
                     .into(),
             ));
+        }
+        if let Some(l) = &self.layers {
+            if l.is_empty() || l.iter().any(|p| p.trim().is_empty()) {
+                return Err((
+                    k("layers"),
+                    "is empty or holds an empty pattern; allowed: module-name patterns with \
+                     `*` wildcards, e.g. [\"model.layers.*.mlp.*\"] (or leave the key out for \
+                     every linear layer of the blocks)"
+                        .into(),
+                ));
+            }
         }
         if let Some(m) = self.memory_limit_gib {
             if !(m.is_finite() && m > 0.0) {

@@ -15,7 +15,7 @@ use crate::attribution::plan::{plan_segments, AttributionPlan, PlanSource};
 use crate::config::{Config, FisherKind};
 use crate::data::{read_prepared, PreparedDoc};
 use crate::error::{Error, Result};
-use crate::model::{LoadOptions, Model};
+use crate::model::{LoadOptions, Model, Tracking};
 use crate::passes::{Fisher, PassOptions};
 use crate::pipeline::RunDir;
 use crate::train::Trajectory;
@@ -97,14 +97,26 @@ pub fn fit_options(config: &Config) -> PassOptions {
     }
 }
 
-/// Loads a checkpoint on the CPU with the default tracked layers.
-pub fn load_model(dir: &Path) -> Result<Model> {
-    Model::load(dir, &LoadOptions::default(), &Device::Cpu)
+/// The tracked layers `[attribution] layers` asks for (every linear layer of the blocks
+/// without it).
+pub fn load_options(config: &Config) -> LoadOptions {
+    LoadOptions {
+        tracking: match &config.attribution.layers {
+            Some(p) => Tracking::Patterns(p.clone()),
+            None => Tracking::BlockLinears,
+        },
+        ..LoadOptions::default()
+    }
 }
 
-/// Loads a checkpoint on `device` (a backend's) with the default tracked layers.
-pub fn load_model_on(dir: &Path, device: &Device) -> Result<Model> {
-    Model::load(dir, &LoadOptions::default(), device)
+/// Loads a checkpoint on the CPU with the config's tracked layers.
+pub fn load_model(dir: &Path, config: &Config) -> Result<Model> {
+    Model::load(dir, &load_options(config), &Device::Cpu)
+}
+
+/// Loads a checkpoint on `device` (a backend's) with the config's tracked layers.
+pub fn load_model_on(dir: &Path, device: &Device, config: &Config) -> Result<Model> {
+    Model::load(dir, &load_options(config), device)
 }
 
 /// The backend `[run] device` and `[run] precision` ask for (fails with what is missing when
@@ -119,6 +131,14 @@ pub fn device_view(config: &Config, view: &mut serde_json::Value) {
     if !config.run.device.is_default() {
         view["device"] = config.run.device.name().into();
         view["precision"] = config.run.precision.name().into();
+    }
+}
+
+/// `[attribution] layers` in a stage's config view and cache key, only when set (so that
+/// hashes of runs tracking every block layer stay what they were).
+pub fn layers_view(config: &Config, view: &mut serde_json::Value) {
+    if let Some(l) = &config.attribution.layers {
+        view["layers"] = serde_json::json!(l);
     }
 }
 

@@ -30,7 +30,8 @@ use crate::pipeline::{Stage, StageContext};
 use crate::util::fsx::write_json_atomic;
 
 use super::attribute::{
-    check_memory, device_view, fit_options, load_model_on, open_backend, plan, role_docs,
+    check_memory, device_view, fit_options, layers_view, load_model_on, open_backend, plan,
+    role_docs,
 };
 
 /// The `fit` stage.
@@ -61,6 +62,7 @@ impl Stage for FitStage {
             "batching": c.batching,
         });
         device_view(c, &mut v);
+        layers_view(c, &mut v);
         v
     }
 
@@ -120,7 +122,7 @@ impl Stage for FitStage {
             let models = seg
                 .checkpoints
                 .iter()
-                .map(|c| load_model_on(c, backend.device()))
+                .map(|c| load_model_on(c, backend.device(), ctx.config))
                 .collect::<Result<Vec<_>>>()?;
             let estimate = check_memory("fit", &models[0], ctx.config)?;
             tracing::info!(
@@ -219,6 +221,7 @@ fn key_inputs(
     });
     // The device and precision change the summation order and rounding of the factors.
     device_view(config, &mut key);
+    layers_view(config, &mut key);
     // So does an f32 eigendecomposition (absent from the key when f64, as before the option).
     if !a.eigendecomposition.is_default() {
         key["eigendecomposition"] = json!(a.eigendecomposition.name());

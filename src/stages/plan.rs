@@ -104,7 +104,7 @@ fn state_floats(kind: OptimizerKind) -> u64 {
 /// The plan of `config` for the model described by `model_config` (a config.json).
 pub fn plan_run(config: &Config, model_config: &Path, inputs: &PlanInputs) -> Result<RunPlan> {
     let spec = ModelSpec::from_file(model_config)?;
-    let tracked = Model::shape_only(&spec, &LoadOptions::default())?;
+    let tracked = Model::shape_only(&spec, &super::attribute::load_options(config))?;
     let blocks = Model::shape_only(
         &spec,
         &LoadOptions {

@@ -65,6 +65,7 @@ impl Stage for QueryStage {
 
     fn config_view(&self, c: &Config) -> serde_json::Value {
         let mut v = json!({"batching": c.batching, "method": c.attribution.method});
+        super::attribute::layers_view(c, &mut v);
         if c.data.query.as_ref().map(|d| d.shape) == Some(DocShape::Prompt) {
             v["generate"] = json!(c.query);
             v["seed"] = json!(c.run.seed);
@@ -90,7 +91,7 @@ impl Stage for QueryStage {
                 ctx.config.data.query.as_ref().map(|d| d.shape),
             ),
         };
-        let model = load_model(&p.final_checkpoint)?;
+        let model = load_model(&p.final_checkpoint, ctx.config)?;
         check_memory("query", &model, ctx.config)?;
         let generated = shape == Some(DocShape::Prompt);
         let queries = if generated {

@@ -237,7 +237,7 @@ fn score_segments(
             .filter(|(pt, _)| pt.segment == l)
             .map(|(pt, u)| (pt.model.as_path(), &u[..]))
             .collect();
-        let acc = score_segment(queries.backend.as_ref(), &passes, r, &opts, q)?;
+        let acc = score_segment(ctx.config, queries.backend.as_ref(), &passes, r, &opts, q)?;
         r.per_segment.insert(seg.index, acc);
         ctx.failpoint(&format!("after-segment-{}", seg.index))?;
     }
@@ -247,6 +247,7 @@ fn score_segments(
 /// One segment's document scores [Q][N], the sum of one scoring pass per (model, u) in
 /// `passes`; its per-token scores are added likewise to `r.tokens`.
 fn score_segment(
+    config: &Config,
     backend: &dyn Backend,
     passes: &[(&std::path::Path, &[LayerQuery])],
     r: &mut RoleScores,
@@ -255,7 +256,7 @@ fn score_segment(
 ) -> Result<Vec<Vec<f64>>> {
     let mut acc = vec![vec![0f64; r.docs.len()]; q];
     for (ckpt, u) in passes {
-        let model = load_model_on(ckpt, backend.device())?;
+        let model = load_model_on(ckpt, backend.device(), config)?;
         let s = score_pass_on(backend, &model, &r.docs, u, opts, true)?;
         for (qi, row) in s.docs.iter().enumerate() {
             for (m, v) in row.iter().enumerate() {

@@ -58,7 +58,7 @@ pub(super) fn score_generated(
              add up to the whole completion's only approximately"
         );
     }
-    let final_model = load_model(&p.final_checkpoint)?;
+    let final_model = load_model(&p.final_checkpoint, ctx.config)?;
     let layers: Vec<String> = final_model
         .tracked_layers()
         .iter()
@@ -201,7 +201,7 @@ fn score_at_points(
     let mut out: Vec<(String, TrainScores)> = Vec::new();
     for (pt, u_pt) in p.score_points().iter().zip(u) {
         let role = &p.segments[pt.segment].role;
-        let model = load_model_on(&pt.model, backend.device())?;
+        let model = load_model_on(&pt.model, backend.device(), ctx.config)?;
         let s = score_pass_on(backend, &model, &roles[role].docs, u_pt, &opts, false)?;
         match out.iter_mut().find(|(r, _)| r == role) {
             Some((_, acc)) => {

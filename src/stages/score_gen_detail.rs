@@ -60,7 +60,7 @@ pub(super) fn pair_token_scores(
         };
         let ms: Vec<usize> = docs_rows.keys().copied().collect();
         let docs: Vec<PreparedDoc> = ms.iter().map(|&m| roles[role].docs[m].clone()).collect();
-        let model = load_model_on(&pt.model, backend.device())?;
+        let model = load_model_on(&pt.model, backend.device(), ctx.config)?;
         let label = "per-token scores of generated tokens";
         for_each_batch(&model, &docs, &opts, label, |batch, idx| {
             let cap = model.capture(batch, Labels::Data)?;

@@ -114,7 +114,7 @@ pub(super) fn open_factor_files(
 /// Reads the query gradients, plans memory (refusing what does not fit), opens the backend,
 /// and computes u per segment in the form `[attribution] query_rank` asks for.
 pub(super) fn precondition_queries(ctx: &StageContext, p: &AttributionPlan) -> Result<Queries> {
-    let final_model = load_model(&p.final_checkpoint)?;
+    let final_model = load_model(&p.final_checkpoint, ctx.config)?;
     let layers: Vec<String> = final_model
         .tracked_layers()
         .iter()

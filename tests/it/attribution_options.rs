@@ -376,3 +376,118 @@ fn a_second_run_reuses_cached_factors_and_a_changed_setting_misses() {
         "Λ f64 vs f32 bases: {worst:e} of {top:e}"
     );
 }
+
+/// Reruns `fit`, `query` and `score` in `run` with the influence function and `extra` added
+/// to `[attribution]` of the config saved as `base.toml` by the first call.
+fn refit(dir: &Path, run: &Path, extra: &str) -> std::process::Output {
+    let base = dir.join("base.toml");
+    if !base.exists() {
+        std::fs::copy(run.join("config.toml"), &base).unwrap();
+    }
+    let cfg = std::fs::read_to_string(&base).unwrap();
+    // The influence function: one segment at the final model.
+    let cfg = cfg.replacen("method = \"source\"\n", "method = \"influence\"\n", 1);
+    let cfg = cfg.replacen("[attribution]\n", &format!("[attribution]\n{extra}\n"), 1);
+    let path = dir.join("refit.toml");
+    write(&path, cfg);
+    let mut last = None;
+    for stage in ["fit", "query", "score"] {
+        let args = [
+            "-q",
+            stage,
+            "--config",
+            path.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--allow-config-change",
+        ];
+        let o = cli(dir, &args, &[]);
+        if !o.status.success() {
+            return o;
+        }
+        last = Some(o);
+    }
+    last.unwrap()
+}
+
+/// Layer names stored in a factor file (`LAYER.lambda` keys).
+fn factor_layers(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = (st.names().iter())
+        .filter_map(|n| n.strip_suffix(".lambda").map(str::to_string))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn attribution_layers_select_the_tracked_layers_and_the_influence_scores_add_over_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let root = common::repo_root();
+    let args = [
+        "-q",
+        "run",
+        "pipelines/demo.toml",
+        "--run-dir",
+        run.to_str().unwrap(),
+    ];
+    let o = cli(&root, &[&args[..], &["--until", "finetune"]].concat(), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // The influence function is block-diagonal over layers (EK-FAC per layer, damping per
+    // layer), so its scores over every layer are the sum of its scores over a partition.
+    let o = refit(dir.path(), &run, "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let all = read_scores(&run);
+    let seg = run.join("fit/segment-0.safetensors");
+    let all_layers = factor_layers(&seg);
+    assert_eq!(all_layers.len(), 28, "{all_layers:?}");
+
+    let mut parts = Vec::new();
+    for pattern in ["*.mlp.*", "*.self_attn.*"] {
+        let o = refit(dir.path(), &run, &format!("layers = [\"{pattern}\"]"));
+        assert!(o.status.success(), "{}", stderr(&o));
+        let kept = factor_layers(&seg);
+        let word = pattern.trim_matches(|c| c == '*' || c == '.');
+        assert!(
+            !kept.is_empty() && kept.iter().all(|l| l.contains(word)),
+            "{kept:?}"
+        );
+        parts.push((kept, read_scores(&run)));
+    }
+    let mut union: Vec<String> = parts.iter().flat_map(|p| p.0.clone()).collect();
+    union.sort();
+    assert_eq!(
+        union, all_layers,
+        "the two patterns partition the block layers"
+    );
+    let scale = all.0.values().fold(0f64, |m, v| m.max(v.abs()));
+    let mut worst = 0f64;
+    for (k, v) in &all.0 {
+        let sum = parts[0].1 .0[k] + parts[1].1 .0[k];
+        worst = worst.max((v - sum).abs() / scale);
+    }
+    assert!(
+        worst < 1e-5,
+        "max relative |all − (mlp + attention)| = {worst:.2e}"
+    );
+    // Both parts matter (neither is zero).
+    for (_, s) in &parts {
+        assert!(s.0.values().any(|v| v.abs() > 1e-3 * scale));
+    }
+
+    // A pattern that matches no layer is refused, naming it and showing real names.
+    let o = refit(dir.path(), &run, "layers = [\"*.mlpx.*\"]");
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("`*.mlpx.*` matches no linear layer") && e.contains("model.layers.0"),
+        "{e}"
+    );
+    // An empty list is a config error naming the key.
+    let o = refit(dir.path(), &run, "layers = []");
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("attribution.layers"), "{}", stderr(&o));
+}
