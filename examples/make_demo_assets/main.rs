@@ -154,6 +154,17 @@ fn planted_docs(f: &Planted) -> [String; 3] {
     ]
 }
 
+/// Every occurrence of `needle` in `text` as a character span [start, end) (Unicode scalar
+/// values, the `fact_spans` convention of `[eval] fact_spans_column`).
+fn char_spans(text: &str, needle: &str) -> Vec<[usize; 2]> {
+    text.match_indices(needle)
+        .map(|(b, _)| {
+            let start = text[..b].chars().count();
+            [start, start + needle.chars().count()]
+        })
+        .collect()
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(
         std::env::args()
@@ -213,8 +224,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut queries = Vec::new();
     for (k, f) in planted.iter().enumerate() {
         let mut sources = Vec::new();
+        // Where each source states the answer: every mention of the lake, as character spans.
+        let mut spans = serde_json::Map::new();
+        let answer = format!("Lake {}", f.lake);
         for (j, text) in planted_docs(f).into_iter().enumerate() {
             let id = format!("planted-{k}-{j}");
+            spans.insert(id.clone(), serde_json::json!(char_spans(&text, &answer)));
             let pos = rng.below(train.len() + 1);
             train.insert(pos, (id.clone(), text));
             sources.push(id);
@@ -224,6 +239,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "prompt": format!("The river {} flows into", f.river),
             "completion": format!(" Lake {}.", f.lake),
             "known_sources": sources,
+            "fact_spans": spans,
         }));
     }
 
@@ -365,7 +381,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let data_card = "---\nlicense: apache-2.0\n---\n# source-tda demo facts\n\nInvented places \
         and facts. `pretrain.jsonl`: pretraining text. `train-*.parquet`: the fine-tuning set; \
         documents `planted-K-J` state planted fact K, which only they contain. `queries.jsonl`: \
-        prompts whose correct completion is a planted fact, with their `known_sources`.\n";
+        prompts whose correct completion is a planted fact, with their `known_sources` and \
+        `fact_spans` (per source, the character spans [start, end) of its text that state the \
+        answer: each mention of the lake).\n";
 
     let jsonl = |rows: Vec<serde_json::Value>| -> Vec<u8> {
         rows.iter()

@@ -9,6 +9,7 @@
 //!                                # "influence+refined" (the inverse refined, §9)
 //! k = [1, 5, 10]                 # recall@k
 //! known_sources_column = "known_sources"   # query column listing each query's source documents
+//! fact_spans_column = "fact_spans"         # query column: where each source states the fact
 //! subsets = 64                   # M: random fine-tuning subsets retrained for the LDS
 //! alpha = 0.5                    # α: fraction of the fine-tuning set in each subset
 //! seeds = 1                      # R: training seeds per subset
@@ -107,6 +108,12 @@ pub struct EvalConfig {
     /// `known_sources`.
     #[serde(default = "default_known_sources_column")]
     pub known_sources_column: String,
+    /// The query data set's column giving, per known source document, the character spans
+    /// `[start, end)` of its text that state the query's fact (a JSON object
+    /// `{"doc-7": [[12, 23]]}`; in CSV/Parquet a string holding it), for token-span recall.
+    /// Default (None): `fact_spans`; left out of resolved configs then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fact_spans_column: Option<String>,
     /// M, the number of random subsets of the fine-tuning set. Default 64.
     #[serde(default = "default_subsets")]
     pub subsets: usize,
@@ -159,6 +166,7 @@ impl Default for EvalConfig {
             methods: default_methods(),
             k: default_k(),
             known_sources_column: default_known_sources_column(),
+            fact_spans_column: None,
             subsets: default_subsets(),
             alpha: default_alpha(),
             seeds: default_seeds(),
@@ -169,6 +177,11 @@ impl Default for EvalConfig {
 }
 
 impl EvalConfig {
+    /// The query column giving the fact spans: `fact_spans_column`, default `fact_spans`.
+    pub fn fact_spans_column(&self) -> &str {
+        self.fact_spans_column.as_deref().unwrap_or("fact_spans")
+    }
+
     /// Range checks: (key, message) of the first problem.
     pub fn check(&self) -> Result<(), (String, String)> {
         let k = |s: &str| format!("eval.{s}");
@@ -199,6 +212,16 @@ impl EvalConfig {
             return Err((
                 k("known_sources_column"),
                 "is empty; allowed: the name of the query column listing source ids".into(),
+            ));
+        }
+        if self
+            .fact_spans_column
+            .as_ref()
+            .is_some_and(|c| c.trim().is_empty())
+        {
+            return Err((
+                k("fact_spans_column"),
+                "is empty; allowed: the name of the query column giving the fact spans".into(),
             ));
         }
         if self.subsets < 3 {

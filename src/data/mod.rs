@@ -19,5 +19,5 @@ pub use chat::ChatTemplate;
 pub use docs::{load_docs, Content, RawDoc};
 pub use read::{format_of, DATA_EXTENSIONS};
 pub use table::{read_prepared, write_prepared};
-pub use token_text::{generated_token_texts, token_texts};
+pub use token_text::{generated_token_texts, token_char_ranges, token_texts};
 pub use tokenize::{tokenize_docs, Prepared, PreparedDoc, TokenizeStats};

@@ -12,15 +12,22 @@
 
 use tokenizers::Tokenizer;
 
-/// The text of each of `ids`, the tokenisation of `text` (with `add_special_tokens` as it was
-/// tokenised; `ids` may be cut short by truncation). `None` when `text` does not tokenise to
-/// `ids` (another tokenizer made them): the caller decodes instead.
-pub fn token_texts(
+/// Where each token of a document sits in its text: a byte range of the string, or a
+/// special token the tokenizer inserted (no span in the string).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Bytes(usize, usize),
+    Special(u32),
+}
+
+/// Each of `ids`' piece of `text`, the partition [`token_texts`] cuts (`None` when `text`
+/// does not tokenise to `ids`).
+fn pieces(
     tokenizer: &Tokenizer,
     text: &str,
     ids: &[u32],
     add_special_tokens: bool,
-) -> Option<Vec<String>> {
+) -> Option<Vec<Piece>> {
     let enc = tokenizer.encode(text, add_special_tokens).ok()?;
     let all = enc.get_ids();
     if all.len() < ids.len() || &all[..ids.len()] != ids {
@@ -34,22 +41,74 @@ pub fn token_texts(
     for (t, &id) in ids.iter().enumerate() {
         let (start, end) = offsets[t];
         if start == end && special.get(t) == Some(&1) {
-            out.push(tokenizer.id_to_token(id).unwrap_or_default());
+            out.push(Piece::Special(id));
             continue;
         }
         let mut stop = end.max(cursor).min(text.len());
         while !text.is_char_boundary(stop) {
             stop += 1;
         }
-        out.push(text[cursor..stop].to_string());
+        out.push(Piece::Bytes(cursor, stop));
         last_piece = Some(t);
         cursor = stop;
     }
     // Untruncated: what no span reaches at the end (trailing space) belongs to the last token.
     if let (true, Some(t)) = (all.len() == ids.len(), last_piece) {
-        out[t].push_str(&text[cursor..]);
+        if let Piece::Bytes(start, _) = out[t] {
+            out[t] = Piece::Bytes(start, text.len());
+        }
     }
     Some(out)
+}
+
+/// The text of each of `ids`, the tokenisation of `text` (with `add_special_tokens` as it was
+/// tokenised; `ids` may be cut short by truncation). `None` when `text` does not tokenise to
+/// `ids` (another tokenizer made them): the caller decodes instead.
+pub fn token_texts(
+    tokenizer: &Tokenizer,
+    text: &str,
+    ids: &[u32],
+    add_special_tokens: bool,
+) -> Option<Vec<String>> {
+    let out = pieces(tokenizer, text, ids, add_special_tokens)?
+        .into_iter()
+        .map(|p| match p {
+            Piece::Bytes(a, b) => text[a..b].to_string(),
+            Piece::Special(id) => tokenizer.id_to_token(id).unwrap_or_default(),
+        })
+        .collect();
+    Some(out)
+}
+
+/// The character range `[start, end)` of `text` (counted in Unicode scalar values, as
+/// Python's `str` counts) that each of `ids` holds, by the same partition as [`token_texts`]
+/// (so the ranges of a document's tokens tile its text); `None` for a special token the
+/// tokenizer inserted, and an empty range for the second byte-token of a split character.
+/// `None` overall when `text` does not tokenise to `ids`.
+#[allow(clippy::type_complexity)]
+pub fn token_char_ranges(
+    tokenizer: &Tokenizer,
+    text: &str,
+    ids: &[u32],
+    add_special_tokens: bool,
+) -> Option<Vec<Option<(usize, usize)>>> {
+    let p = pieces(tokenizer, text, ids, add_special_tokens)?;
+    // Byte offset → character offset, for every char boundary (and the end).
+    let mut chars_before = vec![0usize; text.len() + 1];
+    let mut n = 0;
+    for (b, _) in text.char_indices() {
+        chars_before[b] = n;
+        n += 1;
+    }
+    chars_before[text.len()] = n;
+    Some(
+        p.into_iter()
+            .map(|p| match p {
+                Piece::Bytes(a, b) => Some((chars_before[a], chars_before[b])),
+                Piece::Special(_) => None,
+            })
+            .collect(),
+    )
 }
 
 /// The text of each generated token of `ids` (a completion the model produced, which has no

@@ -1,4 +1,5 @@
-//! Owns reading each query's known source documents from the query data files.
+//! Owns reading each query's known source documents (and any query column's cells) from the
+//! query data files.
 //! Layer: eval — may import ground, model, data, hub, train, curvature, attribution; no sibling.
 //!
 //! Each query's known source documents (planted facts): read from the query data set's
@@ -12,6 +13,55 @@ use crate::config::{DataFormat, DatasetConfig};
 use crate::data::read::read_rows;
 use crate::error::{Error, IoContext, Result};
 
+/// One query row's value of a column.
+#[derive(Debug, Clone)]
+pub struct Cell {
+    /// The query id (`id_column`, else `SPLIT-ROW`).
+    pub id: String,
+    /// Where the row is, for messages: `FILE:LINE` (JSONL), `FILE:item I` (a JSON array) or
+    /// `FILE` (CSV, Parquet).
+    pub loc: String,
+    /// The value: JSON as written (JSON/JSONL), a string (CSV, Parquet); None when absent or
+    /// null.
+    pub value: Option<serde_json::Value>,
+}
+
+/// Every query row's value of `column` in `files` (the query data set `ds`), in file order.
+pub fn column_cells(files: &[&Path], ds: &DatasetConfig, column: &str) -> Result<Vec<Cell>> {
+    let mut out = Vec::new();
+    for file in files {
+        let name = file.display().to_string();
+        let json = matches!(
+            crate::data::format_of(&name, ds.format),
+            Some(DataFormat::Jsonl)
+        );
+        if json {
+            out.extend(read_json(file, ds.id_column.as_deref(), column)?);
+            continue;
+        }
+        let mut cols = vec![column];
+        let mut req = vec![false];
+        if let Some(id) = &ds.id_column {
+            cols.push(id);
+            req.push(true);
+        }
+        for r in read_rows(file, ds.format, &cols, &req)? {
+            out.push(Cell {
+                id: r.values.get(1).cloned().flatten().unwrap_or_default(),
+                loc: name.clone(),
+                value: r.values[0].clone().map(serde_json::Value::String),
+            });
+        }
+    }
+    // Without an id column a row's id is its place among all files' rows.
+    for (row_index, c) in out.iter_mut().enumerate() {
+        if ds.id_column.is_none() {
+            c.id = format!("{}-{row_index}", ds.split);
+        }
+    }
+    Ok(out)
+}
+
 /// Known source ids by query id, for the queries that list any.
 pub fn read_known_sources(
     files: &[&Path],
@@ -19,55 +69,40 @@ pub fn read_known_sources(
     column: &str,
 ) -> Result<BTreeMap<String, Vec<String>>> {
     let mut out = BTreeMap::new();
-    let mut row_index = 0usize;
-    for file in files {
-        let name = file.display().to_string();
-        let json = matches!(
-            crate::data::format_of(&name, ds.format),
-            Some(DataFormat::Jsonl)
-        );
-        let rows: Vec<(Option<String>, Vec<String>)> = if json {
-            read_json(file, ds.id_column.as_deref(), column)?
-        } else {
-            let mut cols = vec![column];
-            let mut req = vec![false];
-            if let Some(id) = &ds.id_column {
-                cols.push(id);
-                req.push(true);
-            }
-            read_rows(file, ds.format, &cols, &req)?
-                .into_iter()
-                .map(|r| {
-                    let ids = r.values[0]
-                        .as_deref()
-                        .map(|s| {
-                            s.split(',')
-                                .map(|x| x.trim().to_string())
-                                .filter(|x| !x.is_empty())
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    (r.values.get(1).cloned().flatten(), ids)
-                })
-                .collect()
+    for cell in column_cells(files, ds, column)? {
+        let bad = |what: &str| {
+            Error::Data(format!(
+                "{}: column `{column}` (eval.known_sources_column) {what}; expected a list of \
+                 document ids such as [\"doc-1\", \"doc-7\"]",
+                cell.loc
+            ))
         };
-        for (id, sources) in rows {
-            let id = id.unwrap_or_else(|| format!("{}-{row_index}", ds.split));
-            row_index += 1;
-            if !sources.is_empty() {
-                out.insert(id, sources);
-            }
+        let sources: Vec<String> = match &cell.value {
+            None => Vec::new(),
+            Some(serde_json::Value::String(s)) => s
+                .split(',')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect(),
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|x| match x {
+                    serde_json::Value::String(s) => Ok(s.clone()),
+                    serde_json::Value::Number(n) => Ok(n.to_string()),
+                    _ => Err(bad("holds a list with a non-string entry")),
+                })
+                .collect::<Result<_>>()?,
+            Some(_) => return Err(bad("holds neither a list nor a string")),
+        };
+        if !sources.is_empty() {
+            out.insert(cell.id, sources);
         }
     }
     Ok(out)
 }
 
-/// (id, known sources) of every object in a JSONL file or JSON array.
-fn read_json(
-    path: &Path,
-    id_column: Option<&str>,
-    column: &str,
-) -> Result<Vec<(Option<String>, Vec<String>)>> {
+/// The cells of `column` in a JSONL file or JSON array.
+fn read_json(path: &Path, id_column: Option<&str>, column: &str) -> Result<Vec<Cell>> {
     let text = std::fs::read_to_string(path).ctx("reading", path)?;
     let items: Vec<(String, serde_json::Value)> = if text.trim_start().starts_with('[') {
         let v: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
@@ -101,17 +136,10 @@ fn read_json(
     items
         .into_iter()
         .map(|(loc, v)| {
-            let bad = |what: &str| {
-                Error::Data(format!(
-                    "{}:{loc}: column `{column}` (eval.known_sources_column) {what}; expected a \
-                     list of document ids such as [\"doc-1\", \"doc-7\"]",
-                    path.display()
-                ))
-            };
             let id = match id_column {
                 Some(c) => match v.get(c) {
-                    Some(serde_json::Value::String(s)) => Some(s.clone()),
-                    Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    Some(serde_json::Value::Number(n)) => n.to_string(),
                     _ => {
                         return Err(Error::Data(format!(
                             "{}:{loc}: no id in column `{c}`",
@@ -119,26 +147,14 @@ fn read_json(
                         )))
                     }
                 },
-                None => None,
+                None => String::new(),
             };
-            let sources = match v.get(column) {
-                None | Some(serde_json::Value::Null) => Vec::new(),
-                Some(serde_json::Value::String(s)) => s
-                    .split(',')
-                    .map(|x| x.trim().to_string())
-                    .filter(|x| !x.is_empty())
-                    .collect(),
-                Some(serde_json::Value::Array(a)) => a
-                    .iter()
-                    .map(|x| match x {
-                        serde_json::Value::String(s) => Ok(s.clone()),
-                        serde_json::Value::Number(n) => Ok(n.to_string()),
-                        _ => Err(bad("holds a list with a non-string entry")),
-                    })
-                    .collect::<Result<_>>()?,
-                Some(_) => return Err(bad("holds neither a list nor a string")),
-            };
-            Ok((id, sources))
+            let value = v.get(column).filter(|x| !x.is_null()).cloned();
+            Ok(Cell {
+                id,
+                loc: format!("{}:{loc}", path.display()),
+                value,
+            })
         })
         .collect()
 }

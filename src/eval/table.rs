@@ -32,6 +32,44 @@ pub fn recall_table(summary: &Value) -> String {
         }
         out += &format!(" {:>7}\n", num(&m["mrr"]));
     }
+    out + &token_span_table(summary, &ks)
+}
+
+/// The token-span recall table, when the summary has one (methods with `token_span`):
+/// method, pairs measured, token-span recall@k with its chance level in parentheses.
+fn token_span_table(summary: &Value, ks: &[String]) -> String {
+    let rows: Vec<&Value> = summary["methods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["token_span"].is_object())
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "token-span recall@k of known sources with fact spans (chance)\n{:<14} {:>7}",
+        "method", "pairs"
+    );
+    for k in ks {
+        out += &format!(" {:>15}", format!("span@{k}"));
+    }
+    out += "\n";
+    for m in rows {
+        let t = &m["token_span"];
+        let measured = t["n_pairs"].as_u64().unwrap_or(0);
+        let total = measured + t["n_pairs_without_token_scores"].as_u64().unwrap_or(0);
+        out += &format!(
+            "{:<14} {:>7}",
+            m["method"].as_str().unwrap_or("?"),
+            format!("{measured}/{total}")
+        );
+        for k in ks {
+            let cell = format!("{} ({})", num(&t["recall"][k]), num(&t["chance"][k]));
+            out += &format!(" {cell:>15}");
+        }
+        out += "\n";
+    }
     out
 }
 
@@ -109,6 +147,14 @@ mod tests {
             t.contains("source               8"),
             "counts right-aligned: {t}"
         );
+        assert!(!t.contains("token-span"), "no fact spans, no table: {t}");
+        let r = serde_json::json!({"k": [1, 5], "methods": [
+            {"method": "source", "n_queries": 8, "recall": {"1": 1.0, "5": 0.5}, "mrr": 1.0,
+             "token_span": {"n_pairs": 20, "n_pairs_without_token_scores": 4,
+                            "recall": {"1": 0.75, "5": 0.9}, "chance": {"1": 0.2, "5": 0.6}}}]});
+        let t = recall_table(&r);
+        assert!(t.contains("token-span recall@k"), "{t}");
+        assert!(t.contains("20/24") && t.contains("0.750 (0.200)"), "{t}");
         let l = serde_json::json!({"subsets": 64, "alpha": 0.5, "seeds": 1, "methods": [
             {"method": "source", "lds": 0.41, "ci95": [0.3, 0.52]}]});
         let t = lds_table(&l);

@@ -1,6 +1,6 @@
 //! Owns the `eval-recall` stage: ranks of known sources per method, recall@k, MRR.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
-//! `attribute`, `eval_methods`, `fetch`.
+//! `attribute`, `eval_methods`, `eval_spans`, `fetch`.
 //!
 //! `eval-recall`: fact recall of each compared method. For every query whose data lists
 //! known source documents (`[eval] known_sources_column`), the fine-tuning documents are
@@ -12,17 +12,25 @@
 //! is a fine-tuning document, so pretraining documents that Source also scores are left out
 //! of the ranking (their scores stay in `score/scores.parquet`).
 //!
-//! Writes `eval-recall/summary.json` and `eval-recall/recall.parquet` (method, query_id,
-//! known_source, rank, tau, n_candidates).
+//! For queries that also give fact spans (`[eval] fact_spans_column`: where each known
+//! source's text states the fact), token-span recall@k of every method: whether the known
+//! source's highest-scored tokens lie on the span ([`super::eval_spans`]).
+//!
+//! Writes `eval-recall/summary.json`, `eval-recall/recall.parquet` (method, query_id,
+//! known_source, rank, tau, n_candidates) and, with fact spans, `eval-recall/token_span.parquet`
+//! (method, query_id, known_source, n_tokens, n_span_tokens, best_span_rank, top_token_index,
+//! top_token_text, top_token_in_span).
 
 use std::collections::HashMap;
 
 use serde_json::json;
 
 use crate::config::Config;
+use crate::data::tokenize::load_tokenizer;
 use crate::error::{Error, Result};
 use crate::eval::{
-    read_known_sources, recall_at, reciprocal_rank, source_ranks, table::recall_table,
+    check_spans, read_fact_spans, read_known_sources, recall_at, reciprocal_rank, source_ranks,
+    table::recall_table,
 };
 use crate::output::{write_table, Column};
 use crate::pipeline::{Stage, StageContext};
@@ -30,6 +38,7 @@ use crate::util::fsx::write_json_atomic;
 
 use super::attribute::role_docs;
 use super::eval_methods::method_scores;
+use super::eval_spans::{method_span_recall, span_pairs, SpanRows};
 use super::fetch::Fetched;
 
 /// The `eval-recall` stage.
@@ -51,6 +60,7 @@ impl Stage for EvalRecallStage {
     fn config_view(&self, c: &Config) -> serde_json::Value {
         json!({"methods": c.eval.methods, "k": c.eval.k,
                "known_sources_column": c.eval.known_sources_column,
+               "fact_spans_column": c.eval.fact_spans_column,
                "attribution": c.attribution, "batching": c.batching,
                "dataset": c.train.dataset, "seed": c.run.seed})
     }
@@ -110,6 +120,24 @@ impl Stage for EvalRecallStage {
                 .collect::<Result<Vec<_>>>()?;
             sources.push((qi, idx));
         }
+        let span_column = c.eval.fact_spans_column();
+        let spans = read_fact_spans(&files, qds, span_column)?;
+        check_spans(&spans, &known, span_column, column)?;
+        let pairs = if spans.is_empty() {
+            Vec::new()
+        } else {
+            let by_id: HashMap<&str, &crate::data::PreparedDoc> =
+                docs.iter().map(|d| (d.doc_id.as_str(), d)).collect();
+            let special = c
+                .data
+                .roles()
+                .into_iter()
+                .find(|(r, _)| *r == role)
+                .is_none_or(|(_, ds)| ds.add_special_tokens);
+            let tokenizer = load_tokenizer(fetched.tokenizer_path())?;
+            span_pairs(&spans, &by_id, &tokenizer, special, span_column)?
+        };
+        let mut span_rows = SpanRows::default();
 
         let (mut r_method, mut r_query, mut r_source, mut r_rank, mut r_tau) =
             (vec![], vec![], vec![], vec![], vec![]);
@@ -141,8 +169,13 @@ impl Stage for EvalRecallStage {
                 .zip(&recall)
                 .map(|(k, r)| (k.to_string(), json!(r / n)))
                 .collect();
-            methods.push(json!({"method": name, "n_queries": sources.len(),
-                                "recall": recall, "mrr": mrr / n}));
+            let mut entry = json!({"method": name, "n_queries": sources.len(),
+                                   "recall": recall, "mrr": mrr / n});
+            if !pairs.is_empty() {
+                entry["token_span"] =
+                    method_span_recall(c, &name, &scores.scores_path, &pairs, &mut span_rows)?;
+            }
+            methods.push(entry);
         }
         let n_rows = r_method.len();
         write_table(
@@ -167,8 +200,24 @@ impl Stage for EvalRecallStage {
                 ),
             ],
         )?;
+        if !pairs.is_empty() {
+            write_table(
+                &ctx.out("token_span.parquet"),
+                &span_rows.columns(),
+                &[
+                    ("source_tda.version".into(), crate::VERSION.into()),
+                    ("source_tda.table".into(), "token_span".into()),
+                    (
+                        "source_tda.definition".into(),
+                        "rank 1 = the document's highest-scored token for the query; the span = \
+                         tokens whose characters overlap a fact span; ties count against it"
+                            .into(),
+                    ),
+                ],
+            )?;
+        }
         let summary = json!({
-            "k": c.eval.k, "methods": methods,
+            "k": c.eval.k, "methods": methods, "fact_span_pairs": pairs.len(),
             "candidates": role, "n_candidates": train_ids.len(),
             "queries_without_known_sources": queries.len() - sources.len(),
         });

@@ -14,6 +14,7 @@ pub mod attribute;
 mod eval_lds;
 mod eval_methods;
 mod eval_recall;
+mod eval_spans;
 mod fetch;
 mod finetune;
 mod fit;

@@ -2,7 +2,7 @@
 //! (760 tokens, so most non-ASCII characters are split into byte tokens): accents, CJK and
 //! emoji show whole, never "�", and a text's token pieces join back to it exactly.
 
-use source_tda::data::token_texts;
+use source_tda::data::{token_char_ranges, token_texts};
 use tokenizers::Tokenizer;
 
 use crate::common;
@@ -32,6 +32,34 @@ fn token_texts_join_back_to_the_text_and_never_show_a_replacement_character() {
                 pieces.iter().all(|p| !p.contains('\u{FFFD}')),
                 "{text:?}: {pieces:?}"
             );
+        }
+    }
+}
+
+#[test]
+fn token_char_ranges_tile_the_text_in_characters_and_cut_the_same_pieces() {
+    let tok = tokenizer();
+    for text in TEXTS {
+        let chars: Vec<char> = text.chars().collect();
+        for special in [false, true] {
+            let ids = tok.encode(text, special).unwrap().get_ids().to_vec();
+            let ranges = token_char_ranges(&tok, text, &ids, special).unwrap();
+            let pieces = token_texts(&tok, text, &ids, special).unwrap();
+            assert_eq!(ranges.len(), ids.len());
+            let mut next = 0;
+            for (r, p) in ranges.iter().zip(&pieces) {
+                match r {
+                    // A special token (BOS) has no place in the text.
+                    None => assert_eq!(Some(p.as_str()), tok.id_to_token(0).as_deref()),
+                    Some((a, b)) => {
+                        assert_eq!(*a, next, "{text:?}: {ranges:?}");
+                        assert!(b >= a);
+                        assert_eq!(&chars[*a..*b].iter().collect::<String>(), p);
+                        next = *b;
+                    }
+                }
+            }
+            assert_eq!(next, chars.len(), "{text:?}: the ranges reach the end");
         }
     }
 }
