@@ -63,7 +63,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// table of another format is refused, never misread. Bump it with any change to a layout or
 /// schema that an earlier or later build would misread. (The factor cache has its own,
 /// `curvature::FACTOR_CACHE_FORMAT`.)
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The git commit the binary was built from, when the build could read it.
 pub const GIT_COMMIT: Option<&str> = option_env!("SOURCE_TDA_GIT_COMMIT");

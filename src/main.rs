@@ -82,8 +82,8 @@ enum Command {
     /// Compute the query measurements −log p(completion | prompt) and their gradients at the
     /// final checkpoint.
     Query(OneStage),
-    /// Walk the queries back through the segments and write scores.parquet (per document),
-    /// token_scores.parquet (per token of the top-k documents), queries.parquet and
+    /// Walk the queries back through the segments and write the scores dataset
+    /// (query_set=default/shard=0/part-00000.parquet, per document), token_scores.parquet (per token of the top-k documents), queries.parquet and
     /// train_docs.parquet. τ = score / n_train > 0: the document helped (a proponent).
     Score(OneStage),
     /// Evaluate attribution quality, comparing [eval] methods side by side: `eval recall`

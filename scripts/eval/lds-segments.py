@@ -3,8 +3,8 @@
 
     scripts/eval/lds-segments.py RUN_DIR
 
-For each segment column of RUN_DIR/score/scores.parquet (`segment_K_STAGE`; they add up to
-`score`), the LDS that column alone would have: per query, Spearman's rho between the
+For each segment column of the scores (RUN_DIR/score/query_set=default/shard=*/*.parquet;
+`segment_K_STAGE`; they add up to `score`), the LDS that column alone would have: per query, Spearman's rho between the
 predicted loss -sum_{m in S} tau_K(q, m) and the measured loss over the retraining jobs of
 RUN_DIR/eval-lds/summary.json's `jobs_dir` (seeds averaged), then the mean over queries; with
 each column's mean |tau| over (query, training document) pairs, and the LDS of the sums of the
@@ -52,7 +52,7 @@ def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     run = sys.argv[1]
-    t = pq.read_table(f"{run}/score/scores.parquet").to_pydict()
+    t = pq.ParquetDataset(f"{run}/score/query_set=default", partitioning="hive").read().to_pydict()
     columns = [c for c in t if c.startswith("segment_")] + ["score"]
     tau = {}
     for i, dataset in enumerate(t["dataset"]):

@@ -48,10 +48,14 @@ def main() -> int:
     args = ap.parse_args()
 
     score = args.run_dir / "score"
-    tables = ["scores", "token_scores", "train_docs", "queries"]
-    missing = [t for t in tables if not (score / f"{t}.parquet").exists()]
+    tables = ["token_scores", "train_docs", "queries"]
+    missing = [f"{t}.parquet" for t in tables if not (score / f"{t}.parquet").exists()]
+    # The default query set's scores: a hive-partitioned dataset, one part file per shard.
+    parts = score / "query_set=default" / "shard=*" / "*.parquet"
+    if not list(score.glob("query_set=default/shard=*/*.parquet")):
+        missing.append(str(parts.relative_to(score)))
     if missing:
-        print(f"{score}: no {', '.join(t + '.parquet' for t in missing)}; run the score stage "
+        print(f"{score}: no {', '.join(missing)}; run the score stage "
               f"first (source-tda run PIPELINE --run-dir {args.run_dir})", file=sys.stderr)
         return 2
 
@@ -59,6 +63,8 @@ def main() -> int:
     for t in tables:
         path = str(score / f"{t}.parquet").replace("'", "''")
         con.execute(f"create view {t} as select * from read_parquet('{path}')")
+    path = str(parts).replace("'", "''")
+    con.execute(f"create view scores as select * from read_parquet('{path}', hive_partitioning = true)")
 
     docs = con.execute(TOP_DOCS, {"top": args.top})
     doc_cols = [c[0] for c in docs.description]

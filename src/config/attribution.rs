@@ -9,6 +9,7 @@
 //! fisher = "true"          # true (sampled labels) | empirical (the data's labels)
 //! # damping = 1e-3         # absolute λ; default: damping_factor × mean(Λ) per layer
 //! top_k = 10               # documents per query kept with per-token scores
+//! # keep_top_bottom = 100   # scores dataset: each query's 100 highest- and 100 lowest-τ rows
 //! # query_rank = 8          # low-rank preconditioned query (default: exact)
 //! # factor_cache = "cache"  # reuse fitted factors across runs (default: none)
 //! # eigendecomposition = "f32"  # factor eigendecompositions in f32 (default: f64)
@@ -123,6 +124,13 @@ pub struct AttributionConfig {
     /// Write per-token scores for every document (large). Default false.
     #[serde(default)]
     pub all_token_scores: bool,
+    /// Keep only each query's K highest-τ and K lowest-τ documents (the strongest proponents
+    /// and opponents) in the scores dataset, chosen with bounded heaps (memory O(queries × K));
+    /// ranks stay those among all documents. Unrelated to `top_k`, which picks the documents
+    /// that get per-token scores. Default: none, every document. Left out of resolved configs
+    /// when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_top_bottom: Option<usize>,
     /// Refuse to start a stage whose estimated peak memory exceeds this many GiB; `score`
     /// also sizes its factor layer groups to fit under it. Default: no limit (groups sized
     /// to half the available memory).
@@ -288,6 +296,7 @@ impl Default for AttributionConfig {
             block_size: None,
             top_k: default_top_k(),
             all_token_scores: false,
+            keep_top_bottom: None,
             memory_limit_gib: None,
             query_rank: None,
             layers: None,
@@ -335,6 +344,14 @@ impl AttributionConfig {
             return Err((
                 k("block_size"),
                 "is 0; allowed: 1 or more (remove it for whole factors)".into(),
+            ));
+        }
+        if self.keep_top_bottom == Some(0) {
+            return Err((
+                k("keep_top_bottom"),
+                "is 0; allowed: 1 or more documents kept at each end of every query's ranking \
+                 (remove the key to keep every document)"
+                    .into(),
             ));
         }
         if self.query_rank == Some(0) {

@@ -23,6 +23,9 @@ pub enum Column {
     Str(Vec<String>),
     /// Unsigned 32-bit integers.
     U32(Vec<u32>),
+    /// Signed 64-bit integers (ids and counts that may pass 2³²: Spark reads UINT64 as a
+    /// decimal, so the tables never use it).
+    I64(Vec<i64>),
     /// 32-bit floats.
     F32(Vec<f32>),
     /// 64-bit floats.
@@ -32,30 +35,41 @@ pub enum Column {
 }
 
 impl Column {
-    fn len(&self) -> usize {
+    /// Number of values.
+    pub fn len(&self) -> usize {
         match self {
             Column::Str(v) => v.len(),
             Column::U32(v) => v.len(),
+            Column::I64(v) => v.len(),
             Column::F32(v) => v.len(),
             Column::F64(v) => v.len(),
             Column::Bool(v) => v.len(),
         }
     }
 
-    fn data_type(&self) -> DataType {
+    /// Whether it has no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its Arrow type.
+    pub fn data_type(&self) -> DataType {
         match self {
             Column::Str(_) => DataType::Utf8,
             Column::U32(_) => DataType::UInt32,
+            Column::I64(_) => DataType::Int64,
             Column::F32(_) => DataType::Float32,
             Column::F64(_) => DataType::Float64,
             Column::Bool(_) => DataType::Boolean,
         }
     }
 
-    fn slice(&self, from: usize, to: usize) -> ArrayRef {
+    /// Values `from..to` as an Arrow array.
+    pub fn slice(&self, from: usize, to: usize) -> ArrayRef {
         match self {
             Column::Str(v) => Arc::new(StringArray::from_iter_values(&v[from..to])),
             Column::U32(v) => Arc::new(UInt32Array::from(v[from..to].to_vec())),
+            Column::I64(v) => Arc::new(arrow_array::Int64Array::from(v[from..to].to_vec())),
             Column::F32(v) => Arc::new(Float32Array::from(v[from..to].to_vec())),
             Column::F64(v) => Arc::new(Float64Array::from(v[from..to].to_vec())),
             Column::Bool(v) => Arc::new(arrow_array::BooleanArray::from(v[from..to].to_vec())),

@@ -17,7 +17,8 @@ mod verify;
 /// Re-exported for the layers above that order stages by name (e.g. the report's timings).
 pub use manifest::{Manifest, OutputFile, StageRecord, StageStatus};
 pub use query_set::{
-    check_set_name, complete_sets, record_name, set_dir, QuerySet, QUERY_SET_STAGES,
+    check_set_name, complete_sets, record_name, scores_root, scores_root_in_stage, set_dir,
+    QuerySet, DEFAULT_SET, QUERY_SET_STAGES,
 };
 pub use rundir::{RunDir, RunLock};
 pub use runner::{

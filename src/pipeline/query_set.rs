@@ -24,6 +24,10 @@ pub const QUERY_SET_STAGES: [&str; 2] = ["query", "score"];
 /// The folder prefix of a set inside a per-set stage's folder.
 const PREFIX: &str = "query_set=";
 
+/// The name of the config's own queries in the scores dataset (`score/query_set=default/`);
+/// no named set may take it.
+pub const DEFAULT_SET: &str = "default";
+
 /// One named query set: where its queries come from and how they are read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QuerySet {
@@ -51,6 +55,12 @@ impl QuerySet {
 /// Checks a set name: non-empty letters, digits, `_`, `-`, `.` (not starting with `.`), since
 /// it names folders (`score/query_set=NAME/`).
 pub fn check_set_name(name: &str) -> Result<()> {
+    if name == DEFAULT_SET {
+        return Err(Error::Pipeline(format!(
+            "query set name `{name}` is taken by the config's own queries (their scores are \
+             in score/query_set={DEFAULT_SET}/); choose another name"
+        )));
+    }
     let ok = !name.is_empty()
         && !name.starts_with('.')
         && name
@@ -81,10 +91,30 @@ pub fn set_dir(run: &RunDir, stage: &str, set: Option<&str>) -> PathBuf {
     run.path().join(record_name(stage, set))
 }
 
-/// Whether `entry` (a file name inside a per-set stage's folder) is a set's folder, which the
-/// default instance of the stage keeps when it reruns.
+/// The scores dataset folder of set `set` (`RUN_DIR/score/query_set=NAME/`, with
+/// [`DEFAULT_SET`] for the config's own queries), holding `shard=I/part-*.parquet`. Every set's
+/// folder sits side by side in `score/`, so `score/query_set=*/shard=*/*.parquet` read with
+/// hive partitioning is every set's scores as one table.
+pub fn scores_root(run: &RunDir, set: Option<&str>) -> PathBuf {
+    run.stage_dir("score")
+        .join(format!("{PREFIX}{}", set.unwrap_or(DEFAULT_SET)))
+}
+
+/// Where set `set`'s `score` stage writes its scores dataset inside its own output folder:
+/// `query_set=default/` for the default set (whose folder is `score/`), the folder itself for
+/// a named set (whose folder is `score/query_set=NAME/`); see [`scores_root`].
+pub fn scores_root_in_stage(set: Option<&str>) -> PathBuf {
+    match set {
+        Some(_) => PathBuf::new(),
+        None => PathBuf::from(format!("{PREFIX}{DEFAULT_SET}")),
+    }
+}
+
+/// Whether `entry` (a file name inside a per-set stage's folder) is a named set's folder, which
+/// the default instance of the stage keeps when it reruns (the default set's own scores
+/// folder, `query_set=default`, is the default instance's output).
 pub fn is_set_folder(entry: &str) -> bool {
-    entry.starts_with(PREFIX)
+    entry.starts_with(PREFIX) && entry != format!("{PREFIX}{DEFAULT_SET}")
 }
 
 /// The names of the sets whose `stage` has a complete record in `manifest`, in name order.
@@ -118,6 +148,12 @@ mod tests {
             "fit",
             "fit is shared by every set"
         );
-        assert!(is_set_folder("query_set=x") && !is_set_folder("scores.parquet"));
+        assert!(is_set_folder("query_set=x") && !is_set_folder("token_scores.parquet"));
+        assert!(
+            !is_set_folder("query_set=default"),
+            "the default set's own scores"
+        );
+        let e = check_set_name("default").unwrap_err().to_string();
+        assert!(e.contains("taken by the config's own queries"), "{e}");
     }
 }

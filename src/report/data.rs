@@ -362,13 +362,15 @@ pub struct ScoreTables {
     pub queries: Vec<QueryReport>,
 }
 
-/// Reads `score/{scores,token_scores,train_docs,queries}.parquet` from `dir` and picks each
-/// query's top [`PROPONENTS`] and [`OPPONENTS`], marking `known` sources.
+/// Reads a query set's scores dataset from `scores` (`score/query_set=NAME/`) and its
+/// `{token_scores,train_docs,queries}.parquet` from `dir` and picks each query's top
+/// [`PROPONENTS`] and [`OPPONENTS`], marking `known` sources.
 pub fn load_scores(
     dir: &std::path::Path,
+    scores: &std::path::Path,
     known: &BTreeMap<String, Vec<String>>,
 ) -> Result<ScoreTables> {
-    let scores = Table::read(&dir.join("scores.parquet"))?;
+    let scores = Table::read_parts(scores)?;
     let segment_columns: Vec<String> = scores
         .column_names()
         .into_iter()
@@ -376,7 +378,11 @@ pub fn load_scores(
         .collect();
     let q_ids = scores.strings("query_id")?;
     let t_ids = scores.strings("train_id")?;
-    let scored: std::collections::HashSet<&str> = t_ids.iter().map(String::as_str).collect();
+    // The scored documents, from their list (the scores may keep only each query's top and
+    // bottom `keep_top_bottom`).
+    let train_docs = Table::read(&dir.join("train_docs.parquet"))?;
+    let all_ids = train_docs.strings("train_id")?;
+    let scored: std::collections::HashSet<&str> = all_ids.iter().map(String::as_str).collect();
     if let Some(note) = super::known::unknown_known_sources_note(known, &scored) {
         tracing::warn!("report: {note}");
     }
@@ -405,13 +411,8 @@ pub fn load_scores(
         rows.sort_by(|&a, &b| tau[b].total_cmp(&tau[a]).then(rank[a].cmp(&rank[b])));
     }
     let mut docs_per_dataset: BTreeMap<String, usize> = BTreeMap::new();
-    {
-        let mut seen = HashSet::new();
-        for (d, t) in dataset.iter().zip(&t_ids) {
-            if seen.insert((d.as_str(), t.as_str())) {
-                *docs_per_dataset.entry(d.clone()).or_default() += 1;
-            }
-        }
+    for d in train_docs.strings("dataset")? {
+        *docs_per_dataset.entry(d).or_default() += 1;
     }
 
     let mut picked: Vec<(usize, Vec<usize>, Vec<usize>)> = Vec::new();
@@ -561,8 +562,10 @@ mod tests {
         }
         let rank: Vec<u32> = (0..12).map(|i| (i % 6) as u32 + 1).collect();
         let n = 10u32;
+        let root = p.join("query_set=default");
+        std::fs::create_dir_all(root.join("shard=0")).unwrap();
         write_table(
-            &p.join("scores.parquet"),
+            &root.join("shard=0/part-00000.parquet"),
             &[
                 ("query_id", s(&rows.iter().map(|r| r.0).collect::<Vec<_>>())),
                 ("train_id", s(&rows.iter().map(|r| r.1).collect::<Vec<_>>())),
@@ -618,7 +621,7 @@ mod tests {
         .unwrap();
         let known: BTreeMap<String, Vec<String>> =
             [("a".to_string(), vec!["d2".to_string(), "d9".to_string()])].into();
-        let t = load_scores(p, &known).unwrap();
+        let t = load_scores(p, &root, &known).unwrap();
         assert_eq!(t.segment_columns, ["segment_0_finetune"]);
         assert_eq!(t.docs_per_dataset["train"], 6);
         let a = &t.queries[0];

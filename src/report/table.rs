@@ -9,7 +9,7 @@ use std::path::Path;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::ArrowPrimitiveType;
-use arrow_array::types::{Float32Type, Float64Type, UInt32Type, UInt64Type};
+use arrow_array::types::{Float32Type, Float64Type, Int64Type, UInt32Type};
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::DataType;
 
@@ -36,6 +36,19 @@ impl Table {
             batches,
             metadata,
         })
+    }
+
+    /// Every row of the dataset folder `root` (a query set's scores, `shard=I/part-*.parquet`,
+    /// [`crate::output::dataset::part_files`]) as one table; the metadata is the first part's.
+    pub fn read_parts(root: &Path) -> Result<Table> {
+        let mut parts = crate::output::dataset::part_files(root)?.into_iter();
+        let first = parts.next().expect("part_files refuses an empty dataset");
+        let mut t = Table::read(&first)?;
+        for p in parts {
+            t.batches.extend(Table::read(&p)?.batches);
+        }
+        t.path = root.to_path_buf();
+        Ok(t)
     }
 
     /// Number of rows.
@@ -108,7 +121,7 @@ impl Table {
         Ok(out)
     }
 
-    /// A numeric column (f64, f32, u32 or u64) as f64 (nulls read as NaN).
+    /// A numeric column (f64, f32, u32 or i64) as f64 (nulls read as NaN).
     pub fn floats(&self, name: &str) -> Result<Vec<f64>> {
         let mut out = Vec::with_capacity(self.len());
         for a in self.arrays(name)? {
@@ -116,7 +129,7 @@ impl Table {
                 DataType::Float64 => out.extend(widened::<Float64Type>(a, |x| x)),
                 DataType::Float32 => out.extend(widened::<Float32Type>(a, f64::from)),
                 DataType::UInt32 => out.extend(widened::<UInt32Type>(a, f64::from)),
-                DataType::UInt64 => out.extend(widened::<UInt64Type>(a, |x| x as f64)),
+                DataType::Int64 => out.extend(widened::<Int64Type>(a, |x| x as f64)),
                 other => return Err(self.wrong_type(name, "a number", other)),
             }
         }

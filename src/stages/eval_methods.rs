@@ -16,11 +16,14 @@ use std::path::{Path, PathBuf};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::Float64Type;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::config::{Config, EvalMethod, MethodKind};
 use crate::error::{Error, IoContext, Result};
-use crate::pipeline::{run_stages, Registry, RunDir, RunOptions, StageContext, StageStatus};
+use crate::output::dataset::part_files;
+use crate::output::parquet::open_table;
+use crate::pipeline::{
+    run_stages, scores_root, Registry, RunDir, RunOptions, StageContext, StageStatus,
+};
 
 /// The stages a sub-run shares with its parent run (linked, records copied).
 const SHARED: [&str; 3] = ["fetch", "prepare", "finetune"];
@@ -156,8 +159,15 @@ pub fn role_scores(
     query_ids: &[String],
     roles: &[(&str, &[String])],
 ) -> Result<(PathBuf, Vec<Option<Vec<Vec<f64>>>>)> {
+    if let Some(k) = ctx.config.attribution.keep_top_bottom {
+        return Err(Error::Pipeline(format!(
+            "[attribution] keep_top_bottom = {k} keeps only each query's top and bottom {k} \
+             documents in the scores, but the evaluations rank every document; remove the key \
+             for runs that evaluate"
+        )));
+    }
     let scored = scored_run(ctx.registry, ctx.config, ctx.run, method)?;
-    let path = scored.stage_dir("score").join("scores.parquet");
+    let path = scores_root(&scored, None);
     let qpos: HashMap<&str, usize> = query_ids
         .iter()
         .enumerate()
@@ -182,29 +192,31 @@ pub fn role_scores(
         .map(|(_, ids)| vec![vec![f64::NAN; ids.len()]; query_ids.len()])
         .collect();
     let mut seen = vec![false; roles.len()];
-    let file = std::fs::File::open(&path).ctx("opening", &path)?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.build())
-        .map_err(|e| Error::parquet(&path, e))?;
-    for batch in reader {
-        let b = batch.map_err(|e| Error::parquet(&path, e))?;
-        let col = |name: &str| {
-            b.column_by_name(name)
-                .ok_or_else(|| Error::parquet(&path, format!("no `{name}` column")))
-        };
-        let (q, t, d) = (
-            col("query_id")?.as_string::<i32>().clone(),
-            col("train_id")?.as_string::<i32>().clone(),
-            col("dataset")?.as_string::<i32>().clone(),
-        );
-        let v = col("tau")?.as_primitive::<Float64Type>().clone();
-        for i in 0..b.num_rows() {
-            let Some(&r) = rpos.get(d.value(i)) else {
-                continue;
+    for part in part_files(&path)? {
+        let reader = open_table(&part)?
+            .0
+            .build()
+            .map_err(|e| Error::parquet(&part, e))?;
+        for batch in reader {
+            let b = batch.map_err(|e| Error::parquet(&part, e))?;
+            let col = |name: &str| {
+                b.column_by_name(name)
+                    .ok_or_else(|| Error::parquet(&part, format!("no `{name}` column")))
             };
-            seen[r] = true;
-            if let (Some(&qi), Some(&mi)) = (qpos.get(q.value(i)), mpos[r].get(t.value(i))) {
-                tau[r][qi][mi] = v.value(i);
+            let (q, t, d) = (
+                col("query_id")?.as_string::<i32>().clone(),
+                col("train_id")?.as_string::<i32>().clone(),
+                col("dataset")?.as_string::<i32>().clone(),
+            );
+            let v = col("tau")?.as_primitive::<Float64Type>().clone();
+            for i in 0..b.num_rows() {
+                let Some(&r) = rpos.get(d.value(i)) else {
+                    continue;
+                };
+                seen[r] = true;
+                if let (Some(&qi), Some(&mi)) = (qpos.get(q.value(i)), mpos[r].get(t.value(i))) {
+                    tau[r][qi][mi] = v.value(i);
+                }
             }
         }
     }

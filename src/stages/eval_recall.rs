@@ -10,7 +10,7 @@
 //! Candidates are the fine-tuning set (`[train] dataset`) only, for every method: the
 //! influence function and the gradient dot product score nothing else, and a planted fact
 //! is a fine-tuning document, so pretraining documents that Source also scores are left out
-//! of the ranking (their scores stay in `score/scores.parquet`).
+//! of the ranking (their scores stay in the scores dataset, `score/query_set=default/`).
 //!
 //! For queries that also give fact spans (`[eval] fact_spans_column`: where each known
 //! source's text states the fact), token-span recall@k of every method: whether the known

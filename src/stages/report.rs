@@ -13,7 +13,8 @@ use serde_json::json;
 use crate::config::Config;
 use crate::error::Result;
 use crate::pipeline::{
-    complete_sets, record_name, set_dir, stage_key_for, Registry, RunDir, Stage, StageContext,
+    complete_sets, record_name, scores_root, set_dir, stage_key_for, Registry, RunDir, Stage,
+    StageContext,
 };
 use crate::report::data::DatasetInfo;
 use crate::report::QuerySetReport;
@@ -93,7 +94,7 @@ pub fn gather(config: &Config, run: &RunDir, registry: &Registry) -> Result<Repo
             }
         }
     }
-    let tables = load_scores(&run.stage_dir("score"), &known)?;
+    let tables = load_scores(&run.stage_dir("score"), &scores_root(run, None), &known)?;
     let meta = |k: &str| tables.metadata.get(k).cloned().unwrap_or_default();
     let segments = serde_json::from_str(&meta("source_tda.segments")).unwrap_or(json!([]));
     let order = |role: &str| match role {
@@ -158,7 +159,8 @@ fn query_sets(config: &Config, run: &RunDir, registry: &Registry) -> Result<Vec<
         let queries = match current {
             true => {
                 let known = std::collections::BTreeMap::new();
-                load_scores(&set_dir(run, "score", Some(&name)), &known)?.queries
+                let dir = set_dir(run, "score", Some(&name));
+                load_scores(&dir, &scores_root(run, Some(&name)), &known)?.queries
             }
             false => Vec::new(),
         };

@@ -4,10 +4,11 @@
 //!
 //! `score`: the backwards walk over segments and the training passes that score every
 //! document of every segment's data against every query, per document and per token, in
-//! one pass per checkpoint (docs/design.md §2, §5). Writes `scores.parquet`,
-//! `token_scores.parquet` (top-k documents per query, or all), `queries.parquet` and
-//! `train_docs.parquet`; for generated queries also the per-generated-token tables
-//! ([`super::score_gen`]).
+//! one pass per checkpoint (docs/design.md §2, §5). Writes the scores dataset
+//! (`query_set=NAME/shard=0/part-00000.parquet`, streamed a row group at a time, every
+//! document or each query's top and bottom `keep_top_bottom`), `token_scores.parquet` (top-k
+//! documents per query, or all), `queries.parquet` and `train_docs.parquet`; for generated
+//! queries also the per-generated-token tables ([`super::score_gen`]).
 //!
 //! `score` is the raw Σ_ℓ ⟨u_ℓ, ḡ_ℓ(m)⟩ and `n_train` the N of the document's data set, so
 //! τ = score / n_train; τ > 0 means the document helped the model produce the completion (a
@@ -25,9 +26,13 @@ use crate::data::tokenize::load_tokenizer;
 use crate::data::PreparedDoc;
 use crate::error::{Error, IoContext, Result};
 use crate::linalg::LayerQuery;
+use crate::output::dataset::{shard_dir, PartWriter, FIRST_PART};
+use crate::output::keep::Ranked;
+use crate::output::parquet::ROW_GROUP;
+use crate::output::score_rows::{write_scores, Keep, ScoreTable, ScoredDoc};
 use crate::output::{write_table, Column};
 use crate::passes::PassOptions;
-use crate::pipeline::{Stage, StageContext};
+use crate::pipeline::{scores_root_in_stage, Stage, StageContext};
 use crate::train::{OptimizerInfo, Trajectory};
 use crate::util::hash::sha256_json;
 
@@ -158,8 +163,8 @@ impl Stage for ScoreStage {
         log_adam_variant(ctx, &p)?;
         let queries = precondition_queries(ctx, &p)?;
         let acting = write_acting(ctx, &p, &queries.acting)?;
-        let roles = score_segments(ctx, &p, &queries)?;
-        let mut out = write_outputs(ctx, &p, queries.q, &roles)?;
+        let mut roles = score_segments(ctx, &p, &queries)?;
+        let mut out = write_outputs(ctx, &p, queries.q, &mut roles)?;
         drop(roles);
         let meta = |table: &str| table_metadata(ctx, table);
         if let Some(g) =
@@ -274,92 +279,100 @@ fn score_segment(
     Ok(acc)
 }
 
-/// One (query, document) pair with τ = score / n_train.
-struct Row<'a> {
+/// Every scored document in one order (data roles by name, then each role's documents) and
+/// each segment's scores over it, [Q][N] (0 for documents of another role), taken out of
+/// `roles` so that the scores are held once.
+fn flat_scores(
+    p: &AttributionPlan,
+    roles: &mut BTreeMap<String, RoleScores>,
     q: usize,
-    role: &'a str,
-    m: usize,
-    score: f64,
-    tau: f64,
-}
-
-/// Every (query, document) pair, sorted by query then τ descending, with its 1-based rank
-/// within its query.
-fn ranked_rows(roles: &BTreeMap<String, RoleScores>, q: usize) -> (Vec<Row<'_>>, Vec<u32>) {
-    let mut rows: Vec<Row> = Vec::new();
-    for (role, r) in roles {
-        for m in 0..r.docs.len() {
-            for qi in 0..q {
-                let score: f64 = r.per_segment.values().map(|s| s[qi][m]).sum();
-                rows.push(Row {
-                    q: qi,
-                    role,
-                    m,
-                    score,
-                    tau: score / r.n_train as f64,
-                });
+) -> Result<(Vec<ScoredDoc>, Vec<(String, Vec<Vec<f64>>)>)> {
+    let mut docs = Vec::new();
+    let mut offset: HashMap<String, usize> = HashMap::new();
+    for (role, r) in roles.iter() {
+        offset.insert(role.clone(), docs.len());
+        let n_train = u32::try_from(r.n_train).map_err(|_| {
+            Error::Pipeline(format!(
+                "data set `{role}` has {} documents, more than n_train's uint32 holds",
+                r.n_train
+            ))
+        })?;
+        docs.extend(r.docs.iter().map(|d| ScoredDoc {
+            train_id: d.doc_id.clone(),
+            dataset: role.clone(),
+            n_train,
+        }));
+    }
+    let n = docs.len();
+    let mut taken: BTreeMap<usize, Vec<Vec<f64>>> = BTreeMap::new();
+    for r in roles.values_mut() {
+        taken.extend(std::mem::take(&mut r.per_segment));
+    }
+    let segments = p
+        .segments
+        .iter()
+        .map(|seg| {
+            let mut m = vec![vec![0f64; n]; q];
+            if let Some(s) = taken.remove(&seg.index) {
+                let at = offset[&seg.role];
+                for (row, src) in m.iter_mut().zip(&s) {
+                    row[at..at + src.len()].copy_from_slice(src);
+                }
             }
-        }
-    }
-    rows.sort_by(|a, b| a.q.cmp(&b.q).then(b.tau.total_cmp(&a.tau)));
-    let mut rank = vec![0u32; rows.len()];
-    let mut last_q = usize::MAX;
-    let mut k = 0;
-    for (i, row) in rows.iter().enumerate() {
-        if row.q != last_q {
-            last_q = row.q;
-            k = 0;
-        }
-        k += 1;
-        rank[i] = k;
-    }
-    (rows, rank)
+            (format!("segment_{}_{}", seg.index, seg.stage), m)
+        })
+        .collect();
+    Ok((docs, segments))
 }
 
-/// The ranked pairs and what they refer to, shared by the output tables.
-struct Ranked<'a> {
-    rows: Vec<Row<'a>>,
-    rank: Vec<u32>,
-    roles: &'a BTreeMap<String, RoleScores>,
-    query_ids: Vec<String>,
-}
-
-impl Ranked<'_> {
-    fn doc(&self, r: &Row) -> &PreparedDoc {
-        &self.roles[r.role].docs[r.m]
-    }
-}
-
-/// Writes `queries.parquet`, `scores.parquet`, `token_scores.parquet` and
-/// `train_docs.parquet`; returns the stage's summary (pairs, token rows, each query's top
-/// document).
+/// Writes `queries.parquet`, the scores dataset (`query_set=NAME/shard=0/part-00000.parquet`,
+/// streamed: every document of each query, or its top and bottom `keep_top_bottom`),
+/// `token_scores.parquet` and `train_docs.parquet`; returns the stage's summary (rows, token
+/// rows, each query's top document).
 fn write_outputs(
     ctx: &StageContext,
     p: &AttributionPlan,
     q: usize,
-    roles: &BTreeMap<String, RoleScores>,
+    roles: &mut BTreeMap<String, RoleScores>,
 ) -> Result<serde_json::Value> {
     let query_ids = copy_queries(ctx, q)?;
     let fetched = Fetched::load(ctx.run)?;
     let tokenizer = load_tokenizer(fetched.tokenizer_path())?;
-    let (rows, rank) = ranked_rows(roles, q);
-    let ranked = Ranked {
-        rows,
-        rank,
-        roles,
-        query_ids,
+    let (docs, segments) = flat_scores(p, roles, q)?;
+    let table = ScoreTable {
+        query_ids: &query_ids,
+        docs: &docs,
+        segments: &segments,
     };
-    write_scores(ctx, p, &ranked)?;
-    let n_token_rows = write_token_scores(ctx, &ranked, &tokenizer)?;
-    write_train_docs(ctx, roles)?;
-    let top: Vec<serde_json::Value> = ranked
-        .rows
+    let a = &ctx.config.attribution;
+    let keep = match a.keep_top_bottom {
+        Some(k) => Keep::TopBottom(k),
+        None => Keep::All,
+    };
+    let all_tokens = a.all_token_scores || a.top_k == 0;
+    let lead = if all_tokens {
+        docs.len()
+    } else {
+        a.top_k.max(1)
+    };
+    let set = ctx.query_set.map(|s| s.name.as_str());
+    let part = shard_dir(&ctx.out(scores_root_in_stage(set)), 0).join(FIRST_PART);
+    let fields = table.fields();
+    let fields: Vec<(&str, Column)> = fields
         .iter()
-        .zip(&ranked.rank)
-        .filter(|(_, &k)| k == 1)
-        .map(|(r, _)| {
-            json!({"query": ranked.query_ids[r.q], "top": ranked.doc(r).doc_id, "tau": r.tau})
-        })
+        .map(|(n, c)| (n.as_str(), c.clone()))
+        .collect();
+    let mut w = PartWriter::create(&part, &fields, &table_metadata(ctx, "scores")?, ROW_GROUP)?;
+    let leaders = write_scores(&mut w, &table, keep, lead)?;
+    let rows = w.finish()?;
+    drop(segments);
+    let n_token_rows = write_token_scores(ctx, roles, &docs, &query_ids, &leaders, &tokenizer)?;
+    write_train_docs(ctx, roles)?;
+    let top: Vec<serde_json::Value> = leaders
+        .iter()
+        .enumerate()
+        .filter_map(|(qi, l)| l.first().map(|r| (qi, r)))
+        .map(|(qi, r)| json!({"query": query_ids[qi], "top": docs[r.j].train_id, "tau": r.tau}))
         .collect();
     for t in &top {
         tracing::info!(
@@ -369,7 +382,10 @@ fn write_outputs(
             crate::util::num::sig(t["tau"].as_f64().unwrap_or(f64::NAN), 4)
         );
     }
-    Ok(json!({"pairs": ranked.rows.len(), "token_rows": n_token_rows, "top1": top}))
+    Ok(
+        json!({"pairs": rows, "token_rows": n_token_rows, "top1": top,
+        "kept_per_query": a.keep_top_bottom.map(|k| json!({"top": k, "bottom": k}))}),
+    )
 }
 
 /// Copies the query stage's `queries.parquet` into the outputs and returns its query ids,
@@ -388,91 +404,43 @@ fn copy_queries(ctx: &StageContext, q: usize) -> Result<Vec<String>> {
     Ok(query_ids)
 }
 
-/// `scores.parquet`: every (query, document) with score, n_train, τ, rank and one column
-/// per segment.
-fn write_scores(ctx: &StageContext, p: &AttributionPlan, ranked: &Ranked) -> Result<()> {
-    let (rows, roles) = (&ranked.rows, ranked.roles);
-    let mut cols: Vec<(String, Column)> = vec![
-        (
-            "query_id".into(),
-            Column::Str(rows.iter().map(|r| ranked.query_ids[r.q].clone()).collect()),
-        ),
-        (
-            "train_id".into(),
-            Column::Str(rows.iter().map(|r| ranked.doc(r).doc_id.clone()).collect()),
-        ),
-        (
-            "dataset".into(),
-            Column::Str(rows.iter().map(|r| r.role.to_string()).collect()),
-        ),
-        (
-            "score".into(),
-            Column::F64(rows.iter().map(|r| r.score).collect()),
-        ),
-        (
-            "n_train".into(),
-            Column::U32(rows.iter().map(|r| roles[r.role].n_train as u32).collect()),
-        ),
-        (
-            "tau".into(),
-            Column::F64(rows.iter().map(|r| r.tau).collect()),
-        ),
-        ("rank".into(), Column::U32(ranked.rank.clone())),
-    ];
-    for seg in &p.segments {
-        let name = format!("segment_{}_{}", seg.index, seg.stage);
-        let vals = rows
-            .iter()
-            .map(|r| {
-                roles[r.role]
-                    .per_segment
-                    .get(&seg.index)
-                    .map(|s| s[r.q][r.m])
-                    .unwrap_or(0.0)
-            })
-            .collect();
-        cols.push((name, Column::F64(vals)));
-    }
-    let refs: Vec<(&str, Column)> = cols.iter().map(|(n, c)| (n.as_str(), c.clone())).collect();
-    write_table(
-        &ctx.out("scores.parquet"),
-        &refs,
-        &table_metadata(ctx, "scores")?,
-    )
-}
-
-/// `token_scores.parquet`: per-token scores of the top-k documents per query (or of all,
-/// with `all_token_scores` or `top_k = 0`). Returns its row count.
+/// `token_scores.parquet`: per-token scores of each query's `leaders` (its top-k documents by
+/// rank, or all, with `all_token_scores` or `top_k = 0`). Returns its row count.
 fn write_token_scores(
     ctx: &StageContext,
-    ranked: &Ranked,
+    roles: &BTreeMap<String, RoleScores>,
+    docs: &[ScoredDoc],
+    query_ids: &[String],
+    leaders: &[Vec<Ranked>],
     tokenizer: &tokenizers::Tokenizer,
 ) -> Result<usize> {
-    let top_k = ctx.config.attribution.top_k;
-    let keep_all = ctx.config.attribution.all_token_scores || top_k == 0;
-    let n_docs: usize = ranked.roles.values().map(|r| r.docs.len()).sum();
-    if let Some(note) = ctx.config.attribution.top_k_note(n_docs) {
+    if let Some(note) = ctx.config.attribution.top_k_note(docs.len()) {
         tracing::warn!("{note}");
+    }
+    // Global document index → (role, index within the role).
+    let mut at: Vec<(&str, usize)> = Vec::with_capacity(docs.len());
+    for (role, r) in roles {
+        at.extend((0..r.docs.len()).map(|m| (role.as_str(), m)));
     }
     let (mut tq, mut tid, mut tidx, mut ttok, mut ttext, mut tscore) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     // Each kept document's token texts, cut from its text at the tokenizer's offsets.
     let mut texts: HashMap<(&str, usize), Vec<String>> = HashMap::new();
-    for (r, &k) in ranked.rows.iter().zip(&ranked.rank) {
-        if !keep_all && k as usize > top_k {
-            continue;
-        }
-        let doc = ranked.doc(r);
-        let pieces = texts
-            .entry((r.role, r.m))
-            .or_insert_with(|| doc_token_texts(ctx, r.role, doc, tokenizer));
-        for (t, &s) in ranked.roles[r.role].tokens[r.m][r.q].iter().enumerate() {
-            tq.push(ranked.query_ids[r.q].clone());
-            tid.push(doc.doc_id.clone());
-            tidx.push(t as u32);
-            ttok.push(doc.input_ids[t]);
-            ttext.push(pieces[t].clone());
-            tscore.push(s);
+    for (qi, l) in leaders.iter().enumerate() {
+        for r in l {
+            let (role, m) = at[r.j];
+            let doc = &roles[role].docs[m];
+            let pieces = texts
+                .entry((role, m))
+                .or_insert_with(|| doc_token_texts(ctx, role, doc, tokenizer));
+            for (t, &s) in roles[role].tokens[m][qi].iter().enumerate() {
+                tq.push(query_ids[qi].clone());
+                tid.push(doc.doc_id.clone());
+                tidx.push(t as u32);
+                ttok.push(doc.input_ids[t]);
+                ttext.push(pieces[t].clone());
+                tscore.push(s);
+            }
         }
     }
     let n_token_rows = tq.len();

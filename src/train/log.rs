@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, UInt32Array};
 use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 
@@ -33,28 +33,42 @@ fn write(path: &Path, schema: Arc<Schema>, columns: Vec<ArrayRef>) -> Result<()>
     Ok(())
 }
 
+/// `values` as a signed column (the tables hold no UINT64, which Spark reads as a decimal); a
+/// value past i64::MAX is refused naming the file and column.
+fn signed(path: &Path, column: &str, values: impl Iterator<Item = u64>) -> Result<Int64Array> {
+    values
+        .map(|v| {
+            i64::try_from(v).map_err(|_| {
+                Error::parquet(
+                    path,
+                    format!("column `{column}`: {v} does not fit a signed 64-bit integer"),
+                )
+            })
+        })
+        .collect::<Result<Vec<i64>>>()
+        .map(Int64Array::from)
+}
+
 /// Writes the per-step log.
 pub fn write_loss_parquet(path: &Path, log: &[StepLog]) -> Result<()> {
     let schema = Arc::new(Schema::new(vec![
-        Field::new("step", DataType::UInt64, false),
+        Field::new("step", DataType::Int64, false),
         Field::new("lr", DataType::Float64, false),
         Field::new("loss", DataType::Float64, false),
         Field::new("grad_norm", DataType::Float64, false),
         Field::new("n_docs", DataType::UInt32, false),
-        Field::new("n_tokens", DataType::UInt64, false),
+        Field::new("n_tokens", DataType::Int64, false),
         Field::new("micro_batches", DataType::UInt32, false),
     ]));
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(UInt64Array::from_iter_values(log.iter().map(|r| r.step))),
+        Arc::new(signed(path, "step", log.iter().map(|r| r.step))?),
         Arc::new(Float64Array::from_iter_values(log.iter().map(|r| r.lr))),
         Arc::new(Float64Array::from_iter_values(log.iter().map(|r| r.loss))),
         Arc::new(Float64Array::from_iter_values(
             log.iter().map(|r| r.grad_norm),
         )),
         Arc::new(UInt32Array::from_iter_values(log.iter().map(|r| r.n_docs))),
-        Arc::new(UInt64Array::from_iter_values(
-            log.iter().map(|r| r.n_tokens),
-        )),
+        Arc::new(signed(path, "n_tokens", log.iter().map(|r| r.n_tokens))?),
         Arc::new(UInt32Array::from_iter_values(
             log.iter().map(|r| r.micro_batches),
         )),
@@ -87,12 +101,12 @@ pub fn epoch_means(log: &[StepLog], steps_per_epoch: u64) -> Vec<f64> {
 /// Writes the visit order: (step, doc_index) pairs with the document ids.
 pub fn write_visits_parquet(path: &Path, visits: &[(u64, u32)], doc_ids: &[String]) -> Result<()> {
     let schema = Arc::new(Schema::new(vec![
-        Field::new("step", DataType::UInt64, false),
+        Field::new("step", DataType::Int64, false),
         Field::new("doc_index", DataType::UInt32, false),
         Field::new("doc_id", DataType::Utf8, false),
     ]));
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(UInt64Array::from_iter_values(visits.iter().map(|v| v.0))),
+        Arc::new(signed(path, "step", visits.iter().map(|v| v.0))?),
         Arc::new(UInt32Array::from_iter_values(visits.iter().map(|v| v.1))),
         Arc::new(StringArray::from_iter_values(
             visits.iter().map(|v| doc_ids[v.1 as usize].as_str()),
@@ -125,5 +139,31 @@ mod tests {
         assert_eq!(epoch_means(&log, 3), vec![6.0, 3.0, 1.0]);
         assert_eq!(epoch_means(&log, 100), vec![28.0 / 7.0]);
         assert!(epoch_means(&[], 3).is_empty());
+    }
+
+    #[test]
+    fn steps_and_token_counts_are_signed_and_overflow_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.parquet");
+        write_loss_parquet(&path, &[step(1, 2.0), step(2, 1.0)]).unwrap();
+        let b = &crate::output::parquet::read_batches(&path).unwrap()[0];
+        for c in ["step", "n_tokens"] {
+            assert_eq!(
+                b.schema().field_with_name(c).unwrap().data_type(),
+                &DataType::Int64
+            );
+        }
+        let visits = dir.path().join("visits.parquet");
+        write_visits_parquet(&visits, &[(3, 0)], &["a".into()]).unwrap();
+        let b = &crate::output::parquet::read_batches(&visits).unwrap()[0];
+        assert_eq!(
+            b.schema().field_with_name("step").unwrap().data_type(),
+            &DataType::Int64
+        );
+        let e = write_visits_parquet(&visits, &[(u64::MAX, 0)], &["a".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("visits.parquet") && e.contains("`step`"), "{e}");
+        assert!(e.contains("does not fit a signed 64-bit integer"), "{e}");
     }
 }

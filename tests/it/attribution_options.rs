@@ -31,7 +31,7 @@ fn read_scores(run: &Path) -> Scores {
             .collect()
     };
     let mut docs = HashMap::new();
-    for b in open("scores.parquet") {
+    for b in open("query_set=default/shard=0/part-00000.parquet") {
         let (q, d) = (strs(&b, "query_id"), strs(&b, "train_id"));
         let s = b
             .column_by_name("score")

@@ -566,3 +566,25 @@ fn known_source_ids_that_name_no_document_are_reported() {
     let all: std::collections::HashSet<&str> = ["d1", "d2", "d-typo"].into_iter().collect();
     assert_eq!(unknown_known_sources_note(&known, &all), None);
 }
+
+#[test]
+fn keep_top_bottom_is_checked_and_left_out_when_unset() {
+    let c = load(&format!("{GOOD}\n[attribution]\nkeep_top_bottom = 50\n")).unwrap();
+    assert_eq!(c.attribution.keep_top_bottom, Some(50));
+    assert!(load(GOOD).unwrap().attribution.keep_top_bottom.is_none());
+    assert!(
+        !load(GOOD).unwrap().to_json()["attribution"]
+            .as_object()
+            .unwrap()
+            .contains_key("keep_top_bottom"),
+        "unset, it leaves the config hash of existing runs alone"
+    );
+    let e = load(&format!("{GOOD}\n[attribution]\nkeep_top_bottom = 0\n")).unwrap_err();
+    assert!(e.contains("key `attribution.keep_top_bottom`: is 0"), "{e}");
+    assert!(e.contains("allowed: 1 or more"), "{e}");
+    for (bad, says) in [("-3", "-3"), ("\"ten\"", "invalid type: string")] {
+        let e = load(&format!("{GOOD}\n[attribution]\nkeep_top_bottom = {bad}\n")).unwrap_err();
+        assert!(e.contains("attribution.keep_top_bottom"), "{e}");
+        assert!(e.contains(says), "{e}");
+    }
+}

@@ -117,8 +117,10 @@ fn demo_pipeline_runs_offline_from_the_shipped_cache() {
     // pretraining) is a document that states that query's planted fact (`planted-K-*` for
     // query `q-K`): the demo's known answers. The demo fine-tunes with AdamW, so this goes
     // through Source's Adam variant.
-    let batches =
-        source_tda::output::parquet::read_batches(&run.join("score/scores.parquet")).unwrap();
+    let batches = source_tda::output::parquet::read_batches(
+        &run.join("score/query_set=default/shard=0/part-00000.parquet"),
+    )
+    .unwrap();
     let mut best: std::collections::BTreeMap<String, (f64, String)> = Default::default();
     for b in batches {
         use arrow_array::cast::AsArray;

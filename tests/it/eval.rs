@@ -158,7 +158,9 @@ fn recall_and_lds_compare_three_methods_and_resume() {
     // The other methods ran in sub-runs that reuse the run's upstream stages.
     for m in ["influence", "gradient_dot"] {
         let sub = run.join("eval-methods").join(m);
-        assert!(sub.join("score/scores.parquet").is_file());
+        assert!(sub
+            .join("score/query_set=default/shard=0/part-00000.parquet")
+            .is_file());
         assert!(std::fs::read_link(sub.join("finetune")).is_ok());
     }
     assert!(
@@ -478,10 +480,13 @@ fn two_stage_runs_retrain_every_stage_on_each_roles_subset_bitwise_in_workers() 
 
     // Each job kept 12 + 5 documents and retrained 2 + 2 steps; Source's predicted loss is
     // −Σ τ over the kept documents of both roles, the influence function's over `train`'s.
-    let tau = taus(&dir.path().join("run/score/scores.parquet"));
+    let tau = taus(
+        &dir.path()
+            .join("run/score/query_set=default/shard=0/part-00000.parquet"),
+    );
     let tau_if = taus(
         &dir.path()
-            .join("run/eval-methods/influence/score/scores.parquet"),
+            .join("run/eval-methods/influence/score/query_set=default/shard=0/part-00000.parquet"),
     );
     for f in job_files(&dir.path().join("run")) {
         let job = json(&f);

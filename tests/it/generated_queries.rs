@@ -117,7 +117,7 @@ fn the_demo_runs_with_generated_queries_that_equal_an_independent_greedy_decode(
     }
 
     // Scores exist for every generated query.
-    let rows: usize = read_batches(&run.join("score/scores.parquet"))
+    let rows: usize = read_batches(&run.join("score/query_set=default/shard=0/part-00000.parquet"))
         .unwrap()
         .iter()
         .map(|b| b.num_rows())
@@ -202,7 +202,7 @@ fn per_token_scores_add_up(run: &std::path::Path, completions: &[String]) {
         );
     }
     let (ws, wn) = table(
-        &score.join("scores.parquet"),
+        &score.join("query_set=default/shard=0/part-00000.parquet"),
         &["query_id", "train_id"],
         &["score"],
     );

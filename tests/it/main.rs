@@ -57,6 +57,7 @@ mod reference_kronfluence;
 mod refine;
 mod report;
 mod resume;
+mod score_output;
 mod source_exact;
 mod source_steps;
 mod stages_attribution;

@@ -115,7 +115,10 @@ fn changing_only_the_queries_reruns_query_score_and_report_not_finetune_or_fit()
     ok(dir.path(), &["-q", "run", "p.toml"]);
     let second = started(&manifest(&run));
     assert_only_queries_reran(&first, &second);
-    assert_eq!(taus(&run.join("score/scores.parquet")).len(), 3 * 13);
+    assert_eq!(
+        taus(&run.join("score/query_set=default/shard=0/part-00000.parquet")).len(),
+        3 * 13
+    );
 
     // Another [data.query] setting: prepare reruns, its train.parquet is the same bytes.
     write_config(dir.path(), 48);
@@ -238,8 +241,8 @@ fn ask_scores_named_query_sets_beside_the_default_one_reusing_the_fit() {
         before["report"], after["report"],
         "the report lists the new set"
     );
-    let default = taus(&run.join("score/scores.parquet"));
-    let set = taus(&run.join("score/query_set=first/scores.parquet"));
+    let default = taus(&run.join("score/query_set=default/shard=0/part-00000.parquet"));
+    let set = taus(&run.join("score/query_set=first/shard=0/part-00000.parquet"));
     assert_eq!(set.len(), 13);
     for ((q, d), t) in &set {
         assert_eq!(q, "a0");
@@ -308,7 +311,9 @@ fn ask_scores_named_query_sets_beside_the_default_one_reusing_the_fit() {
         "{out}"
     );
     ok(dir.path(), &["-q", "run", "p.toml", "--force", "query"]);
-    assert!(run.join("score/query_set=first/scores.parquet").is_file());
+    assert!(run
+        .join("score/query_set=first/shard=0/part-00000.parquet")
+        .is_file());
     assert!(run
         .join("query/query_set=open/gradients.safetensors")
         .is_file());

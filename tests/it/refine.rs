@@ -228,7 +228,7 @@ mod pipeline {
 
     fn scores(run: &Path) -> BTreeMap<(String, String), f64> {
         let mut out = BTreeMap::new();
-        for b in batches(&run.join("score/scores.parquet")) {
+        for b in batches(&run.join("score/query_set=default/shard=0/part-00000.parquet")) {
             let q = b.column_by_name("query_id").unwrap().as_string::<i32>();
             let d = b.column_by_name("train_id").unwrap().as_string::<i32>();
             let s = b
@@ -281,7 +281,7 @@ mod pipeline {
         config(dir.path(), "");
         run(dir.path());
         let ekfac = scores(&runp);
-        let table = runp.join("score/scores.parquet");
+        let table = runp.join("score/query_set=default/shard=0/part-00000.parquet");
         assert!(metadata(&table, "source_tda.preconditioning").contains("\"ekfac\""));
 
         // Zero iterations: the EK-FAC answer, bit for bit; only `score` reran.
@@ -345,7 +345,7 @@ mod pipeline {
         let out = String::from_utf8_lossy(&o.stdout);
         assert!(out.contains("influence+refined"), "{out}");
         assert!(runp
-            .join("eval-methods/influence/score/scores.parquet")
+            .join("eval-methods/influence/score/query_set=default/shard=0/part-00000.parquet")
             .is_file());
         assert!(!runp.join("eval-methods/influence+refined").exists());
 

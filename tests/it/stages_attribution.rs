@@ -1,8 +1,8 @@
 //! The fit → query → score stages end to end on a small Llama (the demo's), through the CLI:
 //! the sign convention (a training document identical to a query is its top proponent, for
 //! every method), the output tables' contracts (per-token scores add up to document scores,
-//! segment columns add up to the score), invariance to the batch size, and the Parquet files
-//! read by DuckDB and pyarrow.
+//! segment columns add up to the score) and invariance to the batch size (the scores dataset
+//! read by DuckDB and pyarrow: `score_output`).
 
 use crate::common;
 
@@ -20,7 +20,7 @@ fn demo_model_dir() -> PathBuf {
 }
 
 /// A run folder with local data: 24 short documents, one of them exactly a query's text.
-fn setup(method: &str, extra: &str) -> tempfile::TempDir {
+pub(crate) fn setup(method: &str, extra: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let mut docs = crate::common::city_docs_jsonl(23);
     docs += "{\"id\": \"twin\", \"text\": \"The river Navo flows into Lake Tarsk.\"}\n";
@@ -48,7 +48,7 @@ fn setup(method: &str, extra: &str) -> tempfile::TempDir {
     dir
 }
 
-fn run(dir: &Path) {
+pub(crate) fn run(dir: &Path) {
     let o = cli(dir, &["-q", "run", "p.toml"], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
@@ -70,10 +70,10 @@ fn f64s(b: &RecordBatch, c: &str) -> Vec<f64> {
         .to_vec()
 }
 
-/// (query, doc) → (score, tau, rank) from scores.parquet.
+/// (query, doc) → (score, tau, rank) from the default set's scores part.
 fn scores(run: &Path) -> HashMap<(String, String), (f64, f64, u32)> {
     let mut out = HashMap::new();
-    for b in batches(&run.join("score/scores.parquet")) {
+    for b in batches(&run.join("score/query_set=default/shard=0/part-00000.parquet")) {
         let (q, d) = (strs(&b, "query_id"), strs(&b, "train_id"));
         let (s, t) = (f64s(&b, "score"), f64s(&b, "tau"));
         let r = b
@@ -131,7 +131,7 @@ fn output_tables_keep_their_contracts_and_batching_changes_nothing() {
     assert_eq!(base.len(), 2 * 24);
 
     // Segment columns add up to the score; τ = score / n_train.
-    for b in batches(&run_dir.join("score/scores.parquet")) {
+    for b in batches(&run_dir.join("score/query_set=default/shard=0/part-00000.parquet")) {
         let seg_cols: Vec<String> = b
             .schema()
             .fields()
@@ -232,43 +232,4 @@ fn thread_count_changes_nothing() {
             b[k].0
         );
     }
-}
-
-#[test]
-fn duckdb_and_pyarrow_read_the_outputs() {
-    let Some(py) = common::reference_python("duckdb_and_pyarrow_read_the_outputs") else {
-        return;
-    };
-    let dir = setup("influence", "");
-    run(dir.path());
-    let out = dir.path().join("run/score");
-    let script = r#"
-import sys, duckdb, pyarrow.parquet as pq
-d = sys.argv[1]
-con = duckdb.connect()
-top = con.execute(f"""
-  select s.query_id, s.train_id, d.text, q.completion
-  from '{d}/scores.parquet' s
-  join '{d}/train_docs.parquet' d using (train_id)
-  join '{d}/queries.parquet' q using (query_id)
-  where s.rank = 1 order by s.query_id""").fetchall()
-assert top[0][0] == 'q0' and top[0][1] == 'twin', top
-tok = con.execute(f"select sum(score) from '{d}/token_scores.parquet' where query_id='q0' and train_id='twin'").fetchone()[0]
-t = pq.read_table(f"{d}/token_scores.parquet")
-assert t.schema.field('token_text').type == 'string'
-meta = pq.read_metadata(f"{d}/scores.parquet").metadata
-assert b'source_tda.sign_convention' in meta and b'source_tda.model_id' in meta
-print('ok', len(top), tok)
-"#;
-    let o = std::process::Command::new(&py)
-        .args(["-c", script, out.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok 2"));
 }

@@ -1,0 +1,346 @@
+//! Owns the rows of the scores dataset: `ScoreTable` (one query set's document scores, per
+//! segment) and `write_scores`, which streams them into a part file ranked per query — every
+//! document, or each query's top and bottom K (`[attribution] keep_top_bottom`).
+//! Layer: ground — may import error, util and config; siblings `dataset`, `keep`, `parquet`.
+//!
+//! Columns (docs/design.md §5): `query_id`, `train_id`, `dataset` (utf8), `score` (float64,
+//! Σ of the segment columns), `n_train` (uint32), `tau` = score / n_train (float64), `rank`
+//! (uint32, 1-based by τ descending among all the query's documents, ties by document order)
+//! and one float64 column per segment. Rows go out a chunk at a time: memory holds one
+//! query's ranking (O(N) indices, or O(K) with K kept) and one chunk, never the table.
+
+use super::dataset::PartWriter;
+use super::keep::{Ranked, TopBottom};
+use super::parquet::Column;
+use crate::error::Result;
+
+/// Rows gathered before they go to the part file.
+const CHUNK: usize = 4096;
+
+/// One scored document: its id, data role and the N of its data set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredDoc {
+    /// `train_id`.
+    pub train_id: String,
+    /// `dataset`: the data role.
+    pub dataset: String,
+    /// `n_train`: N of the document's data set.
+    pub n_train: u32,
+}
+
+/// One query set's scores: `segments[s].1[q][j]` is segment `s`'s score of document `j` for
+/// query `q` (0 for a document of another data set).
+pub struct ScoreTable<'a> {
+    /// The queries, in row order of the segment matrices.
+    pub query_ids: &'a [String],
+    /// The documents, in column order of the segment matrices.
+    pub docs: &'a [ScoredDoc],
+    /// (column name `segment_K_STAGE`, [Q][N] scores) per planned segment.
+    pub segments: &'a [(String, Vec<Vec<f64>>)],
+}
+
+impl ScoreTable<'_> {
+    /// score = Σ_s segment scores, in segment order.
+    pub fn score(&self, q: usize, j: usize) -> f64 {
+        self.segments.iter().map(|(_, s)| s[q][j]).sum()
+    }
+
+    /// τ = score / n_train.
+    pub fn tau(&self, q: usize, j: usize) -> f64 {
+        self.score(q, j) / self.docs[j].n_train as f64
+    }
+
+    /// The columns of the table, empty: (name, a column of its type).
+    pub fn fields(&self) -> Vec<(String, Column)> {
+        let mut f: Vec<(String, Column)> = vec![
+            ("query_id".into(), Column::Str(vec![])),
+            ("train_id".into(), Column::Str(vec![])),
+            ("dataset".into(), Column::Str(vec![])),
+            ("score".into(), Column::F64(vec![])),
+            ("n_train".into(), Column::U32(vec![])),
+            ("tau".into(), Column::F64(vec![])),
+            ("rank".into(), Column::U32(vec![])),
+        ];
+        for (name, _) in self.segments {
+            f.push((name.clone(), Column::F64(vec![])));
+        }
+        f
+    }
+}
+
+/// Which rows of each query's ranking are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Every document.
+    All,
+    /// The K first and K last by τ (all of them when 2K ≥ N).
+    TopBottom(usize),
+}
+
+/// Rows waiting for the part file, column by column.
+struct Chunk {
+    cols: Vec<Column>,
+}
+
+impl Chunk {
+    fn new(t: &ScoreTable) -> Chunk {
+        Chunk {
+            cols: t.fields().into_iter().map(|(_, c)| c).collect(),
+        }
+    }
+
+    fn push(&mut self, t: &ScoreTable, q: usize, r: Ranked, rank: u32) {
+        let d = &t.docs[r.j];
+        let mut cols = self.cols.iter_mut();
+        let mut next = || cols.next().expect("one column per field");
+        let (Column::Str(qid), Column::Str(tid), Column::Str(ds)) = (next(), next(), next()) else {
+            unreachable!("fields() order")
+        };
+        qid.push(t.query_ids[q].clone());
+        tid.push(d.train_id.clone());
+        ds.push(d.dataset.clone());
+        let (Column::F64(score), Column::U32(n), Column::F64(tau), Column::U32(rk)) =
+            (next(), next(), next(), next())
+        else {
+            unreachable!("fields() order")
+        };
+        score.push(t.score(q, r.j));
+        n.push(d.n_train);
+        tau.push(r.tau);
+        rk.push(rank);
+        for (_, s) in t.segments {
+            let Column::F64(c) = next() else {
+                unreachable!("fields() order")
+            };
+            c.push(s[q][r.j]);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.cols.first().map(Column::len).unwrap_or(0)
+    }
+
+    fn flush(&mut self, w: &mut PartWriter, t: &ScoreTable) -> Result<()> {
+        if self.len() > 0 {
+            w.write(&self.cols)?;
+            *self = Chunk::new(t);
+        }
+        Ok(())
+    }
+}
+
+/// Writes `t`'s rows to `w`, query by query, each query's rows by rank; returns each query's
+/// first `lead` documents in ranking order (they rank 1, 2, …), whatever `keep` writes.
+pub fn write_scores(
+    w: &mut PartWriter,
+    t: &ScoreTable,
+    keep: Keep,
+    lead: usize,
+) -> Result<Vec<Vec<Ranked>>> {
+    let n = t.docs.len();
+    let mut chunk = Chunk::new(t);
+    let mut leaders = Vec::with_capacity(t.query_ids.len());
+    let emit = |chunk: &mut Chunk, w: &mut PartWriter, q, r, rank| -> Result<()> {
+        chunk.push(t, q, r, rank);
+        if chunk.len() >= CHUNK {
+            chunk.flush(w, t)?;
+        }
+        Ok(())
+    };
+    for q in 0..t.query_ids.len() {
+        match keep {
+            Keep::All => {
+                let mut order: Vec<Ranked> = (0..n)
+                    .map(|j| Ranked {
+                        tau: t.tau(q, j),
+                        j,
+                    })
+                    .collect();
+                order.sort_unstable();
+                for (i, r) in order.iter().enumerate() {
+                    emit(&mut chunk, w, q, *r, i as u32 + 1)?;
+                }
+                order.truncate(lead);
+                leaders.push(order);
+            }
+            Keep::TopBottom(k) => {
+                let mut sel = TopBottom::new(k.max(lead), k);
+                for j in 0..n {
+                    sel.push(Ranked {
+                        tau: t.tau(q, j),
+                        j,
+                    });
+                }
+                let (mut top, bottom) = sel.finish();
+                for (i, r) in top.iter().take(k).enumerate() {
+                    emit(&mut chunk, w, q, *r, i as u32 + 1)?;
+                }
+                let first_bottom = n - bottom.len();
+                for (i, r) in bottom.iter().enumerate() {
+                    let rank = first_bottom + i + 1;
+                    if rank > k {
+                        emit(&mut chunk, w, q, *r, rank as u32)?;
+                    }
+                }
+                top.truncate(lead);
+                leaders.push(top);
+            }
+        }
+    }
+    chunk.flush(w, t)?;
+    Ok(leaders)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::dataset::{part_files, shard_dir, FIRST_PART};
+    use super::super::parquet::read_batches;
+    use super::*;
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float64Type, UInt32Type};
+
+    /// (query, train_id, score, tau, rank, segment values) per row read back.
+    type Row = (String, String, f64, f64, u32, Vec<f64>);
+
+    fn read_rows(path: &std::path::Path, n_seg: usize) -> Vec<Row> {
+        let mut out = Vec::new();
+        for b in read_batches(path).unwrap() {
+            let s = |c: &str| b.column_by_name(c).unwrap().as_string::<i32>().clone();
+            let f = |c: &str| {
+                b.column_by_name(c)
+                    .unwrap()
+                    .as_primitive::<Float64Type>()
+                    .clone()
+            };
+            let (q, d, sc, ta) = (s("query_id"), s("train_id"), f("score"), f("tau"));
+            let rk = b
+                .column_by_name("rank")
+                .unwrap()
+                .as_primitive::<UInt32Type>()
+                .clone();
+            for i in 0..b.num_rows() {
+                let segs = (0..n_seg)
+                    .map(|k| f(&format!("segment_{k}_x")).value(i))
+                    .collect();
+                out.push((
+                    q.value(i).to_string(),
+                    d.value(i).to_string(),
+                    sc.value(i),
+                    ta.value(i),
+                    rk.value(i),
+                    segs,
+                ));
+            }
+        }
+        out
+    }
+
+    /// The in-memory table the score stage built before streaming: every (query, document)
+    /// row, ranked by a stable sort on τ descending.
+    fn reference(t: &ScoreTable) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for (q, qid) in t.query_ids.iter().enumerate() {
+            let mut r: Vec<usize> = (0..t.docs.len()).collect();
+            r.sort_by(|&a, &b| t.tau(q, b).total_cmp(&t.tau(q, a)));
+            for (i, j) in r.into_iter().enumerate() {
+                let segs = t.segments.iter().map(|(_, s)| s[q][j]).collect();
+                rows.push((
+                    qid.clone(),
+                    t.docs[j].train_id.clone(),
+                    t.score(q, j),
+                    t.tau(q, j),
+                    i as u32 + 1,
+                    segs,
+                ));
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn streamed_rows_equal_the_in_memory_table_and_top_bottom_filters_it() {
+        let (nq, nd) = (3usize, 23usize);
+        let docs: Vec<ScoredDoc> = (0..nd)
+            .map(|j| ScoredDoc {
+                train_id: format!("d{j}"),
+                dataset: if j < 15 { "train" } else { "pretrain" }.into(),
+                n_train: if j < 15 { 15 } else { 8 },
+            })
+            .collect();
+        let query_ids: Vec<String> = (0..nq).map(|q| format!("q{q}")).collect();
+        let mut state = 11u64;
+        let mut draw = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Few distinct values, so ties happen.
+            ((state >> 33) % 7) as f64 - 3.0
+        };
+        let segments: Vec<(String, Vec<Vec<f64>>)> = (0..2)
+            .map(|k| {
+                let m = (0..nq)
+                    .map(|_| {
+                        (0..nd)
+                            .map(|j| {
+                                if (j < 15) == (k == 0) || k == 1 {
+                                    draw()
+                                } else {
+                                    0.0
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect();
+                (format!("segment_{k}_x"), m)
+            })
+            .collect();
+        let t = ScoreTable {
+            query_ids: &query_ids,
+            docs: &docs,
+            segments: &segments,
+        };
+        let want = reference(&t);
+        let dir = tempfile::tempdir().unwrap();
+        let fields = t.fields();
+        let fields: Vec<(&str, Column)> = fields
+            .iter()
+            .map(|(n, c)| (n.as_str(), c.clone()))
+            .collect();
+        for (i, (keep, group)) in [
+            (Keep::All, 1usize),
+            (Keep::All, 7),
+            (Keep::All, 65_536),
+            (Keep::TopBottom(4), 5),
+            (Keep::TopBottom(1), 2),
+            (Keep::TopBottom(12), 3),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let root = dir.path().join(format!("r{i}/query_set=default"));
+            let path = shard_dir(&root, 0).join(FIRST_PART);
+            let mut w = PartWriter::create(&path, &fields, &[], group).unwrap();
+            let leaders = write_scores(&mut w, &t, keep, 5).unwrap();
+            w.finish().unwrap();
+            assert_eq!(part_files(&root).unwrap(), [path.clone()]);
+            let got = read_rows(&path, 2);
+            let filtered: Vec<Row> = match keep {
+                Keep::All => want.clone(),
+                Keep::TopBottom(k) => want
+                    .iter()
+                    .filter(|r| r.4 as usize <= k || r.4 as usize > nd - k)
+                    .cloned()
+                    .collect(),
+            };
+            assert_eq!(got, filtered, "{keep:?}, row groups of {group}");
+            for (q, l) in leaders.iter().enumerate() {
+                let ids: Vec<String> = l.iter().map(|r| docs[r.j].train_id.clone()).collect();
+                let want_ids: Vec<String> = want[q * nd..q * nd + 5]
+                    .iter()
+                    .map(|r| r.1.clone())
+                    .collect();
+                assert_eq!(ids, want_ids, "{keep:?}: the leaders of q{q}");
+            }
+        }
+    }
+}
