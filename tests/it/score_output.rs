@@ -68,7 +68,12 @@ fn the_scores_dataset_reads_as_one_table_and_keep_top_bottom_keeps_the_ends() {
         &dir.path().join("c.toml"),
         format!("{cfg}keep_top_bottom = 3\n"),
     );
-    run(dir.path());
+    let o = cli(
+        dir.path(),
+        &["-q", "run", "p.toml", "--allow-config-change"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
     let kept = rows(&default);
     let want: Vec<&Row> = full.iter().filter(|r| r.2 <= 3 || r.2 > 21).collect();
     assert_eq!(kept.len(), 2 * 6);
