@@ -28,6 +28,9 @@ pub struct ScoredDoc {
     pub n_train: u32,
 }
 
+/// (column name `segment_K_STAGE`, [Q][N] scores) per planned segment.
+pub type SegmentScores = Vec<(String, Vec<Vec<f64>>)>;
+
 /// One query set's scores: `segments[s].1[q][j]` is segment `s`'s score of document `j` for
 /// query `q` (0 for a document of another data set).
 pub struct ScoreTable<'a> {
@@ -35,7 +38,7 @@ pub struct ScoreTable<'a> {
     pub query_ids: &'a [String],
     /// The documents, in column order of the segment matrices.
     pub docs: &'a [ScoredDoc],
-    /// (column name `segment_K_STAGE`, [Q][N] scores) per planned segment.
+    /// Per planned segment, [`SegmentScores`].
     pub segments: &'a [(String, Vec<Vec<f64>>)],
 }
 
@@ -276,7 +279,7 @@ mod tests {
             // Few distinct values, so ties happen.
             ((state >> 33) % 7) as f64 - 3.0
         };
-        let segments: Vec<(String, Vec<Vec<f64>>)> = (0..2)
+        let segments: SegmentScores = (0..2)
             .map(|k| {
                 let m = (0..nq)
                     .map(|_| {
@@ -322,7 +325,7 @@ mod tests {
             let mut w = PartWriter::create(&path, &fields, &[], group).unwrap();
             let leaders = write_scores(&mut w, &t, keep, 5).unwrap();
             w.finish().unwrap();
-            assert_eq!(part_files(&root).unwrap(), [path.clone()]);
+            assert_eq!(part_files(&root).unwrap(), vec![path.to_path_buf()]);
             let got = read_rows(&path, 2);
             let filtered: Vec<Row> = match keep {
                 Keep::All => want.clone(),

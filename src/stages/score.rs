@@ -29,7 +29,7 @@ use crate::linalg::LayerQuery;
 use crate::output::dataset::{shard_dir, PartWriter, FIRST_PART};
 use crate::output::keep::Ranked;
 use crate::output::parquet::ROW_GROUP;
-use crate::output::score_rows::{write_scores, Keep, ScoreTable, ScoredDoc};
+use crate::output::score_rows::{write_scores, Keep, ScoreTable, ScoredDoc, SegmentScores};
 use crate::output::{write_table, Column};
 use crate::passes::PassOptions;
 use crate::pipeline::{scores_root_in_stage, Stage, StageContext};
@@ -286,7 +286,7 @@ fn flat_scores(
     p: &AttributionPlan,
     roles: &mut BTreeMap<String, RoleScores>,
     q: usize,
-) -> Result<(Vec<ScoredDoc>, Vec<(String, Vec<Vec<f64>>)>)> {
+) -> Result<(Vec<ScoredDoc>, SegmentScores)> {
     let mut docs = Vec::new();
     let mut offset: HashMap<String, usize> = HashMap::new();
     for (role, r) in roles.iter() {
