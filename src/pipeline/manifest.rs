@@ -185,10 +185,16 @@ mod tests {
         assert_eq!(v["format_version"], crate::FORMAT_VERSION);
         assert_eq!(Manifest::load(&path).unwrap(), m);
 
-        // Written before the field existed: the same layout, read as format 1.
+        // Written before the field existed: format 1, which this build (format 2 and later:
+        // the partitioned scores) refuses like any other format.
         v.as_object_mut().unwrap().remove("format_version");
         std::fs::write(&path, v.to_string()).unwrap();
-        assert_eq!(Manifest::load(&path).unwrap().format_version, 1);
+        assert!(crate::FORMAT_VERSION > 1);
+        let e = Manifest::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("was written by format 1, this build reads format"),
+            "{e}"
+        );
 
         for other in [crate::FORMAT_VERSION + 1, 0] {
             v["format_version"] = other.into();
