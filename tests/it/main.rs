@@ -26,6 +26,7 @@ mod cuda_ptx;
 mod data_codecs;
 mod demo;
 mod eval;
+mod eval_spans;
 mod fetch;
 mod fetch_real_cache;
 mod finetune;
