@@ -165,12 +165,13 @@ pub fn source_ranks(tau: &[f64], sources: &[usize]) -> Vec<u32> {
 }
 
 /// recall@k = |known sources in the top k| / min(k, |known sources|): 1 when the top k is
-/// as full of sources as it can be.
+/// as full of sources as it can be. Sources tied exactly with each other share a rank
+/// ([`source_ranks`]), so more than k of them can have rank ≤ k; the top k holds k at most.
 pub fn recall_at(ranks: &[u32], k: usize) -> f64 {
     if ranks.is_empty() {
         return 0.0;
     }
-    let hits = ranks.iter().filter(|&&r| r as usize <= k).count();
+    let hits = ranks.iter().filter(|&&r| r as usize <= k).count().min(k);
     hits as f64 / k.min(ranks.len()) as f64
 }
 
@@ -182,6 +183,20 @@ pub fn reciprocal_rank(ranks: &[u32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recall_never_counts_more_than_k_sources_when_sources_tie_each_other() {
+        // Three sources tied at the top, one other document below them.
+        let tau = [5.0, 5.0, 5.0, 1.0];
+        let ranks = source_ranks(&tau, &[0, 1, 2]);
+        assert_eq!(ranks, vec![1, 1, 1]);
+        assert_eq!(recall_at(&ranks, 1), 1.0);
+        assert_eq!(recall_at(&ranks, 2), 1.0);
+        assert_eq!(recall_at(&ranks, 3), 1.0);
+        // A tie with a non-source still counts against the sources.
+        let ranks = source_ranks(&[5.0, 5.0, 5.0], &[0]);
+        assert_eq!(recall_at(&ranks, 1), 0.0);
+    }
 
     #[test]
     fn average_ranks_share_ties() {
