@@ -48,6 +48,18 @@ pub enum OptimizerKind {
     AdamW,
 }
 
+impl OptimizerKind {
+    /// Floats of state per parameter the optimizer keeps while training and its checkpoints
+    /// save: AdamW 2 (m, v), SGD with momentum 1, SGD 0.
+    pub fn state_floats(self) -> u64 {
+        match self {
+            OptimizerKind::Sgd => 0,
+            OptimizerKind::Momentum => 1,
+            OptimizerKind::AdamW => 2,
+        }
+    }
+}
+
 /// The learning-rate schedule after warm-up (Hugging Face Trainer's `lr_lambda`s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]

@@ -109,6 +109,13 @@ pub fn load_options(config: &Config) -> LoadOptions {
     }
 }
 
+/// The model at `dir` with the config's tracked layers and zero weights that occupy no memory
+/// ([`Model::shape_only`]): its layer names and sizes, for planning, without reading weights.
+pub fn model_shapes(dir: &Path, config: &Config) -> Result<Model> {
+    let spec = crate::model::ModelSpec::from_file(&dir.join("config.json"))?;
+    Model::shape_only(&spec, &load_options(config))
+}
+
 /// Loads a checkpoint on the CPU with the config's tracked layers.
 pub fn load_model(dir: &Path, config: &Config) -> Result<Model> {
     Model::load(dir, &load_options(config), &Device::Cpu)
@@ -167,19 +174,26 @@ pub fn model_and_batch_bytes(model: &Model, config: &Config) -> u64 {
 
 /// Prints the estimate and refuses when it exceeds `[attribution] memory_limit_gib`.
 pub fn check_memory(stage: &str, model: &Model, config: &Config) -> Result<u64> {
-    let est = memory_estimate(model, config);
-    tracing::info!(
-        "{stage}: estimated peak memory {}",
-        crate::util::mem::human_bytes(est)
-    );
+    check_estimate(
+        stage,
+        memory_estimate(model, config),
+        config,
+        "lower batching.token_budget, set attribution.block_size for wide layers, or raise the \
+         limit",
+    )
+}
+
+/// Prints `stage`'s estimated peak `est` and refuses, with `advice`, when it exceeds
+/// `[attribution] memory_limit_gib`.
+pub fn check_estimate(stage: &str, est: u64, config: &Config, advice: &str) -> Result<u64> {
+    let h = crate::util::mem::human_bytes;
+    tracing::info!("{stage}: estimated peak memory {}", h(est));
     if let Some(limit) = config.attribution.memory_limit_gib {
-        let limit_b = (limit * (1u64 << 30) as f64) as u64;
-        if est > limit_b {
+        if est as f64 > limit * (1u64 << 30) as f64 {
             return Err(Error::Resource(format!(
                 "{stage}: the estimated peak memory {} exceeds attribution.memory_limit_gib = \
-                 {limit}; lower batching.token_budget, set attribution.block_size for wide \
-                 layers, or raise the limit",
-                crate::util::mem::human_bytes(est)
+                 {limit}; {advice}",
+                h(est)
             )));
         }
     }

@@ -60,34 +60,33 @@ fn prepared(ctx: &StageContext, role: &str) -> Result<Vec<PreparedDoc>> {
     Ok(read_prepared(&path)?.0)
 }
 
-/// Logs the predicted peak memory of fine-tuning ([`finetune_peak_bytes`], with the stage
-/// whose optimizer keeps the most state) and refuses when it exceeds
-/// `attribution.memory_limit_gib`, before any step is taken.
-fn check_finetune_memory(c: &Config, base_dir: &Path) -> Result<()> {
-    use crate::config::OptimizerKind as K;
-    let spec = crate::model::ModelSpec::from_file(&base_dir.join("config.json"))?;
-    let shapes = crate::model::Model::shape_only(&spec, &crate::model::LoadOptions::default())?;
-    let floats = (c.train.stage_list().iter())
-        .map(|s| match s.train.optimizer {
-            K::Sgd => 0,
-            K::Momentum => 1,
-            K::AdamW => 2,
-        })
+/// Predicted peak memory of fine-tuning the model of `spec` under `config`
+/// ([`finetune_peak_bytes`], for the stage whose optimizer keeps the most state); the model
+/// is built from its shapes alone ([`crate::model::Model::shape_only`]).
+pub fn finetune_peak(config: &Config, spec: &crate::model::ModelSpec) -> Result<u64> {
+    let shapes = crate::model::Model::shape_only(spec, &crate::model::LoadOptions::default())?;
+    let floats = (config.train.stage_list().iter())
+        .map(|s| s.train.optimizer.state_floats())
         .max()
         .unwrap_or(0);
-    let est = finetune_peak_bytes(&shapes, c.batching.token_budget, floats);
-    let h = crate::util::mem::human_bytes;
-    tracing::info!("finetune: estimated peak memory {}", h(est));
-    if let Some(limit) = c.attribution.memory_limit_gib {
-        if est as f64 > limit * (1u64 << 30) as f64 {
-            return Err(Error::Resource(format!(
-                "finetune: the estimated peak memory {} exceeds attribution.memory_limit_gib = \
-                 {limit}; lower batching.token_budget (micro-batches accumulate to the same \
-                 step) or raise the limit (`source-tda plan` shows every stage's need)",
-                h(est)
-            )));
-        }
-    }
+    Ok(finetune_peak_bytes(
+        &shapes,
+        config.batching.token_budget,
+        floats,
+    ))
+}
+
+/// Logs the predicted peak memory of fine-tuning and refuses when it exceeds
+/// `attribution.memory_limit_gib`, before any step is taken.
+fn check_finetune_memory(c: &Config, base_dir: &Path) -> Result<()> {
+    let spec = crate::model::ModelSpec::from_file(&base_dir.join("config.json"))?;
+    super::attribute::check_estimate(
+        "finetune",
+        finetune_peak(c, &spec)?,
+        c,
+        "lower batching.token_budget (micro-batches accumulate to the same step) or raise the \
+         limit (`source-tda plan` shows every stage's need)",
+    )?;
     Ok(())
 }
 

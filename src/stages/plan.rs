@@ -21,13 +21,13 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use crate::attribution::plan::{plan_score_memory, FactorGroups, ScoreNeeds};
-use crate::config::{Config, MethodKind, OptimizerKind};
+use crate::config::{Config, MethodKind};
 use crate::curvature::store::predicted_layer_bytes;
 use crate::error::{Error, Result};
 use crate::model::memory::{
-    capture_peak_bytes, finetune_peak_bytes, fit_peak_bytes, param_count, tracked_weight_floats,
+    capture_peak_bytes, fit_peak_bytes, param_count, tracked_weight_floats,
 };
-use crate::model::{Labels, LoadOptions, Model, ModelSpec, Tracking};
+use crate::model::{Labels, Model, ModelSpec};
 use crate::pipeline::RunDir;
 use crate::util::mem::human_bytes;
 
@@ -92,26 +92,10 @@ pub fn inputs_from_run(config: &Config, run: &RunDir) -> Result<(PathBuf, Vec<us
     Ok((model_config, documents, queries))
 }
 
-/// Floats of optimizer state per parameter that training keeps and checkpoints save.
-fn state_floats(kind: OptimizerKind) -> u64 {
-    match kind {
-        OptimizerKind::Sgd => 0,
-        OptimizerKind::Momentum => 1,
-        OptimizerKind::AdamW => 2,
-    }
-}
-
 /// The plan of `config` for the model described by `model_config` (a config.json).
 pub fn plan_run(config: &Config, model_config: &Path, inputs: &PlanInputs) -> Result<RunPlan> {
     let spec = ModelSpec::from_file(model_config)?;
     let tracked = Model::shape_only(&spec, &super::attribute::load_options(config))?;
-    let blocks = Model::shape_only(
-        &spec,
-        &LoadOptions {
-            tracking: Tracking::BlockLinears,
-            ..LoadOptions::default()
-        },
-    )?;
     let p = param_count(&tracked);
     let tokens = config.batching.token_budget;
     let block = config.attribution.block_size;
@@ -137,7 +121,7 @@ pub fn plan_run(config: &Config, model_config: &Path, inputs: &PlanInputs) -> Re
             let t = &stage.train;
             let (_, segs) = crate::train::finetune::plan(t, n)?;
             n_segments += segs.len();
-            let f = state_floats(t.optimizer);
+            let f = t.optimizer.state_floats();
             floats = floats.max(f);
             for s in &segs {
                 let c = s.checkpoints.len() as u64;
@@ -162,7 +146,7 @@ pub fn plan_run(config: &Config, model_config: &Path, inputs: &PlanInputs) -> Re
         }
         stages.push(StagePlan {
             stage: "finetune",
-            peak_bytes: finetune_peak_bytes(&blocks, tokens, floats),
+            peak_bytes: super::finetune::finetune_peak(config, &spec)?,
             disk_bytes: ckpt_bytes,
             detail: format!(
                 "{checkpoints} checkpoint(s) of {} (model{}){}",

@@ -29,7 +29,9 @@ use crate::error::Result;
 use crate::linalg::LayerQuery;
 use crate::pipeline::StageContext;
 
-use super::attribute::{fit_options, load_model, load_model_on, model_and_batch_bytes, role_docs};
+use super::attribute::{
+    fit_options, load_model_on, model_and_batch_bytes, model_shapes, role_docs,
+};
 use super::query_tokens::GEN_GRADIENTS;
 use super::score_gen_detail::pair_token_scores;
 use super::score_gen_out::{write_gen_outputs, GenRole, GenScores, Metadata};
@@ -58,7 +60,7 @@ pub(super) fn score_generated(
              add up to the whole completion's only approximately"
         );
     }
-    let final_model = load_model(&p.final_checkpoint, ctx.config)?;
+    let final_model = model_shapes(&p.final_checkpoint, ctx.config)?;
     let layers: Vec<String> = final_model
         .tracked_layers()
         .iter()
