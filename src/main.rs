@@ -79,6 +79,9 @@ enum Command {
     Finetune(OneStage),
     /// Fit EK-FAC curvature per segment of the trajectory ([attribution]).
     Fit(OneStage),
+    /// Sketch every document's gradient at each scoring model into the candidate index
+    /// ([attribution.candidates]): later query sets score only each query's candidates.
+    Index(OneStage),
     /// Compute the query measurements −log p(completion | prompt) and their gradients at the
     /// final checkpoint.
     Query(OneStage),
@@ -374,6 +377,7 @@ fn one_stage(command: Command) -> std::result::Result<OneStageRun, Command> {
         Command::Prepare(s) => (s, "prepare", here()),
         Command::Finetune(s) => (s, "finetune", here()),
         Command::Fit(s) => (s, "fit", here()),
+        Command::Index(s) => (s, "index", here()),
         Command::Query(s) => (s, "query", here()),
         Command::Score(s) => (s, "score", here()),
         Command::Eval(EvalCommand::Recall(s)) => (s, "eval-recall", here()),

@@ -10,6 +10,7 @@ pub mod clip;
 pub mod curvature;
 pub mod dense;
 pub mod gen_tokens;
+pub mod index;
 pub mod method;
 pub mod plan;
 pub mod refine;

@@ -16,6 +16,7 @@
 //! # adam_response = "full"  # AdamW segments: full (P_eff, needs m̂) | fixed_v (P)
 //! # refine = { method = "cg", iterations = 30, documents = 1024, tolerance = 1e-2 }
 //! # generated = { enabled = true, top_k = 5, detail_docs = 3, detail_budget = 200000 }
+//! # candidates = { per_query = 100, dims = 4096, seed = 0 }  # score the `index` stage's candidates
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -171,6 +172,49 @@ pub struct AttributionConfig {
     /// `score` records.
     #[serde(default, skip_serializing_if = "GeneratedConfig::is_default")]
     pub generated: GeneratedConfig,
+    /// Score only candidate documents found in the `index` stage's sketches
+    /// (`[attribution.candidates]`). Default: none, every document. Left out of resolved
+    /// configs when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<CandidatesConfig>,
+}
+
+/// `[attribution.candidates]` (or `candidates = { … }` inline): the `index` stage sketches each
+/// document's gradient at every scoring model to `dims` numbers (a count sketch of every
+/// tracked layer's gradient, hashed with `seed`); `score` then ranks every document by the
+/// sketched score and scores exactly only each query's `per_query` highest and `per_query`
+/// lowest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CandidatesConfig {
+    /// Candidates per query at each end of the sketched ranking (proponents and opponents).
+    /// Default 100.
+    #[serde(default = "default_candidates_per_query")]
+    pub per_query: usize,
+    /// D, the sketched numbers per document and scoring model: the sketched score's standard
+    /// deviation is about ‖u‖‖g‖/√D. Default 4096.
+    #[serde(default = "default_candidates_dims")]
+    pub dims: usize,
+    /// Seed of the hashes and signs (the same index on every machine). Default 0.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_candidates_per_query() -> usize {
+    100
+}
+fn default_candidates_dims() -> usize {
+    4096
+}
+
+impl Default for CandidatesConfig {
+    fn default() -> Self {
+        CandidatesConfig {
+            per_query: default_candidates_per_query(),
+            dims: default_candidates_dims(),
+            seed: 0,
+        }
+    }
 }
 
 /// `[attribution.generated]` (or `generated = { … }` inline): attribution of each generated
@@ -305,6 +349,7 @@ impl Default for AttributionConfig {
             adam_response: AdamResponse::default(),
             refine: None,
             generated: GeneratedConfig::default(),
+            candidates: None,
         }
     }
 }
@@ -401,6 +446,22 @@ impl AttributionConfig {
                      `*` wildcards, e.g. [\"model.layers.*.mlp.*\"] (or leave the key out for \
                      every linear layer of the blocks)"
                         .into(),
+                ));
+            }
+        }
+        if let Some(c) = &self.candidates {
+            if c.per_query == 0 {
+                return Err((
+                    k("candidates.per_query"),
+                    "is 0; allowed: 1 or more documents per query at each end of the sketched \
+                     ranking (remove `candidates` to score every document)"
+                        .into(),
+                ));
+            }
+            if c.dims == 0 {
+                return Err((
+                    k("candidates.dims"),
+                    "is 0; allowed: 1 or more sketched numbers per document (default 4096)".into(),
                 ));
             }
         }

@@ -37,8 +37,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use attribution::{
-    AdamResponse, AttributionConfig, EigenPrecision, FisherKind, GeneratedConfig, MethodKind,
-    RefineConfig, RefineMethod,
+    AdamResponse, AttributionConfig, CandidatesConfig, EigenPrecision, FisherKind, GeneratedConfig,
+    MethodKind, RefineConfig, RefineMethod,
 };
 pub use data::{
     is_role_name, DataConfig, DataFormat, DatasetConfig, DocShape, CHATML_TEMPLATE, FIXED_ROLES,

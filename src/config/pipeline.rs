@@ -19,11 +19,12 @@ use crate::error::{Error, Result};
 /// The canonical order of every stage the pipeline knows. The one place it is written: the
 /// stage registry (`pipeline::Registry`) arranges the implemented stages in this order and
 /// refuses a set of stages that differs from it.
-pub const STAGE_ORDER: [&str; 9] = [
+pub const STAGE_ORDER: [&str; 10] = [
     "fetch",
     "prepare",
     "finetune",
     "fit",
+    "index",
     "query",
     "score",
     "eval-recall",

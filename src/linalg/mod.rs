@@ -1,7 +1,7 @@
 //! The linear algebra of EK-FAC: symmetric eigendecompositions, block-diagonal factors, the
 //! covariance and Λ sums, a layer's eigenbasis and fitted factors, the spectral functions
-//! F(σ), the one eigenbasis primitive (also on token-factored gradients), query forms, the token contraction and preconditioned
-//! conjugate gradients.
+//! F(σ), the one eigenbasis primitive (also on token-factored gradients), query forms, the token contraction, the
+//! Kronecker sketch of gradients and preconditioned conjugate gradients.
 //! Layer: linalg — may import only the ground floor (error, util, config, output).
 
 pub mod basis;
@@ -15,6 +15,7 @@ pub mod factors;
 pub mod lambda;
 pub mod query;
 pub mod rank_one;
+pub mod sketch;
 pub mod spectral;
 #[cfg(test)]
 pub(crate) mod test_support;

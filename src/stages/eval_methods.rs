@@ -166,6 +166,13 @@ pub fn role_scores(
              for runs that evaluate"
         )));
     }
+    if ctx.config.attribution.candidates.is_some() {
+        return Err(Error::Pipeline(
+            "[attribution] candidates scores only each query's candidate documents, but the \
+             evaluations rank every document; remove `candidates` for runs that evaluate"
+                .into(),
+        ));
+    }
     let scored = scored_run(ctx.registry, ctx.config, ctx.run, method)?;
     let path = scores_root(&scored, None);
     let qpos: HashMap<&str, usize> = query_ids

@@ -1,9 +1,9 @@
 //! Owns the registry of every stage (`registry()`); each file is one stage's I/O and glue.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); the
-//! files here import only `fetch`, `attribute`, `eval_methods`, `finetune`, `pretrain_record`,
-//! `query_generate`, `query_tokens`, `score`, `score_acting`, `score_gen`, `score_gen_detail`,
-//! `score_gen_out`, `score_queries`, `score_refine` and `score_text` among themselves, never
-//! `mod.rs`.
+//! files here import only `fetch`, `attribute`, `eval_methods`, `finetune`, `index`,
+//! `pretrain_record`, `query_generate`, `query_tokens`, `score`, `score_acting`,
+//! `score_candidates`, `score_gen`, `score_gen_detail`, `score_gen_out`, `score_queries`,
+//! `score_refine` and `score_text` among themselves, never `mod.rs`.
 //!
 //! The stages the runner knows ([`Registry::new`] arranges them in the pipeline's order). Each
 //! file is one stage: it glues the library modules to the [`Stage`](crate::pipeline::Stage)
@@ -18,6 +18,7 @@ mod eval_spans;
 mod fetch;
 mod finetune;
 mod fit;
+mod index;
 pub mod plan;
 mod prepare;
 mod pretrain_record;
@@ -27,6 +28,7 @@ mod query_tokens;
 mod report;
 mod score;
 mod score_acting;
+mod score_candidates;
 mod score_gen;
 mod score_gen_detail;
 mod score_gen_out;
@@ -56,6 +58,7 @@ pub fn registry() -> Registry {
         Box::new(PrepareStage),
         Box::new(FinetuneStage),
         Box::new(FitStage),
+        Box::new(index::IndexStage),
         Box::new(QueryStage),
         Box::new(ScoreStage),
         Box::new(EvalRecallStage),

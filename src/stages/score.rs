@@ -39,6 +39,7 @@ use crate::util::hash::sha256_json;
 use super::attribute::{device_view, fit_options, load_model_on, plan, role_docs};
 use super::fetch::Fetched;
 use super::score_acting::write_acting;
+use super::score_candidates::{find_candidates, Candidates};
 use super::score_queries::{precondition_queries, Queries};
 use super::score_text::doc_token_texts;
 
@@ -79,7 +80,7 @@ pub fn table_metadata(ctx: &StageContext, table: &str) -> Result<Vec<(String, St
             j
         })
         .collect();
-    Ok(vec![
+    let mut meta: Vec<(String, String)> = vec![
         ("source_tda.version".into(), crate::VERSION.into()),
         ("source_tda.table".into(), table.into()),
         (
@@ -105,7 +106,12 @@ pub fn table_metadata(ctx: &StageContext, table: &str) -> Result<Vec<(String, St
             preconditioning(ctx, p.method, table).to_string(),
         ),
         ("source_tda.sign_convention".into(), SIGN_CONVENTION.into()),
-    ])
+    ];
+    if let Some(c) = &ctx.config.attribution.candidates {
+        // Only candidates were scored: ranks are among them.
+        meta.push(("source_tda.candidates".into(), json!(c).to_string()));
+    }
+    Ok(meta)
 }
 
 /// How the queries were preconditioned, for the tables' metadata: `none` (gradient dot
@@ -152,6 +158,11 @@ impl Stage for ScoreStage {
         &[("fetch", "data/query.json"), ("prepare", "query.parquet")]
     }
 
+    /// The candidate index, read with `[attribution.candidates]`.
+    fn optional_inputs(&self) -> &'static [&'static str] {
+        &["index"]
+    }
+
     fn config_view(&self, c: &Config) -> serde_json::Value {
         let mut v = json!({"attribution": c.attribution, "batching": c.batching});
         device_view(c, &mut v);
@@ -163,7 +174,8 @@ impl Stage for ScoreStage {
         log_adam_variant(ctx, &p)?;
         let queries = precondition_queries(ctx, &p)?;
         let acting = write_acting(ctx, &p, &queries.acting)?;
-        let mut roles = score_segments(ctx, &p, &queries)?;
+        let cands = find_candidates(ctx, &p, &queries)?;
+        let mut roles = score_segments(ctx, &p, &queries, cands.as_ref())?;
         let mut out = write_outputs(ctx, &p, queries.q, &mut roles)?;
         drop(roles);
         let meta = |table: &str| table_metadata(ctx, table);
@@ -188,6 +200,9 @@ impl Stage for ScoreStage {
         out["device"] = json!(queries.backend.name());
         out["query_rank_kept_energy"] = json!(queries.kept_energy);
         out["acting"] = acting;
+        if let Some(c) = cands {
+            out["candidates"] = c.summary;
+        }
         Ok(out)
     }
 }
@@ -207,11 +222,13 @@ fn log_adam_variant(ctx: &StageContext, p: &AttributionPlan) -> Result<()> {
 
 /// Scores every document of every segment's data role against every query: per segment,
 /// the sum of its scoring passes ([`AttributionPlan::score_points`]: one per model its step
-/// groups took gradients at, or the average over its checkpoints for a declared segment).
+/// groups took gradients at, or the average over its checkpoints for a declared segment);
+/// with `cands`, only the candidate documents.
 fn score_segments(
     ctx: &StageContext,
     p: &AttributionPlan,
     queries: &Queries,
+    cands: Option<&Candidates>,
 ) -> Result<BTreeMap<String, RoleScores>> {
     let opts = fit_options(ctx.config);
     let q = queries.q;
@@ -220,7 +237,10 @@ fn score_segments(
     for (l, seg) in p.segments.iter().enumerate() {
         crate::util::progress::set_part(format!("segment {}/{}", l + 1, p.segments.len()));
         if !roles.contains_key(&seg.role) {
-            let docs = role_docs(ctx.run, &seg.role)?;
+            let mut docs = role_docs(ctx.run, &seg.role)?;
+            if let Some(c) = cands {
+                docs = c.filter(&seg.role, docs);
+            }
             let tokens = docs
                 .iter()
                 .map(|d| vec![vec![0f32; d.n_tokens()]; q])

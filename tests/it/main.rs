@@ -17,6 +17,7 @@ mod common;
 // One module per test file.
 mod attribution_engine;
 mod attribution_options;
+mod candidates;
 mod cli_logs;
 mod cli_scripting;
 mod config_errors;

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Candidate recall of the exact top-k (issue 28 item 3): runs one exact and several
+# candidate-scored variants of two workloads and prints scripts/eval/candidate-recall.py's table
+# for each. The candidate runs reuse the exact run's fine-tune, fit and queries (copied), so
+# only `index` and `score` differ.
+#   demo:  configs/demo.toml as is (Source, 304 fact documents + 500 pretraining documents,
+#          8 queries), per_query 5 10 40 at dims 4096;
+#   text:  the demo model fine-tuned one epoch on the demo's 3000 pretraining documents
+#          (generic text), influence function, per_query 15 at dims 4096 and 32768.
+# Usage: scripts/eval/candidate-recall.sh [WORKDIR]   (default: a temporary folder)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+repo="$(pwd)"
+cargo build --quiet --release --bin source-tda
+target="${CARGO_TARGET_DIR:-target}"
+[[ "$target" == /* ]] || target="$repo/$target"
+work="${1:-$(mktemp -d)}"
+mkdir -p "$work"
+cp "$target/release/source-tda" "$work/st"
+py="$repo/.cache/py/bin/python"
+[[ -x "$py" ]] || py=python3
+
+variant() { # NAME BASE_CONFIG EXTRA
+  local dir="$work/$1"
+  printf '%s\n[attribution.candidates]\n%s\n' "$(cat "$2")" "$3" > "$dir.toml"
+  printf 'config = "%s.toml"\nstages = ["fetch", "prepare", "finetune", "fit", "index", "query", "score"]\n' \
+    "$(basename "$dir")" > "$dir.p.toml"
+  rm -rf "$dir"; cp -r "$(dirname "$dir")/exact-$(basename "$dir" | cut -d- -f1)" "$dir"
+  "$work/st" -q run "$dir.p.toml" --run-dir "$dir" --allow-config-change 2>/dev/null
+  echo "== $1: $3"
+  "$py" scripts/eval/candidate-recall.py "$(dirname "$dir")/exact-$(basename "$dir" | cut -d- -f1)" "$dir" 1 5 10
+}
+
+# demo: the shipped config with absolute asset paths.
+sed "s|\.\./assets|$repo/assets|" configs/demo.toml > "$work/demo.toml"
+printf 'config = "demo.toml"\nstages = ["fetch", "prepare", "finetune", "fit", "query", "score"]\n' > "$work/demo.p.toml"
+"$work/st" -q run "$work/demo.p.toml" --run-dir "$work/exact-demo"
+for c in 5 10 40; do variant "demo-$c" "$work/demo.toml" "per_query = $c"; done
+
+# text: train on the pretraining split, one epoch, influence function, no pretraining segment.
+"$py" - "$work/demo.toml" "$work/text.toml" <<'PY'
+import sys
+s = open(sys.argv[1]).read()
+s = s.replace('split = "train"                    # data/train-00000-of-00001.parquet',
+              'split = "pretrain"')
+a, b = s.index("[data.pretrain]"), s.index("[batching]")
+s = s[:a] + s[b:]
+a, b = s.index("[pretrain]"), s.index("[attribution]")
+s = s[:a] + s[b:]
+s = s.replace("epochs = 3 ", "epochs = 1 ").replace('method = "source"', 'method = "influence"')
+open(sys.argv[2], "w").write(s)
+PY
+printf 'config = "text.toml"\nstages = ["fetch", "prepare", "finetune", "fit", "query", "score"]\n' > "$work/text.p.toml"
+"$work/st" -q run "$work/text.p.toml" --run-dir "$work/exact-text"
+variant "text-4096" "$work/text.toml" "per_query = 15"
+variant "text-32768" "$work/text.toml" "$(printf 'per_query = 15\ndims = 32768')"
