@@ -26,6 +26,7 @@ pub use dense::DenseCurvature;
 pub use gen_tokens::{gen_token_docs, gen_token_gradients, GenToken, GenTokenGradients};
 pub use refine::{layer_dampings, refine_inverse, GaussNewtonSample};
 pub use score::{
-    query_gradients, score_pass, score_pass_on, score_pass_queries, QueryGradients, TrainScores,
+    query_gradients, score_pass, score_pass_on, score_pass_parts, score_pass_queries,
+    QueryGradients, ScoreParts, TrainScores,
 };
 pub use source::{source_walk, SegmentCurvature, StepGroup};

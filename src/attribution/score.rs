@@ -108,7 +108,7 @@ pub fn query_gradients(
 pub struct TrainScores {
     /// ⟨U_q, G_m⟩ summed over layers: `[Q][N]` (f64 sums of f32 terms).
     pub docs: Vec<Vec<f64>>,
-    /// The same per layer: `[L][Q][N]`.
+    /// The same per layer: `[L][Q][N]` (empty when not asked, [`ScoreParts::per_layer`]).
     pub per_layer: Vec<Vec<Vec<f64>>>,
     /// Per-token scores δ_tᵀ U_q a_t summed over layers, when asked: `[N][Q][T_m]`, where
     /// T_m is document m's length.
@@ -140,7 +140,7 @@ pub fn score_pass_queries(
 }
 
 /// [`score_pass_queries`] with the token contraction done by `backend` (the model loaded on
-/// its device).
+/// its device), per layer as well.
 pub fn score_pass_on(
     backend: &dyn Backend,
     model: &Model,
@@ -149,7 +149,34 @@ pub fn score_pass_on(
     opts: &PassOptions,
     keep_tokens: bool,
 ) -> Result<TrainScores> {
-    let out = score_pass_inner(backend, model, train, u, opts, keep_tokens);
+    let parts = ScoreParts {
+        tokens: keep_tokens,
+        per_layer: true,
+    };
+    score_pass_parts(backend, model, train, u, opts, parts)
+}
+
+/// What a scoring pass keeps beside the document scores [Q][N].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScoreParts {
+    /// Per-token scores of every document ([N][Q][T_m]).
+    pub tokens: bool,
+    /// Per-layer document scores ([L][Q][N], 8·L·Q bytes per document).
+    pub per_layer: bool,
+}
+
+/// [`score_pass_on`] keeping only `parts`: the stage keeps neither per-layer scores nor, for
+/// most documents, per-token scores, so that its memory per document is the Q document
+/// scores. The document scores are the same f64 sums either way (layer by layer in order).
+pub fn score_pass_parts(
+    backend: &dyn Backend,
+    model: &Model,
+    train: &[PreparedDoc],
+    u: &[LayerQuery],
+    opts: &PassOptions,
+    parts: ScoreParts,
+) -> Result<TrainScores> {
+    let out = score_pass_inner(backend, model, train, u, opts, parts);
     backend.release();
     out
 }
@@ -160,8 +187,9 @@ fn score_pass_inner(
     train: &[PreparedDoc],
     u: &[LayerQuery],
     opts: &PassOptions,
-    keep_tokens: bool,
+    parts: ScoreParts,
 ) -> Result<TrainScores> {
+    let keep_tokens = parts.tokens;
     let u: Vec<LayerQuery> = u
         .iter()
         .map(LayerQuery::contiguous)
@@ -169,7 +197,11 @@ fn score_pass_inner(
     let n = train.len();
     let q = u.first().map(|t| t.queries()).transpose()?.unwrap_or(0);
     let mut docs = vec![vec![0f64; n]; q];
-    let mut per_layer = vec![vec![vec![0f64; n]; q]; u.len()];
+    let mut per_layer = if parts.per_layer {
+        vec![vec![vec![0f64; n]; q]; u.len()]
+    } else {
+        Vec::new()
+    };
     let mut tokens: Option<Vec<Vec<Vec<f32>>>> = keep_tokens.then(|| vec![Vec::new(); n]);
     for_each_batch(model, train, opts, "scoring", |batch, idx| {
         let cap = {
@@ -189,9 +221,14 @@ fn score_pass_inner(
                     .doc_scores(ul, &layer.a, &layer.delta, &cap.attention_mask)?
                     .to_vec2()?,
             };
+            // Each document is in one batch: its sum over layers, in layer order, is the
+            // same whether or not the per-layer values are kept.
             for (qi, row) in per_doc.iter().enumerate() {
                 for (k, &i) in idx.iter().enumerate() {
-                    per_layer[l][qi][i] += row[k] as f64;
+                    docs[qi][i] += row[k] as f64;
+                    if let Some(pl) = per_layer.get_mut(l) {
+                        pl[qi][i] += row[k] as f64;
+                    }
                 }
             }
             if let Some(s) = s {
@@ -212,14 +249,6 @@ fn score_pass_inner(
         }
         Ok(())
     })?;
-    // Document scores are the f64 sum of the layers' terms.
-    for layer in &per_layer {
-        for (qi, row) in layer.iter().enumerate() {
-            for (i, v) in row.iter().enumerate() {
-                docs[qi][i] += v;
-            }
-        }
-    }
     Ok(TrainScores {
         docs,
         per_layer,

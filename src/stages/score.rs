@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::json;
 
 use crate::attribution::plan::AttributionPlan;
-use crate::attribution::score_pass_on;
+use crate::attribution::{score_pass_parts, ScoreParts};
 use crate::backend::Backend;
 use crate::config::{Config, MethodKind};
 use crate::data::tokenize::load_tokenizer;
@@ -131,12 +131,35 @@ fn preconditioning(ctx: &StageContext, method: MethodKind, table: &str) -> serde
     }
 }
 
-/// Scores of one data role: per segment [Q][N] and per-token sums [N][Q][T].
+/// Scores of one data role: per segment [Q][N], and per-token sums [Q][T] of the documents
+/// that get them (every document with `all_token_scores`, else each query's top-k, added
+/// after the ranking by [`add_leader_tokens`]), by position in `docs`.
 struct RoleScores {
     docs: Vec<PreparedDoc>,
     n_train: u64,
     per_segment: BTreeMap<usize, Vec<Vec<f64>>>,
-    tokens: Vec<Vec<Vec<f32>>>,
+    tokens: HashMap<usize, Vec<Vec<f32>>>,
+}
+
+/// Whether every document's per-token scores are written (`all_token_scores`, or top_k 0):
+/// then the scoring passes keep them; otherwise only the top-k documents' are computed, in a
+/// second pass over those documents once the ranking is known.
+fn all_tokens(config: &Config) -> bool {
+    config.attribution.all_token_scores || config.attribution.top_k == 0
+}
+
+/// The passes of plan segment `l`: each scoring model with its u.
+fn segment_passes<'a>(
+    p: &'a AttributionPlan,
+    queries: &'a Queries,
+    l: usize,
+) -> Vec<(std::path::PathBuf, &'a [LayerQuery])> {
+    p.score_points()
+        .into_iter()
+        .zip(&queries.u)
+        .filter(|(pt, _)| pt.segment == l)
+        .map(|(pt, u)| (pt.model, &u[..]))
+        .collect()
 }
 
 impl Stage for ScoreStage {
@@ -176,7 +199,7 @@ impl Stage for ScoreStage {
         let acting = write_acting(ctx, &p, &queries.acting)?;
         let cands = find_candidates(ctx, &p, &queries)?;
         let mut roles = score_segments(ctx, &p, &queries, cands.as_ref())?;
-        let mut out = write_outputs(ctx, &p, queries.q, &mut roles)?;
+        let mut out = write_outputs(ctx, &p, &queries, &mut roles)?;
         drop(roles);
         let meta = |table: &str| table_metadata(ctx, table);
         if let Some(g) =
@@ -233,7 +256,7 @@ fn score_segments(
     let opts = fit_options(ctx.config);
     let q = queries.q;
     let mut roles: BTreeMap<String, RoleScores> = BTreeMap::new();
-    let points = p.score_points();
+    let tokens = all_tokens(ctx.config);
     for (l, seg) in p.segments.iter().enumerate() {
         crate::util::progress::set_part(format!("segment {}/{}", l + 1, p.segments.len()));
         if !roles.contains_key(&seg.role) {
@@ -241,62 +264,115 @@ fn score_segments(
             if let Some(c) = cands {
                 docs = c.filter(&seg.role, docs);
             }
-            let tokens = docs
-                .iter()
-                .map(|d| vec![vec![0f32; d.n_tokens()]; q])
-                .collect();
             roles.insert(
                 seg.role.clone(),
                 RoleScores {
                     docs,
                     n_train: seg.n_docs,
                     per_segment: BTreeMap::new(),
-                    tokens,
+                    tokens: HashMap::new(),
                 },
             );
         }
         let r = roles.get_mut(&seg.role).expect("inserted above");
-        let passes: Vec<(&std::path::Path, &[LayerQuery])> = points
-            .iter()
-            .zip(&queries.u)
-            .filter(|(pt, _)| pt.segment == l)
-            .map(|(pt, u)| (pt.model.as_path(), &u[..]))
-            .collect();
-        let acc = score_segment(ctx.config, queries.backend.as_ref(), &passes, r, &opts, q)?;
+        let passes = segment_passes(p, queries, l);
+        let backend = queries.backend.as_ref();
+        let acc = score_segment(ctx.config, backend, &passes, r, None, tokens, &opts, q)?;
         r.per_segment.insert(seg.index, acc);
         ctx.failpoint(&format!("after-segment-{}", seg.index))?;
     }
     Ok(roles)
 }
 
-/// One segment's document scores [Q][N], the sum of one scoring pass per (model, u) in
-/// `passes`; its per-token scores are added likewise to `r.tokens`.
+/// One segment's document scores [Q][N'], the sum of one scoring pass per (model, u) in
+/// `passes` over the role's documents (or only those at positions `only`, N' of them); with
+/// `tokens`, their per-token scores are added likewise to `r.tokens`.
+#[allow(clippy::too_many_arguments)]
 fn score_segment(
     config: &Config,
     backend: &dyn Backend,
-    passes: &[(&std::path::Path, &[LayerQuery])],
+    passes: &[(std::path::PathBuf, &[LayerQuery])],
     r: &mut RoleScores,
+    only: Option<&[usize]>,
+    tokens: bool,
     opts: &PassOptions,
     q: usize,
 ) -> Result<Vec<Vec<f64>>> {
-    let mut acc = vec![vec![0f64; r.docs.len()]; q];
+    let picked: Vec<PreparedDoc>;
+    let (docs, at): (&[PreparedDoc], Vec<usize>) = match only {
+        Some(m) => {
+            picked = m.iter().map(|&i| r.docs[i].clone()).collect();
+            (&picked, m.to_vec())
+        }
+        None => (&r.docs, (0..r.docs.len()).collect()),
+    };
+    let mut acc = vec![vec![0f64; docs.len()]; q];
+    let parts = ScoreParts {
+        tokens,
+        per_layer: false,
+    };
     for (ckpt, u) in passes {
         let model = load_model_on(ckpt, backend.device(), config)?;
-        let s = score_pass_on(backend, &model, &r.docs, u, opts, true)?;
+        let s = score_pass_parts(backend, &model, docs, u, opts, parts)?;
         for (qi, row) in s.docs.iter().enumerate() {
             for (m, v) in row.iter().enumerate() {
                 acc[qi][m] += v;
             }
         }
-        for (m, per_q) in s.tokens.expect("asked for tokens").iter().enumerate() {
+        for (k, per_q) in s.tokens.into_iter().flatten().enumerate() {
+            let slot = r
+                .tokens
+                .entry(at[k])
+                .or_insert_with(|| per_q.iter().map(|row| vec![0f32; row.len()]).collect());
             for (qi, row) in per_q.iter().enumerate() {
                 for (t, v) in row.iter().enumerate() {
-                    r.tokens[m][qi][t] += *v;
+                    slot[qi][t] += *v;
                 }
             }
         }
     }
     Ok(acc)
+}
+
+/// The per-token scores of the documents `leaders` names (global positions in `docs` order:
+/// roles by name, then each role's documents), from one more scoring pass per scoring model
+/// over those documents only.
+fn add_leader_tokens(
+    ctx: &StageContext,
+    p: &AttributionPlan,
+    queries: &Queries,
+    roles: &mut BTreeMap<String, RoleScores>,
+    leaders: &[Vec<Ranked>],
+) -> Result<()> {
+    let mut at: Vec<(String, usize)> = Vec::new();
+    for (role, r) in roles.iter() {
+        at.extend((0..r.docs.len()).map(|m| (role.clone(), m)));
+    }
+    let mut wanted: BTreeMap<String, std::collections::BTreeSet<usize>> = BTreeMap::new();
+    for r in leaders.iter().flatten() {
+        let (role, m) = &at[r.j];
+        wanted.entry(role.clone()).or_default().insert(*m);
+    }
+    let opts = fit_options(ctx.config);
+    for (l, seg) in p.segments.iter().enumerate() {
+        let (Some(only), Some(r)) = (wanted.get(&seg.role), roles.get_mut(&seg.role)) else {
+            continue;
+        };
+        let only: Vec<usize> = only.iter().copied().collect();
+        let passes = segment_passes(p, queries, l);
+        let backend = queries.backend.as_ref();
+        score_segment(
+            ctx.config,
+            backend,
+            &passes,
+            r,
+            Some(&only),
+            true,
+            &opts,
+            queries.q,
+        )?;
+    }
+    Ok(())
 }
 
 /// Every scored document in one order (data roles by name, then each role's documents) and
@@ -352,9 +428,10 @@ fn flat_scores(
 fn write_outputs(
     ctx: &StageContext,
     p: &AttributionPlan,
-    q: usize,
+    queries: &Queries,
     roles: &mut BTreeMap<String, RoleScores>,
 ) -> Result<serde_json::Value> {
+    let q = queries.q;
     let query_ids = copy_queries(ctx, q)?;
     let fetched = Fetched::load(ctx.run)?;
     let tokenizer = load_tokenizer(fetched.tokenizer_path())?;
@@ -369,7 +446,7 @@ fn write_outputs(
         Some(k) => Keep::TopBottom(k),
         None => Keep::All,
     };
-    let all_tokens = a.all_token_scores || a.top_k == 0;
+    let all_tokens = all_tokens(ctx.config);
     let lead = if all_tokens {
         docs.len()
     } else {
@@ -386,6 +463,9 @@ fn write_outputs(
     let leaders = write_scores(&mut w, &table, keep, lead)?;
     let rows = w.finish()?;
     drop(segments);
+    if !all_tokens {
+        add_leader_tokens(ctx, p, queries, roles, &leaders)?;
+    }
     let n_token_rows = write_token_scores(ctx, roles, &docs, &query_ids, &leaders, &tokenizer)?;
     write_train_docs(ctx, roles)?;
     let top: Vec<serde_json::Value> = leaders
@@ -453,7 +533,10 @@ fn write_token_scores(
             let pieces = texts
                 .entry((role, m))
                 .or_insert_with(|| doc_token_texts(ctx, role, doc, tokenizer));
-            for (t, &s) in roles[role].tokens[m][qi].iter().enumerate() {
+            let tokens = roles[role].tokens.get(&m).ok_or_else(|| {
+                Error::Pipeline(format!("no per-token scores for document {}", doc.doc_id))
+            })?;
+            for (t, &s) in tokens[qi].iter().enumerate() {
                 tq.push(query_ids[qi].clone());
                 tid.push(doc.doc_id.clone());
                 tidx.push(t as u32);
