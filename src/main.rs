@@ -78,10 +78,42 @@ enum Command {
     /// interrupted fine-tune from its last checkpoint.
     Finetune(OneStage),
     /// Fit EK-FAC curvature per segment of the trajectory ([attribution]).
-    Fit(OneStage),
+    ///
+    /// With --shard i/n this process runs only its share (every n-th batch) of the pass
+    /// that is due, without locking the run directory, and writes partial sums to
+    /// RUN_DIR/shards/fit/: the covariance pass first; after `source-tda merge fit` wrote the
+    /// eigenbases, the same command runs the eigenvalue-correction pass; a second `merge fit`
+    /// completes the stage. See docs/guide.md (shards) and scripts/slurm/, scripts/k8s/.
+    #[command(verbatim_doc_comment)]
+    Fit {
+        #[command(flatten)]
+        stage: OneStage,
+        /// Run only shard i of n (1 ≤ i ≤ n) of the pass that is due, e.g. --shard 2/4.
+        #[arg(long, value_name = "i/n", conflicts_with_all = ["force", "allow_config_change"])]
+        shard: Option<String>,
+    },
     /// Sketch every document's gradient at each scoring model into the candidate index
     /// ([attribution.candidates]): later query sets score only each query's candidates.
     Index(OneStage),
+    /// Combine the partial results of the `--shard i/n` processes of STAGE (`fit` or
+    /// `eval-lds`) in a run directory; idempotent.
+    ///
+    /// fit: the covariance shards into the eigenbases (then run the Λ shards: the same
+    /// `fit --shard i/n` commands), or, once every Λ shard is there, the factors: the run
+    /// directory then holds a complete `fit` as an unsharded run would. eval-lds: runs the
+    /// stage once every retraining job has its result. A missing or duplicated shard, or
+    /// shards of different counts, configs or versions, are refused, naming what to rerun.
+    #[command(verbatim_doc_comment)]
+    Merge {
+        /// The stage whose shards to merge: `fit` or `eval-lds`.
+        stage: String,
+        /// The config file. Default: the run directory's resolved config.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The run directory.
+        #[arg(long)]
+        run_dir: PathBuf,
+    },
     /// Compute the query measurements −log p(completion | prompt) and their gradients at the
     /// final checkpoint.
     Query(OneStage),
@@ -376,7 +408,7 @@ fn one_stage(command: Command) -> std::result::Result<OneStageRun, Command> {
         Command::Fetch(s) => (s, "fetch", here()),
         Command::Prepare(s) => (s, "prepare", here()),
         Command::Finetune(s) => (s, "finetune", here()),
-        Command::Fit(s) => (s, "fit", here()),
+        Command::Fit { stage, shard: None } => (stage, "fit", here()),
         Command::Index(s) => (s, "index", here()),
         Command::Query(s) => (s, "query", here()),
         Command::Score(s) => (s, "score", here()),
@@ -488,6 +520,29 @@ fn dispatch(command: Command, stages: &Registry) -> Result<()> {
             no_merge,
             ..
         }) => eval_lds_shard(stages, &stage, &shard, !no_merge),
+        Command::Fit {
+            stage,
+            shard: Some(shard),
+        } => fit_shard(stages, &stage, &shard),
+        Command::Merge {
+            stage,
+            config,
+            run_dir,
+        } => {
+            let opts = StageOpts {
+                force: None,
+                allow_config_change: false,
+            };
+            merge(
+                stages,
+                &stage,
+                &OneStage {
+                    config,
+                    run_dir,
+                    opts,
+                },
+            )
+        }
         Command::ImportTrainer { trainer_dir, stage } => {
             import_trainer(stages, &trainer_dir, stage)
         }
@@ -694,6 +749,72 @@ fn eval_lds_shard(stages: &Registry, s: &OneStage, shard: &str, merge: bool) -> 
             Ok(())
         }
     }
+}
+
+/// `source-tda fit --shard i/n`.
+fn fit_shard(stages: &Registry, s: &OneStage, shard: &str) -> Result<()> {
+    use source_tda::stages::FitShardOutcome;
+    let shard = source_tda::util::shard::Shard::parse(shard)?;
+    let (config, _) = s.load_config()?;
+    let run = RunDir::at(&s.run_dir)?;
+    let out = source_tda::stages::fit_shard(stages, &config, &run, shard)
+        .with_context(|| format!("run directory {}", run.path().display()))?;
+    let merge = format!("source-tda merge fit --run-dir {}", s.run_dir.display());
+    match out {
+        FitShardOutcome::Wrote { pass, path } => eprintln!(
+            "fit: shard {shard}: {pass:?} pass written to {}; when every shard is done: {merge}",
+            path.display()
+        ),
+        FitShardOutcome::Complete => eprintln!("fit: complete and up to date; nothing to do"),
+        FitShardOutcome::NoCurvature => eprintln!(
+            "fit: this method needs no curvature; nothing to shard (run `{merge}` or `fit`)"
+        ),
+    }
+    Ok(())
+}
+
+/// `source-tda merge STAGE`.
+fn merge(stages: &Registry, stage: &str, s: &OneStage) -> Result<()> {
+    use source_tda::stages::FitMergeOutcome;
+    let (config, config_path) = s.load_config()?;
+    let run = RunDir::at(&s.run_dir)?;
+    let ctx = || format!("run directory {}", run.path().display());
+    let shards = format!(
+        "source-tda fit --shard I/N --run-dir {}",
+        s.run_dir.display()
+    );
+    match stage {
+        "fit" => match source_tda::stages::merge_fit(stages, &config, &config_path, &run)
+            .with_context(ctx)?
+        {
+            FitMergeOutcome::Bases { shards: n } => eprintln!(
+                "merge fit: {n} covariance shards merged into the eigenbases; next, the Λ                  pass: `{shards}` for I = 1..N, then merge again"
+            ),
+            FitMergeOutcome::BasesPresent => eprintln!(
+                "merge fit: the eigenbases are merged already; next, the Λ pass: `{shards}`                  for I = 1..N, then merge again"
+            ),
+            FitMergeOutcome::Factors { shards: n } => {
+                eprintln!("merge fit: {n} Λ shards merged; fit: done");
+                return print_summary(&s.run_dir, "fit");
+            }
+            FitMergeOutcome::Complete => {
+                eprintln!("merge fit: fit is complete and up to date; nothing to merge")
+            }
+        },
+        "eval-lds" => {
+            let n = source_tda::stages::merge_lds(stages, &config, &config_path, &run)
+                .with_context(ctx)?;
+            eprintln!("merge eval-lds: {n} retraining jobs merged");
+            return print_summary(&s.run_dir, "eval-lds");
+        }
+        other => {
+            return Err(Usage(format!(
+                "merge {other}: the stages with shards are `fit` and `eval-lds`"
+            ))
+            .into())
+        }
+    }
+    Ok(())
 }
 
 fn import_trainer(stages: &Registry, trainer_dir: &Path, s: OneStage) -> Result<()> {

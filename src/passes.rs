@@ -5,10 +5,11 @@
 use std::path::PathBuf;
 
 use crate::config::EigenPrecision;
-use crate::data::{plan_batches, BatchOrder, PreparedDoc};
+use crate::data::{plan_batches, Batch, BatchOrder, PreparedDoc};
 use crate::error::Result;
 use crate::model::{Labels, Model, TokenBatch};
 use crate::util::progress;
+use crate::util::shard::Shard;
 
 /// Which Fisher the factors estimate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,8 +63,14 @@ pub fn for_each_batch(
     docs: &[PreparedDoc],
     opts: &PassOptions,
     label: &str,
-    mut f: impl FnMut(&TokenBatch, &[usize]) -> Result<()>,
+    f: impl FnMut(&TokenBatch, &[usize]) -> Result<()>,
 ) -> Result<()> {
+    for_each_batch_in(model, docs, opts, label, None, f)
+}
+
+/// The batches of `docs`' plan that `shard` owns (batch k belongs to shard (k mod n) + 1;
+/// `None`: all of them).
+pub fn shard_batches(docs: &[PreparedDoc], opts: &PassOptions, shard: Option<Shard>) -> Vec<Batch> {
     let lengths: Vec<usize> = docs.iter().map(|d| d.n_tokens()).collect();
     let plan = plan_batches(
         &lengths,
@@ -71,7 +78,26 @@ pub fn for_each_batch(
         opts.max_batch_size,
         BatchOrder::LengthSorted,
     );
-    let pb = progress::bar(docs.len() as u64, label);
+    (plan.into_iter().enumerate())
+        .filter(|(k, _)| shard.is_none_or(|s| s.owns(*k)))
+        .map(|(_, b)| b)
+        .collect()
+}
+
+/// [`for_each_batch`] over the batches of the whole plan that `shard` owns
+/// ([`shard_batches`]). Each batch holds the same documents as in the unsharded pass, so
+/// whatever a batch computes is bitwise the same in the shard that owns it.
+pub fn for_each_batch_in(
+    model: &Model,
+    docs: &[PreparedDoc],
+    opts: &PassOptions,
+    label: &str,
+    shard: Option<Shard>,
+    mut f: impl FnMut(&TokenBatch, &[usize]) -> Result<()>,
+) -> Result<()> {
+    let plan = shard_batches(docs, opts, shard);
+    let n: usize = plan.iter().map(|b| b.docs.len()).sum();
+    let pb = progress::bar(n as u64, label);
     for b in &plan {
         let pairs: Vec<(&[u32], &[u8])> = b
             .docs

@@ -18,37 +18,53 @@ use crate::data::PreparedDoc;
 use crate::error::{Error, Result};
 use crate::linalg::{BlockDiag, Covariances, EigenBasis, FactorSum, LambdaSums, LayerFactors};
 use crate::model::{Capture, Model};
-use crate::passes::{for_each_batch, PassOptions};
+use crate::passes::{for_each_batch_in, PassOptions};
+use crate::util::shard::Shard;
 use crate::util::{phase, progress};
 
 use super::spill::{CaptureSpill, Spills};
 
 /// Sums of a segment's fit over all its checkpoints: A per distinct layer input (q/k/v
 /// share one, gate/up another; see [`Capture::input_groups`]), S per layer.
-struct FitSums {
+pub(super) struct FitSums {
     /// The capture's input grouping these sums were made for.
-    groups: Vec<usize>,
+    pub(super) groups: Vec<usize>,
     /// For each tracked layer, the index of its input's factor in `a`.
-    a_of: Vec<usize>,
-    a: Vec<FactorSum>,
-    s: Vec<FactorSum>,
+    pub(super) a_of: Vec<usize>,
+    pub(super) a: Vec<FactorSum>,
+    pub(super) s: Vec<FactorSum>,
     /// Real (non-padding) tokens added, over all checkpoints.
-    tokens: u64,
+    pub(super) tokens: u64,
+    /// Documents added, over all checkpoints.
+    pub(super) documents: u64,
+    /// Batches added, over all checkpoints.
+    pub(super) batches: u64,
+}
+
+/// For each tracked layer, the index of its input's factor among the distinct inputs
+/// (`groups[l]`: the first layer that reads the same tensor as layer l).
+pub(super) fn input_factor_of(groups: &[usize]) -> Vec<usize> {
+    let mut a_of = vec![0; groups.len()];
+    let mut next = 0;
+    for (l, &g) in groups.iter().enumerate() {
+        if g == l {
+            a_of[l] = next;
+            next += 1;
+        } else {
+            a_of[l] = a_of[g];
+        }
+    }
+    a_of
 }
 
 impl FitSums {
     fn new(model: &Model, groups: Vec<usize>, block: Option<usize>) -> FitSums {
         let layers = model.tracked_layers();
-        let mut a_of = vec![0; layers.len()];
-        let mut a = Vec::new();
-        for (l, info) in layers.iter().enumerate() {
-            if groups[l] == l {
-                a_of[l] = a.len();
-                a.push(FactorSum::new(info.d_in + info.has_bias as usize, block));
-            } else {
-                a_of[l] = a_of[groups[l]];
-            }
-        }
+        let a_of = input_factor_of(&groups);
+        let a = (layers.iter().enumerate())
+            .filter(|(l, _)| groups[*l] == *l)
+            .map(|(_, info)| FactorSum::new(info.d_in + info.has_bias as usize, block))
+            .collect();
         let s = layers
             .iter()
             .map(|info| FactorSum::new(info.d_out, block))
@@ -59,6 +75,8 @@ impl FitSums {
             a,
             s,
             tokens: 0,
+            documents: 0,
+            batches: 0,
         }
     }
 }
@@ -75,12 +93,13 @@ fn checked_groups(cap: &Capture, want: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// Adds one checkpoint's covariance pass over `docs` to `sums` (made at the first batch),
-/// keeping its captures in `spill` when given (see [`Spills`]).
-fn accumulate_covariances(
+/// Adds one checkpoint's covariance pass over `docs` (the batches `shard` owns; all with
+/// `None`) to `sums` (made at the first batch), keeping its captures in `spill` when given
+/// (see [`Spills`]).
+pub(super) fn accumulate_covariances(
     backend: &dyn Backend,
     model: &Model,
-    docs: &[PreparedDoc],
+    (docs, shard): (&[PreparedDoc], Option<Shard>),
     opts: &PassOptions,
     sums: &mut Option<FitSums>,
     what: &str,
@@ -88,7 +107,7 @@ fn accumulate_covariances(
 ) -> Result<Option<CaptureSpill>> {
     let mut batch_no = 0usize;
     let mut spill = spills.open();
-    for_each_batch(model, docs, opts, "covariance", |batch, _| {
+    for_each_batch_in(model, docs, opts, "covariance", shard, |batch, _| {
         let cap = {
             let _t = phase::timer("fit: capture");
             model.capture(batch, opts.fisher.labels())?
@@ -131,6 +150,8 @@ fn accumulate_covariances(
             check_finite(&sums.s[l], &layer.name, "output gradients", what, batch_no)?;
         }
         sums.tokens += batch.lengths.iter().sum::<usize>() as u64;
+        sums.documents += batch.lengths.len() as u64;
+        sums.batches += 1;
         batch_no += 1;
         Ok(())
     })?;
@@ -225,26 +246,29 @@ fn decompose_all(
         .collect())
 }
 
-/// Adds one checkpoint's eigenvalue-correction pass over `docs` to `lambda`: a and δ are
-/// rotated into the bases (a once per shared input), then every document's squared rotated
-/// gradient is added.
-fn accumulate_lambda(
+/// Adds one checkpoint's eigenvalue-correction pass over `docs` (the batches `shard` owns;
+/// all with `None`) to `lambda`: a and δ are rotated into the bases (a once per shared
+/// input), then every document's squared rotated gradient is added. `groups`: the input
+/// grouping of the covariance pass. Returns the batches added.
+pub(super) fn accumulate_lambda(
     backend: &dyn Backend,
     model: &Model,
-    docs: &[PreparedDoc],
+    (docs, shard): (&[PreparedDoc], Option<Shard>),
     opts: &PassOptions,
-    bases: &[EigenBasis],
-    sums: &FitSums,
+    (bases, groups): (&[EigenBasis], &[usize]),
     lambda: &mut [LambdaSums],
-) -> Result<()> {
-    for_each_batch(model, docs, opts, "eigenvalues", |batch, _| {
+) -> Result<u64> {
+    let mut batches = 0;
+    for_each_batch_in(model, docs, opts, "eigenvalues", shard, |batch, _| {
         let cap = {
             let _t = phase::timer("fit: capture");
             model.capture(batch, opts.fisher.labels())?
         };
-        checked_groups(&cap, &sums.groups)?;
+        checked_groups(&cap, groups)?;
+        batches += 1;
         add_lambdas(backend, lambda, bases, &cap, &batch.lengths)
-    })
+    })?;
+    Ok(batches)
 }
 
 /// Adds one capture's Λ terms through the backend: each layer's (a, δ) and the mask.
@@ -343,7 +367,15 @@ fn fit(
     let mut spills = Spills::new(opts.capture_dir.clone(), first.device().is_cpu());
     for (c, m) in checkpoints.iter().enumerate() {
         let label = format!("{what} checkpoint {c}");
-        let kept = accumulate_covariances(backend, m, docs, opts, &mut sums, &label, &mut spills)?;
+        let kept = accumulate_covariances(
+            backend,
+            m,
+            (docs, None),
+            opts,
+            &mut sums,
+            &label,
+            &mut spills,
+        )?;
         spills.kept.push(kept);
     }
     let spilled: u64 = spills.kept.iter().flatten().map(CaptureSpill::bytes).sum();
@@ -355,55 +387,15 @@ fn fit(
     }
     let mut sums = sums.ok_or_else(|| Error::Numeric(format!("{what}: no documents to fit")))?;
     let layers = first.tracked_layers();
-    let tokens = sums.tokens.max(1) as f64;
-
-    // One eigendecomposition per distinct factor, several at once (each also splits its own
-    // work over the pool; idle threads steal either kind of work).
-    let mut jobs: Vec<(FactorSum, String)> = Vec::with_capacity(sums.a.len() + sums.s.len());
-    for (k, sum) in std::mem::take(&mut sums.a).into_iter().enumerate() {
-        let l = sums
-            .a_of
-            .iter()
-            .position(|&x| x == k)
-            .expect("every factor has a layer");
-        let name = format!("{what} layer `{}` activation covariance", layers[l].name);
-        jobs.push((sum, name));
-    }
-    for (l, sum) in std::mem::take(&mut sums.s).into_iter().enumerate() {
-        let name = format!("{what} layer `{}` gradient covariance", layers[l].name);
-        jobs.push((sum, name));
-    }
-    let n_a = jobs.len() - layers.len();
-    let eigen_timer = phase::timer("fit: eigendecomposition");
-    let mut decomposed = decompose_all(
+    let names: Vec<String> = layers.iter().map(|l| l.name.clone()).collect();
+    let (bases, covs) = bases_from_sums(
         backend,
-        jobs,
-        tokens,
+        &mut sums,
+        &names,
+        what,
         keep_covariances,
         opts.eigen_precision,
-        &device,
     )?;
-    drop(eigen_timer);
-    let s_dec = decomposed.split_off(n_a);
-    let a_dec = decomposed;
-    let mut bases = Vec::with_capacity(layers.len());
-    let mut covs = Vec::with_capacity(layers.len());
-    for (l, s) in s_dec.into_iter().enumerate() {
-        let a = &a_dec[sums.a_of[l]];
-        bases.push(EigenBasis {
-            q_a: a.q.clone(),
-            q_s: s.q,
-            eig_a: a.values.clone(),
-            eig_s: s.values,
-        });
-        covs.push(Covariances {
-            a_layout: a.q.layout.clone(),
-            s_layout: bases[l].q_s.layout.clone(),
-            a: a.covariance.clone(),
-            s: s.covariance,
-        });
-    }
-    drop(a_dec);
 
     let mut lambda: Vec<LambdaSums> = layers
         .iter()
@@ -415,7 +407,8 @@ fn fit(
             None => false,
         };
         if !read_back {
-            accumulate_lambda(backend, m, docs, opts, &bases, &sums, &mut lambda)?;
+            let fitted = (&bases[..], &sums.groups[..]);
+            accumulate_lambda(backend, m, (docs, None), opts, fitted, &mut lambda)?;
         }
     }
     layers
@@ -432,6 +425,61 @@ fn fit(
             })
         })
         .collect()
+}
+
+/// One eigendecomposition per distinct factor of `sums` (consumed), several at once (each
+/// also splits its own work over the pool; idle threads steal either kind of work): the
+/// eigenbasis of every tracked layer (`names`, in order; errors name them after `what`) and,
+/// with `keep_covariances`, the normalised covariances (else their layouts only).
+pub(super) fn bases_from_sums(
+    backend: &dyn Backend,
+    sums: &mut FitSums,
+    names: &[String],
+    what: &str,
+    keep_covariances: bool,
+    precision: EigenPrecision,
+) -> Result<(Vec<EigenBasis>, Vec<Covariances>)> {
+    let device = Device::Cpu;
+    let tokens = sums.tokens.max(1) as f64;
+    let mut jobs: Vec<(FactorSum, String)> = Vec::with_capacity(sums.a.len() + sums.s.len());
+    for (k, sum) in std::mem::take(&mut sums.a).into_iter().enumerate() {
+        let l = sums
+            .a_of
+            .iter()
+            .position(|&x| x == k)
+            .expect("every factor has a layer");
+        let name = format!("{what} layer `{}` activation covariance", names[l]);
+        jobs.push((sum, name));
+    }
+    for (l, sum) in std::mem::take(&mut sums.s).into_iter().enumerate() {
+        let name = format!("{what} layer `{}` gradient covariance", names[l]);
+        jobs.push((sum, name));
+    }
+    let n_a = jobs.len() - names.len();
+    let eigen_timer = phase::timer("fit: eigendecomposition");
+    let mut decomposed =
+        decompose_all(backend, jobs, tokens, keep_covariances, precision, &device)?;
+    drop(eigen_timer);
+    let s_dec = decomposed.split_off(n_a);
+    let a_dec = decomposed;
+    let mut bases = Vec::with_capacity(names.len());
+    let mut covs = Vec::with_capacity(names.len());
+    for (l, s) in s_dec.into_iter().enumerate() {
+        let a = &a_dec[sums.a_of[l]];
+        bases.push(EigenBasis {
+            q_a: a.q.clone(),
+            q_s: s.q,
+            eig_a: a.values.clone(),
+            eig_s: s.values,
+        });
+        covs.push(Covariances {
+            a_layout: a.q.layout.clone(),
+            s_layout: bases[l].q_s.layout.clone(),
+            a: a.covariance.clone(),
+            s: s.covariance,
+        });
+    }
+    Ok((bases, covs))
 }
 
 fn check_finite(sum: &FactorSum, layer: &str, what: &str, ckpt: &str, batch: usize) -> Result<()> {

@@ -46,44 +46,7 @@ pub fn all_jobs(subsets: usize, seeds: usize) -> Vec<Job> {
         .collect()
 }
 
-/// A shard `i/n` (1-based i) of the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Shard {
-    /// This shard, 1 ..= n.
-    pub index: usize,
-    /// The number of shards.
-    pub count: usize,
-}
-
-impl Shard {
-    /// Parses `i/n` with 1 ≤ i ≤ n.
-    pub fn parse(s: &str) -> Result<Shard> {
-        let bad = || {
-            Error::Pipeline(format!(
-                "--shard `{s}`: expected i/n with 1 ≤ i ≤ n, e.g. --shard 2/4"
-            ))
-        };
-        let (i, n) = s.split_once('/').ok_or_else(bad)?;
-        let (index, count) = (
-            i.trim().parse::<usize>().map_err(|_| bad())?,
-            n.trim().parse::<usize>().map_err(|_| bad())?,
-        );
-        if index == 0 || index > count {
-            return Err(bad());
-        }
-        Ok(Shard { index, count })
-    }
-
-    /// Whether job number `k` (its index in [`all_jobs`]) belongs to this shard.
-    pub fn owns(&self, k: usize) -> bool {
-        k % self.count == self.index - 1
-    }
-
-    /// Whether this is the last shard (the one that merges when everything is done).
-    pub fn is_last(&self) -> bool {
-        self.index == self.count
-    }
-}
+pub use crate::util::shard::Shard;
 
 /// The documents of one data role that fine-tuning stages train on.
 pub struct RoleDocs {

@@ -114,6 +114,28 @@ impl FactorSum {
         Ok(())
     }
 
+    /// The running sums, one row-major [n_k, n_k] block per block of the layout (entries
+    /// with i ≥ j are valid): what a shard of the pass stores (docs/design.md §10).
+    pub fn blocks(&self) -> &[Vec<f32>] {
+        &self.blocks
+    }
+
+    /// Sums formed elsewhere (the shards of a pass, added): `blocks` must be one row-major
+    /// [n_k, n_k] block per block of `layout`.
+    pub fn from_blocks(layout: BlockLayout, blocks: Vec<Vec<f32>>) -> Result<FactorSum> {
+        let fits = blocks.len() == layout.ranges.len()
+            && (blocks.iter().zip(&layout.ranges)).all(|(b, (_, n))| b.len() == n * n);
+        if !fits {
+            return Err(Error::Numeric(format!(
+                "covariance: {} blocks of {:?} values for a layout of blocks {:?}",
+                blocks.len(),
+                blocks.iter().map(Vec::len).collect::<Vec<_>>(),
+                layout.ranges
+            )));
+        }
+        Ok(FactorSum { layout, blocks })
+    }
+
     /// The first diagonal index whose sum is NaN or ±Inf: any non-finite entry of an added
     /// row makes its column's diagonal entry Σ x_j² non-finite, so this detects them all.
     pub fn first_non_finite(&self) -> Option<usize> {

@@ -151,6 +151,12 @@ impl LambdaSums {
         Ok(())
     }
 
+    /// The running sum Σ_m (Q_Sᵀ G_m Q_A)², row-major [d_out, d_in]: what a shard of the
+    /// pass stores (docs/design.md §10).
+    pub fn sums(&self) -> &[f32] {
+        &self.sum
+    }
+
     /// Λ = sum / documents, f64 [d_out, d_in] (the division in f64).
     pub fn normalized(&self) -> Result<Tensor> {
         if self.docs == 0 {

@@ -139,6 +139,16 @@ pub fn stage_key_for(
 }
 
 impl StageKey {
+    /// The first 16 hex digits of SHA-256(inputs hash, config hash): names the stage's resume
+    /// folder ([`StageContext::resume_key`]) and tags a shard's partial results, so that
+    /// state made under another config or other inputs is never reused.
+    pub fn resume_key(&self) -> String {
+        crate::util::hash::sha256_bytes(
+            format!("{}\n{}", self.inputs_hash, self.config_hash).as_bytes(),
+        )[..16]
+            .to_string()
+    }
+
     /// Adds an input that is not an upstream stage (a query set's definition).
     pub fn with_input(mut self, name: String, hash: String) -> StageKey {
         self.inputs.insert(name.clone(), hash.clone());
@@ -317,10 +327,7 @@ fn run_one(
     };
     tracing::info!("{name}: {}", stage.describe());
     crate::util::progress::set_stage(stage_name);
-    let resume_key = crate::util::hash::sha256_bytes(
-        format!("{}\n{}", key.inputs_hash, key.config_hash).as_bytes(),
-    )[..16]
-        .to_string();
+    let resume_key = key.resume_key();
     run.clear_resume(&flat, Some(&resume_key))?;
     let staging = run
         .staging_dir()

@@ -272,6 +272,45 @@ pub fn run_shard(
     Ok(ShardOutcome::Merged { ran })
 }
 
+/// `source-tda merge eval-lds`: once every retraining job of every shard has its result,
+/// runs the `eval-lds` stage (which then trains nothing); refuses, with the count missing and
+/// what to rerun, while jobs are missing. Returns the jobs merged. Idempotent: a complete,
+/// current stage is skipped by the runner.
+pub fn merge_lds(
+    registry: &Registry,
+    config: &Config,
+    config_file: &Path,
+    run: &RunDir,
+) -> Result<usize> {
+    let inputs = Inputs::load(config, run)?;
+    let retrain = inputs.retrain(config);
+    let jobs = all_jobs(config.eval.subsets, config.eval.seeds);
+    let mut missing = 0;
+    for &j in &jobs {
+        if retrain.load(j)?.is_none() {
+            missing += 1;
+        }
+    }
+    if missing > 0 {
+        return Err(Error::Pipeline(format!(
+            "{missing} of the {} retraining jobs of eval-lds have no result in {}: rerun the              `source-tda eval lds --shard i/n --run-dir {}` processes that did not finish (each              skips its finished jobs), then merge again",
+            jobs.len(),
+            run.path().join("eval-work").display(),
+            run.path().display()
+        )));
+    }
+    let stages = ["eval-lds".to_string()];
+    run_stages(
+        registry,
+        config,
+        config_file,
+        run,
+        &stages,
+        &RunOptions::default(),
+    )?;
+    Ok(jobs.len())
+}
+
 impl Stage for EvalLdsStage {
     fn name(&self) -> &'static str {
         "eval-lds"

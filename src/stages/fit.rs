@@ -84,6 +84,8 @@ impl Stage for FitStage {
             .as_deref()
             .map(FactorCache::new);
         let mut summary = Vec::new();
+        // A sharded fit's merged bases and Λ shards (`merge fit`), assembled instead of fitted.
+        let sharded = super::fit_shard::merged_shards(ctx)?;
         for (k, seg) in p.segments.iter().enumerate() {
             crate::util::progress::set_part(format!("segment {}/{}", k + 1, p.segments.len()));
             let docs = role_docs(ctx.run, &seg.role)?;
@@ -91,6 +93,22 @@ impl Stage for FitStage {
             let inputs = key_inputs(ctx.config, seg, &docs)?;
             let key = factor_key(&inputs);
             let what = format!("segment {} (`{}`)", seg.index, seg.stage);
+            if let Some(m) = &sharded {
+                let (cov, lam) = m.counts();
+                tracing::info!("fit: {what}: factors merged from {cov} + {lam} shards");
+                let factors = m.factors(seg)?;
+                let shards = json!({"covariance": cov, "lambda": lam});
+                let info = json!({"cache_key": key, "inputs": inputs, "shards": shards});
+                save_factors(&out, &factors, &info)?;
+                let share = curvature_share(ctx, &p, seg, &out)?;
+                summary.push(json!({
+                    "segment": seg.index, "stage": seg.stage, "role": seg.role,
+                    "documents": docs.len(), "checkpoints": seg.checkpoints.len(),
+                    "layers": factors.len(), "cache_key": key, "reused": false,
+                    "shards": shards, "curvature_share": share,
+                }));
+                continue;
+            }
             if let Some(cache) = &cache {
                 match cache.lookup(&key)? {
                     Lookup::Hit(file) => {

@@ -1,7 +1,7 @@
 //! Owns the registry of every stage (`registry()`); each file is one stage's I/O and glue.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); the
-//! files here import only `fetch`, `attribute`, `eval_methods`, `finetune`, `index`,
-//! `pretrain_record`, `query_generate`, `query_tokens`, `score`, `score_acting`,
+//! files here import only `fetch`, `attribute`, `eval_methods`, `finetune`, `fit_shard`,
+//! `index`, `pretrain_record`, `query_generate`, `query_tokens`, `score`, `score_acting`,
 //! `score_candidates`, `score_gen`, `score_gen_detail`, `score_gen_out`, `score_queries`,
 //! `score_refine` and `score_text` among themselves, never `mod.rs`.
 //!
@@ -18,6 +18,7 @@ mod eval_spans;
 mod fetch;
 mod finetune;
 mod fit;
+mod fit_shard;
 mod index;
 pub mod plan;
 mod prepare;
@@ -37,12 +38,13 @@ mod score_refine;
 mod score_text;
 
 pub use ask::{ask, define_set, Asked};
-pub use eval_lds::{run_shard, EvalLdsStage, ShardOutcome};
+pub use eval_lds::{merge_lds, run_shard, EvalLdsStage, ShardOutcome};
 pub use eval_methods::{method_scores, scored_run, MethodScores};
 pub use eval_recall::EvalRecallStage;
 pub use fetch::{FetchStage, Fetched};
 pub use finetune::{base_model_dir, FinetuneStage};
 pub use fit::FitStage;
+pub use fit_shard::{fit_shard, merge_fit, FitMergeOutcome, FitPass, FitShardOutcome};
 pub use prepare::PrepareStage;
 pub use query::QueryStage;
 pub use report::{gather as gather_report, ReportStage};
