@@ -802,8 +802,12 @@ fn merge(stages: &Registry, stage: &str, s: &OneStage) -> Result<()> {
             }
         },
         "eval-lds" => {
-            let n = source_tda::stages::merge_lds(stages, &config, &config_path, &run)
+            let (n, ran) = source_tda::stages::merge_lds(stages, &config, &config_path, &run)
                 .with_context(ctx)?;
+            if !ran {
+                eprintln!("merge eval-lds: eval-lds is complete and up to date; nothing to merge");
+                return Ok(());
+            }
             eprintln!("merge eval-lds: {n} retraining jobs merged");
             return print_summary(&s.run_dir, "eval-lds");
         }

@@ -38,7 +38,9 @@ use crate::eval::{
     RoleDocs, Shard, Worker,
 };
 use crate::output::{write_table, Column};
-use crate::pipeline::{run_stages, Registry, RunDir, RunOptions, Stage, StageContext, StageStatus};
+use crate::pipeline::{
+    run_stages, Outcome, Registry, RunDir, RunOptions, Stage, StageContext, StageStatus,
+};
 use crate::util::fsx::write_json_atomic;
 use crate::util::hash::sha256_json;
 use crate::util::progress;
@@ -274,14 +276,14 @@ pub fn run_shard(
 
 /// `source-tda merge eval-lds`: once every retraining job of every shard has its result,
 /// runs the `eval-lds` stage (which then trains nothing); refuses, with the count missing and
-/// what to rerun, while jobs are missing. Returns the jobs merged. Idempotent: a complete,
-/// current stage is skipped by the runner.
+/// what to rerun, while jobs are missing. Returns the jobs merged and whether the stage ran
+/// (a complete, current stage is skipped by the runner: merging again changes nothing).
 pub fn merge_lds(
     registry: &Registry,
     config: &Config,
     config_file: &Path,
     run: &RunDir,
-) -> Result<usize> {
+) -> Result<(usize, bool)> {
     let inputs = Inputs::load(config, run)?;
     let retrain = inputs.retrain(config);
     let jobs = all_jobs(config.eval.subsets, config.eval.seeds);
@@ -300,15 +302,10 @@ pub fn merge_lds(
         )));
     }
     let stages = ["eval-lds".to_string()];
-    run_stages(
-        registry,
-        config,
-        config_file,
-        run,
-        &stages,
-        &RunOptions::default(),
-    )?;
-    Ok(jobs.len())
+    let opts = RunOptions::default();
+    let out = run_stages(registry, config, config_file, run, &stages, &opts)?;
+    let ran = out.iter().any(|(_, o)| *o == Outcome::Ran);
+    Ok((jobs.len(), ran))
 }
 
 impl Stage for EvalLdsStage {

@@ -304,7 +304,7 @@ pub fn fit_shard(
         segments,
         finished_at: String::new(),
     };
-    write_part(&path, &data, rec, &entries)?;
+    write_part(run, (&path, &data), rec, &entries)?;
     Ok(FitShardOutcome::Wrote { pass, path })
 }
 
@@ -316,9 +316,11 @@ fn file_name(p: &Path) -> String {
 
 /// Writes `entries` to `data` (atomically, the record in its metadata), then the record
 /// with the data's sha256 to `record` (atomically): the record's presence means complete.
+/// A test hook between the two: `SOURCE_TDA_PAUSE_IN_STAGE=fit:shard-I-of-N-written`
+/// writes `RUN_DIR/.paused` and sleeps, so that a test can kill a shard there.
 fn write_part(
-    record: &Path,
-    data: &Path,
+    run: &RunDir,
+    (record, data): (&Path, &Path),
     mut rec: PartRecord,
     entries: &[(String, Tensor, candle_core::DType)],
 ) -> Result<()> {
@@ -328,6 +330,15 @@ fn write_part(
     )]
     .into();
     save_typed_tensors(data, entries, meta)?;
+    if let Some(s) = rec.shard {
+        let point = format!("fit:shard-{}-of-{}-written", s.index, s.count);
+        if std::env::var("SOURCE_TDA_PAUSE_IN_STAGE").is_ok_and(|v| v == point) {
+            let _ = std::fs::write(run.path().join(".paused"), &point);
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+    }
     rec.sha256 = sha256_file(data)?;
     rec.bytes = std::fs::metadata(data)
         .map_err(|e| Error::io("reading the size of", data, e))?
@@ -662,7 +673,12 @@ pub fn merge_fit(
         segments,
         finished_at: String::new(),
     };
-    write_part(&path, &path.with_extension("safetensors"), rec, &entries)?;
+    write_part(
+        run,
+        (&path, &path.with_extension("safetensors")),
+        rec,
+        &entries,
+    )?;
     Ok(FitMergeOutcome::Bases { shards: set.len() })
 }
 

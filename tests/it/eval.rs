@@ -282,6 +282,22 @@ fn two_shards_a_merge_and_worker_processes_equal_one_run_bitwise() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("not finished yet"), "{}", stderr(&o));
     assert!(!dir.path().join("sharded/eval-lds").exists());
+    // `merge eval-lds` refuses while shard 1's two jobs (0 and 2) have no result.
+    let merge = [
+        "merge",
+        "eval-lds",
+        "--config",
+        "c.toml",
+        "--run-dir",
+        "sharded",
+    ];
+    let o = cli(dir.path(), &merge, &[]);
+    assert!(!o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("2 of the 3 retraining jobs of eval-lds have no result"),
+        "{}",
+        stderr(&o)
+    );
     let o = eval(dir.path(), "sharded", &["lds", "--shard", "1/2"], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
@@ -296,6 +312,14 @@ fn two_shards_a_merge_and_worker_processes_equal_one_run_bitwise() {
         "{}",
         stderr(&o)
     );
+
+    // Merging again changes nothing.
+    let summary = std::fs::read(dir.path().join("sharded/eval-lds/summary.json")).unwrap();
+    let o = cli(dir.path(), &merge, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("nothing to merge"), "{}", stderr(&o));
+    let again = std::fs::read(dir.path().join("sharded/eval-lds/summary.json")).unwrap();
+    assert_eq!(summary, again);
 
     let a = points(&dir.path().join("run/eval-lds/points.parquet"));
     assert_eq!(a.len(), 3 * 3 * 3);

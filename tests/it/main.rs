@@ -60,6 +60,7 @@ mod refine;
 mod report;
 mod resume;
 mod score_output;
+mod shards;
 mod source_exact;
 mod source_steps;
 mod stages_attribution;
