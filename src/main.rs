@@ -762,7 +762,8 @@ fn fit_shard(stages: &Registry, s: &OneStage, shard: &str) -> Result<()> {
     let merge = format!("source-tda merge fit --run-dir {}", s.run_dir.display());
     match out {
         FitShardOutcome::Wrote { pass, path } => eprintln!(
-            "fit: shard {shard}: {pass:?} pass written to {}; when every shard is done: {merge}",
+            "fit: shard {shard}: its {} written to {}; when every shard is done: {merge}",
+            pass.describe(),
             path.display()
         ),
         FitShardOutcome::Complete => eprintln!("fit: complete and up to date; nothing to do"),
@@ -788,10 +789,12 @@ fn merge(stages: &Registry, stage: &str, s: &OneStage) -> Result<()> {
             .with_context(ctx)?
         {
             FitMergeOutcome::Bases { shards: n } => eprintln!(
-                "merge fit: {n} covariance shards merged into the eigenbases; next, the Λ                  pass: `{shards}` for I = 1..N, then merge again"
+                "merge fit: {n} covariance shards merged into the eigenbases; next, the Λ \
+                 pass: `{shards}` for I = 1..N, then merge again"
             ),
             FitMergeOutcome::BasesPresent => eprintln!(
-                "merge fit: the eigenbases are merged already; next, the Λ pass: `{shards}`                  for I = 1..N, then merge again"
+                "merge fit: the eigenbases are merged already; next, the Λ pass: `{shards}` \
+                 for I = 1..N, then merge again"
             ),
             FitMergeOutcome::Factors { shards: n } => {
                 eprintln!("merge fit: {n} Λ shards merged; fit: done");

@@ -295,7 +295,9 @@ pub fn merge_lds(
     }
     if missing > 0 {
         return Err(Error::Pipeline(format!(
-            "{missing} of the {} retraining jobs of eval-lds have no result in {}: rerun the              `source-tda eval lds --shard i/n --run-dir {}` processes that did not finish (each              skips its finished jobs), then merge again",
+            "{missing} of the {} retraining jobs of eval-lds have no result in {}: rerun the \
+             `source-tda eval lds --shard i/n --run-dir {}` processes that did not finish (each \
+             skips its finished jobs), then merge again",
             jobs.len(),
             run.path().join("eval-work").display(),
             run.path().display()

@@ -66,7 +66,8 @@ impl FitPass {
         }
     }
 
-    fn describe(self) -> &'static str {
+    /// `covariance pass` or `eigenvalue-correction (Λ) pass`.
+    pub fn describe(self) -> &'static str {
         match self {
             FitPass::Covariance => "covariance pass",
             FitPass::Lambda => "eigenvalue-correction (Λ) pass",

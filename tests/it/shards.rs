@@ -222,7 +222,10 @@ fn sharded_fit_equals_the_unsharded_fit_and_the_run_goes_on_as_unsharded() {
             d,
             &["fit", "--shard", &format!("{i}/4"), "--run-dir", "four"],
         );
-        assert!(e.contains("Lambda pass written"), "{e}");
+        assert!(
+            e.contains("its eigenvalue-correction (Λ) pass written"),
+            "{e}"
+        );
     }
     let e = run_cli(d, &["merge", "fit", "--run-dir", "four"]);
     assert!(e.contains("4 Λ shards merged; fit: done"), "{e}");
