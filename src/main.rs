@@ -753,57 +753,26 @@ fn eval_lds_shard(stages: &Registry, s: &OneStage, shard: &str, merge: bool) -> 
 
 /// `source-tda fit --shard i/n`.
 fn fit_shard(stages: &Registry, s: &OneStage, shard: &str) -> Result<()> {
-    use source_tda::stages::FitShardOutcome;
     let shard = source_tda::util::shard::Shard::parse(shard)?;
     let (config, _) = s.load_config()?;
     let run = RunDir::at(&s.run_dir)?;
     let out = source_tda::stages::fit_shard(stages, &config, &run, shard)
         .with_context(|| format!("run directory {}", run.path().display()))?;
-    let merge = format!("source-tda merge fit --run-dir {}", s.run_dir.display());
-    match out {
-        FitShardOutcome::Wrote { pass, path } => eprintln!(
-            "fit: shard {shard}: its {} written to {}; when every shard is done: {merge}",
-            pass.describe(),
-            path.display()
-        ),
-        FitShardOutcome::Complete => eprintln!("fit: complete and up to date; nothing to do"),
-        FitShardOutcome::NoCurvature => eprintln!(
-            "fit: this method needs no curvature; nothing to shard (run `{merge}` or `fit`)"
-        ),
-    }
+    eprintln!("{}", out.message(shard, &s.run_dir));
     Ok(())
 }
 
 /// `source-tda merge STAGE`.
 fn merge(stages: &Registry, stage: &str, s: &OneStage) -> Result<()> {
-    use source_tda::stages::FitMergeOutcome;
     let (config, config_path) = s.load_config()?;
     let run = RunDir::at(&s.run_dir)?;
     let ctx = || format!("run directory {}", run.path().display());
-    let shards = format!(
-        "source-tda fit --shard I/N --run-dir {}",
-        s.run_dir.display()
-    );
     match stage {
-        "fit" => match source_tda::stages::merge_fit(stages, &config, &config_path, &run)
-            .with_context(ctx)?
-        {
-            FitMergeOutcome::Bases { shards: n } => eprintln!(
-                "merge fit: {n} covariance shards merged into the eigenbases; next, the Λ \
-                 pass: `{shards}` for I = 1..N, then merge again"
-            ),
-            FitMergeOutcome::BasesPresent => eprintln!(
-                "merge fit: the eigenbases are merged already; next, the Λ pass: `{shards}` \
-                 for I = 1..N, then merge again"
-            ),
-            FitMergeOutcome::Factors { shards: n } => {
-                eprintln!("merge fit: {n} Λ shards merged; fit: done");
-                return print_summary(&s.run_dir, "fit");
-            }
-            FitMergeOutcome::Complete => {
-                eprintln!("merge fit: fit is complete and up to date; nothing to merge")
-            }
-        },
+        "fit" => {
+            let out = source_tda::stages::merge_fit(stages, &config, &config_path, &run)
+                .with_context(ctx)?;
+            eprintln!("{}", out.message(&s.run_dir));
+        }
         "eval-lds" => {
             let (n, ran) = source_tda::stages::merge_lds(stages, &config, &config_path, &run)
                 .with_context(ctx)?;

@@ -1,9 +1,9 @@
 //! Owns the registry of every stage (`registry()`); each file is one stage's I/O and glue.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); the
-//! files here import only `fetch`, `attribute`, `eval_methods`, `finetune`, `fit_shard`,
-//! `index`, `pretrain_record`, `query_generate`, `query_tokens`, `score`, `score_acting`,
-//! `score_candidates`, `score_gen`, `score_gen_detail`, `score_gen_out`, `score_queries`,
-//! `score_refine` and `score_text` among themselves, never `mod.rs`.
+//! files here import only `fetch`, `attribute`, `eval_methods`, `finetune`, `fit_parts`,
+//! `fit_shard`, `index`, `pretrain_record`, `query_generate`, `query_tokens`, `score`,
+//! `score_acting`, `score_candidates`, `score_gen`, `score_gen_detail`, `score_gen_out`,
+//! `score_queries`, `score_refine` and `score_text` among themselves, never `mod.rs`.
 //!
 //! The stages the runner knows ([`Registry::new`] arranges them in the pipeline's order). Each
 //! file is one stage: it glues the library modules to the [`Stage`](crate::pipeline::Stage)
@@ -18,6 +18,7 @@ mod eval_spans;
 mod fetch;
 mod finetune;
 mod fit;
+mod fit_parts;
 mod fit_shard;
 mod index;
 pub mod plan;
