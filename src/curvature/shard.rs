@@ -1,5 +1,5 @@
 //! Owns a sharded fit's partial sums: a shard's covariance sums and their merge into the
-//! eigenbases, a shard's Λ sums and their merge into the factors (docs/design.md §10).
+//! eigenbases, a shard's Λ sums and their merge into the factors (docs/design.md §11).
 //! Layer: curvature — may import every floor from the ground up to passes and, in this folder,
 //! fit.rs and spill.rs.
 //!

@@ -115,7 +115,7 @@ impl FactorSum {
     }
 
     /// The running sums, one row-major [n_k, n_k] block per block of the layout (entries
-    /// with i ≥ j are valid): what a shard of the pass stores (docs/design.md §10).
+    /// with i ≥ j are valid): what a shard of the pass stores (docs/design.md §11).
     pub fn blocks(&self) -> &[Vec<f32>] {
         &self.blocks
     }

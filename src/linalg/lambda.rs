@@ -152,7 +152,7 @@ impl LambdaSums {
     }
 
     /// The running sum Σ_m (Q_Sᵀ G_m Q_A)², row-major [d_out, d_in]: what a shard of the
-    /// pass stores (docs/design.md §10).
+    /// pass stores (docs/design.md §11).
     pub fn sums(&self) -> &[f32] {
         &self.sum
     }

@@ -3,7 +3,7 @@
 //! Layer: stages — may import every library layer (ground up to pipeline and report); sibling
 //! `attribute`.
 //!
-//! docs/design.md §10: every data file under `RUN_DIR/shards/fit/` has a record beside it
+//! docs/design.md §11: every data file under `RUN_DIR/shards/fit/` has a record beside it
 //! (`.json`, written after the data) naming the stage, pass, shard, the fit stage's key, the
 //! tool version, what each segment added and the data's sha256. [`complete_set`] is the one
 //! check a merge makes of a pass's shards.

@@ -3,7 +3,7 @@
 //! Layer: stages — may import every library layer (ground up to pipeline and report);
 //! siblings `attribute`, `fit_parts`.
 //!
-//! docs/design.md §10. The fit is two passes, so a sharded fit is four steps, each a command:
+//! docs/design.md §11. The fit is two passes, so a sharded fit is four steps, each a command:
 //!
 //! 1. `fit --shard i/n` for i = 1..n: the covariance pass over the batches shard i owns
 //!    (`curvature::covariance_shard`) → `covariance/shard-I-of-N.{safetensors,json}`;

@@ -1,4 +1,4 @@
-//! Sharded `fit` (docs/design.md §10) through the CLI on the demo's small Llama: shards of the
+//! Sharded `fit` (docs/design.md §11) through the CLI on the demo's small Llama: shards of the
 //! covariance and Λ passes merged equal the unsharded fit (bitwise for one shard, 1e-6
 //! relative for several), a merge refuses missing, duplicated and mixed shards and is
 //! idempotent, the merged run directory is a complete `fit` to the later stages, and shard
