@@ -158,6 +158,13 @@ pub fn fit_shard(
     if !p.needs_factors() {
         return Ok(FitShardOutcome::NoCurvature);
     }
+    if let Some(dir) = &config.attribution.factor_cache {
+        tracing::info!(
+            "fit: a sharded fit neither reads nor stores the factor cache ({}): its factors \
+             differ from an unsharded fit's by rounding",
+            dir.display()
+        );
+    }
     let bases = load_bases(&cx)?;
     let pass = match bases {
         Some(_) => FitPass::Lambda,
