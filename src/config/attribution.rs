@@ -147,6 +147,11 @@ pub struct AttributionConfig {
     /// configs when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<Vec<String>>,
+    /// On a LoRA fine-tune: `adapter` attributes over the adapter matrices (layers named
+    /// `base_model.model.MODULE.lora_A` / `.lora_B`, what `layers` patterns then match),
+    /// `base` over the frozen linear layers they wrap. Default `adapter`.
+    #[serde(default, skip_serializing_if = "super::LoraTrack::is_default")]
+    pub lora_layers: super::LoraTrack,
     /// Folder of a content-addressed cache of fitted factors shared between runs (relative to
     /// the config file). Default: none, always fit.
     #[serde(default)]
@@ -341,6 +346,7 @@ impl Default for AttributionConfig {
             top_k: default_top_k(),
             all_token_scores: false,
             keep_top_bottom: None,
+            lora_layers: super::LoraTrack::default(),
             memory_limit_gib: None,
             query_rank: None,
             layers: None,

@@ -25,6 +25,7 @@ mod device;
 mod diff;
 mod eval;
 mod load;
+mod lora;
 mod pipeline;
 mod query;
 mod source;
@@ -47,6 +48,7 @@ pub use device::{DeviceKind, PrecisionKind};
 pub use diff::{diff_values, KeyChange};
 pub use eval::{EvalConfig, EvalMethod};
 pub use load::{parse_toml, read_toml};
+pub use lora::{LoraTargets, LoraTrack, LoraTrainConfig};
 pub use pipeline::{Pipeline, STAGE_ORDER};
 pub use query::QueryConfig;
 pub use source::SourceKind;
@@ -298,6 +300,14 @@ impl Config {
         self.train
             .check_stages(&roles)
             .map_err(|(k, m)| err(&k, m))?;
+        if self.train.lora.is_some() && self.pretrain.is_some() {
+            return Err(err(
+                "train.lora",
+                "with [pretrain]: the pretrained model has no adapter to attribute through; \
+                 drop [pretrain] for a LoRA fine-tune"
+                    .into(),
+            ));
+        }
         let used: Vec<String> = self
             .train
             .stage_list()

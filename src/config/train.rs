@@ -142,6 +142,10 @@ pub struct TrainConfig {
     /// used (lr, schedule, warmup_steps, optimizer, …).
     #[serde(default)]
     pub import_from: Option<std::path::PathBuf>,
+    /// `[train.lora]`: train a LoRA adapter (every other weight frozen) instead of the whole
+    /// model; see [`super::lora`]. Default: full fine-tuning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<super::lora::LoraTrainConfig>,
     /// `[[train.stages]]`: a sequence of fine-tuning stages, each with its own data role and
     /// any of the keys above overridden; see [`StageConfig`]. Default: `[train]` alone is the
     /// one stage, `finetune`.
@@ -272,6 +276,7 @@ impl Default for TrainConfig {
             checkpoints_per_segment: default_checkpoints(),
             segment_boundaries: None,
             import_from: None,
+            lora: None,
             stages: None,
         }
     }
@@ -324,6 +329,9 @@ impl TrainConfig {
     /// Fills in the defaults that depend on other keys (optimizer hyper-parameters, the
     /// seed, the number of segments), so the resolved config states every value used.
     pub(crate) fn resolve(&mut self, run_seed: u64) {
+        if let Some(l) = &mut self.lora {
+            l.seed.get_or_insert(run_seed);
+        }
         match self.optimizer {
             OptimizerKind::Momentum => {
                 self.momentum.get_or_insert(0.9);
@@ -501,6 +509,9 @@ impl TrainConfig {
         if let Some(t) = self.max_steps {
             self.check_steps(t, "`max_steps`")
                 .map_err(|(k, m)| (format!("train.{k}"), m))?;
+        }
+        if let Some(l) = &self.lora {
+            l.check().map_err(|(k, m)| (format!("train.{k}"), m))?;
         }
         Ok(())
     }

@@ -94,13 +94,7 @@ impl Gpt2 {
             });
         }
         let ln_f = Norm::load(p, &format!("{pre}ln_f"), d)?;
-        let lm_head = TrackedLinear {
-            name: "lm_head".into(),
-            weight: wte.clone(),
-            bias: None,
-            slot: None,
-            in_block: false,
-        };
+        let lm_head = TrackedLinear::from_weight("lm_head", wte.clone(), false);
         Ok(Self {
             spec: spec.clone(),
             wte,

@@ -6,6 +6,11 @@
 //! passed and the layer is tracked, it also keeps its input `a` and adds a zero `Var` ε of
 //! y's shape to the output: y + ε has the same value, and after backward ∂L/∂ε = ∂L/∂y = δ
 //! (candle's backward keeps gradients only for `Var`s, see NOTES-rust-stack.md).
+//!
+//! With a LoRA adapter ([`LoraBranch`]) the layer computes y = a Wᵀ + b + s (a Aᵀ) Bᵀ: the
+//! adapter is two tracked linears of its own, `lora_A` (input a, output u = a Aᵀ) and
+//! `lora_B` (input s u, output s u Bᵀ), so each records its (input, δ) like any layer:
+//! lora_A's δ is ∂L/∂u = s δ_y B, lora_B's is δ_y, and δᵀ·input is ∂L/∂A and ∂L/∂B.
 
 use candle_core::{Device, Shape, Tensor, Var};
 
@@ -87,31 +92,37 @@ pub enum DeltaSource {
 pub struct Recorder {
     /// Indexed by tracked-layer slot: (a [B, T, d_in] detached, δ's source).
     pub slots: Vec<Option<(Tensor, DeltaSource)>>,
-    /// The last input recorded, by the id of the live tensor it was detached from: layers
-    /// fed the same tensor (q/k/v, gate/up) get clones of one detached tensor, so later
-    /// stages can recognise a shared input by [`Tensor::id`] and compute its factor once.
-    last_input: Option<(candle_core::TensorId, Tensor)>,
+    /// The last few inputs recorded, by the id of the live tensor each was detached from:
+    /// layers fed the same tensor (q/k/v, gate/up, and their LoRA `lora_A`s, between which
+    /// the `lora_B`s record other inputs) get clones of one detached tensor, so later stages
+    /// can recognise a shared input by [`Tensor::id`] and compute its factor once.
+    recent_inputs: Vec<(candle_core::TensorId, Tensor)>,
 }
+
+/// How many recent inputs [`Recorder`] remembers: enough for q, k, v with adapters (each
+/// `lora_A` reads x; each `lora_B` records an input of its own in between).
+const RECENT_INPUTS: usize = 4;
 
 impl Recorder {
     /// A recorder for `n` tracked layers.
     pub fn new(n: usize) -> Self {
         Self {
             slots: (0..n).map(|_| None).collect(),
-            last_input: None,
+            recent_inputs: Vec::new(),
         }
     }
 
-    /// `x` detached, shared with the previous call when `x` is the same tensor.
+    /// `x` detached, shared with an earlier call on the same tensor.
     fn detached_input(&mut self, x: &Tensor) -> Tensor {
-        match &self.last_input {
-            Some((id, t)) if *id == x.id() => t.clone(),
-            _ => {
-                let t = x.detach();
-                self.last_input = Some((x.id(), t.clone()));
-                t
-            }
+        if let Some((_, t)) = self.recent_inputs.iter().find(|(id, _)| *id == x.id()) {
+            return t.clone();
         }
+        let t = x.detach();
+        if self.recent_inputs.len() == RECENT_INPUTS {
+            self.recent_inputs.remove(0);
+        }
+        self.recent_inputs.push((x.id(), t.clone()));
+        t
     }
 }
 
@@ -129,6 +140,23 @@ pub struct TrackedLinear {
     pub slot: Option<usize>,
     /// Whether the layer sits inside a transformer block (default tracking).
     pub in_block: bool,
+    /// A LoRA adapter added to the output.
+    pub lora: Option<Box<LoraBranch>>,
+    /// W and b are frozen (a LoRA fine-tune): the forward detaches them, so no backward
+    /// forms their gradients.
+    pub frozen: bool,
+}
+
+/// A LoRA adapter of a linear layer: output s B A a, as the two linears `a` (A: [r, d_in])
+/// and `b` (B: [d_out, r]) with the scale s applied to `b`'s input.
+#[derive(Debug, Clone)]
+pub struct LoraBranch {
+    /// lora_A: [r, d_in].
+    pub a: TrackedLinear,
+    /// lora_B: [d_out, r].
+    pub b: TrackedLinear,
+    /// s = α / r (α / √r with rsLoRA).
+    pub scale: f64,
 }
 
 impl TrackedLinear {
@@ -160,7 +188,22 @@ impl TrackedLinear {
             bias,
             slot: None,
             in_block,
+            lora: None,
+            frozen: false,
         })
+    }
+
+    /// A plain layer (no bias, untracked) over an existing weight.
+    pub(crate) fn from_weight(name: &str, weight: Var, in_block: bool) -> Self {
+        Self {
+            name: name.to_string(),
+            weight,
+            bias: None,
+            slot: None,
+            in_block,
+            lora: None,
+            frozen: false,
+        }
     }
 
     /// d_in.
@@ -173,21 +216,41 @@ impl TrackedLinear {
         self.weight.dims()[0]
     }
 
-    /// x: [B, T, d_in] → y: [B, T, d_out]. Records (x, ε) when tracked and `rec` is given.
-    pub fn forward(&self, x: &Tensor, rec: Option<&mut Recorder>) -> Result<Tensor> {
+    /// x: [B, T, d_in] → y: [B, T, d_out] (plus the adapter's output when it has one).
+    /// Records (x, ε) when tracked and `rec` is given, and the adapter's layers likewise.
+    pub fn forward(&self, x: &Tensor, mut rec: Option<&mut Recorder>) -> Result<Tensor> {
+        let y = self.forward_own(x, rec.as_deref_mut())?;
+        match &self.lora {
+            None => Ok(y),
+            Some(l) => {
+                let u = l.a.forward(x, rec.as_deref_mut())?;
+                let z = l.b.forward(&u.affine(l.scale, 0.0)?, rec)?;
+                Ok((y + z)?)
+            }
+        }
+    }
+
+    /// y = x Wᵀ + b without the adapter.
+    fn forward_own(&self, x: &Tensor, rec: Option<&mut Recorder>) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
         let tracked = rec.is_some() && self.slot.is_some();
         // In a capture (`rec` given) only ∂L/∂(layer outputs) are wanted: skip ∂L/∂W, and
         // let the op's backward hand over δ when it can.
         let slot: Option<DeltaSlot> = (tracked && is_custom_linear(x)).then(DeltaSlot::default);
+        let w = if self.frozen {
+            self.weight.as_tensor().detach()
+        } else {
+            self.weight.as_tensor().clone()
+        };
         let y = if rec.is_some() {
-            linear_input_grad_only(x, self.weight.as_tensor(), slot.clone())?
+            linear_input_grad_only(x, &w, slot.clone())?
         } else {
             x.reshape((b * t, d_in))?
-                .matmul(&self.weight.as_tensor().t()?)?
+                .matmul(&w.t()?)?
                 .reshape((b, t, self.d_out()))?
         };
         let y = match &self.bias {
+            Some(bias) if self.frozen => y.broadcast_add(&bias.as_tensor().detach())?,
             Some(bias) => y.broadcast_add(bias.as_tensor())?,
             None => y,
         };

@@ -225,13 +225,7 @@ impl Llama {
         }
         let norm = p.var("model.norm.weight", &[d])?;
         let lm_head = if spec.tie_word_embeddings {
-            TrackedLinear {
-                name: "lm_head".into(),
-                weight: embed.clone(),
-                bias: None,
-                slot: None,
-                in_block: false,
-            }
+            TrackedLinear::from_weight("lm_head", embed.clone(), false)
         } else {
             TrackedLinear::load(p, "lm_head", d, v, false, false, false)?
         };

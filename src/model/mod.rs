@@ -11,6 +11,7 @@
 //! * [`config`]: `config.json` → [`ModelSpec`] (Llama family, GPT-2).
 //! * [`weights`]: safetensors directories (single file or sharded), in-memory tensor maps.
 //! * [`tracking`]: which linear layers record (a, δ).
+//! * [`lora`]: PEFT LoRA adapters (`adapter_config.json`, `adapter_model.safetensors`).
 //! * [`batch`], [`loss`], [`capture`]: batches, losses (data, sampled, query), capture;
 //!   [`head_loss`]: the output head fused with the data-label loss for a capture.
 //! * [`gguf`]: Llama-family weights from a local GGUF file (llama.cpp's format), converted
@@ -34,6 +35,7 @@ mod kv_cache;
 pub mod linear;
 mod llama;
 pub mod lm;
+pub mod lora;
 pub mod loss;
 pub mod memory;
 pub mod ops;
@@ -45,6 +47,7 @@ pub use capture::{Capture, Labels, LayerCapture};
 pub use config::{Gpt2Spec, LlamaSpec, MlpActivation, ModelSpec, RopeScaling};
 pub use generate::{GenerateOptions, Generation, Sampling};
 pub use linear::Param;
-pub use lm::{LayerInfo, LoadOptions, Model};
+pub use lm::{LayerInfo, LoadOptions, LoraInit, Model};
+pub use lora::LoraConfig;
 pub use tracking::Tracking;
 pub use weights::{SafetensorsDir, ShapeOnly, TensorMap, TensorSource};

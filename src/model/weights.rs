@@ -98,6 +98,15 @@ impl SafetensorsDir {
                 dir.display()
             )));
         };
+        Self::from_files(dir, &shard_names)
+    }
+
+    /// Opens the one safetensors file `dir/name` (e.g. PEFT's `adapter_model.safetensors`).
+    pub fn open_file(dir: &Path, name: &str) -> Result<Self> {
+        Self::from_files(dir, &[name.to_string()])
+    }
+
+    fn from_files(dir: &Path, shard_names: &[String]) -> Result<Self> {
         let mut files = Vec::new();
         let mut index = HashMap::new();
         for (i, name) in shard_names.iter().enumerate() {

@@ -105,6 +105,7 @@ pub fn load_options(config: &Config) -> LoadOptions {
             Some(p) => Tracking::Patterns(p.clone()),
             None => Tracking::BlockLinears,
         },
+        lora_track: config.attribution.lora_layers,
         ..LoadOptions::default()
     }
 }
@@ -112,8 +113,7 @@ pub fn load_options(config: &Config) -> LoadOptions {
 /// The model at `dir` with the config's tracked layers and zero weights that occupy no memory
 /// ([`Model::shape_only`]): its layer names and sizes, for planning, without reading weights.
 pub fn model_shapes(dir: &Path, config: &Config) -> Result<Model> {
-    let spec = crate::model::ModelSpec::from_file(&dir.join("config.json"))?;
-    Model::shape_only(&spec, &load_options(config))
+    Model::shapes_of(dir, &load_options(config))
 }
 
 /// Loads a checkpoint on the CPU with the config's tracked layers.
