@@ -150,6 +150,7 @@ impl Stage for FinetuneStage {
                 &c.train,
                 &c.train.dataset,
                 docs.len() as u64,
+                &base_dir,
                 &ctx.out_dir,
                 Path::new("finetune"),
             )?;

@@ -8,6 +8,8 @@
 //! step-000040/
 //!   config.json  tokenizer.json  (and tokenizer_config.json, … when the base model has them)
 //!   model.safetensors        the weights, named and shaped as in the base checkpoint
+//!                            (a LoRA fine-tune instead writes PEFT's adapter_config.json,
+//!                            naming the base model's folder, and adapter_model.safetensors)
 //!   optimizer.safetensors    what the attribution reads: exp_avg_sq.NAME and exp_avg.NAME
 //!                            (Adam's v̂ and m̂, bias-corrected) or momentum.NAME; absent
 //!                            for SGD
@@ -198,6 +200,22 @@ pub fn hf_weights(model: &Model) -> Result<Vec<(String, Tensor)>> {
         .collect()
 }
 
+/// Writes a LoRA model's adapter into `dir` as PEFT saves it: `adapter_config.json`, whose
+/// `base_model_name_or_path` is the absolute folder of the base weights, and
+/// `adapter_model.safetensors` with the lora_A / lora_B matrices.
+pub fn write_adapter(dir: &Path, model: &Model, cfg: &crate::model::LoraConfig) -> Result<()> {
+    use crate::model::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+    let base = model.base_dir().ok_or_else(|| {
+        Error::Model("a LoRA model built in memory has no base folder to name".into())
+    })?;
+    let base = std::fs::canonicalize(base).ctx("resolving", base)?;
+    let text = serde_json::to_vec_pretty(&cfg.to_json(&base.display().to_string()))
+        .expect("plain data serialises");
+    crate::util::fsx::write_atomic(&dir.join(ADAPTER_CONFIG), &text)?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_safetensors(&dir.join(ADAPTER_WEIGHTS), &hf_weights(model)?, meta)
+}
+
 /// Everything one checkpoint holds besides the base model's files.
 pub struct CheckpointContent<'a> {
     /// The model after `state.step` steps.
@@ -236,7 +254,10 @@ pub fn save_checkpoint(
         }
     }
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_safetensors(&tmp.join("model.safetensors"), &hf_weights(c.model)?, meta)?;
+    match c.model.lora() {
+        None => write_safetensors(&tmp.join("model.safetensors"), &hf_weights(c.model)?, meta)?,
+        Some(cfg) => write_adapter(&tmp, c.model, cfg)?,
+    }
     let mut ometa = c.optimizer_metadata.clone();
     ometa.insert("step".into(), c.state.step.to_string());
     if !c.optimizer.is_empty() {

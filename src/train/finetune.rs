@@ -22,7 +22,7 @@ use candle_core::{Device, Tensor};
 use crate::config::{BatchingConfig, OptimizerKind, TrainConfig};
 use crate::data::{plan_batches, BatchOrder, PreparedDoc};
 use crate::error::{Error, Result};
-use crate::model::{LoadOptions, Model, TokenBatch};
+use crate::model::{LoadOptions, LoraConfig, LoraInit, Model, TokenBatch};
 use crate::util::progress;
 
 use super::checkpoint::{
@@ -81,6 +81,18 @@ pub struct TrainOutcome {
     pub visits: Vec<(u64, u32)>,
     /// The trained model.
     pub model: Model,
+}
+
+/// How fine-tuning loads its starting model: with `[train.lora]`'s fresh adapter when set
+/// (a LoRA checkpoint folder keeps its own adapter).
+pub fn train_load_options(t: &TrainConfig) -> LoadOptions {
+    LoadOptions {
+        lora_init: t.lora.as_ref().map(|l| LoraInit {
+            config: LoraConfig::from_train(l),
+            seed: l.seed.unwrap_or(0),
+        }),
+        ..LoadOptions::default()
+    }
 }
 
 /// The optimizer a resolved `[train]` describes.
@@ -310,7 +322,10 @@ pub fn train_stages_in_memory(
     batching: &BatchingConfig,
     device: &Device,
 ) -> Result<(Model, Vec<StepLog>)> {
-    let model = Model::load(base_dir, &LoadOptions::default(), device)?;
+    let opts = stages
+        .first()
+        .map_or_else(LoadOptions::default, |s| train_load_options(s.train));
+    let model = Model::load(base_dir, &opts, device)?;
     let mut log: Vec<StepLog> = Vec::new();
     let mut previous: Option<Optimizer> = None;
     for stage in stages {
@@ -393,7 +408,7 @@ pub fn train(job: &TrainJob<'_>) -> Result<TrainOutcome> {
     };
     let (model, mut opt, mut log, start) = match latest_good_checkpoint(job.work_dir)? {
         Some((step, dir)) if step > off && step <= off + total => {
-            let model = Model::load(&dir, &LoadOptions::default(), job.device)?;
+            let model = Model::load(&dir, &train_load_options(t), job.device)?;
             let state = read_state(&dir)?;
             let mut opt = Optimizer::new(info.clone(), model.params().len())?;
             restore(&mut opt, &model, &dir, &state)?;
@@ -405,7 +420,7 @@ pub fn train(job: &TrainJob<'_>) -> Result<TrainOutcome> {
             (model, opt, state.log, step - off)
         }
         _ => {
-            let model = Model::load(job.base_dir, &LoadOptions::default(), job.device)?;
+            let model = Model::load(job.base_dir, &train_load_options(t), job.device)?;
             let mut opt = Optimizer::new(info.clone(), model.params().len())?;
             if let Some(from) = job.optimizer_from {
                 restore(&mut opt, &model, from, &read_state(from)?)?;

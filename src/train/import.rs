@@ -1,6 +1,6 @@
 //! Owns `import_trainer`: a trajectory imported from a Hugging Face Trainer output folder.
 //! Layer: train — may import the ground, linalg, backend, model, data, hub and, in this folder,
-//! checkpoint.rs, finetune.rs, schedule.rs, trajectory.rs.
+//! checkpoint.rs, finetune.rs, import_adapter.rs, schedule.rs, trajectory.rs.
 //!
 //! Importing a trajectory from a Hugging Face Trainer output folder (`[train] import_from`).
 //!
@@ -22,6 +22,9 @@
 //! without them it falls back to v̂ alone). Momentum SGD reads
 //! `momentum.safetensors` (`momentum_buffer`) the same way.
 //!
+//! PEFT runs (checkpoints holding `adapter_config.json` and `adapter_model.safetensors`)
+//! are imported as adapters over the fetched base model ([`super::import_adapter`]).
+//!
 //! Gradient clipping: the Trainer clips at `max_grad_norm` (1.0 by default) and logs each
 //! logged step's pre-clip norm as `grad_norm`. With `[train] max_grad_norm` declared and
 //! every step logged (`logging_steps = 1`), the clip factors c_k = min(1, max / (‖g_k‖ +
@@ -38,6 +41,7 @@ use crate::error::{Error, IoContext, Result};
 
 use super::checkpoint::{read_safetensors, write_safetensors};
 use super::finetune::optimizer_info;
+use super::import_adapter::{adapter_checkpoint, peft_param_name};
 use super::schedule::Schedule;
 use super::trajectory::{CheckpointRef, LrMass, OptimizerInfo, Segment};
 use crate::config::LossNormalization;
@@ -79,13 +83,14 @@ fn checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
 
 /// Builds the fine-tuning segments of a Trainer run in `dir`; `t` declares what
 /// `trainer_state.json` does not record; `dataset`/`n_docs` name the data trained on;
-/// optimizer states are written under `out`, whose path inside the run directory is
-/// `out_rel`.
+/// optimizer states (and PEFT adapters, over `base_dir`) are written under `out`, whose path
+/// inside the run directory is `out_rel`.
 pub fn import_trainer(
     dir: &Path,
     t: &TrainConfig,
     dataset: &str,
     n_docs: u64,
+    base_dir: &Path,
     out: &Path,
     out_rel: &Path,
 ) -> Result<Imported> {
@@ -226,8 +231,10 @@ pub fn import_trainer(
     for end in ends {
         let mut refs = Vec::new();
         for (s, cdir) in ckpts.iter().filter(|c| c.0 > start && c.0 <= end) {
-            if !(cdir.join("model.safetensors").is_file()
-                || cdir.join("model.safetensors.index.json").is_file())
+            let adapter = adapter_checkpoint(cdir, *s, base_dir, out)?;
+            if adapter.is_none()
+                && !(cdir.join("model.safetensors").is_file()
+                    || cdir.join("model.safetensors.index.json").is_file())
             {
                 return Err(bad(
                     dir,
@@ -241,7 +248,7 @@ pub fn import_trainer(
             let opt_file = convert_state(dir, cdir, *s, &info, &opt_dir)?;
             refs.push(CheckpointRef {
                 step: *s,
-                path: cdir.display().to_string(),
+                path: adapter.as_deref().unwrap_or(cdir).display().to_string(),
                 optimizer_state: opt_file
                     .map(|f| out_rel.join("optimizer").join(f).display().to_string()),
             });
@@ -384,6 +391,7 @@ fn bias_corrected(
         .into_iter()
         .map(|(name, t)| {
             let name = name.strip_prefix(&format!("{prefix}.")).unwrap_or(&name);
+            let name = peft_param_name(name);
             Ok((format!("{prefix}.{name}"), t.affine(correction, 0.0)?))
         })
         .collect()

@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod finetune;
 pub mod import;
+mod import_adapter;
 pub mod log;
 pub mod optim;
 pub mod plan;

@@ -75,7 +75,15 @@ fn declared() -> TrainConfig {
 }
 
 fn import(dir: &Path, t: &TrainConfig) -> source_tda::Result<source_tda::train::import::Imported> {
-    import_trainer(dir, t, "train", 50, &dir.join("out"), Path::new("finetune"))
+    import_trainer(
+        dir,
+        t,
+        "train",
+        50,
+        dir,
+        &dir.join("out"),
+        Path::new("finetune"),
+    )
 }
 
 #[test]

@@ -42,6 +42,7 @@ mod import_trainer;
 mod integrity;
 mod layers;
 mod loader_fuzz;
+mod lora;
 mod model_capture;
 mod model_families_reference;
 mod model_finite_diff;
