@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor, D};
 
 use crate::backend::{Backend, CpuBackend};
 use crate::data::PreparedDoc;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::linalg::{LayerQuery, TokenFactors};
 use crate::model::{Labels, Model};
 use crate::passes::{for_each_batch, PassOptions};
@@ -181,6 +181,40 @@ pub fn score_pass_parts(
     out
 }
 
+/// The queries `u` are one per tracked layer of `model`, each of its layer's shape: a
+/// model with other tracked layers (e.g. a LoRA run's base model without its adapter) would
+/// otherwise be contracted layer by layer with the wrong queries, silently where the products
+/// of the dimensions agree.
+fn check_layers(model: &Model, u: &[LayerQuery]) -> Result<()> {
+    let layers = model.tracked_layers();
+    let mismatch = |what: String| {
+        Error::Pipeline(format!(
+            "scoring: the model tracks {} layers and the preconditioned queries are for {}: \
+             {what}; the model scored at must be the one the queries were formed for (same \
+             `[attribution] layers`, same adapter)",
+            layers.len(),
+            u.len()
+        ))
+    };
+    if layers.len() != u.len() {
+        return Err(mismatch("the counts differ".into()));
+    }
+    for (info, ul) in layers.iter().zip(u) {
+        if let LayerQuery::Dense(t) = ul {
+            let (_, d_out, d_in) = t.dims3()?;
+            let want = (info.d_out, info.d_in + usize::from(info.has_bias));
+            if (d_out, d_in) != want {
+                return Err(mismatch(format!(
+                    "layer `{}` is {want:?}, its query {:?}",
+                    info.name,
+                    (d_out, d_in)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn score_pass_inner(
     backend: &dyn Backend,
     model: &Model,
@@ -190,6 +224,7 @@ fn score_pass_inner(
     parts: ScoreParts,
 ) -> Result<TrainScores> {
     let keep_tokens = parts.tokens;
+    check_layers(model, u)?;
     let u: Vec<LayerQuery> = u
         .iter()
         .map(LayerQuery::contiguous)

@@ -78,6 +78,8 @@ pub struct Model {
     device: Device,
     /// The adapter, on a LoRA model.
     lora: Option<LoraConfig>,
+    /// Floats of the frozen base weights of a LoRA model (0 otherwise).
+    frozen_floats: u64,
     /// The folder the base weights were read from (for an adapter's
     /// `base_model_name_or_path`).
     base_dir: Option<PathBuf>,
@@ -209,6 +211,10 @@ impl Model {
             Net::Llama(m) => m.linears_mut(),
             Net::Gpt2(m) => m.linears_mut(),
         };
+        let frozen_floats: u64 = match adapter {
+            None => 0,
+            Some(_) => params.iter().map(|p| p.var.elem_count() as u64).sum(),
+        };
         let lora_cfg = match adapter {
             None => None,
             Some((cfg, weights)) => {
@@ -262,8 +268,15 @@ impl Model {
             tracked,
             device: device.clone(),
             lora: lora_cfg,
+            frozen_floats,
             base_dir: None,
         })
+    }
+
+    /// Floats of the frozen base weights of a LoRA model, which [`Model::params`] leaves
+    /// out (0 for a plain model).
+    pub fn frozen_floats(&self) -> u64 {
+        self.frozen_floats
     }
 
     /// The LoRA adapter's configuration, on a LoRA model.

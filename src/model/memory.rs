@@ -41,6 +41,11 @@ fn params(model: &Model) -> u64 {
         .sum()
 }
 
+/// Floats of every weight held: the trainable parameters and a LoRA model's frozen base.
+fn weights(model: &Model) -> u64 {
+    params(model) + model.frozen_floats()
+}
+
 /// Σ_l (d_in,l (+1 with a bias) + d_out,l) over the tracked layers: floats of a and δ per
 /// token.
 fn tracked_io(model: &Model) -> u64 {
@@ -66,7 +71,7 @@ pub fn capture_graph_bytes(model: &Model, tokens: usize, labels: Labels) -> u64 
 /// Bytes of one forward + backward over `tokens` tokens with `labels` (weights and
 /// [`capture_graph_bytes`]).
 pub fn capture_peak_bytes(model: &Model, tokens: usize, labels: Labels) -> u64 {
-    4 * params(model) + capture_graph_bytes(model, tokens, labels)
+    4 * weights(model) + capture_graph_bytes(model, tokens, labels)
 }
 
 /// Predicted peak bytes of fitting EK-FAC factors with batches of `tokens` tokens captured
@@ -107,7 +112,7 @@ pub fn fit_peak_bytes(
     } else {
         (c + f, c + f + lambda)
     };
-    4 * params(model) + covariance.max(eigen).max(correction).max(f + 2 * lambda)
+    4 * weights(model) + covariance.max(eigen).max(correction).max(f + 2 * lambda)
 }
 
 /// Predicted peak bytes of fine-tuning with micro-batches of `tokens` tokens and an optimizer
@@ -119,7 +124,9 @@ pub fn fit_peak_bytes(
 /// [`super::Tracking::BlockLinears`]). On SmolLM2-135M (1,024-token micro-batches, AdamW) this
 /// predicts 6.0 GiB against a measured peak RSS of 6.4 GiB (docs/performance.md).
 pub fn finetune_peak_bytes(model: &Model, tokens: usize, state_floats: u64) -> u64 {
-    4 * params(model) * (3 + state_floats) + capture_graph_bytes(model, tokens, Labels::Data)
+    4 * weights(model)
+        + 4 * params(model) * (2 + state_floats)
+        + capture_graph_bytes(model, tokens, Labels::Data)
 }
 
 /// Number of trainable parameters P (a tied head counted once).
@@ -149,6 +156,6 @@ pub fn score_peak_bytes(model: &Model, tokens: usize, queries: usize, per_token:
         layer = layer.max(4 * (i * i + o * o) + 8 * i * o + 4 * q * i * o);
     }
     let tokens_out = if per_token { 8 * q * tokens as u64 } else { 0 };
-    let precondition = 4 * params(model) + u + layer;
+    let precondition = 4 * weights(model) + u + layer;
     precondition.max(capture_peak_bytes(model, tokens, Labels::Data) + u + tokens_out)
 }

@@ -106,6 +106,9 @@ pub fn load_options(config: &Config) -> LoadOptions {
             None => Tracking::BlockLinears,
         },
         lora_track: config.attribution.lora_layers,
+        // A LoRA run's start θ₀ is the base model with the fresh adapter the fine-tune
+        // began from (an adapter folder keeps its own).
+        lora_init: crate::train::finetune::train_load_options(&config.train).lora_init,
         ..LoadOptions::default()
     }
 }

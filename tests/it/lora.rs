@@ -551,3 +551,48 @@ fn a_trainer_peft_run_imports_as_adapters_over_the_base() {
     let want = 0.5 / (1.0 - 0.99f64 * 0.99);
     assert!((max_abs(v) as f64 - want).abs() < 1e-3 * want);
 }
+
+#[test]
+fn the_lora_demo_pipeline_attributes_through_the_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let out = crate::common::cli(
+        &crate::common::repo_root(),
+        &[
+            "run",
+            "pipelines/lora-demo.toml",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ],
+        &[
+            ("HF_ENDPOINT", "http://127.0.0.1:1"),
+            ("HOME", dir.path().to_str().unwrap()),
+        ],
+    );
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    // Every checkpoint is a PEFT adapter folder; the step-1 group is scored at θ₀, the base
+    // with the fresh adapter the fine-tune started from.
+    let traj = source_tda::train::Trajectory::load(&run.join("finetune/trajectory.json")).unwrap();
+    for c in traj.segments.iter().flat_map(|s| &s.checkpoints) {
+        let p = run.join(&c.path);
+        assert!(
+            p.join("adapter_model.safetensors").is_file(),
+            "{}",
+            p.display()
+        );
+        assert!(!p.join("model.safetensors").exists());
+    }
+    // The query gradients and the fitted factors are the adapters' (4 attention projections
+    // × A, B × the demo's layers), nothing else.
+    let g = candle_core::safetensors::load(run.join("query/gradients.safetensors"), &Device::Cpu)
+        .unwrap();
+    assert!(!g.is_empty() && g.len() % 8 == 0, "{}", g.len());
+    assert!(
+        g.keys().all(|k| k.contains("_proj.lora_")),
+        "{:?}",
+        g.keys()
+    );
+    let f = candle_core::safetensors::load(run.join("fit/segment-0.safetensors"), &Device::Cpu)
+        .unwrap();
+    assert!(f.keys().all(|k| k.contains(".lora_")), "{:?}", f.keys());
+}
