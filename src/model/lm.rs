@@ -108,6 +108,14 @@ impl Model {
     pub fn load(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<Self> {
         if dir.join(ADAPTER_CONFIG).is_file() {
             let cfg = LoraConfig::from_file(&dir.join(ADAPTER_CONFIG))?;
+            if cfg.dropout > 0.0 {
+                tracing::debug!(
+                    "{}: lora_dropout = {} was a training-time noise; gradients are taken \
+                     without it",
+                    dir.display(),
+                    cfg.dropout
+                );
+            }
             let base = adapter_base(dir, &cfg)?;
             if !dir.join(ADAPTER_WEIGHTS).is_file() {
                 return Err(Error::Model(format!(
