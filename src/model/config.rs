@@ -306,6 +306,7 @@ fn parse_llama(obj: &Map<String, Value>, model_type: &str) -> Result<LlamaSpec> 
             )));
         }
     }
+    let rope = RopeParameters::parse(obj)?;
     Ok(LlamaSpec {
         model_type: model_type.to_string(),
         hidden_size,
@@ -316,8 +317,21 @@ fn parse_llama(obj: &Map<String, Value>, model_type: &str) -> Result<LlamaSpec> 
         num_kv_heads,
         head_dim,
         // Gemma 3's global layers default to 1e6 (Gemma3TextConfig), the others to 1e4.
-        rope_theta: opt_f64(obj, "rope_theta")?.unwrap_or(if gemma3 { 1e6 } else { 1e4 }),
-        rope_scaling: parse_rope_scaling(obj)?,
+        rope_theta: match opt_f64(obj, "rope_theta")? {
+            Some(t) => t,
+            None => rope
+                .global_theta()?
+                .unwrap_or(if gemma3 { 1e6 } else { 1e4 }),
+        },
+        rope_scaling: match obj.get("rope_scaling") {
+            None | Some(Value::Null) => match rope.global {
+                Some(g) if g.contains_key("rope_type") || g.contains_key("type") => {
+                    scaling_from(g, "rope_parameters")?
+                }
+                _ => RopeScaling::None,
+            },
+            Some(_) => parse_rope_scaling(obj)?,
+        },
         rms_norm_eps: opt_f64(obj, "rms_norm_eps")?.unwrap_or(1e-6),
         // Gemma ties by default (transformers' Gemma2Config), the others do not.
         tie_word_embeddings: opt_bool(obj, "tie_word_embeddings")?.unwrap_or(gemma),
@@ -328,7 +342,10 @@ fn parse_llama(obj: &Map<String, Value>, model_type: &str) -> Result<LlamaSpec> 
         sliding_window,
         sliding_layers: SlidingLayers::parse(obj, model_type, num_layers)?,
         rope_local_theta: if gemma3 {
-            Some(opt_f64(obj, "rope_local_base_freq")?.unwrap_or(1e4))
+            Some(match opt_f64(obj, "rope_local_base_freq")? {
+                Some(t) => t,
+                None => rope.local_theta()?.unwrap_or(1e4),
+            })
         } else {
             None
         },
@@ -357,30 +374,106 @@ fn parse_llama(obj: &Map<String, Value>, model_type: &str) -> Result<LlamaSpec> 
     })
 }
 
-fn parse_rope_scaling(obj: &Map<String, Value>) -> Result<RopeScaling> {
-    let rs = match obj.get("rope_scaling") {
-        None | Some(Value::Null) => return Ok(RopeScaling::None),
-        Some(Value::Object(m)) => m,
-        Some(_) => {
-            return Err(Error::Model(
-                "key `rope_scaling`: must be an object or null".into(),
-            ))
+/// `rope_parameters` (transformers ≥ 5 writes RoPE's θ and scaling there instead of
+/// `rope_theta` and `rope_scaling`): one object for every layer, or one per layer type
+/// (`full_attention`, `sliding_attention`) for models with local layers.
+struct RopeParameters<'a> {
+    /// The parameters of the global (full-attention) layers.
+    global: Option<&'a Map<String, Value>>,
+    /// Those of the sliding-window layers, when given per layer type.
+    local: Option<&'a Map<String, Value>>,
+}
+
+impl<'a> RopeParameters<'a> {
+    fn parse(obj: &'a Map<String, Value>) -> Result<RopeParameters<'a>> {
+        let m = match obj.get("rope_parameters") {
+            None | Some(Value::Null) => {
+                return Ok(RopeParameters {
+                    global: None,
+                    local: None,
+                })
+            }
+            Some(Value::Object(m)) => m,
+            Some(_) => {
+                return Err(Error::Model(
+                    "key `rope_parameters`: must be an object or null".into(),
+                ))
+            }
+        };
+        let per_type = |k: &str| -> Result<Option<&'a Map<String, Value>>> {
+            match m.get(k) {
+                None => Ok(None),
+                Some(Value::Object(x)) => Ok(Some(x)),
+                Some(_) => Err(Error::Model(format!(
+                    "key `rope_parameters.{k}`: must be an object"
+                ))),
+            }
+        };
+        if m.contains_key("full_attention") || m.contains_key("sliding_attention") {
+            Ok(RopeParameters {
+                global: per_type("full_attention")?,
+                local: per_type("sliding_attention")?,
+            })
+        } else {
+            Ok(RopeParameters {
+                global: Some(m),
+                local: None,
+            })
         }
-    };
+    }
+
+    fn theta(m: Option<&Map<String, Value>>, key: &str) -> Result<Option<f64>> {
+        match m.and_then(|m| m.get("rope_theta")) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| Error::Model(format!("key `{key}.rope_theta`: must be a number"))),
+        }
+    }
+
+    /// θ of the global layers.
+    fn global_theta(&self) -> Result<Option<f64>> {
+        let key = if self.local.is_some() {
+            "rope_parameters.full_attention"
+        } else {
+            "rope_parameters"
+        };
+        Self::theta(self.global, key)
+    }
+
+    /// θ of the sliding-window layers.
+    fn local_theta(&self) -> Result<Option<f64>> {
+        Self::theta(self.local, "rope_parameters.sliding_attention")
+    }
+}
+
+fn parse_rope_scaling(obj: &Map<String, Value>) -> Result<RopeScaling> {
+    match obj.get("rope_scaling") {
+        None | Some(Value::Null) => Ok(RopeScaling::None),
+        Some(Value::Object(m)) => scaling_from(m, "rope_scaling"),
+        Some(_) => Err(Error::Model(
+            "key `rope_scaling`: must be an object or null".into(),
+        )),
+    }
+}
+
+/// The RoPE scaling an object `rs` (config key `at`) describes.
+fn scaling_from(rs: &Map<String, Value>, at: &str) -> Result<RopeScaling> {
     // Newer configs write `rope_type`, older ones `type`.
     let (key, kind) = match (rs.get("rope_type"), rs.get("type")) {
-        (Some(Value::String(s)), _) => ("rope_scaling.rope_type", s.as_str()),
-        (None, Some(Value::String(s))) => ("rope_scaling.type", s.as_str()),
+        (Some(Value::String(s)), _) => (format!("{at}.rope_type"), s.as_str()),
+        (None, Some(Value::String(s))) => (format!("{at}.type"), s.as_str()),
         _ => {
-            return Err(Error::Model(
-                "key `rope_scaling.rope_type`: missing (expected a string)".into(),
-            ))
+            return Err(Error::Model(format!(
+                "key `{at}.rope_type`: missing (expected a string)"
+            )))
         }
     };
     let factor = |m: &Map<String, Value>| -> Result<f64> {
-        m.get("factor").and_then(Value::as_f64).ok_or_else(|| {
-            Error::Model("key `rope_scaling.factor`: missing or not a number".into())
-        })
+        m.get("factor")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| Error::Model(format!("key `{at}.factor`: missing or not a number")))
     };
     match kind {
         "default" => Ok(RopeScaling::None),
@@ -389,9 +482,9 @@ fn parse_rope_scaling(obj: &Map<String, Value>) -> Result<RopeScaling> {
         }),
         "llama3" => {
             let num = |k: &str| -> Result<f64> {
-                rs.get(k).and_then(Value::as_f64).ok_or_else(|| {
-                    Error::Model(format!("key `rope_scaling.{k}`: missing or not a number"))
-                })
+                rs.get(k)
+                    .and_then(Value::as_f64)
+                    .ok_or_else(|| Error::Model(format!("key `{at}.{k}`: missing or not a number")))
             };
             Ok(RopeScaling::Llama3 {
                 factor: factor(rs)?,
@@ -517,6 +610,59 @@ mod tests {
         w["hidden_act"] = json!("relu2");
         let e = ModelSpec::from_json(&w).unwrap_err().to_string();
         assert!(e.contains("hidden_act") && e.contains("relu2"), "{e}");
+    }
+
+    /// transformers ≥ 5 writes θ and the scaling under `rope_parameters`: the same spec as
+    /// the older top-level keys, for one object and for one per layer type (Gemma 3).
+    #[test]
+    fn rope_parameters_of_transformers_5_equal_the_older_keys() {
+        let spec = |v: &Value| -> LlamaSpec {
+            let ModelSpec::Llama(s) = ModelSpec::from_json(v).unwrap() else {
+                panic!("not llama")
+            };
+            s
+        };
+        let mut old = smollm();
+        old["rope_theta"] = json!(500000.0);
+        old["rope_scaling"] = json!({"rope_type": "llama3", "factor": 32.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192});
+        let mut new = smollm();
+        new.as_object_mut().unwrap().remove("rope_theta");
+        new["rope_parameters"] = json!({"rope_type": "llama3", "rope_theta": 500000.0,
+            "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192});
+        let (a, b) = (spec(&old), spec(&new));
+        assert_eq!(
+            (a.rope_theta, &a.rope_scaling),
+            (b.rope_theta, &b.rope_scaling)
+        );
+        assert_eq!(b.rope_theta, 500000.0);
+        assert!(matches!(b.rope_scaling, RopeScaling::Llama3 { .. }));
+        // Default RoPE: θ only.
+        new["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 250000.0});
+        let c = spec(&new);
+        assert_eq!(
+            (c.rope_theta, &c.rope_scaling),
+            (250000.0, &RopeScaling::None)
+        );
+        // A wrong type names the key.
+        new["rope_parameters"] = json!({"rope_type": "default", "rope_theta": "big"});
+        let e = ModelSpec::from_json(&new).unwrap_err().to_string();
+        assert!(e.contains("rope_parameters.rope_theta"), "{e}");
+        // Gemma 3 in transformers 5: one object per layer type.
+        let g = json!({"model_type": "gemma3_text", "hidden_size": 1152,
+                       "intermediate_size": 6912, "vocab_size": 262144,
+                       "num_hidden_layers": 26, "num_attention_heads": 4,
+                       "num_key_value_heads": 1, "head_dim": 256,
+                       "rope_parameters": {
+                           "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                              "rope_theta": 1000000.0},
+                           "sliding_attention": {"rope_type": "default",
+                                                 "rope_theta": 10000.0}}});
+        let s = spec(&g);
+        assert_eq!((s.rope_theta, s.rope_local_theta), (1e6, Some(1e4)));
+        assert_eq!(s.rope_scaling, RopeScaling::Linear { factor: 8.0 });
     }
 
     #[test]
