@@ -13,9 +13,11 @@ use crate::error::{Error, IoContext, Result};
 
 mod attention;
 mod json;
+mod rope;
 
 pub use attention::SlidingLayers;
 use json::{opt_bool, opt_f64, opt_usize, req_str, req_usize};
+use rope::{parse_rope_scaling, scaling_from, RopeParameters};
 
 /// The `model_type`s this crate can build.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
@@ -372,131 +374,6 @@ fn parse_llama(obj: &Map<String, Value>, model_type: &str) -> Result<LlamaSpec> 
             None
         },
     })
-}
-
-/// `rope_parameters` (transformers ≥ 5 writes RoPE's θ and scaling there instead of
-/// `rope_theta` and `rope_scaling`): one object for every layer, or one per layer type
-/// (`full_attention`, `sliding_attention`) for models with local layers.
-struct RopeParameters<'a> {
-    /// The parameters of the global (full-attention) layers.
-    global: Option<&'a Map<String, Value>>,
-    /// Those of the sliding-window layers, when given per layer type.
-    local: Option<&'a Map<String, Value>>,
-}
-
-impl<'a> RopeParameters<'a> {
-    fn parse(obj: &'a Map<String, Value>) -> Result<RopeParameters<'a>> {
-        let m = match obj.get("rope_parameters") {
-            None | Some(Value::Null) => {
-                return Ok(RopeParameters {
-                    global: None,
-                    local: None,
-                })
-            }
-            Some(Value::Object(m)) => m,
-            Some(_) => {
-                return Err(Error::Model(
-                    "key `rope_parameters`: must be an object or null".into(),
-                ))
-            }
-        };
-        let per_type = |k: &str| -> Result<Option<&'a Map<String, Value>>> {
-            match m.get(k) {
-                None => Ok(None),
-                Some(Value::Object(x)) => Ok(Some(x)),
-                Some(_) => Err(Error::Model(format!(
-                    "key `rope_parameters.{k}`: must be an object"
-                ))),
-            }
-        };
-        if m.contains_key("full_attention") || m.contains_key("sliding_attention") {
-            Ok(RopeParameters {
-                global: per_type("full_attention")?,
-                local: per_type("sliding_attention")?,
-            })
-        } else {
-            Ok(RopeParameters {
-                global: Some(m),
-                local: None,
-            })
-        }
-    }
-
-    fn theta(m: Option<&Map<String, Value>>, key: &str) -> Result<Option<f64>> {
-        match m.and_then(|m| m.get("rope_theta")) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| Error::Model(format!("key `{key}.rope_theta`: must be a number"))),
-        }
-    }
-
-    /// θ of the global layers.
-    fn global_theta(&self) -> Result<Option<f64>> {
-        let key = if self.local.is_some() {
-            "rope_parameters.full_attention"
-        } else {
-            "rope_parameters"
-        };
-        Self::theta(self.global, key)
-    }
-
-    /// θ of the sliding-window layers.
-    fn local_theta(&self) -> Result<Option<f64>> {
-        Self::theta(self.local, "rope_parameters.sliding_attention")
-    }
-}
-
-fn parse_rope_scaling(obj: &Map<String, Value>) -> Result<RopeScaling> {
-    match obj.get("rope_scaling") {
-        None | Some(Value::Null) => Ok(RopeScaling::None),
-        Some(Value::Object(m)) => scaling_from(m, "rope_scaling"),
-        Some(_) => Err(Error::Model(
-            "key `rope_scaling`: must be an object or null".into(),
-        )),
-    }
-}
-
-/// The RoPE scaling an object `rs` (config key `at`) describes.
-fn scaling_from(rs: &Map<String, Value>, at: &str) -> Result<RopeScaling> {
-    // Newer configs write `rope_type`, older ones `type`.
-    let (key, kind) = match (rs.get("rope_type"), rs.get("type")) {
-        (Some(Value::String(s)), _) => (format!("{at}.rope_type"), s.as_str()),
-        (None, Some(Value::String(s))) => (format!("{at}.type"), s.as_str()),
-        _ => {
-            return Err(Error::Model(format!(
-                "key `{at}.rope_type`: missing (expected a string)"
-            )))
-        }
-    };
-    let factor = |m: &Map<String, Value>| -> Result<f64> {
-        m.get("factor")
-            .and_then(Value::as_f64)
-            .ok_or_else(|| Error::Model(format!("key `{at}.factor`: missing or not a number")))
-    };
-    match kind {
-        "default" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear {
-            factor: factor(rs)?,
-        }),
-        "llama3" => {
-            let num = |k: &str| -> Result<f64> {
-                rs.get(k)
-                    .and_then(Value::as_f64)
-                    .ok_or_else(|| Error::Model(format!("key `{at}.{k}`: missing or not a number")))
-            };
-            Ok(RopeScaling::Llama3 {
-                factor: factor(rs)?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
-                original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
-            })
-        }
-        other => Err(Error::Model(format!(
-            "key `{key}`: unsupported RoPE scaling `{other}`; supported: default, linear, llama3"
-        ))),
-    }
 }
 
 fn parse_gpt2(obj: &Map<String, Value>) -> Result<Gpt2Spec> {
