@@ -17,6 +17,7 @@ mod rope;
 
 pub use attention::SlidingLayers;
 use json::{opt_bool, opt_f64, opt_usize, req_str, req_usize};
+pub use rope::RopeScaling;
 use rope::{parse_rope_scaling, scaling_from, RopeParameters};
 
 /// The `model_type`s this crate can build.
@@ -39,29 +40,6 @@ pub enum ModelSpec {
     Llama(LlamaSpec),
     /// GPT-2: LayerNorm, learned positions, Conv1D layers with biases, GELU MLP.
     Gpt2(Gpt2Spec),
-}
-
-/// RoPE frequency scaling (`rope_scaling` in config.json).
-#[derive(Debug, Clone, PartialEq)]
-pub enum RopeScaling {
-    /// Plain RoPE: inv_freq_i = θ^(−2i/d).
-    None,
-    /// `linear`: positions divided by `factor`.
-    Linear {
-        /// Position divisor.
-        factor: f64,
-    },
-    /// `llama3`: low frequencies divided by `factor`, high kept, smooth blend between.
-    Llama3 {
-        /// Divisor for low frequencies.
-        factor: f64,
-        /// Wavelengths above original_max / low_freq_factor are scaled fully.
-        low_freq_factor: f64,
-        /// Wavelengths below original_max / high_freq_factor are kept.
-        high_freq_factor: f64,
-        /// Context length of the original model.
-        original_max_position_embeddings: usize,
-    },
 }
 
 /// Llama-family hyper-parameters.

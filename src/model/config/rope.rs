@@ -1,12 +1,34 @@
 //! Owns RoPE's parameters as config.json states them: `rope_theta` / `rope_scaling`, or
-//! transformers 5's `rope_parameters` (`RopeParameters`), and the scaling they describe.
-//! Layer: model — may import the ground; in this folder, config.rs's `RopeScaling`.
+//! transformers 5's `rope_parameters` (`RopeParameters`), and the scaling they describe
+//! (`RopeScaling`).
+//! Layer: model — may import the ground; no sibling.
 
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
-use super::RopeScaling;
+/// RoPE frequency scaling (`rope_scaling` in config.json).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE: inv_freq_i = θ^(−2i/d).
+    None,
+    /// `linear`: positions divided by `factor`.
+    Linear {
+        /// Position divisor.
+        factor: f64,
+    },
+    /// `llama3`: low frequencies divided by `factor`, high kept, smooth blend between.
+    Llama3 {
+        /// Divisor for low frequencies.
+        factor: f64,
+        /// Wavelengths above original_max / low_freq_factor are scaled fully.
+        low_freq_factor: f64,
+        /// Wavelengths below original_max / high_freq_factor are kept.
+        high_freq_factor: f64,
+        /// Context length of the original model.
+        original_max_position_embeddings: usize,
+    },
+}
 
 /// `rope_parameters` (transformers ≥ 5 writes RoPE's θ and scaling there instead of
 /// `rope_theta` and `rope_scaling`): one object for every layer, or one per layer type
