@@ -204,11 +204,6 @@ impl Whitening {
         Ok(rotated.broadcast_mul(&self.w)?)
     }
 
-    /// Q_Sᵀ U Q_A for queries U [Q, d_out, d_in].
-    pub fn rotate(&self, u: &Tensor) -> Result<Tensor> {
-        self.basis.rotate(&u.to_dtype(DType::F32)?)
-    }
-
     /// W⁻¹ ⊙ Q_Sᵀ U Q_A for queries U [Q, d_out, d_in].
     fn queries(&self, u: &Tensor) -> Result<Tensor> {
         Ok(self

@@ -21,7 +21,6 @@ use crate::attribution::method::preconditioned;
 use crate::attribution::plan::{plan_score_memory, AttributionPlan, ScoreNeeds};
 use crate::attribution::query_gradients;
 use crate::config::Config;
-use crate::curvature::FactorFile;
 use crate::error::{Error, Result};
 use crate::pipeline::{Stage, StageContext};
 use crate::util::fsx::write_json_atomic;
@@ -96,13 +95,11 @@ fn measure_whitening(
         let mut w = Vec::with_capacity(f.len());
         let mut energy = Vec::with_capacity(f.len());
         for (lf, ul) in f.iter().zip(u_pt) {
-            let ones = lf.lambda.ones_like()?.to_dtype(candle_core::DType::F32)?;
-            let basis = Whitening::new(lf.basis.clone(), ones)?;
             // c = mean over the pseudo-queries of (Q_Sᵀ U Q_A)².
-            let c = basis
-                .rotate(&ul.to_device(&candle_core::Device::Cpu)?)?
-                .sqr()?
-                .mean(0)?;
+            let u = ul
+                .to_device(&candle_core::Device::Cpu)?
+                .to_dtype(candle_core::DType::F32)?;
+            let c = lf.basis.rotate(&u)?.sqr()?.mean(0)?;
             let lambda = lf.lambda.to_dtype(candle_core::DType::F32)?;
             energy.push((&c * &lambda)?.sqrt()?);
             w.push(Whitening::from_energies(lf.basis.clone(), &lf.lambda, &c)?);
@@ -131,11 +128,12 @@ fn save_whitening(path: &std::path::Path, names: &[String], w: &[Whitening]) -> 
 }
 
 /// The whitening of index point `pt` (None for raw gradients): W read from its file (checked
-/// against its SHA-256), the eigenbasis from the fit's factors of its segment.
+/// against its SHA-256), the eigenbasis from `factors`, its segment's fitted factors of the
+/// layers `names`.
 pub(super) fn load_whitening(
     ctx: &StageContext,
-    p: &AttributionPlan,
     pt: &IndexPoint,
+    factors: &[crate::linalg::LayerFactors],
     names: &[String],
 ) -> Result<Option<Vec<Whitening>>> {
     let Some((file, sha)) = &pt.whitening else {
@@ -150,12 +148,15 @@ pub(super) fn load_whitening(
             path.display()
         )));
     }
+    if factors.len() != names.len() {
+        return Err(Error::Pipeline(format!(
+            "{}: {} layers, but {} layers' factors to whiten them with; rerun the index stage",
+            path.display(),
+            names.len(),
+            factors.len()
+        )));
+    }
     let map = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
-    let factor_path = ctx.run.stage_dir("fit").join(format!(
-        "segment-{}.safetensors",
-        p.segments[pt.segment].index
-    ));
-    let factors = FactorFile::open(&factor_path)?.load_layers(names, &candle_core::Device::Cpu)?;
     let mut offset = 0;
     names
         .iter()
@@ -172,7 +173,7 @@ pub(super) fn load_whitening(
                 None => Vec::new(),
             };
             let k = exact.len();
-            let wh = Whitening::new(f.basis, w)?.with_exact(exact, offset)?;
+            let wh = Whitening::new(f.basis.clone(), w)?.with_exact(exact, offset)?;
             offset += k;
             Ok(wh)
         })

@@ -21,7 +21,7 @@ use crate::pipeline::StageContext;
 
 use super::attribute::{model_shapes, role_docs};
 use super::index::{fit_outputs, load_whitening, point_name};
-use super::score_queries::Queries;
+use super::score_queries::{open_factor_files, Queries};
 
 /// The documents to score exactly, per data role (document positions in the role's prepared
 /// table), and what the search saw.
@@ -122,6 +122,9 @@ pub(super) fn find_candidates(
     }
     let sk = sketches(&header.layers, header.seed, width - header.exact)?;
     let names: Vec<String> = header.layers.iter().map(|l| l.name.clone()).collect();
+    // Each segment's factors, read once for the points of that segment.
+    let files = open_factor_files(ctx, p)?;
+    let mut factors: Option<(usize, Vec<crate::linalg::LayerFactors>)> = None;
     let mut sketched: BTreeMap<String, Vec<Vec<f32>>> = BTreeMap::new();
     let mut n_docs: BTreeMap<String, usize> = BTreeMap::new();
     for (pt, u) in header.points.iter().zip(&queries.u) {
@@ -135,7 +138,12 @@ pub(super) fn find_candidates(
                 pt.documents, pt.role, n_docs[&pt.role]
             )));
         }
-        let w = load_whitening(ctx, p, pt, &names)?;
+        if pt.whitening.is_some() && factors.as_ref().map(|(s, _)| *s) != Some(pt.segment) {
+            let f = files[pt.segment].load_layers(&names, &candle_core::Device::Cpu)?;
+            factors = Some((pt.segment, f));
+        }
+        let f = factors.as_ref().map_or(&[][..], |(_, f)| &f[..]);
+        let w = load_whitening(ctx, pt, f, &names)?;
         let uq = sketch_queries(&sk, w.as_deref(), u)?;
         let acc = sketched
             .entry(pt.role.clone())
