@@ -12,6 +12,7 @@
 //! # top_p = 0.9            # nucleus sampling (with temperature > 0)
 //! # seed = 0               # default: run.seed
 //! stop_at_eos = true       # end a completion at the model's end-of-sequence token
+//! stop = ["."]             # end a completion at the first token that completes one of these
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -36,6 +37,10 @@ pub struct QueryConfig {
     /// Default true.
     #[serde(default = "default_true")]
     pub stop_at_eos: bool,
+    /// Stop strings: a completion ends with the first generated token whose decoded text
+    /// completes one of them (the token is kept, as with `stop_at_eos`). Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
 }
 
 fn default_max_new_tokens() -> usize {
@@ -53,6 +58,7 @@ impl Default for QueryConfig {
             top_p: None,
             seed: None,
             stop_at_eos: true,
+            stop: Vec::new(),
         }
     }
 }
@@ -91,6 +97,14 @@ impl QueryConfig {
                         .into(),
                 ));
             }
+        }
+        if let Some(i) = self.stop.iter().position(|s| s.is_empty()) {
+            return Err((
+                k(&format!("stop[{i}]")),
+                "is empty; a stop string needs at least one character (remove it to stop \
+                 only at max_new_tokens or end of sequence)"
+                    .into(),
+            ));
         }
         Ok(())
     }

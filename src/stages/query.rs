@@ -110,6 +110,7 @@ impl Stage for QueryStage {
                 &tokenizer,
                 &queries,
                 &opts,
+                &ctx.config.query.stop,
                 ctx.config.batching.token_budget,
             )?;
             for q in &done {

@@ -64,8 +64,27 @@ pub fn generate_options(q: &QueryConfig, run_seed: u64, eos: &[u32]) -> Generate
     }
 }
 
+/// The length of the shortest prefix of `tokens` whose decoded text contains one of `stop`
+/// (all of `tokens` when none does). Generation is causal, so cutting a completion there
+/// gives what stopping at that token would have given.
+pub fn stop_length(tokenizer: &Tokenizer, tokens: &[u32], stop: &[String]) -> Result<usize> {
+    if stop.is_empty() {
+        return Ok(tokens.len());
+    }
+    for n in 1..=tokens.len() {
+        let text = tokenizer
+            .decode(&tokens[..n], false)
+            .map_err(|e| Error::Model(format!("decoding a completion: {e}")))?;
+        if stop.iter().any(|s| text.contains(s.as_str())) {
+            return Ok(n);
+        }
+    }
+    Ok(tokens.len())
+}
+
 /// Completes every prompt-only query with `model`: input = prompt tokens + generated tokens,
-/// loss mask on the generated tokens, `completion` = their decoded text. Sampled queries draw
+/// loss mask on the generated tokens, `completion` = their decoded text, cut after the first
+/// token that completes a stop string of `stop` ([`stop_length`]). Sampled queries draw
 /// from the stream `seed + query index`, so each query's completion does not depend on the
 /// others. `token_budget`: a completed query must fit one batch.
 pub fn complete_queries(
@@ -73,6 +92,7 @@ pub fn complete_queries(
     tokenizer: &Tokenizer,
     queries: &[PreparedDoc],
     opts: &GenerateOptions,
+    stop: &[String],
     token_budget: usize,
 ) -> Result<Vec<PreparedDoc>> {
     let pb = crate::util::progress::bar(queries.len() as u64, "generating completions");
@@ -100,7 +120,9 @@ pub fn complete_queries(
         if let Sampling::Sample { seed, .. } = &mut o.sampling {
             *seed = seed.wrapping_add(i as u64);
         }
-        let g = model.generate(&q.input_ids, &o)?;
+        let mut g = model.generate(&q.input_ids, &o)?;
+        let n = stop_length(tokenizer, &g.tokens, stop)?;
+        g.tokens.truncate(n);
         let completion = tokenizer
             .decode(&g.tokens, false)
             .map_err(|e| Error::Model(format!("decoding the completion of `{}`: {e}", q.doc_id)))?;

@@ -117,12 +117,13 @@ fn demo_low_rank_queries_and_grouped_factors_match_the_exact_all_at_once_path() 
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let root = common::repo_root();
+    let pipeline = common::demo_eval_pipeline(dir.path());
     let o = cli(
         &root,
         &[
             "-q",
             "run",
-            "pipelines/demo.toml",
+            pipeline.to_str().unwrap(),
             "--run-dir",
             run.to_str().unwrap(),
         ],
@@ -426,10 +427,11 @@ fn attribution_layers_select_the_tracked_layers_and_the_influence_scores_add_ove
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let root = common::repo_root();
+    let pipeline = common::demo_eval_pipeline(dir.path());
     let args = [
         "-q",
         "run",
-        "pipelines/demo.toml",
+        pipeline.to_str().unwrap(),
         "--run-dir",
         run.to_str().unwrap(),
     ];

@@ -357,7 +357,7 @@ fn query_generation_keys_and_the_prompt_shape_are_checked() {
 
     let q = "[data.query]\nid = \"org/q\"\nshape = \"prompt\"\n";
     let c = load(&format!("{GOOD}{q}")).unwrap();
-    assert_eq!(c.data.query.unwrap().shape, DocShape::Prompt);
+    assert_eq!(c.data.query.as_ref().unwrap().shape, DocShape::Prompt);
     assert_eq!(c.query.max_new_tokens, 32);
     assert_eq!(c.query.temperature, 0.0);
 
@@ -375,6 +375,14 @@ fn query_generation_keys_and_the_prompt_shape_are_checked() {
     assert!(e.contains("query.stop_at_eos"), "{e}");
     let e = load(&format!("{GOOD}{q}[query]\nmax_tokens = 3\n")).unwrap_err();
     assert!(e.contains("max_tokens"), "{e}");
+    assert!(c.query.stop.is_empty());
+    let c = load(&format!("{GOOD}{q}[query]\nstop = [\".\", \"\\n\"]\n")).unwrap();
+    assert_eq!(c.query.stop, [".", "\n"]);
+    let e = load(&format!("{GOOD}{q}[query]\nstop = [\".\", \"\"]\n")).unwrap_err();
+    assert!(
+        e.contains("key `query.stop[1]`") && e.contains("is empty"),
+        "{e}"
+    );
 }
 
 #[test]

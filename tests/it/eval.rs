@@ -564,7 +564,7 @@ fn two_stage_runs_retrain_every_stage_on_each_roles_subset_bitwise_in_workers() 
 fn demo_meets_the_recall_target_and_runs_lds() {
     let dir = tempfile::tempdir().unwrap();
     let root = common::repo_root();
-    let text = std::fs::read_to_string(root.join("configs/demo.toml"))
+    let text = std::fs::read_to_string(root.join("configs/demo-eval.toml"))
         .unwrap()
         .replace(
             "cache_dir = \"../assets/hf-cache\"",

@@ -39,11 +39,42 @@ fn greedy_by_full_forwards(model: &Model, prompt: &[u32], n: usize, eos: u32) ->
     seq[prompt.len()..].to_vec()
 }
 
+/// `[query] stop`: a completion is cut after the first token whose decoded text completes a
+/// stop string, found here by decoding every prefix of a tokenised sentence by hand.
+#[test]
+fn stop_strings_cut_a_completion_after_the_token_that_completes_them() {
+    use source_tda::stages::query_generate::stop_length;
+    let tokenizer = tokenizers::Tokenizer::from_file(common::demo_tokenizer()).unwrap();
+    let text = " Lake Thekal. The river Navo flows";
+    let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+    let first_with = |needle: &str| {
+        (1..=ids.len())
+            .find(|&n| tokenizer.decode(&ids[..n], false).unwrap().contains(needle))
+            .unwrap()
+    };
+    let stop = |s: &[&str]| {
+        let s: Vec<String> = s.iter().map(|x| x.to_string()).collect();
+        stop_length(&tokenizer, &ids, &s).unwrap()
+    };
+    assert!(first_with(".") < ids.len());
+    assert_eq!(stop(&["."]), first_with("."));
+    assert!(tokenizer
+        .decode(&ids[..stop(&["."])], false)
+        .unwrap()
+        .ends_with("."));
+    // The earliest of several; a string across tokens; none found: everything.
+    assert_eq!(stop(&["river", "."]), first_with("."));
+    assert_eq!(stop(&["Thekal"]), first_with("Thekal"));
+    assert!(first_with("Thekal") > first_with("Lake"));
+    assert_eq!(stop(&["?"]), ids.len());
+    assert_eq!(stop(&[]), ids.len());
+}
+
 #[test]
 fn the_demo_runs_with_generated_queries_that_equal_an_independent_greedy_decode() {
     let dir = tempfile::tempdir().unwrap();
     let root = common::repo_root();
-    let cfg = std::fs::read_to_string(root.join("configs/demo.toml")).unwrap();
+    let cfg = std::fs::read_to_string(root.join("configs/demo-eval.toml")).unwrap();
     let query_section =
         "split = \"queries\"                  # data/queries.jsonl\nshape = \"prompt_completion\"";
     assert!(
@@ -260,7 +291,7 @@ fn per_token_scores_add_up(run: &std::path::Path, completions: &[String]) {
 
 /// summary.json lists each query's generation; in chromium every generated query's block
 /// renders with its first token's panel shown by the page's script.
-fn the_report_shows_the_generation(run: &std::path::Path, n_queries: usize) {
+pub(crate) fn the_report_shows_the_generation(run: &std::path::Path, n_queries: usize) {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("report/summary.json")).unwrap())
             .unwrap();

@@ -68,7 +68,7 @@ fn llama_3_2_1b() -> Value {
 }
 
 fn plan_json(cwd: &Path, args: &[&str]) -> (std::process::Output, Value) {
-    let mut all = vec!["plan", "configs/demo.toml", "--json"];
+    let mut all = vec!["plan", "configs/demo-eval.toml", "--json"];
     all.extend_from_slice(args);
     let out = common::cli(cwd, &all, &[]);
     let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
@@ -171,7 +171,7 @@ fn a_1b_model_is_planned_from_its_config_alone_and_refused_under_a_small_limit()
         &root,
         &[
             "plan",
-            "configs/demo.toml",
+            "configs/demo-eval.toml",
             "--model-config",
             cfg.to_str().unwrap(),
         ],
@@ -201,11 +201,12 @@ fn the_plan_predicts_what_the_demo_writes() {
     let run = dir.path().join("run");
     let root = common::repo_root();
     let run_s = run.to_str().unwrap();
+    let pipeline = common::demo_eval_pipeline(dir.path());
     let out = common::cli(
         &root,
         &[
             "run",
-            "pipelines/demo.toml",
+            pipeline.to_str().unwrap(),
             "--run-dir",
             run_s,
             "--until",

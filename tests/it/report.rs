@@ -27,11 +27,12 @@ fn demo() -> &'static Demo {
     DEMO.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path().join("run");
+        let pipeline = common::demo_eval_pipeline(dir.path());
         let out = common::cli(
             &common::repo_root(),
             &[
                 "run",
-                "pipelines/demo.toml",
+                pipeline.to_str().unwrap(),
                 "--run-dir",
                 run.to_str().unwrap(),
             ],
@@ -450,7 +451,7 @@ fn report_cmd(run: &Path) -> (bool, String) {
         &[
             "report",
             "--config",
-            "configs/demo.toml",
+            "configs/demo-eval.toml",
             "--run-dir",
             run.to_str().unwrap(),
         ],
@@ -536,7 +537,7 @@ fn malformed_eval_results_are_an_error_naming_the_file() {
         &[
             "report",
             "--config",
-            "configs/demo.toml",
+            "configs/demo-eval.toml",
             "--run-dir",
             run.to_str().unwrap(),
         ],

@@ -52,6 +52,24 @@ pub fn demo_tokenizer() -> PathBuf {
     snap.join("tokenizer.json")
 }
 
+/// A pipeline file in `dir` that runs configs/demo-eval.toml (the demo's model and data with
+/// the short T = 57 fine-tune and the given completions) from `fetch` through `report`, no
+/// evaluation stages: the quick demo run most tests build on (configs/demo.toml's fine-tune
+/// is 10x longer).
+pub fn demo_eval_pipeline(dir: &Path) -> PathBuf {
+    let path = dir.join("demo-eval-pipeline.toml");
+    let config = repo_root().join("configs/demo-eval.toml");
+    write(
+        &path,
+        format!(
+            "config = {:?}\nstages = [\"fetch\", \"prepare\", \"finetune\", \"fit\", \"query\", \
+             \"score\", \"report\"]\n",
+            config.display().to_string()
+        ),
+    );
+    path
+}
+
 /// Writes `bytes` to `path`, creating parent folders.
 pub fn write(path: &Path, bytes: impl AsRef<[u8]>) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
