@@ -3,7 +3,7 @@
 # candidate-scored variants of two workloads and prints scripts/eval/candidate-recall.py's table
 # for each. The candidate runs reuse the exact run's fine-tune, fit and queries (copied), so
 # only `index` and `score` differ.
-#   demo:  configs/demo.toml as is (Source, 304 fact documents + 500 pretraining documents,
+#   demo:  configs/demo-eval.toml as is (Source, 304 fact documents + 500 pretraining documents,
 #          8 queries), per_query 5 10 40 at dims 4096;
 #   text:  the demo model fine-tuned one epoch on the demo's 3000 pretraining documents
 #          (generic text), influence function, per_query 15 at dims 4096 and 32768.
@@ -31,8 +31,8 @@ variant() { # NAME BASE_CONFIG EXTRA
   "$py" scripts/eval/candidate-recall.py "$(dirname "$dir")/exact-$(basename "$dir" | cut -d- -f1)" "$dir" 1 5 10
 }
 
-# demo: the shipped config with absolute asset paths.
-sed "s|\.\./assets|$repo/assets|" configs/demo.toml > "$work/demo.toml"
+# demo: the evaluation config (T = 57, given completions) with absolute asset paths.
+sed "s|\.\./assets|$repo/assets|" configs/demo-eval.toml > "$work/demo.toml"
 printf 'config = "demo.toml"\nstages = ["fetch", "prepare", "finetune", "fit", "query", "score"]\n' > "$work/demo.p.toml"
 "$work/st" -q run "$work/demo.p.toml" --run-dir "$work/exact-demo"
 for c in 5 10 40; do variant "demo-$c" "$work/demo.toml" "per_query = $c"; done
