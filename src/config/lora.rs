@@ -1,5 +1,6 @@
-//! Owns `[train.lora]` and `[attribution] lora_layers`: `LoraTrainConfig`, `LoraTargets`, `LoraTrack`.
-//! Layer: ground — may import error and util; no sibling.
+//! Owns `[train.lora]`, `[model] adapter` and `[attribution] lora_layers`: `LoraTrainConfig`,
+//! `LoraTargets`, `AdapterConfig`, `LoraTrack`.
+//! Layer: ground — may import error and util; sibling source.rs.
 //!
 //! LoRA fine-tuning (Hu et al. 2021) as PEFT does it: every targeted linear layer
 //! y = W x becomes y = W x + s B A x with W frozen, A: r × d_in, B: d_out × r and
@@ -15,8 +16,19 @@
 //! [attribution]
 //! lora_layers = "adapter"                 # or "base": the frozen linears the adapters wrap
 //! ```
+//!
+//! A PEFT adapter trained elsewhere (hub repo or local folder) is attributed as the fine-tuned
+//! model instead of training one:
+//!
+//! ```toml
+//! [model]
+//! id = "ORG/BASE"
+//! adapter = { id = "ORG/ADAPTER", revision = "main" }   # or a local folder
+//! ```
 
 use serde::{Deserialize, Serialize};
+
+use super::source::{default_revision, SourceKind};
 
 /// Which modules get an adapter, as PEFT's `target_modules`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +63,26 @@ pub struct LoraTrainConfig {
 
 fn default_alpha() -> f64 {
     8.0
+}
+
+/// `[model] adapter`: a PEFT LoRA adapter (`adapter_config.json`,
+/// `adapter_model.safetensors`) over `[model]`, fetched like the model and attributed as the
+/// fine-tuned model (the `finetune` stage records it instead of training).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterConfig {
+    /// Hub repo id (`ORG/NAME`) or local folder holding the adapter's two files.
+    pub id: String,
+    /// Branch, tag or commit of the hub repo. Default `main`. Ignored for local folders.
+    #[serde(default = "default_revision")]
+    pub revision: String,
+    /// `auto`, `hub` or `local`. Default `auto`.
+    #[serde(default)]
+    pub source: SourceKind,
+    /// Accept an adapter whose `base_model_name_or_path` names another hub repo than
+    /// `[model] id` (a mirror or a copy of the same weights). Default false: `fetch` refuses.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_other_base: bool,
 }
 
 /// `[attribution] lora_layers`: on a LoRA model, which layers are attributed over.

@@ -48,7 +48,7 @@ pub use device::{DeviceKind, PrecisionKind};
 pub use diff::{diff_values, KeyChange};
 pub use eval::{EvalConfig, EvalMethod};
 pub use load::{parse_toml, read_toml};
-pub use lora::{LoraTargets, LoraTrack, LoraTrainConfig};
+pub use lora::{AdapterConfig, LoraTargets, LoraTrack, LoraTrainConfig};
 pub use pipeline::{Pipeline, STAGE_ORDER};
 pub use query::QueryConfig;
 pub use source::SourceKind;
@@ -162,6 +162,10 @@ pub struct ModelConfig {
     /// `auto`, `hub` or `local`. Default `auto`.
     #[serde(default)]
     pub source: SourceKind,
+    /// A PEFT LoRA adapter over this model, attributed as the fine-tuned model
+    /// ([`AdapterConfig`]). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterConfig>,
 }
 
 /// `[batching]`: token-budget batching used by the stages that run the model.
@@ -223,6 +227,11 @@ impl Config {
         let (source, id) = resolve_source(self.model.source, &self.model.id, base, file, "model")?;
         self.model.source = source;
         self.model.id = id;
+        if let Some(a) = &mut self.model.adapter {
+            let (source, id) = resolve_source(a.source, &a.id, base, file, "model.adapter")?;
+            a.source = source;
+            a.id = id;
+        }
         for (role, ds) in self.data.roles_mut() {
             let (source, id) =
                 resolve_source(ds.source, &ds.id, base, file, &format!("data.{role}"))?;
@@ -300,6 +309,9 @@ impl Config {
         self.train
             .check_stages(&roles)
             .map_err(|(k, m)| err(&k, m))?;
+        if let Some(a) = &self.model.adapter {
+            self.check_adapter(a, &err)?;
+        }
         if self.train.lora.is_some() && self.pretrain.is_some() {
             return Err(err(
                 "train.lora",
@@ -329,6 +341,50 @@ impl Config {
         }
         self.data.check(self.batching.token_budget, &err)?;
         Ok(())
+    }
+
+    /// `[model] adapter` is the fine-tuned model: refuses the keys that would train or import
+    /// another one, naming what to drop.
+    fn check_adapter(&self, a: &AdapterConfig, err: &dyn Fn(&str, String) -> Error) -> Result<()> {
+        if a.revision.trim().is_empty() {
+            return Err(err(
+                "model.adapter.revision",
+                "is empty; allowed: a branch, tag or commit hash".into(),
+            ));
+        }
+        let clash = [
+            (
+                self.train.lora.is_some(),
+                "train.lora",
+                "would train a new adapter; drop [train.lora] to attribute the given adapter, or \
+                 drop model.adapter to fine-tune one",
+            ),
+            (
+                self.train.import_from.is_some(),
+                "train.import_from",
+                "imports a Trainer run whose checkpoints are the fine-tuned model (a Trainer + \
+                 PEFT run's adapters import that way); drop one of the two",
+            ),
+            (
+                self.train.stages.is_some(),
+                "train.stages",
+                "trains stages; an adapter given by model.adapter is not trained here",
+            ),
+            (
+                self.pretrain.is_some() || self.data.pretrain.is_some(),
+                if self.pretrain.is_some() {
+                    "pretrain"
+                } else {
+                    "data.pretrain"
+                },
+                "declares a pretraining segment, which has no adapter to attribute through; \
+                 drop it",
+            ),
+        ];
+        match clash.into_iter().find(|c| c.0) {
+            Some((_, key, why)) => Err(err(key, format!("with model.adapter: {why}"))),
+            None => Ok(()),
+        }
     }
 
     /// The resolved config as TOML (what is written into the run directory).

@@ -13,8 +13,11 @@
 //! Files from the hub or its cache are checked against their blobs' content addresses
 //! (`cache::verify_blobs`); local folders are hashed and recorded only.
 //!
+//! A PEFT adapter (`[model] adapter`) resolves the same three ways ([`resolve_adapter`]).
+//!
 //! hf-hub 0.5 has no notion of `HF_HUB_OFFLINE` or `HF_HUB_CACHE`; [`HubSettings`] adds them.
 
+mod adapter;
 mod cache;
 mod configs;
 mod online;
@@ -31,6 +34,9 @@ use crate::error::{Error, Result};
 use crate::util::hash::sha256_file_with;
 use crate::util::progress;
 
+pub use adapter::{
+    adapter_files, check_adapter_base, resolve_adapter, verify_adapter, AdapterFacts,
+};
 pub use configs::{config_splits, ConfigSplits};
 use repo::Listing;
 pub use repo::{RepoKind, RepoRequest, Resolution, ResolvedFile, ResolvedRepo};

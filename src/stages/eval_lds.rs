@@ -83,6 +83,13 @@ impl Inputs {
                     .into(),
             ));
         }
+        if c.model.adapter.is_some() {
+            return Err(Error::Pipeline(
+                "eval-lds retrains with the run's [train]; an adapter given by model.adapter \
+                 was trained elsewhere and cannot be retrained on subsets here"
+                    .into(),
+            ));
+        }
         let manifest = run.manifest()?;
         let mut key = json!({"train": c.train, "batching": c.batching,
                              "alpha": c.eval.alpha, "seed": subset_seed(c)});

@@ -3,7 +3,8 @@
 //!
 //! `fetch`: resolves the model and every data set to local files (hub download, hub cache,
 //! or local paths), hashes them, checks the model's files, and records the result for later
-//! stages, one file per part: `fetch/model.json` (the model and its facts) and
+//! stages, one file per part: `fetch/model.json` (the model and its facts, and the
+//! `[model] adapter` with its facts when one is named) and
 //! `fetch/data/ROLE.json` (each data set), so that a stage that does not read a data set does
 //! not depend on it (new queries leave `finetune` and `fit` current). Run directories of
 //! earlier builds hold all of it in one `fetch/resolved.json`, still read. Nothing is copied:
@@ -19,7 +20,8 @@ use serde_json::json;
 use crate::config::Config;
 use crate::error::{Error, IoContext, Result};
 use crate::hub::{
-    resolve_dataset, resolve_model, verify_model, HubSettings, ModelFacts, RepoKind, RepoRequest,
+    check_adapter_base, resolve_adapter, resolve_dataset, resolve_model, verify_adapter,
+    verify_model, AdapterFacts, HubSettings, ModelFacts, RepoKind, RepoRequest, Resolution,
     ResolvedRepo,
 };
 use crate::pipeline::{RunDir, Stage, StageContext, StageRecord};
@@ -34,6 +36,18 @@ pub struct Fetched {
     pub model_facts: ModelFacts,
     /// Data sets by role (`train`, `query`, `pretrain`).
     pub data: BTreeMap<String, ResolvedRepo>,
+    /// The PEFT adapter of `[model] adapter`, with what its checks learned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<FetchedAdapter>,
+}
+
+/// The resolved `[model] adapter` and what its checks learned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FetchedAdapter {
+    /// Its two files, hashed.
+    pub repo: ResolvedRepo,
+    /// Rank, scale, targets and the base model it names.
+    pub facts: AdapterFacts,
 }
 
 impl Fetched {
@@ -62,7 +76,19 @@ impl Fetched {
             model: model.model,
             model_facts: model.model_facts,
             data,
+            adapter: model.adapter,
         })
+    }
+
+    /// The folder holding the adapter's files (its cache snapshot or local folder), when
+    /// `[model] adapter` named one.
+    pub fn adapter_dir(&self) -> Option<&Path> {
+        self.adapter
+            .as_ref()?
+            .repo
+            .file(crate::model::lora::ADAPTER_CONFIG)?
+            .path
+            .parent()
     }
 
     /// The model's tokenizer.json.
@@ -80,6 +106,8 @@ impl Fetched {
 struct ModelPart {
     model: ResolvedRepo,
     model_facts: ModelFacts,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    adapter: Option<FetchedAdapter>,
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -143,11 +171,16 @@ impl Stage for FetchStage {
                 )
             })
             .collect();
-        json!({
+        let mut view = json!({
             "hub": {"cache_dir": c.hub.cache_dir, "offline": c.hub.offline, "endpoint": c.hub.endpoint},
             "model": {"id": c.model.id, "revision": c.model.revision, "source": c.model.source},
             "data": data,
-        })
+        });
+        // Only when set, so that the hashes of runs without an adapter stay what they were.
+        if let Some(a) = &c.model.adapter {
+            view["model"]["adapter"] = json!(a);
+        }
+        view
     }
 
     fn still_valid(&self, _run: &RunDir, record: &StageRecord) -> Result<bool> {
@@ -178,6 +211,29 @@ impl Stage for FetchStage {
             },
         )?;
         let model_facts = verify_model(&model)?;
+        let adapter = match &c.model.adapter {
+            None => None,
+            Some(a) => {
+                let repo = resolve_adapter(
+                    &settings,
+                    &RepoRequest {
+                        kind: RepoKind::Model,
+                        id: &a.id,
+                        revision: &a.revision,
+                        source: a.source,
+                    },
+                )?;
+                let facts = verify_adapter(&repo)?;
+                let local = model.resolution == Resolution::Local;
+                let base = facts.base_model.as_deref();
+                if let Some(w) =
+                    check_adapter_base(&a.id, base, &c.model.id, local, a.allow_other_base)?
+                {
+                    tracing::warn!("{w}");
+                }
+                Some(FetchedAdapter { repo, facts })
+            }
+        };
         ctx.failpoint("after-model")?;
         let mut data = BTreeMap::new();
         for (role, ds) in c.data.roles() {
@@ -198,12 +254,14 @@ impl Stage for FetchStage {
             model,
             model_facts,
             data,
+            adapter,
         };
         write_json_atomic(
             &ctx.out("model.json"),
             &ModelPart {
                 model: fetched.model.clone(),
                 model_facts: fetched.model_facts.clone(),
+                adapter: fetched.adapter.clone(),
             },
         )?;
         for (role, repo) in &fetched.data {
@@ -211,6 +269,7 @@ impl Stage for FetchStage {
         }
 
         let all_files = std::iter::once(&fetched.model)
+            .chain(fetched.adapter.iter().map(|a| &a.repo))
             .chain(fetched.data.values())
             .flat_map(|r| r.files.iter());
         let file_stats: Vec<FileStat> = all_files.clone().filter_map(|f| stat(&f.path)).collect();
@@ -230,11 +289,25 @@ impl Stage for FetchStage {
             crate::util::num::count(fetched.model_facts.tensors as u64),
             crate::util::num::count(fetched.model_facts.parameters as u64)
         );
-        Ok(json!({
+        let mut summary = json!({
             "model": describe(&fetched.model),
             "model_facts": fetched.model_facts,
             "data": data_summary,
             "file_stats": file_stats,
-        }))
+        });
+        if let Some(FetchedAdapter { repo, facts }) = &fetched.adapter {
+            tracing::info!(
+                "adapter {} ({}, commit {}): r = {}, s = {}, {} tensors",
+                repo.id,
+                format!("{:?}", repo.resolution).to_lowercase(),
+                repo.commit.as_deref().unwrap_or("-"),
+                facts.r,
+                crate::util::num::sig(facts.scale, 4),
+                facts.tensors
+            );
+            summary["adapter"] = describe(repo);
+            summary["adapter_facts"] = json!(facts);
+        }
+        Ok(summary)
     }
 }

@@ -1,6 +1,6 @@
 //! Owns the `finetune` stage: training (or a Trainer import) into checkpoints + trajectory.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
-//! `fetch`, `pretrain_record`.
+//! `adapter_record`, `fetch`, `pretrain_record`.
 //!
 //! `finetune`: full fine-tuning of the fetched model on prepared data sets, recording the
 //! trajectory Source attributes through.
@@ -13,6 +13,9 @@
 //!                              (visit_order-STAGE.parquet per stage with [[train.stages]])
 //!   checkpoints/step-N/        Hugging Face folders + optimizer.safetensors + state.json
 //! ```
+//!
+//! With `[model] adapter` nothing is trained: the fetched adapter is recorded as the
+//! fine-tuned model (`finetune/adapter/`, one converged segment; [`super::adapter_record`]).
 //!
 //! With `[[train.stages]]` the stages train one after another, each from the previous one's
 //! final checkpoint, on its own data set; steps are numbered globally across stages, so
@@ -136,13 +139,22 @@ impl Stage for FinetuneStage {
     }
 
     fn config_view(&self, c: &Config) -> serde_json::Value {
-        json!({"train": c.train, "pretrain": c.pretrain, "batching": c.batching})
+        let mut view = json!({"train": c.train, "pretrain": c.pretrain, "batching": c.batching});
+        // Only when set, so that the hashes of runs without an adapter stay what they were.
+        if let Some(a) = &c.model.adapter {
+            view["adapter"] = json!(a);
+        }
+        view
     }
 
     fn run(&self, ctx: &StageContext) -> Result<serde_json::Value> {
         let c = ctx.config;
         let fetched = Fetched::load(ctx.run)?;
         let base_dir = base_model_dir(&fetched)?;
+        if c.model.adapter.is_some() {
+            let n = prepared(ctx, &c.train.dataset)?.len() as u64;
+            return super::adapter_record::record_adapter(ctx, &fetched, &base_dir, n);
+        }
         if let Some(from) = &c.train.import_from {
             let docs = prepared(ctx, &c.train.dataset)?;
             let imported = import_trainer(

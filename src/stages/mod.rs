@@ -1,6 +1,6 @@
 //! Owns the registry of every stage (`registry()`); each file is one stage's I/O and glue.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); the
-//! files here import only `fetch`, `attribute`, `eval_methods`, `finetune`, `fit_parts`,
+//! files here import only `adapter_record`, `fetch`, `attribute`, `eval_methods`, `finetune`, `fit_parts`,
 //! `fit_shard`, `index`, `pretrain_record`, `query_generate`, `query_tokens`, `score`,
 //! `score_acting`, `score_candidates`, `score_gen`, `score_gen_detail`, `score_gen_out`,
 //! `score_queries`, `score_refine` and `score_text` among themselves, never `mod.rs`.
@@ -9,6 +9,7 @@
 //! file is one stage: it glues the library modules to the [`Stage`](crate::pipeline::Stage)
 //! contract.
 
+mod adapter_record;
 pub mod ask;
 pub mod attribute;
 mod eval_lds;
@@ -42,7 +43,7 @@ pub use ask::{ask, define_set, Asked};
 pub use eval_lds::{merge_lds, run_shard, EvalLdsStage, ShardOutcome};
 pub use eval_methods::{method_scores, scored_run, MethodScores};
 pub use eval_recall::EvalRecallStage;
-pub use fetch::{FetchStage, Fetched};
+pub use fetch::{FetchStage, Fetched, FetchedAdapter};
 pub use finetune::{base_model_dir, FinetuneStage};
 pub use fit::FitStage;
 pub use fit_shard::{fit_shard, merge_fit, FitMergeOutcome, FitPass, FitShardOutcome};

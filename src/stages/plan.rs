@@ -116,7 +116,7 @@ pub fn plan_run(config: &Config, model_config: &Path, inputs: &PlanInputs) -> Re
     }
     let (mut n_segments, mut checkpoints, mut clip_dirs, mut floats) = (0usize, 0u64, 0u64, 0u64);
     let mut ckpt_bytes = 0u64;
-    if config.train.import_from.is_none() {
+    if config.train.import_from.is_none() && config.model.adapter.is_none() {
         for (stage, &n) in train_stages.iter().zip(&inputs.documents) {
             let t = &stage.train;
             let (_, segs) = crate::train::finetune::plan(t, n)?;

@@ -1,4 +1,5 @@
-//! Owns importing PEFT adapter checkpoints: `adapter_checkpoint`, `peft_param_name`.
+//! Owns importing PEFT adapter checkpoints: `adapter_checkpoint`, `adapter_over_base`,
+//! `peft_param_name`.
 //! Layer: train — may import the ground, linalg, backend, model, data, hub; no sibling.
 //!
 //! A Trainer run over a PEFT model saves `checkpoint-N/` with `adapter_config.json` and
@@ -38,18 +39,28 @@ pub(crate) fn adapter_checkpoint(
             cdir.display()
         )));
     }
+    let dst = out.join("adapters").join(format!("checkpoint-{step}"));
+    adapter_over_base(cdir, base_dir, &dst)?;
+    Ok(Some(dst))
+}
+
+/// Writes the PEFT adapter of folder `src` into `dst` (atomically, file by file) with its
+/// `adapter_config.json`'s `base_model_name_or_path` set to `base_dir` (made absolute), so
+/// that `dst` loads over that folder ([`crate::model::Model::load`]); every other field and
+/// the weights are kept as they are.
+pub fn adapter_over_base(src: &Path, base_dir: &Path, dst: &Path) -> Result<()> {
+    let cfg_path = src.join(ADAPTER_CONFIG);
     let mut cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&cfg_path).ctx("reading", &cfg_path)?)
             .map_err(|e| Error::Pipeline(format!("{}: not JSON ({e})", cfg_path.display())))?;
     let base = std::fs::canonicalize(base_dir).ctx("resolving", base_dir)?;
     cfg["base_model_name_or_path"] = base.display().to_string().into();
-    let dst = out.join("adapters").join(format!("checkpoint-{step}"));
-    std::fs::create_dir_all(&dst).ctx("creating", &dst)?;
+    std::fs::create_dir_all(dst).ctx("creating", dst)?;
     let text = serde_json::to_vec_pretty(&cfg).expect("JSON value serialises");
     write_atomic(&dst.join(ADAPTER_CONFIG), &text)?;
+    let weights = src.join(ADAPTER_WEIGHTS);
     let bytes = std::fs::read(&weights).ctx("reading", &weights)?;
-    write_atomic(&dst.join(ADAPTER_WEIGHTS), &bytes)?;
-    Ok(Some(dst))
+    write_atomic(&dst.join(ADAPTER_WEIGHTS), &bytes)
 }
 
 /// A parameter name of a PEFT model as this tool names it: PEFT's `named_parameters()` puts

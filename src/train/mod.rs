@@ -20,6 +20,7 @@ pub use finetune::{
     optimizer_info, train, train_in_memory, train_stages_in_memory, StageRun, TrainJob,
     TrainOutcome,
 };
+pub use import_adapter::adapter_over_base;
 pub use optim::Optimizer;
 pub use schedule::Schedule;
 pub use steps::StepWeight;
