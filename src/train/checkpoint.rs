@@ -15,7 +15,8 @@
 //!                            for SGD
 //!   resume.safetensors       the rest of the optimizer state (exp_avg, raw exp_avg_sq)
 //!   state.json               the global step, the optimizer's step count and the step log
-//!   checksums.json           the SHA-256 of every other file, written last
+//!   checksums.json           the SHA-256 of every other file, written last (a LoRA
+//!                            checkpoint's too: its adapter files are checked like weights)
 //! ```
 //!
 //! A checkpoint is written into `.tmp-step-N-PID/` and renamed to `step-N/` when every file
@@ -209,8 +210,11 @@ pub fn write_adapter(dir: &Path, model: &Model, cfg: &crate::model::LoraConfig) 
         Error::Model("a LoRA model built in memory has no base folder to name".into())
     })?;
     let base = std::fs::canonicalize(base).ctx("resolving", base)?;
-    let text = serde_json::to_vec_pretty(&cfg.to_json(&base.display().to_string()))
-        .expect("plain data serialises");
+    let mut json = cfg.to_json(&base.display().to_string());
+    // GPT-2's projections are Conv1D layers (weights stored [d_in, d_out]): PEFT records that
+    // with fan_in_fan_out (A and B keep their [r, d_in], [d_out, r] shapes either way).
+    json["fan_in_fan_out"] = matches!(model.spec(), crate::model::ModelSpec::Gpt2(_)).into();
+    let text = serde_json::to_vec_pretty(&json).expect("plain data serialises");
     crate::util::fsx::write_atomic(&dir.join(ADAPTER_CONFIG), &text)?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     write_safetensors(&dir.join(ADAPTER_WEIGHTS), &hf_weights(model)?, meta)

@@ -43,6 +43,7 @@ mod integrity;
 mod layers;
 mod loader_fuzz;
 mod lora;
+mod lora_checkpoints;
 mod lora_hub;
 mod model_capture;
 mod model_families_reference;
