@@ -8,7 +8,12 @@
 //! PEFT's tensor names, `base_model.model.MODULE.lora_A.weight` and `….lora_B.weight`
 //! (MODULE: the module's path in the `transformers` model, e.g.
 //! `model.layers.0.self_attn.q_proj`), so the adapter's parameters are exactly the tensors of
-//! `adapter_model.safetensors`. The options this tool does not implement (DoRA, adapter
+//! `adapter_model.safetensors`. GPT-2's Conv1D projections (weights stored [d_in, d_out],
+//! PEFT's `fan_in_fan_out = true`) take adapters of the same shapes, A: [r, d_in] and
+//! B: [d_out, r]; PEFT transposes only the merged ΔW = s B A to the Conv1D layout, and
+//! [`TrackedLinear`] holds the weight as [d_out, d_in], so the flag changes nothing here (PEFT
+//! itself overrides a wrong value by the layer's type, and so is it ignored on reading).
+//! The options this tool does not implement (DoRA, adapter
 //! biases, extra trained modules, per-layer ranks, …) are refused naming the field.
 
 use candle_core::{Device, Tensor, Var};

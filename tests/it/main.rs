@@ -44,6 +44,7 @@ mod layers;
 mod loader_fuzz;
 mod lora;
 mod lora_checkpoints;
+mod lora_gpt2;
 mod lora_hub;
 mod model_capture;
 mod model_families_reference;
