@@ -34,8 +34,17 @@ impl Norm {
         })
     }
 
-    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
-        ops::layer_norm(x, self.w.as_tensor(), self.b.as_tensor(), eps)
+    /// LayerNorm; `frozen`: with detached weights (no gradient for them).
+    fn forward(&self, x: &Tensor, eps: f64, frozen: bool) -> Result<Tensor> {
+        match frozen {
+            true => ops::layer_norm(
+                x,
+                &self.w.as_tensor().detach(),
+                &self.b.as_tensor().detach(),
+                eps,
+            ),
+            false => ops::layer_norm(x, self.w.as_tensor(), self.b.as_tensor(), eps),
+        }
     }
 }
 
@@ -58,6 +67,10 @@ pub(crate) struct Gpt2 {
     blocks: Vec<Gpt2Block>,
     ln_f: Norm,
     lm_head: TrackedLinear,
+    /// The base weights are frozen (a LoRA model): the embeddings, and outside a capture the
+    /// LayerNorm weights, enter the forward detached, so that no backward computes their
+    /// gradients.
+    pub(crate) frozen: bool,
 }
 
 impl Gpt2 {
@@ -102,6 +115,7 @@ impl Gpt2 {
             blocks,
             ln_f,
             lm_head,
+            frozen: false,
         })
     }
 
@@ -146,8 +160,12 @@ impl Gpt2 {
         let (d, nh) = (s.n_embd, s.n_head);
         let hd = d / nh;
         let mask = ops::causal_mask(t, offset, None, ids.device())?;
-        // A capture (`rec` given) needs no embedding gradients: the lookups are detached.
-        let (wte, wpe) = if rec.is_some() {
+        // A LoRA model's LayerNorm weights are detached in training; a capture keeps them, as
+        // its δ hand-over needs the first tracked layer's input to be on the autograd graph.
+        let detach_norms = self.frozen && rec.is_none();
+        // A capture (`rec` given), and a LoRA model, need no embedding gradients: the lookups
+        // are detached.
+        let (wte, wpe) = if rec.is_some() || self.frozen {
             (self.wte.as_tensor().detach(), self.wpe.as_tensor().detach())
         } else {
             (self.wte.as_tensor().clone(), self.wpe.as_tensor().clone())
@@ -158,7 +176,7 @@ impl Gpt2 {
         let pos = wpe.narrow(0, offset, t)?;
         let mut h = tok.broadcast_add(&pos)?;
         for (li, blk) in self.blocks.iter().enumerate() {
-            let x = blk.ln_1.forward(&h, s.layer_norm_epsilon)?;
+            let x = blk.ln_1.forward(&h, s.layer_norm_epsilon, detach_norms)?;
             let qkv = blk.c_attn.forward(&x, rec.as_deref_mut())?;
             let heads = |i: usize| -> Result<Tensor> {
                 Ok(qkv
@@ -180,7 +198,7 @@ impl Gpt2 {
                 rec.is_some(),
             )?;
             h = (h + blk.attn_proj.forward(&y, rec.as_deref_mut())?)?;
-            let x = blk.ln_2.forward(&h, s.layer_norm_epsilon)?;
+            let x = blk.ln_2.forward(&h, s.layer_norm_epsilon, detach_norms)?;
             let z = blk.c_fc.forward(&x, rec.as_deref_mut())?;
             let z = match s.activation {
                 Gpt2Activation::GeluTanh => z.gelu()?,
@@ -191,6 +209,6 @@ impl Gpt2 {
         if let Some(c) = cache {
             c.offset += t;
         }
-        self.ln_f.forward(&h, s.layer_norm_epsilon)
+        self.ln_f.forward(&h, s.layer_norm_epsilon, detach_norms)
     }
 }

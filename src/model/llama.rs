@@ -159,6 +159,9 @@ pub(crate) struct Llama {
     blocks: Vec<LlamaBlock>,
     norm: Var,
     lm_head: TrackedLinear,
+    /// The base weights are frozen (a LoRA model): the embedding, and outside a capture the
+    /// norm weights, enter the forward detached, so that no backward computes their gradients.
+    pub(crate) frozen: bool,
 }
 
 impl Llama {
@@ -235,6 +238,7 @@ impl Llama {
             blocks,
             norm,
             lm_head,
+            frozen: false,
         })
     }
 
@@ -274,19 +278,22 @@ impl Llama {
             softcap: s.attn_softcap,
         };
         // RMSNorm's weight: w, or Gemma's 1 + w.
+        // A LoRA model's norm weights are detached in training; a capture keeps them, as its
+        // δ hand-over needs the first tracked layer's input to be on the autograd graph.
+        let detach_norms = self.frozen && rec.is_none();
         let nw = |w: &Var| -> Result<Tensor> {
-            Ok(if s.gemma {
-                w.as_tensor().affine(1.0, 1.0)?
-            } else {
-                w.as_tensor().clone()
-            })
+            let w = match detach_norms {
+                true => w.as_tensor().detach(),
+                false => w.as_tensor().clone(),
+            };
+            Ok(if s.gemma { w.affine(1.0, 1.0)? } else { w })
         };
         // A capture (`rec` given) uses the fused RMSNorm, RoPE and attention softmax (same
         // values to rounding, a fraction of the graph). Training and generation keep the composed ops, whose
         // exact rounding the committed demo assets (trained by this code) reproduce.
         let fused = rec.is_some();
-        // A capture needs no embedding gradient: the lookup is detached.
-        let embed = if rec.is_some() {
+        // A capture, and a LoRA model, need no embedding gradient: the lookup is detached.
+        let embed = if rec.is_some() || self.frozen {
             self.embed.as_tensor().detach()
         } else {
             self.embed.as_tensor().clone()

@@ -269,6 +269,14 @@ impl Model {
                 assign(&mut b.b, chosen.next().unwrap_or(false));
             }
         }
+        // A LoRA model trains A and B only: its embeddings and norms (like its linears) enter
+        // the forward detached, so that training computes no gradient it would discard.
+        if lora_cfg.is_some() {
+            match &mut net {
+                Net::Llama(m) => m.frozen = true,
+                Net::Gpt2(m) => m.frozen = true,
+            }
+        }
         Ok(Self {
             spec,
             net,

@@ -90,3 +90,64 @@ fn a_gpt2_conv1d_adapter_gives_the_merged_models_logits() {
         );
     }
 }
+
+/// The shapes of every gradient one backward pass of `m`'s loss computes.
+fn gradient_shapes(m: &Model, docs: &[(Vec<u32>, Vec<u8>)]) -> Vec<Vec<usize>> {
+    let batch = TokenBatch::new(&doc_refs(docs), 0, None, &Device::Cpu).unwrap();
+    let grads = m
+        .loss_tensor(&batch)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    grads
+        .get_ids()
+        .map(|id| grads.get_id(*id).unwrap().dims().to_vec())
+        .collect()
+}
+
+/// A LoRA model trains A and B only: a backward pass of its loss computes no gradient for the
+/// frozen embeddings ([V, d], [n_positions, d]) or LayerNorm weights ([d]), which a plain
+/// model's pass does compute; the adapters' gradients are there.
+#[test]
+fn lora_training_computes_no_gradient_for_frozen_embeddings_and_norms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = Gpt2Cfg::default();
+    let base = tmp.path().join("base");
+    write_checkpoint(&base, &cfg.config_json(), &cfg.tensors(4));
+    let opts = source_tda::train::finetune::train_load_options(&source_tda::config::TrainConfig {
+        lora: Some(source_tda::config::LoraTrainConfig {
+            r: 2,
+            alpha: 4.0,
+            target_modules: source_tda::config::LoraTargets::Names(vec!["c_attn".into()]),
+            use_rslora: false,
+            seed: Some(1),
+        }),
+        ..Default::default()
+    });
+    let lora = Model::load(&base, &opts, &Device::Cpu).unwrap();
+    let plain = Model::load(&base, &LoadOptions::default(), &Device::Cpu).unwrap();
+    let mut rng = Rng::new(2);
+    let docs = random_docs(&mut rng, &[7, 5], cfg.vocab);
+    let d = cfg.n_embd;
+    let frozen = [vec![cfg.vocab, d], vec![cfg.n_positions, d], vec![d]];
+    let (got, want) = (
+        gradient_shapes(&lora, &docs),
+        gradient_shapes(&plain, &docs),
+    );
+    for s in &frozen {
+        assert!(
+            want.contains(s),
+            "the plain model's pass has a {s:?} gradient"
+        );
+        assert!(
+            !got.contains(s),
+            "the LoRA pass computed a {s:?} gradient: {got:?}"
+        );
+    }
+    assert!(
+        got.contains(&vec![2, d]) && got.contains(&vec![3 * d, 2]),
+        "{got:?}"
+    );
+}
