@@ -6,8 +6,13 @@
 #   demo:  configs/demo-eval.toml as is (Source, 304 fact documents + 500 pretraining documents,
 #          8 queries), per_query 5 10 40 at dims 4096;
 #   text:  the demo model fine-tuned one epoch on the demo's 3000 pretraining documents
-#          (generic text), influence function, per_query 15 at dims 4096 and 32768.
-# Usage: scripts/eval/candidate-recall.sh [WORKDIR]   (default: a temporary folder)
+#          (generic text), influence function, per_query 15 at dims 4096 and 32768;
+#   smollm2 (only when named): configs/smollm2-135m.toml as is (Source, 128 fact documents,
+#          8 queries), per_query 5 at dims 4096 and 32768; needs the offline SmolLM2 cache
+#          (scripts/assets/smollm2-offline-cache.sh, then HF_HUB_OFFLINE=1 HF_HUB_CACHE=.cache/hf)
+#          and about an hour on 2 cores.
+# Usage: scripts/eval/candidate-recall.sh [WORKDIR [WORKLOAD ...]]
+#   WORKDIR default: a temporary folder; WORKLOADs default: demo text
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo="$(pwd)"
@@ -31,13 +36,20 @@ variant() { # NAME BASE_CONFIG EXTRA
   "$py" scripts/eval/candidate-recall.py "$(dirname "$dir")/exact-$(basename "$dir" | cut -d- -f1)" "$dir" 1 5 10
 }
 
+workloads="${*:2}"
+workloads="${workloads:-demo text}"
+has() { [[ " $workloads " == *" $1 "* ]]; }
+
 # demo: the evaluation config (T = 57, given completions) with absolute asset paths.
 sed "s|\.\./assets|$repo/assets|" configs/demo-eval.toml > "$work/demo.toml"
+if has demo; then
 printf 'config = "demo.toml"\nstages = ["fetch", "prepare", "finetune", "fit", "query", "score"]\n' > "$work/demo.p.toml"
 "$work/st" -q run "$work/demo.p.toml" --run-dir "$work/exact-demo"
 for c in 5 10 40; do variant "demo-$c" "$work/demo.toml" "per_query = $c"; done
+fi
 
 # text: train on the pretraining split, one epoch, influence function, no pretraining segment.
+if has text; then
 "$py" - "$work/demo.toml" "$work/text.toml" <<'PY'
 import sys
 s = open(sys.argv[1]).read()
@@ -54,3 +66,13 @@ printf 'config = "text.toml"\nstages = ["fetch", "prepare", "finetune", "fit", "
 "$work/st" -q run "$work/text.p.toml" --run-dir "$work/exact-text"
 variant "text-4096" "$work/text.toml" "per_query = 15"
 variant "text-32768" "$work/text.toml" "$(printf 'per_query = 15\ndims = 32768')"
+fi
+
+# smollm2: the shipped SmolLM2-135M-Instruct config with absolute asset paths.
+if has smollm2; then
+sed "s|\.\./assets|$repo/assets|" configs/smollm2-135m.toml > "$work/smol.toml"
+printf 'config = "smol.toml"\nstages = ["fetch", "prepare", "finetune", "fit", "query", "score"]\n' > "$work/smol.p.toml"
+"$work/st" -q run "$work/smol.p.toml" --run-dir "$work/exact-smol"
+variant "smol-4096" "$work/smol.toml" "per_query = 5"
+variant "smol-32768" "$work/smol.toml" "$(printf 'per_query = 5\ndims = 32768')"
+fi

@@ -8,6 +8,8 @@
 //! `eval-recall` and `eval-lds` (src/stages/) glue these to the pipeline.
 
 pub mod fact_spans;
+pub mod facts;
+mod facts_text;
 pub mod known;
 pub mod lds;
 pub mod retrain;
@@ -17,6 +19,7 @@ pub mod token_span;
 pub mod workers;
 
 pub use fact_spans::{check_spans, read_fact_spans, QuerySpans};
+pub use facts::{generate as generate_facts, write_fact_set, FactSet, FactsSpec};
 pub use known::{column_cells, read_known_sources, Cell};
 pub use lds::{draw_subset, lds, predicted_losses, subset_size, Lds};
 pub use retrain::{all_jobs, measure_queries, Job, JobResult, Retrain, RoleDocs, RoleIds, Shard};
