@@ -28,6 +28,12 @@ use serde::Serialize;
 
 use super::facts_text::{Relation, RELATIONS};
 use crate::error::{Error, Result};
+use crate::util::rng::SplitMix64;
+
+/// A uniform index in 0..n.
+fn pick(rng: &mut SplitMix64, n: usize) -> usize {
+    rng.below(n as u64) as usize
+}
 
 /// What to generate.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,22 +87,6 @@ pub struct FactSet {
     pub queries: Vec<FactQuery>,
 }
 
-/// Deterministic generator (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 const ONSETS: [&str; 18] = [
     "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "st", "tr",
 ];
@@ -105,20 +95,20 @@ const CODAS: [&str; 8] = ["", "n", "r", "l", "s", "sk", "nd", "th"];
 
 /// Draws invented names, each new: 2–3 syllables and a coda, capitalised.
 struct Names {
-    rng: Rng,
+    rng: SplitMix64,
     used: BTreeSet<String>,
 }
 
 impl Names {
     fn draw(&mut self) -> String {
         loop {
-            let n = 2 + self.rng.below(2);
+            let n = 2 + pick(&mut self.rng, 2);
             let mut s = String::new();
             for _ in 0..n {
-                s.push_str(ONSETS[self.rng.below(ONSETS.len())]);
-                s.push_str(VOWELS[self.rng.below(VOWELS.len())]);
+                s.push_str(ONSETS[pick(&mut self.rng, ONSETS.len())]);
+                s.push_str(VOWELS[pick(&mut self.rng, VOWELS.len())]);
             }
-            s.push_str(CODAS[self.rng.below(CODAS.len())]);
+            s.push_str(CODAS[pick(&mut self.rng, CODAS.len())]);
             let mut c = s.chars();
             let name = c
                 .next()
@@ -182,9 +172,9 @@ pub fn check_spec(spec: &FactsSpec) -> Result<()> {
 /// Generates the set `spec` describes (see the module documentation).
 pub fn generate(spec: &FactsSpec) -> Result<FactSet> {
     check_spec(spec)?;
-    let mut rng = Rng(spec.seed ^ 0x5EED_FAC7_0000_0001);
+    let mut rng = SplitMix64::stream(spec.seed, 1);
     let mut names = Names {
-        rng: Rng(spec.seed ^ 0x0A3E_5000_0000_0002),
+        rng: SplitMix64::stream(spec.seed, 2),
         used: BTreeSet::new(),
     };
     let mut train = Vec::new();
@@ -194,10 +184,7 @@ pub fn generate(spec: &FactsSpec) -> Result<FactSet> {
         let (s, o) = (names.draw(), names.draw());
         let answer = fill(rel.answer, &s, &o, "");
         // Each statement a different template, in a seeded order.
-        let mut order: Vec<usize> = (0..rel.statements.len()).collect();
-        for i in (1..order.len()).rev() {
-            order.swap(i, rng.below(i + 1));
-        }
+        let order = rng.permutation(rel.statements.len());
         let mut sources = Vec::new();
         let mut spans = BTreeMap::new();
         for (j, &t) in order.iter().take(spec.statements).enumerate() {
@@ -218,7 +205,7 @@ pub fn generate(spec: &FactsSpec) -> Result<FactSet> {
             sources.push(id);
         }
         for j in 0..spec.distractors {
-            let t = rel.distractors[rng.below(rel.distractors.len())];
+            let t = rel.distractors[pick(&mut rng, rel.distractors.len())];
             let text = fill(t, &s, "", &names.draw());
             train.push(FactDoc {
                 id: format!("distractor-{k:03}-{j}"),
@@ -234,17 +221,16 @@ pub fn generate(spec: &FactsSpec) -> Result<FactSet> {
         });
     }
     for i in 0..spec.filler {
-        let rel = &RELATIONS[rng.below(RELATIONS.len())];
+        let rel = &RELATIONS[pick(&mut rng, RELATIONS.len())];
         let (s, o) = (names.draw(), names.draw());
-        let t = rel.statements[rng.below(rel.statements.len())];
+        let t = rel.statements[pick(&mut rng, rel.statements.len())];
         train.push(FactDoc {
             id: format!("filler-{i:04}"),
             text: fill(t, &s, &o, ""),
         });
     }
-    for i in (1..train.len()).rev() {
-        train.swap(i, rng.below(i + 1));
-    }
+    let order = rng.permutation(train.len());
+    let train = order.into_iter().map(|i| train[i].clone()).collect();
     Ok(FactSet { train, queries })
 }
 
