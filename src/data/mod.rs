@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod cells;
 pub mod chat;
+pub mod doc_store;
 pub mod docs;
 pub mod read;
 pub mod table;
@@ -16,8 +17,9 @@ pub mod tokenize;
 
 pub use batch::{plan_batches, plan_stats, Batch, BatchOrder, BatchPlanStats};
 pub use chat::ChatTemplate;
+pub use doc_store::DocStore;
 pub use docs::{load_docs, Content, RawDoc};
 pub use read::{format_of, DATA_EXTENSIONS};
-pub use table::{read_prepared, write_prepared};
+pub use table::{count_prepared, for_each_prepared, read_prepared, write_prepared};
 pub use token_text::{generated_token_texts, token_char_ranges, token_texts};
 pub use tokenize::{tokenize_docs, Prepared, PreparedDoc, TokenizeStats};

@@ -1,4 +1,5 @@
-//! Owns the prepared-documents table: `write_prepared` and `read_prepared`.
+//! Owns the prepared-documents table: `write_prepared`, `read_prepared`, and its streamed
+//! reading (`for_each_prepared`, `count_prepared`).
 //! Layer: data — may import the ground, linalg, backend, model and, in this folder, tokenize.rs.
 //!
 //! The prepared-documents table (`prepare/ROLE.parquet`, zstd):
@@ -109,26 +110,48 @@ fn to_batch(
 
 /// Reads a prepared table back, with its key-value metadata.
 pub fn read_prepared(path: &Path) -> Result<(Vec<PreparedDoc>, HashMap<String, String>)> {
+    let mut docs = Vec::new();
+    let metadata = for_each_prepared(path, |_, batch| {
+        docs.extend(batch);
+        Ok(())
+    })?;
+    Ok((docs, metadata))
+}
+
+/// The number of documents in a prepared table, from its footer (nothing else is read).
+pub fn count_prepared(path: &Path) -> Result<usize> {
+    let (builder, _) = crate::output::parquet::open_table(path)?;
+    let n = builder.metadata().file_metadata().num_rows();
+    usize::try_from(n).map_err(|_| Error::parquet(path, format!("{n} rows")))
+}
+
+/// Streams a prepared table: `f(first, docs)` for each record batch in file order, `first`
+/// the position of `docs[0]` in the table, so that memory holds one batch (1024 rows), not
+/// the table. Returns the table's key-value metadata.
+pub fn for_each_prepared(
+    path: &Path,
+    mut f: impl FnMut(usize, Vec<PreparedDoc>) -> Result<()>,
+) -> Result<HashMap<String, String>> {
     let (builder, metadata) = crate::output::parquet::open_table(path)?;
     let expected = schema();
-    for f in expected.fields() {
-        match builder.schema().field_with_name(f.name()) {
-            Ok(have) if have.data_type() == f.data_type() => {}
+    for field in expected.fields() {
+        match builder.schema().field_with_name(field.name()) {
+            Ok(have) if have.data_type() == field.data_type() => {}
             _ => {
                 return Err(Error::parquet(
                     path,
                     format!(
                         "not a prepared-documents table: column `{}` ({}) is missing or has \
                          another type; rerun the prepare stage",
-                        f.name(),
-                        f.data_type()
+                        field.name(),
+                        field.data_type()
                     ),
                 ))
             }
         }
     }
     let reader = builder.build().map_err(|e| Error::parquet(path, e))?;
-    let mut docs = Vec::new();
+    let mut first = 0;
     for batch in reader {
         let b = batch.map_err(|e| Error::parquet(path, e))?;
         let s = |name: &str| {
@@ -159,6 +182,7 @@ pub fn read_prepared(path: &Path) -> Result<(Vec<PreparedDoc>, HashMap<String, S
             .expect("schema checked")
             .as_primitive::<UInt32Type>()
             .clone();
+        let mut docs = Vec::with_capacity(b.num_rows());
         for r in 0..b.num_rows() {
             let opt =
                 |a: &arrow_array::StringArray| (!a.is_null(r)).then(|| a.value(r).to_string());
@@ -173,6 +197,9 @@ pub fn read_prepared(path: &Path) -> Result<(Vec<PreparedDoc>, HashMap<String, S
                 source: source.value(r).to_string(),
             });
         }
+        let n = docs.len();
+        f(first, docs)?;
+        first += n;
     }
-    Ok((docs, metadata))
+    Ok(metadata)
 }

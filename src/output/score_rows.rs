@@ -8,6 +8,8 @@
 //! (uint32, 1-based by τ descending among all the query's documents, ties by document order)
 //! and one float64 column per segment. Rows go out a chunk at a time: memory holds one
 //! query's ranking (O(N) indices, or O(K) with K kept) and one chunk, never the table.
+//! With K kept, [`Kept`] chooses the rows from τ streamed one document at a time, so the
+//! table written ([`KeptRows::write`]) need only hold the documents chosen.
 
 use super::dataset::PartWriter;
 use super::keep::{Ranked, TopBottom};
@@ -123,6 +125,15 @@ impl Chunk {
         self.cols.first().map(Column::len).unwrap_or(0)
     }
 
+    /// Adds a row, writing the chunk out once it holds [`CHUNK`] rows.
+    fn emit(&mut self, w: &mut PartWriter, t: &ScoreTable, q: usize, r: Ranked, rank: u32) -> Result<()> {
+        self.push(t, q, r, rank);
+        if self.len() >= CHUNK {
+            self.flush(w, t)?;
+        }
+        Ok(())
+    }
+
     fn flush(&mut self, w: &mut PartWriter, t: &ScoreTable) -> Result<()> {
         if self.len() > 0 {
             w.write(&self.cols)?;
@@ -141,18 +152,12 @@ pub fn write_scores(
     lead: usize,
 ) -> Result<Vec<Vec<Ranked>>> {
     let n = t.docs.len();
-    let mut chunk = Chunk::new(t);
-    let mut leaders = Vec::with_capacity(t.query_ids.len());
-    let emit = |chunk: &mut Chunk, w: &mut PartWriter, q, r, rank| -> Result<()> {
-        chunk.push(t, q, r, rank);
-        if chunk.len() >= CHUNK {
-            chunk.flush(w, t)?;
-        }
-        Ok(())
-    };
-    for q in 0..t.query_ids.len() {
-        match keep {
-            Keep::All => {
+    let nq = t.query_ids.len();
+    match keep {
+        Keep::All => {
+            let mut chunk = Chunk::new(t);
+            let mut leaders = Vec::with_capacity(nq);
+            for q in 0..nq {
                 let mut order: Vec<Ranked> = (0..n)
                     .map(|j| Ranked {
                         tau: t.tau(q, j),
@@ -161,37 +166,112 @@ pub fn write_scores(
                     .collect();
                 order.sort_unstable();
                 for (i, r) in order.iter().enumerate() {
-                    emit(&mut chunk, w, q, *r, i as u32 + 1)?;
+                    chunk.emit(w, t, q, *r, i as u32 + 1)?;
                 }
                 order.truncate(lead);
                 leaders.push(order);
             }
-            Keep::TopBottom(k) => {
-                let mut sel = TopBottom::new(k.max(lead), k);
-                for j in 0..n {
-                    sel.push(Ranked {
-                        tau: t.tau(q, j),
-                        j,
-                    });
+            chunk.flush(w, t)?;
+            Ok(leaders)
+        }
+        Keep::TopBottom(k) => {
+            let mut kept = Kept::new(nq, k, lead);
+            let mut tau = vec![0f64; nq];
+            for j in 0..n {
+                for (q, x) in tau.iter_mut().enumerate() {
+                    *x = t.tau(q, j);
                 }
-                let (mut top, bottom) = sel.finish();
-                for (i, r) in top.iter().take(k).enumerate() {
-                    emit(&mut chunk, w, q, *r, i as u32 + 1)?;
-                }
-                let first_bottom = n - bottom.len();
-                for (i, r) in bottom.iter().enumerate() {
-                    let rank = first_bottom + i + 1;
-                    if rank > k {
-                        emit(&mut chunk, w, q, *r, rank as u32)?;
-                    }
-                }
-                top.truncate(lead);
-                leaders.push(top);
+                kept.push(j, &tau);
             }
+            let rows = kept.finish();
+            rows.write(w, t, |j| j)?;
+            Ok(rows.leaders())
         }
     }
-    chunk.flush(w, t)?;
-    Ok(leaders)
+}
+
+/// Chooses each query's rows under [`Keep::TopBottom`] from τ seen one document at a time
+/// (documents in index order), in O(queries × (K + lead)) memory.
+pub struct Kept {
+    k: usize,
+    lead: usize,
+    sel: Vec<TopBottom>,
+}
+
+impl Kept {
+    /// For `queries` queries, keeping the K = `k` first and last rows and the `lead` first.
+    pub fn new(queries: usize, k: usize, lead: usize) -> Kept {
+        Kept {
+            k,
+            lead,
+            sel: (0..queries).map(|_| TopBottom::new(k.max(lead), k)).collect(),
+        }
+    }
+
+    /// Document `j` (the next index) with its τ per query.
+    pub fn push(&mut self, j: usize, tau: &[f64]) {
+        for (s, &tau) in self.sel.iter_mut().zip(tau) {
+            s.push(Ranked { tau, j });
+        }
+    }
+
+    /// The rows chosen.
+    pub fn finish(self) -> KeptRows {
+        let n = self.sel.first().map(TopBottom::seen).unwrap_or(0);
+        KeptRows {
+            k: self.k,
+            lead: self.lead,
+            n,
+            ends: self.sel.into_iter().map(TopBottom::finish).collect(),
+        }
+    }
+}
+
+/// Each query's first max(K, lead) and last K rows among n documents ([`Kept`]).
+pub struct KeptRows {
+    k: usize,
+    lead: usize,
+    n: usize,
+    ends: Vec<(Vec<Ranked>, Vec<Ranked>)>,
+}
+
+impl KeptRows {
+    /// Every document some query writes or leads with, in index order.
+    pub fn docs(&self) -> std::collections::BTreeSet<usize> {
+        let mut s = std::collections::BTreeSet::new();
+        for (top, bottom) in &self.ends {
+            s.extend(top.iter().chain(bottom).map(|r| r.j));
+        }
+        s
+    }
+
+    /// Each query's first `lead` documents in ranking order.
+    pub fn leaders(&self) -> Vec<Vec<Ranked>> {
+        (self.ends.iter())
+            .map(|(top, _)| top.iter().take(self.lead).copied().collect())
+            .collect()
+    }
+
+    /// Writes the rows, query by query, each query's by rank (ranks among all n documents):
+    /// `t` holds the documents written, document j at `t.docs[at(j)]`.
+    pub fn write(&self, w: &mut PartWriter, t: &ScoreTable, at: impl Fn(usize) -> usize) -> Result<()> {
+        let k = self.k;
+        let mut chunk = Chunk::new(t);
+        for (q, (top, bottom)) in self.ends.iter().enumerate() {
+            let local = |r: &Ranked| Ranked { tau: r.tau, j: at(r.j) };
+            for (i, r) in top.iter().take(k).enumerate() {
+                chunk.emit(w, t, q, local(r), i as u32 + 1)?;
+            }
+            let first_bottom = self.n - bottom.len();
+            for (i, r) in bottom.iter().enumerate() {
+                let rank = first_bottom + i + 1;
+                if rank > k {
+                    chunk.emit(w, t, q, local(r), rank as u32)?;
+                }
+            }
+        }
+        chunk.flush(w, t)
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use candle_core::Device;
 
 use crate::attribution::plan::{plan_segments, AttributionPlan, PlanSource};
 use crate::config::{Config, FisherKind};
-use crate::data::{read_prepared, PreparedDoc};
+use crate::data::{count_prepared, for_each_prepared, read_prepared, PreparedDoc};
 use crate::error::{Error, Result};
 use crate::model::{LoadOptions, Model, Tracking};
 use crate::passes::{Fisher, PassOptions};
@@ -32,6 +32,12 @@ pub fn resolve_path(run: &RunDir, p: &str) -> PathBuf {
 
 /// The prepared documents of a data role (`prepare/ROLE.parquet`).
 pub fn role_docs(run: &RunDir, role: &str) -> Result<Vec<PreparedDoc>> {
+    Ok(read_prepared(&prepared_path(run, role)?)?.0)
+}
+
+/// The prepared table of data role `role` (`prepare/ROLE.parquet`); an error says how to
+/// prepare it when it is missing.
+pub fn prepared_path(run: &RunDir, role: &str) -> Result<std::path::PathBuf> {
     let path = run.stage_dir("prepare").join(format!("{role}.parquet"));
     if !path.exists() {
         return Err(Error::Pipeline(format!(
@@ -40,7 +46,12 @@ pub fn role_docs(run: &RunDir, role: &str) -> Result<Vec<PreparedDoc>> {
             path.display()
         )));
     }
-    Ok(read_prepared(&path)?.0)
+    Ok(path)
+}
+
+/// The number of prepared documents of data role `role`, from the table's footer.
+pub fn role_count(run: &RunDir, role: &str) -> Result<usize> {
+    count_prepared(&prepared_path(run, role)?)
 }
 
 /// Builds the plan from the config, `finetune/trajectory.json` and the prepared data roles.
@@ -56,7 +67,7 @@ pub fn plan(config: &Config, run: &RunDir) -> Result<AttributionPlan> {
                     .join(format!("{role}.parquet"))
                     .exists()
             },
-            n_train: &|| Ok(role_docs(run, "train")?.len() as u64),
+            n_train: &|| Ok(role_count(run, "train")? as u64),
             base: &|| {
                 let fetched = super::fetch::Fetched::load(run)?;
                 fetched
@@ -71,9 +82,14 @@ pub fn plan(config: &Config, run: &RunDir) -> Result<AttributionPlan> {
                     })
             },
             tokens_per_doc: &|role| {
-                let docs = role_docs(run, role)?;
-                let t: usize = docs.iter().map(|d| d.n_loss_tokens()).sum();
-                Ok(t as f64 / docs.len().max(1) as f64)
+                // Streamed: the plan is built by stages that must not hold every document.
+                let (mut t, mut n) = (0usize, 0usize);
+                for_each_prepared(&prepared_path(run, role)?, |_, docs| {
+                    t += docs.iter().map(|d| d.n_loss_tokens()).sum::<usize>();
+                    n += docs.len();
+                    Ok(())
+                })?;
+                Ok(t as f64 / n.max(1) as f64)
             },
         },
     )

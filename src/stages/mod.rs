@@ -32,12 +32,14 @@ mod report;
 mod score;
 mod score_acting;
 mod score_candidates;
+mod score_docs;
 mod score_gen;
 mod score_gen_detail;
 mod score_gen_out;
 mod score_queries;
 mod score_refine;
 mod score_text;
+mod score_write;
 
 pub use ask::{ask, define_set, Asked};
 pub use eval_lds::{merge_lds, run_shard, EvalLdsStage, ShardOutcome};

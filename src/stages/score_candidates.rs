@@ -15,11 +15,10 @@ use crate::attribution::index::{
     add_sketched_scores, select, sketch_layers, sketch_queries, sketches, IndexHeader, INDEX_FORMAT,
 };
 use crate::attribution::plan::AttributionPlan;
-use crate::data::PreparedDoc;
 use crate::error::{Error, IoContext, Result};
 use crate::pipeline::StageContext;
 
-use super::attribute::{model_shapes, role_docs};
+use super::attribute::{model_shapes, role_count};
 use super::index::{fit_outputs, load_whitening, point_name};
 use super::score_queries::{open_factor_files, Queries};
 
@@ -32,16 +31,10 @@ pub(super) struct Candidates {
 }
 
 impl Candidates {
-    /// The candidates among a role's prepared documents, in their order.
-    pub(super) fn filter(&self, role: &str, docs: Vec<PreparedDoc>) -> Vec<PreparedDoc> {
-        let Some(keep) = self.keep.get(role) else {
-            return Vec::new();
-        };
-        docs.into_iter()
-            .enumerate()
-            .filter(|(m, _)| keep.contains(m))
-            .map(|(_, d)| d)
-            .collect()
+    /// The positions of a role's candidates in its prepared table (none for a role the
+    /// search did not see).
+    pub(super) fn picked(&self, role: &str) -> BTreeSet<usize> {
+        self.keep.get(role).cloned().unwrap_or_default()
     }
 }
 
@@ -129,7 +122,7 @@ pub(super) fn find_candidates(
     let mut n_docs: BTreeMap<String, usize> = BTreeMap::new();
     for (pt, u) in header.points.iter().zip(&queries.u) {
         if !n_docs.contains_key(&pt.role) {
-            let n = role_docs(ctx.run, &pt.role)?.len();
+            let n = role_count(ctx.run, &pt.role)?;
             n_docs.insert(pt.role.clone(), n);
         }
         if n_docs[&pt.role] != pt.documents {

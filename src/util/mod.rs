@@ -1,4 +1,4 @@
-//! Util: hashing, atomic writes, memory, number formatting, progress, phase timing, RNG, shards, tensor files, threads.
+//! Util: hashing, atomic writes, memory, number formatting, progress, phase timing, RNG, scratch matrices, shards, tensor files, threads.
 //! Layer: ground — may import error only.
 
 pub mod fsx;
@@ -8,6 +8,7 @@ pub mod num;
 pub mod phase;
 pub mod progress;
 pub mod rng;
+pub mod scratch;
 pub mod shard;
 pub mod tensors;
 pub mod threads;

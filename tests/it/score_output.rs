@@ -143,3 +143,73 @@ print('ok', len(top), tok)
     );
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok 2"));
 }
+
+/// Every row of a table, each cell as text: strings as they are, numbers as the bits of their
+/// f64 value (f32 and u32 widen exactly), so that equal rows are bitwise equal.
+pub(crate) fn bit_rows(t: &Table) -> Vec<Vec<String>> {
+    let cols: Vec<Vec<String>> = t
+        .column_names()
+        .iter()
+        .map(|c| match t.strings(c) {
+            Ok(s) => s,
+            Err(_) => t
+                .floats(c)
+                .unwrap()
+                .iter()
+                .map(|x| format!("{:016x}", x.to_bits()))
+                .collect(),
+        })
+        .collect();
+    (0..t.len())
+        .map(|i| cols.iter().map(|c| c[i].clone()).collect())
+        .collect()
+}
+
+/// `keep_top_bottom = 3` writes bit for bit the full table's rows ranked ≤ 3 or > N − 3 (every
+/// column: scores, τ, ranks, both segments' columns), the same token scores and the same
+/// `train_docs.parquet`, with one document per batch so that the scoring passes run the plan
+/// in several chunks (score_docs).
+#[test]
+fn keep_top_bottom_is_the_full_tables_ends_bit_for_bit() {
+    let dir = setup("source", "");
+    let c = dir.path().join("c.toml");
+    let cfg = std::fs::read_to_string(&c).unwrap();
+    write(&c, format!("{cfg}\n[batching]\nmax_batch_size = 1\n"));
+    run(dir.path());
+    let runp = dir.path().join("run");
+    let read = |rel: &str| bit_rows(&Table::read(&runp.join(rel)).unwrap());
+    let parts = || bit_rows(&Table::read_parts(&runp.join("score/query_set=default")).unwrap());
+    let full = parts();
+    let (tokens, docs) = (
+        read("score/token_scores.parquet"),
+        read("score/train_docs.parquet"),
+    );
+    assert_eq!((full.len(), docs.len()), (2 * 24, 24));
+    assert!(full[0].len() >= 9, "two segment columns: {:?}", full[0]);
+
+    write(
+        &c,
+        cfg.replace("[attribution]\n", "[attribution]\nkeep_top_bottom = 3\n")
+            + "\n[batching]\nmax_batch_size = 1\n",
+    );
+    let o = cli(
+        dir.path(),
+        &["-q", "run", "p.toml", "--allow-config-change"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let names = Table::read_parts(&runp.join("score/query_set=default"))
+        .unwrap()
+        .column_names();
+    let at = names.iter().position(|c| c == "rank").unwrap();
+    let rank = |r: &Vec<String>| f64::from_bits(u64::from_str_radix(&r[at], 16).unwrap()) as u32;
+    let want: Vec<&Vec<String>> = full
+        .iter()
+        .filter(|r| rank(r) <= 3 || rank(r) > 21)
+        .collect();
+    let kept = parts();
+    assert_eq!(kept.len(), 2 * 6);
+    assert_eq!(kept.iter().collect::<Vec<_>>(), want);
+    assert_eq!(read("score/token_scores.parquet"), tokens);
+    assert_eq!(read("score/train_docs.parquet"), docs);
+}
