@@ -6,17 +6,22 @@
 # alone under /usr/bin/time, and prints N, the score stage's wall time, its process peak RSS
 # (max resident set, /usr/bin/time) and the peak the manifest records for the stage; with
 # --full also without keep_top_bottom (every (query, document) row written).
-# Usage: scripts/bench/score-memory.sh [--full] [K] [N ...]   (defaults: K = 10, N = 10000 100000)
+# Usage: scripts/bench/score-memory.sh [--full] [K] [N ...]   (defaults: K = 10, N = 10000 100000;
+# SOURCE_TDA_BIN=PATH measures that binary instead of building one)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 full=0
 if [[ "${1:-}" == "--full" ]]; then full=1; shift; fi
 k="${1:-10}"; shift || true
 sizes=("$@"); [[ ${#sizes[@]} -gt 0 ]] || sizes=(10000 100000)
-cargo build --quiet --release --bin source-tda
-target="${CARGO_TARGET_DIR:-target}"
-[[ "$target" == /* ]] || target="$(pwd)/$target"
-bin="$target/release/source-tda"
+if [[ -n "${SOURCE_TDA_BIN:-}" ]]; then
+  bin="$SOURCE_TDA_BIN"
+else
+  cargo build --quiet --release --bin source-tda
+  target="${CARGO_TARGET_DIR:-target}"
+  [[ "$target" == /* ]] || target="$(pwd)/$target"
+  bin="$target/release/source-tda"
+fi
 model="$(ls -d "$(pwd)"/assets/hf-cache/models--source-tda--demo-llama/snapshots/*/ | head -1)"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
