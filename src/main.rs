@@ -95,17 +95,18 @@ enum Command {
     /// Sketch every document's gradient at each scoring model into the candidate index
     /// ([attribution.candidates]): later query sets score only each query's candidates.
     Index(OneStage),
-    /// Combine the partial results of the `--shard i/n` processes of STAGE (`fit` or
-    /// `eval-lds`) in a run directory; idempotent.
+    /// Combine the partial results of the `--shard i/n` processes of STAGE (`fit`, `score`
+    /// or `eval-lds`) in a run directory; idempotent.
     ///
     /// fit: the covariance shards into the eigenbases (then run the Λ shards: the same
     /// `fit --shard i/n` commands), or, once every Λ shard is there, the factors: the run
-    /// directory then holds a complete `fit` as an unsharded run would. eval-lds: runs the
+    /// directory then holds a complete `fit` as an unsharded run would. score: ranks the
+    /// shards' rows again into the tables an unsharded `score` writes. eval-lds: runs the
     /// stage once every retraining job has its result. A missing or duplicated shard, or
     /// shards of different counts, configs or versions, are refused, naming what to rerun.
     #[command(verbatim_doc_comment)]
     Merge {
-        /// The stage whose shards to merge: `fit` or `eval-lds`.
+        /// The stage whose shards to merge: `fit`, `score` or `eval-lds`.
         stage: String,
         /// The config file. Default: the run directory's resolved config.toml.
         #[arg(long)]
@@ -120,7 +121,19 @@ enum Command {
     /// Walk the queries back through the segments and write the scores dataset
     /// (query_set=default/shard=0/part-00000.parquet, per document), token_scores.parquet (per token of the top-k documents), queries.parquet and
     /// train_docs.parquet. τ = score / n_train > 0: the document helped (a proponent).
-    Score(OneStage),
+    ///
+    /// With --shard i/n this process scores only its share (every n-th batch of each data
+    /// set's length-sorted plan), without locking the run directory, into
+    /// RUN_DIR/shards/score/; `source-tda merge score` then ranks the shards' rows again and
+    /// completes the stage. See docs/design.md §11 and scripts/slurm/, scripts/k8s/.
+    #[command(verbatim_doc_comment)]
+    Score {
+        #[command(flatten)]
+        stage: OneStage,
+        /// Score only shard i of n (1 ≤ i ≤ n), e.g. --shard 2/4.
+        #[arg(long, value_name = "i/n", conflicts_with_all = ["force", "allow_config_change"])]
+        shard: Option<String>,
+    },
     /// Evaluate attribution quality, comparing [eval] methods side by side: `eval recall`
     /// (recall@k and MRR of the queries' known source documents) or `eval lds` (linear
     /// datamodeling score from retraining on random subsets; resumable, `--shard i/n`).
@@ -411,7 +424,7 @@ fn one_stage(command: Command) -> std::result::Result<OneStageRun, Command> {
         Command::Fit { stage, shard: None } => (stage, "fit", here()),
         Command::Index(s) => (s, "index", here()),
         Command::Query(s) => (s, "query", here()),
-        Command::Score(s) => (s, "score", here()),
+        Command::Score { stage, shard: None } => (stage, "score", here()),
         Command::Eval(EvalCommand::Recall(s)) => (s, "eval-recall", here()),
         Command::Eval(EvalCommand::Lds {
             stage,
@@ -524,6 +537,10 @@ fn dispatch(command: Command, stages: &Registry) -> Result<()> {
             stage,
             shard: Some(shard),
         } => fit_shard(stages, &stage, &shard),
+        Command::Score {
+            stage,
+            shard: Some(shard),
+        } => score_shard(stages, &stage, &shard),
         Command::Merge {
             stage,
             config,
@@ -762,6 +779,17 @@ fn fit_shard(stages: &Registry, s: &OneStage, shard: &str) -> Result<()> {
     Ok(())
 }
 
+/// `source-tda score --shard i/n`.
+fn score_shard(stages: &Registry, s: &OneStage, shard: &str) -> Result<()> {
+    let shard = source_tda::util::shard::Shard::parse(shard)?;
+    let (config, config_path) = s.load_config()?;
+    let run = RunDir::at(&s.run_dir)?;
+    let out = source_tda::stages::score_shard(stages, &config, &config_path, &run, shard)
+        .with_context(|| format!("run directory {}", run.path().display()))?;
+    eprintln!("{}", out.message(shard, &s.run_dir));
+    Ok(())
+}
+
 /// `source-tda merge STAGE`.
 fn merge(stages: &Registry, stage: &str, s: &OneStage) -> Result<()> {
     let (config, config_path) = s.load_config()?;
@@ -772,6 +800,11 @@ fn merge(stages: &Registry, stage: &str, s: &OneStage) -> Result<()> {
             let out = source_tda::stages::merge_fit(stages, &config, &config_path, &run)
                 .with_context(ctx)?;
             eprintln!("{}", out.message(&s.run_dir));
+        }
+        "score" => {
+            let out = source_tda::stages::merge_score(stages, &config, &config_path, &run)
+                .with_context(ctx)?;
+            eprintln!("{}", out.message());
         }
         "eval-lds" => {
             let (n, ran) = source_tda::stages::merge_lds(stages, &config, &config_path, &run)
@@ -785,7 +818,7 @@ fn merge(stages: &Registry, stage: &str, s: &OneStage) -> Result<()> {
         }
         other => {
             return Err(Usage(format!(
-                "merge {other}: the stages with shards are `fit` and `eval-lds`"
+                "merge {other}: the stages with shards are `fit`, `score` and `eval-lds`"
             ))
             .into())
         }

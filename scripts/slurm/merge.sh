@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Merges the shards of a source-tda stage (`fit` or `eval-lds`) in the run directory on shared
-# storage: a one-task Slurm job that submit-fit.sh makes depend on the array job before it
-# (afterok: it starts only when every task succeeded). Idempotent.
+# Merges the shards of a source-tda stage (`fit`, `score` or `eval-lds`: $STAGE) in the run
+# directory on shared storage: a one-task Slurm job that submit-fit.sh (submit-score.sh) makes
+# depend on the array job before it (afterok: it starts only when every task succeeded).
+# Idempotent.
 #SBATCH --job-name=source-tda-merge
 #SBATCH --cpus-per-task=8
 #SBATCH --mem=32G

@@ -42,6 +42,10 @@ pub struct ScoreTable<'a> {
     pub docs: &'a [ScoredDoc],
     /// Per planned segment, [`SegmentScores`].
     pub segments: &'a [(String, Vec<Vec<f64>>)],
+    /// Each document's index among all the stage's documents, written as an int64 column
+    /// `doc_index` after the segment columns (a sharded `score`'s partial rows, for the merge
+    /// to rank them again); None: no such column.
+    pub doc_index: Option<&'a [i64]>,
 }
 
 impl ScoreTable<'_> {
@@ -68,6 +72,9 @@ impl ScoreTable<'_> {
         ];
         for (name, _) in self.segments {
             f.push((name.clone(), Column::F64(vec![])));
+        }
+        if self.doc_index.is_some() {
+            f.push(("doc_index".into(), Column::I64(vec![])));
         }
         f
     }
@@ -119,6 +126,12 @@ impl Chunk {
             };
             c.push(s[q][r.j]);
         }
+        if let Some(ix) = t.doc_index {
+            let Column::I64(c) = next() else {
+                unreachable!("fields() order")
+            };
+            c.push(ix[r.j]);
+        }
     }
 
     fn len(&self) -> usize {
@@ -126,7 +139,14 @@ impl Chunk {
     }
 
     /// Adds a row, writing the chunk out once it holds [`CHUNK`] rows.
-    fn emit(&mut self, w: &mut PartWriter, t: &ScoreTable, q: usize, r: Ranked, rank: u32) -> Result<()> {
+    fn emit(
+        &mut self,
+        w: &mut PartWriter,
+        t: &ScoreTable,
+        q: usize,
+        r: Ranked,
+        rank: u32,
+    ) -> Result<()> {
         self.push(t, q, r, rank);
         if self.len() >= CHUNK {
             self.flush(w, t)?;
@@ -204,7 +224,9 @@ impl Kept {
         Kept {
             k,
             lead,
-            sel: (0..queries).map(|_| TopBottom::new(k.max(lead), k)).collect(),
+            sel: (0..queries)
+                .map(|_| TopBottom::new(k.max(lead), k))
+                .collect(),
         }
     }
 
@@ -215,9 +237,21 @@ impl Kept {
         }
     }
 
-    /// The rows chosen.
+    /// One (query `q`, document) row: for a merge, whose rows per query are a subset of the
+    /// documents that holds each query's ends (then see [`Kept::finish_among`]).
+    pub fn push_one(&mut self, q: usize, r: Ranked) {
+        self.sel[q].push(r);
+    }
+
+    /// The rows chosen, ranked among the documents seen.
     pub fn finish(self) -> KeptRows {
         let n = self.sel.first().map(TopBottom::seen).unwrap_or(0);
+        self.finish_among(n)
+    }
+
+    /// The rows chosen, ranked among `n` documents: the rows seen ([`Kept::push_one`]) hold
+    /// each query's first max(K, lead) and last K of the n.
+    pub fn finish_among(self, n: usize) -> KeptRows {
         KeptRows {
             k: self.k,
             lead: self.lead,
@@ -252,23 +286,41 @@ impl KeptRows {
             .collect()
     }
 
-    /// Writes the rows, query by query, each query's by rank (ranks among all n documents):
-    /// `t` holds the documents written, document j at `t.docs[at(j)]`.
-    pub fn write(&self, w: &mut PartWriter, t: &ScoreTable, at: impl Fn(usize) -> usize) -> Result<()> {
+    /// The rows in the order they are written: query by query, each query's by rank, as
+    /// (query, document, rank among all n documents).
+    pub fn rows(&self) -> Vec<(usize, Ranked, u32)> {
         let k = self.k;
-        let mut chunk = Chunk::new(t);
+        let mut out = Vec::new();
         for (q, (top, bottom)) in self.ends.iter().enumerate() {
-            let local = |r: &Ranked| Ranked { tau: r.tau, j: at(r.j) };
             for (i, r) in top.iter().take(k).enumerate() {
-                chunk.emit(w, t, q, local(r), i as u32 + 1)?;
+                out.push((q, *r, i as u32 + 1));
             }
             let first_bottom = self.n - bottom.len();
             for (i, r) in bottom.iter().enumerate() {
                 let rank = first_bottom + i + 1;
                 if rank > k {
-                    chunk.emit(w, t, q, local(r), rank as u32)?;
+                    out.push((q, *r, rank as u32));
                 }
             }
+        }
+        out
+    }
+
+    /// Writes [`KeptRows::rows`]: `t` holds the documents written, document j at
+    /// `t.docs[at(j)]`.
+    pub fn write(
+        &self,
+        w: &mut PartWriter,
+        t: &ScoreTable,
+        at: impl Fn(usize) -> usize,
+    ) -> Result<()> {
+        let mut chunk = Chunk::new(t);
+        for (q, r, rank) in self.rows() {
+            let local = Ranked {
+                tau: r.tau,
+                j: at(r.j),
+            };
+            chunk.emit(w, t, q, local, rank)?;
         }
         chunk.flush(w, t)
     }
@@ -381,8 +433,42 @@ mod tests {
             query_ids: &query_ids,
             docs: &docs,
             segments: &segments,
+            doc_index: None,
         };
         let want = reference(&t);
+        // Shards of every third document, each keeping its own first max(K, lead) and last
+        // max(K, lead): their rows' union, ranked among all documents, is the whole table's.
+        for (k, lead) in [(4usize, 5usize), (1, 2), (12, 3), (2, 2)] {
+            let mut whole = Kept::new(nq, k, lead);
+            let mut union = Kept::new(nq, k, lead);
+            for shard in 0..3 {
+                let mut own = Kept::new(nq, k.max(lead), lead);
+                for j in (0..nd).filter(|j| j % 3 == shard) {
+                    let tau: Vec<f64> = (0..nq).map(|q| t.tau(q, j)).collect();
+                    own.push(j, &tau);
+                }
+                for (q, r, _) in own.finish().rows() {
+                    union.push_one(q, r);
+                }
+            }
+            for j in 0..nd {
+                let tau: Vec<f64> = (0..nq).map(|q| t.tau(q, j)).collect();
+                whole.push(j, &tau);
+            }
+            let (a, b) = (whole.finish(), union.finish_among(nd));
+            let key = |v: Vec<(usize, Ranked, u32)>| {
+                v.into_iter()
+                    .map(|(q, r, rank)| (q, r.j, r.tau.to_bits(), rank))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(key(a.rows()), key(b.rows()), "K {k}, lead {lead}");
+            let ids = |l: Vec<Vec<Ranked>>| {
+                l.into_iter()
+                    .map(|v| v.into_iter().map(|r| r.j).collect::<Vec<_>>())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(ids(a.leaders()), ids(b.leaders()), "K {k}, lead {lead}");
+        }
         let dir = tempfile::tempdir().unwrap();
         let fields = t.fields();
         let fields: Vec<(&str, Column)> = fields

@@ -36,8 +36,12 @@ mod score_docs;
 mod score_gen;
 mod score_gen_detail;
 mod score_gen_out;
+mod score_merge;
+mod score_meta;
 mod score_queries;
 mod score_refine;
+mod score_run;
+mod score_shard;
 mod score_text;
 mod score_write;
 
@@ -52,7 +56,9 @@ pub use fit_shard::{fit_shard, merge_fit, FitMergeOutcome, FitPass, FitShardOutc
 pub use prepare::PrepareStage;
 pub use query::QueryStage;
 pub use report::{gather as gather_report, ReportStage};
-pub use score::{ScoreStage, SIGN_CONVENTION};
+pub use score::ScoreStage;
+pub use score_meta::SIGN_CONVENTION;
+pub use score_shard::{merge_score, score_shard, ScoreMergeOutcome, ScoreShardOutcome};
 
 use crate::pipeline::Registry;
 

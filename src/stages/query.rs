@@ -1,6 +1,7 @@
 //! Owns the `query` stage: query gradients and `queries.parquet`.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
-//! `attribute`, `fetch`, `query_generate`, `query_tokens`, `score` (its table metadata).
+//! `attribute`, `fetch`, `query_generate`, `query_tokens`, `score_meta` (the score tables'
+//! metadata).
 //!
 //! `query`: the query gradients v_L = ∇_θ f(q, θ_final) of every tracked layer at the final
 //! checkpoint, with the measurement f(q) = −log p(completion | prompt) (docs/design.md §2).
@@ -128,7 +129,7 @@ impl Stage for QueryStage {
         let qg = query_gradients(&model, &queries, &fit_options(ctx.config))?;
         let gen_tokens = (generated && ctx.config.attribution.generated.enabled)
             .then(|| -> Result<serde_json::Value> {
-                let meta = super::score::table_metadata(ctx, "gen_tokens")?;
+                let meta = super::score_meta::table_metadata(ctx, "gen_tokens")?;
                 write_gen_tokens(ctx, &model, &queries, &fit_options(ctx.config), &meta)
             })
             .transpose()?;
@@ -205,7 +206,7 @@ impl Stage for QueryStage {
                 ),
                 ("generated", Column::Bool(vec![generated; queries.len()])),
             ],
-            &super::score::table_metadata(ctx, "queries")?,
+            &super::score_meta::table_metadata(ctx, "queries")?,
         )?;
         tracing::info!(
             "query: {} queries, mean −log p(completion | prompt) = {:.3}",

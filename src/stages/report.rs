@@ -1,6 +1,6 @@
 //! Owns the `report` stage: gathering a run's results and writing the HTML page.
 //! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
-//! `fetch`, `score` (its sign convention).
+//! `fetch`, `score_meta` (its sign convention).
 //!
 //! `report`: one self-contained HTML page of a run's attribution (`report/report.html`), a
 //! `summary.json`, and a terminal summary of each query's top documents. Reads the score
@@ -136,7 +136,7 @@ pub fn gather(config: &Config, run: &RunDir, registry: &Registry) -> Result<Repo
         eval: load_eval(run)?,
         loss: load_loss(run)?,
         sign_convention: match meta("source_tda.sign_convention") {
-            s if s.is_empty() => super::score::SIGN_CONVENTION.to_string(),
+            s if s.is_empty() => super::score_meta::SIGN_CONVENTION.to_string(),
             s => s,
         },
     })

@@ -28,6 +28,7 @@ use crate::output::keep::Ranked;
 use crate::passes::PassOptions;
 use crate::pipeline::StageContext;
 use crate::util::scratch::ScratchMatrix;
+use crate::util::shard::Shard;
 
 use super::attribute::{fit_options, load_model_on, prepared_path};
 use super::score_candidates::Candidates;
@@ -57,6 +58,8 @@ pub(super) struct RoleScores {
     /// Per-token sums [Q][T] of the documents that get them (every document with
     /// `all_token_scores`, else each query's top-k, added by [`add_leader_tokens`]).
     pub(super) tokens: HashMap<usize, Vec<Vec<f32>>>,
+    /// A shard's: which documents its batches hold (the others are not scored); None: all.
+    pub(super) owned: Option<Vec<bool>>,
 }
 
 impl RoleScores {
@@ -67,7 +70,7 @@ impl RoleScores {
         role: &str,
         n_train: u64,
         picked: Option<BTreeSet<usize>>,
-        dir: &Path,
+        (dir, shard): (&Path, Option<Shard>),
     ) -> Result<RoleScores> {
         let path = prepared_path(ctx.run, role)?;
         let mut w = DocStore::create(&dir.join(format!("{role}.tokens")))?;
@@ -79,28 +82,58 @@ impl RoleScores {
             }
             Ok(())
         })?;
+        let store = w.finish()?;
+        let owned = shard.map(|s| {
+            let mut owned = vec![false; store.len()];
+            for b in chunked_plan(&store, &fit_options(ctx.config), Some(s)).0 {
+                for i in b.docs {
+                    owned[i] = true;
+                }
+            }
+            owned
+        });
         Ok(RoleScores {
             path,
             picked,
-            store: w.finish()?,
+            store,
             n_train,
             per_segment: BTreeMap::new(),
             tokens: HashMap::new(),
+            owned,
         })
     }
 
-    /// Documents scored.
+    /// Documents of the role (positions m; a shard scores only those it owns).
     pub(super) fn len(&self) -> usize {
         self.store.len()
     }
 
+    /// Whether document m is scored here (every one, or the shard's own).
+    pub(super) fn scores(&self, m: usize) -> bool {
+        self.owned.as_ref().is_none_or(|o| o[m])
+    }
+
+    /// Documents scored here.
+    pub(super) fn scored(&self) -> usize {
+        self.owned
+            .as_ref()
+            .map_or(self.len(), |o| o.iter().filter(|&&x| x).count())
+    }
+
     /// Streams the scored documents (whole, with id and text) from the prepared table:
     /// `f(m, doc)` in order.
-    pub(super) fn for_each_doc(&self, mut f: impl FnMut(usize, PreparedDoc) -> Result<()>) -> Result<()> {
+    pub(super) fn for_each_doc(
+        &self,
+        mut f: impl FnMut(usize, PreparedDoc) -> Result<()>,
+    ) -> Result<()> {
         let mut m = 0;
         for_each_prepared(&self.path, |first, docs| {
             for (i, d) in docs.into_iter().enumerate() {
-                if self.picked.as_ref().is_none_or(|p| p.contains(&(first + i))) {
+                if self
+                    .picked
+                    .as_ref()
+                    .is_none_or(|p| p.contains(&(first + i)))
+                {
                     f(m, d)?;
                     m += 1;
                 }
@@ -135,13 +168,14 @@ fn segment_passes<'a>(
 /// Scores every document of every segment's data role against every query: per segment,
 /// the sum of its scoring passes ([`AttributionPlan::score_points`]: one per model its step
 /// groups took gradients at, or the average over its checkpoints for a declared segment),
-/// into a scratch matrix in `dir`; with `cands`, only the candidate documents.
+/// into a scratch matrix in `dir`; with `cands`, only the candidate documents; with
+/// `shard`, only the documents of the batches it owns (the others' rows stay 0).
 pub(super) fn score_segments(
     ctx: &StageContext,
     p: &AttributionPlan,
     queries: &Queries,
     cands: Option<&Candidates>,
-    dir: &Path,
+    (dir, shard): (&Path, Option<Shard>),
 ) -> Result<BTreeMap<String, RoleScores>> {
     let opts = fit_options(ctx.config);
     let mut roles: BTreeMap<String, RoleScores> = BTreeMap::new();
@@ -150,7 +184,7 @@ pub(super) fn score_segments(
         crate::util::progress::set_part(format!("segment {}/{}", l + 1, p.segments.len()));
         if !roles.contains_key(&seg.role) {
             let picked = cands.map(|c| c.picked(&seg.role));
-            let r = RoleScores::open(ctx, &seg.role, seg.n_docs, picked, dir)?;
+            let r = RoleScores::open(ctx, &seg.role, seg.n_docs, picked, (dir, shard))?;
             roles.insert(seg.role.clone(), r);
         }
         let r = roles.get_mut(&seg.role).expect("inserted above");
@@ -158,23 +192,42 @@ pub(super) fn score_segments(
         let mut acc = ScratchMatrix::create(&path, r.len(), queries.q)?;
         let passes = segment_passes(p, queries, l);
         let backend = queries.backend.as_ref();
-        score_chunks(ctx.config, backend, &passes, r, &mut acc, tokens, &opts)?;
+        score_chunks(
+            ctx.config,
+            backend,
+            &passes,
+            r,
+            &mut acc,
+            (tokens, shard),
+            &opts,
+        )?;
         r.per_segment.insert(seg.index, acc);
         ctx.failpoint(&format!("after-segment-{}", seg.index))?;
     }
     Ok(roles)
 }
 
-/// The batch plan of the role's documents (as [`crate::passes::for_each_batch`] makes it) and
-/// its chunks: runs of consecutive batches of at most [`CHUNK_BUDGETS`] token budgets and
-/// [`CHUNK_BATCHES`] batches.
-fn chunked_plan(store: &DocStore, opts: &PassOptions) -> (Vec<Batch>, Vec<Range<usize>>) {
-    let plan = plan_batches(
+/// The batch plan of the role's documents (as [`crate::passes::for_each_batch`] makes it; a
+/// shard's batches k ≡ i − 1 (mod n) of it) and its chunks: runs of consecutive batches of at
+/// most [`CHUNK_BUDGETS`] token budgets and [`CHUNK_BATCHES`] batches. Planning a chunk's
+/// documents again (in this order) gives back its batches: sorted by length, a batch is its
+/// first document and as many after it as its padded length and the limits allow.
+fn chunked_plan(
+    store: &DocStore,
+    opts: &PassOptions,
+    shard: Option<Shard>,
+) -> (Vec<Batch>, Vec<Range<usize>>) {
+    let plan: Vec<Batch> = plan_batches(
         &store.lengths(),
         opts.token_budget,
         opts.max_batch_size,
         BatchOrder::LengthSorted,
-    );
+    )
+    .into_iter()
+    .enumerate()
+    .filter(|(k, _)| shard.is_none_or(|s| s.owns(*k)))
+    .map(|(_, b)| b)
+    .collect();
     let limit = CHUNK_BUDGETS * opts.token_budget.max(1);
     let mut chunks = Vec::new();
     let (mut start, mut tokens) = (0, 0);
@@ -196,7 +249,8 @@ fn load(store: &mut DocStore, idx: &[usize]) -> Result<Vec<PreparedDoc>> {
     idx.iter().map(|&i| store.get(i)).collect()
 }
 
-/// Adds one scoring pass per (model, u) in `passes` over all the role's documents into
+/// Adds one scoring pass per (model, u) in `passes` over the role's documents (a shard's:
+/// those of its batches) into
 /// `acc` [m][Q], chunk by chunk of the role's batch plan; with `tokens`, their per-token
 /// scores likewise into `r.tokens`.
 fn score_chunks(
@@ -205,10 +259,10 @@ fn score_chunks(
     passes: &[(PathBuf, &[LayerQuery])],
     r: &mut RoleScores,
     acc: &mut ScratchMatrix,
-    tokens: bool,
+    (tokens, shard): (bool, Option<Shard>),
     opts: &PassOptions,
 ) -> Result<()> {
-    let (plan, chunks) = chunked_plan(&r.store, opts);
+    let (plan, chunks) = chunked_plan(&r.store, opts, shard);
     let parts = ScoreParts {
         tokens,
         per_layer: false,

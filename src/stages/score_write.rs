@@ -2,7 +2,7 @@
 //! `token_scores.parquet`, `train_docs.parquet`, `queries.parquet`) from the scratch scores
 //! of [`super::score_docs`].
 //! Layer: stages — may import every library layer (ground up to pipeline and report); siblings
-//! `fetch`, `score`, `score_docs`, `score_queries`, `score_text`.
+//! `fetch`, `score_docs`, `score_meta`, `score_queries`, `score_text`.
 //!
 //! With `[attribution] keep_top_bottom = K`, one streaming pass over the documents adds up
 //! each one's segment scores (Σ_s in segment order, as `output::score_rows::ScoreTable::score`
@@ -24,14 +24,15 @@ use crate::error::{Error, IoContext, Result};
 use crate::output::dataset::{shard_dir, PartWriter, FIRST_PART};
 use crate::output::keep::Ranked;
 use crate::output::parquet::ROW_GROUP;
-use crate::output::score_rows::{write_scores, Kept, Keep, ScoreTable, ScoredDoc, SegmentScores};
+use crate::output::score_rows::{write_scores, Keep, Kept, ScoreTable, ScoredDoc, SegmentScores};
 use crate::output::{write_table, Column};
 use crate::pipeline::{scores_root_in_stage, StageContext};
 use crate::util::scratch::RowReader;
+use crate::util::shard::Shard;
 
 use super::fetch::Fetched;
-use super::score::table_metadata;
 use super::score_docs::{add_leader_tokens, all_tokens, DocIndex, RoleScores};
+use super::score_meta::table_metadata;
 use super::score_queries::Queries;
 use super::score_text::doc_token_texts;
 
@@ -47,6 +48,7 @@ pub(super) fn write_outputs(
     p: &AttributionPlan,
     queries: &Queries,
     roles: &mut BTreeMap<String, RoleScores>,
+    shard: Option<Shard>,
 ) -> Result<serde_json::Value> {
     let q = queries.q;
     let query_ids = copy_queries(ctx, q)?;
@@ -58,20 +60,37 @@ pub(super) fn write_outputs(
     let all_tokens = all_tokens(ctx.config);
     let lead = if all_tokens { index.n } else { a.top_k.max(1) };
     let set = ctx.query_set.map(|s| s.name.as_str());
-    let part = shard_dir(&ctx.out(scores_root_in_stage(set)), 0).join(FIRST_PART);
+    let folder = shard.map_or(0, |s| s.index as u32);
+    let part = shard_dir(&ctx.out(scores_root_in_stage(set)), folder).join(FIRST_PART);
     let meta = table_metadata(ctx, "scores")?;
+    let out = Out {
+        query_ids: &query_ids,
+        n_train: &n_train,
+        part: &part,
+        meta: &meta,
+        sharded: shard.is_some(),
+    };
     let (rows, leaders) = match a.keep_top_bottom {
-        Some(k) => write_kept(p, roles, &index, &n_train, &query_ids, &part, &meta, k, lead)?,
-        None => write_all(p, roles, &index, &n_train, &query_ids, &part, &meta, lead)?,
+        // A shard keeps max(K, top_k) at both ends, so that the merge finds the leaders.
+        Some(k) if shard.is_some() => write_kept(p, roles, &index, &out, k.max(lead), lead)?,
+        Some(k) => write_kept(p, roles, &index, &out, k, lead)?,
+        None => write_all(p, roles, &index, &out, lead)?,
     };
     if !all_tokens {
         add_leader_tokens(ctx, p, queries, roles, &leaders)?;
     }
     let wanted: BTreeSet<usize> = leaders.iter().flatten().map(|r| r.j).collect();
     let docs = collect_docs(roles, &index, &wanted)?;
-    let n_token_rows =
-        write_token_scores(ctx, roles, &index, &docs, &query_ids, &leaders, &tokenizer)?;
-    write_train_docs(ctx, roles)?;
+    let sharded = shard.is_some();
+    let n_token_rows = write_token_scores(
+        ctx,
+        (roles, &index),
+        &docs,
+        &query_ids,
+        &leaders,
+        (&tokenizer, sharded),
+    )?;
+    write_train_docs(ctx, roles, &index, sharded)?;
     let top: Vec<serde_json::Value> = leaders
         .iter()
         .enumerate()
@@ -86,10 +105,24 @@ pub(super) fn write_outputs(
             crate::util::num::sig(t["tau"].as_f64().unwrap_or(f64::NAN), 4)
         );
     }
-    Ok(
-        json!({"pairs": rows, "token_rows": n_token_rows, "top1": top,
-        "kept_per_query": a.keep_top_bottom.map(|k| json!({"top": k, "bottom": k}))}),
-    )
+    let mut summary = json!({"pairs": rows, "token_rows": n_token_rows, "top1": top,
+        "kept_per_query": a.keep_top_bottom.map(|k| json!({"top": k, "bottom": k}))});
+    if let Some(s) = shard {
+        let scored: usize = roles.values().map(RoleScores::scored).sum();
+        summary["shard"] = json!({"index": s.index, "count": s.count, "documents": scored,
+            "total_documents": index.n});
+    }
+    Ok(summary)
+}
+
+/// Where and how the scores part is written.
+struct Out<'a> {
+    query_ids: &'a [String],
+    n_train: &'a HashMap<String, u32>,
+    part: &'a std::path::Path,
+    meta: &'a [(String, String)],
+    /// A shard's partial rows: with the `doc_index` column.
+    sharded: bool,
 }
 
 /// Each role's N as the `n_train` column's uint32.
@@ -116,7 +149,11 @@ fn segment_names(p: &AttributionPlan) -> Vec<String> {
 }
 
 /// Opens the scores part for `table`'s columns.
-fn part_writer(path: &std::path::Path, t: &ScoreTable, meta: &[(String, String)]) -> Result<PartWriter> {
+fn part_writer(
+    path: &std::path::Path,
+    t: &ScoreTable,
+    meta: &[(String, String)],
+) -> Result<PartWriter> {
     let fields = t.fields();
     let fields: Vec<(&str, Column)> = fields
         .iter()
@@ -125,70 +162,80 @@ fn part_writer(path: &std::path::Path, t: &ScoreTable, meta: &[(String, String)]
     PartWriter::create(path, &fields, meta, ROW_GROUP)
 }
 
-/// Keep::All: the whole table in memory ([Q][N] per segment), every row written.
-#[allow(clippy::too_many_arguments)]
+/// Keep::All: the whole table in memory ([Q][N] per segment), every row written (a shard's:
+/// every row of its documents, ranked among them).
 fn write_all(
     p: &AttributionPlan,
     roles: &BTreeMap<String, RoleScores>,
     index: &DocIndex,
-    n_train: &HashMap<String, u32>,
-    query_ids: &[String],
-    part: &std::path::Path,
-    meta: &[(String, String)],
+    out: &Out,
     lead: usize,
 ) -> Result<(usize, Vec<Vec<Ranked>>)> {
-    let q = query_ids.len();
-    let mut docs: Vec<ScoredDoc> = Vec::with_capacity(index.n);
+    let q = out.query_ids.len();
+    // The scored documents' global indices, and the documents at their positions there.
+    let mut order: Vec<usize> = Vec::new();
+    let mut docs: Vec<ScoredDoc> = Vec::new();
     for (role, r) in roles {
-        r.for_each_doc(|_, d| {
-            docs.push(ScoredDoc {
-                train_id: d.doc_id,
-                dataset: role.clone(),
-                n_train: n_train[role],
-            });
+        let first = index.first(role);
+        r.for_each_doc(|m, d| {
+            if r.scores(m) {
+                order.push(first + m);
+                docs.push(ScoredDoc {
+                    train_id: d.doc_id,
+                    dataset: role.clone(),
+                    n_train: out.n_train[role],
+                });
+            }
             Ok(())
         })?;
     }
     let mut segments: SegmentScores = Vec::new();
     let mut row = vec![0f64; q];
     for (seg, name) in p.segments.iter().zip(segment_names(p)) {
-        let mut m = vec![vec![0f64; index.n]; q];
+        let mut m = vec![vec![0f64; order.len()]; q];
         if let Some(r) = roles.get(&seg.role) {
-            let at = index.first(&seg.role);
+            let first = index.first(&seg.role);
+            let at = order.partition_point(|&j| j < first);
             let mut rd = r.per_segment[&seg.index].reader()?;
-            for j in at..at + r.len() {
+            let mut c = at;
+            for k in 0..r.len() {
                 rd.next_row(&mut row)?;
-                for (col, x) in m.iter_mut().zip(&row) {
-                    col[j] = *x;
+                if r.scores(k) {
+                    for (col, x) in m.iter_mut().zip(&row) {
+                        col[c] = *x;
+                    }
+                    c += 1;
                 }
             }
         }
         segments.push((name, m));
     }
+    let ix: Vec<i64> = order.iter().map(|&j| j as i64).collect();
     let table = ScoreTable {
-        query_ids,
+        query_ids: out.query_ids,
         docs: &docs,
         segments: &segments,
+        doc_index: out.sharded.then_some(&ix[..]),
     };
-    let mut w = part_writer(part, &table, meta)?;
-    let leaders = write_scores(&mut w, &table, Keep::All, lead)?;
+    let mut w = part_writer(out.part, &table, out.meta)?;
+    let mut leaders = write_scores(&mut w, &table, Keep::All, lead)?;
+    for r in leaders.iter_mut().flatten() {
+        r.j = order[r.j];
+    }
     Ok((w.finish()?, leaders))
 }
 
 /// Keep::TopBottom(k): one pass over the scratch scores chooses the rows; only the documents
 /// chosen are read back and written.
-#[allow(clippy::too_many_arguments)]
 fn write_kept(
     p: &AttributionPlan,
     roles: &BTreeMap<String, RoleScores>,
     index: &DocIndex,
-    n_train: &HashMap<String, u32>,
-    query_ids: &[String],
-    part: &std::path::Path,
-    meta: &[(String, String)],
+    out: &Out,
     k: usize,
     lead: usize,
 ) -> Result<(usize, Vec<Vec<Ranked>>)> {
+    let (query_ids, n_train) = (out.query_ids, out.n_train);
     let q = query_ids.len();
     let mut kept = Kept::new(q, k, lead);
     let mut rows = vec![vec![0f64; q]; p.segments.len()];
@@ -203,12 +250,16 @@ fn write_kept(
             });
         }
         let n = n_train[role] as f64;
-        for _ in 0..r.len() {
+        for m in 0..r.len() {
             for (rd, row) in readers.iter_mut().zip(rows.iter_mut()) {
                 match rd {
                     Some(rd) => rd.next_row(row)?,
                     None => row.fill(0.0),
                 }
+            }
+            if !r.scores(m) {
+                j += 1;
+                continue;
             }
             for (qi, t) in tau.iter_mut().enumerate() {
                 // score = Σ_s in segment order, as ScoreTable::score adds.
@@ -243,11 +294,12 @@ fn write_kept(
         for (c, &j) in order.iter().enumerate() {
             let (role, at) = index.locate(j);
             if role == seg.role {
-                if !readers.contains_key(&seg.index) {
-                    let rd = roles[role].per_segment[&seg.index].reader()?;
-                    readers.insert(seg.index, rd);
-                }
-                let rd = readers.get_mut(&seg.index).expect("inserted above");
+                let rd = match readers.entry(seg.index) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(roles[role].per_segment[&seg.index].reader()?)
+                    }
+                };
                 rd.read_at(at, &mut row)?;
                 for (col, x) in m.iter_mut().zip(&row) {
                     col[c] = *x;
@@ -256,13 +308,17 @@ fn write_kept(
         }
         segments.push((name, m));
     }
+    let ix: Vec<i64> = order.iter().map(|&j| j as i64).collect();
     let table = ScoreTable {
         query_ids,
         docs: &docs,
         segments: &segments,
+        doc_index: out.sharded.then_some(&ix[..]),
     };
-    let mut w = part_writer(part, &table, meta)?;
-    chosen.write(&mut w, &table, |j| order.binary_search(&j).expect("a chosen document"))?;
+    let mut w = part_writer(out.part, &table, out.meta)?;
+    chosen.write(&mut w, &table, |j| {
+        order.binary_search(&j).expect("a chosen document")
+    })?;
     Ok((w.finish()?, chosen.leaders()))
 }
 
@@ -309,18 +365,18 @@ fn copy_queries(ctx: &StageContext, q: usize) -> Result<Vec<String>> {
 /// by global index. Returns its row count.
 fn write_token_scores(
     ctx: &StageContext,
-    roles: &BTreeMap<String, RoleScores>,
-    index: &DocIndex,
+    (roles, index): (&BTreeMap<String, RoleScores>, &DocIndex),
     docs: &BTreeMap<usize, PreparedDoc>,
     query_ids: &[String],
     leaders: &[Vec<Ranked>],
-    tokenizer: &tokenizers::Tokenizer,
+    (tokenizer, sharded): (&tokenizers::Tokenizer, bool),
 ) -> Result<usize> {
     if let Some(note) = ctx.config.attribution.top_k_note(index.n) {
         tracing::warn!("{note}");
     }
     let (mut tq, mut tid, mut tidx, mut ttok, mut ttext, mut tscore) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut tj: Vec<i64> = Vec::new();
     // Each kept document's token texts, cut from its text at the tokenizer's offsets.
     let mut texts: HashMap<usize, Vec<String>> = HashMap::new();
     for (qi, l) in leaders.iter().enumerate() {
@@ -340,49 +396,83 @@ fn write_token_scores(
                 ttok.push(doc.input_ids[t]);
                 ttext.push(pieces[t].clone());
                 tscore.push(s);
+                tj.push(r.j as i64);
             }
         }
     }
     let n_token_rows = tq.len();
+    let mut cols = vec![
+        ("query_id", Column::Str(tq)),
+        ("train_id", Column::Str(tid)),
+        ("token_index", Column::U32(tidx)),
+        ("token_id", Column::U32(ttok)),
+        ("token_text", Column::Str(ttext)),
+        ("score", Column::F32(tscore)),
+    ];
+    if sharded {
+        cols.push(("doc_index", Column::I64(tj)));
+    }
     write_table(
         &ctx.out("token_scores.parquet"),
-        &[
-            ("query_id", Column::Str(tq)),
-            ("train_id", Column::Str(tid)),
-            ("token_index", Column::U32(tidx)),
-            ("token_id", Column::U32(ttok)),
-            ("token_text", Column::Str(ttext)),
-            ("score", Column::F32(tscore)),
-        ],
+        &cols,
         &table_metadata(ctx, "token_scores")?,
     )?;
     Ok(n_token_rows)
 }
 
 /// `train_docs.parquet`: every scored document (data roles by name, then each role's
-/// order), so results join back to text; streamed a chunk of rows at a time.
-fn write_train_docs(ctx: &StageContext, roles: &BTreeMap<String, RoleScores>) -> Result<()> {
+/// order), so results join back to text; streamed a chunk of rows at a time. A shard's has
+/// its documents, with their `doc_index`.
+fn write_train_docs(
+    ctx: &StageContext,
+    roles: &BTreeMap<String, RoleScores>,
+    index: &DocIndex,
+    sharded: bool,
+) -> Result<()> {
     let empty = || {
-        vec![
+        let mut c = vec![
             Column::Str(vec![]),
             Column::Str(vec![]),
             Column::Str(vec![]),
             Column::U32(vec![]),
             Column::U32(vec![]),
-        ]
+        ];
+        if sharded {
+            c.push(Column::I64(vec![]));
+        }
+        c
     };
-    let names = ["train_id", "dataset", "text", "n_tokens", "n_loss_tokens"];
+    let names = [
+        "train_id",
+        "dataset",
+        "text",
+        "n_tokens",
+        "n_loss_tokens",
+        "doc_index",
+    ];
     let fields: Vec<(&str, Column)> = names.into_iter().zip(empty()).collect();
     let path = ctx.out("train_docs.parquet");
-    let mut w = PartWriter::create(&path, &fields, &table_metadata(ctx, "train_docs")?, ROW_GROUP)?;
+    let mut w = PartWriter::create(
+        &path,
+        &fields,
+        &table_metadata(ctx, "train_docs")?,
+        ROW_GROUP,
+    )?;
     let mut cols = empty();
     for (role, r) in roles {
-        r.for_each_doc(|_, d| {
-            let [Column::Str(id), Column::Str(ds), Column::Str(text), Column::U32(nt), Column::U32(nl)] =
+        let first = index.first(role);
+        r.for_each_doc(|m, d| {
+            if !r.scores(m) {
+                return Ok(());
+            }
+            let [Column::Str(id), Column::Str(ds), Column::Str(text), Column::U32(nt), Column::U32(nl), rest @ ..] =
                 &mut cols[..]
             else {
                 unreachable!("the columns above")
             };
+            if let [Column::I64(ix)] = rest {
+                ix.push((first + m) as i64);
+            }
             nt.push(d.n_tokens() as u32);
             nl.push(d.n_loss_tokens() as u32);
             id.push(d.doc_id);
@@ -399,7 +489,7 @@ fn write_train_docs(ctx: &StageContext, roles: &BTreeMap<String, RoleScores>) ->
     Ok(())
 }
 
-fn read_query_ids(path: &std::path::Path) -> Result<Vec<String>> {
+pub(super) fn read_query_ids(path: &std::path::Path) -> Result<Vec<String>> {
     use arrow_array::cast::AsArray;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let file = std::fs::File::open(path).ctx("opening", path)?;

@@ -64,6 +64,7 @@ mod refine;
 mod report;
 mod resume;
 mod score_output;
+mod score_shards;
 mod shards;
 mod source_exact;
 mod source_steps;

@@ -497,7 +497,7 @@ fn scheduler_templates_parse() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "sh"))
         .collect();
-    assert!(scripts.len() >= 4, "{scripts:?}");
+    assert!(scripts.len() >= 7, "{scripts:?}");
     for s in &scripts {
         let o = Command::new("bash").arg("-n").arg(s).output().unwrap();
         assert!(o.status.success(), "{}: {}", s.display(), stderr(&o));
@@ -516,7 +516,9 @@ fn scheduler_templates_parse() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
-        out.contains("fit-shards.yaml: ok") && out.contains("merge-job.yaml: ok"),
+        out.contains("fit-shards.yaml: ok")
+            && out.contains("score-shards.yaml: ok")
+            && out.contains("merge-job.yaml: ok"),
         "{out}"
     );
     // The check can fail: a pod spec without its restart policy and a mount of no volume.
