@@ -399,8 +399,11 @@ fn merge_refuses_missing_duplicated_and_mixed_shards_naming_what_to_rerun() {
         e.contains("(Λ) pass is missing shard(s) 2 of 2") && e.contains("fit --shard 2/2"),
         "{e}"
     );
+    let e = fails(d, &["merge", "query", "--run-dir", "run"]);
+    assert!(e.contains("`fit`, `score` and `eval-lds`"), "{e}");
+    // score merges too, but not before fit is complete.
     let e = fails(d, &["merge", "score", "--run-dir", "run"]);
-    assert!(e.contains("`fit` and `eval-lds`"), "{e}");
+    assert!(e.contains("needs the `fit` stage complete first"), "{e}");
 }
 
 /// Starts `fit --shard i/n` in the background (as a scheduler's array task would).
