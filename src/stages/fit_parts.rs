@@ -19,13 +19,14 @@ use crate::config::Config;
 use crate::curvature::SumsInfo;
 use crate::error::{Error, Result};
 use crate::passes::shard_batches;
-use crate::pipeline::{stage_key, staleness, Registry, RunDir, StageStatus};
+use crate::pipeline::{Registry, RunDir};
 use crate::util::fsx::write_json_atomic;
-use crate::util::hash::{sha256_file, sha256_json};
+use crate::util::hash::sha256_file;
 use crate::util::shard::Shard;
 use crate::util::tensors::save_typed_tensors;
 
 use super::attribute::{fit_options, role_docs};
+use super::shard_state::shard_state;
 
 /// The fit's two passes over data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,29 +118,13 @@ impl<'a> Context<'a> {
         config: &'a Config,
         run: &'a RunDir,
     ) -> Result<Context<'a>> {
-        let manifest = run.manifest()?;
-        if manifest.config_hash != sha256_json(&config.to_json()) {
-            return Err(Error::Pipeline(format!(
-                "{} was made with a different config than the one given; a shard and a merge \
-                 must use the run's config (leave out --config to read the run directory's \
-                 config.toml)",
-                run.path().display()
-            )));
-        }
-        let stage = registry.find("fit")?;
-        let key = stage_key(stage, config, &manifest)?;
-        let complete = match manifest.stages.get("fit") {
-            Some(r) if r.status == StageStatus::Complete => {
-                staleness(stage, run, r, &key)?.is_none()
-            }
-            _ => false,
-        };
+        let st = shard_state(registry, config, run, "fit")?;
         Ok(Context {
             registry,
             config,
             run,
-            key: key.resume_key(),
-            complete,
+            key: st.key,
+            complete: st.complete,
         })
     }
 

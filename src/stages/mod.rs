@@ -44,6 +44,7 @@ mod score_run;
 mod score_shard;
 mod score_text;
 mod score_write;
+mod shard_state;
 
 pub use ask::{ask, define_set, Asked};
 pub use eval_lds::{merge_lds, run_shard, EvalLdsStage, ShardOutcome};

@@ -20,13 +20,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::error::{Error, IoContext, Result};
-use crate::pipeline::{
-    run_stages, stage_key, staleness, Registry, RunDir, RunOptions, StageContext, StageStatus,
-    Workers,
-};
+use crate::pipeline::{run_stages, Registry, RunDir, RunOptions, StageContext, Workers};
 use crate::util::fsx::{list_files, remove_dir_if_exists, write_json_atomic};
-use crate::util::hash::{sha256_file, sha256_json};
+use crate::util::hash::sha256_file;
 use crate::util::shard::Shard;
+
+use super::shard_state::shard_state;
 
 /// One file of a shard's partial results.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,36 +130,10 @@ struct Cx {
 }
 
 fn context(registry: &Registry, config: &Config, run: &RunDir) -> Result<Cx> {
-    let manifest = run.manifest()?;
-    if manifest.config_hash != sha256_json(&config.to_json()) {
-        return Err(Error::Pipeline(format!(
-            "{} was made with a different config than the one given; a shard and a merge \
-             must use the run's config (leave out --config to read the run directory's \
-             config.toml)",
-            run.path().display()
-        )));
-    }
-    let stage = registry.find("score")?;
-    for up in stage.inputs() {
-        if manifest
-            .stages
-            .get(*up)
-            .is_none_or(|r| r.status != StageStatus::Complete)
-        {
-            return Err(Error::Pipeline(format!(
-                "score --shard needs the `{up}` stage complete first: run the pipeline up to \
-                 `query` (`source-tda run PIPELINE --until query`, or its stages one by one)"
-            )));
-        }
-    }
-    let key = stage_key(stage, config, &manifest)?;
-    let complete = match manifest.stages.get("score") {
-        Some(r) if r.status == StageStatus::Complete => staleness(stage, run, r, &key)?.is_none(),
-        _ => false,
-    };
+    let st = shard_state(registry, config, run, "score")?;
     Ok(Cx {
-        key: key.resume_key(),
-        complete,
+        key: st.key,
+        complete: st.complete,
     })
 }
 
